@@ -1,0 +1,168 @@
+"""`stillroom` command line: one subcommand = one function.
+
+    stillroom distill [CONFIG.yaml | RECIPE] [key=value ...] [--overwrite | --resume] [--print-config]
+    stillroom eval --model DIR --teacher NAME_OR_PATH --data FILE [--json]
+    stillroom generate --out FILE.jsonl [--prompts FILE] [--teacher NAME_OR_PATH] [...]
+
+User errors print one line and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("stillroom")
+
+
+def _quiet_libraries():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import datasets
+
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def cmd_distill(args) -> int:
+    from .config import load_config, to_yaml
+
+    config, overrides = None, list(args.args)
+    if overrides and "=" not in overrides[0]:
+        config = overrides.pop(0)
+    cfg = load_config(config, overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    if args.overwrite and args.resume:
+        raise UserError("--overwrite and --resume exclude each other")
+    from .train import distill
+
+    result = distill(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+    if result:
+        print(result["table"])
+        print(f"student saved to {result['final']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import evaluate, models
+    from .config import DataConfig, EvalConfig
+    from .data import build_examples
+
+    ecfg = EvalConfig(batch_size=args.batch_size, max_batches=args.max_batches)
+    dcfg = DataConfig(path=args.data, seq_len=args.seq_len, skip_bad_rows=args.skip_bad_rows)
+    if not Path(args.data).exists():
+        raise UserError(f"data file not found: {args.data}")
+    student = models.load(args.model)
+    teacher = models.load(args.teacher)
+    width, note = models.check_vocab(teacher.model, teacher.tokenizer, student.model, student.tokenizer)
+    if note:
+        log.warning(note)
+    examples, _ = build_examples(args.data, teacher.tokenizer, dcfg)
+    pad = teacher.tokenizer.pad_token_id
+    cmp = evaluate.compare(student.model, teacher.model, examples, pad, ecfg.batch_size, ecfg.max_batches, width)
+    prompts = evaluate.speed_prompts(examples, ecfg.gen_prompts)
+    columns = {"teacher": evaluate.teacher_column(teacher.model, teacher.path, cmp, ecfg, prompts, pad),
+               "student": evaluate.student_column(student.model, student.path, cmp, ecfg, prompts, pad)}
+    result = {"model": args.model, "teacher": args.teacher, "data": args.data,
+              "held_out_tokens": cmp["tokens"], "eval": columns}
+    out = Path(args.out) if args.out else None
+    if out:
+        out.write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(evaluate.table(columns, cmp["tokens"]))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from . import models
+    from .config import GenerateConfig, validate
+    from .generate import generate_file, read_prompts
+
+    gcfg = validate({"prompts": args.prompts, "num_prompts": args.num_prompts,
+                     "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                     "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed},
+                    GenerateConfig)
+    prompts = read_prompts(gcfg.prompts, gcfg.num_prompts)
+    teacher = models.load(args.teacher)
+    out = generate_file(teacher.model, teacher.tokenizer, prompts, Path(args.out), gcfg,
+                        progress=not args.no_progress)
+    print(f"{len(prompts)} conversations in {out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="stillroom", description="Distill large language models into small ones.")
+    p.add_argument("--version", action="version", version=f"stillroom {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("distill", help="train a student from a teacher",
+                       description="Train a student to match a teacher. With no config: the embedded "
+                                   "default (bundled SmolLM2-135M teacher, 6-layer student, soft labels).")
+    d.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]",
+                   help="a YAML file or bundled recipe (soft, hard), then dotted overrides like train.lr=1e-4")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    d.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
+    d.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_distill)
+
+    e = sub.add_parser("eval", help="compare a student with its teacher on held-out data")
+    e.add_argument("--model", required=True, help="student: folder, .gguf or hub id")
+    e.add_argument("--teacher", required=True, help="teacher: smollm2-135m, folder, .gguf or hub id")
+    e.add_argument("--data", required=True, help="held-out text or JSONL file")
+    e.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    e.add_argument("--out", help="also write the JSON results to this file")
+    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-batches", type=int, default=None)
+    e.add_argument("--skip-bad-rows", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="have the teacher answer prompts (JSONL conversations out, resumable)")
+    g.add_argument("--out", required=True, help="output JSONL; an existing file is continued")
+    g.add_argument("--prompts", help="prompts file (.txt one per line, or JSONL with 'prompt'); "
+                                     "default: the bundled instructions")
+    g.add_argument("--teacher", default="smollm2-135m")
+    g.add_argument("--num-prompts", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="stillroom: %(message)s")
+    for noisy in ("accelerate", "httpx", "huggingface_hub", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        _quiet_libraries()
+        return args.func(args)
+    except UserError as e:
+        print(f"stillroom: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stillroom: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry():
+    sys.exit(main())

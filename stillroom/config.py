@@ -1,0 +1,200 @@
+"""Typed config: one pydantic model per concern, YAML + dotted CLI overrides merged by OmegaConf.
+
+The defaults below ARE the embedded default run (`stillroom distill` with no config, `make demo`):
+the bundled SmolLM2-135M-Instruct teacher answers the bundled instructions once, and a 6-layer
+student cut from its layers learns those answers with soft labels, in about 15 minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+RECIPES = Path(__file__).parent / "configs"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(Section):
+    model: str = "smollm2-135m"
+    """Short name (smollm2-135m), a Hugging Face model folder or hub id, or a .gguf file."""
+
+
+class StudentConfig(Section):
+    init: Literal["from_teacher", "config", "pretrained"] = "from_teacher"
+    num_layers: Optional[int] = Field(6, ge=1)
+    """from_teacher: keep this many layers spread evenly, first and last kept; config: depth."""
+    layers: Optional[list[int]] = None
+    """from_teacher: keep exactly these teacher layers (overrides num_layers)."""
+    hidden_size: Optional[int] = Field(None, ge=1)
+    num_heads: Optional[int] = Field(None, ge=1)
+    num_kv_heads: Optional[int] = Field(None, ge=1)
+    intermediate_size: Optional[int] = Field(None, ge=1)
+    model: Optional[str] = None
+    """pretrained: folder, hub id or .gguf file of the student."""
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.init == "pretrained" and not self.model:
+            raise ValueError("student.init=pretrained needs student.model (a folder, hub id or .gguf)")
+        if self.init == "config" and not (self.hidden_size and self.num_layers and self.num_heads):
+            raise ValueError("student.init=config needs student.hidden_size, student.num_layers "
+                             "and student.num_heads")
+        return self
+
+
+class DataConfig(Section):
+    path: Optional[str] = None
+    """Text file, JSONL, HF dataset folder or hub id; None = teacher answers to bundled prompts."""
+    format: Literal["auto", "text", "jsonl", "hf"] = "auto"
+    split: str = "train"
+    """Split of a Hugging Face dataset."""
+    eval_path: Optional[str] = None
+    """Held-out file; None = a deterministic eval_fraction of `path`."""
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seq_len: int = Field(256, ge=8)
+    max_examples: Optional[int] = Field(None, ge=1)
+    skip_bad_rows: bool = False
+    """False: a bad row is an error. True: bad rows are skipped and reported (count, which)."""
+
+
+class GenerateConfig(Section):
+    """How the teacher answers prompts (`stillroom generate`, and the embedded default data)."""
+    prompts: Optional[str] = None
+    """Prompts file (.txt one per line, or JSONL with `prompt`); None = the bundled instructions."""
+    num_prompts: Optional[int] = Field(None, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(32, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    """0 = greedy."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
+
+
+class LossConfig(Section):
+    kind: Literal["soft", "hard"] = "soft"
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    """Weight of the KD term; 1 - alpha weighs CE on the true labels."""
+    temperature: float = Field(1.0, gt=0.0)
+    chunk_rows: int = Field(256, ge=1)
+
+
+class TrainConfig(Section):
+    output_dir: str = "runs/demo"
+    max_steps: int = Field(240, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    """0 disables clipping."""
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)
+    """0 = evaluate only before and after training."""
+    save_every: int = Field(0, ge=0)
+    """0 = no intermediate checkpoints (the final student is always written)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: bf16 on a GPU that supports it, fp32 on CPU (bf16 autocast is slow on CPU)."""
+    report_to: list[str] = []
+    """Trackers through Accelerate, e.g. [tensorboard]."""
+
+
+class EvalConfig(Section):
+    max_batches: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    gen_tokens: int = Field(32, ge=1)
+    """New tokens per prompt when timing generation speed."""
+    gen_prompts: int = Field(4, ge=1)
+
+
+class Config(Section):
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    data: DataConfig = DataConfig()
+    generate: GenerateConfig = GenerateConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def _suggest(model_cls, loc) -> str:
+    """For an unknown key at `loc`, name the closest valid key in the same section."""
+    cls = model_cls
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        cls = field.annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(cls.model_fields), n=1, cutoff=0.5)
+    prefix = ".".join(map(str, loc[:-1]))
+    if close:
+        return f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)"
+    return f" (valid keys: {', '.join(cls.model_fields)})"
+
+
+def validate(raw: dict, cls=Config):
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err["loc"])
+        key = ".".join(map(str, loc)) or "config"
+        if err["type"] == "extra_forbidden":
+            raise UserError(f"unknown config key '{key}'{_suggest(cls, loc)}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "value_error" or not loc:
+            raise UserError(f"config: {msg}") from None
+        got = err.get("input")
+        raise UserError(f"config key '{key}': {msg} (got {got!r})") from None
+
+
+def resolve_recipe(name: str) -> Path:
+    """A path to a YAML file, or the name of a bundled recipe (`soft` -> configs/soft.yaml)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    bundled = RECIPES / f"{name.removesuffix('.yaml')}.yaml"
+    if not p.suffix and bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(f.stem for f in RECIPES.glob("*.yaml")))
+    raise UserError(f"config file not found: {name} (bundled recipes: {names})")
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = (), cls=Config):
+    """YAML file (or bundled recipe name) + dotted `key=value` overrides -> validated config."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    raw = {}
+    if path:
+        f = resolve_recipe(path)
+        try:
+            raw = yaml.safe_load(f.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {f} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {f} must be a mapping of sections (teacher:, data:, ...)")
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like key=value, e.g. train.lr=1e-4")
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides)))
+        raw = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        raise UserError(f"could not merge overrides: {str(e).splitlines()[0]}") from None
+    return validate(raw, cls)
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)

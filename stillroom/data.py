@@ -1,0 +1,290 @@
+"""Data: text / JSONL / chat / Hugging Face datasets -> token examples -> padded batches.
+
+Every example is (input_ids, labels) with IGNORE_INDEX on tokens that carry no loss (prompts,
+system text, padding). Plain text (and JSONL `text` rows) is packed into fixed-length blocks;
+`prompt`+`response` and chat `messages` rows are one example each, rendered with the tokenizer's
+chat template, with the loss only on the assistant's tokens.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .losses import IGNORE_INDEX
+
+log = logging.getLogger("stillroom")
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Report:
+    """What happened to the rows of one source: bad rows are listed, never silently dropped."""
+    source: str
+    rows: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)      # (row number, reason)
+    truncated: int = 0
+    no_target: list[int] = field(default_factory=list)            # rows with nothing to learn
+
+    def describe_bad(self) -> str:
+        shown = ", ".join(f"{n} ({why})" for n, why in self.bad[:5])
+        more = f" and {len(self.bad) - 5} more" if len(self.bad) > 5 else ""
+        return f"{len(self.bad)} of {self.rows} rows in {self.source} are bad: row {shown}{more}"
+
+
+# ---------------------------------------------------------------------------------- reading rows
+
+def detect_format(path: str, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    p = Path(path)
+    if p.is_dir():
+        return "hf"
+    if p.suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if p.suffix in (".txt", ".md", ".text", ""):
+        return "text" if p.exists() or p.suffix else "hf"
+    return "text"
+
+
+def read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    rows, bad = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append((n, f"invalid JSON: {e.msg}"))
+                continue
+            if not isinstance(row, dict):
+                bad.append((n, "not a JSON object"))
+                continue
+            rows.append((n, row))
+    return rows, bad
+
+
+def read_hf(path: str, split: str) -> list[tuple[int, dict]]:
+    import datasets
+
+    p = Path(path)
+    try:
+        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()
+                           or (p / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise UserError(f"dataset {path} has splits {list(ds)}; set data.split to one")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(str(p) if p.exists() else path, split=split)
+    except UserError:
+        raise
+    except Exception as e:
+        hint = "" if p.exists() else " (a hub id needs network access; pass a local file or folder)"
+        raise UserError(f"could not load dataset '{path}': {str(e).splitlines()[0][:200]}{hint}") from None
+    return [(i + 1, dict(row)) for i, row in enumerate(ds)]
+
+
+def _read(path: str, fmt: str, split: str) -> tuple[str, object, Report]:
+    """-> (kind, payload, report); kind "text" has the file's text, "rows" a list of (n, dict)."""
+    fmt = detect_format(path, fmt)
+    p = Path(path)
+    if fmt in ("text", "jsonl"):
+        if not p.exists():
+            raise UserError(f"data file not found: {path}")
+        if p.is_dir():
+            raise UserError(f"data.path {path} is a folder; set data.format=hf for a dataset folder")
+        if p.stat().st_size == 0:
+            raise UserError(f"data file {path} is empty")
+    report = Report(source=str(path))
+    if fmt == "text":
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"data file {path} is not UTF-8 text") from None
+        if not text.strip():
+            raise UserError(f"data file {path} has no text")
+        report.rows = 1
+        return "text", text, report
+    if fmt == "jsonl":
+        rows, bad = read_jsonl(p)
+    else:
+        rows, bad = read_hf(path, split), []
+    report.rows = len(rows) + len(bad)
+    report.bad.extend(bad)
+    return "rows", rows, report
+
+
+# ---------------------------------------------------------------------------------- rendering
+
+def _row_kind(row: dict) -> str | None:
+    if isinstance(row.get("messages"), list):
+        return "chat"
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+        return "pair"
+    if isinstance(row.get("text"), str):
+        return "text"
+    return None
+
+
+def _check_messages(msgs) -> str | None:
+    for m in msgs:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            return "each message needs string 'role' and 'content'"
+    if not any(m["role"] == "assistant" for m in msgs):
+        return "no assistant message to learn from"
+    return None
+
+
+def render_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Chat template -> (ids, labels) with labels only on assistant turns (end-of-turn included)."""
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    text = render(messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            start, end = len(render(messages[:i], True)), len(render(messages[:i + 1], False))
+            spans.append((start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [tok if any(a <= s < b for a, b in spans) else IGNORE_INDEX
+              for tok, (s, _e) in zip(ids, enc["offset_mapping"])]
+    return ids, labels
+
+
+def render_pair(tokenizer, prompt: str, response: str):
+    if tokenizer.chat_template:
+        return render_chat(tokenizer, [{"role": "user", "content": prompt},
+                                       {"role": "assistant", "content": response}])
+    p = tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return p + r, [IGNORE_INDEX] * len(p) + r
+
+
+def pack(ids: list[int], seq_len: int) -> list[Example]:
+    """Fixed-length blocks; a short tail block is kept as is if it has at least 2 tokens."""
+    out = [Example(ids[i:i + seq_len], ids[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
+    return [e for e in out if len(e.input_ids) >= 2]
+
+
+def build_examples(path: str, tokenizer, dcfg) -> tuple[list[Example], Report]:
+    kind, payload, report = _read(path, dcfg.format, dcfg.split)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if kind == "text":
+        ids = tokenizer(payload, add_special_tokens=False)["input_ids"]
+        examples = pack(ids, dcfg.seq_len)
+    else:
+        examples, stream = [], []
+        for n, row in payload:
+            k = _row_kind(row)
+            if k is None:
+                report.bad.append((n, "needs 'text', 'prompt'+'response' or 'messages'"))
+                continue
+            if k == "text":
+                stream += tokenizer(row["text"], add_special_tokens=False)["input_ids"] + eos
+                continue
+            if k == "chat":
+                why = _check_messages(row["messages"])
+                if why is None and not tokenizer.chat_template:
+                    why = "chat messages need a tokenizer with a chat template"
+                if why:
+                    report.bad.append((n, why))
+                    continue
+                ids, labels = render_chat(tokenizer, row["messages"])
+            else:
+                ids, labels = render_pair(tokenizer, row["prompt"], row["response"])
+            if len(ids) > dcfg.seq_len:
+                report.truncated += 1
+                ids, labels = ids[:dcfg.seq_len], labels[:dcfg.seq_len]
+            if all(t == IGNORE_INDEX for t in labels[1:]):
+                report.no_target.append(n)
+                continue
+            examples.append(Example(ids, labels))
+        examples += pack(stream, dcfg.seq_len)
+    if report.bad:
+        report.bad.sort()
+        if not dcfg.skip_bad_rows:
+            raise UserError(report.describe_bad() + "; fix them or set data.skip_bad_rows=true")
+        log.warning("skipped %s", report.describe_bad())
+    if report.truncated:
+        log.info("%d of %d rows in %s were longer than data.seq_len=%d and were truncated",
+                 report.truncated, report.rows, path, dcfg.seq_len)
+    if report.no_target:
+        log.warning("skipped %d rows of %s with no response token within data.seq_len=%d: rows %s",
+                    len(report.no_target), path, dcfg.seq_len, report.no_target[:10])
+    if dcfg.max_examples:
+        examples = examples[:dcfg.max_examples]
+    if not examples:
+        raise UserError(f"no usable examples in {path}")
+    return examples, report
+
+
+def split_examples(examples: list[Example], fraction: float, seed: int):
+    """Deterministic held-out split: the same data, fraction and seed give the same split."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(examples) * fraction))
+    held = set(order[:n_eval])
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+def load_data(cfg, tokenizer):
+    """-> (train examples, eval examples) for a config."""
+    examples, _ = build_examples(cfg.data.path, tokenizer, cfg.data)
+    if cfg.data.eval_path:
+        held, _ = build_examples(cfg.data.eval_path, tokenizer, cfg.data)
+        return examples, held
+    train, held = split_examples(examples, cfg.data.eval_fraction, cfg.train.seed)
+    if not train:
+        raise UserError(f"no training examples left in {cfg.data.path} after the held-out split")
+    return train, held
+
+
+# ---------------------------------------------------------------------------------- batching
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example. labels are *unshifted* (position i = token i)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attn[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+def micro_batch(examples: list[Example], index: int, batch_size: int, seed: int) -> list[Example]:
+    """The `index`-th micro-batch of an endless, seeded, epoch-shuffled stream (a pure function of
+    its arguments, so resuming at a step reproduces the exact data order)."""
+    per_epoch = max(1, len(examples) // batch_size)
+    epoch, k = divmod(index, per_epoch)
+    order = list(range(len(examples)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [examples[i] for i in order[k * batch_size:(k + 1) * batch_size]]
+
+
+def eval_batches(examples: list[Example], batch_size: int, max_batches=None):
+    for n, a in enumerate(range(0, len(examples), batch_size)):
+        if max_batches and n >= max_batches:
+            return
+        yield examples[a:a + batch_size]

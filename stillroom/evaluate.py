@@ -1,0 +1,129 @@
+"""How close did the student come to the teacher, at what size and speed.
+
+On held-out examples (positions with a label): perplexity of each model, top-1 agreement of the
+student with the teacher, mean KL(teacher || student) per token (T=1); plus parameter counts,
+weight size, and greedy generation tokens/s of each model (batch 1, fixed number of new tokens).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .data import collate, eval_batches
+from .losses import shift_labels, token_stats
+from .models import num_params, weights_bytes
+
+
+def folder_bytes(path: Path | None) -> int | None:
+    """Bytes of weight files in a model folder (or of one file)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    files = [f for f in path.glob("*") if f.suffix in (".safetensors", ".bin", ".gguf")]
+    return sum(f.stat().st_size for f in files) or None
+
+
+@torch.no_grad()
+def compare(student, teacher, examples, pad_id, batch_size=8, max_batches=None, width=None):
+    """Perplexity of both, top-1 agreement and mean KL(teacher || student) on `examples`."""
+    was_training = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    tot = dict(student_nll=0.0, teacher_nll=0.0, kl=0.0, agree=0, tokens=0)
+    for batch in eval_batches(examples, batch_size, max_batches):
+        b = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+        labels = shift_labels(b["labels"])
+        s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        if width:
+            s, t = s[..., :width], t[..., :width]
+        for k, v in token_stats(s, t, labels).items():
+            tot[k] += v
+    student.train(was_training)
+    n = max(tot["tokens"], 1)
+    return {
+        "tokens": tot["tokens"],
+        "student_perplexity": math.exp(tot["student_nll"] / n),
+        "teacher_perplexity": math.exp(tot["teacher_nll"] / n),
+        "agreement": tot["agree"] / n,
+        "kl_per_token": tot["kl"] / n,
+    }
+
+
+@torch.no_grad()
+def generation_speed(model, prompts_ids: list[list[int]], new_tokens: int, pad_id: int) -> float:
+    """Greedy decoding tokens/s at batch 1 (one untimed warm-up run first)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              temperature=None, top_p=None, top_k=None, pad_token_id=pad_id)
+    first = torch.tensor([prompts_ids[0]], device=device)
+    model.generate(first, attention_mask=torch.ones_like(first), **{**kw, "max_new_tokens": 2,
+                                                                    "min_new_tokens": 2})
+    made, spent = 0, 0.0
+    for ids in prompts_ids:
+        x = torch.tensor([ids], device=device)
+        t0 = time.perf_counter()
+        out = model.generate(x, attention_mask=torch.ones_like(x), **kw)
+        spent += time.perf_counter() - t0
+        made += out.shape[1] - x.shape[1]
+    model.train(was_training)
+    return made / spent
+
+
+def describe(model, path=None) -> dict:
+    on_disk = folder_bytes(path)
+    return {"params": num_params(model),
+            "size_mb": round((on_disk or weights_bytes(model)) / 2**20, 1)}
+
+
+def speed_prompts(examples, n: int, length: int = 32) -> list[list[int]]:
+    """The first tokens of the first n examples: prompts for timing generation."""
+    return [e.input_ids[:length] for e in examples[:n]]
+
+
+def teacher_column(teacher, path, cmp, ecfg, prompts, pad_id) -> dict:
+    return {"perplexity": cmp["teacher_perplexity"], "agreement": None, "kl_per_token": None,
+            **describe(teacher, path),
+            "gen_tokens_per_s": generation_speed(teacher, prompts, ecfg.gen_tokens, pad_id)}
+
+
+def student_column(student, path, cmp, ecfg, prompts, pad_id) -> dict:
+    return {"perplexity": cmp["student_perplexity"], "agreement": cmp["agreement"],
+            "kl_per_token": cmp["kl_per_token"], **describe(student, path),
+            "gen_tokens_per_s": generation_speed(student, prompts, ecfg.gen_tokens, pad_id)}
+
+
+def _num(v: float) -> str:
+    return f"{v:.3f}" if abs(v) < 1e4 else f"{v:.3g}"
+
+
+ROWS = [("perplexity", "perplexity (held-out)", _num),
+        ("agreement", "top-1 agreement w/ teacher", "{:.1%}".format),
+        ("kl_per_token", "KL(teacher||student)/token", "{:.4f}".format),
+        ("params", "parameters", "{:,}".format),
+        ("size_mb", "weights MB", "{:.1f}".format),
+        ("gen_tokens_per_s", "generation tokens/s", "{:.1f}".format)]
+
+
+def table(columns: dict[str, dict], tokens: int | None = None) -> str:
+    """Columns (name -> metrics) as one fixed-width text table."""
+    names = list(columns)
+    width = max(len(r[1]) for r in ROWS)
+    cw = [max(12, len(n)) for n in names]
+    lines = [" " * width + "  " + "  ".join(n.rjust(w) for n, w in zip(names, cw))]
+    for key, label, fmt in ROWS:
+        cells = []
+        for n, w in zip(names, cw):
+            v = columns[n].get(key)
+            cells.append(("-" if v is None else fmt(v)).rjust(w))
+        lines.append(label.ljust(width) + "  " + "  ".join(cells))
+    if tokens is not None:
+        lines.append(f"(held-out: {tokens:,} target tokens)")
+    return "\n".join(lines)

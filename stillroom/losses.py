@@ -1,0 +1,220 @@
+"""Distillation losses: pure functions of logits, fp32 inside, sum-reduced over unmasked positions.
+
+Every loss here returns a *sum* over valid positions; the training loop divides once per optimizer
+step by the global number of valid tokens, so gradient accumulation and several processes give the
+same gradient as one big batch.
+
+Shapes: logits are (..., V) (usually (batch, seq, V)); `mask` is (...) bool, True = keep; `labels`
+are (...) int64 with IGNORE_INDEX for positions to skip. Position i of the logits predicts labels[i]:
+callers shift labels left by one (see `shift_labels`), never the logits, so no (B, S, V) copy is made.
+
+Memory: the losses are computed in chunks of rows along the flattened sequence inside one autograd
+function. Forward keeps no (B, S, V) intermediate; backward recomputes each chunk's softmaxes and
+writes the gradient straight into one (B, S, V) buffer in the logits' dtype. So the loss never holds
+full-size fp32 copies of both models' distributions at once (the naive version holds four or more).
+
+Conventions (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"): both
+distributions are divided by the temperature T and the KD term is scaled by T^2, which keeps its
+gradient magnitude independent of T. -inf logits (masked vocabulary entries) contribute nothing:
+terms where the teacher has zero probability are 0, and terms where the student gives -inf to a
+token the teacher likes are dropped rather than made infinite (as torchtune and TRL do).
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_ROWS = 256
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, S) labels -> (B, S) targets where position i holds labels[i + 1]; the last is ignored."""
+    pad = torch.full_like(labels[:, :1], IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> (N, V), a view whenever the leading dims allow it (also after slicing V)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _chunk_terms(s, t, y, keep, w_kd, w_ce, temperature, hard, want_grad):
+    """Loss sum (and d loss / d s) for one chunk of rows.
+
+    s: (n, V) student logits; t: (n, V) teacher logits or None; y: (n,) labels or None;
+    keep: (n,) bool rows that count for the KD term (CE rows are y != IGNORE_INDEX).
+    """
+    s = s.float()
+    loss = s.new_zeros(())
+    grad = torch.zeros_like(s) if want_grad else None
+
+    if w_kd and t is not None:
+        keep_f = keep.unsqueeze(-1)
+        if hard:
+            # Hard labels: CE against the teacher's argmax token at each position.
+            target = t.argmax(dim=-1)
+            log_q = torch.log_softmax(s, dim=-1)
+            nll = -log_q.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            loss = loss + w_kd * torch.where(keep, nll, 0.0).sum()
+            if want_grad:
+                g = log_q.exp_()
+                g.scatter_add_(-1, target.unsqueeze(-1), -torch.ones_like(s[:, :1]))
+                grad += w_kd * torch.where(keep_f, g, 0.0)
+        else:
+            T = temperature
+            log_q = torch.log_softmax(s / T, dim=-1)
+            log_p = torch.log_softmax(t.float() / T, dim=-1)
+            p = log_p.exp()
+            # p * (log p - log q), with 0 where p == 0 (0 log 0 = 0) or where log q is -inf.
+            diff = torch.where((p > 0) & torch.isfinite(log_q), log_p - log_q, 0.0)
+            kl = (p * diff).sum(-1)
+            loss = loss + w_kd * T * T * torch.where(keep, kl, 0.0).sum()
+            if want_grad:
+                # d/ds [T^2 KL(p || softmax(s/T))] = T * (softmax(s/T) - p)
+                g = log_q.exp_().sub_(p).mul_(T)
+                grad += w_kd * torch.where(keep_f, g, 0.0)
+
+    if w_ce and y is not None:
+        valid = y != IGNORE_INDEX
+        y_safe = torch.where(valid, y, 0)
+        log_q = torch.log_softmax(s, dim=-1)
+        nll = -log_q.gather(-1, y_safe.unsqueeze(-1)).squeeze(-1)
+        loss = loss + w_ce * torch.where(valid, nll, 0.0).sum()
+        if want_grad:
+            g = log_q.exp_()
+            g.scatter_add_(-1, y_safe.unsqueeze(-1), -torch.ones_like(s[:, :1]))
+            grad += w_ce * torch.where(valid.unsqueeze(-1), g, 0.0)
+    return loss, grad
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """w_kd * KD(student, teacher) + w_ce * CE(student, labels), summed, chunked over rows.
+
+    Only the student receives a gradient: teacher targets are constants (detached by design).
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, keep, w_kd, w_ce, temperature, hard, chunk):
+        ctx.save_for_backward(student, teacher, labels, keep)
+        ctx.args = (w_kd, w_ce, temperature, hard, chunk)
+        s2 = _rows(student)
+        t2 = _rows(teacher) if teacher is not None else None
+        y = labels.reshape(-1) if labels is not None else None
+        k = keep.reshape(-1)
+        total = s2.new_zeros((), dtype=torch.float32)
+        with torch.no_grad():
+            for a in range(0, s2.shape[0], chunk):
+                b = a + chunk
+                part, _ = _chunk_terms(s2[a:b], None if t2 is None else t2[a:b],
+                                       None if y is None else y[a:b], k[a:b],
+                                       w_kd, w_ce, temperature, hard, want_grad=False)
+                total += part
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student, teacher, labels, keep = ctx.saved_tensors
+        w_kd, w_ce, temperature, hard, chunk = ctx.args
+        s2 = _rows(student)
+        t2 = _rows(teacher) if teacher is not None else None
+        y = labels.reshape(-1) if labels is not None else None
+        k = keep.reshape(-1)
+        grad = torch.empty(s2.shape, dtype=student.dtype, device=student.device)
+        with torch.no_grad():
+            for a in range(0, s2.shape[0], chunk):
+                b = a + chunk
+                _, g = _chunk_terms(s2[a:b], None if t2 is None else t2[a:b],
+                                    None if y is None else y[a:b], k[a:b],
+                                    w_kd, w_ce, temperature, hard, want_grad=True)
+                grad[a:b] = g * grad_out
+        return grad.view(student.shape), None, None, None, None, None, None, None, None
+
+
+def _check(student_logits, teacher_logits=None, temperature=1.0):
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ; align vocabularies first")
+
+
+def _mask_or_all(mask, logits):
+    if mask is None:
+        return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+    return mask.bool()
+
+
+def forward_kl(student_logits, teacher_logits, mask=None, temperature=1.0, chunk=DEFAULT_CHUNK_ROWS):
+    """Sum over unmasked positions of T^2 * KL(softmax(teacher/T) || softmax(student/T)).
+
+    Hinton et al. 2015. "Forward" = the teacher's distribution is the reference (mode-covering).
+    """
+    _check(student_logits, teacher_logits, temperature)
+    keep = _mask_or_all(mask, student_logits)
+    return _ChunkedLoss.apply(student_logits, teacher_logits.detach(), None, keep,
+                              1.0, 0.0, float(temperature), False, chunk)
+
+
+def cross_entropy(student_logits, labels, chunk=DEFAULT_CHUNK_ROWS):
+    """Sum over positions with labels != IGNORE_INDEX of -log softmax(student)[label]."""
+    keep = labels != IGNORE_INDEX
+    return _ChunkedLoss.apply(student_logits, None, labels, keep, 0.0, 1.0, 1.0, False, chunk)
+
+
+def hard_label_ce(student_logits, teacher_logits, mask=None, chunk=DEFAULT_CHUNK_ROWS):
+    """Sum over unmasked positions of CE(student, argmax of the teacher's logits).
+
+    The token-level "hard label" variant of knowledge distillation; sequence-level hard labels
+    (Kim & Rush 2016) are plain `cross_entropy` on text the teacher generated (`stillroom generate`).
+    """
+    _check(student_logits, teacher_logits)
+    keep = _mask_or_all(mask, student_logits)
+    return _ChunkedLoss.apply(student_logits, teacher_logits.detach(), None, keep,
+                              1.0, 0.0, 1.0, True, chunk)
+
+
+def distill_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=1.0,
+                 kind="soft", chunk=DEFAULT_CHUNK_ROWS):
+    """The seed's hybrid: alpha * KD + (1 - alpha) * CE(true labels), summed over valid labels.
+
+    kind="soft": KD = forward_kl at `temperature`; kind="hard": KD = hard_label_ce.
+    The KD term uses the same positions as the labels (labels != IGNORE_INDEX). One chunked pass
+    computes both terms.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if kind not in ("soft", "hard"):
+        raise ValueError(f"kind must be 'soft' or 'hard', got {kind!r}")
+    _check(student_logits, teacher_logits, temperature)
+    keep = labels != IGNORE_INDEX
+    teacher = teacher_logits.detach() if teacher_logits is not None and alpha > 0 else None
+    return _ChunkedLoss.apply(student_logits, teacher, labels, keep, float(alpha), 1.0 - alpha,
+                              float(temperature), kind == "hard", chunk)
+
+
+def token_stats(student_logits, teacher_logits, labels, chunk=DEFAULT_CHUNK_ROWS):
+    """No-grad sums over valid labels: student NLL, teacher NLL, KL(teacher || student) at T=1,
+    and top-1 agreement count. Used by evaluation; chunked like the losses."""
+    s2, t2 = _rows(student_logits), _rows(teacher_logits)
+    y = labels.reshape(-1)
+    out = dict(student_nll=0.0, teacher_nll=0.0, kl=0.0, agree=0, tokens=0)
+    with torch.no_grad():
+        for a in range(0, s2.shape[0], chunk):
+            s, t, yy = s2[a:a + chunk].float(), t2[a:a + chunk].float(), y[a:a + chunk]
+            valid = yy != IGNORE_INDEX
+            if not valid.any():
+                continue
+            s, t, yy = s[valid], t[valid], yy[valid]
+            log_q, log_p = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+            out["student_nll"] += -log_q.gather(-1, yy[:, None]).sum().item()
+            out["teacher_nll"] += -log_p.gather(-1, yy[:, None]).sum().item()
+            p = log_p.exp()
+            diff = torch.where((p > 0) & torch.isfinite(log_q), log_p - log_q, 0.0)
+            out["kl"] += (p * diff).sum().item()
+            out["agree"] += (s.argmax(-1) == t.argmax(-1)).sum().item()
+            out["tokens"] += int(valid.sum())
+    return out
+
+
+__all__ = ["IGNORE_INDEX", "shift_labels", "forward_kl", "cross_entropy", "hard_label_ce",
+           "distill_loss", "token_stats"]

