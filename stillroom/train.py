@@ -122,7 +122,10 @@ def make_accelerator(cfg, out: Path):
                 import tensorboard  # noqa: F401
             except ImportError:
                 raise UserError("train.report_to=[tensorboard] needs: pip install tensorboard") from None
-    return Accelerator(mixed_precision=mp, log_with=cfg.train.report_to or None, project_dir=str(out))
+    # cpu=True on a machine without CUDA: under `accelerate launch --multi_gpu --num_processes N`
+    # that makes Accelerate use gloo (MULTI_CPU) instead of silently running N single processes.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,
+                       log_with=cfg.train.report_to or None, project_dir=str(out))
 
 
 # ------------------------------------------------------------------------------------ checkpoints

@@ -39,14 +39,14 @@ def make_tokenizer():
     return tok
 
 
-def make_model(tok, layers=4, hidden=32, heads=4, kv=2, seed=0, vocab=None):
+def make_model(tok, layers=4, hidden=32, heads=4, kv=2, seed=0, vocab=None, init_range=0.02):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
                       max_position_embeddings=512, tie_word_embeddings=True,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+                      pad_token_id=tok.pad_token_id, initializer_range=init_range)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
 
@@ -64,8 +64,9 @@ def tok():
 
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, tok):
-    """A tiny random 4-layer Llama teacher saved as a Hugging Face folder."""
-    return save(make_model(tok), tok, tmp_path_factory.mktemp("teacher"))
+    """A tiny random 4-layer Llama teacher saved as a Hugging Face folder; large init so its
+    next-token distributions are far from uniform (a teacher with something to teach)."""
+    return save(make_model(tok, init_range=0.3), tok, tmp_path_factory.mktemp("teacher"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,126 @@
+"""The loop: loss normalization across micro-batches and processes, exact resume, a full run."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from stillroom.config import load_config
+from stillroom.train import distill
+
+from conftest import tiny_overrides
+from ddp_grads import step_grads
+
+HERE = Path(__file__).parent
+
+
+def assert_same_grads(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=atol, msg=k)
+
+
+def test_four_micro_batches_of_one_equal_one_batch_of_four(teacher_dir, chat_file):
+    acc = Accelerator(cpu=True)
+    g4x1, s4x1 = step_grads(str(teacher_dir), str(chat_file), 4, acc)
+    # the same 4 examples as one micro-batch of 4
+    from stillroom import models
+    from stillroom.config import Config
+    from stillroom.data import load_data
+    from stillroom.train import accumulate, to_batch, window
+
+    cfg = Config.model_validate({
+        "teacher": {"model": str(teacher_dir)}, "student": {"num_layers": 2},
+        "data": {"path": str(chat_file), "seq_len": 64, "eval_fraction": 0.0},
+        "loss": {"alpha": 0.6, "temperature": 2.0, "chunk_rows": 7},
+        "train": {"batch_size": 4, "grad_accum": 1}})
+    t = models.load(str(teacher_dir))
+    student, _ = models.student_from_teacher(t.model, num_layers=2)
+    train, _ = load_data(cfg, t.tokenizer)
+    (batch,) = [to_batch(mb, t.tokenizer.pad_token_id, "cpu") for mb in window(train, 0, cfg, 0, 1)]
+    s1x4 = accumulate(student, t.model, [batch], cfg, acc)
+    g1x4 = {n: p.grad for n, p in student.named_parameters()}
+    assert s4x1["target_tokens"] == s1x4["target_tokens"]
+    assert s4x1["loss"] == pytest.approx(s1x4["loss"], rel=1e-5)
+    assert_same_grads(g4x1, g1x4)
+    # The examples have different lengths, so averaging per micro-batch would NOT match:
+    lengths = [int((b != -100).sum()) for b in batch.labels]
+    assert len(set(lengths)) > 1
+
+
+def launch(n, *args):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_two_processes_match_one(tmp_path, teacher_dir, chat_file):
+    launch(2, HERE / "ddp_grads.py", teacher_dir, chat_file, tmp_path / "two.pt", 2)
+    two = torch.load(tmp_path / "two.pt")
+    assert two["world"] == 2
+    one, stats = step_grads(str(teacher_dir), str(chat_file), 4, Accelerator(cpu=True))
+    assert two["stats"]["target_tokens"] == stats["target_tokens"]
+    assert two["stats"]["loss"] == pytest.approx(stats["loss"], rel=1e-5)
+    assert_same_grads(two["grads"], one)
+
+
+def run(teacher_dir, data, out, *extra, resume=False, overwrite=False):
+    cfg = load_config(None, tiny_overrides(teacher_dir, data, out) + list(extra))
+    return distill(cfg, overwrite=overwrite, resume=resume, progress=False)
+
+
+def test_resume_continues_exactly(tmp_path, teacher_dir, chat_file):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(teacher_dir, chat_file, a, "train.max_steps=6", "train.save_every=3", "train.grad_accum=2")
+    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
+    # b: a run "stopped" right after its step-3 checkpoint
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(a / "checkpoints" / "step_0000003", b / "checkpoints" / "step_0000003")
+    run(teacher_dir, chat_file, b, "train.max_steps=6", "train.save_every=3", "train.grad_accum=2",
+        resume=True)
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # and the step-3 weights really differ from the final ones (the resume did train)
+    w3 = load_file(a / "checkpoints" / "step_0000003" / "model.safetensors")
+    assert any(not torch.equal(w3[k], wa[k]) for k in w3)
+
+
+def test_full_run_writes_a_loadable_student(tmp_path, teacher_dir, chat_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    result = run(teacher_dir, chat_file, out, "train.max_steps=8", "train.lr=3e-3", "train.eval_every=4",
+                 "student.init=config", "student.hidden_size=32", "student.num_heads=4", "loss.alpha=1.0")
+    final = out / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 32 and len(tok) > 0
+    assert (final / "stillroom.yaml").is_file()
+    metrics = json.loads((final / "metrics.json").read_text())
+    cols = metrics["eval"]
+    assert set(cols) == {"teacher", "student before", "student after"}
+    # Training on the teacher's own signal brings the student closer to it.
+    assert cols["student after"]["kl_per_token"] < cols["student before"]["kl_per_token"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "step" in x] == list(range(1, 9))
+    assert any("eval" in x for x in lines)
+    assert "perplexity" in result["table"] and "agreement" in result["table"]
+
+
+def test_two_process_distill_run(tmp_path, teacher_dir, chat_file):
+    """The whole loop under `accelerate launch --num_processes 2` (data-parallel, gloo)."""
+    out = tmp_path / "ddp"
+    launch(2, "-m", "stillroom", "distill", *tiny_overrides(teacher_dir, chat_file, out), "--no-progress")
+    assert (out / "final" / "model.safetensors").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
