@@ -1,0 +1,170 @@
+"""The CLI as a user calls it: recipes, overrides, eval, generate, and one-line errors (exit 2)."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from stillroom.config import RECIPES, load_config
+
+from conftest import make_model, make_tokenizer, run_cli, save, tiny_overrides
+
+
+def assert_user_error(r, pattern):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("stillroom: error: "), lines
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_version_and_print_config():
+    r = run_cli("--version")
+    assert r.returncode == 0 and "stillroom" in r.stdout
+    r = run_cli("distill", "soft", "loss.temperature=3", "--print-config")
+    assert r.returncode == 0
+    assert "temperature: 3" in r.stdout and "kind: soft" in r.stdout and "output_dir: runs/soft" in r.stdout
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES.glob("*.yaml")))
+def test_every_recipe_loads_and_opens_with_its_command(recipe):
+    text = (RECIPES / f"{recipe}.yaml").read_text()
+    assert text.startswith(f"# stillroom distill {recipe}")
+    cfg = load_config(recipe)
+    assert cfg.train.output_dir == f"runs/{recipe}"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES.glob("*.yaml")))
+def test_every_recipe_runs_a_few_steps(tmp_path, teacher_dir, chat_file, recipe):
+    out = tmp_path / recipe
+    r = run_cli("distill", recipe, *tiny_overrides(teacher_dir, chat_file, out), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "student after" in r.stdout and (out / "final" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("train.lrr=1", r"unknown config key 'train.lrr' \(did you mean 'train.lr'\?\)"),
+    ("trian.lr=1", r"unknown config key 'trian' \(did you mean 'train'\?\)"),
+    ("loss.alpha=1.5", r"loss.alpha.*less than or equal to 1"),
+    ("loss.alpha=-0.1", r"loss.alpha.*greater than or equal to 0"),
+    ("loss.temperature=0", r"loss.temperature.*greater than 0"),
+    ("loss.kind=medium", r"loss.kind"),
+    ("train.max_steps=abc", r"train.max_steps.*integer"),
+    ("student.init=pretrained", r"needs student.model"),
+    ("train.lr", r"key=value"),
+])
+def test_bad_config_values(override, pattern):
+    assert_user_error(run_cli("distill", "soft", override), pattern)
+
+
+def test_missing_config_file_names_the_recipes():
+    assert_user_error(run_cli("distill", "nope.yaml"), r"config file not found: nope.yaml \(bundled recipes: .*soft")
+
+
+def test_invalid_yaml(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    assert_user_error(run_cli("distill", tmp_path / "bad.yaml"), "not valid YAML")
+
+
+def test_bad_data_leaves_nothing_written(tmp_path, teacher_dir):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{broken\n')
+    cases = [(tmp_path / "missing.txt", "data file not found"), (empty, "is empty"),
+             (bad, r"1 of 2 rows .* are bad: row 2 \(invalid JSON")]
+    for data, pattern in cases:
+        assert_user_error(run_cli("distill", *tiny_overrides(teacher_dir, data, out)), pattern)
+        assert not out.exists()
+
+
+def test_seq_len_beyond_context(tmp_path, teacher_dir, chat_file):
+    r = run_cli("distill", *tiny_overrides(teacher_dir, chat_file, tmp_path / "o", **{"data.seq_len": 4096}))
+    assert_user_error(r, "beyond the teacher's context of 512")
+
+
+def test_mismatched_vocabularies(tmp_path, teacher_dir, chat_file):
+    other = make_tokenizer()
+    other.add_tokens([f"<x{i}>" for i in range(7)])
+    student = save(make_model(other, layers=1), other, tmp_path / "student")
+    r = run_cli("distill", *tiny_overrides(teacher_dir, chat_file, tmp_path / "o"),
+                "student.init=pretrained", f"student.model={student}")
+    assert_user_error(r, r"tokenizers differ \(teacher vocab \d+, student vocab \d+\)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreachable_hub_id(tmp_path, chat_file):
+    r = run_cli("distill", *tiny_overrides("nobody/no-such-model", chat_file, tmp_path / "o"),
+                env={"HF_HUB_OFFLINE": "1"})
+    assert_user_error(r, "could not load 'nobody/no-such-model' from the Hugging Face Hub")
+
+
+def test_existing_output_needs_overwrite_or_resume(tmp_path, teacher_dir, chat_file):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    args = tiny_overrides(teacher_dir, chat_file, out)
+    assert_user_error(run_cli("distill", *args), "already exists; pass --overwrite")
+    assert_user_error(run_cli("distill", *args, "--resume"), "no complete checkpoint")
+    assert_user_error(run_cli("distill", *args, "--resume", "--overwrite"), "exclude each other")
+    assert (out / "keep.txt").exists()
+    r = run_cli("distill", *args, "--overwrite", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (out / "keep.txt").exists() and (out / "final").is_dir()
+
+
+def test_eval_command_json_and_table(tmp_path, teacher_dir, chat_file):
+    out = tmp_path / "run"
+    assert run_cli("distill", *tiny_overrides(teacher_dir, chat_file, out), "--no-progress").returncode == 0
+    r = run_cli("eval", "--model", out / "final", "--teacher", teacher_dir, "--data", chat_file, "--json",
+                "--out", tmp_path / "e.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res == json.loads((tmp_path / "e.json").read_text())
+    s, t = res["eval"]["student"], res["eval"]["teacher"]
+    assert s["params"] < t["params"] and s["perplexity"] > 1 and 0 <= s["agreement"] <= 1
+    assert s["gen_tokens_per_s"] > 0 and s["size_mb"] > 0 and res["held_out_tokens"] > 0
+    r = run_cli("eval", "--model", out / "final", "--teacher", teacher_dir, "--data", chat_file)
+    assert r.returncode == 0 and "top-1 agreement" in r.stdout
+    assert_user_error(run_cli("eval", "--model", out / "final", "--teacher", teacher_dir,
+                              "--data", tmp_path / "none.jsonl"), "data file not found")
+
+
+def test_generate_is_resumable(tmp_path, teacher_dir):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Say hi.\nName a cat.\nCount to three.\n")
+    out = tmp_path / "answers.jsonl"
+    args = ["generate", "--teacher", teacher_dir, "--prompts", prompts, "--out", out,
+            "--max-new-tokens", "4", "--no-progress"]
+    r = run_cli(*args, "--num-prompts", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = out.read_text().splitlines()
+    assert len(first) == 2
+    with open(out, "a") as f:
+        f.write('{"messages": [{"role": "us')  # a crash mid-line
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert out.read_text().splitlines()[:2] == first  # kept, not regenerated
+    assert [row["messages"][0]["content"] for row in rows] == ["Say hi.", "Name a cat.", "Count to three."]
+    assert all(row["messages"][1]["role"] == "assistant" for row in rows)
+    other = tmp_path / "other.txt"
+    other.write_text("Something else.\n")
+    assert_user_error(run_cli("generate", "--teacher", teacher_dir, "--prompts", other, "--out", out),
+                      "answers to other prompts")
+    assert_user_error(run_cli("generate", "--teacher", teacher_dir, "--prompts", tmp_path / "x.txt",
+                              "--out", out), "prompts file not found")
+
+
+def test_generated_conversations_train_as_sequence_level_kd(tmp_path, teacher_dir):
+    """`generate` output is training data: alpha=0 is plain CE on the teacher's text."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"Tell me about number {i}." for i in range(12)))
+    data = tmp_path / "seq.jsonl"
+    assert run_cli("generate", "--teacher", teacher_dir, "--prompts", prompts, "--out", data,
+                   "--max-new-tokens", "6", "--no-progress").returncode == 0
+    r = run_cli("distill", "hard", *tiny_overrides(teacher_dir, data, tmp_path / "o"), "loss.alpha=0",
+                "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
