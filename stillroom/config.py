@@ -70,7 +70,7 @@ class GenerateConfig(Section):
     prompts: Optional[str] = None
     """Prompts file (.txt one per line, or JSONL with `prompt`); None = the bundled instructions."""
     num_prompts: Optional[int] = Field(None, ge=1)
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(32, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     """0 = greedy."""
@@ -88,10 +88,10 @@ class LossConfig(Section):
 
 class TrainConfig(Section):
     output_dir: str = "runs/demo"
-    max_steps: int = Field(240, ge=1)
+    max_steps: int = Field(70, ge=1)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(3e-4, gt=0.0)
+    lr: float = Field(5e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(10, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
