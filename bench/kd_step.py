@@ -15,8 +15,9 @@ AdamW step):
 Timings: the median of --rounds interleaved rounds after one warm-up (the machine is noisy, so
 compare the ratios, not the absolute seconds). Loss memory: peak bytes the allocator holds while
 the loss alone runs forward + backward, beyond what existed before it (the logits themselves are
-inputs, not counted), measured with torch.profiler's memory events on CPU or
-torch.cuda.max_memory_allocated on GPU.
+inputs, not counted; the gradient w.r.t. the logits is), measured on CPU by tracking every tensor
+storage the loss creates (a TorchDispatchMode, sampled after each op) and on GPU with
+torch.cuda.max_memory_allocated.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from stillroom import models
 from stillroom.config import StudentConfig
@@ -57,11 +61,40 @@ def naive_kd(s_logits, t_logits, labels, alpha, T):
 
 
 def stillroom_kd(s_logits, t_logits, labels, alpha, T, chunk):
-    return distill_loss(s_logits, t_logits, labels, alpha=alpha, temperature=T, kind="soft", chunk=chunk)
+    # as in the training loop: the gradient is written into the logits' storage
+    return distill_loss(s_logits, t_logits, labels, alpha=alpha, temperature=T, kind="soft", chunk=chunk,
+                        inplace_grad=True)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storage created inside the mode and still alive, sampled after every op;
+    `peak` is the maximum. Storages that existed before (the logits) are not counted."""
+
+    def __init__(self, *existing):
+        super().__init__()
+        self.ignore = {StorageWeakRef(x.untyped_storage()).cdata for x in existing}
+        self.refs, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                ref = StorageWeakRef(t.untyped_storage())
+                if ref.cdata not in self.ignore and ref.cdata not in self.refs:
+                    self.refs[ref.cdata] = (ref, t.untyped_storage().nbytes())
+        live = 0
+        for key, (ref, n) in list(self.refs.items()):
+            if ref.expired():
+                del self.refs[key]
+            else:
+                live += n
+        self.peak = max(self.peak, live)
+        return out
 
 
 def loss_peak_bytes(fn, s_logits, t_logits, labels):
-    """Peak extra bytes held while `fn` runs forward + backward on given logits."""
+    """Peak extra bytes held while `fn` runs forward + backward on given logits (the gradient
+    w.r.t. the logits, which any method must produce, is counted too)."""
     s = s_logits.detach().clone().requires_grad_(True)
     if s.is_cuda:
         torch.cuda.synchronize()
@@ -70,16 +103,9 @@ def loss_peak_bytes(fn, s_logits, t_logits, labels):
         fn(s, t_logits, labels).backward()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with LiveBytes(s, t_logits, labels) as mode:
         fn(s, t_logits, labels).backward()
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    return mode.peak
 
 
 def main():
@@ -148,6 +174,7 @@ def main():
     # The two losses agree (same formula), so the comparison is like for like.
     with torch.no_grad():
         v_ours, v_naive = ours(s_logits, t_logits, labels).item(), naive(s_logits, t_logits, labels).item()
+    # (no_grad: the loss needs no gradient, so inplace_grad leaves s_logits untouched)
 
     tokens = ids.numel()
     print(f"device {dev}; batch {args.batch} x {args.seq} tokens from {source}; teacher {models.num_params(tm):,} "

@@ -83,7 +83,8 @@ class LossConfig(Section):
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     """Weight of the KD term; 1 - alpha weighs CE on the true labels."""
     temperature: float = Field(1.0, gt=0.0)
-    chunk_rows: int = Field(256, ge=1)
+    chunk_rows: int = Field(64, ge=1)
+    """Rows (positions) per chunk of the loss: smaller = less memory, more loop overhead."""
 
 
 class TrainConfig(Section):

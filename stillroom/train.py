@@ -100,8 +100,10 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
             if width:
                 s_logits = s_logits[..., :width]
                 t_logits = t_logits[..., :width] if t_logits is not None else None
+            # inplace_grad: the logits' storage receives their gradient (they are not read again).
             loss_sum = distill_loss(s_logits, t_logits, b.labels, alpha=lc.alpha,
-                                    temperature=lc.temperature, kind=lc.kind, chunk=lc.chunk_rows)
+                                    temperature=lc.temperature, kind=lc.kind, chunk=lc.chunk_rows,
+                                    inplace_grad=True)
             accelerator.backward(loss_sum * scale)
         loss_total += loss_sum.detach()
     if accelerator.num_processes > 1:

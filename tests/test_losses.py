@@ -166,3 +166,20 @@ def test_shift_labels_and_token_stats():
     nll = torch.nn.functional.cross_entropy(s[mask], y[mask], reduction="sum").item()
     assert st["student_nll"] == pytest.approx(nll, rel=1e-6)
     assert st["agree"] == int((s.argmax(-1) == t.argmax(-1))[mask].sum())
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_inplace_gradient_matches_and_reuses_the_logits(kind):
+    base = logits(3, 5, 11, seed=22)
+    t = logits(3, 5, 11, seed=23).detach()
+    labels = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(24))
+    labels[2, 1:] = IGNORE_INDEX
+    ref = distill_loss(base * 1.0, t, labels, alpha=0.4, temperature=2.0, kind=kind)
+    (g_ref,) = torch.autograd.grad(ref * 3.0, base)
+    x = base * 1.0  # the "logits" produced by a model: a non-leaf tensor
+    loss = distill_loss(x, t, labels, alpha=0.4, temperature=2.0, kind=kind, inplace_grad=True)
+    (g,) = torch.autograd.grad(loss * 3.0, base)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(g, g_ref)
+    # the logits' storage now holds the (scaled) gradient: no second full-size buffer was made
+    torch.testing.assert_close(x.detach(), g_ref)
