@@ -89,7 +89,7 @@ class LossConfig(Section):
 
 class TrainConfig(Section):
     output_dir: str = "runs/demo"
-    max_steps: int = Field(70, ge=1)
+    max_steps: int = Field(80, ge=1)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(5e-4, gt=0.0)
