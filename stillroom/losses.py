@@ -61,6 +61,18 @@ def _zero_rows(g, keep):
     return g
 
 
+def _nll_terms(log_q, target, rows, weight, want_grad, consume):
+    """weight * sum over `rows` of -log_q[target], and its gradient weight * (softmax - onehot).
+    consume=True turns log_q into the gradient in place (its last use)."""
+    nll = -log_q.gather(-1, target).squeeze(-1)
+    loss = weight * torch.where(rows, nll, 0.0).sum()
+    if not want_grad:
+        return loss, None
+    g = (log_q.exp_() if consume else log_q.exp()).mul_(weight)
+    g.scatter_add_(-1, target, torch.full_like(nll, -weight).unsqueeze(-1))
+    return loss, _zero_rows(g, rows)
+
+
 def _chunk_terms(s, t, y, keep, w_kd, w_ce, temperature, hard, want_grad):
     """Loss sum and d loss / d s for one chunk of rows, with as few full passes as we can.
 
@@ -92,25 +104,17 @@ def _chunk_terms(s, t, y, keep, w_kd, w_ce, temperature, hard, want_grad):
         del p, log_p
     elif use_kd:
         # Hard labels: CE against the teacher's argmax token at each position.
-        target = t.argmax(dim=-1, keepdim=True)
-        nll = -log_q.gather(-1, target).squeeze(-1)
-        loss = loss + w_kd * torch.where(keep, nll, 0.0).sum()
-        if want_grad:
-            grad = log_q.exp().mul_(w_kd)
-            grad.scatter_add_(-1, target, torch.full_like(nll, -w_kd).unsqueeze(-1))
-            grad = _zero_rows(grad, keep)
+        # log_q is still needed by the CE term when both run at T = 1: not consumed here.
+        loss, grad = _nll_terms(log_q, t.argmax(dim=-1, keepdim=True), keep, w_kd, want_grad, consume=False)
 
     if use_ce:
         valid = y != IGNORE_INDEX
         y_safe = torch.where(valid, y, 0).unsqueeze(-1)
         if log_q1 is None:
             log_q1 = torch.log_softmax(s, dim=-1)
-        nll = -log_q1.gather(-1, y_safe).squeeze(-1)
-        loss = loss + w_ce * torch.where(valid, nll, 0.0).sum()
+        part, g = _nll_terms(log_q1, y_safe, valid, w_ce, want_grad, consume=True)
+        loss = loss + part
         if want_grad:
-            g = log_q1.exp_().mul_(w_ce)
-            g.scatter_add_(-1, y_safe, torch.full_like(nll, -w_ce).unsqueeze(-1))
-            g = _zero_rows(g, valid)
             grad = g if grad is None else grad.add_(g)
     if want_grad and grad is None:
         grad = torch.zeros_like(s)
