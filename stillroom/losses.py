@@ -246,9 +246,7 @@ def token_stats(student_logits, teacher_logits, labels, chunk=DEFAULT_CHUNK_ROWS
             log_q, log_p = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
             out["student_nll"] += -log_q.gather(-1, yy[:, None]).sum().item()
             out["teacher_nll"] += -log_p.gather(-1, yy[:, None]).sum().item()
-            p = log_p.exp()
-            diff = torch.where((p > 0) & torch.isfinite(log_q), log_p - log_q, 0.0)
-            out["kl"] += (p * diff).sum().item()
+            out["kl"] += _careful_kl_rows(s, t).sum().item()
             out["agree"] += (s.argmax(-1) == t.argmax(-1)).sum().item()
             out["tokens"] += int(valid.sum())
     return out

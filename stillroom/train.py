@@ -328,8 +328,6 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     metrics = {"eval": columns, "held_out_tokens": held_tokens, "train": last_log,
                "train_examples": len(train), "held_out_examples": len(held)}
     final = write_final(out, student, s_tok, cfg, metrics, teacher.model.generation_config)
-    columns["student after"]["size_mb"] = evaluate.describe(student, final)["size_mb"]
-    (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
     metrics["table"] = evaluate.table(columns, held_tokens)
     metrics["final"] = str(final)
     return metrics
