@@ -89,10 +89,10 @@ class LossConfig(Section):
 
 class TrainConfig(Section):
     output_dir: str = "runs/demo"
-    max_steps: int = Field(80, ge=1)
+    max_steps: int = Field(120, ge=1)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(5e-4, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(10, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
