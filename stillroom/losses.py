@@ -39,10 +39,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _careful_kl_rows(sT, tT):
-    """KL rows with -inf logits masked: 0 where p == 0 (0 log 0), dropped where log q = -inf."""
-    log_q = torch.log_softmax(sT, dim=-1)
-    log_p = torch.log_softmax(tT, dim=-1)
+def _masked_kl_rows(log_q, log_p):
+    """KL(p || q) rows with -inf logits masked: 0 where p == 0 (0 log 0), dropped where log q = -inf."""
     p = log_p.exp()
     diff = torch.where((p > 0) & torch.isfinite(log_q), log_p - log_q, 0.0)
     return (p * diff).sum(-1)
@@ -96,8 +94,8 @@ def _chunk_terms(s, t, y, keep, w_kd, w_ce, temperature, hard, want_grad):
         p = log_p.exp()
         # KL rows = sum_v p (log p - log q); -inf logits give NaN/inf here, caught per row below.
         kl = _rowdot(p, log_p.sub_(log_q))
-        if not torch.isfinite(kl).all():
-            kl = _careful_kl_rows(s * (1.0 / T), t.float() * (1.0 / T))
+        if not torch.isfinite(kl).all():  # log_p was consumed above: recompute it for the masked path
+            kl = _masked_kl_rows(log_q, torch.log_softmax(t.float() * (1.0 / T), dim=-1))
         loss = loss + w_kd * T * T * torch.where(keep, kl, 0.0).sum()
         if want_grad:
             grad = _zero_rows(log_q.exp().sub_(p).mul_(w_kd * T), keep)     # T (q - p), weighted
@@ -246,7 +244,7 @@ def token_stats(student_logits, teacher_logits, labels, chunk=DEFAULT_CHUNK_ROWS
             log_q, log_p = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
             out["student_nll"] += -log_q.gather(-1, yy[:, None]).sum().item()
             out["teacher_nll"] += -log_p.gather(-1, yy[:, None]).sum().item()
-            out["kl"] += _careful_kl_rows(s, t).sum().item()
+            out["kl"] += _masked_kl_rows(log_q, log_p).sum().item()
             out["agree"] += (s.argmax(-1) == t.argmax(-1)).sum().item()
             out["tokens"] += int(valid.sum())
     return out
