@@ -14,12 +14,13 @@ from stillroom.data import load_data
 from stillroom.train import accumulate, to_batch, window
 
 
-def step_grads(teacher_dir, data, grad_accum, accelerator):
+def step_grads(teacher_dir, data, grad_accum, accelerator, batch_size=1):
+    """-> (student gradients, step stats, this process's micro-batches) for optimizer step 0."""
     cfg = Config.model_validate({
         "teacher": {"model": teacher_dir}, "student": {"num_layers": 2},
         "data": {"path": data, "seq_len": 64, "eval_fraction": 0.0},
         "loss": {"alpha": 0.6, "temperature": 2.0, "chunk_rows": 7},
-        "train": {"batch_size": 1, "grad_accum": grad_accum}})
+        "train": {"batch_size": batch_size, "grad_accum": grad_accum}})
     teacher = models.load(teacher_dir)
     student, _ = models.student_from_teacher(teacher.model, num_layers=2)
     train, _ = load_data(cfg, teacher.tokenizer)
@@ -28,13 +29,13 @@ def step_grads(teacher_dir, data, grad_accum, accelerator):
                for mb in window(train, 0, cfg, accelerator.process_index, accelerator.num_processes)]
     stats = accumulate(student, teacher.model, batches, cfg, accelerator)
     model = accelerator.unwrap_model(student)
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}, stats
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}, stats, batches
 
 
 if __name__ == "__main__":
     teacher_dir, data, out, accum = sys.argv[1:5]
     acc = Accelerator(cpu=True)
-    grads, stats = step_grads(teacher_dir, data, int(accum), acc)
+    grads, stats, _ = step_grads(teacher_dir, data, int(accum), acc)
     if acc.is_main_process:
         torch.save({"grads": grads, "stats": stats, "world": acc.num_processes}, out)
     acc.wait_for_everyone()

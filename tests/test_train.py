@@ -28,24 +28,9 @@ def assert_same_grads(a, b, atol=1e-6):
 
 def test_four_micro_batches_of_one_equal_one_batch_of_four(teacher_dir, chat_file):
     acc = Accelerator(cpu=True)
-    g4x1, s4x1 = step_grads(str(teacher_dir), str(chat_file), 4, acc)
+    g4x1, s4x1, _ = step_grads(str(teacher_dir), str(chat_file), 4, acc)
     # the same 4 examples as one micro-batch of 4
-    from stillroom import models
-    from stillroom.config import Config
-    from stillroom.data import load_data
-    from stillroom.train import accumulate, to_batch, window
-
-    cfg = Config.model_validate({
-        "teacher": {"model": str(teacher_dir)}, "student": {"num_layers": 2},
-        "data": {"path": str(chat_file), "seq_len": 64, "eval_fraction": 0.0},
-        "loss": {"alpha": 0.6, "temperature": 2.0, "chunk_rows": 7},
-        "train": {"batch_size": 4, "grad_accum": 1}})
-    t = models.load(str(teacher_dir))
-    student, _ = models.student_from_teacher(t.model, num_layers=2)
-    train, _ = load_data(cfg, t.tokenizer)
-    (batch,) = [to_batch(mb, t.tokenizer.pad_token_id, "cpu") for mb in window(train, 0, cfg, 0, 1)]
-    s1x4 = accumulate(student, t.model, [batch], cfg, acc)
-    g1x4 = {n: p.grad for n, p in student.named_parameters()}
+    g1x4, s1x4, (batch,) = step_grads(str(teacher_dir), str(chat_file), 1, acc, batch_size=4)
     assert s4x1["target_tokens"] == s1x4["target_tokens"]
     assert s4x1["loss"] == pytest.approx(s1x4["loss"], rel=1e-5)
     assert_same_grads(g4x1, g1x4)
@@ -67,7 +52,7 @@ def test_two_processes_match_one(tmp_path, teacher_dir, chat_file):
     launch(2, HERE / "ddp_grads.py", teacher_dir, chat_file, tmp_path / "two.pt", 2)
     two = torch.load(tmp_path / "two.pt")
     assert two["world"] == 2
-    one, stats = step_grads(str(teacher_dir), str(chat_file), 4, Accelerator(cpu=True))
+    one, stats, _ = step_grads(str(teacher_dir), str(chat_file), 4, Accelerator(cpu=True))
     assert two["stats"]["target_tokens"] == stats["target_tokens"]
     assert two["stats"]["loss"] == pytest.approx(stats["loss"], rel=1e-5)
     assert_same_grads(two["grads"], one)
