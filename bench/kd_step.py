@@ -15,7 +15,8 @@ AdamW step):
 Timings: the median of --rounds interleaved rounds after one warm-up (the machine is noisy, so
 compare the ratios, not the absolute seconds). Loss memory: peak bytes the allocator holds while
 the loss alone runs forward + backward, beyond what existed before it (the logits themselves are
-inputs, not counted; the gradient w.r.t. the logits is), measured on CPU by tracking every tensor
+inputs, not counted; a gradient w.r.t. the logits that takes new memory is, while stillroom's,
+written into the logits' own storage as in the training loop, takes none), measured on CPU by tracking every tensor
 storage the loss creates (a TorchDispatchMode, sampled after each op) and on GPU with
 torch.cuda.max_memory_allocated.
 """
@@ -93,8 +94,8 @@ class LiveBytes(TorchDispatchMode):
 
 
 def loss_peak_bytes(fn, s_logits, t_logits, labels):
-    """Peak extra bytes held while `fn` runs forward + backward on given logits (the gradient
-    w.r.t. the logits, which any method must produce, is counted too)."""
+    """Peak extra bytes held while `fn` runs forward + backward on given logits. A gradient
+    w.r.t. the logits in new memory counts; one written into the logits' storage does not."""
     s = s_logits.detach().clone().requires_grad_(True)
     if s.is_cuda:
         torch.cuda.synchronize()
