@@ -1,6 +1,7 @@
 """`stillroom` command line: one subcommand = one function.
 
     stillroom distill [CONFIG.yaml | RECIPE] [key=value ...] [--overwrite | --resume] [--print-config]
+    stillroom codistill [CONFIG.yaml | RECIPE] [key=value ...] [--overwrite | --resume] [--print-config]
     stillroom eval --model DIR --teacher NAME_OR_PATH --data FILE [--json]
     stillroom generate --out FILE.jsonl [--prompts FILE] [--teacher NAME_OR_PATH] [...]
 
@@ -32,24 +33,49 @@ def _quiet_libraries():
     datasets.disable_progress_bars()
 
 
-def cmd_distill(args) -> int:
+def _run_config(args, cls):
+    """[CONFIG] [key=value ...] -> validated config, or None after --print-config."""
     from .config import load_config, to_yaml
 
     config, overrides = None, list(args.args)
     if overrides and "=" not in overrides[0]:
         config = overrides.pop(0)
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, cls)
     if args.print_config:
         print(to_yaml(cfg), end="")
-        return 0
+        return None
     if args.overwrite and args.resume:
         raise UserError("--overwrite and --resume exclude each other")
+    return cfg
+
+
+def cmd_distill(args) -> int:
+    from .config import Config
+
+    cfg = _run_config(args, Config)
+    if cfg is None:
+        return 0
     from .train import distill
 
     result = distill(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
     if result:
         print(result["table"])
         print(f"student saved to {result['final']}")
+    return 0
+
+
+def cmd_codistill(args) -> int:
+    from .config import CodistillRunConfig
+
+    cfg = _run_config(args, CodistillRunConfig)
+    if cfg is None:
+        return 0
+    from .codistill import codistill
+
+    result = codistill(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+    if result:
+        print(result["table"])
+        print(f"peers saved to {result['final']}/<name>")
     return 0
 
 
@@ -119,6 +145,19 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_distill)
+
+    c = sub.add_parser("codistill", help="train two or more models that teach each other",
+                       description="Co-distillation: peers learn from the labels and from each other "
+                                   "(codistill.mode: mutual in one process; predictions or weights with one "
+                                   "peer per process under accelerate launch).")
+    c.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]",
+                   help="a YAML file or bundled recipe (codistill, codistill_distributed), then dotted "
+                        "overrides like peers.1.num_layers=4 or codistill.mode=weights")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.add_argument("--resume", action="store_true", help="continue every peer from the last checkpoint")
+    c.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_codistill)
 
     e = sub.add_parser("eval", help="compare a student with its teacher on held-out data")
     e.add_argument("--model", required=True, help="student: folder, .gguf or hub id")

@@ -119,6 +119,33 @@ class EvalConfig(Section):
     gen_prompts: int = Field(4, ge=1)
 
 
+class PeerConfig(StudentConfig):
+    """One co-distillation peer: a student spec (init from_teacher / config / pretrained) + a name."""
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Names the peer's folder under <output_dir>/final/."""
+    lr: Optional[float] = Field(None, gt=0.0)
+    """This peer's peak learning rate; None = train.lr."""
+
+
+class CodistillConfig(Section):
+    mode: Literal["mutual", "predictions", "weights"] = "mutual"
+    """mutual: all peers in each process, same batches (Deep Mutual Learning; data-parallel under
+    accelerate launch). predictions: one peer per process, each on its own data shard; every step
+    the peers' predictions on a shared batch are all-gathered. weights: one peer per process, own
+    shard; every exchange_every steps the weights are exchanged and each peer distills toward its
+    stale copies of the others (Anil et al. 2018)."""
+    teacher_weight: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of loss.alpha given to the fixed teacher (0 = peers only; the rest is split over peers)."""
+    top_k: int = Field(0, ge=0)
+    """predictions mode: exchange each position's top-k log-probs + tail mass; 0 = full distributions."""
+    exchange_every: int = Field(50, ge=1)
+    """weights mode: steps between weight exchanges (K)."""
+    burn_in: int = Field(0, ge=0)
+    """Steps before the peer terms switch on (their weight goes to CE until then)."""
+    shared_batch_size: Optional[int] = Field(None, ge=1)
+    """predictions mode: examples in the step's shared batch; None = train.batch_size."""
+
+
 class Config(Section):
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
@@ -152,6 +179,12 @@ def validate(raw: dict, cls=Config):
         loc = tuple(err["loc"])
         key = ".".join(map(str, loc)) or "config"
         if err["type"] == "extra_forbidden":
+            hint = {("peers",): " (a co-distillation config: run `stillroom codistill`)",
+                    ("codistill",): " (a co-distillation config: run `stillroom codistill`)",
+                    ("student",): " (co-distillation trains `peers:`, a list of student specs with names; "
+                                  "for one student run `stillroom distill`)"}.get(loc)
+            if hint and cls in (Config, CodistillRunConfig):
+                raise UserError(f"unknown config key '{key}'{hint}") from None
             raise UserError(f"unknown config key '{key}'{_suggest(cls, loc)}") from None
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "value_error" or not loc:
@@ -189,13 +222,50 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' must look like key=value, e.g. train.lr=1e-4")
+    conf = OmegaConf.create(raw)
+    for item in overrides:
+        try:
+            key, value = item.split("=", 1)
+            # Parsed as YAML by OmegaConf (1e-4 is a float, null is None, [a,b] a list);
+            # update() also reaches into lists: peers.1.num_layers=2.
+            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
+            OmegaConf.update(conf, key, parsed, force_add=True)
+        except OmegaConfBaseException as e:
+            raise UserError(f"override '{item}': {str(e).splitlines()[0]}") from None
     try:
-        merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides)))
-        raw = OmegaConf.to_container(merged, resolve=True)
+        raw = OmegaConf.to_container(conf, resolve=True)
     except OmegaConfBaseException as e:
-        raise UserError(f"could not merge overrides: {str(e).splitlines()[0]}") from None
+        raise UserError(f"config: {str(e).splitlines()[0]}") from None
     return validate(raw, cls)
 
 
 def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+
+
+class CodistillRunConfig(Section):
+    """`stillroom codistill`: peers instead of one student, plus the codistill section.
+
+    The teacher provides the tokenizer, layers for from_teacher peers, the embedded default data
+    (its answers to the bundled prompts), the reference in the evaluation, and, with
+    codistill.teacher_weight > 0, a fixed extra signal.
+    """
+    teacher: TeacherConfig = TeacherConfig()
+    peers: list[PeerConfig] = Field(default_factory=lambda: [
+        PeerConfig(name="a", init="from_teacher", num_layers=4),
+        PeerConfig(name="b", init="from_teacher", layers=[0, 7, 14, 21, 29])])
+    codistill: CodistillConfig = CodistillConfig()
+    data: DataConfig = DataConfig()
+    generate: GenerateConfig = GenerateConfig()
+    loss: LossConfig = LossConfig(alpha=0.5)
+    train: TrainConfig = TrainConfig(output_dir="runs/codistill", max_steps=100)
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _peers(self):
+        if len(self.peers) < 2:
+            raise ValueError("codistill needs at least 2 peers")
+        names = [p.name for p in self.peers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"peer names must be distinct, got {names}")
+        return self

@@ -56,6 +56,53 @@ def compare(student, teacher, examples, pad_id, batch_size=8, max_batches=None, 
 
 
 @torch.no_grad()
+def compare_peers(peers: dict, teacher, examples, pad_id, batch_size=8, max_batches=None, width=None):
+    """Co-distillation's eval in one pass: for each peer and for the ensemble (the mean of the
+    peers' probabilities) perplexity, agreement and KL to the teacher; top-1 agreement of each
+    pair of peers. -> {"peers": {name: {...}}, "ensemble": {...}, "pairs": {"a/b": frac}, ...}"""
+    names = list(peers)
+    states = {n: m.training for n, m in peers.items()}
+    for m in peers.values():
+        m.eval()
+    device = next(teacher.parameters()).device
+    zero = lambda: dict(student_nll=0.0, teacher_nll=0.0, kl=0.0, agree=0, tokens=0)  # noqa: E731
+    tot = {n: zero() for n in names + ["ensemble"]}
+    pairs = {(a, b): 0 for i, a in enumerate(names) for b in names[i + 1:]}
+    for batch in eval_batches(examples, batch_size, max_batches):
+        b = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+        labels = shift_labels(b["labels"])
+        valid = labels != -100
+        t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        t = t[..., :width] if width else t
+        log_probs, top = {}, {}
+        for n in names:
+            s = peers[n](input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+            s = s[..., :width] if width else s
+            for k, v in token_stats(s, t, labels).items():
+                tot[n][k] += v
+            log_probs[n] = torch.log_softmax(s.float(), -1)
+            top[n] = s.argmax(-1)
+            del s
+        # log of the mean probability: a valid logits tensor for the ensemble
+        ens = torch.logsumexp(torch.stack([log_probs[n] for n in names]), 0) - math.log(len(names))
+        del log_probs
+        for k, v in token_stats(ens, t, labels).items():
+            tot["ensemble"][k] += v
+        for a, c in pairs:
+            pairs[(a, c)] += int(((top[a] == top[c]) & valid).sum())
+    for n, m in peers.items():
+        m.train(states[n])
+    n_tok = max(tot["ensemble"]["tokens"], 1)
+
+    def summary(x):
+        return {"perplexity": math.exp(x["student_nll"] / n_tok), "agreement": x["agree"] / n_tok,
+                "kl_per_token": x["kl"] / n_tok}
+    return {"tokens": tot["ensemble"]["tokens"], "teacher_perplexity": math.exp(tot[names[0]]["teacher_nll"] / n_tok),
+            "peers": {n: summary(tot[n]) for n in names}, "ensemble": summary(tot["ensemble"]),
+            "pairs": {f"{a}/{c}": v / n_tok for (a, c), v in pairs.items()}}
+
+
+@torch.no_grad()
 def generation_speed(model, prompts_ids: list[list[int]], new_tokens: int, pad_id: int) -> float:
     """Greedy decoding tokens/s at batch 1 (one untimed warm-up run first)."""
     was_training = model.training

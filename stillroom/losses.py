@@ -22,6 +22,8 @@ token the teacher likes are dropped rather than made infinite (as torchtune and 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 IGNORE_INDEX = -100
@@ -71,39 +73,129 @@ def _nll_terms(log_q, target, rows, weight, want_grad, consume):
     return loss, _zero_rows(g, rows)
 
 
-def _chunk_terms(s, t, y, keep, w_kd, w_ce, temperature, hard, want_grad):
+@dataclass
+class TopK:
+    """A sparse target distribution: for each position, the k most likely token ids, their
+    log-probs (at the loss's temperature), and the log of the mass outside them (-inf: none).
+
+    Rule for the missing mass (a "tail bucket"): the target is compared with the student on k + 1
+    outcomes -- each of the k tokens, and "any other token" -- so
+        KL = sum_k p_k (log p_k - log q_k) + p_tail (log p_tail - log q_tail),
+    with q_tail the student's own mass outside the k ids. Equivalently, the tail mass is spread over
+    the other tokens in proportion to the student's own probabilities. Nothing is invented about
+    the tail, and with k = V (p_tail = 0) it is exactly the dense KL.
+    """
+    ids: torch.Tensor       # (..., k) int64
+    logp: torch.Tensor      # (..., k) float
+    log_tail: torch.Tensor  # (...)    float
+
+    @property
+    def shape(self):
+        return self.ids.shape[:-1]
+
+    def rows(self) -> "TopK":
+        k = self.ids.shape[-1]
+        return TopK(self.ids.reshape(-1, k), self.logp.reshape(-1, k), self.log_tail.reshape(-1))
+
+    def chunk(self, a, b) -> "TopK":
+        return TopK(self.ids[a:b], self.logp[a:b], self.log_tail[a:b])
+
+    def argmax(self) -> torch.Tensor:
+        return self.ids.gather(-1, self.logp.argmax(-1, keepdim=True))
+
+
+def topk_targets(logits, k, temperature=1.0, chunk=DEFAULT_CHUNK_ROWS) -> TopK:
+    """The top-k of softmax(logits / T) as a TopK target, computed chunk by chunk (no (B, S, V)
+    fp32 copy). k >= V keeps everything (the tail is empty)."""
+    lead, V = logits.shape[:-1], logits.shape[-1]
+    k = min(k, V)
+    x = _rows(logits.detach())
+    ids = torch.empty(x.shape[0], k, dtype=torch.long, device=x.device)
+    logp = torch.empty(x.shape[0], k, dtype=torch.float32, device=x.device)
+    tail = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    with torch.no_grad():
+        for a in range(0, x.shape[0], chunk):
+            lp = torch.log_softmax(x[a:a + chunk].float() * (1.0 / temperature), dim=-1)
+            v, i = lp.topk(k, dim=-1)
+            ids[a:a + chunk], logp[a:a + chunk] = i, v
+            tail[a:a + chunk] = torch.logsumexp(lp.scatter_(-1, i, float("-inf")), dim=-1)
+    return TopK(ids.view(*lead, k), logp.view(*lead, k), tail.view(lead))
+
+
+def _dense_kl(log_q, t, T, want_grad):
+    """KL(softmax(t/T) || q) rows, and the target probabilities p (for the gradient)."""
+    log_p = torch.log_softmax(t.float() * (1.0 / T), dim=-1)
+    p = log_p.exp()
+    # KL rows = sum_v p (log p - log q); -inf logits give NaN/inf here, caught per row below.
+    kl = _rowdot(p, log_p.sub_(log_q))
+    if not torch.isfinite(kl).all():  # log_p was consumed above: recompute it for the masked path
+        kl = _masked_kl_rows(log_q, torch.log_softmax(t.float() * (1.0 / T), dim=-1))
+    return kl, (p if want_grad else None)
+
+
+def _sparse_kl(log_q, t: TopK, want_grad):
+    """Tail-bucket KL (see TopK) rows, and the effective target p~ for the gradient:
+    p_k on the k ids, p_tail * q_v / q_tail elsewhere; d KL / d (s/T) = q - p~."""
+    logp = t.logp.float()
+    log_tail = t.log_tail.float()
+    lq_k = log_q.gather(-1, t.ids)
+    p_k = logp.exp()
+    log_q_tail = torch.logsumexp(log_q.scatter(-1, t.ids, float("-inf")), dim=-1)
+    tail_ok = torch.isfinite(log_tail) & torch.isfinite(log_q_tail)
+    head = torch.where((p_k > 0) & torch.isfinite(lq_k), p_k * (logp - lq_k), 0.0).sum(-1)
+    diff = torch.where(tail_ok, log_tail - log_q_tail, 0.0)
+    kl = head + torch.where(tail_ok, log_tail.exp() * diff, 0.0)
+    if not want_grad:
+        return kl, None
+    r = torch.where(tail_ok, diff.exp(), 0.0)  # p_tail / q_tail
+    p_tilde = log_q.exp().mul_(r.unsqueeze(-1))
+    return kl, p_tilde.scatter_(-1, t.ids, p_k)
+
+
+def _chunk_terms(s, targets, y, keep, w_ce, temperature, hard, want_grad):
     """Loss sum and d loss / d s for one chunk of rows, with as few full passes as we can.
 
-    s: (n, V) student logits; t: (n, V) teacher logits or None; y: (n,) labels or None;
-    keep: (n,) bool rows that count for the KD term (CE rows are y != IGNORE_INDEX).
-    Gradients in closed form: d/ds [T^2 KL(p || softmax(s/T))] = T (q - p) with q = softmax(s/T);
+    s: (n, V) student logits; targets: [(dense (n, V) logits or TopK rows, weight)];
+    y: (n,) labels or None; keep: (n,) bool rows that count for the KD terms (CE rows are
+    y != IGNORE_INDEX). Gradients in closed form: d/ds [T^2 KL(p || softmax(s/T))] = T (q - p)
+    with q = softmax(s/T), so for a weighted sum of targets it is T (sum_j w_j q - sum_j w_j p_j);
     d/ds CE(y) = softmax(s) - onehot(y). Returns (loss, grad (n, V) fp32 or None).
     """
     s = s.float()
     loss = s.new_zeros(())
-    use_kd = bool(w_kd) and t is not None
+    targets = [(t, w) for t, w in targets if w]
     use_ce = bool(w_ce) and y is not None
-    soft = use_kd and not hard
+    soft = bool(targets) and not hard
     T = temperature if soft else 1.0
     log_q = torch.log_softmax(s if T == 1.0 else s * (1.0 / T), dim=-1)   # log softmax(s / T)
     log_q1 = log_q if T == 1.0 else None                                    # log softmax(s)
     grad = None
 
     if soft:
-        log_p = torch.log_softmax(t.float() * (1.0 / T), dim=-1)
-        p = log_p.exp()
-        # KL rows = sum_v p (log p - log q); -inf logits give NaN/inf here, caught per row below.
-        kl = _rowdot(p, log_p.sub_(log_q))
-        if not torch.isfinite(kl).all():  # log_p was consumed above: recompute it for the masked path
-            kl = _masked_kl_rows(log_q, torch.log_softmax(t.float() * (1.0 / T), dim=-1))
-        loss = loss + w_kd * T * T * torch.where(keep, kl, 0.0).sum()
+        single = len(targets) == 1
+        acc, w_sum = None, 0.0  # acc = sum_j w_j p_j (just p_1 for a single target)
+        for t, w in targets:
+            kl, p = _sparse_kl(log_q, t, want_grad) if isinstance(t, TopK) else _dense_kl(log_q, t, T, want_grad)
+            loss = loss + w * T * T * torch.where(keep, kl, 0.0).sum()
+            w_sum += w
+            if want_grad:
+                p = p if single else p.mul_(w)
+                acc = p if acc is None else acc.add_(p)
+            del p
         if want_grad:
-            grad = _zero_rows(log_q.exp().sub_(p).mul_(w_kd * T), keep)     # T (q - p), weighted
-        del p, log_p
-    elif use_kd:
-        # Hard labels: CE against the teacher's argmax token at each position.
+            q = log_q.exp()
+            grad = q.sub_(acc).mul_(targets[0][1] * T) if single else q.mul_(w_sum).sub_(acc).mul_(T)
+            grad = _zero_rows(grad, keep)
+        del acc
+    else:
+        # Hard labels: CE against each target's argmax token at each position.
         # log_q is still needed by the CE term when both run at T = 1: not consumed here.
-        loss, grad = _nll_terms(log_q, t.argmax(dim=-1, keepdim=True), keep, w_kd, want_grad, consume=False)
+        for t, w in targets:
+            top = t.argmax() if isinstance(t, TopK) else t.argmax(dim=-1, keepdim=True)
+            part, g = _nll_terms(log_q, top, keep, w, want_grad, consume=False)
+            loss = loss + part
+            if want_grad:
+                grad = g if grad is None else grad.add_(g)
 
     if use_ce:
         valid = y != IGNORE_INDEX
@@ -120,20 +212,20 @@ def _chunk_terms(s, t, y, keep, w_kd, w_ce, temperature, hard, want_grad):
 
 
 class _ChunkedLoss(torch.autograd.Function):
-    """w_kd * KD(student, teacher) + w_ce * CE(student, labels), summed, chunked over rows.
+    """sum_j w_j KD(student, target_j) + w_ce * CE(student, labels), summed, chunked over rows.
 
     The forward computes each chunk's loss and gradient together (one pass over the logits) and
     writes the gradient into one buffer in the logits' dtype -- or, with `inplace`, into the
     student logits themselves, which are dead after the loss in a training step (as Liger-Kernel
-    does); the backward only scales it. Only the student receives a gradient: teacher targets are
-    constants (detached by design).
+    does); the backward only scales it. Only the student receives a gradient: the targets are
+    passed inside a tuple, so autograd does not even see them (detached by construction).
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, keep, w_kd, w_ce, temperature, hard, chunk, inplace):
+    def forward(ctx, student, targets, labels, keep, w_ce, temperature, hard, chunk, inplace):
         want_grad = ctx.needs_input_grad[0]
         s2 = _rows(student)
-        t2 = _rows(teacher) if teacher is not None else None
+        t2 = [(t.rows() if isinstance(t, TopK) else _rows(t), w) for t, w in targets]
         y = labels.reshape(-1) if labels is not None else None
         k = keep.reshape(-1)
         grad = None
@@ -142,9 +234,10 @@ class _ChunkedLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for a in range(0, s2.shape[0], chunk):
             b = a + chunk
-            part, g = _chunk_terms(s2[a:b], None if t2 is None else t2[a:b],
+            part, g = _chunk_terms(s2[a:b], [(t.chunk(a, b) if isinstance(t, TopK) else t[a:b], w)
+                                             for t, w in t2],
                                    None if y is None else y[a:b], k[a:b],
-                                   w_kd, w_ce, temperature, hard, want_grad)
+                                   w_ce, temperature, hard, want_grad)
             total += part
             if want_grad:
                 grad[a:b] = g  # rows a:b of the logits are not read again
@@ -159,13 +252,19 @@ class _ChunkedLoss(torch.autograd.Function):
             raise RuntimeError("stillroom losses support one backward per forward (no retain_graph reuse)")
         ctx.used = True
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_out), None, None, None, None, None, None, None, None, None
+        return grad.mul_(grad_out), None, None, None, None, None, None, None, None
 
 
 def _check(student_logits, teacher_logits=None, temperature=1.0):
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
+    if teacher_logits is None:
+        return
+    if isinstance(teacher_logits, TopK):
+        if teacher_logits.shape != student_logits.shape[:-1]:
+            raise ValueError(f"top-k targets for positions {tuple(teacher_logits.shape)} do not match "
+                             f"student logits {tuple(student_logits.shape)}")
+    elif teacher_logits.shape != student_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ; align vocabularies first")
 
@@ -176,21 +275,26 @@ def _mask_or_all(mask, logits):
     return mask.bool()
 
 
+def _detach(t):
+    return t if isinstance(t, TopK) else t.detach()
+
+
 def forward_kl(student_logits, teacher_logits, mask=None, temperature=1.0, chunk=DEFAULT_CHUNK_ROWS):
     """Sum over unmasked positions of T^2 * KL(softmax(teacher/T) || softmax(student/T)).
 
     Hinton et al. 2015. "Forward" = the teacher's distribution is the reference (mode-covering).
+    `teacher_logits` may be a TopK (sparse target; see its tail rule).
     """
     _check(student_logits, teacher_logits, temperature)
     keep = _mask_or_all(mask, student_logits)
-    return _ChunkedLoss.apply(student_logits, teacher_logits.detach(), None, keep,
-                              1.0, 0.0, float(temperature), False, chunk, False)
+    return _ChunkedLoss.apply(student_logits, ((_detach(teacher_logits), 1.0),), None, keep,
+                              0.0, float(temperature), False, chunk, False)
 
 
 def cross_entropy(student_logits, labels, chunk=DEFAULT_CHUNK_ROWS):
     """Sum over positions with labels != IGNORE_INDEX of -log softmax(student)[label]."""
     keep = labels != IGNORE_INDEX
-    return _ChunkedLoss.apply(student_logits, None, labels, keep, 0.0, 1.0, 1.0, False, chunk, False)
+    return _ChunkedLoss.apply(student_logits, (), labels, keep, 1.0, 1.0, False, chunk, False)
 
 
 def hard_label_ce(student_logits, teacher_logits, mask=None, chunk=DEFAULT_CHUNK_ROWS):
@@ -201,8 +305,28 @@ def hard_label_ce(student_logits, teacher_logits, mask=None, chunk=DEFAULT_CHUNK
     """
     _check(student_logits, teacher_logits)
     keep = _mask_or_all(mask, student_logits)
-    return _ChunkedLoss.apply(student_logits, teacher_logits.detach(), None, keep,
-                              1.0, 0.0, 1.0, True, chunk, False)
+    return _ChunkedLoss.apply(student_logits, ((_detach(teacher_logits), 1.0),), None, keep,
+                              0.0, 1.0, True, chunk, False)
+
+
+def mixed_loss(student_logits, targets, labels, ce_weight=0.0, temperature=1.0, kind="soft",
+               chunk=DEFAULT_CHUNK_ROWS, inplace_grad=False):
+    """sum_j w_j * KD(target_j, student) + ce_weight * CE(labels), summed over valid labels.
+
+    targets: [(logits or TopK, w_j)], all detached (no gradient ever reaches a target).
+    kind="soft": KD = T^2 KL(softmax(target/T) || softmax(student/T)); kind="hard": CE against each
+    target's argmax token. One chunked pass computes every term; see `distill_loss` for inplace_grad.
+    """
+    if kind not in ("soft", "hard"):
+        raise ValueError(f"kind must be 'soft' or 'hard', got {kind!r}")
+    for t, w in targets:
+        _check(student_logits, t, temperature)
+        if w < 0:
+            raise ValueError(f"target weights must be >= 0, got {w}")
+    keep = labels != IGNORE_INDEX
+    tt = tuple((_detach(t), float(w)) for t, w in targets if w > 0)
+    return _ChunkedLoss.apply(student_logits, tt, labels, keep, float(ce_weight), float(temperature),
+                              kind == "hard", chunk, bool(inplace_grad))
 
 
 def distill_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=1.0,
@@ -219,13 +343,36 @@ def distill_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if kind not in ("soft", "hard"):
-        raise ValueError(f"kind must be 'soft' or 'hard', got {kind!r}")
-    _check(student_logits, teacher_logits, temperature)
-    keep = labels != IGNORE_INDEX
-    teacher = teacher_logits.detach() if teacher_logits is not None and alpha > 0 else None
-    return _ChunkedLoss.apply(student_logits, teacher, labels, keep, float(alpha), 1.0 - alpha,
-                              float(temperature), kind == "hard", chunk, bool(inplace_grad))
+    targets = [(teacher_logits, alpha)] if teacher_logits is not None and alpha > 0 else []
+    return mixed_loss(student_logits, targets, labels, 1.0 - alpha, temperature, kind, chunk, inplace_grad)
+
+
+def mutual_loss(student_logits, peer_logits, labels, alpha=0.5, temperature=1.0, kind="soft",
+                teacher_logits=None, teacher_weight=0.0, chunk=DEFAULT_CHUNK_ROWS, inplace_grad=False):
+    """Deep Mutual Learning (Zhang et al. 2018) for one peer A, summed over valid labels:
+
+        L_A = alpha * (1 - tw) * mean_B T^2 KL(P_B,T || P_A,T)
+            + alpha * tw       * T^2 KL(P_teacher,T || P_A,T)        (hybrid; tw = teacher_weight)
+            + (1 - alpha)      * CE(y, P_A)
+
+    peer_logits: the other peers' logits (or TopK); detached here, so a peer's own loss never
+    pushes its peers. kind="hard" replaces each KL by CE against that model's argmax tokens.
+    With no teacher (tw = 0) this is the paper's loss; the total over peers is sum_A L_A.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not 0.0 <= teacher_weight <= 1.0:
+        raise ValueError(f"teacher_weight must be in [0, 1], got {teacher_weight}")
+    if teacher_weight > 0 and teacher_logits is None:
+        raise ValueError("teacher_weight > 0 needs teacher_logits")
+    peers = list(peer_logits)
+    if not peers and teacher_weight < 1:
+        raise ValueError("mutual_loss needs at least one peer (or teacher_weight=1)")
+    w_peer = alpha * (1 - teacher_weight) / max(len(peers), 1)
+    targets = [(p, w_peer) for p in peers]
+    if teacher_weight > 0:
+        targets.append((teacher_logits, alpha * teacher_weight))
+    return mixed_loss(student_logits, targets, labels, 1.0 - alpha, temperature, kind, chunk, inplace_grad)
 
 
 def token_stats(student_logits, teacher_logits, labels, chunk=DEFAULT_CHUNK_ROWS):
@@ -250,5 +397,5 @@ def token_stats(student_logits, teacher_logits, labels, chunk=DEFAULT_CHUNK_ROWS
     return out
 
 
-__all__ = ["IGNORE_INDEX", "shift_labels", "forward_kl", "cross_entropy", "hard_label_ce",
-           "distill_loss", "token_stats"]
+__all__ = ["IGNORE_INDEX", "TopK", "shift_labels", "topk_targets", "forward_kl", "cross_entropy",
+           "hard_label_ce", "mixed_loss", "distill_loss", "mutual_loss", "token_stats"]

@@ -218,14 +218,13 @@ def student_from_config(teacher, scfg, seed: int = 0):
     return student
 
 
-def build_student(cfg, teacher: Loaded) -> tuple[torch.nn.Module, object, str]:
-    """-> (student model, student tokenizer, one-line description)."""
-    s = cfg.student
+def build_student(s, teacher: Loaded, seed: int = 0) -> tuple[torch.nn.Module, object, str]:
+    """A StudentConfig (or PeerConfig) -> (model, tokenizer, one-line description)."""
     if s.init == "from_teacher":
         model, keep = student_from_teacher(teacher.model, s.layers, s.num_layers)
         return model, teacher.tokenizer, f"teacher layers {keep} of {teacher.model.config.num_hidden_layers}"
     if s.init == "config":
-        model = student_from_config(teacher.model, s, seed=cfg.train.seed)
+        model = student_from_config(teacher.model, s, seed=seed)
         return model, teacher.tokenizer, (f"new {s.num_layers} layers, hidden {s.hidden_size}, "
                                           f"{s.num_heads} heads (random init)")
     loaded = load(s.model, trainable=True)

@@ -45,12 +45,12 @@ def lr_lambda(cfg):
     return f
 
 
-def make_optimizer(model, cfg):
+def make_optimizer(model, cfg, lr=None):
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+    return torch.optim.AdamW(groups, lr=lr or cfg.train.lr)
 
 
 def window(examples, step, cfg, rank, world):
@@ -202,6 +202,31 @@ def default_data(cfg: Config, teacher: models.Loaded) -> str:
     return str(path)
 
 
+def prepare_data(cfg, teacher: models.Loaded, accelerator):
+    """-> (cfg with data.path resolved, train examples, held-out examples). With no data.path the
+    main process generates the embedded default data once and tells the others where it is."""
+    if cfg.data.path is None:
+        cfg = cfg.model_copy(deep=True)
+        cfg.data.path = default_data(cfg, teacher) if accelerator.is_main_process else None
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+            holder = [cfg.data.path]
+            broadcast_object_list(holder)
+            cfg.data.path = holder[0]
+    train, held = load_data(cfg, teacher.tokenizer)
+    if not held:
+        held = train[: max(1, min(len(train), 8))]
+        log.warning("no held-out examples (data.eval_fraction=0, no data.eval_path): "
+                    "evaluating on training examples")
+    return cfg, train, held
+
+
+def check_context(cfg, teacher):
+    ctx = getattr(teacher.config, "max_position_embeddings", None)
+    if ctx and cfg.data.seq_len > ctx:
+        raise UserError(f"data.seq_len={cfg.data.seq_len} is beyond the teacher's context of {ctx} tokens")
+
+
 def eval_columns(student, student_path, teacher, held, cfg, width, pad_id, with_teacher=True):
     e = cfg.eval
     cmp = evaluate.compare(student, teacher.model, held, pad_id, e.batch_size, e.max_batches, width)
@@ -221,29 +246,15 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     torch.manual_seed(cfg.train.seed)
 
     teacher = models.load(cfg.teacher.model)
-    student, s_tok, how = models.build_student(cfg, teacher)
+    student, s_tok, how = models.build_student(cfg.student, teacher, cfg.train.seed)
     width, note = models.check_vocab(teacher.model, teacher.tokenizer, student, s_tok)
     if note:
         log.warning(note)
-    ctx = getattr(teacher.model.config, "max_position_embeddings", None)
-    if ctx and cfg.data.seq_len > ctx:
-        raise UserError(f"data.seq_len={cfg.data.seq_len} is beyond the teacher's context of {ctx} tokens")
+    check_context(cfg, teacher.model)
     if cfg.loss.alpha == 0:
         log.info("loss.alpha=0: plain CE on the data (sequence-level KD when the data is teacher output)")
     tok = teacher.tokenizer
-    if cfg.data.path is None:
-        cfg = cfg.model_copy(deep=True)
-        cfg.data.path = default_data(cfg, teacher) if main else None
-        if accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-            holder = [cfg.data.path]
-            broadcast_object_list(holder)
-            cfg.data.path = holder[0]
-    train, held = load_data(cfg, tok)
-    if not held:
-        held = train[: max(1, min(len(train), 8))]
-        log.warning("no held-out examples (data.eval_fraction=0, no data.eval_path): "
-                    "evaluating on training examples")
+    cfg, train, held = prepare_data(cfg, teacher, accelerator)
     if len(train) < cfg.train.batch_size:
         log.warning("only %d training examples for train.batch_size=%d", len(train), cfg.train.batch_size)
 

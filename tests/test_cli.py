@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from stillroom.config import RECIPES, load_config
+from stillroom.config import RECIPES, CodistillRunConfig, Config, load_config
 
 from conftest import make_model, make_tokenizer, run_cli, save, tiny_overrides
 
@@ -27,20 +27,43 @@ def test_version_and_print_config():
     assert "temperature: 3" in r.stdout and "kind: soft" in r.stdout and "output_dir: runs/soft" in r.stdout
 
 
-@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES.glob("*.yaml")))
+RECIPE_NAMES = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def recipe_command(recipe):
+    """A recipe's first line is the command that runs it: -> (subcommand, launched with 2 processes?)."""
+    first = (RECIPES / f"{recipe}.yaml").read_text().splitlines()[0]
+    m = re.match(r"# (accelerate launch --multi_gpu --num_processes 2 -m )?stillroom (distill|codistill) (\S+)", first)
+    assert m and m[3] == recipe, first
+    return m[2], bool(m[1])
+
+
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
 def test_every_recipe_loads_and_opens_with_its_command(recipe):
-    text = (RECIPES / f"{recipe}.yaml").read_text()
-    assert text.startswith(f"# stillroom distill {recipe}")
-    cfg = load_config(recipe)
+    command, _ = recipe_command(recipe)
+    cfg = load_config(recipe, cls=CodistillRunConfig if command == "codistill" else Config)
     assert cfg.train.output_dir == f"runs/{recipe}"
 
 
-@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES.glob("*.yaml")))
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
 def test_every_recipe_runs_a_few_steps(tmp_path, teacher_dir, chat_file, recipe):
+    from test_train import launch
+
     out = tmp_path / recipe
-    r = run_cli("distill", recipe, *tiny_overrides(teacher_dir, chat_file, out), "--no-progress")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "student after" in r.stdout and (out / "final" / "config.json").is_file()
+    command, distributed = recipe_command(recipe)
+    over = tiny_overrides(teacher_dir, chat_file, out)
+    if command == "codistill":  # the tiny teacher has 4 layers
+        over = [o for o in over if not o.startswith("student.")] + ["peers.0.num_layers=2", "peers.1.layers=[0,3]"]
+    if distributed:
+        r = launch(2, "-m", "stillroom", command, recipe, *over, "--no-progress")
+    else:
+        r = run_cli(command, recipe, *over, "--no-progress")
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "after" in r.stdout
+    if command == "codistill":
+        assert (out / "final" / "a" / "config.json").is_file() and (out / "final" / "b" / "config.json").is_file()
+    else:
+        assert (out / "final" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("override, pattern", [

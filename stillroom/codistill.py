@@ -1,0 +1,488 @@
+"""Co-distillation: two or more models trained at once, each teaching the others.
+
+Three modes (config `codistill.mode`), all on the loss of `losses.mutual_loss`:
+
+mutual       Deep Mutual Learning (Zhang et al. 2018). Every process holds every peer; all peers
+             see the same batches, and each learns from the true labels and from the others'
+             (detached) predictions on them. Under `accelerate launch` the peers are trained
+             data-parallel: the same math as one process with the global batch.
+predictions  Online distillation (Anil et al. 2018), every step. Process r trains peer r on its own
+             shard of the data (CE). Each step all processes also run their peer on one shared
+             batch and all-gather the predictions there (full distributions, or the top-k log-probs
+             plus the tail mass); each peer distills toward the others' predictions on it.
+weights      Anil et al.'s cheap mode. Process r trains peer r on its own shard; every
+             `exchange_every` (K) steps the processes exchange weights, and in between each peer
+             distills toward its stale copies of the others, run locally on its own batches.
+             Communication: one copy of each model per K steps instead of logits every step.
+
+The cross-process modes run one peer per process (launch as many processes as there are peers);
+transport is torch.distributed as set up by Accelerate (gloo on CPU, NCCL on GPU).
+
+Loss normalization: in mutual mode as in `train.accumulate` (sum over all micro-batches and
+processes, divided once by the global number of target tokens). In the cross-process modes each
+process owns its peer, so its CE term is divided by its own batch's target tokens and the peer
+term by the shared (or own) batch's target tokens.
+
+Checkpoints: <out>/checkpoints/step_N/<peer>.pt (weights, optimizer, schedule, and in weights mode
+the peer's weights at the last exchange -- what the others hold of it), written under a temporary
+name and renamed, so every peer resumes exactly. Final: <out>/final/<peer>/ (Hugging Face folders)
+plus metrics.json and stillroom.yaml.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import evaluate, models
+from .config import CodistillRunConfig, to_yaml
+from .data import micro_batch
+from .errors import UserError
+from .losses import IGNORE_INDEX, mixed_loss, mutual_loss, topk_targets
+from .train import (checkpoints, check_context, lr_lambda, make_accelerator, make_optimizer,
+                    prepare_data, prepare_output, to_batch, window)
+
+log = logging.getLogger("stillroom")
+
+
+@dataclass
+class Peer:
+    name: str
+    model: torch.nn.Module          # DDP-wrapped in mutual mode under several processes
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    snapshot: dict | None = None    # weights mode: this peer's weights at the last exchange
+    stats: dict = field(default_factory=dict)
+
+
+def _logits(model, b, width):
+    out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+    return out[..., :width] if width else out
+
+
+def _targets(n_tokens):
+    return max(int(n_tokens), 1)
+
+
+def peer_loss(s, others, labels, t_logits, cfg, peers_on, inplace):
+    """One peer's loss sum on one batch: mutual_loss, or during burn-in only CE (+ teacher)."""
+    lc, tw = cfg.loss, cfg.codistill.teacher_weight
+    if peers_on:
+        return mutual_loss(s, others, labels, lc.alpha, lc.temperature, lc.kind, t_logits, tw,
+                           lc.chunk_rows, inplace)
+    targets = [(t_logits, lc.alpha * tw)] if tw > 0 else []
+    return mixed_loss(s, targets, labels, 1 - lc.alpha * tw, lc.temperature, lc.kind, lc.chunk_rows, inplace)
+
+
+def teacher_logits(teacher, b, cfg, accelerator, width):
+    if cfg.codistill.teacher_weight == 0 or cfg.loss.alpha == 0:
+        return None
+    with torch.no_grad(), accelerator.autocast():
+        return _logits(teacher, b, width)
+
+
+# ------------------------------------------------------------------------------------ one step per mode
+
+def step_mutual(peers, teacher, batches, cfg, accelerator, width, peers_on):
+    """All peers on the same micro-batches; gradients normalized like train.accumulate."""
+    counts = torch.tensor([sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches),
+                           sum(int(b.attention_mask.sum()) for b in batches)],
+                          device=accelerator.device, dtype=torch.float64)
+    counts = accelerator.reduce(counts, "sum") if accelerator.num_processes > 1 else counts
+    num_tokens = _targets(counts[0])
+    scale = accelerator.num_processes / num_tokens
+    totals = torch.zeros(len(peers), dtype=torch.float64, device=accelerator.device)
+    for i, b in enumerate(batches):
+        t_logits = teacher_logits(teacher, b, cfg, accelerator, width)
+        with contextlib.ExitStack() as stack:
+            if i < len(batches) - 1:
+                for p in peers:
+                    stack.enter_context(accelerator.no_sync(p.model))
+            with accelerator.autocast():
+                logits = [_logits(p.model, b, width) for p in peers]
+            for j, p in enumerate(peers):
+                others = [x.detach() for k, x in enumerate(logits) if k != j]
+                # the last peer's logits are nobody's target any more: its gradient may overwrite them
+                loss = peer_loss(logits[j], others, b.labels, t_logits, cfg, peers_on,
+                                 inplace=j == len(peers) - 1)
+                accelerator.backward(loss * scale)
+                totals[j] += loss.detach()
+            del logits
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, "sum")
+    return [float(x) / num_tokens for x in totals], int(counts[1])
+
+
+def _gather_predictions(s, cfg, accelerator):
+    """All processes' predictions on the shared batch -> a list indexed by process."""
+    world, bsz = accelerator.num_processes, s.shape[0]
+    if cfg.codistill.top_k:
+        mine = topk_targets(s, cfg.codistill.top_k, cfg.loss.temperature, cfg.loss.chunk_rows)
+        ids, logp, tail = accelerator.gather((mine.ids, mine.logp, mine.log_tail))
+        return [type(mine)(ids[r * bsz:(r + 1) * bsz], logp[r * bsz:(r + 1) * bsz], tail[r * bsz:(r + 1) * bsz])
+                for r in range(world)]
+    full = accelerator.gather(s.detach().contiguous())
+    return [full[r * bsz:(r + 1) * bsz] for r in range(world)]
+
+
+def step_predictions(peer, teacher, own, shared, cfg, accelerator, width, peers_on):
+    """CE on this process's own micro-batches; peer (and teacher) terms on the shared batch."""
+    lc, tw = cfg.loss, cfg.codistill.teacher_weight
+    n_own = _targets(sum(int((b.labels != IGNORE_INDEX).sum()) for b in own))
+    n_shared = _targets((shared.labels != IGNORE_INDEX).sum())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    total = 0.0
+    w_peer = lc.alpha * (1 - tw) / (world - 1) if peers_on else 0.0
+    if w_peer or (tw and lc.alpha):
+        t_logits = teacher_logits(teacher, shared, cfg, accelerator, width)
+        with accelerator.autocast():
+            s = _logits(peer.model, shared, width)
+        targets = [(t_logits, lc.alpha * tw)] if t_logits is not None else []
+        if w_peer:
+            preds = _gather_predictions(s, cfg, accelerator)
+            targets += [(x, w_peer) for r, x in enumerate(preds) if r != rank]
+        loss = mixed_loss(s, targets, shared.labels, 0.0, lc.temperature, lc.kind, lc.chunk_rows,
+                          inplace_grad=True)
+        (loss / n_shared).backward()
+        total += float(loss.detach()) / n_shared
+        del s, targets
+    w_ce = 1 - lc.alpha if peers_on else 1 - lc.alpha * tw
+    for b in own:
+        with accelerator.autocast():
+            s = _logits(peer.model, b, width)
+        loss = mixed_loss(s, [], b.labels, w_ce, lc.temperature, lc.kind, lc.chunk_rows, inplace_grad=True)
+        (loss / n_own).backward()
+        total += float(loss.detach()) / n_own
+    tokens = sum(int(b.attention_mask.sum()) for b in own) + int(shared.attention_mask.sum())
+    return total, tokens
+
+
+def step_weights(peer, stale, teacher, own, cfg, accelerator, width, peers_on):
+    """Own micro-batches; the peer terms come from the stale copies of the others, run here."""
+    n_own = _targets(sum(int((b.labels != IGNORE_INDEX).sum()) for b in own))
+    total = 0.0
+    for b in own:
+        t_logits = teacher_logits(teacher, b, cfg, accelerator, width)
+        others = []
+        if peers_on:
+            with torch.no_grad(), accelerator.autocast():
+                others = [_logits(m, b, width) for m in stale]
+        with accelerator.autocast():
+            s = _logits(peer.model, b, width)
+        loss = peer_loss(s, others, b.labels, t_logits, cfg, peers_on, inplace=True)
+        (loss / n_own).backward()
+        total += float(loss.detach()) / n_own
+        del s, others
+    return total, sum(int(b.attention_mask.sum()) for b in own)
+
+
+def exchange_weights(own_model, copies, rank):
+    """Every process ends with every peer's current weights: copies[j] <- peer j's, sent by
+    process j (torch.distributed.broadcast on the group Accelerate set up). copies[rank] is
+    the process's own live model, so it sends. Returns this peer's snapshot (what the others hold)."""
+    for j, m in enumerate(copies):
+        src = own_model if j == rank else m
+        for t in src.state_dict().values():
+            dist.broadcast(t, src=j)
+    return {k: v.detach().clone() for k, v in own_model.state_dict().items()}
+
+
+def restore_copies(own_snapshot, copies, rank):
+    """After a resume: rebuild every process's stale copies from the owners' saved snapshots."""
+    for j, m in enumerate(copies):
+        if j == rank:
+            for t in own_snapshot.values():
+                dist.broadcast(t, src=j)
+        else:
+            for t in m.state_dict().values():
+                dist.broadcast(t, src=j)
+
+
+def collect_on_main(own_model, peer_models: dict, cfg, rank):
+    """Cross-process modes, at the end: process j sends peer j's weights to process 0, which
+    holds a model of every peer's shape (transformers lets only rank 0 write model folders)."""
+    for j in range(1, len(cfg.peers)):
+        if rank == j:
+            for t in own_model.state_dict().values():
+                dist.send(t.contiguous(), dst=0)
+        elif rank == 0:
+            for t in peer_models[cfg.peers[j].name].state_dict().values():
+                dist.recv(t, src=j)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+def save_peers(accelerator, out: Path, step: int, owned: list[Peer], write: bool, keep: int):
+    final = out / "checkpoints" / f"step_{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if write:
+        for p in owned:
+            torch.save({"model": accelerator.unwrap_model(p.model).state_dict(),
+                        "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
+                        "snapshot": p.snapshot}, tmp / f"{p.name}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        os.replace(tmp, final)
+        for old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_peers(path: Path, owned: list[Peer], accelerator):
+    for p in owned:
+        f = path / f"{p.name}.pt"
+        if not f.is_file():
+            raise UserError(f"--resume: checkpoint {path} has no state for peer '{p.name}' "
+                            "(were the peers renamed?)")
+        state = torch.load(f, map_location="cpu", weights_only=False)  # load_state_dict moves it
+        accelerator.unwrap_model(p.model).load_state_dict(state["model"])
+        p.optimizer.load_state_dict(state["optimizer"])
+        p.scheduler.load_state_dict(state["scheduler"])
+        p.snapshot = ({k: v.to(accelerator.device) for k, v in state["snapshot"].items()}
+                      if state["snapshot"] is not None else None)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+def columns_before(before: dict, peer_models: dict) -> dict:
+    cols = {}
+    for name, m in peer_models.items():
+        cols[f"{name} before"] = {**before["peers"][name], **evaluate.describe(m)}
+    return cols
+
+
+def final_columns(result, peer_models, teacher, held, cfg, pad_id) -> dict:
+    e = cfg.eval
+    prompts = evaluate.speed_prompts(held, e.gen_prompts)
+    cols = {}
+    for name, m in peer_models.items():
+        cols[f"{name} after"] = {**result["peers"][name], **evaluate.describe(m),
+                                 "gen_tokens_per_s": evaluate.generation_speed(m, prompts, e.gen_tokens, pad_id)}
+    cols["ensemble after"] = {**result["ensemble"],
+                              "params": sum(models.num_params(m) for m in peer_models.values()),
+                              "size_mb": round(sum(models.weights_bytes(m) for m in peer_models.values()) / 2**20, 1)}
+    return cols
+
+
+def table(columns: dict, pairs_before: dict, pairs_after: dict, tokens: int) -> str:
+    lines = [evaluate.table(columns, tokens)]
+    for k in pairs_after:
+        lines.append(f"top-1 agreement between peers {k}: {pairs_before[k]:.1%} before, {pairs_after[k]:.1%} after")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ the run
+
+def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
+    out = Path(cfg.train.output_dir)
+    prepare_output(out, overwrite, resume)
+    accelerator = make_accelerator(cfg, out)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    mode, cc, n = cfg.codistill.mode, cfg.codistill, len(cfg.peers)
+    if mode != "mutual" and world != n:
+        raise UserError(f"codistill.mode={mode} trains one peer per process: launch {n} processes for "
+                        f"{n} peers (accelerate launch --multi_gpu --num_processes {n} -m stillroom "
+                        f"codistill ...); this run has {world}")
+    if mode == "mutual" and cc.top_k:
+        log.warning("codistill.top_k applies to mode=predictions only; mutual mode uses full distributions")
+    torch.manual_seed(cfg.train.seed)
+
+    teacher = models.load(cfg.teacher.model)
+    check_context(cfg, teacher.model)
+    built = [models.build_student(p, teacher, cfg.train.seed + i) for i, p in enumerate(cfg.peers)]
+    widths = []
+    for (m, tok, _), p in zip(built, cfg.peers):
+        w, note = models.check_vocab(teacher.model, teacher.tokenizer, m, tok)
+        if note:
+            log.warning("peer %s: %s", p.name, note)
+        widths.append(w)
+    width = min(widths)
+    width = None if all(models.logits_width(m) == width for m, _, _ in built) and \
+        models.logits_width(teacher.model) == width else width
+    if mode == "mutual":
+        specs = [json.dumps(p.model_dump(exclude={"name", "lr"}), sort_keys=True) for p in cfg.peers]
+        for i in range(n):
+            for j in range(i + 1, n):
+                if specs[i] == specs[j] and cfg.peers[i].init != "config":
+                    log.warning("peers %s and %s start identical and see the same batches: they will stay "
+                                "identical (give them different layers or inits)", cfg.peers[i].name, cfg.peers[j].name)
+    cfg, train, held = prepare_data(cfg, teacher, accelerator)
+    shard = train if mode == "mutual" else train[rank::world]
+    if len(train) < world:
+        raise UserError(f"{len(train)} training examples cannot be split into {world} shards")
+
+    if main:
+        if overwrite and not resume:
+            shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    for (m, _, how), p in zip(built, cfg.peers):
+        log.info("peer %s (%s): %s params", p.name, how, f"{models.num_params(m):,}")
+    log.info("mode %s; %d train / %d held-out examples", mode, len(train), len(held))
+
+    device = accelerator.device
+    teacher.model.to(device)
+    pad_id = teacher.tokenizer.pad_token_id
+    peer_models = {p.name: m for (m, _, _), p in zip(built, cfg.peers)}
+    before = None
+    if main:
+        for m in peer_models.values():
+            m.to(device)
+        before = evaluate.compare_peers(peer_models, teacher.model, held, pad_id, cfg.eval.batch_size,
+                                        cfg.eval.max_batches, width)
+        cols_before = columns_before(before, peer_models)
+
+    # Who trains what: mutual = every peer here; otherwise peer `rank` only.
+    owned_idx = list(range(n)) if mode == "mutual" else [rank]
+    peers = []
+    for i in owned_idx:
+        m = built[i][0].to(device)
+        opt = make_optimizer(m, cfg, cfg.peers[i].lr)
+        peers.append(Peer(cfg.peers[i].name, m, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))))
+    if mode == "mutual":
+        prepared = accelerator.prepare(*[p.model for p in peers], *[p.optimizer for p in peers])
+        for k, p in enumerate(peers):
+            p.model, p.optimizer = prepared[k], prepared[n + k]
+    copies = []
+    if mode == "weights":  # copies[j]: stale copy of peer j (copies[rank] is the live own model)
+        copies = [peers[0].model if j == rank else built[j][0].to(device).eval().requires_grad_(False)
+                  for j in range(n)]
+    del built
+    if not main:  # the other peers' initial models are not needed here any more
+        peer_models = {}
+
+    start = 0
+    if resume:
+        last = checkpoints(out)[-1]
+        load_peers(last, peers, accelerator)
+        start = json.loads((last / "trainer_state.json").read_text())["step"]
+        if mode == "weights":
+            restore_copies(peers[0].snapshot, copies, rank)
+        log.info("resumed from %s (step %d)", last, start)
+
+    if cfg.train.report_to:
+        accelerator.init_trackers("stillroom", config=cfg.model_dump())
+    metrics_file = open(out / "metrics.jsonl", "a") if main else None
+    bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"codistill ({mode})", unit="step",
+               disable=not (progress and main))
+    t_start, tokens_seen, last_log = time.perf_counter(), 0, {}
+    for p in peers:
+        p.model.train()
+    t = cfg.train
+    for step in range(start, t.max_steps):
+        peers_on = step >= cc.burn_in and cfg.loss.alpha > 0
+        if mode == "mutual":
+            batches = [to_batch(mb, pad_id, device) for mb in window(train, step, cfg, rank, world)]
+            losses, tokens = step_mutual(peers, teacher.model, batches, cfg, accelerator, width, peers_on)
+        else:
+            own = [to_batch(micro_batch(shard, step * t.grad_accum + i, t.batch_size, t.seed), pad_id, device)
+                   for i in range(t.grad_accum)]
+            if mode == "predictions":
+                shared = to_batch(micro_batch(train, step, cc.shared_batch_size or t.batch_size, t.seed + 1),
+                                  pad_id, device)
+                loss, tokens = step_predictions(peers[0], teacher.model, own, shared, cfg, accelerator,
+                                                width, peers_on)
+            else:
+                if step % cc.exchange_every == 0:
+                    peers[0].snapshot = exchange_weights(peers[0].model, copies, rank)
+                stale = [m for j, m in enumerate(copies) if j != rank]
+                loss, tokens = step_weights(peers[0], stale, teacher.model, own, cfg, accelerator, width, peers_on)
+            both = accelerator.gather(torch.tensor([[loss, tokens]], dtype=torch.float64, device=device))
+            losses, tokens = both[:, 0].tolist(), int(both[:, 1].sum())
+        norms = []
+        for p in peers:
+            norm = None
+            if t.max_grad_norm > 0:
+                norm = float(accelerator.clip_grad_norm_(p.model.parameters(), t.max_grad_norm))
+            norms.append(norm)
+            p.optimizer.step()
+            p.scheduler.step()
+            p.optimizer.zero_grad(set_to_none=True)
+        tokens_seen += tokens
+        done = step + 1
+        elapsed = time.perf_counter() - t_start
+        names = [p.name for p in cfg.peers]
+        record = {"step": done, "loss": dict(zip(names, [round(x, 5) for x in losses])),
+                  "lr": {p.name: p.scheduler.get_last_lr()[0] for p in peers},
+                  "grad_norm": {p.name: g for p, g in zip(peers, norms)},
+                  "peer_terms": peers_on, "tokens_per_s": round(tokens_seen / elapsed, 1),
+                  "elapsed_s": round(elapsed, 1)}
+        if done % t.log_every == 0 or done == t.max_steps:
+            last_log = record
+            if main:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            accelerator.log({f"loss/{k}": v for k, v in record["loss"].items()}, step=done)
+        bar.set_postfix(loss=" ".join(f"{x:.3f}" for x in losses), tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        if t.eval_every and done % t.eval_every == 0 and done != t.max_steps:
+            mid = {}
+            if mode == "mutual":
+                if main:
+                    mid = evaluate.compare_peers({p.name: accelerator.unwrap_model(p.model) for p in peers},
+                                                 teacher.model, held, pad_id, cfg.eval.batch_size,
+                                                 cfg.eval.max_batches, width)["peers"]
+            else:
+                from accelerate.utils import gather_object
+                mine = evaluate.compare(peers[0].model, teacher.model, held, pad_id, cfg.eval.batch_size,
+                                        cfg.eval.max_batches, width)
+                mid = dict(gather_object([(peers[0].name, mine)]))
+            if main:
+                metrics_file.write(json.dumps({"eval": mid, "step": done}) + "\n")
+                metrics_file.flush()
+        if t.save_every and done % t.save_every == 0:
+            save_peers(accelerator, out, done, peers, main or mode != "mutual", t.keep_checkpoints)
+    bar.close()
+    accelerator.wait_for_everyone()
+
+    # Final: the main process gathers every peer's weights, evaluates them together, writes them.
+    if mode == "mutual":
+        peer_models = {p.name: accelerator.unwrap_model(p.model) for p in peers}
+    else:
+        collect_on_main(peers[0].model, peer_models, cfg, rank)
+        if main:
+            peer_models[peers[0].name] = peers[0].model
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if not main:
+        return {}
+    metrics_file.close()
+    final, tmp = out / "final", out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, m in peer_models.items():
+        m.generation_config = teacher.model.generation_config
+        m.save_pretrained(tmp / name)
+        teacher.tokenizer.save_pretrained(tmp / name)
+    after = evaluate.compare_peers(peer_models, teacher.model, held, pad_id, cfg.eval.batch_size,
+                                   cfg.eval.max_batches, width)
+    prompts = evaluate.speed_prompts(held, cfg.eval.gen_prompts)
+    columns = {"teacher": {"perplexity": before["teacher_perplexity"], **evaluate.describe(teacher.model, teacher.path),
+                           "gen_tokens_per_s": evaluate.generation_speed(teacher.model, prompts, cfg.eval.gen_tokens, pad_id)}}
+    for name in peer_models:
+        columns[f"{name} before"] = cols_before[f"{name} before"]
+    columns.update(final_columns(after, peer_models, teacher.model, held, cfg, pad_id))
+    metrics = {"mode": mode, "eval": columns, "peer_agreement": {"before": before["pairs"], "after": after["pairs"]},
+               "held_out_tokens": after["tokens"], "train": last_log, "train_examples": len(train),
+               "held_out_examples": len(held)}
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (tmp / "stillroom.yaml").write_text(to_yaml(cfg))
+    shutil.copy(out / "metrics.jsonl", tmp / "metrics.jsonl")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    metrics["table"] = table(columns, before["pairs"], after["pairs"], after["tokens"])
+    metrics["final"] = str(final)
+    return metrics

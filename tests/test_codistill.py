@@ -1,0 +1,181 @@
+"""Co-distillation: a mutual run end to end, exact resume of all peers, and both cross-process
+modes under `accelerate launch --num_processes 2` (gloo on CPU)."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from stillroom.codistill import codistill
+from stillroom.config import CodistillRunConfig, load_config
+
+from conftest import run_cli
+from test_train import launch
+
+HERE = Path(__file__).parent
+
+
+def write_config(path, teacher_dir, data, out, **sections):
+    """A tiny two-peer config: peer a = 2 of the teacher's layers, peer b = a fresh 2-layer model."""
+    cfg = {
+        "teacher": {"model": str(teacher_dir)},
+        "peers": [{"name": "a", "init": "from_teacher", "num_layers": 2},
+                  {"name": "b", "init": "config", "num_layers": 2, "hidden_size": 32, "num_heads": 4}],
+        "data": {"path": str(data), "seq_len": 64},
+        "loss": {"alpha": 0.5},
+        "train": {"output_dir": str(out), "max_steps": 3, "batch_size": 4, "log_every": 1, "lr": 3e-3,
+                  "warmup_steps": 1},
+        "eval": {"gen_tokens": 4, "gen_prompts": 1},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def load(path, overrides=()):
+    return load_config(str(path), list(overrides), CodistillRunConfig)
+
+
+def peer_weights(out, name):
+    return load_file(Path(out) / "final" / name / "model.safetensors")
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_mutual_run_end_to_end(tmp_path, teacher_dir, chat_file):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    cfg = load(write_config(tmp_path / "c.yaml", teacher_dir, chat_file, out), ["train.max_steps=6"])
+    result = codistill(cfg, progress=False)
+    for name, layers in (("a", 2), ("b", 2)):
+        m = AutoModelForCausalLM.from_pretrained(out / "final" / name)
+        assert m.config.num_hidden_layers == layers
+    assert AutoModelForCausalLM.from_pretrained(out / "final" / "b").config.hidden_size == 32
+    metrics = json.loads((out / "final" / "metrics.json").read_text())
+    cols = metrics["eval"]
+    assert set(cols) == {"teacher", "a before", "b before", "a after", "b after", "ensemble after"}
+    # the peers learn from each other: they agree more after training than before
+    assert metrics["peer_agreement"]["after"]["a/b"] > metrics["peer_agreement"]["before"]["a/b"]
+    assert cols["b after"]["perplexity"] < cols["b before"]["perplexity"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 7))
+    assert set(lines[0]["loss"]) == {"a", "b"}
+    assert "ensemble after" in result["table"] and "agreement between peers a/b" in result["table"]
+
+
+def test_mutual_resume_is_exact_for_every_peer(tmp_path, teacher_dir, chat_file):
+    a, b = tmp_path / "a", tmp_path / "b"
+    over = ["train.max_steps=6", "train.save_every=3", "train.grad_accum=2", "codistill.burn_in=2",
+            "peers.0.lr=1e-3", "codistill.teacher_weight=0.5"]
+    codistill(load(write_config(tmp_path / "a.yaml", teacher_dir, chat_file, a), over), progress=False)
+    assert sorted(p.name for p in (a / "checkpoints" / "step_0000003").iterdir()) == \
+        ["a.pt", "b.pt", "trainer_state.json"]
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(a / "checkpoints" / "step_0000003", b / "checkpoints" / "step_0000003")
+    codistill(load(write_config(tmp_path / "b.yaml", teacher_dir, chat_file, b), over),
+              resume=True, progress=False)
+    for name in ("a", "b"):
+        assert_identical(peer_weights(a, name), peer_weights(b, name))
+    step3 = torch.load(a / "checkpoints" / "step_0000003" / "a.pt", weights_only=False)["model"]
+    final = peer_weights(a, "a")
+    assert any(not torch.equal(step3[k], final[k]) for k in final)
+
+
+def test_cli_codistill_errors_are_one_line(tmp_path, teacher_dir, chat_file):
+    cfg = write_config(tmp_path / "c.yaml", teacher_dir, chat_file, tmp_path / "o")
+    r = run_cli("codistill", cfg, "codistill.mode=predictions")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "one peer per process" in r.stderr and "--num_processes 2" in r.stderr
+    r = run_cli("codistill", cfg, "peers.1.name=a")
+    assert r.returncode == 2 and "distinct" in r.stderr
+    r = run_cli("codistill", cfg, "peers.5.name=c")
+    assert r.returncode == 2 and "peers.5.name=c" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_predictions_mode_gradients_and_weight_exchange_across_two_processes(tmp_path, teacher_dir, chat_file, top_k):
+    """Each process's gradient after one predictions-mode step equals the one computed in a single
+    process from the same batches with the other peer run locally; the weight exchange leaves
+    every process holding every peer's current weights."""
+    from codistill_worker import perturbed, setup, step0_batches
+    from test_losses import ref_forward_kl
+
+    from stillroom.losses import forward_kl, topk_targets
+
+    launch(2, HERE / "codistill_worker.py", teacher_dir, chat_file, tmp_path / "w", top_k)
+    got = [torch.load(tmp_path / f"w.{r}.pt", weights_only=False) for r in range(2)]
+    assert got[0]["world"] == 2
+    cfg, teacher, built, train = setup(str(teacher_dir), str(chat_file), top_k)
+    pad, T, alpha, tw = teacher.tokenizer.pad_token_id, 2.0, 0.7, 0.25
+    logits = lambda m, b: m(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # noqa: E731
+    for r in range(2):
+        own, shared = step0_batches(cfg, train, r, 2, pad)
+        model, other = built[r], built[1 - r]
+        mask = (shared.labels != -100).double()
+        with torch.no_grad():
+            t_shared, o_shared = logits(teacher.model, shared), logits(other, shared)
+        s = logits(model, shared)
+        if top_k:
+            peer_term = forward_kl(s, topk_targets(o_shared, top_k, T), mask.bool(), T)
+        else:
+            peer_term = ref_forward_kl(s, o_shared, mask, T)
+        kd = alpha * (1 - tw) * peer_term + alpha * tw * ref_forward_kl(s, t_shared, mask, T)
+        b = own[0]
+        ce = torch.nn.functional.cross_entropy(logits(model, b).double().flatten(0, 1), b.labels.flatten(),
+                                               reduction="sum")
+        ref = kd / mask.sum() + (1 - alpha) * ce / (b.labels != -100).sum()
+        model.zero_grad()
+        ref.backward()
+        assert got[r]["loss"] == pytest.approx(ref.item(), rel=1e-5)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got[r]["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    # weight exchange
+    for j in range(2):
+        moved = perturbed(setup(str(teacher_dir), str(chat_file), top_k)[2][j], j).state_dict()
+        for r in range(2):
+            assert_identical(got[r]["copies"][j], moved)
+        assert_identical(got[j]["snapshot"], moved)
+
+
+def test_predictions_mode_run_under_two_processes(tmp_path, teacher_dir, chat_file):
+    out = tmp_path / "pred"
+    cfg = write_config(tmp_path / "c.yaml", teacher_dir, chat_file, out,
+                       codistill={"mode": "predictions", "top_k": 8, "burn_in": 1})
+    launch(2, "-m", "stillroom", "codistill", cfg, "--no-progress")
+    metrics = json.loads((out / "final" / "metrics.json").read_text())
+    assert metrics["mode"] == "predictions"
+    assert set(metrics["eval"]) == {"teacher", "a before", "b before", "a after", "b after", "ensemble after"}
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["peer_terms"] for x in lines] == [False, True, True]
+    assert all(set(x["loss"]) == {"a", "b"} for x in lines)
+    for name in ("a", "b"):
+        assert (out / "final" / name / "model.safetensors").is_file()
+
+
+def test_weights_mode_resumes_exactly_under_two_processes(tmp_path, teacher_dir, chat_file):
+    """Resume at step 3 of 5 with exchanges every 2 steps: the stale copies come back from the
+    checkpoint (not re-exchanged), and both peers end bit-identical to an uninterrupted run."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    sections = dict(codistill={"mode": "weights", "exchange_every": 2},
+                    train={"max_steps": 5, "save_every": 3, "log_every": 1, "lr": 3e-3, "warmup_steps": 1,
+                           "batch_size": 4, "output_dir": str(a)})
+    launch(2, "-m", "stillroom", "codistill", write_config(tmp_path / "a.yaml", teacher_dir, chat_file, a, **sections),
+           "--no-progress")
+    sections["train"]["output_dir"] = str(b)
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(a / "checkpoints" / "step_0000003", b / "checkpoints" / "step_0000003")
+    launch(2, "-m", "stillroom", "codistill", write_config(tmp_path / "b.yaml", teacher_dir, chat_file, b, **sections),
+           "--resume", "--no-progress")
+    for name in ("a", "b"):
+        assert_identical(peer_weights(a, name), peer_weights(b, name))
+    assert json.loads((a / "final" / "metrics.json").read_text())["mode"] == "weights"
