@@ -179,3 +179,25 @@ def test_weights_mode_resumes_exactly_under_two_processes(tmp_path, teacher_dir,
     for name in ("a", "b"):
         assert_identical(peer_weights(a, name), peer_weights(b, name))
     assert json.loads((a / "final" / "metrics.json").read_text())["mode"] == "weights"
+
+
+def test_hard_label_mutual_run(tmp_path, teacher_dir, chat_file):
+    out = tmp_path / "hard"
+    result = codistill(load(write_config(tmp_path / "c.yaml", teacher_dir, chat_file, out,
+                                         loss={"kind": "hard", "alpha": 0.5})), progress=False)
+    cols = result["eval"]
+    assert cols["b after"]["perplexity"] < cols["b before"]["perplexity"]
+
+
+def test_mutual_mode_two_processes_equal_one(tmp_path, teacher_dir, chat_file):
+    """mode=mutual under 2 processes is data-parallel: the same peers as one process taking the
+    same global batch as 2 micro-batches."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch(2, "-m", "stillroom", "codistill", write_config(tmp_path / "two.yaml", teacher_dir, chat_file, two),
+           "--no-progress")
+    codistill(load(write_config(tmp_path / "one.yaml", teacher_dir, chat_file, one), ["train.grad_accum=2"]),
+              progress=False)
+    for name in ("a", "b"):
+        w2, w1 = peer_weights(two, name), peer_weights(one, name)
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
