@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from stillroom.cli import _quiet_libraries
 from stillroom.codistill import codistill
 from stillroom.config import CodistillRunConfig
 
@@ -41,8 +42,9 @@ def run(arm: str, alpha: float, args, out: Path) -> dict:
         "eval": {"batch_size": 8, "gen_prompts": 1, "gen_tokens": 8},
     })
     t0 = time.perf_counter()
-    result = codistill(cfg, overwrite=True, progress=True)
+    result = codistill(cfg, overwrite=True, progress=False)
     result["wall_s"] = time.perf_counter() - t0
+    print(f"{arm}: done", flush=True)
     return result
 
 
@@ -57,6 +59,7 @@ def main():
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    _quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         arms = {"independent": run("independent", 0.0, args, Path(tmp)),
                 "mutual": run("mutual", args.alpha, args, Path(tmp))}
