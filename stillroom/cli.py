@@ -187,8 +187,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv=None):
+    """Like parse_args, but `key=value` overrides may also come after the flags
+    (`stillroom distill soft --overwrite train.lr=1e-4`)."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "args") and all("=" in x and not x.startswith("-") for x in extra):
+            args.args = list(args.args) + extra
+        else:
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="stillroom: %(message)s")
     for noisy in ("accelerate", "httpx", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -25,6 +25,9 @@ def test_version_and_print_config():
     r = run_cli("distill", "soft", "loss.temperature=3", "--print-config")
     assert r.returncode == 0
     assert "temperature: 3" in r.stdout and "kind: soft" in r.stdout and "output_dir: runs/soft" in r.stdout
+    # overrides may also follow the flags
+    r = run_cli("codistill", "codistill", "--print-config", "peers.1.num_layers=3", "codistill.mode=weights")
+    assert r.returncode == 0 and "mode: weights" in r.stdout and "num_layers: 3" in r.stdout
 
 
 RECIPE_NAMES = sorted(p.stem for p in RECIPES.glob("*.yaml"))
