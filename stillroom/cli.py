@@ -2,6 +2,7 @@
 
     stillroom distill [CONFIG.yaml | RECIPE] [key=value ...] [--overwrite | --resume] [--print-config]
     stillroom codistill [CONFIG.yaml | RECIPE] [key=value ...] [--overwrite | --resume] [--print-config]
+    stillroom cache [CONFIG.yaml | RECIPE] [key=value ...] [--overwrite]
     stillroom eval --model DIR --teacher NAME_OR_PATH --data FILE [--json]
     stillroom generate --out FILE.jsonl [--prompts FILE] [--teacher NAME_OR_PATH] [...]
 
@@ -76,6 +77,36 @@ def cmd_codistill(args) -> int:
     if result:
         print(result["table"])
         print(f"peers saved to {result['final']}/<name>")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from types import SimpleNamespace
+
+    import torch
+
+    from . import models
+    from .cache import build, existing, summary
+    from .config import Config
+    from .train import check_context, prepare_data
+
+    cfg = _run_config(args, Config)
+    if cfg is None:
+        return 0
+    if cfg.teacher.kind != "live":
+        raise UserError("stillroom cache runs the teacher: set teacher.kind=live (and teacher.model)")
+    teacher = models.load(cfg.teacher.model)
+    check_context(cfg, teacher.model.config)
+    existing(cfg, teacher.model, teacher.tokenizer, args.overwrite, skip=("data",))  # before any data work
+    cfg, train, held = prepare_data(cfg, teacher, SimpleNamespace(is_main_process=True, num_processes=1))
+    if torch.cuda.is_available():
+        teacher.model.to("cuda")
+    build(cfg, train + held, teacher.model, teacher.tokenizer, overwrite=args.overwrite,
+          progress=not args.no_progress)
+    s = summary(cfg.cache.path)
+    print(f"{s['samples']:,} samples, {s['rows']:,} positions, top-{s['top_k']} ({s['dtype']}): "
+          f"{s['bytes'] / 2**20:.1f} MB, {s['bytes_per_token']:.0f} bytes/position, in {cfg.cache.path}")
+    print(f"train from it: stillroom distill ... teacher.kind=cache teacher.cache={cfg.cache.path}")
     return 0
 
 
@@ -158,6 +189,17 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_codistill)
+
+    k = sub.add_parser("cache", help="run the teacher once over the data and store its top-k outputs",
+                       description="Cache the teacher's top-k next-token distributions (at loss.temperature) "
+                                   "over the config's data; train from it with teacher.kind=cache "
+                                   "teacher.cache=DIR. Running it again continues an interrupted cache.")
+    k.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]",
+                   help="a YAML file or bundled recipe, then overrides like cache.path=runs/cache cache.top_k=64")
+    k.add_argument("--overwrite", action="store_true", help="replace a cache built differently")
+    k.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    k.add_argument("--no-progress", action="store_true", help="no progress bar")
+    k.set_defaults(func=cmd_cache, resume=False)
 
     e = sub.add_parser("eval", help="compare a student with its teacher on held-out data")
     e.add_argument("--model", required=True, help="student: folder, .gguf or hub id")

@@ -302,7 +302,7 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
     torch.manual_seed(cfg.train.seed)
 
     teacher = models.load(cfg.teacher.model)
-    check_context(cfg, teacher.model)
+    check_context(cfg, teacher.model.config)
     built = [models.build_student(p, teacher, cfg.train.seed + i) for i, p in enumerate(cfg.peers)]
     widths = []
     for (m, tok, _), p in zip(built, cfg.peers):

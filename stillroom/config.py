@@ -25,6 +25,17 @@ class Section(BaseModel):
 class TeacherConfig(Section):
     model: str = "smollm2-135m"
     """Short name (smollm2-135m), a Hugging Face model folder or hub id, or a .gguf file."""
+    kind: Literal["live", "cache"] = "live"
+    """live: run the teacher beside the student. cache: read its top-k outputs from teacher.cache
+    (written by `stillroom cache`); the teacher is then not loaded (except once to copy its layers
+    for student.init=from_teacher)."""
+    cache: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.kind == "cache" and not self.cache:
+            raise ValueError("teacher.kind=cache needs teacher.cache (a folder written by `stillroom cache`)")
+        return self
 
 
 class StudentConfig(Section):
@@ -76,6 +87,17 @@ class GenerateConfig(Section):
     """0 = greedy."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
+
+
+class CacheConfig(Section):
+    """`stillroom cache`: the teacher's top-k next-token distributions over the data, stored once."""
+    path: str = "runs/cache"
+    top_k: int = Field(64, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+    """Storage of the top-k log-probs (ids are int32, tail and label log-probs float32)."""
+    shard_rows: int = Field(65536, ge=1)
+    """Positions per shard file: the writer's memory bound, and what a killed run can lose."""
+    batch_size: int = Field(8, ge=1)
 
 
 class LossConfig(Section):
@@ -154,6 +176,7 @@ class Config(Section):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    cache: CacheConfig = CacheConfig()
 
 
 def _suggest(model_cls, loc) -> str:

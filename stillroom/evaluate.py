@@ -29,8 +29,36 @@ def folder_bytes(path: Path | None) -> int | None:
 
 
 @torch.no_grad()
+def cached_stats(s, cached, labels, with_kl: bool, chunk=256) -> dict:
+    """token_stats against a cached teacher: its perplexity from the stored label log-probs, its
+    argmax from the top-1 id, and (at T = 1) the tail-bucket KL to its top-k -- a lower bound of
+    the full KL (merging the tail into one bucket can only lose information)."""
+    from .losses import TopK, forward_kl
+
+    valid = labels != -100
+    s, y = s[valid], labels[valid]
+    ids, logp, tail = cached.top.ids[valid], cached.top.logp[valid], cached.top.log_tail[valid]
+    out = dict(student_nll=0.0, teacher_nll=-float(cached.label_logp[valid].sum()), kl=0.0, agree=0,
+               tokens=int(valid.sum()))
+    for a in range(0, s.shape[0], chunk):
+        sc = s[a:a + chunk].float()
+        log_q = torch.log_softmax(sc, -1)
+        out["student_nll"] += -float(log_q.gather(-1, y[a:a + chunk, None]).sum())
+        out["agree"] += int((sc.argmax(-1) == ids[a:a + chunk, 0]).sum())
+        if with_kl:
+            out["kl"] += float(forward_kl(sc, TopK(ids[a:a + chunk], logp[a:a + chunk], tail[a:a + chunk])))
+    if not with_kl:
+        out["kl"] = None
+    return out
+
+
+@torch.no_grad()
 def compare(student, teacher, examples, pad_id, batch_size=8, max_batches=None, width=None):
-    """Perplexity of both, top-1 agreement and mean KL(teacher || student) on `examples`."""
+    """Perplexity of both, top-1 agreement and mean KL(teacher || student) on `examples`.
+    `teacher` is a model or a cache.TeacherCache."""
+    from .cache import TeacherCache
+
+    cached = isinstance(teacher, TeacherCache)
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
@@ -39,11 +67,17 @@ def compare(student, teacher, examples, pad_id, batch_size=8, max_batches=None, 
         b = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
         labels = shift_labels(b["labels"])
         s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-        t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-        if width:
-            s, t = s[..., :width], t[..., :width]
-        for k, v in token_stats(s, t, labels).items():
-            tot[k] += v
+        if cached:
+            stats = cached_stats(s[..., :width] if width else s,
+                                 teacher.targets(batch, labels.shape[1], device), labels,
+                                 with_kl=teacher.temperature == 1.0)
+        else:
+            t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+            if width:
+                s, t = s[..., :width], t[..., :width]
+            stats = token_stats(s, t, labels)
+        for k, v in stats.items():
+            tot[k] = None if v is None or tot[k] is None else tot[k] + v
     student.train(was_training)
     n = max(tot["tokens"], 1)
     return {
@@ -51,7 +85,7 @@ def compare(student, teacher, examples, pad_id, batch_size=8, max_batches=None, 
         "student_perplexity": math.exp(tot["student_nll"] / n),
         "teacher_perplexity": math.exp(tot["teacher_nll"] / n),
         "agreement": tot["agree"] / n,
-        "kl_per_token": tot["kl"] / n,
+        "kl_per_token": None if tot["kl"] is None else tot["kl"] / n,
     }
 
 

@@ -39,6 +39,10 @@ class Loaded:
     tokenizer: object
     source: str          # what the user asked for
     path: Path | None    # folder or file the weights came from (None: built in memory)
+    config: object = None  # the model config when there is no model (a cached teacher)
+
+    def model_config(self):
+        return self.model.config if self.model is not None else self.config
 
 
 def bundled_gguf(name: str) -> Path:
@@ -192,11 +196,11 @@ def student_from_teacher(teacher, layers: list[int] | None = None, num_layers: i
     return student, keep
 
 
-def student_from_config(teacher, scfg, seed: int = 0):
+def student_from_config(teacher_config, scfg, seed: int = 0):
     """A fresh, randomly initialised model of the teacher's family and vocabulary, resized."""
     from transformers import AutoModelForCausalLM
 
-    cfg = copy.deepcopy(teacher.config)
+    cfg = copy.deepcopy(teacher_config)
     hidden, heads = scfg.hidden_size, scfg.num_heads
     kv = scfg.num_kv_heads or heads
     if hidden % heads:
@@ -221,10 +225,14 @@ def student_from_config(teacher, scfg, seed: int = 0):
 def build_student(s, teacher: Loaded, seed: int = 0) -> tuple[torch.nn.Module, object, str]:
     """A StudentConfig (or PeerConfig) -> (model, tokenizer, one-line description)."""
     if s.init == "from_teacher":
-        model, keep = student_from_teacher(teacher.model, s.layers, s.num_layers)
-        return model, teacher.tokenizer, f"teacher layers {keep} of {teacher.model.config.num_hidden_layers}"
+        source = teacher.model
+        if source is None:  # a cached teacher: load its weights once, only to copy layers
+            log.info("loading the teacher %s once to copy its layers (it is not run)", teacher.source)
+            source = load(teacher.source).model
+        model, keep = student_from_teacher(source, s.layers, s.num_layers)
+        return model, teacher.tokenizer, f"teacher layers {keep} of {source.config.num_hidden_layers}"
     if s.init == "config":
-        model = student_from_config(teacher.model, s, seed=seed)
+        model = student_from_config(teacher.model_config(), s, seed=seed)
         return model, teacher.tokenizer, (f"new {s.num_layers} layers, hidden {s.hidden_size}, "
                                           f"{s.num_heads} heads (random init)")
     loaded = load(s.model, trainable=True)
@@ -237,12 +245,14 @@ def logits_width(model) -> int:
 
 
 def check_vocab(teacher, t_tok, student, s_tok) -> tuple[int, str | None]:
-    """Check tokenizers agree; return the shared logits width and a note if logits get sliced."""
+    """Check tokenizers agree; return the shared logits width and a note if logits get sliced.
+    `teacher` is a model or its logits width (a cached teacher)."""
     if s_tok is not t_tok and s_tok.get_vocab() != t_tok.get_vocab():
         raise UserError(
             f"teacher and student tokenizers differ (teacher vocab {len(t_tok)}, student vocab "
             f"{len(s_tok)}): pick a student that shares the teacher's tokenizer")
-    vt, vs, n = logits_width(teacher), logits_width(student), len(t_tok)
+    vt = teacher if isinstance(teacher, int) else logits_width(teacher)
+    vs, n = logits_width(student), len(t_tok)
     if vt == vs:
         return vt, None
     width = min(vt, vs)

@@ -66,12 +66,24 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor  # shifted: labels[i] is the target of logits[i]
+    examples: list | None = None  # what the batch was made of (a cached teacher looks them up)
 
 
 def to_batch(examples, pad_id, device) -> Batch:
     b = collate(examples, pad_id)
     return Batch(b["input_ids"].to(device), b["attention_mask"].to(device),
-                 shift_labels(b["labels"]).to(device))
+                 shift_labels(b["labels"]).to(device), list(examples))
+
+
+def teacher_targets(teacher, b: Batch, accelerator, width=None):
+    """The teacher's side of the loss for a batch: live logits, or a cached TopK."""
+    from .cache import TeacherCache
+
+    if isinstance(teacher, TeacherCache):
+        return teacher.targets(b.examples, b.input_ids.shape[1], b.input_ids.device).top
+    with torch.no_grad(), accelerator.autocast():
+        t = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+    return t[..., :width] if width else t
 
 
 def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=None) -> dict:
@@ -86,11 +98,7 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
     loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     lc = cfg.loss
     for i, b in enumerate(batches):
-        t_logits = None
-        if lc.alpha > 0:
-            with torch.no_grad(), accelerator.autocast():
-                t_logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                   use_cache=False).logits
+        t_logits = teacher_targets(teacher, b, accelerator) if lc.alpha > 0 else None
         last = i == len(batches) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(student)
         with sync:
@@ -99,7 +107,8 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
                                    use_cache=False).logits
             if width:
                 s_logits = s_logits[..., :width]
-                t_logits = t_logits[..., :width] if t_logits is not None else None
+                if isinstance(t_logits, torch.Tensor):
+                    t_logits = t_logits[..., :width]
             # inplace_grad: the logits' storage receives their gradient (they are not read again).
             loss_sum = distill_loss(s_logits, t_logits, b.labels, alpha=lc.alpha,
                                     temperature=lc.temperature, kind=lc.kind, chunk=lc.chunk_rows,
@@ -221,18 +230,21 @@ def prepare_data(cfg, teacher: models.Loaded, accelerator):
     return cfg, train, held
 
 
-def check_context(cfg, teacher):
-    ctx = getattr(teacher.config, "max_position_embeddings", None)
+def check_context(cfg, teacher_config):
+    ctx = getattr(teacher_config, "max_position_embeddings", None)
     if ctx and cfg.data.seq_len > ctx:
         raise UserError(f"data.seq_len={cfg.data.seq_len} is beyond the teacher's context of {ctx} tokens")
 
 
-def eval_columns(student, student_path, teacher, held, cfg, width, pad_id, with_teacher=True):
+def eval_columns(student, student_path, teacher, held, cfg, width, pad_id, with_teacher=True, cache=None):
     e = cfg.eval
-    cmp = evaluate.compare(student, teacher.model, held, pad_id, e.batch_size, e.max_batches, width)
+    cmp = evaluate.compare(student, cache or teacher.model, held, pad_id, e.batch_size, e.max_batches, width)
     prompts = evaluate.speed_prompts(held, e.gen_prompts)
     cols = {}
-    if with_teacher:
+    if with_teacher and cache is not None:  # not loaded: no size or speed to measure
+        cols["teacher"] = {"perplexity": cmp["teacher_perplexity"], "agreement": None, "kl_per_token": None,
+                           "params": cache.index.get("teacher_params"), "size_mb": None, "gen_tokens_per_s": None}
+    elif with_teacher:
         cols["teacher"] = evaluate.teacher_column(teacher.model, teacher.path, cmp, e, prompts, pad_id)
     cols["student"] = evaluate.student_column(student, student_path, cmp, e, prompts, pad_id)
     return cols, cmp["tokens"]
@@ -245,16 +257,34 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     main = accelerator.is_main_process
     torch.manual_seed(cfg.train.seed)
 
-    teacher = models.load(cfg.teacher.model)
+    cache = None
+    if cfg.teacher.kind == "cache":
+        from .cache import TeacherCache
+        cache = TeacherCache(cfg.teacher.cache)
+        teacher = models.Loaded(None, cache.tokenizer(), cache.index["teacher"], None, cache.teacher_config())
+        if cfg.data.path is None:  # the data the cache was built from
+            cfg = cfg.model_copy(deep=True)
+            cfg.data.path = cache.index["data"]["path"]
+            cfg.data.eval_path = cache.index["data"]["eval_path"]
+    else:
+        teacher = models.load(cfg.teacher.model)
     student, s_tok, how = models.build_student(cfg.student, teacher, cfg.train.seed)
-    width, note = models.check_vocab(teacher.model, teacher.tokenizer, student, s_tok)
+    t_width = cache.index["vocab_size"] if cache else teacher.model
+    width, note = models.check_vocab(t_width, teacher.tokenizer, student, s_tok)
     if note:
         log.warning(note)
-    check_context(cfg, teacher.model)
+    if cache and width < cache.index["vocab_size"]:
+        raise UserError(f"the cached teacher's logits ({cache.index['vocab_size']}) are wider than the "
+                        f"student's ({width}): its top-k ids may not exist in the student")
+    check_context(cfg, teacher.model_config())
+    if cache:
+        cache.check(cfg, s_tok)  # tokenizer, seq_len, temperature: before reading any data
     if cfg.loss.alpha == 0:
         log.info("loss.alpha=0: plain CE on the data (sequence-level KD when the data is teacher output)")
     tok = teacher.tokenizer
     cfg, train, held = prepare_data(cfg, teacher, accelerator)
+    if cache:
+        cache.check(cfg, s_tok, {"training": train, "held-out": held})
     if len(train) < cfg.train.batch_size:
         log.warning("only %d training examples for train.batch_size=%d", len(train), cfg.train.batch_size)
 
@@ -265,13 +295,16 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
     n_params = models.num_params(student)
-    log.info("teacher %s: %s params; student (%s): %s params; %d train / %d held-out examples",
-             cfg.teacher.model, f"{models.num_params(teacher.model):,}", how, f"{n_params:,}",
-             len(train), len(held))
+    t_params = cache.index.get("teacher_params") if cache else models.num_params(teacher.model)
+    log.info("teacher %s%s: %s params; student (%s): %s params; %d train / %d held-out examples",
+             teacher.source, f" (cached top-{cache.top_k} in {cfg.teacher.cache})" if cache else "",
+             f"{t_params:,}" if t_params else "?", how, f"{n_params:,}", len(train), len(held))
 
-    teacher.model.to(accelerator.device)
+    if cache is None:
+        teacher.model.to(accelerator.device)
+    source = cache or teacher.model   # what the loss and the eval read the teacher from
     pad_id = tok.pad_token_id
-    before, held_tokens = (eval_columns(student, None, teacher, held, cfg, width, pad_id)
+    before, held_tokens = (eval_columns(student, None, teacher, held, cfg, width, pad_id, cache=cache)
                            if main else ({}, 0))
     optimizer = make_optimizer(student, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -294,7 +327,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     for step in range(start, cfg.train.max_steps):
         batches = [to_batch(mb, pad_id, accelerator.device)
                    for mb in window(train, step, cfg, accelerator.process_index, accelerator.num_processes)]
-        stats = accumulate(student, teacher.model, batches, cfg, accelerator, width)
+        stats = accumulate(student, source, batches, cfg, accelerator, width)
         grad_norm = None
         if cfg.train.max_grad_norm > 0:
             grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm))
@@ -316,7 +349,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
         bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.max_steps and main:
-            cmp = evaluate.compare(accelerator.unwrap_model(student), teacher.model, held, pad_id,
+            cmp = evaluate.compare(accelerator.unwrap_model(student), source, held, pad_id,
                                    cfg.eval.batch_size, cfg.eval.max_batches, width)
             cmp["step"] = done
             metrics_file.write(json.dumps({"eval": cmp}) + "\n")
@@ -333,12 +366,16 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     metrics_file.close()
 
     student = accelerator.unwrap_model(student)
-    after, _ = eval_columns(student, None, teacher, held, cfg, width, pad_id, with_teacher=False)
+    after, _ = eval_columns(student, None, teacher, held, cfg, width, pad_id, with_teacher=False, cache=cache)
     columns = {"teacher": before["teacher"], "student before": before["student"],
                "student after": after["student"]}
     metrics = {"eval": columns, "held_out_tokens": held_tokens, "train": last_log,
                "train_examples": len(train), "held_out_examples": len(held)}
-    final = write_final(out, student, s_tok, cfg, metrics, teacher.model.generation_config)
+    final = write_final(out, student, s_tok, cfg, metrics,
+                        teacher.model.generation_config if teacher.model is not None else None)
     metrics["table"] = evaluate.table(columns, held_tokens)
+    if cache:
+        metrics["table"] += (f"\n(teacher read from the top-{cache.top_k} cache {cfg.teacher.cache}: KL is over its "
+                             "top-k + one tail bucket, a lower bound of the full KL)")
     metrics["final"] = str(final)
     return metrics

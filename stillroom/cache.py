@@ -1,0 +1,308 @@
+"""The teacher's outputs, computed once: a sharded top-k cache that trains many students many epochs.
+
+`stillroom cache CONFIG` runs the teacher over the config's data (training and held-out examples)
+and stores, for every position that carries a loss, the teacher's top-k token ids and log-probs
+at the loss temperature, the log of the mass outside them (`losses.TopK`'s tail bucket), and the
+teacher's log-prob of the true next token (exact teacher perplexity in the eval). A run with
+`teacher.kind=cache teacher.cache=DIR` then trains without loading the teacher.
+
+Layout of DIR:
+    index.json                  what the cache is (below) and which samples each shard holds
+    shard-00000.safetensors     ids (R, k) uint16 (int32 past 65,536 tokens), logp (R, k) float16|float32, tail (R,) float32,
+                                label_logp (R,) float32; R = rows of the shard's samples, in order
+    tokenizer/                  the teacher's tokenizer (the student must share it)
+    teacher/config.json         the teacher's model config (students built with init=config)
+
+index.json records the teacher, a hash of its vocabulary, k, the temperature, the sequence
+length, the dtype, the data it was built from, and every shard's samples as (sample id, rows).
+A sample id is a hash of the example's tokens and labels, so lookups are by content: shuffled
+epochs, several students and reordered data all find their rows, and data the cache was not built
+for is refused (never silently misaligned).
+
+Writing streams: rows are buffered up to `cache.shard_rows`, then written to a temporary file
+and renamed, and only then listed in index.json (itself replaced atomically). A killed run loses
+at most the unflushed buffer; running the same command again continues from the listed shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Example
+from .errors import UserError
+from .losses import IGNORE_INDEX, TopK, topk_targets
+
+log = logging.getLogger("stillroom")
+
+FORMAT = "stillroom-cache/1"
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def sample_id(e: Example) -> str:
+    h = hashlib.sha1()
+    h.update(torch.tensor(e.input_ids, dtype=torch.int32).numpy().tobytes())
+    h.update(b"|")
+    h.update(torch.tensor(e.labels, dtype=torch.int32).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def positions(e: Example) -> list[int]:
+    """Positions i whose next token i + 1 carries a loss (the rows the cache stores, in order)."""
+    return [i for i in range(len(e.labels) - 1) if e.labels[i + 1] != IGNORE_INDEX]
+
+
+def tokenizer_hash(tok) -> str:
+    vocab = sorted(tok.get_vocab().items())
+    return hashlib.sha1(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ writing
+
+def _identity(cfg, teacher, tok, width: int) -> dict:
+    c = cfg.cache
+    return {"format": FORMAT, "teacher": cfg.teacher.model, "vocab_size": width,
+            "tokenizer_hash": tokenizer_hash(tok), "top_k": min(c.top_k, width),
+            "temperature": cfg.loss.temperature, "seq_len": cfg.data.seq_len, "dtype": c.dtype,
+            "data": {"path": cfg.data.path, "eval_path": cfg.data.eval_path}}
+
+
+def _flush(out: Path, index: dict, buf: dict, samples: list):
+    """Write the buffered rows as the next shard (temp name, rename), then list it in the index."""
+    from safetensors.torch import save_file
+
+    name = f"shard-{len(index['shards']):05d}.safetensors"
+    tensors = {k: torch.cat(v) for k, v in buf.items()}
+    tmp = out / (name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, out / name)
+    index["shards"].append({"file": name, "rows": int(tensors["tail"].shape[0]), "samples": samples})
+    _write_json(out / "index.json", index)
+
+
+def existing(cfg, teacher, tok, overwrite=False, skip=()) -> dict | None:
+    """The index of the cache already at cache.path if this config continues it; None for a new
+    cache; an error if the folder holds something else (unless overwrite)."""
+    from .models import logits_width
+
+    out = Path(cfg.cache.path)
+    if overwrite or not out.exists() or not any(out.iterdir()):
+        return None
+    if not (out / "index.json").is_file():
+        raise UserError(f"{out} exists and is not a stillroom cache; pass --overwrite or pick another cache.path")
+    index = json.loads((out / "index.json").read_text())
+    ident = {k: v for k, v in _identity(cfg, teacher, tok, logits_width(teacher)).items() if k not in skip}
+    theirs = {k: index.get(k) for k in ident}
+    if theirs != ident:
+        diff = ", ".join(f"{k}: {theirs[k]!r} there, {ident[k]!r} here" for k in ident if theirs[k] != ident[k])
+        raise UserError(f"{out} holds a cache built differently ({diff}); pass --overwrite to replace it "
+                        "or set cache.path to another folder")
+    return index
+
+
+@torch.inference_mode()
+def build(cfg, examples: list[Example], teacher, tok, overwrite=False, progress=True) -> dict:
+    """Cache the teacher's top-k for `examples` in cfg.cache.path; continue a partial cache.
+    -> the index."""
+    from .models import logits_width
+
+    out = Path(cfg.cache.path)
+    width = logits_width(teacher)
+    ident = _identity(cfg, teacher, tok, width)
+    index = existing(cfg, teacher, tok, overwrite)
+    if index is None:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        tok.save_pretrained(out / "tokenizer")
+        teacher.config.save_pretrained(out / "teacher")
+        from .models import num_params
+        index = {**ident, "teacher_params": num_params(teacher), "shards": [], "complete": False}
+        _write_json(out / "index.json", index)
+    for stale in out.glob("*.tmp"):  # a shard being written when a previous run was killed
+        stale.unlink()
+    done = {sid for s in index["shards"] for sid, _ in s["samples"]}
+    todo, seen = [], set(done)
+    for e in examples:
+        sid = sample_id(e)
+        if sid not in seen and positions(e):
+            seen.add(sid)
+            todo.append((sid, e))
+    if not todo and index["complete"]:
+        log.info("cache %s is complete (%d samples)", out, len(done))
+        return index
+    if done:
+        log.info("cache %s: %d samples already cached, %d to go", out, len(done), len(todo))
+
+    c, T = cfg.cache, cfg.loss.temperature
+    k, dtype = ident["top_k"], DTYPES[c.dtype]
+    ids_dtype = torch.uint16 if width <= 2**16 else torch.int32
+    device = next(teacher.parameters()).device
+    pad = tok.pad_token_id
+    buf = {"ids": [], "logp": [], "tail": [], "label_logp": []}
+    samples, rows = [], 0
+    bar = tqdm(total=len(todo), desc="cache", unit="sample", disable=not progress)
+    from .data import collate
+    for a in range(0, len(todo), c.batch_size):
+        part = todo[a:a + c.batch_size]
+        b = {kk: v.to(device) for kk, v in collate([e for _, e in part], pad).items()}
+        logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        for j, (sid, e) in enumerate(part):
+            pos = torch.tensor(positions(e), device=device)
+            lg = logits[j, pos]                                    # (n, V): only rows with a loss
+            top = topk_targets(lg, k, T)
+            nxt = torch.tensor(e.labels, device=device)[pos + 1]
+            label_logp = torch.log_softmax(lg.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)
+            buf["ids"].append(top.ids.to(ids_dtype).cpu())
+            buf["logp"].append(top.logp.to(dtype).cpu())
+            buf["tail"].append(top.log_tail.float().cpu())
+            buf["label_logp"].append(label_logp.float().cpu())
+            samples.append([sid, len(pos)])
+            rows += len(pos)
+        del logits
+        bar.update(len(part))
+        if rows >= c.shard_rows:
+            _flush(out, index, buf, samples)
+            buf = {kk: [] for kk in buf}
+            samples, rows = [], 0
+    if samples:
+        _flush(out, index, buf, samples)
+    bar.close()
+    index["complete"] = True
+    _write_json(out / "index.json", index)
+    return index
+
+
+def summary(path: Path) -> dict:
+    index = json.loads((Path(path) / "index.json").read_text())
+    rows = sum(s["rows"] for s in index["shards"])
+    size = sum((Path(path) / s["file"]).stat().st_size for s in index["shards"])
+    return {"samples": sum(len(s["samples"]) for s in index["shards"]), "rows": rows, "bytes": size,
+            "bytes_per_token": size / max(rows, 1), "top_k": index["top_k"], "dtype": index["dtype"]}
+
+
+# ------------------------------------------------------------------------------------ reading
+
+@dataclass
+class CachedTargets:
+    """One batch's cached teacher outputs, laid out like its logits (B, S, ...)."""
+    top: TopK                 # (B, S, k) targets; rows without a loss hold a harmless dummy
+    label_logp: torch.Tensor  # (B, S) teacher log-prob of the true next token (0 where no loss)
+
+
+class TeacherCache:
+    """Read side: looks samples up by id, reads their rows from memory-mapped shards."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        f = self.path / "index.json"
+        if not f.is_file():
+            raise UserError(f"teacher.cache={path}: no index.json there; build one with `stillroom cache`")
+        try:
+            self.index = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{f} is not valid JSON: the cache is damaged; rebuild it with `stillroom cache`") from None
+        if self.index.get("format") != FORMAT:
+            raise UserError(f"{path} is not a {FORMAT} cache (format {self.index.get('format')!r})")
+        if not self.index.get("complete"):
+            raise UserError(f"the cache in {path} is incomplete: run the same `stillroom cache` command "
+                            "again to finish it")
+        self.where = {}
+        for n, s in enumerate(self.index["shards"]):
+            start = 0
+            for sid, rows in s["samples"]:
+                self.where[sid] = (n, start, rows)
+                start += rows
+        self._open = {}
+
+    @property
+    def top_k(self) -> int:
+        return self.index["top_k"]
+
+    @property
+    def temperature(self) -> float:
+        return self.index["temperature"]
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.path / "tokenizer")
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def teacher_config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path / "teacher")
+
+    def check(self, cfg, tok, examples: dict[str, list[Example]] | None = None):
+        """Refuse a cache built for another tokenizer, sequence length, temperature or data
+        (`examples`: name -> examples that must all be in the cache)."""
+        ix = self.index
+        if tokenizer_hash(tok) != ix["tokenizer_hash"]:
+            raise UserError(f"the cache in {self.path} was built with another tokenizer (teacher "
+                            f"{ix['teacher']}, vocab {ix['vocab_size']}) than this student's (vocab {len(tok)})")
+        if cfg.data.seq_len != ix["seq_len"]:
+            raise UserError(f"the cache in {self.path} was built with data.seq_len={ix['seq_len']}, "
+                            f"this run has {cfg.data.seq_len}: set data.seq_len={ix['seq_len']} or rebuild the cache")
+        if cfg.loss.kind == "soft" and abs(cfg.loss.temperature - ix["temperature"]) > 1e-9:
+            raise UserError(f"the cache in {self.path} holds the teacher at temperature {ix['temperature']}, "
+                            f"this run has loss.temperature={cfg.loss.temperature}: set it to "
+                            f"{ix['temperature']} or build a cache at this temperature")
+        for name, exs in (examples or {}).items():
+            missing = sum(1 for e in exs if positions(e) and sample_id(e) not in self.where)
+            if missing:
+                raise UserError(f"the cache in {self.path} has no entry for {missing} of the {len(exs)} {name} "
+                                f"examples: it was built for other data ({ix['data']['path']}); "
+                                "build a cache for this data")
+
+    def _shard(self, n):
+        from safetensors import safe_open
+
+        if n not in self._open:
+            f = self.path / self.index["shards"][n]["file"]
+            if not f.is_file():
+                raise UserError(f"cache shard {f} is missing: the cache is damaged; rebuild it")
+            self._open[n] = safe_open(str(f), framework="pt")
+        return self._open[n]
+
+    def rows(self, e: Example):
+        sid = sample_id(e)
+        if sid not in self.where:
+            raise UserError(f"the cache in {self.path} has no entry for an example of this run "
+                            "(built for other data?)")
+        n, start, count = self.where[sid]
+        f = self._shard(n)
+        return tuple(f.get_slice(name)[start:start + count] for name in ("ids", "logp", "tail", "label_logp"))
+
+    def targets(self, examples: list[Example], width: int, device) -> CachedTargets:
+        """Targets for a collated batch of `examples` (right-padded to `width`)."""
+        B, k = len(examples), self.top_k
+        ids = torch.zeros(B, width, k, dtype=torch.long)
+        logp = torch.zeros(B, width, k, dtype=torch.float32)      # dummy rows: p = 1 on token 0
+        tail = torch.full((B, width), float("-inf"))
+        label_logp = torch.zeros(B, width)
+        for b, e in enumerate(examples):
+            pos = positions(e)
+            if not pos:
+                continue
+            r_ids, r_logp, r_tail, r_label = self.rows(e)
+            p = torch.tensor(pos)
+            ids[b, p] = r_ids.long()
+            logp[b, p] = r_logp.float()
+            tail[b, p] = r_tail
+            label_logp[b, p] = r_label
+        return CachedTargets(TopK(ids.to(device), logp.to(device), tail.to(device)), label_logp.to(device))
