@@ -145,17 +145,20 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from . import models
     from .config import GenerateConfig, validate
-    from .generate import generate_file, read_prompts
+    from .generate import LocalTeacher, generate_file, read_prompts
 
-    gcfg = validate({"prompts": args.prompts, "num_prompts": args.num_prompts,
+    gcfg = validate({"prompts": args.prompts, "prompt_field": args.prompt_field, "split": args.split,
+                     "system": args.system, "num_prompts": args.num_prompts, "dedup": not args.no_dedup,
+                     "max_prompt_tokens": args.max_prompt_tokens, "num_answers": args.num_answers,
                      "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-                     "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed},
-                    GenerateConfig)
-    prompts = read_prompts(gcfg.prompts, gcfg.num_prompts)
-    teacher = models.load(args.teacher)
-    out = generate_file(teacher.model, teacher.tokenizer, prompts, Path(args.out), gcfg,
-                        progress=not args.no_progress)
-    print(f"{len(prompts)} conversations in {out}")
+                     "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                     "seed": args.seed}, GenerateConfig)
+    prompts = read_prompts(gcfg.prompts, gcfg.num_prompts, gcfg.prompt_field, gcfg.split, gcfg.system, gcfg.dedup)
+    loaded = models.load(args.teacher)
+    teacher = LocalTeacher(loaded.model, loaded.tokenizer, args.teacher)
+    out = generate_file(teacher, prompts, Path(args.out), gcfg, progress=not args.no_progress)
+    rows = sum(1 for _ in open(out, encoding="utf-8"))
+    print(f"{rows} conversations for {len(prompts)} prompts in {out}")
     return 0
 
 
@@ -215,14 +218,22 @@ def parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="have the teacher answer prompts (JSONL conversations out, resumable)")
     g.add_argument("--out", required=True, help="output JSONL; an existing file is continued")
-    g.add_argument("--prompts", help="prompts file (.txt one per line, or JSONL with 'prompt'); "
-                                     "default: the bundled instructions")
+    g.add_argument("--prompts", help="prompts: .txt (one per line), JSONL, or a Hugging Face dataset "
+                                     "folder / hub id; default: the bundled instructions")
     g.add_argument("--teacher", default="smollm2-135m")
+    g.add_argument("--prompt-field", help="the rows' prompt field (default: prompt / instruction+input / "
+                                          "question / messages)")
+    g.add_argument("--split", default="train", help="split of a Hugging Face dataset of prompts")
+    g.add_argument("--system", help="a system message before every prompt")
     g.add_argument("--num-prompts", type=int, default=None)
+    g.add_argument("--no-dedup", action="store_true", help="keep repeated prompts and answers")
+    g.add_argument("--max-prompt-tokens", type=int, default=None, help="skip longer prompts (reported)")
+    g.add_argument("--num-answers", type=int, default=1, help="answers per prompt (needs --temperature > 0)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=cmd_generate)

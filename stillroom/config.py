@@ -79,14 +79,36 @@ class DataConfig(Section):
 class GenerateConfig(Section):
     """How the teacher answers prompts (`stillroom generate`, and the embedded default data)."""
     prompts: Optional[str] = None
-    """Prompts file (.txt one per line, or JSONL with `prompt`); None = the bundled instructions."""
+    """.txt (one per line), JSONL, or a Hugging Face dataset folder / hub id; None = the bundled
+    instructions. Rows give the prompt as `prompt_field`, else prompt / instruction (+ input) /
+    question / messages (the conversation before its last assistant turn)."""
+    prompt_field: Optional[str] = None
+    split: str = "train"
+    """Split of a Hugging Face dataset of prompts."""
+    system: Optional[str] = None
+    """A system message put before every prompt."""
     num_prompts: Optional[int] = Field(None, ge=1)
+    dedup: bool = True
+    """Drop repeated prompts (after whitespace normalization) and repeated answers to a prompt."""
+    max_prompt_tokens: Optional[int] = Field(None, ge=1)
+    """Skip (and report) prompts longer than this once rendered with the chat template."""
+    num_answers: int = Field(1, ge=1)
+    """Answers per prompt (one output row each); > 1 needs temperature > 0."""
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(32, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     """0 = greedy."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    """0 = no top-k filter."""
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _sampling(self):
+        if self.num_answers > 1 and self.temperature == 0:
+            raise ValueError("generate.num_answers > 1 needs generate.temperature > 0 "
+                             "(greedy answers to one prompt are all the same)")
+        return self
 
 
 class CacheConfig(Section):

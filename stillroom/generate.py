@@ -1,14 +1,26 @@
-"""The teacher answers prompts: prompts in, JSONL conversations out (resumable).
+"""The teacher as annotator: prompts in, JSONL conversations out (batched, resumable).
 
-The output is chat data (`{"messages": [user, assistant]}` per line) that `stillroom distill`
+The output is chat data (`{"messages": [..., user, assistant]}` per line) that `stillroom distill`
 trains on directly: soft labels when the teacher is also present at training time, or plain CE on
 the teacher's text for sequence-level hard-label distillation (Kim & Rush 2016).
+
+Prompts come from a .txt file (one per line), JSONL, or a Hugging Face dataset; each becomes a
+conversation (an optional system message, then the prompt's turns) rendered with the teacher's
+chat template. Repeated prompts are dropped, over-long ones skipped and reported, and each prompt
+gets `num_answers` answers (sampled; repeated and empty answers dropped).
+
+Resume: after every batch the rows are flushed and fsync'ed, then `<out>.progress.json` records
+how many prompts are done, a hash of those prompts, a hash of the settings, and the file's length.
+Running the same command again truncates anything past that length (a torn write) and continues;
+a different prompt list or different settings are refused rather than mixed into one file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -19,96 +31,217 @@ from .errors import UserError
 log = logging.getLogger("stillroom")
 
 BUNDLED_PROMPTS = Path(__file__).parent / "assets" / "instructions.txt"
+FIELDS = ("prompt", "instruction", "question", "messages")
 
 
-def read_prompts(path: str | Path | None, limit: int | None = None) -> list[str]:
-    """A .txt file (one prompt per line) or JSONL with a `prompt` key; None = the bundled set."""
+def _prompt_of(row: dict, field: str | None):
+    """A dataset row -> a list of messages ending with the user's turn, or an error string."""
+    if field:
+        v = row.get(field)
+        if isinstance(v, str) and v.strip():
+            return [{"role": "user", "content": v}]
+        return f"no non-empty string '{field}'"
+    if isinstance(row.get("messages"), list):
+        msgs = row["messages"]
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                   for m in msgs):
+            return "each message needs string 'role' and 'content'"
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs or msgs[-1]["role"] != "user":
+            return "messages do not end with a user turn"
+        return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    for key in ("prompt", "instruction", "question"):
+        v = row.get(key)
+        if isinstance(v, str) and v.strip():
+            extra = row.get("input") if key == "instruction" else None
+            text = f"{v}\n\n{extra}" if isinstance(extra, str) and extra.strip() else v
+            return [{"role": "user", "content": text}]
+    return f"no prompt: needs one of {', '.join(FIELDS)} (or set generate.prompt_field)"
+
+
+def read_prompts(path: str | Path | None, limit: int | None = None, field: str | None = None,
+                 split: str = "train", system: str | None = None, dedup: bool = True) -> list[list[dict]]:
+    """Prompts as conversations (lists of messages ending with a user turn)."""
+    from .data import read_hf, read_jsonl
+
     p = Path(path) if path else BUNDLED_PROMPTS
-    if not p.is_file():
+    if path and not p.exists() and p.suffix:
         raise UserError(f"prompts file not found: {p}")
-    prompts = []
-    if p.suffix in (".jsonl", ".json"):
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p} line {n}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise UserError(f"{p} line {n}: needs a string 'prompt'")
-            prompts.append(row["prompt"])
+    if p.is_file() and p.suffix in (".jsonl", ".json"):
+        rows, bad = read_jsonl(p)
+        if bad:
+            n, why = bad[0]
+            raise UserError(f"{p} line {n}: {why}")
+    elif p.is_file():
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"prompts file {p} is not UTF-8 text") from None
+        rows = [(n, {"prompt": line.strip()}) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     else:
-        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = read_hf(str(path), split)
+    prompts = []
+    for n, row in rows:
+        got = _prompt_of(row, field)
+        if isinstance(got, str):
+            raise UserError(f"{p} row {n}: {got}")
+        prompts.append(got)
     if not prompts:
         raise UserError(f"prompts file {p} is empty")
+    if dedup:
+        seen, unique = set(), []
+        for m in prompts:
+            key = json.dumps([(x["role"], " ".join(x["content"].split())) for x in m])
+            if key not in seen:
+                seen.add(key)
+                unique.append(m)
+        if len(unique) < len(prompts):
+            log.info("dropped %d repeated prompts of %d", len(prompts) - len(unique), len(prompts))
+        prompts = unique
+    if system:
+        prompts = [[{"role": "system", "content": system}] + [m for m in c if m["role"] != "system"]
+                   for c in prompts]
     return prompts[:limit] if limit else prompts
 
 
-def _done_rows(out: Path, prompts: list[str]) -> int:
-    """How many prompts `out` already answers; drops a torn last line left by a crash."""
-    if not out.exists():
-        return 0
+# ------------------------------------------------------------------------------------ answering
+
+class LocalTeacher:
+    """A transformers model answering batches of conversations (left-padded, batched generate)."""
+
+    def __init__(self, model, tokenizer, source: str = ""):
+        if not tokenizer.chat_template:
+            raise UserError("the teacher's tokenizer has no chat template; generate needs one")
+        self.model, self.tokenizer, self.source = model, tokenizer, source
+
+    def prompt_tokens(self, conv) -> int:
+        text = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def answer(self, convs: list[list[dict]], gcfg, seed: int) -> list[list[str]]:
+        tok = self.tokenizer
+        texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tok.padding_side = side
+        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        sample = gcfg.temperature > 0
+        torch.manual_seed(gcfg.seed + seed)
+        kwargs = dict(do_sample=sample, max_new_tokens=gcfg.max_new_tokens, pad_token_id=tok.pad_token_id,
+                      num_return_sequences=gcfg.num_answers)
+        if sample:
+            kwargs.update(temperature=gcfg.temperature, top_p=gcfg.top_p, top_k=gcfg.top_k or None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        with torch.no_grad():
+            out = self.model.generate(**enc, **kwargs)
+        new = out[:, enc["input_ids"].shape[1]:]
+        flat = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        n = gcfg.num_answers
+        return [flat[i * n:(i + 1) * n] for i in range(len(convs))]
+
+
+def answer(model, tokenizer, prompts: list[str], gcfg, batch_seed: int = 0) -> list[str]:
+    """One answer per prompt string (the library's simple entry point)."""
+    convs = [[{"role": "user", "content": p}] for p in prompts]
+    return [a[0] for a in LocalTeacher(model, tokenizer).answer(convs, gcfg, batch_seed)]
+
+
+# ------------------------------------------------------------------------------------ the file
+
+def _sha(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _settings(gcfg, source: str) -> str:
+    keys = ("max_new_tokens", "temperature", "top_p", "top_k", "num_answers", "seed", "dedup")
+    return _sha({"teacher": source, **{k: getattr(gcfg, k) for k in keys}})
+
+
+def _legacy_done(out: Path, prompts: list[list[dict]]) -> int:
+    """A file written without a progress record (one answer per prompt): how many it answers."""
     lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
     good = []
     for line in lines:
         try:
-            row = json.loads(line)
-            good.append(row["messages"][0]["content"])
+            good.append(json.loads(line)["messages"][:-1])
         except (json.JSONDecodeError, KeyError, IndexError, TypeError):
             break
     if good != prompts[:len(good)]:
         raise UserError(f"{out} holds answers to other prompts; choose another output file or delete it")
-    if len(good) < len(lines):  # torn tail: rewrite the file with the complete rows only
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text("".join(lines[:len(good)]), encoding="utf-8")
-        os.replace(tmp, out)
+    with open(out, "r+b") as f:  # drop a torn last line
+        f.truncate(len("".join(lines[:len(good)]).encode("utf-8")))
     return len(good)
 
 
-def answer(model, tokenizer, prompts: list[str], gcfg, batch_seed: int = 0) -> list[str]:
-    """Batched generation (left padding) with the chat template; greedy when temperature == 0."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
-    enc = {k: v.to(model.device) for k, v in enc.items()}
-    sample = gcfg.temperature > 0
-    torch.manual_seed(gcfg.seed + batch_seed)
-    kwargs = dict(do_sample=sample, max_new_tokens=gcfg.max_new_tokens,
-                  pad_token_id=tokenizer.pad_token_id)
-    if sample:
-        kwargs.update(temperature=gcfg.temperature, top_p=gcfg.top_p)
+def _resume(out: Path, progress: Path, prompts, settings: str) -> int:
+    if not out.exists():
+        return 0
+    if not progress.exists():
+        return _legacy_done(out, prompts)
+    state = json.loads(progress.read_text())
+    done = state["done"]
+    if done > len(prompts) or _sha(prompts[:done]) != state["prefix"]:
+        raise UserError(f"{out} holds answers to other prompts; choose another output file or delete it")
+    if state["settings"] != settings:
+        raise UserError(f"{out} was generated with other settings (teacher, sampling, num_answers, "
+                        "max_new_tokens); choose another output file or delete it and its .progress.json")
+    with open(out, "r+b") as f:  # whatever came after the last recorded batch is a torn write
+        f.truncate(state["bytes"])
+    return done
+
+
+def generate_file(teacher, tokenizer_or_prompts, prompts=None, out: Path | None = None, gcfg=None,
+                  progress: bool = True, source: str = "") -> Path:
+    """Answer every prompt not yet answered in `out`, appending one JSON line per answer.
+
+    generate_file(LocalTeacher | ApiTeacher, prompts, out, gcfg) -- or, for a plain model,
+    generate_file(model, tokenizer, prompts, out, gcfg). Prompts are strings or conversations.
+    """
+    if isinstance(tokenizer_or_prompts, list):  # (teacher, prompts, out, gcfg)
+        prompts, out, gcfg = tokenizer_or_prompts, prompts, out
     else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    with torch.no_grad():
-        out = model.generate(**enc, **kwargs)
-    new = out[:, enc["input_ids"].shape[1]:]
-    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-
-
-def generate_file(model, tokenizer, prompts: list[str], out: Path, gcfg, progress: bool = True) -> Path:
-    """Answer every prompt not yet answered in `out`, appending one JSON line per prompt."""
-    if not tokenizer.chat_template:
-        raise UserError("the teacher's tokenizer has no chat template; generate needs one")
+        teacher = LocalTeacher(teacher, tokenizer_or_prompts, source)
+    convs = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    start = _done_rows(out, prompts)
-    if start == len(prompts):
+    progress_file = out.with_name(out.name + ".progress.json")
+    settings = _settings(gcfg, getattr(teacher, "source", source))
+    start = _resume(out, progress_file, convs, settings)
+    if start == len(convs):
         return out
-    bar = tqdm(total=len(prompts), initial=start, desc="teacher answers", unit="prompt",
-               disable=not progress)
-    with open(out, "a", encoding="utf-8") as f:
-        for a in range(start, len(prompts), gcfg.batch_size):
-            batch = prompts[a:a + gcfg.batch_size]
-            for p, r in zip(batch, answer(model, tokenizer, batch, gcfg, batch_seed=a)):
-                f.write(json.dumps({"messages": [{"role": "user", "content": p},
-                                                 {"role": "assistant", "content": r}]}) + "\n")
+    skipped = 0
+    bar = tqdm(total=len(convs), initial=start, desc="teacher answers", unit="prompt", disable=not progress)
+    with open(out, "ab") as f:
+        for a in range(start, len(convs), gcfg.batch_size):
+            batch = convs[a:a + gcfg.batch_size]
+            keep = batch
+            if gcfg.max_prompt_tokens:
+                keep = [c for c in batch if teacher.prompt_tokens(c) <= gcfg.max_prompt_tokens]
+                skipped += len(batch) - len(keep)
+            lines = []
+            for conv, answers in zip(keep, teacher.answer(keep, gcfg, seed=a) if keep else []):
+                seen = set()
+                for r in answers:
+                    key = re.sub(r"\s+", " ", r)
+                    if not r or (gcfg.dedup and key in seen):
+                        continue
+                    seen.add(key)
+                    lines.append(json.dumps({"messages": conv + [{"role": "assistant", "content": r}]}) + "\n")
+            f.write("".join(lines).encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
+            done = a + len(batch)
+            state = {"settings": settings, "done": done, "prefix": _sha(convs[:done]), "bytes": f.tell()}
+            tmp = progress_file.with_name(progress_file.name + ".tmp")
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, progress_file)
             bar.update(len(batch))
     bar.close()
+    if skipped:
+        log.warning("skipped %d prompts longer than generate.max_prompt_tokens=%d", skipped, gcfg.max_prompt_tokens)
     return out

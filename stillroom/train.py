@@ -201,13 +201,13 @@ def default_data(cfg: Config, teacher: models.Loaded) -> str:
 
     from .generate import generate_file, read_prompts
 
-    prompts = read_prompts(cfg.generate.prompts, cfg.generate.num_prompts)
     g = cfg.generate
-    key = hashlib.sha1(json.dumps([cfg.teacher.model, prompts, g.max_new_tokens, g.temperature,
-                                   g.top_p, g.seed]).encode()).hexdigest()[:12]
+    prompts = read_prompts(g.prompts, g.num_prompts, g.prompt_field, g.split, g.system, g.dedup)
+    key = hashlib.sha1(json.dumps([cfg.teacher.model, prompts, g.model_dump()], sort_keys=True)
+                       .encode()).hexdigest()[:12]
     path = models.cache_dir() / "data" / f"answers-{key}.jsonl"
-    log.info("data: the teacher's answers to %d bundled prompts (%s)", len(prompts), path)
-    generate_file(teacher.model, teacher.tokenizer, prompts, path, g)
+    log.info("data: the teacher's answers to %d prompts (%s)", len(prompts), path)
+    generate_file(teacher.model, teacher.tokenizer, prompts, path, g, source=cfg.teacher.model)
     return str(path)
 
 

@@ -1,0 +1,158 @@
+"""The teacher cache, measured in one run: its size, the step it buys, and what it costs in quality.
+
+    .venv/bin/python bench/cache.py [--steps 60] [--examples 300]
+
+Real text: ../shared/data/tinystories, packed into 256-token blocks, tokenized by the bundled
+SmolLM2-135M-Instruct teacher (vocab 49,152). Student: 4 layers, hidden 256, random init.
+
+1. Size: bytes per cached position at k = 8, 32, 64 (float16 log-probs, uint16 ids, float32 tail and
+   label log-prob), each cache written by `stillroom.cache.build`, vs the dense fp16 distribution.
+2. Step time on one 4 x 256 batch (median of interleaved rounds after a warm-up): the student's plain
+   CE step; the KD step reading top-64 targets from the cache (the read is timed); the KD step with
+   the live teacher's forward. Target: cached KD step <= 1.15x CE step.
+3. Quality: the same student init trained the same steps on the same batches (soft KD, alpha 1,
+   T 1) by `stillroom.train.distill` from the top-64 cache and from the live dense teacher;
+   held-out perplexity of each. Target: within 2%.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stillroom import models
+from stillroom.cache import TeacherCache, build, summary
+from stillroom.cli import _quiet_libraries
+from stillroom.config import StudentConfig, load_config
+from stillroom.data import load_data
+from stillroom.losses import distill_loss, shift_labels
+from stillroom.train import distill
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_valid_head.txt"
+
+
+def part_size(cfg_base, teacher, examples, tmp: Path):
+    V = models.logits_width(teacher.model)
+    rows = []
+    for k in (8, 32, 64):
+        cfg = cfg_base.model_copy(deep=True)
+        cfg.cache.path, cfg.cache.top_k = str(tmp / f"size-k{k}"), k
+        build(cfg, examples, teacher.model, teacher.tokenizer, progress=False)
+        rows.append((k, summary(cfg.cache.path)["bytes_per_token"]))
+    dense = V * 2
+    print(f"\n1. cache size ({sum(len(e.input_ids) - 1 for e in examples):,} positions, vocab {V:,})")
+    print(f"{'':24}{'bytes/position':>16}{'vs dense fp16':>16}")
+    for k, b in rows:
+        print(f"{'top-' + str(k):24}{b:>16.0f}{b / dense:>16.4f}")
+    print(f"{'dense fp16':24}{dense:>16,}{1:>16.4f}")
+
+
+def part_step(cfg_base, teacher, examples, tmp: Path, rounds: int):
+    cfg = cfg_base.model_copy(deep=True)
+    cfg.cache.path, cfg.cache.top_k = str(tmp / "step-k64"), 64
+    batch = examples[:4]
+    build(cfg, batch, teacher.model, teacher.tokenizer, progress=False)
+    cache = TeacherCache(cfg.cache.path)
+    ids = torch.tensor([e.input_ids for e in batch])
+    labels = shift_labels(ids)
+    student = models.student_from_config(teacher.model.config, StudentConfig(init="config", hidden_size=256,
+                                                                             num_layers=4, num_heads=4))
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    n = int((labels != -100).sum())
+
+    def ce_step():
+        student(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def kd_step(targets):
+        t = targets()
+        s = student(input_ids=ids, use_cache=False).logits
+        (distill_loss(s, t, labels, alpha=1.0, temperature=1.0, inplace_grad=True) / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def live():
+        with torch.no_grad():
+            return teacher.model(input_ids=ids, use_cache=False).logits
+
+    rows = {"student CE": ce_step,
+            "KD from cache (k=64)": lambda: kd_step(lambda: cache.targets(batch, ids.shape[1], "cpu").top),
+            "KD, live teacher": lambda: kd_step(live)}
+    times = {k: [] for k in rows}
+    for r in range(rounds + 1):
+        for name, fn in rows.items():
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n2. step time, batch 4 x {ids.shape[1]} tokens, student {models.num_params(student):,} params, "
+          f"median of {rounds} rounds")
+    for k, v in med.items():
+        print(f"{k:24}{v / med['student CE']:>10.3f} x CE step")
+    print(f"cached KD step / CE step = {med['KD from cache (k=64)'] / med['student CE']:.3f}   (target <= 1.15)")
+
+
+def part_quality(args, tmp: Path):
+    common = [f"data.path={args.data}", "data.seq_len=256", f"data.max_examples={args.examples}",
+              "data.eval_fraction=0.1", "student.init=config", "student.hidden_size=256", "student.num_layers=4",
+              "student.num_heads=4", "loss.alpha=1.0", "loss.temperature=1.0", f"train.max_steps={args.steps}",
+              "train.batch_size=4", "train.lr=2e-3", "train.warmup_steps=5", "eval.gen_prompts=1",
+              "eval.gen_tokens=4", f"train.log_every={args.steps}"]
+    cache_dir = tmp / "quality-k64"
+    cfg = load_config(None, common + [f"cache.path={cache_dir}", "cache.top_k=64"])
+    teacher = models.load("smollm2-135m")
+    train, held = load_data(cfg, teacher.tokenizer)
+    t0 = time.perf_counter()
+    build(cfg, train + held, teacher.model, teacher.tokenizer, progress=False)
+    t_cache = time.perf_counter() - t0
+    del teacher
+    results, walls = {}, {}
+    for name, extra in (("live dense teacher", []),
+                        ("top-64 cache", ["teacher.kind=cache", f"teacher.cache={cache_dir}"])):
+        t0 = time.perf_counter()
+        results[name] = distill(load_config(None, common + extra + [f"train.output_dir={tmp / name.replace(' ', '_')}"]),
+                                overwrite=True, progress=False)
+        walls[name] = time.perf_counter() - t0
+    live = results["live dense teacher"]["eval"]["student after"]["perplexity"]
+    cached = results["top-64 cache"]["eval"]["student after"]["perplexity"]
+    print(f"\n3. quality: {args.steps} steps x 4 x 256 tokens, soft KD (alpha 1, T 1), same init and batches; "
+          f"{len(train)} train / {len(held)} held-out blocks")
+    print(f"{'':24}{'held-out ppl':>14}{'wall (rel.)':>14}")
+    print(f"{'live dense teacher':24}{live:>14.3f}{1:>14.3f}")
+    print(f"{'top-64 cache':24}{cached:>14.3f}{walls['top-64 cache'] / walls['live dense teacher']:>14.3f}")
+    print(f"(building the cache took {t_cache / walls['live dense teacher']:.3f} of the live run's wall time; "
+          "it is paid once for every later student)")
+    print(f"cache / live perplexity = {cached / live:.4f}   (target: within 2%, i.e. <= 1.02)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--examples", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    _quiet_libraries()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        teacher = models.load("smollm2-135m")
+        cfg = load_config(None, [f"data.path={args.data}", "data.seq_len=256", "data.max_examples=16",
+                                 "data.eval_fraction=0"])
+        examples, _ = load_data(cfg, teacher.tokenizer)
+        print(f"data {args.data}")
+        part_size(cfg, teacher, examples[:16], tmp)
+        part_step(cfg, teacher, examples, tmp, args.rounds)
+        del teacher
+        part_quality(args, tmp)
+
+
+if __name__ == "__main__":
+    main()

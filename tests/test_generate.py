@@ -1,0 +1,87 @@
+"""The teacher as annotator: prompt sources, de-duplication, several answers, limits, resume."""
+import json
+
+import pytest
+
+from stillroom import models
+from stillroom.config import GenerateConfig
+from stillroom.errors import UserError
+from stillroom.generate import LocalTeacher, _sha, generate_file, read_prompts
+
+from conftest import run_cli
+from test_cli import assert_user_error
+
+
+def rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_prompt_sources(tmp_path):
+    import datasets
+
+    j = tmp_path / "p.jsonl"
+    j.write_text("\n".join(json.dumps(r) for r in [
+        {"instruction": "Add the numbers.", "input": "2 and 3"},
+        {"question": "What is 4 + 4?"},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
+                      {"role": "assistant", "content": "Ciao"}]},
+        {"prompt": "Say   hi."}, {"prompt": "Say hi."}]) + "\n")
+    got = read_prompts(j)
+    assert got[0] == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"}]
+    assert got[1] == [{"role": "user", "content": "What is 4 + 4?"}]
+    assert [m["content"] for m in got[2]] == ["Be brief.", "Hi", "Hello", "Bye"]  # last answer dropped
+    assert len(got) == 4  # "Say   hi." and "Say hi." are one prompt
+    assert len(read_prompts(j, dedup=False)) == 5
+    with_system = read_prompts(j, system="You are terse.", limit=2)
+    assert all(c[0] == {"role": "system", "content": "You are terse."} for c in with_system)
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_list([{"task": "Name a colour."}, {"task": "Name a fruit."}]).save_to_disk(str(folder))
+    assert read_prompts(folder, field="task") == [[{"role": "user", "content": "Name a colour."}],
+                                                  [{"role": "user", "content": "Name a fruit."}]]
+    with pytest.raises(UserError, match="row 1: no non-empty string 'nope'"):
+        read_prompts(folder, field="nope")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt here"}\n')
+    with pytest.raises(UserError, match="row 1: no prompt"):
+        read_prompts(bad)
+
+
+def test_several_answers_limits_and_resume(tmp_path, teacher_dir):
+    loaded = models.load(str(teacher_dir))
+    teacher = LocalTeacher(loaded.model, loaded.tokenizer, str(teacher_dir))
+    prompts = [f"Tell me about cat {i}." for i in range(5)] + ["long " * 80]
+    g = GenerateConfig(num_answers=3, temperature=1.5, max_new_tokens=5, batch_size=2, max_prompt_tokens=40)
+    out = tmp_path / "a.jsonl"
+    generate_file(teacher, prompts, out, g, progress=False)
+    got = rows(out)
+    by_prompt = {}
+    for r in got:
+        by_prompt.setdefault(r["messages"][0]["content"], []).append(r["messages"][1]["content"])
+    assert set(by_prompt) == set(prompts[:5])               # the over-long prompt was skipped
+    assert all(1 <= len(v) <= 3 and len(set(v)) == len(v) and all(v) for v in by_prompt.values())
+    assert sum(len(v) > 1 for v in by_prompt.values()) >= 3  # sampling gives different answers
+    # a run killed mid-batch: rows past the recorded length are a torn write, dropped and redone
+    whole = out.read_text()
+    progress = json.loads((tmp_path / "a.jsonl.progress.json").read_text())
+    assert progress["done"] == 6
+    state = {**progress, "done": 4}
+    first4 = "".join(line for line in whole.splitlines(keepends=True)
+                     if json.loads(line)["messages"][0]["content"] in prompts[:4])
+    state["bytes"] = len(first4.encode())
+    state["prefix"] = _sha([[{"role": "user", "content": p}] for p in prompts[:4]])
+    (tmp_path / "a.jsonl.progress.json").write_text(json.dumps(state))
+    out.write_text(first4 + '{"messages": [{"role": "user", "con')
+    generate_file(teacher, prompts, out, g, progress=False)
+    assert out.read_text() == whole  # same seeds per batch: the redone batch is identical
+    # other settings are refused, not mixed in
+    with pytest.raises(UserError, match="other settings"):
+        generate_file(teacher, prompts, out, g.model_copy(update={"max_new_tokens": 6}), progress=False)
+
+
+def test_greedy_cannot_give_several_answers(tmp_path, teacher_dir):
+    p = tmp_path / "p.txt"
+    p.write_text("Hi\n")
+    assert_user_error(run_cli("generate", "--teacher", teacher_dir, "--prompts", p, "--out", tmp_path / "o.jsonl",
+                              "--num-answers", "2"), r"num_answers > 1 needs generate.temperature > 0")
+    assert not (tmp_path / "o.jsonl").exists()
