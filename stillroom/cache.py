@@ -246,6 +246,8 @@ class TeacherCache:
     def teacher_config(self):
         from transformers import AutoConfig
 
+        if not (self.path / "teacher" / "config.json").is_file():
+            return None
         return AutoConfig.from_pretrained(self.path / "teacher")
 
     def check(self, cfg, tok, examples: dict[str, list[Example]] | None = None):

@@ -96,6 +96,16 @@ def cmd_cache(args) -> int:
     if cfg.teacher.kind != "live":
         raise UserError("stillroom cache runs the teacher: set teacher.kind=live (and teacher.model)")
     teacher = models.load(cfg.teacher.model)
+    if cfg.cache.source == "logprobs":
+        from .api import build_from_logprobs
+
+        if not cfg.data.path:
+            raise UserError("cache.source=logprobs reads data.path: the JSONL that `stillroom generate --api "
+                            "... --top-logprobs K` wrote")
+        build_from_logprobs(cfg, teacher.tokenizer, teacher.model.config, args.overwrite, not args.no_progress)
+        s = summary(cfg.cache.path)
+        print(f"{s['samples']:,} samples, {s['rows']:,} positions from the API's logprobs in {cfg.cache.path}")
+        return 0
     check_context(cfg, teacher.model.config)
     existing(cfg, teacher.model, teacher.tokenizer, args.overwrite, skip=("data",))  # before any data work
     cfg, train, held = prepare_data(cfg, teacher, SimpleNamespace(is_main_process=True, num_processes=1))
@@ -154,8 +164,18 @@ def cmd_generate(args) -> int:
                      "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                      "seed": args.seed}, GenerateConfig)
     prompts = read_prompts(gcfg.prompts, gcfg.num_prompts, gcfg.prompt_field, gcfg.split, gcfg.system, gcfg.dedup)
-    loaded = models.load(args.teacher)
-    teacher = LocalTeacher(loaded.model, loaded.tokenizer, args.teacher)
+    if args.api:
+        from .api import ApiTeacher
+
+        tok = models.load(args.tokenizer).tokenizer if args.tokenizer else None
+        teacher = ApiTeacher(args.api, args.api_model, args.api_key_env, args.concurrency, args.rate_limit,
+                             args.top_logprobs, max_retries=args.max_retries, tokenizer=tok)
+    else:
+        if args.top_logprobs:
+            raise UserError("--top-logprobs is for --api teachers (a local teacher's full distributions "
+                            "are cached with `stillroom cache`)")
+        loaded = models.load(args.teacher)
+        teacher = LocalTeacher(loaded.model, loaded.tokenizer, args.teacher)
     out = generate_file(teacher, prompts, Path(args.out), gcfg, progress=not args.no_progress)
     rows = sum(1 for _ in open(out, encoding="utf-8"))
     print(f"{rows} conversations for {len(prompts)} prompts in {out}")
@@ -236,6 +256,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", action="store_true")
+    a = g.add_argument_group("API teacher (an OpenAI-compatible endpoint instead of --teacher)")
+    a.add_argument("--api", metavar="BASE_URL", help="e.g. http://127.0.0.1:8080/v1")
+    a.add_argument("--api-model", default="teacher", help="the model name the endpoint serves")
+    a.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    a.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    a.add_argument("--rate-limit", type=float, default=0.0, help="max requests per second (0 = no cap)")
+    a.add_argument("--top-logprobs", type=int, default=0,
+                   help="keep each token's top-K log-probs (0..20) for soft labels: stillroom cache "
+                        "cache.source=logprobs")
+    a.add_argument("--max-retries", type=int, default=6,
+                   help="retries of a failed request (exponential backoff, Retry-After honoured)")
+    a.add_argument("--tokenizer", help="a model whose tokenizer counts prompt tokens (--max-prompt-tokens)")
     g.set_defaults(func=cmd_generate)
     return p
 

@@ -114,6 +114,10 @@ class GenerateConfig(Section):
 class CacheConfig(Section):
     """`stillroom cache`: the teacher's top-k next-token distributions over the data, stored once."""
     path: str = "runs/cache"
+    source: Literal["teacher", "logprobs"] = "teacher"
+    """teacher: run teacher.model over the data. logprobs: read the `teacher_logprobs` that
+    `stillroom generate --api ... --top-logprobs K` stored in data.path (teacher.model then only
+    names the tokenizer, which must be the endpoint's)."""
     top_k: int = Field(64, ge=1)
     dtype: Literal["float16", "float32"] = "float16"
     """Storage of the top-k log-probs (ids are int32, tail and label log-probs float32)."""

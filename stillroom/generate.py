@@ -226,12 +226,15 @@ def generate_file(teacher, tokenizer_or_prompts, prompts=None, out: Path | None 
             lines = []
             for conv, answers in zip(keep, teacher.answer(keep, gcfg, seed=a) if keep else []):
                 seen = set()
-                for r in answers:
-                    key = re.sub(r"\s+", " ", r)
-                    if not r or (gcfg.dedup and key in seen):
+                for r in answers:  # a string, or {"content": ..., "teacher_logprobs": [...]} (API)
+                    extra = r if isinstance(r, dict) else {}
+                    text = extra.pop("content", None) if extra else r
+                    key = re.sub(r"\s+", " ", text)
+                    if not text.strip() or (gcfg.dedup and key in seen):
                         continue
                     seen.add(key)
-                    lines.append(json.dumps({"messages": conv + [{"role": "assistant", "content": r}]}) + "\n")
+                    row = {"messages": conv + [{"role": "assistant", "content": text}], **extra}
+                    lines.append(json.dumps(row) + "\n")
             f.write("".join(lines).encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())

@@ -83,7 +83,8 @@ class TopK:
         KL = sum_k p_k (log p_k - log q_k) + p_tail (log p_tail - log q_tail),
     with q_tail the student's own mass outside the k ids. Equivalently, the tail mass is spread over
     the other tokens in proportion to the student's own probabilities. Nothing is invented about
-    the tail, and with k = V (p_tail = 0) it is exactly the dense KL.
+    the tail, and with k = V (p_tail = 0) it is exactly the dense KL. A row may hold fewer than k
+    entries (an API's top-20, say): pad it with distinct unused ids and log-prob -inf ("no entry").
     """
     ids: torch.Tensor       # (..., k) int64
     logp: torch.Tensor      # (..., k) float
@@ -135,12 +136,16 @@ def _dense_kl(log_q, t, T, want_grad):
 
 def _sparse_kl(log_q, t: TopK, want_grad):
     """Tail-bucket KL (see TopK) rows, and the effective target p~ for the gradient:
-    p_k on the k ids, p_tail * q_v / q_tail elsewhere; d KL / d (s/T) = q - p~."""
+    p_k on the k ids, p_tail * q_v / q_tail elsewhere; d KL / d (s/T) = q - p~.
+    An entry with log-prob -inf is "no entry" (a row with fewer than k): its token stays in the tail."""
     logp = t.logp.float()
     log_tail = t.log_tail.float()
+    valid = torch.isfinite(logp)
     lq_k = log_q.gather(-1, t.ids)
     p_k = logp.exp()
-    log_q_tail = torch.logsumexp(log_q.scatter(-1, t.ids, float("-inf")), dim=-1)
+    outside = log_q.scatter(-1, t.ids, torch.where(valid, float("-inf"), lq_k))
+    log_q_tail = torch.logsumexp(outside, dim=-1)
+    del outside
     tail_ok = torch.isfinite(log_tail) & torch.isfinite(log_q_tail)
     head = torch.where((p_k > 0) & torch.isfinite(lq_k), p_k * (logp - lq_k), 0.0).sum(-1)
     diff = torch.where(tail_ok, log_tail - log_q_tail, 0.0)
@@ -149,7 +154,7 @@ def _sparse_kl(log_q, t: TopK, want_grad):
         return kl, None
     r = torch.where(tail_ok, diff.exp(), 0.0)  # p_tail / q_tail
     p_tilde = log_q.exp().mul_(r.unsqueeze(-1))
-    return kl, p_tilde.scatter_(-1, t.ids, p_k)
+    return kl, p_tilde.scatter_(-1, t.ids, torch.where(valid, p_k, p_tilde.gather(-1, t.ids)))
 
 
 def _chunk_terms(s, targets, y, keep, w_ce, temperature, hard, want_grad):

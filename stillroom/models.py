@@ -232,6 +232,9 @@ def build_student(s, teacher: Loaded, seed: int = 0) -> tuple[torch.nn.Module, o
         model, keep = student_from_teacher(source, s.layers, s.num_layers)
         return model, teacher.tokenizer, f"teacher layers {keep} of {source.config.num_hidden_layers}"
     if s.init == "config":
+        if teacher.model_config() is None:
+            raise UserError("student.init=config needs the teacher's model config, which this cache lacks; "
+                            "use student.init=from_teacher or pretrained")
         model = student_from_config(teacher.model_config(), s, seed=seed)
         return model, teacher.tokenizer, (f"new {s.num_layers} layers, hidden {s.hidden_size}, "
                                           f"{s.num_heads} heads (random init)")

@@ -134,3 +134,22 @@ def test_mixed_loss_with_no_targets_is_cross_entropy():
         mutual_loss(s, [], y)
     with pytest.raises(ValueError):
         forward_kl(s, TopK(torch.zeros(2, 4, 3, dtype=torch.long), torch.zeros(2, 4, 3), torch.zeros(2, 4)))
+
+
+def test_topk_rows_padded_with_no_entry_equal_the_shorter_rows():
+    """A row with fewer than k entries, padded with distinct ids at log-prob -inf, is the same
+    target as the short row itself (the padded tokens stay in the tail bucket)."""
+    s, t = logits(1, 4, 10, seed=12), logits(1, 4, 10, seed=13).detach()
+    short = topk_targets(t, 3)
+    used = set(short.ids.flatten().tolist())
+    spare = [v for v in range(10) if v not in used][:2]
+    assert len(spare) == 2
+    pad_ids = torch.tensor(spare).expand(1, 4, 2)
+    padded = TopK(torch.cat([short.ids, pad_ids], -1),
+                  torch.cat([short.logp, torch.full((1, 4, 2), float("-inf"))], -1), short.log_tail)
+    a = forward_kl(s, short)
+    (ga,) = torch.autograd.grad(a, s)
+    b = forward_kl(s, padded)
+    (gb,) = torch.autograd.grad(b, s)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    torch.testing.assert_close(ga, gb)

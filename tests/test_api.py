@@ -1,0 +1,141 @@
+"""API teachers: top-logprobs rows -> a teacher cache on the student's tokenization, and the client
+against a real OpenAI-compatible server (llama.cpp's, through llama-cpp-python) when installed."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from stillroom import models
+from stillroom.api import _pieces, build_from_logprobs
+from stillroom.cache import TeacherCache, positions
+from stillroom.config import load_config
+from stillroom.data import Example, render_chat
+from stillroom.losses import topk_targets
+
+from conftest import CORPUS, run_cli, tiny_overrides
+
+
+def endpoint_rows(teacher, tok, K=5):
+    """What an endpoint serving `teacher` returns with top_logprobs=K: per answer token its text,
+    log-prob and top-K alternatives (computed here by teacher forcing on the rendered chat)."""
+    rows = []
+    for i in range(6):
+        msgs = [{"role": "user", "content": f"Say something about cat {i}."},
+                {"role": "assistant", "content": CORPUS[i]}]
+        ids, labels = render_chat(tok, msgs)
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        answer = [j for j, y in enumerate(labels) if y != -100]
+        answer = answer[:len(tok(CORPUS[i], add_special_tokens=False)["input_ids"])]  # the text, not <|im_end|>
+        lp = []
+        for j in answer:
+            v, top = logp[j - 1].topk(K)
+            lp.append({"token": tok.decode([ids[j]]), "logprob": float(logp[j - 1, ids[j]]),
+                       "top": [[tok.decode([int(t)]), float(x)] for x, t in zip(v, top)]})
+        rows.append({"messages": msgs, "teacher_logprobs": lp})
+    return rows
+
+
+def test_logprobs_rows_become_a_cache_on_the_students_tokens(tmp_path, teacher_dir):
+    t = models.load(str(teacher_dir))
+    rows = endpoint_rows(t.model, t.tokenizer)
+    rows[5]["teacher_logprobs"][0]["token"] = "not the same split"  # one row that does not align
+    data = tmp_path / "api.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, [f"teacher.model={teacher_dir}", f"data.path={data}", "data.seq_len=256",
+                             f"cache.path={tmp_path / 'c'}", "cache.source=logprobs", "cache.top_k=8"])
+    index = build_from_logprobs(cfg, t.tokenizer, progress=False)
+    assert index["logprobs"]["rows"] == 6 and index["logprobs"]["aligned"] == 5
+    cache = TeacherCache(tmp_path / "c")
+    unique = set(_pieces(t.tokenizer).values())  # ids whose text no other id shares (the rest: tail bucket)
+    checked = 0
+    for n, r in enumerate(rows):
+        ids, labels = render_chat(t.tokenizer, r["messages"])
+        e = Example(ids, labels)
+        got = cache.targets([e], len(ids), "cpu")
+        with torch.no_grad():
+            live = topk_targets(t.model(input_ids=torch.tensor([ids])).logits, 5)
+        n_soft = len(r["teacher_logprobs"])
+        for row, p in enumerate(positions(e)):
+            g_ids, g_logp = got.top.ids[0, p], got.top.logp[0, p]
+            listed = torch.isfinite(g_logp)
+            if n < 5 and row < n_soft:   # soft: the endpoint's top-5 (+ the sampled token), same ids
+                expect = {tid: v for tid, v in zip(live.ids[0, p].tolist(), live.logp[0, p].tolist())
+                          if tid in unique}
+                assert set(g_ids[listed].tolist()) >= set(expect)
+                checked += len(expect)
+                top = dict(zip(g_ids[listed].tolist(), g_logp[listed].tolist()))
+                for tid, v in expect.items():
+                    assert top[tid] == pytest.approx(v, abs=1e-5)
+                assert float(got.top.log_tail[0, p]) == pytest.approx(
+                    float(torch.log1p(-torch.tensor(list(top.values())).exp().sum())), abs=1e-4)
+            else:                        # hard: all mass on the true next token
+                assert listed.sum() == 1 and int(g_ids[listed][0]) == labels[p + 1]
+    assert checked > 20
+    # and a student trains from it
+    out = tmp_path / "run"
+    r = run_cli("distill", *tiny_overrides(teacher_dir, data, out), "teacher.kind=cache",
+                f"teacher.cache={tmp_path / 'c'}", "data.seq_len=256", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    """llama.cpp's OpenAI-compatible server (llama-cpp-python[server]) serving the bundled teacher
+    GGUF on loopback. Skipped where the package is not installed (`make test-api` installs it)."""
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] not installed (make test-api)")
+    gguf = models.bundled_gguf("smollm2-135m")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+                             "--port", str(port), "--model_alias", "teacher", "--n_ctx", "2048",
+                             "--logits_all", "true", "--n_threads", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(240):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail("llama server exited: " + proc.stderr.read()[-2000:])
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.real
+def test_api_teacher_against_a_real_server(tmp_path, llama_server):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Name a colour.\nName a fruit.\nSay hello.\n")
+    out = tmp_path / "api.jsonl"
+    args = ["generate", "--api", llama_server, "--api-model", "teacher", "--prompts", prompts, "--out", out,
+            "--max-new-tokens", "12", "--top-logprobs", "5", "--concurrency", "2", "--no-progress"]
+    r = run_cli(*args, "--num-prompts", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(*args)  # continues with the third prompt
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [row["messages"][0]["content"] for row in rows] == ["Name a colour.", "Name a fruit.", "Say hello."]
+    assert all(row["teacher_logprobs"] and len(row["teacher_logprobs"][0]["top"]) == 5 for row in rows)
+    # the endpoint serves the bundled teacher: its logprobs align with the bundled tokenizer
+    r = run_cli("cache", "teacher.model=smollm2-135m", f"data.path={out}", "cache.source=logprobs",
+                f"cache.path={tmp_path / 'c'}", "cache.top_k=8", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    index = json.loads((tmp_path / "c" / "index.json").read_text())
+    assert index["logprobs"]["aligned"] >= 2 and index["logprobs"]["soft_positions"] > 0
+    # an endpoint that is not there: one line, exit 2, what was written stays
+    r = run_cli("generate", "--api", "http://127.0.0.1:9/v1", "--prompts", prompts, "--out", tmp_path / "x.jsonl",
+                "--no-progress", "--max-retries", "0")
+    assert r.returncode == 2 and "cannot reach the API" in r.stderr, r.stderr[-2000:]
