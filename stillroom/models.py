@@ -196,11 +196,12 @@ def student_from_teacher(teacher, layers: list[int] | None = None, num_layers: i
     return student, keep
 
 
-def student_from_config(teacher_config, scfg, seed: int = 0):
-    """A fresh, randomly initialised model of the teacher's family and vocabulary, resized."""
+def student_from_config(teacher, scfg, seed: int = 0):
+    """A fresh, randomly initialised model of the teacher's family and vocabulary, resized.
+    `teacher`: the teacher model or its config."""
     from transformers import AutoModelForCausalLM
 
-    cfg = copy.deepcopy(teacher_config)
+    cfg = copy.deepcopy(getattr(teacher, "config", teacher))
     hidden, heads = scfg.hidden_size, scfg.num_heads
     kv = scfg.num_kv_heads or heads
     if hidden % heads:
