@@ -401,8 +401,7 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
                     peers[0].snapshot = exchange_weights(peers[0].model, copies, rank)
                 stale = [m for j, m in enumerate(copies) if j != rank]
                 loss, tokens = step_weights(peers[0], stale, teacher.model, own, cfg, accelerator, width, peers_on)
-            both = accelerator.gather(torch.tensor([[loss, tokens]], dtype=torch.float64, device=device))
-            losses, tokens = both[:, 0].tolist(), int(both[:, 1].sum())
+            losses = [loss]
         norms = []
         for p in peers:
             norm = None
@@ -412,13 +411,18 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
             p.optimizer.step()
             p.scheduler.step()
             p.optimizer.zero_grad(set_to_none=True)
+        lrs = [p.scheduler.get_last_lr()[0] for p in peers]
+        if mode != "mutual":  # one peer per process: collect every peer's numbers for the log
+            row = [losses[0], tokens, lrs[0], norms[0] if norms[0] is not None else float("nan")]
+            both = accelerator.gather(torch.tensor([row], dtype=torch.float64, device=device))
+            losses, tokens, lrs = both[:, 0].tolist(), int(both[:, 1].sum()), both[:, 2].tolist()
+            norms = [None if x != x else x for x in both[:, 3].tolist()]
         tokens_seen += tokens
         done = step + 1
         elapsed = time.perf_counter() - t_start
         names = [p.name for p in cfg.peers]
         record = {"step": done, "loss": dict(zip(names, [round(x, 5) for x in losses])),
-                  "lr": {p.name: p.scheduler.get_last_lr()[0] for p in peers},
-                  "grad_norm": {p.name: g for p, g in zip(peers, norms)},
+                  "lr": dict(zip(names, lrs)), "grad_norm": dict(zip(names, norms)),
                   "peer_terms": peers_on, "tokens_per_s": round(tokens_seen / elapsed, 1),
                   "elapsed_s": round(elapsed, 1)}
         if done % t.log_every == 0 or done == t.max_steps:

@@ -157,7 +157,7 @@ def test_predictions_mode_run_under_two_processes(tmp_path, teacher_dir, chat_fi
     assert set(metrics["eval"]) == {"teacher", "a before", "b before", "a after", "b after", "ensemble after"}
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["peer_terms"] for x in lines] == [False, True, True]
-    assert all(set(x["loss"]) == {"a", "b"} for x in lines)
+    assert all(set(x["loss"]) == set(x["lr"]) == set(x["grad_norm"]) == {"a", "b"} for x in lines)
     for name in ("a", "b"):
         assert (out / "final" / name / "model.safetensors").is_file()
 
