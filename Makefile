@@ -1,11 +1,12 @@
 # `make demo`: set up and run the embedded default distillation (about 15 min on 2 CPU cores).
 # `make test`: set up and run the test suite.
+# `make test-api`: build llama.cpp's server once and test the API teacher against it (CI runs both).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-api bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +25,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The API-teacher test against a real OpenAI-compatible server: llama.cpp's, from llama-cpp-python,
+# which compiles llama.cpp from source (about 10-20 min on 2 cores), so it is its own step.
+$(VENV)/.api-server: $(VENV)/.installed
+	$(PIP) install -q 'llama-cpp-python[server]==0.3.36'
+	touch $@
+
+test-api: $(VENV)/.api-server
+	$(PY) -m pytest -q tests/test_api.py
 
 bench: setup
 	$(PY) bench/kd_step.py

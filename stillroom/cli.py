@@ -288,7 +288,7 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="stillroom: %(message)s")
-    for noisy in ("accelerate", "httpx", "huggingface_hub", "datasets"):
+    for noisy in ("accelerate", "httpx", "huggingface_hub", "datasets", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         _quiet_libraries()

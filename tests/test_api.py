@@ -91,25 +91,30 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def llama_server():
+def llama_server(tmp_path_factory):
     """llama.cpp's OpenAI-compatible server (llama-cpp-python[server]) serving the bundled teacher
     GGUF on loopback. Skipped where the package is not installed (`make test-api` installs it)."""
+    import urllib.request
+
     pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] not installed (make test-api)")
     gguf = models.bundled_gguf("smollm2-135m")
     port = free_port()
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                              "--port", str(port), "--model_alias", "teacher", "--n_ctx", "2048",
-                             "--logits_all", "true", "--n_threads", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--logits_all", "true", "--n_threads", "2", "--verbose", "false"],
+                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     for _ in range(240):
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            urllib.request.urlopen(url + "/models", timeout=2).read()
             break
         except OSError:
             if proc.poll() is not None:
-                pytest.fail("llama server exited: " + proc.stderr.read()[-2000:])
+                pytest.fail("llama server exited; see " + log.name)
             time.sleep(0.5)
+    else:
+        pytest.fail("llama server did not answer within 2 minutes; see " + log.name)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
