@@ -144,3 +144,62 @@ def test_api_teacher_against_a_real_server(tmp_path, llama_server):
     r = run_cli("generate", "--api", "http://127.0.0.1:9/v1", "--prompts", prompts, "--out", tmp_path / "x.jsonl",
                 "--no-progress", "--max-retries", "0")
     assert r.returncode == 2 and "cannot reach the API" in r.stderr, r.stderr[-2000:]
+
+
+def test_rate_limit_spaces_request_starts(monkeypatch):
+    """--rate-limit R: request starts are at least 1/R s apart (a fake clock: no real waiting)."""
+    from stillroom import api
+
+    clock, slept = [100.0], []
+    monkeypatch.setattr(api.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(api.time, "sleep", lambda s: slept.append(round(s, 6)))
+    teacher = api.ApiTeacher("http://127.0.0.1:9/v1", "m", rate_limit=4.0)
+    for _ in range(3):
+        teacher._throttle()
+    assert slept == [0.25, 0.5]          # the 2nd and 3rd requests wait their turn
+    clock[0] += 10.0                      # after a long pause the next one goes at once
+    teacher._throttle()
+    assert slept == [0.25, 0.5]
+
+
+def test_a_throttled_endpoint_is_retried(tmp_path):
+    """A 429 with Retry-After is retried (by the openai client) and the run goes on."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from stillroom.api import ApiTeacher
+    from stillroom.config import GenerateConfig
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.path)
+            if len(seen) == 1:
+                self.send_response(429)
+                self.send_header("Retry-After", "0")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+                return
+            body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": "Blue."}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        t = ApiTeacher(f"http://127.0.0.1:{server.server_port}/v1", "m", max_retries=2)
+        got = t.answer([[{"role": "user", "content": "Name a colour."}]], GenerateConfig(), seed=0)
+    finally:
+        server.shutdown()
+    assert got == [["Blue."]] and len(seen) == 2
