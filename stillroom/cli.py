@@ -51,32 +51,21 @@ def _run_config(args, cls):
 
 
 def cmd_distill(args) -> int:
-    from .config import Config
+    """distill (one student) and codistill (peers): same arguments, same end (the table)."""
+    from .config import CodistillRunConfig, Config
 
-    cfg = _run_config(args, Config)
+    codistill = args.command == "codistill"
+    cfg = _run_config(args, CodistillRunConfig if codistill else Config)
     if cfg is None:
         return 0
-    from .train import distill
-
-    result = distill(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+    if codistill:
+        from .codistill import codistill as run
+    else:
+        from .train import distill as run
+    result = run(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
     if result:
         print(result["table"])
-        print(f"student saved to {result['final']}")
-    return 0
-
-
-def cmd_codistill(args) -> int:
-    from .config import CodistillRunConfig
-
-    cfg = _run_config(args, CodistillRunConfig)
-    if cfg is None:
-        return 0
-    from .codistill import codistill
-
-    result = codistill(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
-    if result:
-        print(result["table"])
-        print(f"peers saved to {result['final']}/<name>")
+        print(f"{'peers' if codistill else 'student'} saved to {result['final']}{'/<name>' if codistill else ''}")
     return 0
 
 
@@ -211,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="continue every peer from the last checkpoint")
     c.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
-    c.set_defaults(func=cmd_codistill)
+    c.set_defaults(func=cmd_distill)
 
     k = sub.add_parser("cache", help="run the teacher once over the data and store its top-k outputs",
                        description="Cache the teacher's top-k next-token distributions (at loss.temperature) "

@@ -49,7 +49,7 @@ from .data import micro_batch
 from .errors import UserError
 from .losses import IGNORE_INDEX, mixed_loss, mutual_loss, topk_targets
 from .train import (checkpoints, check_context, lr_lambda, make_accelerator, make_optimizer,
-                    prepare_data, prepare_output, to_batch, window)
+                    prepare_data, prepare_output, save_checkpoint, to_batch, window)
 
 log = logging.getLogger("stillroom")
 
@@ -222,24 +222,12 @@ def collect_on_main(own_model, peer_models: dict, cfg, rank):
 # ------------------------------------------------------------------------------------ checkpoints
 
 def save_peers(accelerator, out: Path, step: int, owned: list[Peer], write: bool, keep: int):
-    final = out / "checkpoints" / f"step_{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    if write:
-        for p in owned:
+    def write_peers(tmp):
+        for p in owned if write else []:
             torch.save({"model": accelerator.unwrap_model(p.model).state_dict(),
                         "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
                         "snapshot": p.snapshot}, tmp / f"{p.name}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-        os.replace(tmp, final)
-        for old in checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    save_checkpoint(accelerator, out, step, keep, write_peers)
 
 
 def load_peers(path: Path, owned: list[Peer], accelerator):

@@ -147,14 +147,19 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def save_checkpoint(accelerator, out: Path, step: int, keep: int):
-    """Atomic: written under a temporary name, renamed when complete."""
+def save_checkpoint(accelerator, out: Path, step: int, keep: int, write=None):
+    """Atomic: written under a temporary name, renamed when complete; older ones beyond `keep`
+    removed. `write(tmp)` runs on every process (default: Accelerate's save_state)."""
     final = out / "checkpoints" / f"step_{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    if write is None:
+        accelerator.save_state(str(tmp))
+    else:
+        write(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))

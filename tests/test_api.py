@@ -1,7 +1,6 @@
 """API teachers: top-logprobs rows -> a teacher cache on the student's tokenization, and the client
 against a real OpenAI-compatible server (llama.cpp's, through llama-cpp-python) when installed."""
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -2,7 +2,6 @@
 shuffled epochs, refusal of a cache built for something else, resume after a kill, and training
 from the cache without loading the teacher."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The CLI as a user calls it: recipes, overrides, eval, generate, and one-line errors (exit 2)."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 
