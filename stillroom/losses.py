@@ -134,27 +134,46 @@ def _dense_kl(log_q, t, T, want_grad):
     return kl, (p if want_grad else None)
 
 
-def _sparse_kl(log_q, t: TopK, want_grad):
-    """Tail-bucket KL (see TopK) rows, and the effective target p~ for the gradient:
-    p_k on the k ids, p_tail * q_v / q_tail elsewhere; d KL / d (s/T) = q - p~.
-    An entry with log-prob -inf is "no entry" (a row with fewer than k): its token stays in the tail."""
+def _sparse_kl(log_q, q, t: TopK):
+    """Tail-bucket KL (see TopK) rows, and what its gradient needs: (kl, (r, p_k, valid)).
+
+    q = exp(log_q) is passed in (shared by every target of the chunk) and left unchanged. The
+    student's mass outside the listed ids is summed directly (the listed entries zeroed in place,
+    then restored), not as 1 - sum(listed), which would cancel badly when the listed tokens hold
+    nearly all of it. An entry with log-prob -inf is "no entry" (a row with fewer than k): its
+    token stays in the tail. d KL / d (s/T) = q - p~, with p~ = p_k on the listed ids and
+    r * q elsewhere, r = p_tail / q_tail."""
+    ids = t.ids
     logp = t.logp.float()
     log_tail = t.log_tail.float()
     valid = torch.isfinite(logp)
-    lq_k = log_q.gather(-1, t.ids)
+    lq_k = log_q.gather(-1, ids)
+    q_k = q.gather(-1, ids)
+    q.scatter_(-1, ids, torch.where(valid, 0.0, q_k))
+    log_q_tail = torch.log(q.sum(-1))
+    q.scatter_(-1, ids, q_k)
     p_k = logp.exp()
-    outside = log_q.scatter(-1, t.ids, torch.where(valid, float("-inf"), lq_k))
-    log_q_tail = torch.logsumexp(outside, dim=-1)
-    del outside
     tail_ok = torch.isfinite(log_tail) & torch.isfinite(log_q_tail)
     head = torch.where((p_k > 0) & torch.isfinite(lq_k), p_k * (logp - lq_k), 0.0).sum(-1)
     diff = torch.where(tail_ok, log_tail - log_q_tail, 0.0)
     kl = head + torch.where(tail_ok, log_tail.exp() * diff, 0.0)
-    if not want_grad:
-        return kl, None
-    r = torch.where(tail_ok, diff.exp(), 0.0)  # p_tail / q_tail
-    p_tilde = log_q.exp().mul_(r.unsqueeze(-1))
-    return kl, p_tilde.scatter_(-1, t.ids, torch.where(valid, p_k, p_tilde.gather(-1, t.ids)))
+    r = torch.where(tail_ok, diff.exp(), 0.0)
+    return kl, (r, p_k, valid)
+
+
+def _p_tilde(q, t: TopK, stats):
+    """The effective target of a TopK (full size, new memory)."""
+    r, p_k, valid = stats
+    p = q * r.unsqueeze(-1)
+    return p.scatter_(-1, t.ids, torch.where(valid, p_k, p.gather(-1, t.ids)))
+
+
+def _sparse_grad_(q, t: TopK, stats, scale):
+    """scale * (q - p~), written into q (its last use)."""
+    r, p_k, valid = stats
+    q_k = q.gather(-1, t.ids)
+    q.mul_(((1.0 - r) * scale).unsqueeze(-1))
+    return q.scatter_(-1, t.ids, torch.where(valid, (q_k - p_k) * scale, q.gather(-1, t.ids)))
 
 
 def _chunk_terms(s, targets, y, keep, w_ce, temperature, hard, want_grad):
@@ -178,20 +197,25 @@ def _chunk_terms(s, targets, y, keep, w_ce, temperature, hard, want_grad):
 
     if soft:
         single = len(targets) == 1
+        q = log_q.exp() if want_grad or any(isinstance(t, TopK) for t, _ in targets) else None
         acc, w_sum = None, 0.0  # acc = sum_j w_j p_j (just p_1 for a single target)
         for t, w in targets:
-            kl, p = _sparse_kl(log_q, t, want_grad) if isinstance(t, TopK) else _dense_kl(log_q, t, T, want_grad)
+            sparse = isinstance(t, TopK)
+            kl, p = _sparse_kl(log_q, q, t) if sparse else _dense_kl(log_q, t, T, want_grad)
             loss = loss + w * T * T * torch.where(keep, kl, 0.0).sum()
             w_sum += w
-            if want_grad:
+            if want_grad and single and sparse:      # the cached-teacher path: no full-size extras
+                grad = _sparse_grad_(q, t, p, w * T)
+            elif want_grad:
+                p = _p_tilde(q, t, p) if sparse else p
                 p = p if single else p.mul_(w)
                 acc = p if acc is None else acc.add_(p)
             del p
-        if want_grad:
-            q = log_q.exp()
+        if want_grad and grad is None:
             grad = q.sub_(acc).mul_(targets[0][1] * T) if single else q.mul_(w_sum).sub_(acc).mul_(T)
+        if want_grad:
             grad = _zero_rows(grad, keep)
-        del acc
+        del acc, q
     else:
         # Hard labels: CE against each target's argmax token at each position.
         # log_q is still needed by the CE term when both run at T = 1: not consumed here.
