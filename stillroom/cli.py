@@ -178,40 +178,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"stillroom {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("distill", help="train a student from a teacher",
-                       description="Train a student to match a teacher. With no config: the embedded "
-                                   "default (bundled SmolLM2-135M teacher, 6-layer student, soft labels).")
-    d.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]",
-                   help="a YAML file or bundled recipe (soft, hard), then dotted overrides like train.lr=1e-4")
-    d.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    d.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
-    d.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    d.add_argument("--no-progress", action="store_true", help="no progress bar")
-    d.set_defaults(func=cmd_distill)
+    def config_command(name, help, description, args_help, overwrite_help, resume_help=None):
+        """A subcommand driven by a config: [CONFIG] [key=value ...] and the common flags."""
+        c = sub.add_parser(name, help=help, description=description)
+        c.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]", help=args_help)
+        c.add_argument("--overwrite", action="store_true", help=overwrite_help)
+        if resume_help:
+            c.add_argument("--resume", action="store_true", help=resume_help)
+        c.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        c.add_argument("--no-progress", action="store_true", help="no progress bar")
+        return c
 
-    c = sub.add_parser("codistill", help="train two or more models that teach each other",
-                       description="Co-distillation: peers learn from the labels and from each other "
-                                   "(codistill.mode: mutual in one process; predictions or weights with one "
-                                   "peer per process under accelerate launch).")
-    c.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]",
-                   help="a YAML file or bundled recipe (codistill, codistill_distributed), then dotted "
-                        "overrides like peers.1.num_layers=4 or codistill.mode=weights")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    c.add_argument("--resume", action="store_true", help="continue every peer from the last checkpoint")
-    c.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
-    c.set_defaults(func=cmd_distill)
-
-    k = sub.add_parser("cache", help="run the teacher once over the data and store its top-k outputs",
-                       description="Cache the teacher's top-k next-token distributions (at loss.temperature) "
-                                   "over the config's data; train from it with teacher.kind=cache "
-                                   "teacher.cache=DIR. Running it again continues an interrupted cache.")
-    k.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]",
-                   help="a YAML file or bundled recipe, then overrides like cache.path=runs/cache cache.top_k=64")
-    k.add_argument("--overwrite", action="store_true", help="replace a cache built differently")
-    k.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    k.add_argument("--no-progress", action="store_true", help="no progress bar")
-    k.set_defaults(func=cmd_cache, resume=False)
+    config_command("distill", "train a student from a teacher",
+                   "Train a student to match a teacher. With no config: the embedded default (bundled "
+                   "SmolLM2-135M teacher, 6-layer student, soft labels).",
+                   "a YAML file or bundled recipe (soft, hard), then dotted overrides like train.lr=1e-4",
+                   "replace an existing output folder", "continue from the last checkpoint in the output folder"
+                   ).set_defaults(func=cmd_distill)
+    config_command("codistill", "train two or more models that teach each other",
+                   "Co-distillation: peers learn from the labels and from each other (codistill.mode: mutual "
+                   "in one process; predictions or weights with one peer per process under accelerate launch).",
+                   "a YAML file or bundled recipe (codistill, codistill_distributed), then dotted overrides "
+                   "like peers.1.num_layers=4 or codistill.mode=weights",
+                   "replace an existing output folder", "continue every peer from the last checkpoint"
+                   ).set_defaults(func=cmd_distill)
+    config_command("cache", "run the teacher once over the data and store its top-k outputs",
+                   "Cache the teacher's top-k next-token distributions (at loss.temperature) over the config's "
+                   "data; train from it with teacher.kind=cache teacher.cache=DIR. Running it again continues "
+                   "an interrupted cache.",
+                   "a YAML file or bundled recipe, then overrides like cache.path=runs/cache cache.top_k=64",
+                   "replace a cache built differently").set_defaults(func=cmd_cache, resume=False)
 
     e = sub.add_parser("eval", help="compare a student with its teacher on held-out data")
     e.add_argument("--model", required=True, help="student: folder, .gguf or hub id")
