@@ -380,7 +380,8 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
                         teacher.model.generation_config if teacher.model is not None else None)
     metrics["table"] = evaluate.table(columns, held_tokens)
     if cache:
-        metrics["table"] += (f"\n(teacher read from the top-{cache.top_k} cache {cfg.teacher.cache}: KL is over its "
-                             "top-k + one tail bucket, a lower bound of the full KL)")
+        kl = ("KL is over its top-k + one tail bucket, a lower bound of the full KL" if cache.temperature == 1.0
+              else f"no KL at T=1 from a cache at T={cache.temperature}")
+        metrics["table"] += f"\n(teacher read from the top-{cache.top_k} cache {cfg.teacher.cache}: {kl})"
     metrics["final"] = str(final)
     return metrics
