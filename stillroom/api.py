@@ -193,7 +193,7 @@ def build_from_logprobs(cfg, tok, model_config=None, overwrite=False, progress=T
     tokenizer of cfg.teacher.model (which must be the endpoint's). Label log-probs (the teacher's
     perplexity in the eval) are exact where the true token is listed, else the tail mass (an
     upper bound)."""
-    from .cache import FORMAT, _flush, _write_json, positions, sample_id, tokenizer_hash
+    from .cache import FORMAT, ShardWriter, _write_json, positions, sample_id, tokenizer_hash
 
     out, k = Path(cfg.cache.path), cfg.cache.top_k
     if out.exists() and any(out.iterdir()):
@@ -210,8 +210,7 @@ def build_from_logprobs(cfg, tok, model_config=None, overwrite=False, progress=T
              "dtype": "float32", "data": {"path": cfg.data.path, "eval_path": cfg.data.eval_path},
              "teacher_params": None, "shards": [], "complete": False}
     _write_json(out / "index.json", index)
-    buf = {"ids": [], "logp": [], "tail": [], "label_logp": []}
-    samples, rows, stats, done = [], 0, {}, set()
+    writer, stats, done = ShardWriter(out, index, cfg.cache.shard_rows), {}, set()
     for e, targets, stats in tqdm(rows_from_logprobs(cfg.data.path, tok, cfg.data.seq_len, k),
                                   desc="logprobs -> cache", unit="row", disable=not progress):
         sid = sample_id(e)
@@ -233,18 +232,8 @@ def build_from_logprobs(cfg, tok, model_config=None, overwrite=False, progress=T
             mass = sum(math.exp(v) for _, v in t)
             tail[r] = math.log(1 - mass) if mass < 1 - 1e-6 else float("-inf")
             label_logp[r] = dict(t).get(true, math.log(max(1 - mass, 1e-12)))
-        buf["ids"].append(ids)
-        buf["logp"].append(logp)
-        buf["tail"].append(tail)
-        buf["label_logp"].append(label_logp)
-        samples.append([sid, len(targets)])
-        rows += len(targets)
-        if rows >= cfg.cache.shard_rows:
-            _flush(out, index, buf, samples)
-            buf = {kk: [] for kk in buf}
-            samples, rows = [], 0
-    if samples:
-        _flush(out, index, buf, samples)
+        writer.add(sid, ids, logp, tail, label_logp)
+    writer.flush()
     if not index["shards"]:
         raise UserError(f"no rows with teacher_logprobs in {cfg.data.path}")
     index["complete"] = True

@@ -80,17 +80,39 @@ def _identity(cfg, teacher, tok, width: int) -> dict:
             "data": {"path": cfg.data.path, "eval_path": cfg.data.eval_path}}
 
 
-def _flush(out: Path, index: dict, buf: dict, samples: list):
-    """Write the buffered rows as the next shard (temp name, rename), then list it in the index."""
-    from safetensors.torch import save_file
+class ShardWriter:
+    """Buffers samples' rows and writes them as shards of about `shard_rows` rows: each shard
+    under a temporary name, renamed, and only then listed in the index (replaced atomically)."""
 
-    name = f"shard-{len(index['shards']):05d}.safetensors"
-    tensors = {k: torch.cat(v) for k, v in buf.items()}
-    tmp = out / (name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out / name)
-    index["shards"].append({"file": name, "rows": int(tensors["tail"].shape[0]), "samples": samples})
-    _write_json(out / "index.json", index)
+    NAMES = ("ids", "logp", "tail", "label_logp")
+
+    def __init__(self, out: Path, index: dict, shard_rows: int):
+        self.out, self.index, self.shard_rows = out, index, shard_rows
+        self._reset()
+
+    def _reset(self):
+        self.buf, self.samples, self.rows = {k: [] for k in self.NAMES}, [], 0
+
+    def add(self, sid: str, ids, logp, tail, label_logp):
+        for k, v in zip(self.NAMES, (ids, logp, tail, label_logp)):
+            self.buf[k].append(v)
+        self.samples.append([sid, int(tail.shape[0])])
+        self.rows += int(tail.shape[0])
+        if self.rows >= self.shard_rows:
+            self.flush()
+
+    def flush(self):
+        from safetensors.torch import save_file
+
+        if not self.samples:
+            return
+        name = f"shard-{len(self.index['shards']):05d}.safetensors"
+        tmp = self.out / (name + ".tmp")
+        save_file({k: torch.cat(v) for k, v in self.buf.items()}, str(tmp))
+        os.replace(tmp, self.out / name)
+        self.index["shards"].append({"file": name, "rows": self.rows, "samples": self.samples})
+        _write_json(self.out / "index.json", self.index)
+        self._reset()
 
 
 def existing(cfg, teacher, tok, overwrite=False, skip=()) -> dict | None:
@@ -151,8 +173,7 @@ def build(cfg, examples: list[Example], teacher, tok, overwrite=False, progress=
     ids_dtype = torch.uint16 if width <= 2**16 else torch.int32
     device = next(teacher.parameters()).device
     pad = tok.pad_token_id
-    buf = {"ids": [], "logp": [], "tail": [], "label_logp": []}
-    samples, rows = [], 0
+    writer = ShardWriter(out, index, c.shard_rows)
     bar = tqdm(total=len(todo), desc="cache", unit="sample", disable=not progress)
     from .data import collate
     for a in range(0, len(todo), c.batch_size):
@@ -165,20 +186,11 @@ def build(cfg, examples: list[Example], teacher, tok, overwrite=False, progress=
             top = topk_targets(lg, k, T)
             nxt = torch.tensor(e.labels, device=device)[pos + 1]
             label_logp = torch.log_softmax(lg.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)
-            buf["ids"].append(top.ids.to(ids_dtype).cpu())
-            buf["logp"].append(top.logp.to(dtype).cpu())
-            buf["tail"].append(top.log_tail.float().cpu())
-            buf["label_logp"].append(label_logp.float().cpu())
-            samples.append([sid, len(pos)])
-            rows += len(pos)
+            writer.add(sid, top.ids.to(ids_dtype).cpu(), top.logp.to(dtype).cpu(), top.log_tail.float().cpu(),
+                       label_logp.float().cpu())
         del logits
         bar.update(len(part))
-        if rows >= c.shard_rows:
-            _flush(out, index, buf, samples)
-            buf = {kk: [] for kk in buf}
-            samples, rows = [], 0
-    if samples:
-        _flush(out, index, buf, samples)
+    writer.flush()
     bar.close()
     index["complete"] = True
     _write_json(out / "index.json", index)

@@ -49,7 +49,7 @@ from .data import micro_batch
 from .errors import UserError
 from .losses import IGNORE_INDEX, mixed_loss, mutual_loss, topk_targets
 from .train import (checkpoints, check_context, lr_lambda, make_accelerator, make_optimizer,
-                    prepare_data, prepare_output, save_checkpoint, to_batch, window)
+                    prepare_data, prepare_output, save_checkpoint, teacher_targets, to_batch, window)
 
 log = logging.getLogger("stillroom")
 
@@ -84,10 +84,10 @@ def peer_loss(s, others, labels, t_logits, cfg, peers_on, inplace):
 
 
 def teacher_logits(teacher, b, cfg, accelerator, width):
+    """The fixed teacher's logits, only when it has a weight (the hybrid)."""
     if cfg.codistill.teacher_weight == 0 or cfg.loss.alpha == 0:
         return None
-    with torch.no_grad(), accelerator.autocast():
-        return _logits(teacher, b, width)
+    return teacher_targets(teacher, b, accelerator, width)
 
 
 # ------------------------------------------------------------------------------------ one step per mode
@@ -185,26 +185,24 @@ def step_weights(peer, stale, teacher, own, cfg, accelerator, width, peers_on):
     return total, sum(int(b.attention_mask.sum()) for b in own)
 
 
-def exchange_weights(own_model, copies, rank):
-    """Every process ends with every peer's current weights: copies[j] <- peer j's, sent by
-    process j (torch.distributed.broadcast on the group Accelerate set up). copies[rank] is
-    the process's own live model, so it sends. Returns this peer's snapshot (what the others hold)."""
+def _broadcast_peers(own_tensors, copies, rank):
+    """copies[j] <- peer j's tensors, sent by process j (torch.distributed.broadcast on the group
+    Accelerate set up); this process sends `own_tensors` (in state_dict order) as its peer's."""
     for j, m in enumerate(copies):
-        src = own_model if j == rank else m
-        for t in src.state_dict().values():
+        for t in (own_tensors if j == rank else m.state_dict().values()):
             dist.broadcast(t, src=j)
+
+
+def exchange_weights(own_model, copies, rank):
+    """Every process ends with every peer's current weights (copies[rank] is the process's own
+    live model). Returns this peer's snapshot: what the others now hold of it."""
+    _broadcast_peers(own_model.state_dict().values(), copies, rank)
     return {k: v.detach().clone() for k, v in own_model.state_dict().items()}
 
 
 def restore_copies(own_snapshot, copies, rank):
     """After a resume: rebuild every process's stale copies from the owners' saved snapshots."""
-    for j, m in enumerate(copies):
-        if j == rank:
-            for t in own_snapshot.values():
-                dist.broadcast(t, src=j)
-        else:
-            for t in m.state_dict().values():
-                dist.broadcast(t, src=j)
+    _broadcast_peers(own_snapshot.values(), copies, rank)
 
 
 def collect_on_main(own_model, peer_models: dict, cfg, rank):

@@ -145,12 +145,6 @@ class LocalTeacher:
         return [flat[i * n:(i + 1) * n] for i in range(len(convs))]
 
 
-def answer(model, tokenizer, prompts: list[str], gcfg, batch_seed: int = 0) -> list[str]:
-    """One answer per prompt string (the library's simple entry point)."""
-    convs = [[{"role": "user", "content": p}] for p in prompts]
-    return [a[0] for a in LocalTeacher(model, tokenizer).answer(convs, gcfg, batch_seed)]
-
-
 # ------------------------------------------------------------------------------------ the file
 
 def _sha(obj) -> str:
@@ -195,22 +189,14 @@ def _resume(out: Path, progress: Path, prompts, settings: str) -> int:
     return done
 
 
-def generate_file(teacher, tokenizer_or_prompts, prompts=None, out: Path | None = None, gcfg=None,
-                  progress: bool = True, source: str = "") -> Path:
+def generate_file(teacher, prompts, out: Path, gcfg, progress: bool = True) -> Path:
     """Answer every prompt not yet answered in `out`, appending one JSON line per answer.
-
-    generate_file(LocalTeacher | ApiTeacher, prompts, out, gcfg) -- or, for a plain model,
-    generate_file(model, tokenizer, prompts, out, gcfg). Prompts are strings or conversations.
-    """
-    if isinstance(tokenizer_or_prompts, list):  # (teacher, prompts, out, gcfg)
-        prompts, out, gcfg = tokenizer_or_prompts, prompts, out
-    else:
-        teacher = LocalTeacher(teacher, tokenizer_or_prompts, source)
+    `teacher`: a LocalTeacher or api.ApiTeacher; prompts are strings or conversations."""
     convs = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     progress_file = out.with_name(out.name + ".progress.json")
-    settings = _settings(gcfg, getattr(teacher, "source", source))
+    settings = _settings(gcfg, teacher.source)
     start = _resume(out, progress_file, convs, settings)
     if start == len(convs):
         return out

@@ -98,7 +98,7 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
     loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     lc = cfg.loss
     for i, b in enumerate(batches):
-        t_logits = teacher_targets(teacher, b, accelerator) if lc.alpha > 0 else None
+        t_logits = teacher_targets(teacher, b, accelerator, width) if lc.alpha > 0 else None
         last = i == len(batches) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(student)
         with sync:
@@ -107,8 +107,6 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
                                    use_cache=False).logits
             if width:
                 s_logits = s_logits[..., :width]
-                if isinstance(t_logits, torch.Tensor):
-                    t_logits = t_logits[..., :width]
             # inplace_grad: the logits' storage receives their gradient (they are not read again).
             loss_sum = distill_loss(s_logits, t_logits, b.labels, alpha=lc.alpha,
                                     temperature=lc.temperature, kind=lc.kind, chunk=lc.chunk_rows,
@@ -204,7 +202,7 @@ def default_data(cfg: Config, teacher: models.Loaded) -> str:
     """The embedded default: the teacher's answers to the bundled prompts, generated once."""
     import hashlib
 
-    from .generate import generate_file, read_prompts
+    from .generate import LocalTeacher, generate_file, read_prompts
 
     g = cfg.generate
     prompts = read_prompts(g.prompts, g.num_prompts, g.prompt_field, g.split, g.system, g.dedup)
@@ -212,7 +210,7 @@ def default_data(cfg: Config, teacher: models.Loaded) -> str:
                        .encode()).hexdigest()[:12]
     path = models.cache_dir() / "data" / f"answers-{key}.jsonl"
     log.info("data: the teacher's answers to %d prompts (%s)", len(prompts), path)
-    generate_file(teacher.model, teacher.tokenizer, prompts, path, g, source=cfg.teacher.model)
+    generate_file(LocalTeacher(teacher.model, teacher.tokenizer, cfg.teacher.model), prompts, path, g)
     return str(path)
 
 

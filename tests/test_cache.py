@@ -95,17 +95,17 @@ def test_mismatched_cache_is_refused(tmp_path, teacher_dir, chat_file, text_file
 def test_cache_resumes_after_a_kill(tmp_path, teacher_dir, chat_file, monkeypatch):
     extra = ("cache.top_k=8", "cache.shard_rows=100")
     make_cache(teacher_dir, chat_file, tmp_path / "whole", *extra)
-    real_flush, calls = cache_mod._flush, []
+    real_flush, calls = cache_mod.ShardWriter.flush, []
 
     def dies_after_two(*args):
         real_flush(*args)
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt  # stands in for the kill, right after shard 2 was listed
-    monkeypatch.setattr(cache_mod, "_flush", dies_after_two)
+    monkeypatch.setattr(cache_mod.ShardWriter, "flush", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         make_cache(teacher_dir, chat_file, tmp_path / "killed", *extra)
-    monkeypatch.setattr(cache_mod, "_flush", real_flush)
+    monkeypatch.setattr(cache_mod.ShardWriter, "flush", real_flush)
     index = json.loads((tmp_path / "killed" / "index.json").read_text())
     assert len(index["shards"]) == 2 and not index["complete"]
     (tmp_path / "killed" / "shard-00002.safetensors.tmp").write_bytes(b"half a shard")  # torn write
