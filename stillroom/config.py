@@ -30,6 +30,9 @@ class TeacherConfig(Section):
     (written by `stillroom cache`); the teacher is then not loaded (except once to copy its layers
     for student.init=from_teacher)."""
     cache: Optional[str] = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The live teacher's weights: auto = bfloat16 on a CUDA GPU that runs it well, else float32
+    (on CPUs bf16 matmuls are slower than fp32)."""
 
     @model_validator(mode="after")
     def _needs(self):
@@ -133,6 +136,11 @@ class LossConfig(Section):
     temperature: float = Field(1.0, gt=0.0)
     chunk_rows: int = Field(64, ge=1)
     """Rows (positions) per chunk of the loss: smaller = less memory, more loop overhead."""
+    lean: bool = True
+    """Make the logits inside the loss, chunk by chunk, from both models' final hidden states and
+    only at positions with a label (never a full (batch, seq, vocab) tensor). false: the plain
+    path on the models' full logits. Models whose logits are not a plain linear head of their
+    last hidden state (soft-capping) use the plain path either way."""
 
 
 class TrainConfig(Section):

@@ -101,8 +101,47 @@ class TopK:
     def chunk(self, a, b) -> "TopK":
         return TopK(self.ids[a:b], self.logp[a:b], self.log_tail[a:b])
 
+    def select(self, idx) -> "TopK":
+        r = self.rows()
+        return TopK(r.ids.index_select(0, idx), r.logp.index_select(0, idx), r.log_tail.index_select(0, idx))
+
     def argmax(self) -> torch.Tensor:
         return self.ids.gather(-1, self.logp.argmax(-1, keepdim=True))
+
+
+@dataclass
+class Head:
+    """A target given as final hidden states and the linear head that turns them into logits:
+    logits = hidden @ weight.T (+ bias), computed chunk by chunk inside the loss, so the (rows, V)
+    logits never exist in full (the teacher's side of the lean path)."""
+    hidden: torch.Tensor                 # (..., H)
+    weight: torch.Tensor                 # (V, H)
+    bias: torch.Tensor | None = None     # (V,)
+
+    @property
+    def shape(self):
+        return self.hidden.shape[:-1]
+
+    def rows(self) -> "Head":
+        return Head(self.hidden.reshape(-1, self.hidden.shape[-1]), self.weight, self.bias)
+
+    def select(self, idx) -> "Head":
+        return Head(self.rows().hidden.index_select(0, idx), self.weight, self.bias)
+
+    def chunk(self, a, b) -> torch.Tensor:
+        return _linear(self.hidden[a:b], self.weight, self.bias)
+
+
+def _linear(h, weight, bias):
+    return torch.nn.functional.linear(h, weight, bias)
+
+
+def _target_rows(t):
+    return t.rows() if isinstance(t, (TopK, Head)) else _rows(t)
+
+
+def _target_chunk(t, a, b):
+    return t.chunk(a, b) if isinstance(t, (TopK, Head)) else t[a:b]
 
 
 def topk_targets(logits, k, temperature=1.0, chunk=DEFAULT_CHUNK_ROWS) -> TopK:
@@ -254,7 +293,7 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, student, targets, labels, keep, w_ce, temperature, hard, chunk, inplace):
         want_grad = ctx.needs_input_grad[0]
         s2 = _rows(student)
-        t2 = [(t.rows() if isinstance(t, TopK) else _rows(t), w) for t, w in targets]
+        t2 = [(_target_rows(t), w) for t, w in targets]
         y = labels.reshape(-1) if labels is not None else None
         k = keep.reshape(-1)
         grad = None
@@ -263,8 +302,7 @@ class _ChunkedLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for a in range(0, s2.shape[0], chunk):
             b = a + chunk
-            part, g = _chunk_terms(s2[a:b], [(t.chunk(a, b) if isinstance(t, TopK) else t[a:b], w)
-                                             for t, w in t2],
+            part, g = _chunk_terms(s2[a:b], [(_target_chunk(t, a, b), w) for t, w in t2],
                                    None if y is None else y[a:b], k[a:b],
                                    w_ce, temperature, hard, want_grad)
             total += part
@@ -282,6 +320,95 @@ class _ChunkedLoss(torch.autograd.Function):
         ctx.used = True
         (grad,) = ctx.saved_tensors
         return grad.mul_(grad_out), None, None, None, None, None, None, None, None
+
+
+class _LinearChunkedLoss(torch.autograd.Function):
+    """The lean path: like _ChunkedLoss, but the student's logits are made chunk by chunk from its
+    final hidden states inside the loss (logits = hidden @ weight.T + bias), and so are a `Head`
+    target's. The Liger-Kernel fused-linear idea in plain PyTorch: per chunk, the closed-form
+    gradient g = d loss / d logits (rows, V) gives d hidden = g @ weight and d weight += g.T @ hidden
+    at once; only (chunk, V) buffers and the (V, H) weight gradient ever exist."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, labels, keep, w_ce, temperature, hard, chunk):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        want_grad = need_h or need_w or need_b
+        g_h = torch.zeros_like(hidden) if need_h else None
+        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for a in range(0, hidden.shape[0], chunk):
+            b = a + chunk
+            h = hidden[a:b]
+            part, g = _chunk_terms(_linear(h, weight, bias), [(_target_chunk(t, a, b), w) for t, w in targets],
+                                   None if labels is None else labels[a:b], keep[a:b],
+                                   w_ce, temperature, hard, want_grad)
+            total += part
+            if want_grad:
+                g = g.to(hidden.dtype)
+                if need_h:
+                    torch.mm(g, weight.to(hidden.dtype), out=g_h[a:b])
+                if need_w:
+                    g_w.addmm_(g.t().float(), h.float())
+                if need_b:
+                    g_b += g.float().sum(0)
+            del g
+        ctx.save_for_backward(g_h, None if g_w is None else g_w.to(weight.dtype),
+                              None if g_b is None else g_b.to(bias.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if getattr(ctx, "used", False):
+            raise RuntimeError("stillroom losses support one backward per forward (no retain_graph reuse)")
+        ctx.used = True
+        g_h, g_w, g_b = ctx.saved_tensors
+        scale = lambda g: None if g is None else g.mul_(grad_out)  # noqa: E731
+        return scale(g_h), scale(g_w), scale(g_b), None, None, None, None, None, None, None
+
+
+def linear_mixed_loss(hidden, weight, targets, labels, ce_weight=0.0, temperature=1.0, kind="soft",
+                      chunk=DEFAULT_CHUNK_ROWS, bias=None):
+    """`mixed_loss` on the lean path: the student given by its final hidden states (..., H) and its
+    output head (weight (V, H), bias (V,)) instead of its logits; targets may be logits, TopK or
+    Head (a teacher's hidden states and head). Only positions with a label are computed at all, for
+    both models: a prompt token costs no head matmul. Same value and gradients as
+    `mixed_loss(hidden @ weight.T + bias, ...)` within fp32 rounding (tests pin it)."""
+    if kind not in ("soft", "hard"):
+        raise ValueError(f"kind must be 'soft' or 'hard', got {kind!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    lead, V = hidden.shape[:-1], weight.shape[0]
+    if labels.shape != lead:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden states {tuple(hidden.shape)}")
+    idx = (labels.reshape(-1) != IGNORE_INDEX).nonzero().view(-1)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)   # (n, H): positions with a label
+    y = labels.reshape(-1).index_select(0, idx)
+    tt = []
+    for t, w in targets:
+        if w < 0:
+            raise ValueError(f"target weights must be >= 0, got {w}")
+        if w == 0:
+            continue
+        width = t.weight.shape[0] if isinstance(t, Head) else None if isinstance(t, TopK) else t.shape[-1]
+        if t.shape[:len(lead)] != lead or (width is not None and width != V):
+            raise ValueError(f"a target of shape {tuple(t.shape)} (vocab {width}) does not match the student's "
+                             f"positions {tuple(lead)} and vocab {V}; align vocabularies first")
+        tt.append(((t.select(idx) if isinstance(t, (TopK, Head)) else _rows(t.detach()).index_select(0, idx)),
+                   float(w)))
+    keep = torch.ones(idx.shape, dtype=torch.bool, device=hidden.device)
+    return _LinearChunkedLoss.apply(h, weight, bias, tuple(tt), y, keep, float(ce_weight), float(temperature),
+                                    kind == "hard", chunk)
+
+
+def linear_distill_loss(hidden, weight, teacher, labels, alpha=0.5, temperature=1.0, kind="soft",
+                        chunk=DEFAULT_CHUNK_ROWS, bias=None):
+    """`distill_loss` on the lean path (see `linear_mixed_loss`); teacher: logits, TopK or Head."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    targets = [(teacher, alpha)] if teacher is not None and alpha > 0 else []
+    return linear_mixed_loss(hidden, weight, targets, labels, 1.0 - alpha, temperature, kind, chunk, bias)
 
 
 def _check(student_logits, teacher_logits=None, temperature=1.0):
@@ -426,5 +553,6 @@ def token_stats(student_logits, teacher_logits, labels, chunk=DEFAULT_CHUNK_ROWS
     return out
 
 
-__all__ = ["IGNORE_INDEX", "TopK", "shift_labels", "topk_targets", "forward_kl", "cross_entropy",
-           "hard_label_ce", "mixed_loss", "distill_loss", "mutual_loss", "token_stats"]
+__all__ = ["IGNORE_INDEX", "TopK", "Head", "shift_labels", "topk_targets", "forward_kl", "cross_entropy",
+           "hard_label_ce", "mixed_loss", "distill_loss", "mutual_loss", "linear_mixed_loss",
+           "linear_distill_loss", "token_stats"]

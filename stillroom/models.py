@@ -283,3 +283,52 @@ def weights_bytes(model) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
+
+
+# ------------------------------------------------------------------------------ the lean path's pieces
+
+def final_hidden(model, **inputs) -> torch.Tensor:
+    """(B, S, H): a causal LM's final hidden states, the input of its output head. Runs the model's
+    own forward (so a DDP wrapper syncs gradients as usual) with logits for one position only."""
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    return out.hidden_states[-1]
+
+
+def base_hidden(model, **inputs) -> torch.Tensor:
+    """Like final_hidden, for a model that is never wrapped (the teacher): its base model alone,
+    so no other layer's hidden states are kept."""
+    return model.base_model(**inputs, use_cache=False).last_hidden_state
+
+
+def output_head(model, width: int | None = None):
+    """(weight (V, H), bias or None) of a model whose logits are exactly final_hidden @ weight.T +
+    bias, sliced to `width` rows; None when they are not (logit soft-capping, scaling, a non-linear
+    head). Checked once per model on a few tokens, so the lean path can never silently compute
+    something else than the model's logits."""
+    model = getattr(model, "module", model)
+    if not hasattr(model, "_stillroom_head_ok"):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        ok = isinstance(head, torch.nn.Linear)
+        if ok:
+            p = next(model.parameters())
+            ids = torch.arange(1, 9, device=p.device).clamp(max=head.weight.shape[0] - 1)[None]
+            was = model.training
+            model.eval()
+            with torch.no_grad():
+                full = model(input_ids=ids, use_cache=False).logits.float()
+                h = final_hidden(model, input_ids=ids)
+                mine = torch.nn.functional.linear(h, head.weight, head.bias).float()
+                try:
+                    base = base_hidden(model, input_ids=ids)
+                    ok_base = torch.allclose(base, h, rtol=1e-4, atol=1e-5)
+                except Exception:  # no base_model forward of that shape: only the student's way works
+                    ok_base = False
+            model.train(was)
+            ok = torch.allclose(mine, full, rtol=1e-3, atol=1e-3 * float(full.abs().max()) + 1e-6)
+            model._stillroom_base_ok = ok and ok_base
+        model._stillroom_head_ok = ok
+    if not model._stillroom_head_ok:
+        return None
+    head = model.get_output_embeddings()
+    w, b = head.weight, head.bias
+    return (w[:width], None if b is None else b[:width]) if width else (w, b)

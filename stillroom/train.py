@@ -26,7 +26,7 @@ from . import evaluate, models
 from .config import Config, to_yaml
 from .data import collate, load_data, micro_batch
 from .errors import UserError
-from .losses import IGNORE_INDEX, distill_loss, shift_labels
+from .losses import IGNORE_INDEX, distill_loss, linear_distill_loss, shift_labels
 
 log = logging.getLogger("stillroom")
 
@@ -75,14 +75,27 @@ def to_batch(examples, pad_id, device) -> Batch:
                  shift_labels(b["labels"]).to(device), list(examples))
 
 
-def teacher_targets(teacher, b: Batch, accelerator, width=None):
-    """The teacher's side of the loss for a batch: live logits, or a cached TopK."""
+def model_inputs(b) -> dict:
+    """What a model is called with: packed batches carry position_ids (transformers then keeps
+    each document's attention to itself) and no attention mask."""
+    if getattr(b, "position_ids", None) is not None:
+        return {"input_ids": b.input_ids, "position_ids": b.position_ids}
+    return {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+
+
+def teacher_targets(teacher, b: Batch, accelerator, width=None, lean=False):
+    """The teacher's side of the loss for a batch: a cached TopK; or, live, its full logits (plain
+    path) or its final hidden states and head (lean: the loss makes logits at labelled rows only)."""
     from .cache import TeacherCache
+    from .losses import Head
 
     if isinstance(teacher, TeacherCache):
         return teacher.targets(b.examples, b.input_ids.shape[1], b.input_ids.device).top
-    with torch.no_grad(), accelerator.autocast():
-        t = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+    head = models.output_head(teacher, width) if lean else None
+    with torch.inference_mode(), accelerator.autocast():
+        if head is not None and teacher._stillroom_base_ok:
+            return Head(models.base_hidden(teacher, **model_inputs(b)), *head)
+        t = teacher(**model_inputs(b), use_cache=False).logits
     return t[..., :width] if width else t
 
 
@@ -97,20 +110,27 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
     scale = accelerator.num_processes / num_tokens
     loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     lc = cfg.loss
+    s_head = models.output_head(student, width) if lc.lean else None
     for i, b in enumerate(batches):
-        t_logits = teacher_targets(teacher, b, accelerator, width) if lc.alpha > 0 else None
+        t = teacher_targets(teacher, b, accelerator, width, lean=s_head is not None) if lc.alpha > 0 else None
         last = i == len(batches) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(student)
         with sync:
-            with accelerator.autocast():
-                s_logits = student(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                   use_cache=False).logits
-            if width:
-                s_logits = s_logits[..., :width]
-            # inplace_grad: the logits' storage receives their gradient (they are not read again).
-            loss_sum = distill_loss(s_logits, t_logits, b.labels, alpha=lc.alpha,
-                                    temperature=lc.temperature, kind=lc.kind, chunk=lc.chunk_rows,
-                                    inplace_grad=True)
+            if s_head is not None:   # lean: logits made inside the loss, at labelled rows only
+                with accelerator.autocast():
+                    hidden = models.final_hidden(student, **model_inputs(b))
+                loss_sum = linear_distill_loss(hidden, *s_head[:1], t, b.labels, alpha=lc.alpha,
+                                               temperature=lc.temperature, kind=lc.kind,
+                                               chunk=lc.chunk_rows, bias=s_head[1])
+            else:
+                with accelerator.autocast():
+                    s_logits = student(**model_inputs(b), use_cache=False).logits
+                if width:
+                    s_logits = s_logits[..., :width]
+                # inplace_grad: the logits' storage receives their gradient (they are not read again).
+                loss_sum = distill_loss(s_logits, t, b.labels, alpha=lc.alpha,
+                                        temperature=lc.temperature, kind=lc.kind, chunk=lc.chunk_rows,
+                                        inplace_grad=True)
             accelerator.backward(loss_sum * scale)
         loss_total += loss_sum.detach()
     if accelerator.num_processes > 1:
@@ -233,6 +253,14 @@ def prepare_data(cfg, teacher: models.Loaded, accelerator):
     return cfg, train, held
 
 
+def teacher_dtype(name: str, device) -> torch.dtype:
+    """auto: bf16 where the device runs it well (a CUDA GPU with bf16), else fp32 (CPUs)."""
+    if name == "auto":
+        cuda = torch.device(device).type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
 def check_context(cfg, teacher_config):
     ctx = getattr(teacher_config, "max_position_embeddings", None)
     if ctx and cfg.data.seq_len > ctx:
@@ -304,7 +332,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
              f"{t_params:,}" if t_params else "?", how, f"{n_params:,}", len(train), len(held))
 
     if cache is None:
-        teacher.model.to(accelerator.device)
+        teacher.model.to(accelerator.device, dtype=teacher_dtype(cfg.teacher.dtype, accelerator.device))
     source = cache or teacher.model   # what the loss and the eval read the teacher from
     pad_id = tok.pad_token_id
     before, held_tokens = (eval_columns(student, None, teacher, held, cfg, width, pad_id, cache=cache)

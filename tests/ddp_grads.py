@@ -14,12 +14,12 @@ from stillroom.data import load_data
 from stillroom.train import accumulate, to_batch, window
 
 
-def step_grads(teacher_dir, data, grad_accum, accelerator, batch_size=1):
+def step_grads(teacher_dir, data, grad_accum, accelerator, batch_size=1, **loss):
     """-> (student gradients, step stats, this process's micro-batches) for optimizer step 0."""
     cfg = Config.model_validate({
         "teacher": {"model": teacher_dir}, "student": {"num_layers": 2},
         "data": {"path": data, "seq_len": 64, "eval_fraction": 0.0},
-        "loss": {"alpha": 0.6, "temperature": 2.0, "chunk_rows": 7},
+        "loss": {"alpha": 0.6, "temperature": 2.0, "chunk_rows": 7, **loss},
         "train": {"batch_size": batch_size, "grad_accum": grad_accum}})
     teacher = models.load(teacher_dir)
     student, _ = models.student_from_teacher(teacher.model, num_layers=2)

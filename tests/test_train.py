@@ -39,6 +39,20 @@ def test_four_micro_batches_of_one_equal_one_batch_of_four(teacher_dir, chat_fil
     assert len(set(lengths)) > 1
 
 
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_lean_step_equals_plain_step(teacher_dir, chat_file, kind):
+    """The default lean path (logits made in the loss from hidden states, labelled rows only, for
+    student and teacher) gives the plain full-logit path's loss and gradients."""
+    from stillroom import models
+    t = models.load(str(teacher_dir)).model
+    assert models.output_head(t) is not None and t._stillroom_base_ok  # so the lean path is taken
+    acc = Accelerator(cpu=True)
+    lean, s_lean, _ = step_grads(str(teacher_dir), str(chat_file), 2, acc, batch_size=2, kind=kind, lean=True)
+    plain, s_plain, _ = step_grads(str(teacher_dir), str(chat_file), 2, acc, batch_size=2, kind=kind, lean=False)
+    assert s_lean["loss"] == pytest.approx(s_plain["loss"], rel=1e-5)
+    assert_same_grads(lean, plain)
+
+
 def launch(n, *args):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *map(str, args)]

@@ -1,0 +1,112 @@
+"""The lean path (logits made inside the loss from hidden states, chunk by chunk, only at labelled
+positions) equals the plain path on materialized logits: loss and every gradient."""
+import pytest
+import torch
+
+from stillroom.losses import (IGNORE_INDEX, Head, linear_distill_loss, linear_mixed_loss, mixed_loss,
+                              topk_targets)
+
+B, S, H, HT, V = 2, 7, 12, 10, 33
+
+
+def setup(seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, S, H, generator=g, dtype=torch.float32, requires_grad=True)
+    w = (torch.randn(V, H, generator=g, dtype=torch.float32) * 0.7).requires_grad_(True)
+    b = (torch.randn(V, generator=g, dtype=torch.float32) * 0.3).requires_grad_(True) if bias else None
+    ht = torch.randn(B, S, HT, generator=g, dtype=torch.float32)
+    wt = torch.randn(V, HT, generator=g, dtype=torch.float32) * 0.7
+    labels = torch.randint(0, V, (B, S), generator=g)
+    labels[0, :3] = IGNORE_INDEX    # a prompt
+    labels[1, -2:] = IGNORE_INDEX   # padding
+    return h, w, b, ht, wt, labels
+
+
+def grads(loss, *xs):
+    return torch.autograd.grad(loss, [x for x in xs if x is not None])
+
+
+def plain_logits(h, w, b):
+    return torch.nn.functional.linear(h, w, b)
+
+
+@pytest.mark.parametrize("kind,T,alpha,bias,target,chunk", [
+    ("soft", 1.0, 0.5, False, "head", 4),
+    ("soft", 2.0, 0.9, True, "head", 3),
+    ("soft", 2.0, 1.0, False, "logits", 64),
+    ("soft", 1.0, 0.7, False, "topk", 5),
+    ("hard", 1.0, 0.5, True, "head", 2),
+    ("soft", 1.0, 0.0, False, "head", 4),   # CE alone
+])
+def test_lean_equals_plain(kind, T, alpha, bias, target, chunk):
+    h, w, b, ht, wt, labels = setup(bias=bias)
+    t_logits = ht @ wt.T
+    plain_t = {"head": t_logits, "logits": t_logits, "topk": topk_targets(t_logits, 6, T)}[target]
+    lean_t = {"head": Head(ht, wt), "logits": t_logits, "topk": plain_t}[target]
+    ref = mixed_loss(plain_logits(h, w, b), [(plain_t, alpha)], labels, 1 - alpha, T, kind)
+    got = linear_distill_loss(h, w, lean_t, labels, alpha, T, kind, chunk=chunk, bias=b)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # fp32 inside the losses
+    for g_got, g_ref in zip(grads(got, h, w, b), grads(ref, h, w, b)):
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_lean_several_targets_and_fp32():
+    """Two weighted teachers, float32 (the training dtype): within fp32 tolerance of the plain path."""
+    h, w, _, ht, wt, labels = setup(1)
+    h, w = h.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    ht, wt = ht.float(), wt.float()
+    t2 = (ht.flip(1) @ wt.T) * 0.5
+    ref = mixed_loss(h @ w.T, [(ht @ wt.T, 0.3), (t2, 0.4)], labels, 0.3, 1.5)
+    got = linear_mixed_loss(h, w, [(Head(ht, wt), 0.3), (t2, 0.4)], labels, 0.3, 1.5, chunk=3)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for g_got, g_ref in zip(grads(got, h, w), grads(ref, h, w)):
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_lean_skips_unlabelled_positions():
+    """Positions without a label cost nothing and get no gradient, whatever their hidden state."""
+    h, w, _, ht, wt, labels = setup(2)
+    with torch.no_grad():
+        h[labels == IGNORE_INDEX] = float("nan")   # never read
+    got = linear_distill_loss(h, w, Head(ht, wt), labels, 0.5, 1.0)
+    assert torch.isfinite(got)
+    (gh,) = grads(got, h)
+    assert (gh[labels == IGNORE_INDEX] == 0).all() and (gh[labels != IGNORE_INDEX] != 0).any()
+
+
+def test_lean_all_masked_is_zero_not_nan():
+    h, w, _, ht, wt, labels = setup(3)
+    labels[:] = IGNORE_INDEX
+    got = linear_distill_loss(h, w, Head(ht, wt), labels, 0.5, 1.0)
+    assert got.item() == 0.0
+    gh, gw = grads(got, h, w)
+    assert (gh == 0).all() and (gw == 0).all()
+
+
+def test_lean_refuses_mismatched_vocab():
+    h, w, _, ht, wt, labels = setup(4)
+    with pytest.raises(ValueError, match="align vocabularies"):
+        linear_distill_loss(h, w, Head(ht, wt[:-1]), labels)
+
+
+def test_lean_tied_weight_through_a_model():
+    """A tiny tied-embedding Llama: hidden states from the base model + the lean loss give the
+    same parameter gradients as the model's full logits + the plain loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    m = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, V, (B, S))
+    labels = torch.randint(0, V, (B, S))
+    labels[:, :2] = IGNORE_INDEX
+    t = torch.randn(B, S, V)
+    ref = mixed_loss(m(input_ids=ids).logits, [(t, 0.6)], labels, 0.4, 2.0)
+    ref_g = torch.autograd.grad(ref, list(m.parameters()))
+    hidden = m.model(input_ids=ids).last_hidden_state
+    got = linear_distill_loss(hidden, m.lm_head.weight, t, labels, 0.6, 2.0, chunk=5)
+    got_g = torch.autograd.grad(got, list(m.parameters()))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
