@@ -36,7 +36,8 @@ test-api: $(VENV)/.api-server
 	$(PY) -m pytest -q tests/test_api.py
 
 bench: setup
-	$(PY) bench/kd_step.py
+	$(PIP) install -q -e '.[bench]'
+	$(PY) bench/peers.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -175,11 +175,11 @@ def build(cfg, examples: list[Example], teacher, tok, overwrite=False, progress=
     pad = tok.pad_token_id
     writer = ShardWriter(out, index, c.shard_rows)
     bar = tqdm(total=len(todo), desc="cache", unit="sample", disable=not progress)
-    from .data import collate
+    from .data import collate, model_inputs
     for a in range(0, len(todo), c.batch_size):
         part = todo[a:a + c.batch_size]
         b = {kk: v.to(device) for kk, v in collate([e for _, e in part], pad).items()}
-        logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        logits = teacher(**model_inputs(b), use_cache=False).logits
         for j, (sid, e) in enumerate(part):
             pos = torch.tensor(positions(e), device=device)
             lg = logits[j, pos]                                    # (n, V): only rows with a loss

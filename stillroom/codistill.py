@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from . import evaluate, models
 from .config import CodistillRunConfig, to_yaml
-from .data import micro_batch
+from .data import micro_batch, model_inputs
 from .errors import UserError
 from .losses import IGNORE_INDEX, mixed_loss, mutual_loss, topk_targets
 from .train import (checkpoints, check_context, lr_lambda, make_accelerator, make_optimizer,
@@ -65,7 +65,7 @@ class Peer:
 
 
 def _logits(model, b, width):
-    out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+    out = model(**model_inputs(b), use_cache=False).logits
     return out[..., :width] if width else out
 
 

@@ -77,6 +77,10 @@ class DataConfig(Section):
     max_examples: Optional[int] = Field(None, ge=1)
     skip_bad_rows: bool = False
     """False: a bad row is an error. True: bad rows are skipped and reported (count, which)."""
+    pack: bool = False
+    """Pack whole training examples (prompt+response, chat) several to a row of seq_len tokens
+    (first-fit decreasing), each attending only to itself: no padding waste. JSONL text rows are
+    always packed this way; a plain text file is one document cut into blocks."""
 
 
 class GenerateConfig(Section):

@@ -25,6 +25,10 @@ log = logging.getLogger("stillroom")
 class Example:
     input_ids: list[int]
     labels: list[int]
+    segments: tuple[int, ...] | None = None
+    """Lengths of the documents packed into this example, in order (None: one document). Each
+    attends only to itself (position ids restart per document) and the first token of a document
+    is never a target, so nothing leaks across a boundary."""
 
 
 @dataclass
@@ -176,9 +180,60 @@ def render_pair(tokenizer, prompt: str, response: str):
 
 
 def pack(ids: list[int], seq_len: int) -> list[Example]:
-    """Fixed-length blocks; a short tail block is kept as is if it has at least 2 tokens."""
+    """One document -> fixed-length blocks; a short tail block is kept if it has at least 2 tokens."""
     out = [Example(ids[i:i + seq_len], ids[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
     return [e for e in out if len(e.input_ids) >= 2]
+
+
+def _joined(parts: list[Example]) -> Example:
+    """Examples side by side in one row, each attending only to itself (see Example.segments)."""
+    if len(parts) == 1:
+        return parts[0]
+    ids, labels = [], []
+    for e in parts:
+        ids += e.input_ids
+        labels += [IGNORE_INDEX] + e.labels[1:]   # a document's first token is not predicted
+    return Example(ids, labels, tuple(len(e.input_ids) for e in parts))
+
+
+def pack_documents(docs: list[list[int]], seq_len: int) -> list[Example]:
+    """Documents (token lists) -> blocks of seq_len tokens, cut where the stream reaches seq_len
+    (a long document continues in the next block), with boundaries kept per block."""
+    blocks, cur, room = [], [], seq_len
+    for doc in docs:
+        while doc:
+            part, doc = doc[:room], doc[room:]
+            cur.append(Example(part, list(part)))
+            room -= len(part)
+            if room == 0:
+                blocks.append(cur)
+                cur, room = [], seq_len
+    if cur:
+        blocks.append(cur)
+    return [_joined(b) for b in blocks if sum(len(e.input_ids) for e in b) >= 2]
+
+
+def pack_examples(examples: list[Example], seq_len: int) -> list[Example]:
+    """Whole examples (each <= seq_len) into as few seq_len rows as first-fit decreasing finds,
+    so batches carry almost no padding. Deterministic for given examples."""
+    import bisect
+
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []   # (room left, bin) sorted: the best fit is the first that fits
+    for i in order:
+        n = len(examples[i].input_ids)
+        j = bisect.bisect_left(free, (n, -1))
+        if j == len(free):
+            bins.append([i])
+            room, b = seq_len - n, len(bins) - 1
+        else:
+            room, b = free.pop(j)
+            bins[b].append(i)
+            room -= n
+        if room > 1:
+            bisect.insort(free, (room, b))
+    return [_joined([examples[i] for i in sorted(b)]) for b in bins]
 
 
 def build_examples(path: str, tokenizer, dcfg) -> tuple[list[Example], Report]:
@@ -188,14 +243,14 @@ def build_examples(path: str, tokenizer, dcfg) -> tuple[list[Example], Report]:
         ids = tokenizer(payload, add_special_tokens=False)["input_ids"]
         examples = pack(ids, dcfg.seq_len)
     else:
-        examples, stream = [], []
+        examples, docs = [], []
         for n, row in payload:
             k = _row_kind(row)
             if k is None:
                 report.bad.append((n, "needs 'text', 'prompt'+'response' or 'messages'"))
                 continue
             if k == "text":
-                stream += tokenizer(row["text"], add_special_tokens=False)["input_ids"] + eos
+                docs.append(tokenizer(row["text"], add_special_tokens=False)["input_ids"] + eos)
                 continue
             if k == "chat":
                 why = _check_messages(row["messages"])
@@ -214,7 +269,7 @@ def build_examples(path: str, tokenizer, dcfg) -> tuple[list[Example], Report]:
                 report.no_target.append(n)
                 continue
             examples.append(Example(ids, labels))
-        examples += pack(stream, dcfg.seq_len)
+        examples += pack_documents(docs, dcfg.seq_len)
     if report.bad:
         report.bad.sort()
         if not dcfg.skip_bad_rows:
@@ -250,27 +305,54 @@ def load_data(cfg, tokenizer):
     examples, _ = build_examples(cfg.data.path, tokenizer, cfg.data)
     if cfg.data.eval_path:
         held, _ = build_examples(cfg.data.eval_path, tokenizer, cfg.data)
-        return examples, held
+        return (pack_examples(examples, cfg.data.seq_len) if cfg.data.pack else examples), held
     train, held = split_examples(examples, cfg.data.eval_fraction, cfg.train.seed)
     if not train:
         raise UserError(f"no training examples left in {cfg.data.path} after the held-out split")
+    if cfg.data.pack:   # the held-out set stays one example per row (its prompts time generation)
+        n = len(train)
+        train = pack_examples(train, cfg.data.seq_len)
+        log.info("data.pack: %d training examples packed into %d rows of up to %d tokens",
+                 n, len(train), cfg.data.seq_len)
     return train, held
 
 
 # ---------------------------------------------------------------------------------- batching
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example. labels are *unshifted* (position i = token i)."""
+    """Right-pad to the longest example. labels are *unshifted* (position i = token i). A batch
+    holding packed examples also gets position_ids restarting at every document (and at the
+    padding), which is how transformers keeps packed documents from attending to each other."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attn = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = any(e.segments for e in examples)
+    pos = torch.zeros((len(examples), width), dtype=torch.long) if packed else None
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         attn[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+        if packed:
+            at = 0
+            for length in (*(e.segments or (n,)), width - n):
+                pos[i, at:at + length] = torch.arange(length)
+                at += length
+    out = {"input_ids": ids, "attention_mask": attn, "labels": labels}
+    if packed:
+        out["position_ids"] = pos
+    return out
+
+
+def model_inputs(b) -> dict:
+    """What a model is called with, from a collated batch (dict or object): packed batches pass
+    position_ids and no attention mask (transformers then builds the per-document mask). Call the
+    model with use_cache=False: transformers ignores packing when it builds a KV cache."""
+    get = b.get if isinstance(b, dict) else lambda k: getattr(b, k, None)
+    if get("position_ids") is not None:
+        return {"input_ids": get("input_ids"), "position_ids": get("position_ids")}
+    return {"input_ids": get("input_ids"), "attention_mask": get("attention_mask")}
 
 
 def micro_batch(examples: list[Example], index: int, batch_size: int, seed: int) -> list[Example]:

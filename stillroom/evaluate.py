@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .data import collate, eval_batches
+from .data import collate, eval_batches, model_inputs
 from .losses import shift_labels, token_stats
 from .models import num_params, weights_bytes
 
@@ -66,13 +66,13 @@ def compare(student, teacher, examples, pad_id, batch_size=8, max_batches=None, 
     for batch in eval_batches(examples, batch_size, max_batches):
         b = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
         labels = shift_labels(b["labels"])
-        s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        s = student(**model_inputs(b), use_cache=False).logits
         if cached:
             stats = cached_stats(s[..., :width] if width else s,
                                  teacher.targets(batch, labels.shape[1], device), labels,
                                  with_kl=teacher.temperature == 1.0)
         else:
-            t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+            t = teacher(**model_inputs(b), use_cache=False).logits
             if width:
                 s, t = s[..., :width], t[..., :width]
             stats = token_stats(s, t, labels)
@@ -106,11 +106,11 @@ def compare_peers(peers: dict, teacher, examples, pad_id, batch_size=8, max_batc
         b = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
         labels = shift_labels(b["labels"])
         valid = labels != -100
-        t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        t = teacher(**model_inputs(b), use_cache=False).logits
         t = t[..., :width] if width else t
         log_probs, top = {}, {}
         for n in names:
-            s = peers[n](input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+            s = peers[n](**model_inputs(b), use_cache=False).logits
             s = s[..., :width] if width else s
             for k, v in token_stats(s, t, labels).items():
                 tot[n][k] += v

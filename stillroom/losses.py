@@ -354,16 +354,17 @@ class _LinearChunkedLoss(torch.autograd.Function):
                 if need_b:
                     g_b += g.float().sum(0)
             del g
-        ctx.save_for_backward(g_h, None if g_w is None else g_w.to(weight.dtype),
-                              None if g_b is None else g_b.to(bias.dtype))
+        # Kept on ctx (fresh tensors, not inputs or outputs) rather than saved: backward hands them
+        # over and drops its reference, so autograd can take the weight gradient as .grad without a copy.
+        ctx.grads = [g_h, None if g_w is None else g_w.to(weight.dtype), None if g_b is None else g_b.to(bias.dtype)]
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        if getattr(ctx, "used", False):
+        if ctx.grads is None:
             raise RuntimeError("stillroom losses support one backward per forward (no retain_graph reuse)")
-        ctx.used = True
-        g_h, g_w, g_b = ctx.saved_tensors
+        g_h, g_w, g_b = ctx.grads
+        ctx.grads = None
         scale = lambda g: None if g is None else g.mul_(grad_out)  # noqa: E731
         return scale(g_h), scale(g_w), scale(g_b), None, None, None, None, None, None, None
 

