@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,6 +239,7 @@ class TeacherCache:
                 self.where[sid] = (n, start, rows)
                 start += rows
         self._open = {}
+        self._lock = threading.Lock()
 
     @property
     def top_k(self) -> int:
@@ -286,12 +288,13 @@ class TeacherCache:
     def _shard(self, n):
         from safetensors import safe_open
 
-        if n not in self._open:
-            f = self.path / self.index["shards"][n]["file"]
-            if not f.is_file():
-                raise UserError(f"cache shard {f} is missing: the cache is damaged; rebuild it")
-            self._open[n] = safe_open(str(f), framework="pt")
-        return self._open[n]
+        with self._lock:   # the training loop's prefetch thread reads too
+            if n not in self._open:
+                f = self.path / self.index["shards"][n]["file"]
+                if not f.is_file():
+                    raise UserError(f"cache shard {f} is missing: the cache is damaged; rebuild it")
+                self._open[n] = safe_open(str(f), framework="pt")
+            return self._open[n]
 
     def rows(self, e: Example):
         sid = sample_id(e)

@@ -169,6 +169,11 @@ class TrainConfig(Section):
     """auto: bf16 on a GPU that supports it, fp32 on CPU (bf16 autocast is slow on CPU)."""
     report_to: list[str] = []
     """Trackers through Accelerate, e.g. [tensorboard]."""
+    threads: int = Field(0, ge=0)
+    """CPU threads per process for torch; 0 = auto: OMP_NUM_THREADS if set, else the machine's cores
+    shared out among the processes on it (so N processes do not each claim every core)."""
+    prefetch: bool = True
+    """Build the next step's batches (padding, cached teacher rows) on a background thread."""
 
 
 class EvalConfig(Section):

@@ -68,6 +68,7 @@ class Batch:
     labels: torch.Tensor  # shifted: labels[i] is the target of logits[i]
     examples: list | None = None  # what the batch was made of (a cached teacher looks them up)
     position_ids: torch.Tensor | None = None  # packed examples: positions restart per document
+    cached: object = None  # the cached teacher's TopK for this batch, when read ahead
 
 
 def to_batch(examples, pad_id, device) -> Batch:
@@ -84,6 +85,8 @@ def teacher_targets(teacher, b: Batch, accelerator, width=None, lean=False):
     from .losses import Head
 
     if isinstance(teacher, TeacherCache):
+        if b.cached is not None:   # read ahead by the prefetch thread
+            return b.cached
         return teacher.targets(b.examples, b.input_ids.shape[1], b.input_ids.device).top
     head = models.output_head(teacher, width) if lean else None
     with torch.inference_mode(), accelerator.autocast():
@@ -133,6 +136,19 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
             "tokens": int(counts[1])}
 
 
+def set_threads(cfg, accelerator):
+    """torch's CPU threads for this process (see train.threads); -> the number set."""
+    n = cfg.train.threads
+    if not n and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        n = int(os.environ["OMP_NUM_THREADS"])
+    if not n:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        n = max(1, (os.cpu_count() or 1) // max(1, local))
+        n = min(n, torch.get_num_threads()) if local == 1 else n   # alone: torch's default (physical cores)
+    torch.set_num_threads(n)
+    return n
+
+
 def make_accelerator(cfg, out: Path):
     from accelerate import Accelerator
 
@@ -147,8 +163,27 @@ def make_accelerator(cfg, out: Path):
                 raise UserError("train.report_to=[tensorboard] needs: pip install tensorboard") from None
     # cpu=True on a machine without CUDA: under `accelerate launch --multi_gpu --num_processes N`
     # that makes Accelerate use gloo (MULTI_CPU) instead of silently running N single processes.
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,
-                       log_with=cfg.train.report_to or None, project_dir=str(out))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,
+                              log_with=cfg.train.report_to or None, project_dir=str(out))
+    set_threads(cfg, accelerator)
+    return accelerator
+
+
+def prefetched(make, steps, enabled=True):
+    """Yield (step, make(step)) with make(step + 1) already running on a background thread, so the
+    data work of the next step overlaps this one's compute. make must be a pure function of step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    steps = list(steps)
+    if not enabled or not steps:
+        yield from ((s, make(s)) for s in steps)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="stillroom-data") as pool:
+        nxt = pool.submit(make, steps[0])
+        for i, s in enumerate(steps):
+            ready = nxt.result()
+            nxt = pool.submit(make, steps[i + 1]) if i + 1 < len(steps) else None
+            yield s, ready
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -349,9 +384,15 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
                disable=not (progress and main))
     t_start, tokens_seen, last_log = time.perf_counter(), 0, {}
     student.train()
-    for step in range(start, cfg.train.max_steps):
-        batches = [to_batch(mb, pad_id, accelerator.device)
-                   for mb in window(train, step, cfg, accelerator.process_index, accelerator.num_processes)]
+    def make_batches(step):
+        bs = [to_batch(mb, pad_id, accelerator.device)
+              for mb in window(train, step, cfg, accelerator.process_index, accelerator.num_processes)]
+        if cache is not None and cfg.loss.alpha > 0:
+            for b in bs:
+                b.cached = cache.targets(b.examples, b.input_ids.shape[1], b.input_ids.device).top
+        return bs
+
+    for step, batches in prefetched(make_batches, range(start, cfg.train.max_steps), cfg.train.prefetch):
         stats = accumulate(student, source, batches, cfg, accelerator, width)
         grad_norm = None
         if cfg.train.max_grad_norm > 0:

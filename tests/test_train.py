@@ -129,3 +129,31 @@ def test_two_process_distill_equals_one_process(tmp_path, teacher_dir, chat_file
     assert w2.keys() == w1.keys()
     for k in w1:  # fp32 sums in a different order: equal up to rounding, through 3 AdamW steps
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_prefetch_thread_changes_nothing(tmp_path, teacher_dir, chat_file):
+    """Batches built ahead on the data thread give bit-identical weights to building them inline."""
+    on, off = tmp_path / "on", tmp_path / "off"
+    run(teacher_dir, chat_file, on, "train.max_steps=4", "train.prefetch=true", "data.pack=true")
+    run(teacher_dir, chat_file, off, "train.max_steps=4", "train.prefetch=false", "data.pack=true")
+    wa, wb = load_file(on / "final" / "model.safetensors"), load_file(off / "final" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_threads_are_shared_out_among_processes(monkeypatch):
+    from types import SimpleNamespace
+
+    from stillroom.config import Config
+    from stillroom.train import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setattr(os, "cpu_count", lambda: 8)
+        assert set_threads(Config(), SimpleNamespace(num_processes=2)) == 4 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert set_threads(Config(), SimpleNamespace(num_processes=2)) == 3
+        assert set_threads(Config.model_validate({"train": {"threads": 1}}), SimpleNamespace(num_processes=2)) == 1
+    finally:
+        torch.set_num_threads(before)
