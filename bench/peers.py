@@ -9,7 +9,12 @@ params); every row starts from the same student weights. Batch: --batch x --seq 
 TinyStories (../shared/data/tinystories, else the bundled instructions). Each row is one full
 optimizer step (forward, loss, backward, AdamW step) except "teacher fwd":
 
-  teacher fwd            the teacher's forward alone (inference mode, full logits)
+  teacher fwd            the teacher's forward alone (inference mode, full logits), in the dtype
+                         stillroom's teacher.dtype=auto picks on this device (bf16 on GPUs and on
+                         CPUs with native bf16 matmuls, else fp32); the stillroom and naive rows use
+                         that same teacher, so the ratio compares like with like
+  teacher fwd fp32       the same in fp32, for reference (TRL's rows get the fp32 teacher: their
+                         own bf16 setting decides)
   student CE             the student's plain CE step (transformers' built-in loss)
   stillroom lean/live    stillroom's training step (train.accumulate, loss.lean=true, the defaults):
                          logits made inside the loss from hidden states, chunk by chunk
@@ -28,7 +33,7 @@ median of --trl-steps steps after a warm-up step, timed by a trainer callback ar
 machine is noisy: compare the ratios, not the seconds.
 
 Memory column ("head+loss extra peak MB"): peak bytes of tensor storage created from the final
-hidden states on -- both models' output heads, the loss, and the backward into the student's hidden
+hidden states on (fp32 models) -- both models' output heads, the loss, and the backward into the student's hidden
 states and head weight (its gradient included) -- for the naive, plain and lean formulations, at 49k
 (SmolLM2) and at 262k vocab (Gemma 3 270M as the teacher, a student with its vocabulary). Counted on
 CPU by tracking every storage created (a TorchDispatchMode sampled after each op), on GPU with
@@ -162,8 +167,10 @@ def main():
     from accelerate import Accelerator
     acc = Accelerator(cpu=dev == "cpu")
     teacher = models.load("smollm2-135m")
-    tm, tok = teacher.model.to(dev).eval(), teacher.tokenizer
-    student0 = make_student(tm).to(dev)
+    tm32, tok = teacher.model.to(dev).eval(), teacher.tokenizer
+    t_dtype = models.teacher_dtype("auto", dev)   # what stillroom runs the teacher in here
+    tm = copy.deepcopy(tm32).to(dtype=t_dtype)
+    student0 = make_student(tm32).to(dev)
     init = copy.deepcopy(student0.state_dict())
 
     # The batch: --batch blocks of --seq tokens of real text, as stillroom's data loader makes them.
@@ -180,7 +187,7 @@ def main():
     cache = TeacherCache(cfg.cache.path)
 
     def fresh():
-        s = make_student(tm).to(dev)
+        s = make_student(tm32).to(dev)
         s.load_state_dict(init)
         return s, torch.optim.AdamW(s.parameters(), lr=1e-5)
 
@@ -188,9 +195,9 @@ def main():
         if dev == "cuda":
             torch.cuda.synchronize()
 
-    def teacher_fwd():
+    def teacher_fwd(model=tm):
         with torch.inference_mode():
-            return tm(input_ids=ids, use_cache=False).logits
+            return model(input_ids=ids, use_cache=False).logits
 
     def ce_step(s, opt):
         s(input_ids=ids, labels=ids, use_cache=False).loss.backward()
@@ -208,13 +215,13 @@ def main():
         return step
 
     def naive_step(s, opt):
-        t = teacher_fwd().clone()
+        t = teacher_fwd().float()
         loss = naive_kd(s(input_ids=ids, use_cache=False).logits, t, labels, 0.9, 1.0)
         (loss / int((labels != -100).sum())).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rows = {"teacher fwd": None, "student CE": ce_step,
+    rows = {"teacher fwd": None, "teacher fwd fp32": None, "student CE": ce_step,
             "stillroom lean/live": stillroom_step(True, tm), "stillroom plain/live": stillroom_step(False, tm),
             "stillroom lean/cached": stillroom_step(True, cache),
             "stillroom plain/cached": stillroom_step(False, cache), "naive KD": naive_step}
@@ -224,7 +231,10 @@ def main():
         for name, fn in rows.items():
             sync()
             t0 = time.perf_counter()
-            teacher_fwd() if fn is None else fn(*state[name])
+            if fn is None:
+                teacher_fwd(tm32 if name.endswith("fp32") else tm)
+            else:
+                fn(*state[name])
             sync()
             if r:
                 times[name].append(time.perf_counter() - t0)
@@ -236,10 +246,10 @@ def main():
         for tuned in (False, True):
             s, _ = fresh()
             name = "TRL GKD tuned" if tuned else "TRL GKD defaults"
-            med[name], trl[name] = trl_step_times(copy.deepcopy(tm), s, tok, ids, args.trl_steps, tuned,
+            med[name], trl[name] = trl_step_times(copy.deepcopy(tm32), s, tok, ids, args.trl_steps, tuned,
                                                   tmp / name.replace(" ", "_"))
 
-    mem = {"smollm2 (49k)": memory_rows(tm, student0, ids, labels)}
+    mem = {"smollm2 (49k)": memory_rows(tm32, student0, ids, labels)}
     if not args.skip_gemma:
         g = models.load("gemma3-270m")
         gm = g.model.to(dev).eval()
@@ -249,11 +259,21 @@ def main():
         from stillroom.losses import shift_labels
         mem[f"gemma3-270m ({gm.config.vocab_size // 1000}k)"] = memory_rows(gm, gs, g_ids, shift_labels(g_ids))
 
+    # What the cheaper teacher dtype costs in fidelity, on this batch (0 when it is fp32 anyway).
+    with torch.inference_mode():
+        lp32 = torch.log_softmax(tm32(input_ids=ids).logits.float(), -1)
+        lp = torch.log_softmax(tm(input_ids=ids).logits.float(), -1)
+        drift = float((lp32.exp() * (lp32 - lp)).sum(-1).mean())
+        top1 = float((lp32.argmax(-1) == lp.argmax(-1)).float().mean())
+        del lp32, lp
+
     tokens = ids.numel()
     print(f"device {dev}; batch {args.batch} x {args.seq} tokens from {source}; teacher smollm2-135m "
-          f"{models.num_params(tm):,} params (fp32); student {models.num_params(student0):,} params; vocab "
+          f"{models.num_params(tm):,} params (stillroom runs it in {str(t_dtype)[6:]}: teacher.dtype=auto); student {models.num_params(student0):,} params; vocab "
           f"{tm.config.vocab_size}; cache top-{cache.top_k}; median of {args.rounds} rounds"
           + (f" (TRL: of {args.trl_steps} steps)" if trl else ""))
+    print(f"teacher in {str(t_dtype)[6:]} vs fp32 on this batch: KL(fp32 || {str(t_dtype)[6:]}) {drift:.4f} "
+          f"nats/token, top-1 agreement {top1:.1%}")
     for k, v in trl.items():
         print(f"  {k}: {v}")
     print(f"\n{'step':<24}{'s/step':>9}{'tokens/s':>10}")

@@ -98,8 +98,8 @@ def cmd_cache(args) -> int:
     check_context(cfg, teacher.model.config)
     existing(cfg, teacher.model, teacher.tokenizer, args.overwrite, skip=("data",))  # before any data work
     cfg, train, held = prepare_data(cfg, teacher, SimpleNamespace(is_main_process=True, num_processes=1))
-    if torch.cuda.is_available():
-        teacher.model.to("cuda")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher.model.to(device, dtype=models.teacher_dtype(cfg.teacher.dtype, device))
     build(cfg, train + held, teacher.model, teacher.tokenizer, overwrite=args.overwrite,
           progress=not args.no_progress)
     s = summary(cfg.cache.path)

@@ -321,7 +321,7 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
     log.info("mode %s; %d train / %d held-out examples", mode, len(train), len(held))
 
     device = accelerator.device
-    teacher.model.to(device)
+    teacher.model.to(device, dtype=models.teacher_dtype(cfg.teacher.dtype, device))
     pad_id = teacher.tokenizer.pad_token_id
     peer_models = {p.name: m for (m, _, _), p in zip(built, cfg.peers)}
     before = None

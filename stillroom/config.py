@@ -31,8 +31,8 @@ class TeacherConfig(Section):
     for student.init=from_teacher)."""
     cache: Optional[str] = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """The live teacher's weights: auto = bfloat16 on a CUDA GPU that runs it well, else float32
-    (on CPUs bf16 matmuls are slower than fp32)."""
+    """The live teacher's weights: auto = bfloat16 where the device runs it natively (a CUDA GPU
+    with bf16, a CPU with AVX512-BF16 or AMX), else float32 (elsewhere bf16 is emulated, slower)."""
 
     @model_validator(mode="after")
     def _needs(self):

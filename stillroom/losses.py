@@ -164,7 +164,7 @@ def topk_targets(logits, k, temperature=1.0, chunk=DEFAULT_CHUNK_ROWS) -> TopK:
 
 def _dense_kl(log_q, t, T, want_grad):
     """KL(softmax(t/T) || q) rows, and the target probabilities p (for the gradient)."""
-    log_p = torch.log_softmax(t.float() * (1.0 / T), dim=-1)
+    log_p = torch.log_softmax(t.float() if T == 1.0 else t.float() * (1.0 / T), dim=-1)
     p = log_p.exp()
     # KL rows = sum_v p (log p - log q); -inf logits give NaN/inf here, caught per row below.
     kl = _rowdot(p, log_p.sub_(log_q))
@@ -233,6 +233,11 @@ def _chunk_terms(s, targets, y, keep, w_ce, temperature, hard, want_grad):
     log_q = torch.log_softmax(s if T == 1.0 else s * (1.0 / T), dim=-1)   # log softmax(s / T)
     log_q1 = log_q if T == 1.0 else None                                    # log softmax(s)
     grad = None
+    valid = None if y is None else y != IGNORE_INDEX
+    # At T = 1 the CE gradient, softmax(s) - onehot(y), shares q with the KD gradient: fold it in
+    # (one exp pass fewer) when both count the same rows, as in training (keep == labelled rows).
+    fuse_ce = (soft and use_ce and want_grad and T == 1.0 and torch.equal(keep, valid)
+               and not (len(targets) == 1 and isinstance(targets[0][0], TopK)))
 
     if soft:
         single = len(targets) == 1
@@ -250,7 +255,12 @@ def _chunk_terms(s, targets, y, keep, w_ce, temperature, hard, want_grad):
                 p = p if single else p.mul_(w)
                 acc = p if acc is None else acc.add_(p)
             del p
-        if want_grad and grad is None:
+        if want_grad and grad is None and fuse_ce:   # T = 1: (w + w_ce) q - sum_j w_j p_j - w_ce onehot
+            grad = (q.mul_(w_sum + w_ce).sub_(acc, alpha=targets[0][1]) if single
+                    else q.mul_(w_sum + w_ce).sub_(acc))
+            y_safe = torch.where(valid, y, 0).unsqueeze(-1)
+            grad.scatter_add_(-1, y_safe, torch.full_like(y_safe, -w_ce, dtype=grad.dtype))
+        elif want_grad and grad is None:
             grad = q.sub_(acc).mul_(targets[0][1] * T) if single else q.mul_(w_sum).sub_(acc).mul_(T)
         if want_grad:
             grad = _zero_rows(grad, keep)
@@ -266,13 +276,12 @@ def _chunk_terms(s, targets, y, keep, w_ce, temperature, hard, want_grad):
                 grad = g if grad is None else grad.add_(g)
 
     if use_ce:
-        valid = y != IGNORE_INDEX
         y_safe = torch.where(valid, y, 0).unsqueeze(-1)
         if log_q1 is None:
             log_q1 = torch.log_softmax(s, dim=-1)
-        part, g = _nll_terms(log_q1, y_safe, valid, w_ce, want_grad, consume=True)
+        part, g = _nll_terms(log_q1, y_safe, valid, w_ce, want_grad and not fuse_ce, consume=True)
         loss = loss + part
-        if want_grad:
+        if g is not None:
             grad = g if grad is None else grad.add_(g)
     if want_grad and grad is None:
         grad = torch.zeros_like(s)

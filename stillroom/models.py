@@ -295,6 +295,26 @@ def weights_bytes(model) -> int:
 
 # ------------------------------------------------------------------------------ the lean path's pieces
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run faster than fp32 (on a CPU without them, slower)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def teacher_dtype(name: str, device) -> torch.dtype:
+    """teacher.dtype -> a torch dtype. auto: bf16 where the device runs it natively (a CUDA GPU
+    with bf16, a CPU with AVX512-BF16 or AMX), else fp32. The teacher only runs forward, in
+    inference mode; its logits go to the loss in fp32."""
+    if name != "auto":
+        return getattr(torch, name)
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if kind == "cpu" and cpu_has_native_bf16() else torch.float32
+
+
 def final_hidden(model, **inputs) -> torch.Tensor:
     """(B, S, H): a causal LM's final hidden states, the input of its output head. Runs the model's
     own forward (so a DDP wrapper syncs gradients as usual) with logits for one position only."""

@@ -282,14 +282,6 @@ def prepare_data(cfg, teacher: models.Loaded, accelerator):
     return cfg, train, held
 
 
-def teacher_dtype(name: str, device) -> torch.dtype:
-    """auto: bf16 where the device runs it well (a CUDA GPU with bf16), else fp32 (CPUs)."""
-    if name == "auto":
-        cuda = torch.device(device).type == "cuda"
-        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
-
-
 def check_context(cfg, teacher_config):
     ctx = getattr(teacher_config, "max_position_embeddings", None)
     if ctx and cfg.data.seq_len > ctx:
@@ -361,7 +353,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
              f"{t_params:,}" if t_params else "?", how, f"{n_params:,}", len(train), len(held))
 
     if cache is None:
-        teacher.model.to(accelerator.device, dtype=teacher_dtype(cfg.teacher.dtype, accelerator.device))
+        teacher.model.to(accelerator.device, dtype=models.teacher_dtype(cfg.teacher.dtype, accelerator.device))
     source = cache or teacher.model   # what the loss and the eval read the teacher from
     pad_id = tok.pad_token_id
     before, held_tokens = (eval_columns(student, None, teacher, held, cfg, width, pad_id, cache=cache)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from stillroom.losses import (IGNORE_INDEX, cross_entropy, distill_loss, forward_kl, hard_label_ce,
+from stillroom.losses import (IGNORE_INDEX, cross_entropy, distill_loss, forward_kl, hard_label_ce, mixed_loss,
                               shift_labels, token_stats)
 
 
@@ -126,6 +126,27 @@ def test_hybrid_is_alpha_kd_plus_one_minus_alpha_ce():
         hard = distill_loss(s, t, labels, alpha=alpha, kind="hard")
         ref_h = alpha * hard_label_ce(s, t, mask) + (1 - alpha) * cross_entropy(s, labels)
         assert hard.item() == pytest.approx(ref_h.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])   # T = 1 folds the CE gradient into the KD one
+def test_hybrid_gradient_matches_autograd_reference(T):
+    s, t = logits(3, 5, 11, seed=21), logits(3, 5, 11, seed=22).detach()
+    labels = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(23))
+    labels[0, :2] = IGNORE_INDEX
+    mask = labels != IGNORE_INDEX
+    s2 = s.detach().clone().requires_grad_(True)
+    ours = distill_loss(s, t, labels, alpha=0.7, temperature=T)
+    ref = 0.7 * ref_forward_kl(s2, t, mask, T) + 0.3 * torch.nn.functional.cross_entropy(
+        s2[mask], labels[mask], reduction="sum")
+    (g_ours,), (g_ref,) = torch.autograd.grad(ours, s), torch.autograd.grad(ref, s2)
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
+    # two teachers, both folded the same way
+    two = mixed_loss(s, [(t, 0.4), (t.flip(0), 0.3)], labels, 0.3, T)
+    ref2 = (0.4 * ref_forward_kl(s2, t, mask, T) + 0.3 * ref_forward_kl(s2, t.flip(0), mask, T)
+            + 0.3 * torch.nn.functional.cross_entropy(s2[mask], labels[mask], reduction="sum"))
+    (g2,), (g2_ref,) = torch.autograd.grad(two, s), torch.autograd.grad(ref2, s2)
+    torch.testing.assert_close(g2, g2_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_teacher_gets_no_gradient():

@@ -100,3 +100,24 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="Hugging Face Hub"):
         models.load("someone/not-a-real-model-xyz")
+
+
+def test_teacher_dtype_auto_follows_the_device(monkeypatch):
+    import torch
+
+    from stillroom import models
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    assert models.teacher_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert models.teacher_dtype("auto", "cpu") == torch.bfloat16
+    assert models.teacher_dtype("float32", "cpu") == torch.float32
+    assert models.teacher_dtype("float16", "cpu") == torch.float16
+
+
+def test_output_head_refuses_a_soft_capped_head(teacher_dir):
+    """The lean path is only taken when logits == hidden @ W.T: a model that rescales its logits
+    (here: a hook standing in for soft-capping) falls back to the plain path."""
+    from stillroom import models
+    m = models.load(str(teacher_dir)).model
+    m.lm_head.register_forward_hook(lambda mod, inp, out: 30 * (out / 30).tanh())
+    assert models.output_head(m) is None
