@@ -268,6 +268,11 @@ class TeacherCache:
         """Refuse a cache built for another tokenizer, sequence length, temperature or data
         (`examples`: name -> examples that must all be in the cache)."""
         ix = self.index
+        for shard in ix["shards"]:
+            f = self.path / shard["file"]
+            if not f.is_file() or f.stat().st_size == 0:
+                raise UserError(f"cache shard {f} is missing or empty: the cache is damaged; rebuild it "
+                                "with `stillroom cache` (it continues from what is intact)")
         if tokenizer_hash(tok) != ix["tokenizer_hash"]:
             raise UserError(f"the cache in {self.path} was built with another tokenizer (teacher "
                             f"{ix['teacher']}, vocab {ix['vocab_size']}) than this student's (vocab {len(tok)})")

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import Stopped, UserError
 
 log = logging.getLogger("stillroom")
 
@@ -171,10 +171,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as the same one line as every other error (exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"stillroom: error: {message} (see `{self.prog} --help`)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="stillroom", description="Distill large language models into small ones.")
+    p = _Parser(prog="stillroom", description="Distill large language models into small ones.")
     p.add_argument("--version", action="version", version=f"stillroom {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -281,6 +288,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"stillroom: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"stillroom: {e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print("stillroom: interrupted", file=sys.stderr)
         return 130

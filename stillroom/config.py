@@ -19,7 +19,7 @@ RECIPES = Path(__file__).parent / "configs"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TeacherConfig(Section):
@@ -73,7 +73,7 @@ class DataConfig(Section):
     eval_path: Optional[str] = None
     """Held-out file; None = a deterministic eval_fraction of `path`."""
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    seq_len: int = Field(256, ge=8)
+    seq_len: int = Field(256, ge=8, le=1 << 20)
     max_examples: Optional[int] = Field(None, ge=1)
     skip_bad_rows: bool = False
     """False: a bad row is an error. True: bad rows are skipped and reported (count, which)."""
@@ -102,7 +102,7 @@ class GenerateConfig(Section):
     num_answers: int = Field(1, ge=1)
     """Answers per prompt (one output row each); > 1 needs temperature > 0."""
     max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, le=65536)
     temperature: float = Field(0.0, ge=0.0)
     """0 = greedy."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -130,7 +130,7 @@ class CacheConfig(Section):
     """Storage of the top-k log-probs (ids are int32, tail and label log-probs float32)."""
     shard_rows: int = Field(65536, ge=1)
     """Positions per shard file: the writer's memory bound, and what a killed run can lose."""
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=65536)
 
 
 class LossConfig(Section):
@@ -150,7 +150,7 @@ class LossConfig(Section):
 class TrainConfig(Section):
     output_dir: str = "runs/demo"
     max_steps: int = Field(120, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=65536)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -165,6 +165,9 @@ class TrainConfig(Section):
     save_every: int = Field(0, ge=0)
     """0 = no intermediate checkpoints (the final student is always written)."""
     keep_checkpoints: int = Field(2, ge=1)
+    max_bad_steps: int = Field(10, ge=0)
+    """Steps whose loss or gradient is not finite are skipped (no update) and counted; one more
+    than this stops the run with a message (0: stop at the first)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: bf16 on a GPU that supports it, fp32 on CPU (bf16 autocast is slow on CPU)."""
     report_to: list[str] = []
@@ -178,7 +181,7 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     max_batches: Optional[int] = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=65536)
     gen_tokens: int = Field(32, ge=1)
     """New tokens per prompt when timing generation speed."""
     gen_prompts: int = Field(4, ge=1)
@@ -280,7 +283,9 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     if path:
         f = resolve_recipe(path)
         try:
-            raw = yaml.safe_load(f.read_text()) or {}
+            raw = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise UserError(f"config file {f} is not UTF-8 text (a YAML file is expected)") from None
         except yaml.YAMLError as e:
             raise UserError(f"config file {f} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):

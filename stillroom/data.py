@@ -63,19 +63,23 @@ def detect_format(path: str, fmt: str = "auto") -> str:
 
 def read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
     rows, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.append((n, f"invalid JSON: {e.msg}"))
-                continue
-            if not isinstance(row, dict):
-                bad.append((n, "not a JSON object"))
-                continue
-            rows.append((n, row))
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")   # not splitlines(): JSON may hold U+2028
+    except UnicodeDecodeError as e:
+        line_no = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise UserError(f"data file {path} is not UTF-8 text (line {line_no}); re-encode it as UTF-8") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.append((n, f"invalid JSON: {e.msg}"))
+            continue
+        if not isinstance(row, dict):
+            bad.append((n, "not a JSON object"))
+            continue
+        rows.append((n, row))
     return rows, bad
 
 
@@ -261,6 +265,9 @@ def build_examples(path: str, tokenizer, dcfg) -> tuple[list[Example], Report]:
                     continue
                 ids, labels = render_chat(tokenizer, row["messages"])
             else:
+                if not row["response"].strip():
+                    report.bad.append((n, "empty response"))
+                    continue
                 ids, labels = render_pair(tokenizer, row["prompt"], row["response"])
             if len(ids) > dcfg.seq_len:
                 report.truncated += 1

@@ -138,7 +138,13 @@ def load(spec: str, *, trainable: bool = False) -> Loaded:
                 f"could not load '{spec}' from the Hugging Face Hub ({str(e).splitlines()[0][:160]}); "
                 "if this machine is offline, pass a local model folder, a .gguf file, or smollm2-135m"
             ) from None
-        raise UserError(f"could not load model from {where}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"could not load the model in {where} (its config.json, weights or tokenizer): "
+                        f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+    except Exception as e:  # safetensors' own errors on a truncated or garbage weights file, ...
+        if kind == "hub":
+            raise
+        raise UserError(f"could not load the model in {where} (damaged weights?): {type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if trainable:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +26,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import evaluate, models
+from . import evaluate, faults, models
 from .config import Config, to_yaml
 from .data import collate, load_data, micro_batch, model_inputs
-from .errors import UserError
+from .errors import Stopped, UserError
 from .losses import IGNORE_INDEX, distill_loss, linear_distill_loss, shift_labels
 
 log = logging.getLogger("stillroom")
@@ -136,6 +140,60 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
             "tokens": int(counts[1])}
 
 
+class GracefulStop:
+    """SIGINT / SIGTERM during training: finish the current step, save a checkpoint, stop (the
+    decision is taken together by all processes at a step boundary, so it is never mid-update).
+    A second Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self.old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s: stopping after this step and saving a checkpoint (Ctrl-C again stops now)",
+                    signal.Signals(signum).name)
+
+    def requested(self, accelerator) -> bool:
+        flag = self.signum is not None
+        if accelerator.num_processes > 1:
+            t = torch.tensor([float(flag)], device=accelerator.device)
+            flag = bool(accelerator.reduce(t, "sum").item() > 0)
+        return flag
+
+
+def trim_metrics(path: Path, step: int):
+    """On resume: drop log lines beyond the checkpoint's step (written after it, before a crash),
+    so the log reads as one run."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue   # a line torn by a crash
+        at = rec.get("step", rec.get("eval", {}).get("step", 0))
+        if at <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
+
+
 def set_threads(cfg, accelerator):
     """torch's CPU threads for this process (see train.threads); -> the number set."""
     n = cfg.train.threads
@@ -188,55 +246,121 @@ def prefetched(make, steps, enabled=True):
 
 # ------------------------------------------------------------------------------------ checkpoints
 
+STEP_DIR = re.compile(r"step_(\d+)")
+
+
 def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first: `step_N` folders holding trainer_state.json (written
+    last, inside the temporary folder, before the rename). Temporary (`.tmp`) and condemned
+    (`.old`) folders never count."""
     d = out / "checkpoints"
-    found = [p for p in d.glob("step_*") if (p / "trainer_state.json").is_file()] if d.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    found = [p for p in d.iterdir() if STEP_DIR.fullmatch(p.name) and (p / "trainer_state.json").is_file()] \
+        if d.is_dir() else []
+    return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
 
 
-def save_checkpoint(accelerator, out: Path, step: int, keep: int, write=None):
-    """Atomic: written under a temporary name, renamed when complete; older ones beyond `keep`
-    removed. `write(tmp)` runs on every process (default: Accelerate's save_state)."""
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def _no_space(e: OSError, what: str, keep_note: str) -> UserError:
+    why = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else e.strerror
+    return UserError(f"could not write {what}: {why} ({e.filename or e}); {keep_note}")
+
+
+def save_checkpoint(accelerator, out: Path, step: int, keep: int, write=None, state=None):
+    """Atomic: written under a temporary name and renamed when complete, so a crash at any moment
+    leaves either the previous checkpoints or those plus this one. Older ones beyond `keep` are
+    first renamed away (`.old`), then deleted: a crash mid-delete never leaves a half-deleted
+    checkpoint that looks complete, and the newest complete one is never touched. `write(tmp)`
+    runs on every process (default: Accelerate's save_state). `state` is stored beside the step.
+    A full disk removes the partial folder and says so in one line (previous checkpoints intact)."""
     final = out / "checkpoints" / f"step_{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    if write is None:
-        accelerator.save_state(str(tmp))
-    else:
-        write(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-        os.replace(tmp, final)
+    main = accelerator.is_main_process
+    try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        if write is None:
+            accelerator.save_state(str(tmp))
+        else:
+            write(tmp)
+        accelerator.wait_for_everyone()
+        if main:
+            faults.point("checkpoint.written")          # files in tmp, not yet marked complete
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(state or {})}))
+            faults.point("checkpoint.complete")         # complete in tmp, not yet renamed
+            os.replace(tmp, final)
+    except OSError as e:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        have = checkpoints(out)
+        raise _no_space(e, f"checkpoint step {step} to {tmp}",
+                        f"the last complete checkpoint ({have[-1].name}) is intact: free space and rerun with "
+                        "--resume" if have else "no earlier checkpoint exists: free space and rerun") from None
+    if main:
+        faults.point("checkpoint.renamed")
         for old in checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            gone = old.with_name(old.name + ".old")
+            os.replace(old, gone)
+            faults.point("checkpoint.rotating")
+            shutil.rmtree(gone, ignore_errors=True)
+        for stale in out.glob("checkpoints/*.old"):
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
 def write_final(out: Path, student, tokenizer, cfg, metrics: dict, generation_config=None):
-    """<out>/final: loadable by AutoModelForCausalLM/AutoTokenizer, plus config and metrics."""
-    final, tmp = out / "final", out / "final.tmp"
+    """<out>/final: loadable by AutoModelForCausalLM/AutoTokenizer, plus config and metrics.
+    Written to final.tmp and swapped in; a crash keeps the previous final (or final.old)."""
+    final, tmp, old = out / "final", out / "final.tmp", out / "final.old"
     shutil.rmtree(tmp, ignore_errors=True)
     if generation_config is not None:
         student.generation_config = copy.deepcopy(generation_config)
-    student.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "stillroom.yaml").write_text(to_yaml(cfg))
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if (out / "metrics.jsonl").exists():
-        shutil.copy(out / "metrics.jsonl", tmp / "metrics.jsonl")
-    shutil.rmtree(final, ignore_errors=True)
+    try:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "stillroom.yaml").write_text(to_yaml(cfg))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if (out / "metrics.jsonl").exists():
+            shutil.copy(out / "metrics.jsonl", tmp / "metrics.jsonl")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        have = checkpoints(out)
+        raise _no_space(e, f"the final student to {tmp}",
+                        f"checkpoint {have[-1].name} is intact: free space and rerun with --resume" if have
+                        else "free space and rerun") from None
+    faults.point("final.written")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 # ------------------------------------------------------------------------------------ the run
 
+def check_writable(out: Path, what="output folder"):
+    """The folder can be created and written (checked on its nearest existing ancestor), before
+    any heavy work and without writing anything."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"{what} {out}: {probe} is a file, not a folder; pick another path")
+    import tempfile
+    try:   # permission bits do not stop root, and read-only mounts can say "writable": try it
+        os.rmdir(tempfile.mkdtemp(prefix=".stillroom-probe-", dir=probe))
+    except OSError as e:
+        raise UserError(f"{what} {out}: cannot write in {probe} ({e.strerror}); pick another path") from None
+
+
 def prepare_output(out: Path, overwrite: bool, resume: bool):
     """Refuse to clobber a previous run unless asked; runs before any heavy work."""
+    check_writable(out)
     if resume:
         if not checkpoints(out):
             raise UserError(f"--resume: no complete checkpoint in {out}/checkpoints "
@@ -362,11 +486,14 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     student, optimizer = accelerator.prepare(student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    start = 0
+    start, bad_steps = 0, 0
     if resume:
         last = checkpoints(out)[-1]
         accelerator.load_state(str(last))
-        start = json.loads((last / "trainer_state.json").read_text())["step"]
+        state = read_state(last)
+        start, bad_steps = state["step"], state.get("bad_steps", 0)
+        if main:
+            trim_metrics(out / "metrics.jsonl", start)
         log.info("resumed from %s (step %d)", last, start)
     if cfg.train.report_to:
         accelerator.init_trackers("stillroom", config=cfg.model_dump())
@@ -376,6 +503,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
                disable=not (progress and main))
     t_start, tokens_seen, last_log = time.perf_counter(), 0, {}
     student.train()
+
     def make_batches(step):
         bs = [to_batch(mb, pad_id, accelerator.device)
               for mb in window(train, step, cfg, accelerator.process_index, accelerator.num_processes)]
@@ -384,38 +512,86 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
                 b.cached = cache.targets(b.examples, b.input_ids.shape[1], b.input_ids.device).top
         return bs
 
-    for step, batches in prefetched(make_batches, range(start, cfg.train.max_steps), cfg.train.prefetch):
-        stats = accumulate(student, source, batches, cfg, accelerator, width)
-        grad_norm = None
-        if cfg.train.max_grad_norm > 0:
-            grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += stats["tokens"]
-        done = step + 1
-        elapsed = time.perf_counter() - t_start
-        record = {"step": done, "loss": round(stats["loss"], 5), "lr": scheduler.get_last_lr()[0],
-                  "grad_norm": grad_norm, "tokens_per_s": round(tokens_seen / elapsed, 1),
-                  "elapsed_s": round(elapsed, 1)}
-        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-            last_log = record
-            if main:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=done)
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        bar.update(1)
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.max_steps and main:
-            cmp = evaluate.compare(accelerator.unwrap_model(student), source, held, pad_id,
-                                   cfg.eval.batch_size, cfg.eval.max_batches, width)
-            cmp["step"] = done
-            metrics_file.write(json.dumps({"eval": cmp}) + "\n")
-            metrics_file.flush()
-            bar.write(f"step {done}: held-out perplexity {cmp['student_perplexity']:.3f}, "
-                      f"agreement {cmp['agreement']:.1%}, KL {cmp['kl_per_token']:.4f}")
-        if cfg.train.save_every and done % cfg.train.save_every == 0:
-            save_checkpoint(accelerator, out, done, cfg.train.keep_checkpoints)
+    done, saved = start, start if resume else None
+    save = lambda at: save_checkpoint(accelerator, out, at, cfg.train.keep_checkpoints,  # noqa: E731
+                                      state={"bad_steps": bad_steps})
+    stop = GracefulStop()
+    try:
+        with stop:
+            for step, batches in prefetched(make_batches, range(start, cfg.train.max_steps), cfg.train.prefetch):
+                stats = accumulate(student, source, batches, cfg, accelerator, width)
+                # The norm is taken even without clipping: a non-finite one means a bad step.
+                grad_norm = float(accelerator.clip_grad_norm_(student.parameters(),
+                                                              cfg.train.max_grad_norm or float("inf")))
+                good = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
+                if good:
+                    optimizer.step()
+                else:
+                    bad_steps += 1
+                    log.warning("step %d: non-finite %s: step skipped (%d so far, train.max_bad_steps=%d)",
+                                step + 1, "loss" if not math.isfinite(stats["loss"]) else "gradient",
+                                bad_steps, cfg.train.max_bad_steps)
+                    if bad_steps > cfg.train.max_bad_steps:
+                        have = checkpoints(out)
+                        raise UserError(
+                            f"stopping at step {step + 1}: {bad_steps} steps had a non-finite loss or gradient "
+                            f"(more than train.max_bad_steps={cfg.train.max_bad_steps}); lower train.lr or check "
+                            "the data" + (f"; the last checkpoint is {have[-1]}" if have else ""))
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                faults.point("step")
+                tokens_seen += stats["tokens"]
+                elapsed = time.perf_counter() - t_start
+                record = {"step": done, "loss": round(stats["loss"], 5), "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": grad_norm if math.isfinite(grad_norm) else str(grad_norm),
+                          "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 1),
+                          "bad_steps": bad_steps}
+                if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+                    last_log = record
+                    if main:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                                    step=done)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                if (cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.max_steps
+                        and main):
+                    cmp = evaluate.compare(accelerator.unwrap_model(student), source, held, pad_id,
+                                           cfg.eval.batch_size, cfg.eval.max_batches, width)
+                    cmp["step"] = done
+                    metrics_file.write(json.dumps({"eval": cmp}) + "\n")
+                    metrics_file.flush()
+                    bar.write(f"step {done}: held-out perplexity {cmp['student_perplexity']:.3f}, "
+                              f"agreement {cmp['agreement']:.1%}, KL {cmp['kl_per_token']:.4f}")
+                if cfg.train.save_every and done % cfg.train.save_every == 0:
+                    save(done)
+                    saved = done
+                if stop.requested(accelerator):
+                    if saved != done:
+                        save(done)
+                    code = 128 + int(stop.signum or signal.SIGINT)
+                    raise Stopped(f"stopped by {signal.Signals(code - 128).name} after step {done}: checkpoint "
+                                  f"{checkpoints(out)[-1]} saved; continue with --resume", code)
+    except (UserError, Stopped, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        # A failure mid-step (a teacher that breaks, out of memory...): the weights and optimizer
+        # are those of the last completed step; keep them, then stop with one line.
+        import traceback
+        if main:
+            (out / "error.log").write_text(traceback.format_exc())
+        note = ""
+        if accelerator.num_processes == 1 and done > start and saved != done:
+            save(done)
+            note = f"; checkpoint of step {done} saved: fix the cause and continue with --resume"
+        elif checkpoints(out):
+            note = f"; continue from {checkpoints(out)[-1].name} with --resume"
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"step {done + 1} failed: {type(e).__name__}: {first} (traceback in "
+                        f"{out / 'error.log'}){note}") from None
+    bar.close()
     bar.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -26,12 +26,12 @@ CORPUS = [
 ] * 20
 
 
-def make_tokenizer():
+def make_tokenizer(vocab_size=320):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS, vocab_size=320, min_frequency=1,
+    bpe.train_from_iterator(CORPUS, vocab_size=vocab_size, min_frequency=1,
                             special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|im_start|>",
                                   eos_token="<|im_end|>", pad_token="<|pad|>")

@@ -1,0 +1,257 @@
+"""The hostile-input catalog: every case is bad input to a real command, and each must end with one
+clear line on stderr (`stillroom: error: ...`), exit code 2, no traceback, and nothing written.
+
+Cases run in-process through `cli.main` (the same function the `stillroom` entry point calls: an
+uncaught exception fails the test, which is how a traceback would show); a few also run as real
+subprocesses to pin the entry point itself.
+"""
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stillroom import cli
+
+from conftest import run_cli
+
+
+def tree(root: Path) -> set:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+# Each case: (id, build(tmp, teacher, data) -> argv, expected words in the message).
+# `tmp` is an empty folder the case may fill with its inputs; anything that appears in it beyond
+# what the case made itself is "something written".
+
+def _cfg(tmp, text):
+    p = tmp / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def _base(teacher, data, out):
+    return [f"teacher.model={teacher}", f"data.path={data}", f"train.output_dir={out}", "student.num_layers=2",
+            "data.seq_len=64", "train.max_steps=2", "train.batch_size=2"]
+
+
+def distill(tmp, teacher, data, *extra, config=None):
+    return ["distill", *([config] if config else []), *_base(teacher, data, tmp / "out"), *extra]
+
+
+def _file(tmp, name, content: bytes | str):
+    p = tmp / name
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return p
+
+
+def _model_copy(tmp, teacher, name="m"):
+    import shutil
+    d = tmp / name
+    shutil.copytree(teacher, d)
+    return d
+
+
+def _truncated_weights(tmp, teacher):
+    d = _model_copy(tmp, teacher)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 3])
+    return d
+
+
+def _garbage_weights(tmp, teacher):
+    d = _model_copy(tmp, teacher)
+    (d / "model.safetensors").write_bytes(b"\x00" * 64)
+    return d
+
+
+def _no_weights(tmp, teacher):
+    d = _model_copy(tmp, teacher)
+    (d / "model.safetensors").unlink()
+    return d
+
+
+def _bad_config_json(tmp, teacher):
+    d = _model_copy(tmp, teacher)
+    (d / "config.json").write_text("{not json")
+    return d
+
+
+def _no_tokenizer(tmp, teacher):
+    d = _model_copy(tmp, teacher)
+    for f in d.iterdir():
+        if "token" in f.name or f.name.endswith(".model"):
+            f.unlink()
+    return d
+
+
+def _other_vocab_model(tmp, teacher):
+    """A model with its own, different tokenizer (another BPE vocabulary)."""
+    from conftest import make_model, make_tokenizer, save
+    tok = make_tokenizer(vocab_size=290)
+    return save(make_model(tok, layers=2), tok, tmp / "other")
+
+
+def _cache(tmp, teacher, data, *extra):
+    out = tmp / "cache"
+    assert cli.main(["cache", *_base(teacher, data, tmp / "unused"), f"cache.path={out}", "--no-progress",
+                     *extra]) == 0
+    return out
+
+
+def _readonly_out(tmp):
+    """A folder we may not write in: chmod 500 for a normal user; as root (CI), whom permission
+    bits do not stop, a read-only file system (/sys)."""
+    if os.geteuid() == 0:
+        return Path("/sys/stillroom-ro")
+    d = tmp / "ro"
+    d.mkdir()
+    d.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    return d
+
+
+CASES = [
+    # ---- config and overrides
+    ("unknown key", lambda t, m, d: distill(t, m, d, "train.max_stepz=3"), "max_steps"),
+    ("unknown section", lambda t, m, d: distill(t, m, d, "trian.lr=1"), "trian"),
+    ("wrong type", lambda t, m, d: distill(t, m, d, "train.max_steps=many"), "max_steps"),
+    ("negative steps", lambda t, m, d: distill(t, m, d, "train.max_steps=-5"), "max_steps"),
+    ("zero batch size", lambda t, m, d: distill(t, m, d, "train.batch_size=0"), "batch_size"),
+    ("absurd batch size", lambda t, m, d: distill(t, m, d, "train.batch_size=100000000"), "batch_size"),
+    ("absurd seq_len", lambda t, m, d: distill(t, m, d, "data.seq_len=10000000"), "seq_len"),
+    ("alpha above 1", lambda t, m, d: distill(t, m, d, "loss.alpha=1.5"), "alpha"),
+    ("zero temperature", lambda t, m, d: distill(t, m, d, "loss.temperature=0"), "temperature"),
+    ("nan learning rate", lambda t, m, d: distill(t, m, d, "train.lr=nan"), "lr"),
+    ("infinite learning rate", lambda t, m, d: distill(t, m, d, "train.lr=inf"), "lr"),
+    ("unknown loss kind", lambda t, m, d: distill(t, m, d, "loss.kind=medium"), "kind"),
+    ("override without a value", lambda t, m, d: distill(t, m, d, "train.lr="), "lr"),
+    ("missing config file", lambda t, m, d: ["distill", str(t / "nope.yaml")], "nope.yaml"),
+    ("unknown recipe", lambda t, m, d: ["distill", "sofft"], "sofft"),
+    ("config is not YAML", lambda t, m, d: ["distill", _cfg(t, "train: [1, 2\n  lr: ::")], "yaml"),
+    ("config is a list", lambda t, m, d: ["distill", _cfg(t, "- 1\n- 2\n")], "mapping"),
+    ("a section set to a number", lambda t, m, d: distill(t, m, d, "train=5"), "train"),
+    ("config is binary", lambda t, m, d: ["distill", str(_file(t, "b.yaml", b"\xff\xfe\x00\x81garbage"))], "b.yaml"),
+    ("--overwrite with --resume", lambda t, m, d: distill(t, m, d, "--overwrite", "--resume"), "exclude"),
+    ("--resume with nothing to resume", lambda t, m, d: distill(t, m, d, "--resume"), "checkpoint"),
+    ("output folder is a file", lambda t, m, d: ["distill", *_base(m, d, _file(t, "taken", "x"))], "taken"),
+    ("read-only output folder", lambda t, m, d: ["distill", *_base(m, d, _readonly_out(t) / "run")], "cannot write"),
+    # ---- data files
+    ("missing data file", lambda t, m, d: distill(t, m, t / "none.jsonl"), "not found"),
+    ("empty data file", lambda t, m, d: distill(t, m, _file(t, "e.txt", "")), "empty"),
+    ("whitespace-only text", lambda t, m, d: distill(t, m, _file(t, "w.txt", "  \n\n\t ")), "no text"),
+    ("non-UTF-8 text", lambda t, m, d: distill(t, m, _file(t, "l1.txt", "caf\xe9 cr\xe8me".encode("latin-1"))),
+     "UTF-8"),
+    ("non-UTF-8 JSONL", lambda t, m, d: distill(t, m, _file(t, "l1.jsonl", b'{"text": "caf\xe9"}\n')), "UTF-8"),
+    ("JSONL with broken lines", lambda t, m, d: distill(t, m, _file(
+        t, "broken.jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "a", "resp\n[1, 2]\n')), "bad"),
+    ("JSONL rows of unknown shape", lambda t, m, d: distill(t, m, _file(t, "shape.jsonl", '{"q": 1}\n' * 5)),
+     "needs"),
+    ("chat with no assistant turn", lambda t, m, d: distill(t, m, _file(
+        t, "chat.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")), "assistant"),
+    ("empty prompt and response", lambda t, m, d: distill(t, m, _file(
+        t, "blank.jsonl", '{"prompt": "", "response": " "}\n' * 3)), "empty response"),
+    ("data path is a folder", lambda t, m, d: distill(t, m, t, "data.format=jsonl"), "folder"),
+    ("text too short for one example", lambda t, m, d: distill(t, m, _file(t, "short.txt", "a")), "usable"),
+    # ---- model folders and files
+    ("model path not found", lambda t, m, d: distill(t, t / "no-model", d), "not found"),
+    ("GGUF that is not one", lambda t, m, d: distill(t, _file(t, "fake.gguf", b"GGUF" + b"\x00" * 40), d), "GGUF"),
+    ("text file as a model", lambda t, m, d: distill(t, _file(t, "model.txt", "hello"), d), "not a model"),
+    ("folder without config.json", lambda t, m, d: distill(t, t, d), "config.json"),
+    ("config.json not JSON", lambda t, m, d: distill(t, _bad_config_json(t, m), d), "config.json"),
+    ("truncated safetensors", lambda t, m, d: distill(t, _truncated_weights(t, m), d), "weights"),
+    ("safetensors of zeros", lambda t, m, d: distill(t, _garbage_weights(t, m), d), "weights"),
+    ("no weights file", lambda t, m, d: distill(t, _no_weights(t, m), d), "weights"),
+    ("no tokenizer files", lambda t, m, d: distill(t, _no_tokenizer(t, m), d), "tokenizer"),
+    ("student of another vocabulary", lambda t, m, d: distill(
+        t, m, d, "student.init=pretrained", f"student.model={_other_vocab_model(t, m)}"), "vocab"),
+    ("layer index beyond the teacher", lambda t, m, d: distill(t, m, d, "student.layers=[0,99]"), "layer"),
+    # ---- caches
+    ("cache folder missing", lambda t, m, d: distill(t, m, d, "teacher.kind=cache", f"teacher.cache={t / 'nc'}"),
+     "cache"),
+    ("cache index not JSON", lambda t, m, d: distill(t, m, d, "teacher.kind=cache",
+                                                     f"teacher.cache={_file(t, 'index.json', '{').parent}"), "index"),
+    ("cache for another seq_len", lambda t, m, d: distill(
+        t, m, d, "teacher.kind=cache", f"teacher.cache={_cache(t, m, d, 'data.seq_len=48')}"), "seq_len"),
+    ("cache for another tokenizer", lambda t, m, d: distill(
+        t, m, d, "teacher.kind=cache", f"teacher.cache={_cache(t, m, d)}", "student.init=pretrained",
+        f"student.model={_other_vocab_model(t, m)}"), "tokenizer"),
+    ("cache with a shard gone", lambda t, m, d: distill(t, m, d, "teacher.kind=cache",
+                                                        f"teacher.cache={_shard_gone(_cache(t, m, d))}"), "shard"),
+    # ---- other commands and flags
+    ("eval of a missing model", lambda t, m, d: ["eval", "--model", str(t / "x"), "--teacher", str(m),
+                                                 "--data", str(d)], "not found"),
+    ("generate with an empty prompt file", lambda t, m, d: ["generate", "--teacher", str(m), "--prompts",
+                                                            str(_file(t, "p.txt", "\n\n")), "--out",
+                                                            str(t / "o.jsonl")], "prompt"),
+    ("generate with greedy and several answers", lambda t, m, d: [
+        "generate", "--teacher", str(m), "--prompts", str(_file(t, "p.txt", "hi\n")), "--out", str(t / "o.jsonl"),
+        "--num-answers", "2", "--temperature", "0"], "answers"),
+    ("generate --top-logprobs without --api", lambda t, m, d: [
+        "generate", "--teacher", str(m), "--prompts", str(_file(t, "p.txt", "hi\n")), "--out", str(t / "o.jsonl"),
+        "--top-logprobs", "5"], "api"),
+    ("cache from a cache", lambda t, m, d: ["cache", *_base(m, d, t / "o"), "teacher.kind=cache",
+                                            f"teacher.cache={t}"], "live"),
+]
+
+
+def _shard_gone(cache: Path) -> Path:
+    for f in cache.glob("shard-*.safetensors"):
+        f.unlink()
+    return cache
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_hostile_input(case, tmp_path, teacher_dir, chat_file, capsys):
+    name, build, words = case
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = [str(a) for a in build(work, teacher_dir, chat_file)]
+    capsys.readouterr()
+    before = tree(work)
+    try:
+        code = cli.main(argv + (["--no-progress"] if argv[0] in ("distill", "codistill", "cache", "generate")
+                                else []))
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("stillroom: error:")]
+    assert code == 2, f"{name}: exit {code}\n{err[-2000:]}"
+    assert len(lines) == 1, f"{name}: expected one error line\n{err[-2000:]}"
+    assert words.lower() in lines[0].lower(), f"{name}: {lines[0]!r} does not mention {words!r}"
+    assert "Traceback" not in err
+    assert tree(work) == before, f"{name}: wrote {sorted(tree(work) - before)}"
+
+
+def test_catalog_size():
+    assert len(CASES) >= 40
+
+
+def test_paths_with_spaces_work(tmp_path, teacher_dir, chat_file):
+    """Not hostile at all: spaces in every path (model, data, output) are fine."""
+    import shutil
+    sp = tmp_path / "a folder with spaces"
+    sp.mkdir()
+    shutil.copytree(teacher_dir, sp / "my teacher")
+    shutil.copy(chat_file, sp / "my data.jsonl")
+    r = run_cli("distill", *_base(sp / "my teacher", sp / "my data.jsonl", sp / "my run"), "--no-progress",
+                "eval.gen_tokens=2", "eval.gen_prompts=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (sp / "my run" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["distill", "train.max_stepz=3"], "max_steps"),
+    (["distill", "--no-such-flag"], "unrecognized"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_the_entry_point_prints_one_line(argv, words):
+    """As a real process: one line, exit 2, no traceback (argparse's usage errors included)."""
+    r = subprocess.run([sys.executable, "-m", "stillroom", *argv], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ))
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and words in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
