@@ -233,6 +233,7 @@ def build_from_logprobs(cfg, tok, model_config=None, overwrite=False, progress=T
             tail[r] = math.log(1 - mass) if mass < 1 - 1e-6 else float("-inf")
             label_logp[r] = dict(t).get(true, math.log(max(1 - mass, 1e-12)))
         writer.add(sid, ids, logp, tail, label_logp)
+        writer.flush_if_full()
     writer.flush()
     if not index["shards"]:
         raise UserError(f"no rows with teacher_logprobs in {cfg.data.path}")

@@ -25,6 +25,7 @@ at most the unflushed buffer; running the same command again continues from the 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import faults
 from .data import Example
 from .errors import UserError
 from .losses import IGNORE_INDEX, TopK, topk_targets
@@ -99,6 +101,11 @@ class ShardWriter:
             self.buf[k].append(v)
         self.samples.append([sid, int(tail.shape[0])])
         self.rows += int(tail.shape[0])
+
+    def flush_if_full(self):
+        """Called between teacher batches: a shard always ends on a batch boundary, so a resumed
+        build runs the teacher on exactly the batches an uninterrupted one would (same padding,
+        bit-identical rows)."""
         if self.rows >= self.shard_rows:
             self.flush()
 
@@ -109,10 +116,19 @@ class ShardWriter:
             return
         name = f"shard-{len(self.index['shards']):05d}.safetensors"
         tmp = self.out / (name + ".tmp")
-        save_file({k: torch.cat(v) for k, v in self.buf.items()}, str(tmp))
-        os.replace(tmp, self.out / name)
-        self.index["shards"].append({"file": name, "rows": self.rows, "samples": self.samples})
-        _write_json(self.out / "index.json", self.index)
+        try:
+            save_file({k: torch.cat(v) for k, v in self.buf.items()}, str(tmp))
+            faults.point("cache.shard_written")      # in its temporary file, not yet renamed
+            os.replace(tmp, self.out / name)
+            faults.point("cache.shard_renamed")      # renamed, not yet in the index
+            self.index["shards"].append({"file": name, "rows": self.rows, "samples": self.samples})
+            _write_json(self.out / "index.json", self.index)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            why = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else e.strerror
+            raise UserError(f"could not write cache shard {name} in {self.out}: {why}; the "
+                            f"{len(self.index['shards'])} shards written so far are intact: free space and run "
+                            "the same command again to continue") from None
         self._reset()
 
 
@@ -190,6 +206,8 @@ def build(cfg, examples: list[Example], teacher, tok, overwrite=False, progress=
             writer.add(sid, top.ids.to(ids_dtype).cpu(), top.logp.to(dtype).cpu(), top.log_tail.float().cpu(),
                        label_logp.float().cpu())
         del logits
+        writer.flush_if_full()
+        faults.point("cache.batch")
         bar.update(len(part))
     writer.flush()
     bar.close()

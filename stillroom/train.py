@@ -510,6 +510,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
         if cache is not None and cfg.loss.alpha > 0:
             for b in bs:
                 b.cached = cache.targets(b.examples, b.input_ids.shape[1], b.input_ids.device).top
+        faults.point("batch")   # on the prefetch thread, while the previous step computes
         return bs
 
     done, saved = start, start if resume else None
@@ -552,6 +553,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
                     if main:
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
+                        faults.point("metrics")
                     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
                                     step=done)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -560,6 +562,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
                         and main):
                     cmp = evaluate.compare(accelerator.unwrap_model(student), source, held, pad_id,
                                            cfg.eval.batch_size, cfg.eval.max_batches, width)
+                    faults.point("eval")
                     cmp["step"] = done
                     metrics_file.write(json.dumps({"eval": cmp}) + "\n")
                     metrics_file.flush()
