@@ -25,7 +25,6 @@ at most the unflushed buffer; running the same command again continues from the 
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -40,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import faults
 from .data import Example
-from .errors import UserError
+from .errors import UserError, disk_full
 from .losses import IGNORE_INDEX, TopK, topk_targets
 
 log = logging.getLogger("stillroom")
@@ -123,9 +122,10 @@ class ShardWriter:
             faults.point("cache.shard_renamed")      # renamed, not yet in the index
             self.index["shards"].append({"file": name, "rows": self.rows, "samples": self.samples})
             _write_json(self.out / "index.json", self.index)
-        except OSError as e:
+        except Exception as e:
+            why = ("no space left on the device" if disk_full(e, self.out)
+                   else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}")
             tmp.unlink(missing_ok=True)
-            why = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else e.strerror
             raise UserError(f"could not write cache shard {name} in {self.out}: {why}; the "
                             f"{len(self.index['shards'])} shards written so far are intact: free space and run "
                             "the same command again to continue") from None

@@ -301,8 +301,8 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
             # update() also reaches into lists: peers.1.num_layers=2.
             parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
             OmegaConf.update(conf, key, parsed, force_add=True)
-        except OmegaConfBaseException as e:
-            raise UserError(f"override '{item}': {str(e).splitlines()[0]}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as e:   # the value is parsed as YAML
+            raise UserError(f"override '{item}': {(str(e).splitlines() or ['cannot parse'])[0]}") from None
     try:
         raw = OmegaConf.to_container(conf, resolve=True)
     except OmegaConfBaseException as e:

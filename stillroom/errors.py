@@ -15,3 +15,18 @@ class Stopped(Exception):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
+
+
+def disk_full(e: BaseException, where) -> bool:
+    """Was `e`, raised while writing under `where`, a full disk? Writers say so in their own ways
+    (OSError ENOSPC; torch.save: RuntimeError 'iostream error'; safetensors: its own error), so
+    the file system is asked too, before the partial files are removed."""
+    import errno
+    import shutil
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    try:
+        return shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from . import evaluate, faults, models
 from .config import Config, to_yaml
 from .data import collate, load_data, micro_batch, model_inputs
-from .errors import Stopped, UserError
+from .errors import Stopped, UserError, disk_full
 from .losses import IGNORE_INDEX, distill_loss, linear_distill_loss, shift_labels
 
 log = logging.getLogger("stillroom")
@@ -263,9 +262,10 @@ def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / "trainer_state.json").read_text())
 
 
-def _no_space(e: OSError, what: str, keep_note: str) -> UserError:
-    why = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else e.strerror
-    return UserError(f"could not write {what}: {why} ({e.filename or e}); {keep_note}")
+def _write_failed(e: BaseException, where: Path, what: str, keep_note: str) -> UserError:
+    why = ("no space left on the device" if disk_full(e, where)
+           else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}")
+    return UserError(f"could not write {what}: {why}; {keep_note}")
 
 
 def save_checkpoint(accelerator, out: Path, step: int, keep: int, write=None, state=None):
@@ -293,13 +293,14 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int, write=None, st
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(state or {})}))
             faults.point("checkpoint.complete")         # complete in tmp, not yet renamed
             os.replace(tmp, final)
-    except OSError as e:
+    except Exception as e:
+        err = _write_failed(e, tmp.parent, f"checkpoint step {step} to {tmp}", "")
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         have = checkpoints(out)
-        raise _no_space(e, f"checkpoint step {step} to {tmp}",
-                        f"the last complete checkpoint ({have[-1].name}) is intact: free space and rerun with "
-                        "--resume" if have else "no earlier checkpoint exists: free space and rerun") from None
+        raise UserError(str(err) + (f"the last complete checkpoint ({have[-1].name}) is intact: free space and "
+                                    "rerun with --resume" if have else
+                                    "no earlier checkpoint exists: free space and rerun")) from None
     if main:
         faults.point("checkpoint.renamed")
         for old in checkpoints(out)[:-keep]:
@@ -326,12 +327,12 @@ def write_final(out: Path, student, tokenizer, cfg, metrics: dict, generation_co
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if (out / "metrics.jsonl").exists():
             shutil.copy(out / "metrics.jsonl", tmp / "metrics.jsonl")
-    except OSError as e:
+    except Exception as e:
+        err = _write_failed(e, out, f"the final student to {tmp}", "")
         shutil.rmtree(tmp, ignore_errors=True)
         have = checkpoints(out)
-        raise _no_space(e, f"the final student to {tmp}",
-                        f"checkpoint {have[-1].name} is intact: free space and rerun with --resume" if have
-                        else "free space and rerun") from None
+        raise UserError(str(err) + (f"checkpoint {have[-1].name} is intact: free space and rerun with --resume"
+                                    if have else "free space and rerun")) from None
     faults.point("final.written")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -140,3 +140,33 @@ def test_sigint_saves_a_checkpoint_and_resumes_exactly(tmp_path, teacher_dir, ch
     got = load_file(out / "final" / "model.safetensors")
     for k in got:
         assert torch.equal(got[k], reference[k]), k
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, teacher_dir, chat_file, reference):
+    """Output on a 600 KB tmpfs: the step-2 checkpoint fits, the step-4 one does not. One clear
+    line, exit 2, step 2 intact and loadable, no partial folder; moved to a roomy disk, --resume
+    ends with the uninterrupted run's weights."""
+    import shutil
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        out = mnt / "run"
+        r = stillroom(*distill_args(teacher_dir, chat_file, out), check=False)
+        errors = [x for x in r.stderr.splitlines() if x.startswith("stillroom: error:")]
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert len(errors) == 1 and "no space left" in errors[0] and "step_0000002" in errors[0], r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+        assert [c.name for c in checkpoints(out)] == ["step_0000002"]
+        assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000002"]   # no partial folder
+        load_file(out / "checkpoints" / "step_0000002" / "model.safetensors")
+        shutil.copytree(out, tmp_path / "moved")
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+    moved = tmp_path / "moved"
+    stillroom(*distill_args(teacher_dir, chat_file, moved), "--resume")
+    got = load_file(moved / "final" / "model.safetensors")
+    for k in got:
+        assert torch.equal(got[k], reference[k]), k

@@ -1,0 +1,137 @@
+"""Faults mid-run: non-finite steps, a teacher that breaks, an API that goes down. Each ends in a
+clear state: skipped-and-counted, or stopped with one line and a resumable state."""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stillroom import cli, train
+from stillroom.config import load_config
+from stillroom.errors import UserError
+
+from conftest import tiny_overrides
+
+
+def run(teacher_dir, data, out, *extra, resume=False):
+    cfg = load_config(None, tiny_overrides(teacher_dir, data, out) + list(extra))
+    return train.distill(cfg, resume=resume, overwrite=not resume, progress=False)
+
+
+def poison(monkeypatch, steps, what="grad"):
+    """Make the given (1-based) optimizer steps non-finite: a NaN in a gradient, or the loss."""
+    real, seen = train.accumulate, {"n": 0}
+
+    def accumulate(student, *a, **k):
+        stats = real(student, *a, **k)
+        seen["n"] += 1
+        if seen["n"] in steps:
+            if what == "grad":
+                p = next(p for p in student.parameters() if p.grad is not None)
+                p.grad.view(-1)[0] = float("nan")
+            else:
+                stats["loss"] = float("inf")
+        return stats
+    monkeypatch.setattr(train, "accumulate", accumulate)
+
+
+@pytest.mark.parametrize("what", ["grad", "loss"])
+def test_a_non_finite_step_is_skipped_and_counted(what, tmp_path, teacher_dir, chat_file, monkeypatch):
+    poison(monkeypatch, {2}, what)
+    run(teacher_dir, chat_file, tmp_path / "r", "train.max_steps=2", "train.save_every=1", "train.keep_checkpoints=3")
+    last = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"step"' in x][-1]
+    assert last["bad_steps"] == 1
+    # step 2 made no update: the final weights are step 1's
+    w1 = load_file(tmp_path / "r" / "checkpoints" / "step_0000001" / "model.safetensors")
+    w2 = load_file(tmp_path / "r" / "final" / "model.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w2)
+    assert all(torch.isfinite(v).all() for v in w2.values())
+
+
+def test_too_many_non_finite_steps_stop_the_run(tmp_path, teacher_dir, chat_file, monkeypatch):
+    poison(monkeypatch, {2, 3})
+    with pytest.raises(UserError, match=r"stopping at step 3: 2 steps had a non-finite.*max_bad_steps=1"):
+        run(teacher_dir, chat_file, tmp_path / "r", "train.max_steps=5", "train.max_bad_steps=1")
+
+
+def test_a_teacher_failing_mid_run_saves_state_and_resumes_exactly(tmp_path, teacher_dir, chat_file, monkeypatch):
+    ref = tmp_path / "ref"
+    run(teacher_dir, chat_file, ref, "train.max_steps=5")
+    real, seen = train.teacher_targets, {"n": 0}
+
+    def flaky(*a, **k):
+        seen["n"] += 1
+        if seen["n"] == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*a, **k)
+    monkeypatch.setattr(train, "teacher_targets", flaky)
+    out = tmp_path / "r"
+    with pytest.raises(UserError, match=r"step 3 failed: RuntimeError: CUDA error.*checkpoint of step 2 saved.*--resume"):
+        run(teacher_dir, chat_file, out, "train.max_steps=5")
+    assert "Traceback" in (out / "error.log").read_text()
+    monkeypatch.setattr(train, "teacher_targets", real)   # the cause is fixed
+    run(teacher_dir, chat_file, out, "train.max_steps=5", resume=True)
+    a, b = load_file(ref / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _server(fail_after=None):
+    """A fake OpenAI-compatible endpoint: the answer is a function of the prompt; after
+    `fail_after` answers it returns 500 to everything until `state['healthy']` is set."""
+    state = {"served": 0, "healthy": fail_after is None}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if not state["healthy"] and state["served"] >= fail_after:
+                self.send_response(500)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+                return
+            state["served"] += 1
+            prompt = req["messages"][-1]["content"]
+            body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": prompt[::-1]}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, state
+
+
+def test_an_api_teacher_failing_mid_run_stops_cleanly_and_resumes(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"question number {i}?\n" for i in range(12)))
+
+    def generate(server, out):
+        return cli.main(["generate", "--api", f"http://127.0.0.1:{server.server_port}/v1", "--api-model", "m",
+                         "--prompts", str(prompts), "--out", str(out), "--max-retries", "1", "--concurrency", "1",
+                         "--batch-size", "2", "--no-progress"])
+
+    good, _ = _server()
+    bad, state = _server(fail_after=5)
+    try:
+        assert generate(good, tmp_path / "ref.jsonl") == 0
+        capsys.readouterr()
+        assert generate(bad, tmp_path / "out.jsonl") == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("stillroom: error:")]
+        assert len(err) == 1 and "500" in err[0] and "again" in err[0], err
+        partial = (tmp_path / "out.jsonl").read_text().splitlines()
+        assert 0 < len(partial) < 12
+        state["healthy"] = True
+        assert generate(bad, tmp_path / "out.jsonl") == 0   # the same command continues
+    finally:
+        good.shutdown()
+        bad.shutdown()
+    assert (tmp_path / "out.jsonl").read_text() == (tmp_path / "ref.jsonl").read_text()
