@@ -292,6 +292,13 @@ def main(argv=None) -> int:
         print(f"stillroom: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
+        # Everything stillroom writes is atomic or resumable: say how to pick it up again.
+        again = {"distill": "rerun with --resume to continue from the last checkpoint",
+                 "codistill": "rerun with --resume to continue from the last checkpoint"}.get(
+            args.command, "run the same command again to continue where it stopped")
+        print(f"stillroom: interrupted; {again}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
         print("stillroom: interrupted", file=sys.stderr)
         return 130
 

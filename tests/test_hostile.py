@@ -180,6 +180,15 @@ CASES = [
         f"student.model={_other_vocab_model(t, m)}"), "tokenizer"),
     ("cache with a shard gone", lambda t, m, d: distill(t, m, d, "teacher.kind=cache",
                                                         f"teacher.cache={_shard_gone(_cache(t, m, d))}"), "shard"),
+    # ---- codistill
+    ("codistill with one peer", lambda t, m, d: ["codistill", _cfg(t, "peers:\n  - {name: a, num_layers: 2}\n"),
+                                                 *_base(m, d, t / "out")[:3]], "2 peers"),
+    ("codistill peers with one name", lambda t, m, d: [
+        "codistill", _cfg(t, "peers:\n  - {name: a, num_layers: 2}\n  - {name: a, num_layers: 1}\n"),
+        *_base(m, d, t / "out")[:3]], "distinct"),
+    ("codistill across processes in one", lambda t, m, d: [
+        "codistill", "codistill", *_base(m, d, t / "out")[:3], "codistill.mode=predictions",
+        "peers.0.num_layers=2", "peers.1.layers=[0,3]"], "one peer per process"),
     # ---- other commands and flags
     ("eval of a missing model", lambda t, m, d: ["eval", "--model", str(t / "x"), "--teacher", str(m),
                                                  "--data", str(d)], "not found"),
