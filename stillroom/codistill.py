@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +47,11 @@ from tqdm.auto import tqdm
 from . import evaluate, models
 from .config import CodistillRunConfig, to_yaml
 from .data import micro_batch, model_inputs
-from .errors import UserError
+from .errors import Stopped, UserError
 from .losses import IGNORE_INDEX, mixed_loss, mutual_loss, topk_targets
-from .train import (checkpoints, check_context, lr_lambda, make_accelerator, make_optimizer,
-                    prepare_data, prepare_output, save_checkpoint, teacher_targets, to_batch, window)
+from .train import (GracefulStop, checkpoints, check_context, lr_lambda, make_accelerator, make_optimizer,
+                    prepare_data, prepare_output, save_checkpoint, teacher_targets, to_batch, trim_metrics,
+                    window)
 
 log = logging.getLogger("stillroom")
 
@@ -356,6 +358,8 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
         last = checkpoints(out)[-1]
         load_peers(last, peers, accelerator)
         start = json.loads((last / "trainer_state.json").read_text())["step"]
+        if main:
+            trim_metrics(out / "metrics.jsonl", start)
         if mode == "weights":
             restore_copies(peers[0].snapshot, copies, rank)
         log.info("resumed from %s (step %d)", last, start)
@@ -369,73 +373,80 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
     for p in peers:
         p.model.train()
     t = cfg.train
-    for step in range(start, t.max_steps):
-        peers_on = step >= cc.burn_in and cfg.loss.alpha > 0
-        if mode == "mutual":
-            batches = [to_batch(mb, pad_id, device) for mb in window(train, step, cfg, rank, world)]
-            losses, tokens = step_mutual(peers, teacher.model, batches, cfg, accelerator, width, peers_on)
-        else:
-            own = [to_batch(micro_batch(shard, step * t.grad_accum + i, t.batch_size, t.seed), pad_id, device)
-                   for i in range(t.grad_accum)]
-            if mode == "predictions":
-                shared = to_batch(micro_batch(train, step, cc.shared_batch_size or t.batch_size, t.seed + 1),
-                                  pad_id, device)
-                loss, tokens = step_predictions(peers[0], teacher.model, own, shared, cfg, accelerator,
-                                                width, peers_on)
-            else:
-                if step % cc.exchange_every == 0:
-                    peers[0].snapshot = exchange_weights(peers[0].model, copies, rank)
-                stale = [m for j, m in enumerate(copies) if j != rank]
-                loss, tokens = step_weights(peers[0], stale, teacher.model, own, cfg, accelerator, width, peers_on)
-            losses = [loss]
-        norms = []
-        for p in peers:
-            norm = None
-            if t.max_grad_norm > 0:
-                norm = float(accelerator.clip_grad_norm_(p.model.parameters(), t.max_grad_norm))
-            norms.append(norm)
-            p.optimizer.step()
-            p.scheduler.step()
-            p.optimizer.zero_grad(set_to_none=True)
-        lrs = [p.scheduler.get_last_lr()[0] for p in peers]
-        if mode != "mutual":  # one peer per process: collect every peer's numbers for the log
-            row = [losses[0], tokens, lrs[0], norms[0] if norms[0] is not None else float("nan")]
-            both = accelerator.gather(torch.tensor([row], dtype=torch.float64, device=device))
-            losses, tokens, lrs = both[:, 0].tolist(), int(both[:, 1].sum()), both[:, 2].tolist()
-            norms = [None if x != x else x for x in both[:, 3].tolist()]
-        tokens_seen += tokens
-        done = step + 1
-        elapsed = time.perf_counter() - t_start
-        names = [p.name for p in cfg.peers]
-        record = {"step": done, "loss": dict(zip(names, [round(x, 5) for x in losses])),
-                  "lr": dict(zip(names, lrs)), "grad_norm": dict(zip(names, norms)),
-                  "peer_terms": peers_on, "tokens_per_s": round(tokens_seen / elapsed, 1),
-                  "elapsed_s": round(elapsed, 1)}
-        if done % t.log_every == 0 or done == t.max_steps:
-            last_log = record
-            if main:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            accelerator.log({f"loss/{k}": v for k, v in record["loss"].items()}, step=done)
-        bar.set_postfix(loss=" ".join(f"{x:.3f}" for x in losses), tok_s=f"{record['tokens_per_s']:.0f}")
-        bar.update(1)
-        if t.eval_every and done % t.eval_every == 0 and done != t.max_steps:
-            mid = {}
+    with GracefulStop() as stop:
+        for step in range(start, t.max_steps):
+            peers_on = step >= cc.burn_in and cfg.loss.alpha > 0
             if mode == "mutual":
-                if main:
-                    mid = evaluate.compare_peers({p.name: accelerator.unwrap_model(p.model) for p in peers},
-                                                 teacher.model, held, pad_id, cfg.eval.batch_size,
-                                                 cfg.eval.max_batches, width)["peers"]
+                batches = [to_batch(mb, pad_id, device) for mb in window(train, step, cfg, rank, world)]
+                losses, tokens = step_mutual(peers, teacher.model, batches, cfg, accelerator, width, peers_on)
             else:
-                from accelerate.utils import gather_object
-                mine = evaluate.compare(peers[0].model, teacher.model, held, pad_id, cfg.eval.batch_size,
-                                        cfg.eval.max_batches, width)
-                mid = dict(gather_object([(peers[0].name, mine)]))
-            if main:
-                metrics_file.write(json.dumps({"eval": mid, "step": done}) + "\n")
-                metrics_file.flush()
-        if t.save_every and done % t.save_every == 0:
-            save_peers(accelerator, out, done, peers, main or mode != "mutual", t.keep_checkpoints)
+                own = [to_batch(micro_batch(shard, step * t.grad_accum + i, t.batch_size, t.seed), pad_id, device)
+                       for i in range(t.grad_accum)]
+                if mode == "predictions":
+                    shared = to_batch(micro_batch(train, step, cc.shared_batch_size or t.batch_size, t.seed + 1),
+                                      pad_id, device)
+                    loss, tokens = step_predictions(peers[0], teacher.model, own, shared, cfg, accelerator,
+                                                    width, peers_on)
+                else:
+                    if step % cc.exchange_every == 0:
+                        peers[0].snapshot = exchange_weights(peers[0].model, copies, rank)
+                    stale = [m for j, m in enumerate(copies) if j != rank]
+                    loss, tokens = step_weights(peers[0], stale, teacher.model, own, cfg, accelerator, width, peers_on)
+                losses = [loss]
+            norms = []
+            for p in peers:
+                norm = None
+                if t.max_grad_norm > 0:
+                    norm = float(accelerator.clip_grad_norm_(p.model.parameters(), t.max_grad_norm))
+                norms.append(norm)
+                p.optimizer.step()
+                p.scheduler.step()
+                p.optimizer.zero_grad(set_to_none=True)
+            lrs = [p.scheduler.get_last_lr()[0] for p in peers]
+            if mode != "mutual":  # one peer per process: collect every peer's numbers for the log
+                row = [losses[0], tokens, lrs[0], norms[0] if norms[0] is not None else float("nan")]
+                both = accelerator.gather(torch.tensor([row], dtype=torch.float64, device=device))
+                losses, tokens, lrs = both[:, 0].tolist(), int(both[:, 1].sum()), both[:, 2].tolist()
+                norms = [None if x != x else x for x in both[:, 3].tolist()]
+            tokens_seen += tokens
+            done = step + 1
+            elapsed = time.perf_counter() - t_start
+            names = [p.name for p in cfg.peers]
+            record = {"step": done, "loss": dict(zip(names, [round(x, 5) for x in losses])),
+                      "lr": dict(zip(names, lrs)), "grad_norm": dict(zip(names, norms)),
+                      "peer_terms": peers_on, "tokens_per_s": round(tokens_seen / elapsed, 1),
+                      "elapsed_s": round(elapsed, 1)}
+            if done % t.log_every == 0 or done == t.max_steps:
+                last_log = record
+                if main:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                accelerator.log({f"loss/{k}": v for k, v in record["loss"].items()}, step=done)
+            bar.set_postfix(loss=" ".join(f"{x:.3f}" for x in losses), tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if t.eval_every and done % t.eval_every == 0 and done != t.max_steps:
+                mid = {}
+                if mode == "mutual":
+                    if main:
+                        mid = evaluate.compare_peers({p.name: accelerator.unwrap_model(p.model) for p in peers},
+                                                     teacher.model, held, pad_id, cfg.eval.batch_size,
+                                                     cfg.eval.max_batches, width)["peers"]
+                else:
+                    from accelerate.utils import gather_object
+                    mine = evaluate.compare(peers[0].model, teacher.model, held, pad_id, cfg.eval.batch_size,
+                                            cfg.eval.max_batches, width)
+                    mid = dict(gather_object([(peers[0].name, mine)]))
+                if main:
+                    metrics_file.write(json.dumps({"eval": mid, "step": done}) + "\n")
+                    metrics_file.flush()
+            if t.save_every and done % t.save_every == 0:
+                save_peers(accelerator, out, done, peers, main or mode != "mutual", t.keep_checkpoints)
+            if stop.requested(accelerator):   # Ctrl-C / SIGTERM: checkpoint at a step boundary, stop
+                if not (t.save_every and done % t.save_every == 0):
+                    save_peers(accelerator, out, done, peers, main or mode != "mutual", t.keep_checkpoints)
+                code = 128 + int(stop.signum or signal.SIGINT)
+                raise Stopped(f"stopped by {signal.Signals(code - 128).name} after step {done}: checkpoint "
+                              f"{checkpoints(out)[-1]} saved; continue with --resume", code)
     bar.close()
     accelerator.wait_for_everyone()
 

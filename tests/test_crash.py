@@ -170,3 +170,26 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, teacher_
     got = load_file(moved / "final" / "model.safetensors")
     for k in got:
         assert torch.equal(got[k], reference[k]), k
+
+
+def test_sigint_stops_codistill_cleanly_and_resumes_exactly(tmp_path, teacher_dir, chat_file):
+    over = [o for o in tiny_overrides(teacher_dir, chat_file, tmp_path / "x") if not o.startswith(("student.",
+                                                                                                 "train.output_dir"))]
+    over += ["peers.0.num_layers=2", "peers.1.layers=[0,3]", "train.max_steps=8", "train.log_every=1"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    stillroom("codistill", "codistill", *over, f"train.output_dir={ref}")
+    p = subprocess.Popen([sys.executable, "-m", "stillroom", "codistill", "codistill", *over,
+                          f"train.output_dir={out}", "--no-progress"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and '"step": 2' in log.read_text()):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130 and "stopped by SIGINT" in err and "Traceback" not in err, err[-3000:]
+    stillroom("codistill", "codistill", *over, f"train.output_dir={out}", "--resume")
+    for name in ("a", "b"):
+        a = load_file(ref / "final" / name / "model.safetensors")
+        b = load_file(out / "final" / name / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
