@@ -138,8 +138,9 @@ class LossConfig(Section):
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     """Weight of the KD term; 1 - alpha weighs CE on the true labels."""
     temperature: float = Field(1.0, gt=0.0)
-    chunk_rows: int = Field(64, ge=1)
-    """Rows (positions) per chunk of the loss: smaller = less memory, more loop overhead."""
+    chunk_rows: Optional[int] = Field(None, ge=1)
+    """Rows (positions) per chunk of the loss: smaller = less memory, more loop overhead. None =
+    about 8M logits per chunk (128 rows at a 49k vocabulary, 32 at 262k)."""
     lean: bool = True
     """Make the logits inside the loss, chunk by chunk, from both models' final hidden states and
     only at positions with a label (never a full (batch, seq, vocab) tensor). false: the plain
