@@ -101,3 +101,15 @@ def run_cli(*args, env=None, timeout=600):
     e = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "stillroom", *map(str, args)], capture_output=True,
                           text=True, env=e, timeout=timeout)
+
+
+def reply_chat_completion(handler, content: str):
+    """Answer an OpenAI chat-completion request from a BaseHTTPRequestHandler (fake API teachers)."""
+    body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": content}}]}).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)

@@ -16,7 +16,7 @@ from stillroom.config import load_config
 from stillroom.data import Example, render_chat
 from stillroom.losses import topk_targets
 
-from conftest import CORPUS, run_cli, tiny_overrides
+from conftest import CORPUS, reply_chat_completion, run_cli, tiny_overrides
 
 
 def endpoint_rows(teacher, tok, K=5):
@@ -182,14 +182,7 @@ def test_a_throttled_endpoint_is_retried(tmp_path):
                 self.end_headers()
                 self.wfile.write(b"{}")
                 return
-            body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                               "choices": [{"index": 0, "finish_reason": "stop",
-                                            "message": {"role": "assistant", "content": "Blue."}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            reply_chat_completion(self, "Blue.")
 
         def log_message(self, *a):
             pass

@@ -120,11 +120,8 @@ def _rows(cache, sid):
     return [f.get_slice(k)[start:start + count] for k in ("ids", "logp", "tail", "label_logp")]
 
 
-def test_sigint_saves_a_checkpoint_and_resumes_exactly(tmp_path, teacher_dir, chat_file, reference):
-    """Ctrl-C: the step in flight finishes, a checkpoint is written, exit 130; --resume finishes
-    with the uninterrupted run's weights."""
-    out = tmp_path / "run"
-    args = distill_args(teacher_dir, chat_file, out) + ["train.save_every=0"]
+def interrupt_after_step_2(args, out):
+    """Start a run, press Ctrl-C once its log shows step 2; -> (exit code, stderr)."""
     p = subprocess.Popen([sys.executable, "-m", "stillroom", *map(str, args), "--no-progress"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = out / "metrics.jsonl"
@@ -133,7 +130,16 @@ def test_sigint_saves_a_checkpoint_and_resumes_exactly(tmp_path, teacher_dir, ch
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=300)
-    assert p.returncode == 130, err[-3000:]
+    return p.returncode, err
+
+
+def test_sigint_saves_a_checkpoint_and_resumes_exactly(tmp_path, teacher_dir, chat_file, reference):
+    """Ctrl-C: the step in flight finishes, a checkpoint is written, exit 130; --resume finishes
+    with the uninterrupted run's weights."""
+    out = tmp_path / "run"
+    args = distill_args(teacher_dir, chat_file, out) + ["train.save_every=0"]
+    code, err = interrupt_after_step_2(args, out)
+    assert code == 130, err[-3000:]
     assert "stopped by SIGINT" in err and "--resume" in err and "Traceback" not in err
     assert checkpoints(out), "no checkpoint written on SIGINT"
     stillroom(*args, "--resume")
@@ -178,16 +184,8 @@ def test_sigint_stops_codistill_cleanly_and_resumes_exactly(tmp_path, teacher_di
     over += ["peers.0.num_layers=2", "peers.1.layers=[0,3]", "train.max_steps=8", "train.log_every=1"]
     ref, out = tmp_path / "ref", tmp_path / "run"
     stillroom("codistill", "codistill", *over, f"train.output_dir={ref}")
-    p = subprocess.Popen([sys.executable, "-m", "stillroom", "codistill", "codistill", *over,
-                          f"train.output_dir={out}", "--no-progress"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (log.exists() and '"step": 2' in log.read_text()):
-        time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 130 and "stopped by SIGINT" in err and "Traceback" not in err, err[-3000:]
+    code, err = interrupt_after_step_2(["codistill", "codistill", *over, f"train.output_dir={out}"], out)
+    assert code == 130 and "stopped by SIGINT" in err and "Traceback" not in err, err[-3000:]
     stillroom("codistill", "codistill", *over, f"train.output_dir={out}", "--resume")
     for name in ("a", "b"):
         a = load_file(ref / "final" / name / "model.safetensors")

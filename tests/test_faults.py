@@ -12,7 +12,7 @@ from stillroom import cli, train
 from stillroom.config import load_config
 from stillroom.errors import UserError
 
-from conftest import tiny_overrides
+from conftest import reply_chat_completion, tiny_overrides
 
 
 def run(teacher_dir, data, out, *extra, resume=False):
@@ -92,15 +92,7 @@ def _server(fail_after=None):
                 self.wfile.write(b"{}")
                 return
             state["served"] += 1
-            prompt = req["messages"][-1]["content"]
-            body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                               "choices": [{"index": 0, "finish_reason": "stop",
-                                            "message": {"role": "assistant", "content": prompt[::-1]}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            reply_chat_completion(self, req["messages"][-1]["content"][::-1])
 
         def log_message(self, *a):
             pass
