@@ -138,6 +138,12 @@ class LossConfig(Section):
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     """Weight of the KD term; 1 - alpha weighs CE on the true labels."""
     temperature: float = Field(1.0, gt=0.0)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv"] = "forward_kl"
+    """The soft KD term D(teacher, student) (see stillroom.losses.DIVERGENCES): forward_kl (Hinton),
+    reverse_kl (MiniLLM), jsd (GKD's generalized JSD: beta 0 = forward KL, 1 = reverse KL),
+    skew_kl / skew_rkl (DistiLLM, skew = beta), tv (total variation)."""
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    """jsd's beta, or the skew of skew_kl / skew_rkl."""
     chunk_rows: Optional[int] = Field(None, ge=1)
     """Rows (positions) per chunk of the loss: smaller = less memory, more loop overhead. None =
     about 8M logits per chunk (128 rows at a 49k vocabulary, 32 at 262k)."""

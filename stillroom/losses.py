@@ -22,6 +22,7 @@ token the teacher likes are dropped rather than made infinite (as torchtune and 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -223,7 +224,87 @@ def _sparse_grad_(q, t: TopK, stats, scale):
     return q.scatter_(-1, t.ids, torch.where(valid, (q_k - p_k) * scale, q.gather(-1, t.ids)))
 
 
-def _chunk_terms(s, targets, y, keep, w_ce, temperature, hard, want_grad):
+# ------------------------------------------------------------------------ other divergences
+# Rows of D(p, q) from log-probabilities: log_q the student's, log_p the teacher's, both (n, V) at
+# the loss's temperature. Terms where the weighting distribution is 0 count 0; -inf is masked.
+
+def _kl(log_a, log_b):
+    """KL(a || b) rows (a is the reference)."""
+    return _masked_kl_rows(log_b, log_a)
+
+
+def _log_mix(log_a, log_b, w):
+    """log(w a + (1 - w) b), 0 < w < 1, stably."""
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+
+
+def _jsd_rows(log_q, log_p, beta):
+    if beta == 0.0:
+        return _kl(log_p, log_q)
+    if beta == 1.0:
+        return _kl(log_q, log_p)
+    log_m = _log_mix(log_p, log_q, beta)           # m = beta p + (1 - beta) q
+    return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+
+
+def _skew_kl_rows(log_q, log_p, a):
+    return _kl(log_p, log_q if a == 0.0 else _log_mix(log_p, log_q, a)) if a < 1.0 else log_q.new_zeros(log_q.shape[0])
+
+
+def _skew_rkl_rows(log_q, log_p, a):
+    return _kl(log_q, log_p if a == 0.0 else _log_mix(log_q, log_p, a)) if a < 1.0 else log_q.new_zeros(log_q.shape[0])
+
+
+DIVERGENCES = {
+    # name: (rows function of (log_q, log_p, param), what it is)
+    "forward_kl": (lambda lq, lp, _: _kl(lp, lq), "KL(teacher || student): mode-covering (Hinton et al. 2015)"),
+    "reverse_kl": (lambda lq, lp, _: _kl(lq, lp), "KL(student || teacher): mode-seeking (MiniLLM, Gu et al. 2024)"),
+    "jsd": (_jsd_rows, "generalized JSD(beta) of GKD (Agarwal et al. 2024); beta 0 = forward KL, 1 = reverse KL"),
+    "skew_kl": (_skew_kl_rows, "KL(p || a p + (1 - a) q), a = beta (DistiLLM, Ko et al. 2024); a 0 = forward KL"),
+    "skew_rkl": (_skew_rkl_rows, "KL(q || a q + (1 - a) p), a = beta (DistiLLM); a 0 = reverse KL"),
+    "tv": (lambda lq, lp, _: 0.5 * (lq.exp() - lp.exp()).abs().sum(-1), "total variation 1/2 sum |p - q|"),
+}
+
+
+def _how(kind, divergence, beta, targets):
+    """(kind, divergence, beta) -> the loss's mode, checked: ("hard", None) or (divergence, beta)."""
+    if kind not in ("soft", "hard"):
+        raise ValueError(f"kind must be 'soft' or 'hard', got {kind!r}")
+    if kind == "hard":
+        return ("hard", None)
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {divergence!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if divergence != "forward_kl" and any(isinstance(t, TopK) for t, w in targets if w):
+        raise ValueError(f"divergence={divergence} needs the teacher's full distribution; a top-k target "
+                         "supports forward_kl only")
+    return (divergence, float(beta))
+
+
+def _divergence_chunk(s, targets, y, keep, w_ce, T, name, param, want_grad):
+    """One chunk of sum_j w_j T^2 D(p_j, q) + w_ce CE for a divergence without a hand-written
+    gradient: autograd runs on this chunk alone (recomputed here, nothing kept), so memory stays
+    that of one chunk. Returns (loss, grad (n, V) fp32 or None), like _chunk_terms."""
+    rows_fn = DIVERGENCES[name][0]
+    with torch.enable_grad():
+        x = s.detach().requires_grad_(want_grad)
+        log_q = torch.log_softmax(x * (1.0 / T), dim=-1)
+        total = x.new_zeros(())
+        for t, w in targets:
+            log_p = torch.log_softmax(t.float() * (1.0 / T), dim=-1)
+            total = total + w * T * T * torch.where(keep, rows_fn(log_q, log_p, param), 0.0).sum()
+        if w_ce and y is not None:
+            valid = y != IGNORE_INDEX
+            nll = -torch.log_softmax(x, dim=-1).gather(-1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)
+            total = total + w_ce * torch.where(valid, nll, 0.0).sum()
+        grad = None
+        if want_grad:   # (a term that is identically 0, like skew 1, has no graph)
+            grad = torch.autograd.grad(total, x)[0] if total.requires_grad else torch.zeros_like(x)
+    return total.detach(), grad
+
+
+def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad):
     """Loss sum and d loss / d s for one chunk of rows, with as few full passes as we can.
 
     s: (n, V) student logits; targets: [(dense (n, V) logits or TopK rows, weight)];
@@ -236,6 +317,10 @@ def _chunk_terms(s, targets, y, keep, w_ce, temperature, hard, want_grad):
     loss = s.new_zeros(())
     targets = [(t, w) for t, w in targets if w]
     use_ce = bool(w_ce) and y is not None
+    name, param = how
+    hard = name == "hard"
+    if targets and name not in ("hard", "forward_kl"):   # another divergence: autograd per chunk
+        return _divergence_chunk(s, targets, y, keep, w_ce, temperature, name, param, want_grad)
     soft = bool(targets) and not hard
     T = temperature if soft else 1.0
     log_q = torch.log_softmax(s if T == 1.0 else s * (1.0 / T), dim=-1)   # log softmax(s / T)
@@ -307,7 +392,7 @@ class _ChunkedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, targets, labels, keep, w_ce, temperature, hard, chunk, inplace):
+    def forward(ctx, student, targets, labels, keep, w_ce, temperature, how, chunk, inplace):
         want_grad = ctx.needs_input_grad[0]
         s2 = _rows(student)
         chunk = chunk or auto_chunk_rows(s2.shape[1])
@@ -322,7 +407,7 @@ class _ChunkedLoss(torch.autograd.Function):
             b = a + chunk
             part, g = _chunk_terms(s2[a:b], [(_target_chunk(t, a, b), w) for t, w in t2],
                                    None if y is None else y[a:b], k[a:b],
-                                   w_ce, temperature, hard, want_grad)
+                                   w_ce, temperature, how, want_grad)
             total += part
             if want_grad:
                 grad[a:b] = g  # rows a:b of the logits are not read again
@@ -348,7 +433,7 @@ class _LinearChunkedLoss(torch.autograd.Function):
     at once; only (chunk, V) buffers and the (V, H) weight gradient ever exist."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, labels, keep, w_ce, temperature, hard, chunk):
+    def forward(ctx, hidden, weight, bias, targets, labels, keep, w_ce, temperature, how, chunk):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         want_grad = need_h or need_w or need_b
@@ -362,7 +447,7 @@ class _LinearChunkedLoss(torch.autograd.Function):
             h = hidden[a:b]
             part, g = _chunk_terms(_linear(h, weight, bias), [(_target_chunk(t, a, b), w) for t, w in targets],
                                    None if labels is None else labels[a:b], keep[a:b],
-                                   w_ce, temperature, hard, want_grad)
+                                   w_ce, temperature, how, want_grad)
             total += part
             if want_grad:
                 g = g.to(hidden.dtype)
@@ -389,14 +474,13 @@ class _LinearChunkedLoss(torch.autograd.Function):
 
 
 def linear_mixed_loss(hidden, weight, targets, labels, ce_weight=0.0, temperature=1.0, kind="soft",
-                      chunk=None, bias=None):
+                      chunk=None, bias=None, divergence="forward_kl", beta=0.5):
     """`mixed_loss` on the lean path: the student given by its final hidden states (..., H) and its
     output head (weight (V, H), bias (V,)) instead of its logits; targets may be logits, TopK or
     Head (a teacher's hidden states and head). Only positions with a label are computed at all, for
     both models: a prompt token costs no head matmul. Same value and gradients as
     `mixed_loss(hidden @ weight.T + bias, ...)` within fp32 rounding (tests pin it)."""
-    if kind not in ("soft", "hard"):
-        raise ValueError(f"kind must be 'soft' or 'hard', got {kind!r}")
+    how = _how(kind, divergence, beta, targets)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     lead, V = hidden.shape[:-1], weight.shape[0]
@@ -419,16 +503,17 @@ def linear_mixed_loss(hidden, weight, targets, labels, ce_weight=0.0, temperatur
                    float(w)))
     keep = torch.ones(idx.shape, dtype=torch.bool, device=hidden.device)
     return _LinearChunkedLoss.apply(h, weight, bias, tuple(tt), y, keep, float(ce_weight), float(temperature),
-                                    kind == "hard", chunk)
+                                    how, chunk)
 
 
 def linear_distill_loss(hidden, weight, teacher, labels, alpha=0.5, temperature=1.0, kind="soft",
-                        chunk=None, bias=None):
+                        chunk=None, bias=None, divergence="forward_kl", beta=0.5):
     """`distill_loss` on the lean path (see `linear_mixed_loss`); teacher: logits, TopK or Head."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     targets = [(teacher, alpha)] if teacher is not None and alpha > 0 else []
-    return linear_mixed_loss(hidden, weight, targets, labels, 1.0 - alpha, temperature, kind, chunk, bias)
+    return linear_mixed_loss(hidden, weight, targets, labels, 1.0 - alpha, temperature, kind, chunk, bias,
+                             divergence, beta)
 
 
 def _check(student_logits, teacher_logits=None, temperature=1.0):
@@ -464,13 +549,55 @@ def forward_kl(student_logits, teacher_logits, mask=None, temperature=1.0, chunk
     _check(student_logits, teacher_logits, temperature)
     keep = _mask_or_all(mask, student_logits)
     return _ChunkedLoss.apply(student_logits, ((_detach(teacher_logits), 1.0),), None, keep,
-                              0.0, float(temperature), False, chunk, False)
+                              0.0, float(temperature), ("forward_kl", None), chunk, False)
+
+
+def divergence(name, student_logits, teacher_logits, mask=None, temperature=1.0, beta=0.5, chunk=None):
+    """Sum over unmasked positions of T^2 * D(softmax(teacher/T), softmax(student/T)) for any
+    divergence in DIVERGENCES (beta: JSD's beta or the skew's a). Chunked like every loss here."""
+    _check(student_logits, teacher_logits, temperature)
+    how = _how("soft", name, beta, [(teacher_logits, 1.0)])
+    keep = _mask_or_all(mask, student_logits)
+    return _ChunkedLoss.apply(student_logits, ((_detach(teacher_logits), 1.0),), None, keep,
+                              0.0, float(temperature), how, chunk, False)
+
+
+def reverse_kl(student_logits, teacher_logits, mask=None, temperature=1.0, chunk=None):
+    """T^2 KL(student_T || teacher_T), summed: mode-seeking (MiniLLM, Gu et al. 2024)."""
+    return divergence("reverse_kl", student_logits, teacher_logits, mask, temperature, chunk=chunk)
+
+
+def jsd(student_logits, teacher_logits, mask=None, beta=0.5, temperature=1.0, chunk=None):
+    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024), summed, times T^2.
+
+    Convention (TRL's; torchtune and distillm differ): with p the teacher, q the student and
+    m = beta p + (1 - beta) q, JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m) for 0 < beta < 1.
+    It vanishes at both ends, so the ends are defined by its normalized limits:
+    JSD(0) = KL(p || q) (forward, = lim JSD(beta) / beta) and JSD(1) = KL(q || p) (reverse).
+    """
+    return divergence("jsd", student_logits, teacher_logits, mask, temperature, beta, chunk)
+
+
+def skew_kl(student_logits, teacher_logits, mask=None, skew=0.1, temperature=1.0, chunk=None):
+    """Skew KL of DistiLLM (Ko et al. 2024): KL(p || skew p + (1 - skew) q), summed, times T^2.
+    skew 0 = forward KL; skew 1 = 0. Bounded where forward KL is not (q -> 0 under p)."""
+    return divergence("skew_kl", student_logits, teacher_logits, mask, temperature, skew, chunk)
+
+
+def skew_reverse_kl(student_logits, teacher_logits, mask=None, skew=0.1, temperature=1.0, chunk=None):
+    """Skew reverse KL of DistiLLM: KL(q || skew q + (1 - skew) p), summed, times T^2. skew 0 = reverse KL."""
+    return divergence("skew_rkl", student_logits, teacher_logits, mask, temperature, skew, chunk)
+
+
+def total_variation(student_logits, teacher_logits, mask=None, temperature=1.0, chunk=None):
+    """Total variation 1/2 sum_v |p - q| per position, summed (times T^2, as every KD term here)."""
+    return divergence("tv", student_logits, teacher_logits, mask, temperature, chunk=chunk)
 
 
 def cross_entropy(student_logits, labels, chunk=None):
     """Sum over positions with labels != IGNORE_INDEX of -log softmax(student)[label]."""
     keep = labels != IGNORE_INDEX
-    return _ChunkedLoss.apply(student_logits, (), labels, keep, 1.0, 1.0, False, chunk, False)
+    return _ChunkedLoss.apply(student_logits, (), labels, keep, 1.0, 1.0, ("forward_kl", None), chunk, False)
 
 
 def hard_label_ce(student_logits, teacher_logits, mask=None, chunk=None):
@@ -482,19 +609,18 @@ def hard_label_ce(student_logits, teacher_logits, mask=None, chunk=None):
     _check(student_logits, teacher_logits)
     keep = _mask_or_all(mask, student_logits)
     return _ChunkedLoss.apply(student_logits, ((_detach(teacher_logits), 1.0),), None, keep,
-                              0.0, 1.0, True, chunk, False)
+                              0.0, 1.0, ("hard", None), chunk, False)
 
 
 def mixed_loss(student_logits, targets, labels, ce_weight=0.0, temperature=1.0, kind="soft",
-               chunk=None, inplace_grad=False):
+               chunk=None, inplace_grad=False, divergence="forward_kl", beta=0.5):
     """sum_j w_j * KD(target_j, student) + ce_weight * CE(labels), summed over valid labels.
 
     targets: [(logits or TopK, w_j)], all detached (no gradient ever reaches a target).
     kind="soft": KD = T^2 KL(softmax(target/T) || softmax(student/T)); kind="hard": CE against each
     target's argmax token. One chunked pass computes every term; see `distill_loss` for inplace_grad.
     """
-    if kind not in ("soft", "hard"):
-        raise ValueError(f"kind must be 'soft' or 'hard', got {kind!r}")
+    how = _how(kind, divergence, beta, targets)
     for t, w in targets:
         _check(student_logits, t, temperature)
         if w < 0:
@@ -502,11 +628,11 @@ def mixed_loss(student_logits, targets, labels, ce_weight=0.0, temperature=1.0, 
     keep = labels != IGNORE_INDEX
     tt = tuple((_detach(t), float(w)) for t, w in targets if w > 0)
     return _ChunkedLoss.apply(student_logits, tt, labels, keep, float(ce_weight), float(temperature),
-                              kind == "hard", chunk, bool(inplace_grad))
+                              how, chunk, bool(inplace_grad))
 
 
 def distill_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=1.0,
-                 kind="soft", chunk=None, inplace_grad=False):
+                 kind="soft", chunk=None, inplace_grad=False, divergence="forward_kl", beta=0.5):
     """The seed's hybrid: alpha * KD + (1 - alpha) * CE(true labels), summed over valid labels.
 
     kind="soft": KD = forward_kl at `temperature`; kind="hard": KD = hard_label_ce.
@@ -520,7 +646,8 @@ def distill_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     targets = [(teacher_logits, alpha)] if teacher_logits is not None and alpha > 0 else []
-    return mixed_loss(student_logits, targets, labels, 1.0 - alpha, temperature, kind, chunk, inplace_grad)
+    return mixed_loss(student_logits, targets, labels, 1.0 - alpha, temperature, kind, chunk, inplace_grad,
+                      divergence, beta)
 
 
 def mutual_loss(student_logits, peer_logits, labels, alpha=0.5, temperature=1.0, kind="soft",
@@ -574,6 +701,7 @@ def token_stats(student_logits, teacher_logits, labels, chunk=None):
     return out
 
 
-__all__ = ["IGNORE_INDEX", "auto_chunk_rows", "TopK", "Head", "shift_labels", "topk_targets", "forward_kl", "cross_entropy",
+__all__ = ["IGNORE_INDEX", "DIVERGENCES", "auto_chunk_rows", "TopK", "Head", "divergence", "reverse_kl", "jsd",
+           "skew_kl", "skew_reverse_kl", "total_variation", "shift_labels", "topk_targets", "forward_kl", "cross_entropy",
            "hard_label_ce", "mixed_loss", "distill_loss", "mutual_loss", "linear_mixed_loss",
            "linear_distill_loss", "token_stats"]

@@ -121,7 +121,8 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
                     hidden = models.final_hidden(student, **model_inputs(b))
                 loss_sum = linear_distill_loss(hidden, *s_head[:1], t, b.labels, alpha=lc.alpha,
                                                temperature=lc.temperature, kind=lc.kind,
-                                               chunk=lc.chunk_rows, bias=s_head[1])
+                                               chunk=lc.chunk_rows, bias=s_head[1],
+                                               divergence=lc.divergence, beta=lc.beta)
             else:
                 with accelerator.autocast():
                     s_logits = student(**model_inputs(b), use_cache=False).logits
@@ -130,7 +131,7 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
                 # inplace_grad: the logits' storage receives their gradient (they are not read again).
                 loss_sum = distill_loss(s_logits, t, b.labels, alpha=lc.alpha,
                                         temperature=lc.temperature, kind=lc.kind, chunk=lc.chunk_rows,
-                                        inplace_grad=True)
+                                        inplace_grad=True, divergence=lc.divergence, beta=lc.beta)
             accelerator.backward(loss_sum * scale)
         loss_total += loss_sum.detach()
     if accelerator.num_processes > 1:
@@ -435,6 +436,9 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     torch.manual_seed(cfg.train.seed)
 
     cache = None
+    if cfg.teacher.kind == "cache" and cfg.loss.kind == "soft" and cfg.loss.divergence != "forward_kl":
+        raise UserError(f"loss.divergence={cfg.loss.divergence} needs the teacher's full distribution; a top-k "
+                        "cache (teacher.kind=cache) supports forward_kl only: use a live teacher")
     if cfg.teacher.kind == "cache":
         from .cache import TeacherCache
         cache = TeacherCache(cfg.teacher.cache)
