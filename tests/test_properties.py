@@ -138,3 +138,16 @@ def test_unknown_keys_are_refused_cleanly(keys, value):
         load_config(None, [f"{k}={value}" for k in keys])
     except UserError:
         pass
+
+
+@SETTINGS
+@given(problems(), st.sampled_from(["reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv"]), st.floats(0.0, 1.0))
+def test_every_divergence_is_finite_and_non_negative(p, name, beta):
+    from stillroom.losses import divergence
+    s, t, labels, T, _ = p
+    mask = labels != IGNORE_INDEX   # -inf teacher entries included: their terms are dropped, as in forward_kl
+    s = s.requires_grad_(True)
+    d = divergence(name, s, t, mask, temperature=T, beta=beta)
+    (g,) = torch.autograd.grad(d, s)
+    assert torch.isfinite(d) and d.item() >= -1e-4 * max(1.0, mask.sum().item())
+    assert torch.isfinite(g).all() and (g[~mask] == 0).all()
