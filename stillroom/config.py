@@ -144,6 +144,11 @@ class LossConfig(Section):
     skew_kl / skew_rkl (DistiLLM, skew = beta), tv (total variation)."""
     beta: float = Field(0.5, ge=0.0, le=1.0)
     """jsd's beta, or the skew of skew_kl / skew_rkl."""
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """How alpha and temperature move from their values at step 0 to alpha_end / temperature_end
+    at the last step (each stays constant while its *_end is unset)."""
+    alpha_end: Optional[float] = Field(None, ge=0.0, le=1.0)
+    temperature_end: Optional[float] = Field(None, gt=0.0)
     chunk_rows: Optional[int] = Field(None, ge=1)
     """Rows (positions) per chunk of the loss: smaller = less memory, more loop overhead. None =
     about 8M logits per chunk (128 rows at a 49k vocabulary, 32 at 262k)."""

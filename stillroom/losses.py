@@ -304,6 +304,19 @@ def _divergence_chunk(s, targets, y, keep, w_ce, T, name, param, want_grad):
     return total.detach(), grad
 
 
+def scheduled(start: float, end: float | None, step: int, total: int, kind: str = "linear") -> float:
+    """A value moving from `start` (step 0) to `end` (step total - 1): constant (end None or
+    kind "constant"), linear, or cosine (half a cosine: slow at both ends)."""
+    if end is None or kind == "constant" or total <= 1:
+        return float(start)
+    x = min(max(step / (total - 1), 0.0), 1.0)
+    if kind == "cosine":
+        x = 0.5 * (1 - math.cos(math.pi * x))
+    elif kind != "linear":
+        raise ValueError(f"schedule must be constant, linear or cosine, got {kind!r}")
+    return float(start + (end - start) * x)
+
+
 def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad):
     """Loss sum and d loss / d s for one chunk of rows, with as few full passes as we can.
 
@@ -701,7 +714,7 @@ def token_stats(student_logits, teacher_logits, labels, chunk=None):
     return out
 
 
-__all__ = ["IGNORE_INDEX", "DIVERGENCES", "auto_chunk_rows", "TopK", "Head", "divergence", "reverse_kl", "jsd",
+__all__ = ["IGNORE_INDEX", "DIVERGENCES", "scheduled", "auto_chunk_rows", "TopK", "Head", "divergence", "reverse_kl", "jsd",
            "skew_kl", "skew_reverse_kl", "total_variation", "shift_labels", "topk_targets", "forward_kl", "cross_entropy",
            "hard_label_ce", "mixed_loss", "distill_loss", "mutual_loss", "linear_mixed_loss",
            "linear_distill_loss", "token_stats"]

@@ -29,7 +29,7 @@ from . import evaluate, faults, models
 from .config import Config, to_yaml
 from .data import collate, load_data, micro_batch, model_inputs
 from .errors import Stopped, UserError, disk_full
-from .losses import IGNORE_INDEX, distill_loss, linear_distill_loss, shift_labels
+from .losses import IGNORE_INDEX, distill_loss, linear_distill_loss, scheduled, shift_labels
 
 log = logging.getLogger("stillroom")
 
@@ -99,7 +99,14 @@ def teacher_targets(teacher, b: Batch, accelerator, width=None, lean=False):
     return t[..., :width] if width else t
 
 
-def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=None) -> dict:
+def loss_weights(cfg, step: int) -> tuple[float, float]:
+    """(alpha, temperature) at optimizer step `step` under loss.schedule."""
+    lc, n = cfg.loss, cfg.train.max_steps
+    return (scheduled(lc.alpha, lc.alpha_end, step, n, lc.schedule),
+            scheduled(lc.temperature, lc.temperature_end, step, n, lc.schedule))
+
+
+def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=None, step=0) -> dict:
     """Forward + backward over one optimizer step's micro-batches; leaves the summed, correctly
     normalized gradient in student's .grad. Returns the step's loss per token and token counts."""
     local = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
@@ -110,17 +117,18 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
     scale = accelerator.num_processes / num_tokens
     loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     lc = cfg.loss
+    alpha, temperature = loss_weights(cfg, step)
     s_head = models.output_head(student, width) if lc.lean else None
     for i, b in enumerate(batches):
-        t = teacher_targets(teacher, b, accelerator, width, lean=s_head is not None) if lc.alpha > 0 else None
+        t = teacher_targets(teacher, b, accelerator, width, lean=s_head is not None) if alpha > 0 else None
         last = i == len(batches) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(student)
         with sync:
             if s_head is not None:   # lean: logits made inside the loss, at labelled rows only
                 with accelerator.autocast():
                     hidden = models.final_hidden(student, **model_inputs(b))
-                loss_sum = linear_distill_loss(hidden, *s_head[:1], t, b.labels, alpha=lc.alpha,
-                                               temperature=lc.temperature, kind=lc.kind,
+                loss_sum = linear_distill_loss(hidden, *s_head[:1], t, b.labels, alpha=alpha,
+                                               temperature=temperature, kind=lc.kind,
                                                chunk=lc.chunk_rows, bias=s_head[1],
                                                divergence=lc.divergence, beta=lc.beta)
             else:
@@ -129,15 +137,15 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
                 if width:
                     s_logits = s_logits[..., :width]
                 # inplace_grad: the logits' storage receives their gradient (they are not read again).
-                loss_sum = distill_loss(s_logits, t, b.labels, alpha=lc.alpha,
-                                        temperature=lc.temperature, kind=lc.kind, chunk=lc.chunk_rows,
+                loss_sum = distill_loss(s_logits, t, b.labels, alpha=alpha,
+                                        temperature=temperature, kind=lc.kind, chunk=lc.chunk_rows,
                                         inplace_grad=True, divergence=lc.divergence, beta=lc.beta)
             accelerator.backward(loss_sum * scale)
         loss_total += loss_sum.detach()
     if accelerator.num_processes > 1:
         loss_total = accelerator.reduce(loss_total, "sum")
     return {"loss": float(loss_total) / num_tokens, "target_tokens": int(counts[0]),
-            "tokens": int(counts[1])}
+            "tokens": int(counts[1]), "alpha": alpha, "temperature": temperature}
 
 
 class GracefulStop:
@@ -436,6 +444,9 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     torch.manual_seed(cfg.train.seed)
 
     cache = None
+    if cfg.teacher.kind == "cache" and cfg.loss.temperature_end not in (None, cfg.loss.temperature):
+        raise UserError("loss.temperature_end: a top-k cache holds the teacher at one temperature; "
+                        "schedule the temperature with a live teacher (alpha may still be scheduled)")
     if cfg.teacher.kind == "cache" and cfg.loss.kind == "soft" and cfg.loss.divergence != "forward_kl":
         raise UserError(f"loss.divergence={cfg.loss.divergence} needs the teacher's full distribution; a top-k "
                         "cache (teacher.kind=cache) supports forward_kl only: use a live teacher")
@@ -525,7 +536,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     try:
         with stop:
             for step, batches in prefetched(make_batches, range(start, cfg.train.max_steps), cfg.train.prefetch):
-                stats = accumulate(student, source, batches, cfg, accelerator, width)
+                stats = accumulate(student, source, batches, cfg, accelerator, width, step=step)
                 # The norm is taken even without clipping: a non-finite one means a bad step.
                 grad_norm = float(accelerator.clip_grad_norm_(student.parameters(),
                                                               cfg.train.max_grad_norm or float("inf")))
@@ -552,7 +563,8 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
                 record = {"step": done, "loss": round(stats["loss"], 5), "lr": scheduler.get_last_lr()[0],
                           "grad_norm": grad_norm if math.isfinite(grad_norm) else str(grad_norm),
                           "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 1),
-                          "bad_steps": bad_steps}
+                          "bad_steps": bad_steps, "alpha": round(stats["alpha"], 6),
+                          "temperature": round(stats["temperature"], 6)}
                 if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
                     last_log = record
                     if main:
