@@ -49,7 +49,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from stillroom import models
 from stillroom.cache import TeacherCache, build

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import faults
 from .data import Example
-from .errors import UserError, disk_full
+from .errors import UserError, write_failure
 from .losses import IGNORE_INDEX, TopK, topk_targets
 
 log = logging.getLogger("stillroom")
@@ -123,8 +123,7 @@ class ShardWriter:
             self.index["shards"].append({"file": name, "rows": self.rows, "samples": self.samples})
             _write_json(self.out / "index.json", self.index)
         except Exception as e:
-            why = ("no space left on the device" if disk_full(e, self.out)
-                   else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}")
+            why = write_failure(e, self.out)
             tmp.unlink(missing_ok=True)
             raise UserError(f"could not write cache shard {name} in {self.out}: {why}; the "
                             f"{len(self.index['shards'])} shards written so far are intact: free space and run "
@@ -286,11 +285,8 @@ class TeacherCache:
         """Refuse a cache built for another tokenizer, sequence length, temperature or data
         (`examples`: name -> examples that must all be in the cache)."""
         ix = self.index
-        for shard in ix["shards"]:
-            f = self.path / shard["file"]
-            if not f.is_file() or f.stat().st_size == 0:
-                raise UserError(f"cache shard {f} is missing or empty: the cache is damaged; rebuild it "
-                                "with `stillroom cache` (it continues from what is intact)")
+        for n in range(len(ix["shards"])):
+            self._shard_file(n)
         if tokenizer_hash(tok) != ix["tokenizer_hash"]:
             raise UserError(f"the cache in {self.path} was built with another tokenizer (teacher "
                             f"{ix['teacher']}, vocab {ix['vocab_size']}) than this student's (vocab {len(tok)})")
@@ -308,15 +304,19 @@ class TeacherCache:
                                 f"examples: it was built for other data ({ix['data']['path']}); "
                                 "build a cache for this data")
 
+    def _shard_file(self, n) -> Path:
+        f = self.path / self.index["shards"][n]["file"]
+        if not f.is_file() or f.stat().st_size == 0:
+            raise UserError(f"cache shard {f} is missing or empty: the cache is damaged; rebuild it "
+                            "with `stillroom cache` (it continues from what is intact)")
+        return f
+
     def _shard(self, n):
         from safetensors import safe_open
 
         with self._lock:   # the training loop's prefetch thread reads too
             if n not in self._open:
-                f = self.path / self.index["shards"][n]["file"]
-                if not f.is_file():
-                    raise UserError(f"cache shard {f} is missing: the cache is damaged; rebuild it")
-                self._open[n] = safe_open(str(f), framework="pt")
+                self._open[n] = safe_open(str(self._shard_file(n)), framework="pt")
             return self._open[n]
 
     def rows(self, e: Example):

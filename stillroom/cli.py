@@ -293,9 +293,9 @@ def main(argv=None) -> int:
         return e.code
     except KeyboardInterrupt:
         # Everything stillroom writes is atomic or resumable: say how to pick it up again.
-        again = {"distill": "rerun with --resume to continue from the last checkpoint",
-                 "codistill": "rerun with --resume to continue from the last checkpoint"}.get(
-            args.command, "run the same command again to continue where it stopped")
+        again = ("rerun with --resume to continue from the last checkpoint"
+                 if args.command in ("distill", "codistill")
+                 else "run the same command again to continue where it stopped")
         print(f"stillroom: interrupted; {again}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,11 +46,11 @@ from tqdm.auto import tqdm
 from . import evaluate, models
 from .config import CodistillRunConfig, to_yaml
 from .data import micro_batch, model_inputs
-from .errors import Stopped, UserError
+from .errors import UserError
 from .losses import IGNORE_INDEX, mixed_loss, mutual_loss, topk_targets
 from .train import (GracefulStop, checkpoints, check_context, lr_lambda, make_accelerator, make_optimizer,
-                    prepare_data, prepare_output, save_checkpoint, teacher_targets, to_batch, trim_metrics,
-                    window)
+                    prepare_data, prepare_output, read_state, save_checkpoint, teacher_targets, to_batch,
+                    trim_metrics, window)
 
 log = logging.getLogger("stillroom")
 
@@ -357,7 +356,7 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
     if resume:
         last = checkpoints(out)[-1]
         load_peers(last, peers, accelerator)
-        start = json.loads((last / "trainer_state.json").read_text())["step"]
+        start = read_state(last)["step"]
         if main:
             trim_metrics(out / "metrics.jsonl", start)
         if mode == "weights":
@@ -444,9 +443,7 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
             if stop.requested(accelerator):   # Ctrl-C / SIGTERM: checkpoint at a step boundary, stop
                 if not (t.save_every and done % t.save_every == 0):
                     save_peers(accelerator, out, done, peers, main or mode != "mutual", t.keep_checkpoints)
-                code = 128 + int(stop.signum or signal.SIGINT)
-                raise Stopped(f"stopped by {signal.Signals(code - 128).name} after step {done}: checkpoint "
-                              f"{checkpoints(out)[-1]} saved; continue with --resume", code)
+                raise stop.stopped(done, out)
     bar.close()
     accelerator.wait_for_everyone()
 

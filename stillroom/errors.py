@@ -17,6 +17,12 @@ class Stopped(Exception):
         self.code = code
 
 
+def write_failure(e: BaseException, where) -> str:
+    """What went wrong, in a few words, when writing under `where` raised `e`."""
+    return ("no space left on the device" if disk_full(e, where)
+            else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}")
+
+
 def disk_full(e: BaseException, where) -> bool:
     """Was `e`, raised while writing under `where`, a full disk? Writers say so in their own ways
     (OSError ENOSPC; torch.save: RuntimeError 'iostream error'; safetensors: its own error), so

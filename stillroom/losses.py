@@ -252,7 +252,7 @@ def _skew_kl_rows(log_q, log_p, a):
 
 
 def _skew_rkl_rows(log_q, log_p, a):
-    return _kl(log_q, log_p if a == 0.0 else _log_mix(log_q, log_p, a)) if a < 1.0 else log_q.new_zeros(log_q.shape[0])
+    return _skew_kl_rows(log_p, log_q, a)   # KL(q || a q + (1 - a) p): the roles swapped
 
 
 DIVERGENCES = {

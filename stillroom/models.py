@@ -334,15 +334,16 @@ def base_hidden(model, **inputs) -> torch.Tensor:
     return model.base_model(**inputs, use_cache=False).last_hidden_state
 
 
-def output_head(model, width: int | None = None):
+def output_head(model, width: int | None = None, base: bool = False):
     """(weight (V, H), bias or None) of a model whose logits are exactly final_hidden @ weight.T +
     bias, sliced to `width` rows; None when they are not (logit soft-capping, scaling, a non-linear
-    head). Checked once per model on a few tokens, so the lean path can never silently compute
+    head). base=True: also require base_hidden to give those hidden states (the teacher's way).
+    Checked once per model on a few tokens, so the lean path can never silently compute
     something else than the model's logits."""
     model = getattr(model, "module", model)
-    if not hasattr(model, "_stillroom_head_ok"):
+    if not hasattr(model, "_stillroom_head"):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        ok = isinstance(head, torch.nn.Linear)
+        ok = ok_base = isinstance(head, torch.nn.Linear)
         if ok:
             p = next(model.parameters())
             ids = torch.arange(1, 9, device=p.device).clamp(max=head.weight.shape[0] - 1)[None]
@@ -353,15 +354,14 @@ def output_head(model, width: int | None = None):
                 h = final_hidden(model, input_ids=ids)
                 mine = torch.nn.functional.linear(h, head.weight, head.bias).float()
                 try:
-                    base = base_hidden(model, input_ids=ids)
-                    ok_base = torch.allclose(base, h, rtol=1e-4, atol=1e-5)
+                    h_base = base_hidden(model, input_ids=ids)
+                    ok_base = torch.allclose(h_base, h, rtol=1e-4, atol=1e-5)
                 except Exception:  # no base_model forward of that shape: only the student's way works
                     ok_base = False
             model.train(was)
             ok = torch.allclose(mine, full, rtol=1e-3, atol=1e-3 * float(full.abs().max()) + 1e-6)
-            model._stillroom_base_ok = ok and ok_base
-        model._stillroom_head_ok = ok
-    if not model._stillroom_head_ok:
+        model._stillroom_head = {"head": ok, "base": ok and ok_base}
+    if not model._stillroom_head["base" if base else "head"]:
         return None
     head = model.get_output_embeddings()
     w, b = head.weight, head.bias

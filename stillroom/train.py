@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import evaluate, faults, models
 from .config import Config, to_yaml
 from .data import collate, load_data, micro_batch, model_inputs
-from .errors import Stopped, UserError, disk_full
+from .errors import Stopped, UserError, write_failure
 from .losses import IGNORE_INDEX, distill_loss, linear_distill_loss, scheduled, shift_labels
 
 log = logging.getLogger("stillroom")
@@ -91,9 +91,9 @@ def teacher_targets(teacher, b: Batch, accelerator, width=None, lean=False):
         if b.cached is not None:   # read ahead by the prefetch thread
             return b.cached
         return teacher.targets(b.examples, b.input_ids.shape[1], b.input_ids.device).top
-    head = models.output_head(teacher, width) if lean else None
+    head = models.output_head(teacher, width, base=True) if lean else None
     with torch.inference_mode(), accelerator.autocast():
-        if head is not None and teacher._stillroom_base_ok:
+        if head is not None:
             return Head(models.base_hidden(teacher, **model_inputs(b)), *head)
         t = teacher(**model_inputs(b), use_cache=False).logits
     return t[..., :width] if width else t
@@ -127,7 +127,7 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
             if s_head is not None:   # lean: logits made inside the loss, at labelled rows only
                 with accelerator.autocast():
                     hidden = models.final_hidden(student, **model_inputs(b))
-                loss_sum = linear_distill_loss(hidden, *s_head[:1], t, b.labels, alpha=alpha,
+                loss_sum = linear_distill_loss(hidden, s_head[0], t, b.labels, alpha=alpha,
                                                temperature=temperature, kind=lc.kind,
                                                chunk=lc.chunk_rows, bias=s_head[1],
                                                divergence=lc.divergence, beta=lc.beta)
@@ -174,6 +174,11 @@ class GracefulStop:
         self.signum = signum
         log.warning("%s: stopping after this step and saving a checkpoint (Ctrl-C again stops now)",
                     signal.Signals(signum).name)
+
+    def stopped(self, done: int, out: Path) -> Stopped:
+        code = 128 + int(self.signum or signal.SIGINT)
+        return Stopped(f"stopped by {signal.Signals(code - 128).name} after step {done}: checkpoint "
+                       f"{checkpoints(out)[-1]} saved; continue with --resume", code)
 
     def requested(self, accelerator) -> bool:
         flag = self.signum is not None
@@ -271,12 +276,6 @@ def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / "trainer_state.json").read_text())
 
 
-def _write_failed(e: BaseException, where: Path, what: str, keep_note: str) -> UserError:
-    why = ("no space left on the device" if disk_full(e, where)
-           else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}")
-    return UserError(f"could not write {what}: {why}; {keep_note}")
-
-
 def save_checkpoint(accelerator, out: Path, step: int, keep: int, write=None, state=None):
     """Atomic: written under a temporary name and renamed when complete, so a crash at any moment
     leaves either the previous checkpoints or those plus this one. Older ones beyond `keep` are
@@ -303,13 +302,13 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int, write=None, st
             faults.point("checkpoint.complete")         # complete in tmp, not yet renamed
             os.replace(tmp, final)
     except Exception as e:
-        err = _write_failed(e, tmp.parent, f"checkpoint step {step} to {tmp}", "")
+        why = write_failure(e, tmp.parent)   # asked before the partial folder frees its space
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         have = checkpoints(out)
-        raise UserError(str(err) + (f"the last complete checkpoint ({have[-1].name}) is intact: free space and "
-                                    "rerun with --resume" if have else
-                                    "no earlier checkpoint exists: free space and rerun")) from None
+        raise UserError(f"could not write checkpoint step {step} to {tmp}: {why}; " +
+                        (f"the last complete checkpoint ({have[-1].name}) is intact: free space and rerun with "
+                         "--resume" if have else "no earlier checkpoint exists: free space and rerun")) from None
     if main:
         faults.point("checkpoint.renamed")
         for old in checkpoints(out)[:-keep]:
@@ -337,11 +336,12 @@ def write_final(out: Path, student, tokenizer, cfg, metrics: dict, generation_co
         if (out / "metrics.jsonl").exists():
             shutil.copy(out / "metrics.jsonl", tmp / "metrics.jsonl")
     except Exception as e:
-        err = _write_failed(e, out, f"the final student to {tmp}", "")
+        why = write_failure(e, out)
         shutil.rmtree(tmp, ignore_errors=True)
         have = checkpoints(out)
-        raise UserError(str(err) + (f"checkpoint {have[-1].name} is intact: free space and rerun with --resume"
-                                    if have else "free space and rerun")) from None
+        raise UserError(f"could not write the final student to {tmp}: {why}; " +
+                        (f"checkpoint {have[-1].name} is intact: free space and rerun with --resume"
+                         if have else "free space and rerun")) from None
     faults.point("final.written")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -523,7 +523,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     def make_batches(step):
         bs = [to_batch(mb, pad_id, accelerator.device)
               for mb in window(train, step, cfg, accelerator.process_index, accelerator.num_processes)]
-        if cache is not None and cfg.loss.alpha > 0:
+        if cache is not None and loss_weights(cfg, step)[0] > 0:
             for b in bs:
                 b.cached = cache.targets(b.examples, b.input_ids.shape[1], b.input_ids.device).top
         faults.point("batch")   # on the prefetch thread, while the previous step computes
@@ -532,9 +532,8 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     done, saved = start, start if resume else None
     save = lambda at: save_checkpoint(accelerator, out, at, cfg.train.keep_checkpoints,  # noqa: E731
                                       state={"bad_steps": bad_steps})
-    stop = GracefulStop()
     try:
-        with stop:
+        with GracefulStop() as stop:
             for step, batches in prefetched(make_batches, range(start, cfg.train.max_steps), cfg.train.prefetch):
                 stats = accumulate(student, source, batches, cfg, accelerator, width, step=step)
                 # The norm is taken even without clipping: a non-finite one means a bad step.
@@ -591,9 +590,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
                 if stop.requested(accelerator):
                     if saved != done:
                         save(done)
-                    code = 128 + int(stop.signum or signal.SIGINT)
-                    raise Stopped(f"stopped by {signal.Signals(code - 128).name} after step {done}: checkpoint "
-                                  f"{checkpoints(out)[-1]} saved; continue with --resume", code)
+                    raise stop.stopped(done, out)
     except (UserError, Stopped, KeyboardInterrupt):
         raise
     except Exception as e:
@@ -611,7 +608,6 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
         first = (str(e).splitlines() or [""])[0][:200]
         raise UserError(f"step {done + 1} failed: {type(e).__name__}: {first} (traceback in "
                         f"{out / 'error.log'}){note}") from None
-    bar.close()
     bar.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()

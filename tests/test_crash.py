@@ -109,7 +109,6 @@ def test_cache_build_killed_anywhere_continues_bit_identical(point, tmp_path, te
     assert ref.where.keys() == got.where.keys() and got.index["complete"]
     assert not list((tmp_path / "c").glob("*.tmp"))
     for sid in ref.where:
-        e = type("E", (), {})()
         for a, b in zip(_rows(ref, sid), _rows(got, sid)):
             assert torch.equal(a, b), point
 

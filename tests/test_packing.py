@@ -69,9 +69,10 @@ def test_a_packed_step_equals_the_unpacked_step(teacher_dir, chat_file):
                 "loss": {"alpha": 0.6, "temperature": 2.0, "lean": lean}})
             student, _ = models.student_from_teacher(teacher.model, num_layers=2)
             train, _ = load_data(cfg, teacher.tokenizer)
-            if pack:
+            if not pack:
+                n_unpacked = len(train)
+            else:
                 assert any(e.segments for e in train) and len(train) < n_unpacked
-            n_unpacked = len(train)
             stats = accumulate(student, teacher.model, [to_batch(train, teacher.tokenizer.pad_token_id, "cpu")],
                                cfg, acc)
             losses.append(stats["loss"])
