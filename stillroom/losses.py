@@ -234,8 +234,11 @@ def _kl(log_a, log_b):
 
 
 def _log_mix(log_a, log_b, w):
-    """log(w a + (1 - w) b), 0 < w < 1, stably."""
-    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+    """log(w a + (1 - w) b), 0 < w < 1, stably; -inf where both are 0 (with a zero gradient there,
+    where logaddexp(-inf, -inf) would give NaN)."""
+    a, b = log_a + math.log(w), log_b + math.log1p(-w)
+    none = torch.isneginf(a) & torch.isneginf(b)
+    return torch.where(none, float("-inf"), torch.logaddexp(torch.where(none, 0.0, a), torch.where(none, 0.0, b)))
 
 
 def _jsd_rows(log_q, log_p, beta):
@@ -285,15 +288,23 @@ def _how(kind, divergence, beta, targets):
 def _divergence_chunk(s, targets, y, keep, w_ce, T, name, param, want_grad):
     """One chunk of sum_j w_j T^2 D(p_j, q) + w_ce CE for a divergence without a hand-written
     gradient: autograd runs on this chunk alone (recomputed here, nothing kept), so memory stays
-    that of one chunk. Returns (loss, grad (n, V) fp32 or None), like _chunk_terms."""
+    that of one chunk. Returns (loss, grad (n, V) fp32 or None), like _chunk_terms.
+
+    Tokens a target masks (-inf logits) are outside its support: the student is compared on the
+    rest, renormalized there. Dropping those terms instead (as forward KL may, since they weigh 0
+    under the teacher) would let reverse-direction divergences go negative."""
     rows_fn = DIVERGENCES[name][0]
     with torch.enable_grad():
         x = s.detach().requires_grad_(want_grad)
         log_q = torch.log_softmax(x * (1.0 / T), dim=-1)
         total = x.new_zeros(())
         for t, w in targets:
-            log_p = torch.log_softmax(t.float() * (1.0 / T), dim=-1)
-            total = total + w * T * T * torch.where(keep, rows_fn(log_q, log_p, param), 0.0).sum()
+            t = t.float()
+            lq = log_q
+            if not torch.isfinite(t).all():
+                lq = torch.log_softmax(torch.where(torch.isfinite(t), x, float("-inf")) * (1.0 / T), dim=-1)
+            log_p = torch.log_softmax(t * (1.0 / T), dim=-1)
+            total = total + w * T * T * torch.where(keep, rows_fn(lq, log_p, param), 0.0).sum()
         if w_ce and y is not None:
             valid = y != IGNORE_INDEX
             nll = -torch.log_softmax(x, dim=-1).gather(-1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)

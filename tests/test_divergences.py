@@ -140,3 +140,17 @@ def test_a_run_with_another_divergence(tmp_path, teacher_dir, chat_file):
                       ["loss.divergence=reverse_kl", "teacher.kind=cache", f"teacher.cache={tmp_path}"])
     with pytest.raises(UserError, match="forward_kl only"):
         distill(cfg, progress=False)
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "jsd", "skew_rkl", "tv"])
+def test_masked_teacher_tokens_are_outside_the_support(name):
+    """Found by hypothesis: with a teacher -inf entry, dropping the term made reverse KL negative.
+    The student is compared on the teacher's support, renormalized there: >= 0, and equal to the
+    same divergence on the vocabulary without that token."""
+    s = torch.tensor([[[0.0154, -0.0029, 0.3]]], requires_grad=True)
+    t = torch.tensor([[[float("-inf"), 0.0057, -0.2]]])
+    d = divergence(name, s, t, beta=0.3)
+    assert d.item() >= 0
+    assert d.item() == pytest.approx(divergence(name, s[..., 1:], t[..., 1:], beta=0.3).item(), abs=1e-6)
+    (g,) = torch.autograd.grad(d, s)
+    assert torch.isfinite(g).all() and g[0, 0, 0] == 0
