@@ -22,6 +22,28 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+class MixTeacherConfig(Section):
+    """One more teacher in a mixture (same tokenizer as the student)."""
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """What teacher.route_field values call it."""
+    model: Optional[str] = None
+    kind: Literal["live", "cache"] = "live"
+    cache: Optional[str] = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    weight: float = Field(1.0, ge=0.0)
+    """Its share of the mixture (all teachers' weights are normalized to sum to 1)."""
+    offload: bool = False
+    """Keep it in host memory and move it to the accelerator only for its forward pass."""
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.kind == "cache" and not self.cache:
+            raise ValueError(f"teacher.mix '{self.name}': kind=cache needs cache (a folder written by `stillroom cache`)")
+        if self.kind == "live" and not self.model:
+            raise ValueError(f"teacher.mix '{self.name}': a live teacher needs model")
+        return self
+
+
 class TeacherConfig(Section):
     model: str = "smollm2-135m"
     """Short name (smollm2-135m), a Hugging Face model folder or hub id, or a .gguf file."""
@@ -34,10 +56,28 @@ class TeacherConfig(Section):
     """The live teacher's weights: auto = bfloat16 where the device runs it natively (a CUDA GPU
     with bf16, a CPU with AVX512-BF16 or AMX), else float32 (elsewhere bf16 is emulated, slower)."""
 
+    name: str = Field("teacher", pattern=r"^[A-Za-z0-9_.-]+$")
+    """This teacher's name in teacher.route_field values."""
+    weight: float = Field(1.0, ge=0.0)
+    """Its share of the mixture when teacher.mix lists more teachers (weights are normalized)."""
+    offload: bool = False
+    """Keep the live teacher in host memory; move it to the accelerator only for its forward pass."""
+    mix: list[MixTeacherConfig] = []
+    """More teachers of the same tokenizer. The soft target is the mixture sum_k w_k p_k of their
+    distributions (Wu et al. 2021 / MT-KD); with route_field, each example's own teacher instead."""
+    route_field: Optional[str] = None
+    """Per-example routing: the JSONL field whose value names the example's teacher (this one's
+    `name`, or a mix entry's)."""
+
     @model_validator(mode="after")
     def _needs(self):
         if self.kind == "cache" and not self.cache:
             raise ValueError("teacher.kind=cache needs teacher.cache (a folder written by `stillroom cache`)")
+        names = [self.name] + [m.name for m in self.mix]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names must be distinct, got {names}")
+        if self.mix and not self.route_field and self.weight + sum(m.weight for m in self.mix) <= 0:
+            raise ValueError("the teachers' weights sum to 0")
         return self
 
 
@@ -52,7 +92,9 @@ class StudentConfig(Section):
     num_kv_heads: Optional[int] = Field(None, ge=1)
     intermediate_size: Optional[int] = Field(None, ge=1)
     model: Optional[str] = None
-    """pretrained: folder, hub id or .gguf file of the student."""
+    """pretrained: folder, hub id or .gguf file of the student. from_teacher / config: the model
+    whose layers / config and tokenizer the student starts from (default: the teacher) -- for a
+    cross-tokenizer teacher, the student's own family."""
 
     @model_validator(mode="after")
     def _needs(self):
@@ -149,6 +191,36 @@ class LossConfig(Section):
     at the last step (each stays constant while its *_end is unset)."""
     alpha_end: Optional[float] = Field(None, ge=0.0, le=1.0)
     temperature_end: Optional[float] = Field(None, gt=0.0)
+    terms: Optional[dict[str, float]] = None
+    """A weighted list of loss terms instead of alpha / kind / divergence, e.g.
+    {ce: 0.3, forward_kl: 0.5, hidden_cosine: 0.2}. Names: ce, hard, forward_kl, reverse_kl, jsd,
+    skew_kl, skew_rkl, tv (the teacher's distribution), hidden_cosine, hidden_mse, attention
+    (intermediate layers, through loss.layer_map)."""
+    layer_map: Optional[list[list[int]]] = None
+    """[[student layer, teacher layer], ...] for hidden_* / attention terms; None = each student
+    layer with the teacher layer it was cut from (from_teacher), else spread evenly."""
+    token_weight: Literal["none", "confidence", "entropy"] = "none"
+    """Weigh each position's teacher terms by the teacher's top-1 probability (confidence) or by
+    1 - its normalized entropy there."""
+    balance: bool = False
+    """Scale the teacher terms by the running ratio CE / KD of their raw per-token sizes, so their
+    weights (alpha, or loss.terms) set the terms' actual shares."""
+    balance_decay: float = Field(0.9, ge=0.0, lt=1.0)
+    """Running-mean decay of the balancing."""
+    on_policy: float = Field(0.0, ge=0.0, le=1.0)
+    """GKD's lambda: the fraction of steps on which the student writes the continuations of the
+    prompts and the teacher scores them (targets on the student's tokens, up to EOS)."""
+    on_policy_tokens: int = Field(32, ge=1)
+    """New tokens per on-policy continuation."""
+    on_policy_temperature: float = Field(1.0, ge=0.0)
+    """The student's sampling temperature on-policy (0 = greedy)."""
+    on_policy_prompt_tokens: int = Field(32, ge=1)
+    """Prompt length for examples that are all text (no prompt/response split)."""
+    cross_tokenizer: Literal["none", "uld"] = "none"
+    """uld: the teacher's tokenizer differs from the student's; its KD term becomes Universal
+    Logit Distillation (sorted-probability Wasserstein) at positions where both have read the same
+    text, plus match_weight x KL over the tokens both vocabularies share."""
+    match_weight: float = Field(1.0, ge=0.0)
     chunk_rows: Optional[int] = Field(None, ge=1)
     """Rows (positions) per chunk of the loss: smaller = less memory, more loop overhead. None =
     about 8M logits per chunk (128 rows at a 49k vocabulary, 32 at 262k)."""
@@ -157,6 +229,23 @@ class LossConfig(Section):
     only at positions with a label (never a full (batch, seq, vocab) tensor). false: the plain
     path on the models' full logits. Models whose logits are not a plain linear head of their
     last hidden state (soft-capping) use the plain path either way."""
+
+    @model_validator(mode="after")
+    def _terms(self):
+        if self.terms is not None:
+            from .methods import TERM_NAMES
+            for k, v in self.terms.items():
+                if k not in TERM_NAMES:
+                    close = difflib.get_close_matches(k, TERM_NAMES, n=1)
+                    raise ValueError(f"loss.terms: unknown term '{k}'" +
+                                     (f" (did you mean '{close[0]}'?)" if close else f" (terms: {', '.join(TERM_NAMES)})"))
+                if not isinstance(v, (int, float)) or v < 0 or v != v or v == float("inf"):
+                    raise ValueError(f"loss.terms.{k}: a weight >= 0 is expected, got {v!r}")
+            if not any(self.terms.values()):
+                raise ValueError("loss.terms: every weight is 0")
+            if self.alpha_end is not None:
+                raise ValueError("loss.alpha_end schedules alpha, which loss.terms replaces: drop one of them")
+        return self
 
 
 class TrainConfig(Section):
@@ -226,6 +315,24 @@ class CodistillConfig(Section):
     """predictions mode: examples in the step's shared batch; None = train.batch_size."""
 
 
+class FinetuneConfig(Section):
+    """Multi-stage: after distilling, fine-tune the student on labelled data (CE only) in the same
+    command; the distilled student stays in <output_dir>/final, the fine-tuned one goes to
+    <output_dir>/finetune/final."""
+    data: str
+    """Labelled data (the same formats as data.path); `facts` = 48 short hand-written question /
+    answer pairs shipped with stillroom (stillroom/assets/facts.jsonl), for trying the recipe."""
+    max_steps: int = Field(50, ge=1)
+    lr: float = Field(2e-4, gt=0.0)
+
+    @model_validator(mode="after")
+    def _bundled(self):
+        if self.data == "facts":
+            object.__setattr__(self, "data", str(Path(__file__).parent / "assets" / "facts.jsonl"))
+        return self
+    batch_size: Optional[int] = Field(None, ge=1, le=65536)
+
+
 class Config(Section):
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
@@ -235,6 +342,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     cache: CacheConfig = CacheConfig()
+    finetune: Optional[FinetuneConfig] = None
 
 
 def _suggest(model_cls, loc) -> str:

@@ -29,6 +29,8 @@ class Example:
     """Lengths of the documents packed into this example, in order (None: one document). Each
     attends only to itself (position ids restart per document) and the first token of a document
     is never a target, so nothing leaks across a boundary."""
+    route: str | None = None
+    """The name of the teacher this example is routed to (teacher.route_field), if any."""
 
 
 @dataclass
@@ -240,8 +242,14 @@ def pack_examples(examples: list[Example], seq_len: int) -> list[Example]:
     return [_joined([examples[i] for i in sorted(b)]) for b in bins]
 
 
-def build_examples(path: str, tokenizer, dcfg) -> tuple[list[Example], Report]:
+def build_examples(path: str, tokenizer, dcfg, route_field: str | None = None,
+                   routes: list[str] | None = None) -> tuple[list[Example], Report]:
+    """route_field: each row names its teacher in this field (one of `routes`); such rows are
+    never packed together (text rows become one example each, cut to seq_len)."""
     kind, payload, report = _read(path, dcfg.format, dcfg.split)
+    if route_field and kind == "text":
+        raise UserError(f"teacher.route_field={route_field} needs JSONL or dataset rows carrying that field; "
+                        f"{path} is plain text")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if kind == "text":
         ids = tokenizer(payload, add_special_tokens=False)["input_ids"]
@@ -253,8 +261,19 @@ def build_examples(path: str, tokenizer, dcfg) -> tuple[list[Example], Report]:
             if k is None:
                 report.bad.append((n, "needs 'text', 'prompt'+'response' or 'messages'"))
                 continue
+            route = None
+            if route_field:
+                route = row.get(route_field)
+                if route not in routes:
+                    report.bad.append((n, f"{route_field}={route!r} names no teacher (teachers: {', '.join(routes)})"))
+                    continue
             if k == "text":
-                docs.append(tokenizer(row["text"], add_special_tokens=False)["input_ids"] + eos)
+                ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + eos
+                if route_field:   # one example per row, so it keeps its teacher
+                    if len(ids) >= 2:
+                        examples.append(Example(ids[:dcfg.seq_len], ids[:dcfg.seq_len], route=route))
+                else:
+                    docs.append(ids)
                 continue
             if k == "chat":
                 why = _check_messages(row["messages"])
@@ -275,7 +294,7 @@ def build_examples(path: str, tokenizer, dcfg) -> tuple[list[Example], Report]:
             if all(t == IGNORE_INDEX for t in labels[1:]):
                 report.no_target.append(n)
                 continue
-            examples.append(Example(ids, labels))
+            examples.append(Example(ids, labels, route=route))
         examples += pack_documents(docs, dcfg.seq_len)
     if report.bad:
         report.bad.sort()
@@ -309,9 +328,15 @@ def split_examples(examples: list[Example], fraction: float, seed: int):
 
 def load_data(cfg, tokenizer):
     """-> (train examples, eval examples) for a config."""
-    examples, _ = build_examples(cfg.data.path, tokenizer, cfg.data)
+    t = getattr(cfg, "teacher", None)
+    field_ = getattr(t, "route_field", None)
+    routes = [t.name] + [m.name for m in t.mix] if field_ else None
+    if field_ and cfg.data.pack:
+        raise UserError("data.pack would put examples of different teachers in one row: "
+                        "teacher.route_field needs data.pack=false")
+    examples, _ = build_examples(cfg.data.path, tokenizer, cfg.data, field_, routes)
     if cfg.data.eval_path:
-        held, _ = build_examples(cfg.data.eval_path, tokenizer, cfg.data)
+        held, _ = build_examples(cfg.data.eval_path, tokenizer, cfg.data, field_, routes)
         return (pack_examples(examples, cfg.data.seq_len) if cfg.data.pack else examples), held
     train, held = split_examples(examples, cfg.data.eval_fraction, cfg.train.seed)
     if not train:

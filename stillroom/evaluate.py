@@ -67,7 +67,10 @@ def compare(student, teacher, examples, pad_id, batch_size=8, max_batches=None, 
         b = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
         labels = shift_labels(b["labels"])
         s = student(**model_inputs(b), use_cache=False).logits
-        if cached:
+        if teacher is None:   # a teacher of another tokenizer: the student's own perplexity only
+            stats = token_stats(s, s.detach(), labels)
+            stats.update(teacher_nll=None, kl=None, agree=None)
+        elif cached:
             stats = cached_stats(s[..., :width] if width else s,
                                  teacher.targets(batch, labels.shape[1], device), labels,
                                  with_kl=teacher.temperature == 1.0)
@@ -83,8 +86,8 @@ def compare(student, teacher, examples, pad_id, batch_size=8, max_batches=None, 
     return {
         "tokens": tot["tokens"],
         "student_perplexity": math.exp(tot["student_nll"] / n),
-        "teacher_perplexity": math.exp(tot["teacher_nll"] / n),
-        "agreement": tot["agree"] / n,
+        "teacher_perplexity": None if tot["teacher_nll"] is None else math.exp(tot["teacher_nll"] / n),
+        "agreement": None if tot["agree"] is None else tot["agree"] / n,
         "kl_per_token": None if tot["kl"] is None else tot["kl"] / n,
     }
 

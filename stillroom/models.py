@@ -238,7 +238,13 @@ def student_from_config(teacher, scfg, seed: int = 0):
 
 
 def build_student(s, teacher: Loaded, seed: int = 0) -> tuple[torch.nn.Module, object, str]:
-    """A StudentConfig (or PeerConfig) -> (model, tokenizer, one-line description)."""
+    """A StudentConfig (or PeerConfig) -> (model, tokenizer, one-line description). With
+    student.model set, init=from_teacher / config start from that model instead of the teacher
+    (its layers or config, and its tokenizer)."""
+    if s.init != "pretrained" and s.model:
+        base = load(s.model)
+        model, tok, how = build_student(s.model_copy(update={"model": None}), base, seed)
+        return model, tok, how.replace("teacher layers", f"{s.model} layers") + f" (from {s.model})"
     if s.init == "from_teacher":
         source = teacher.model
         if source is None:  # a cached teacher: load its weights once, only to copy layers

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import evaluate, faults, models
+from . import evaluate, faults, methods, models
 from .config import Config, to_yaml
 from .data import collate, load_data, micro_batch, model_inputs
 from .errors import Stopped, UserError, write_failure
-from .losses import IGNORE_INDEX, distill_loss, linear_distill_loss, scheduled, shift_labels
+from .losses import IGNORE_INDEX, balance_scale, linear_mixed_loss, mixed_loss, scheduled, shift_labels
 
 log = logging.getLogger("stillroom")
 
@@ -106,9 +106,20 @@ def loss_weights(cfg, step: int) -> tuple[float, float]:
             scheduled(lc.temperature, lc.temperature_end, step, n, lc.schedule))
 
 
-def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=None, step=0) -> dict:
+def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=None, step=0, ctx=None) -> dict:
     """Forward + backward over one optimizer step's micro-batches; leaves the summed, correctly
-    normalized gradient in student's .grad. Returns the step's loss per token and token counts."""
+    normalized gradient in student's .grad. Returns the step's loss per token and token counts.
+    ctx (a methods.Context) carries what on-policy steps and the general path need."""
+    terms = methods.step_terms(cfg, step)
+    on_policy = methods.on_policy_step(cfg, step)
+    if on_policy:   # GKD: the student writes the continuations; no CE on its own tokens
+        if ctx is None:
+            raise ValueError("on-policy steps need a methods.Context (pad and eos ids)")
+        batches = methods.on_policy_batches(accelerator.unwrap_model(student), batches, cfg, ctx.pad_id,
+                                            ctx.eos_id, step, to_batch, accelerator.device)
+        terms = {k: v for k, v in terms.items() if k != "ce"}
+    general = ctx is not None and methods.is_general(cfg)
+    t_terms = methods.teacher_terms(terms)
     local = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
     counts = torch.tensor([local, sum(int(b.attention_mask.sum()) for b in batches)],
                           device=accelerator.device, dtype=torch.float64)
@@ -118,34 +129,49 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
     loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     lc = cfg.loss
     alpha, temperature = loss_weights(cfg, step)
-    s_head = models.output_head(student, width) if lc.lean else None
+    # The fast path: CE + one teacher term (a divergence or hard labels) of one teacher.
+    (kd_name, kd_w), = list(t_terms.items()) or [("forward_kl", 0.0)]
+    kind, ce_w = ("hard" if kd_name == "hard" else "soft"), terms.get("ce", 0.0)
+    s_head = models.output_head(student, width) if lc.lean and not general else None
+    parts: dict = {}
     for i, b in enumerate(batches):
-        t = teacher_targets(teacher, b, accelerator, width, lean=s_head is not None) if alpha > 0 else None
         last = i == len(batches) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(student)
         with sync:
-            if s_head is not None:   # lean: logits made inside the loss, at labelled rows only
+            if general:
+                loss_sum = methods.general_step(student, ctx, b, cfg, terms, temperature, accelerator, parts)
+            elif s_head is not None:   # lean: logits made inside the loss, at labelled rows only
+                t = teacher_targets(teacher, b, accelerator, width, lean=True) if kd_w > 0 else None
                 with accelerator.autocast():
                     hidden = models.final_hidden(student, **model_inputs(b))
-                loss_sum = linear_distill_loss(hidden, s_head[0], t, b.labels, alpha=alpha,
-                                               temperature=temperature, kind=lc.kind,
-                                               chunk=lc.chunk_rows, bias=s_head[1],
-                                               divergence=lc.divergence, beta=lc.beta)
+                loss_sum = linear_mixed_loss(hidden, s_head[0], [(t, kd_w)] if kd_w else [], b.labels,
+                                             ce_weight=ce_w, temperature=temperature, kind=kind,
+                                             chunk=lc.chunk_rows, bias=s_head[1],
+                                             divergence=kd_name if kind == "soft" else "forward_kl",
+                                             beta=lc.beta)
             else:
+                t = teacher_targets(teacher, b, accelerator, width) if kd_w > 0 else None
                 with accelerator.autocast():
                     s_logits = student(**model_inputs(b), use_cache=False).logits
                 if width:
                     s_logits = s_logits[..., :width]
                 # inplace_grad: the logits' storage receives their gradient (they are not read again).
-                loss_sum = distill_loss(s_logits, t, b.labels, alpha=alpha,
-                                        temperature=temperature, kind=lc.kind, chunk=lc.chunk_rows,
-                                        inplace_grad=True, divergence=lc.divergence, beta=lc.beta)
+                loss_sum = mixed_loss(s_logits, [(t, kd_w)] if kd_w else [], b.labels, ce_weight=ce_w,
+                                      temperature=temperature, kind=kind, chunk=lc.chunk_rows,
+                                      inplace_grad=True, divergence=kd_name if kind == "soft" else "forward_kl",
+                                      beta=lc.beta)
             accelerator.backward(loss_sum * scale)
         loss_total += loss_sum.detach()
+    keys = sorted(set(terms) | ({"uld"} if lc.cross_tokenizer == "uld" else set()))
+    raw = torch.tensor([parts.get(k, 0.0) for k in keys] + [float(loss_total)], dtype=torch.float64,
+                       device=accelerator.device)
     if accelerator.num_processes > 1:
-        loss_total = accelerator.reduce(loss_total, "sum")
-    return {"loss": float(loss_total) / num_tokens, "target_tokens": int(counts[0]),
-            "tokens": int(counts[1]), "alpha": alpha, "temperature": temperature}
+        raw = accelerator.reduce(raw, "sum")
+    out = {"loss": float(raw[-1]) / num_tokens, "target_tokens": int(counts[0]),
+           "tokens": int(counts[1]), "alpha": alpha, "temperature": temperature, "on_policy": on_policy}
+    if general:   # each term's raw (unweighted) size per target token
+        out["terms"] = {k: float(v) / num_tokens for k, v in zip(keys, raw[:-1].tolist()) if k in parts}
+    return out
 
 
 class GracefulStop:
@@ -321,9 +347,31 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int, write=None, st
     accelerator.wait_for_everyone()
 
 
-def write_final(out: Path, student, tokenizer, cfg, metrics: dict, generation_config=None):
+def save_projections(proj, folder: Path):
+    """The learned hidden-state projections beside the student: projections.safetensors (one
+    (teacher width, student width) matrix per mapped layer) and the layer map they belong to."""
+    from safetensors.torch import save_file
+    save_file({f"proj.{k}": m.weight.detach().contiguous().cpu() for k, m in enumerate(proj.maps)},
+              str(folder / "projections.safetensors"))
+    (folder / "projections.json").write_text(json.dumps({"layer_map": proj.pairs}))
+
+
+def update_balance(ema: dict, stats: dict, terms: dict, decay: float) -> dict:
+    """Running means of the raw per-token CE and teacher terms (the KD side as its weights' mean)."""
+    raw = stats.get("terms", {})
+    kd_terms = methods.teacher_terms(terms)
+    w = sum(kd_terms.values())
+    if "ce" not in raw or not w:
+        return ema
+    kd = raw["uld"] if "uld" in raw else sum(kd_terms[k] * raw.get(k, 0.0) for k in kd_terms) / w
+    mix = lambda old, x: x if old is None else decay * old + (1 - decay) * x  # noqa: E731
+    return {"ce": mix(ema["ce"], raw["ce"]), "kd": mix(ema["kd"], kd)}
+
+
+def write_final(out: Path, student, tokenizer, cfg, metrics: dict, generation_config=None, extra=None):
     """<out>/final: loadable by AutoModelForCausalLM/AutoTokenizer, plus config and metrics.
-    Written to final.tmp and swapped in; a crash keeps the previous final (or final.old)."""
+    Written to final.tmp and swapped in; a crash keeps the previous final (or final.old).
+    extra(folder) writes more files into it (the hidden-state projections)."""
     final, tmp, old = out / "final", out / "final.tmp", out / "final.old"
     shutil.rmtree(tmp, ignore_errors=True)
     if generation_config is not None:
@@ -333,6 +381,8 @@ def write_final(out: Path, student, tokenizer, cfg, metrics: dict, generation_co
         tokenizer.save_pretrained(tmp)
         (tmp / "stillroom.yaml").write_text(to_yaml(cfg))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if extra is not None:
+            extra(tmp)
         if (out / "metrics.jsonl").exists():
             shutil.copy(out / "metrics.jsonl", tmp / "metrics.jsonl")
     except Exception as e:
@@ -397,9 +447,11 @@ def default_data(cfg: Config, teacher: models.Loaded) -> str:
     return str(path)
 
 
-def prepare_data(cfg, teacher: models.Loaded, accelerator):
+def prepare_data(cfg, teacher: models.Loaded, accelerator, tokenizer=None):
     """-> (cfg with data.path resolved, train examples, held-out examples). With no data.path the
-    main process generates the embedded default data once and tells the others where it is."""
+    main process generates the embedded default data once and tells the others where it is.
+    tokenizer: the one the data is read with (default the teacher's; a cross-tokenizer run reads
+    it with the student's)."""
     if cfg.data.path is None:
         cfg = cfg.model_copy(deep=True)
         cfg.data.path = default_data(cfg, teacher) if accelerator.is_main_process else None
@@ -408,7 +460,7 @@ def prepare_data(cfg, teacher: models.Loaded, accelerator):
             holder = [cfg.data.path]
             broadcast_object_list(holder)
             cfg.data.path = holder[0]
-    train, held = load_data(cfg, teacher.tokenizer)
+    train, held = load_data(cfg, tokenizer or teacher.tokenizer)
     if not held:
         held = train[: max(1, min(len(train), 8))]
         log.warning("no held-out examples (data.eval_fraction=0, no data.eval_path): "
@@ -422,18 +474,87 @@ def check_context(cfg, teacher_config):
         raise UserError(f"data.seq_len={cfg.data.seq_len} is beyond the teacher's context of {ctx} tokens")
 
 
-def eval_columns(student, student_path, teacher, held, cfg, width, pad_id, with_teacher=True, cache=None):
+def eval_columns(student, student_path, teacher, held, cfg, width, pad_id, with_teacher=True, cache=None,
+                 s_tok=None):
+    """s_tok: the student's tokenizer when it differs from the teacher's (cross-tokenizer): the
+    teacher is then timed on the same prompts in its own tokens, and perplexities, being per token
+    of different tokenizers, are not compared (agreement and KL do not exist across vocabularies)."""
     e = cfg.eval
-    cmp = evaluate.compare(student, cache or teacher.model, held, pad_id, e.batch_size, e.max_batches, width)
+    cross = s_tok is not None
+    cmp = evaluate.compare(student, None if cross else cache or teacher.model, held, pad_id, e.batch_size,
+                           e.max_batches, width)
     prompts = evaluate.speed_prompts(held, e.gen_prompts)
     cols = {}
-    if with_teacher and cache is not None:  # not loaded: no size or speed to measure
+    if with_teacher and cross:
+        t_prompts = [teacher.tokenizer(s_tok.decode(p), add_special_tokens=False)["input_ids"] for p in prompts]
+        cols["teacher"] = evaluate.teacher_column(teacher.model, teacher.path, cmp, e, t_prompts,
+                                                  teacher.tokenizer.pad_token_id)
+    elif with_teacher and cache is not None:  # not loaded: no size or speed to measure
         cols["teacher"] = {"perplexity": cmp["teacher_perplexity"], "agreement": None, "kl_per_token": None,
                            "params": cache.index.get("teacher_params"), "size_mb": None, "gen_tokens_per_s": None}
     elif with_teacher:
         cols["teacher"] = evaluate.teacher_column(teacher.model, teacher.path, cmp, e, prompts, pad_id)
     cols["student"] = evaluate.student_column(student, student_path, cmp, e, prompts, pad_id)
     return cols, cmp["tokens"]
+
+
+def check_methods(cfg):
+    """Combinations of methods that cannot work, refused before anything is loaded."""
+    lc, tc = cfg.loss, cfg.teacher
+    terms = lc.terms or {("hard" if lc.kind == "hard" else lc.divergence): lc.alpha}
+    cached = tc.kind == "cache" or any(m.kind == "cache" for m in tc.mix)
+    full = [k for k, v in methods.teacher_terms(terms).items() if v and k not in ("forward_kl", "hard")]
+    if cached and full and (lc.terms or lc.kind == "soft"):
+        raise UserError(f"loss {full[0]} needs the teacher's full distribution; a top-k cache "
+                        "(teacher.kind=cache) supports forward_kl and hard only: use a live teacher")
+    feats = [k for k in terms if k in methods.FEATURE_TERMS and terms[k]]
+    if feats and tc.kind == "cache":
+        raise UserError(f"loss.terms.{feats[0]} needs the teacher's hidden states: use a live teacher")
+    if lc.on_policy and cached:
+        raise UserError("loss.on_policy: the teacher must score the student's own continuations, which no "
+                        "cache holds: use live teachers")
+    if lc.cross_tokenizer == "uld":
+        if cached or tc.mix:
+            raise UserError("loss.cross_tokenizer=uld works with one live teacher (no teacher.mix, no cache)")
+        if feats:
+            raise UserError("loss.cross_tokenizer=uld: hidden-state and attention terms need aligned "
+                            "positions of one tokenizer; drop them")
+        if lc.token_weight != "none":
+            raise UserError("loss.token_weight is not supported with loss.cross_tokenizer=uld")
+        if cfg.data.pack:
+            raise UserError("loss.cross_tokenizer=uld re-tokenizes each example's text: set data.pack=false")
+    ft = getattr(cfg, "finetune", None)
+    if ft is not None and not Path(ft.data).exists() and (Path(ft.data).suffix or ft.data.count("/") != 1):
+        raise UserError(f"finetune.data not found: {ft.data}")
+    if lc.on_policy and (tc.route_field or cfg.data.pack):
+        raise UserError("loss.on_policy rewrites each example from its prompt: not with teacher.route_field "
+                        "or data.pack")
+
+
+def load_teachers(cfg, primary, width, s_tok, accelerator) -> list:
+    """The step's teachers: the primary (already loaded) and teacher.mix, weights normalized."""
+    from .cache import TeacherCache
+
+    tc = cfg.teacher
+    specs = [(tc.name, primary, tc.weight, tc.offload)]
+    for m in tc.mix:
+        if m.kind == "cache":
+            src = TeacherCache(m.cache)
+            src.check(cfg, s_tok)
+            if src.index["vocab_size"] > width:
+                raise UserError(f"teacher.mix '{m.name}': its cached logits ({src.index['vocab_size']}) are wider "
+                                f"than the student's ({width})")
+        else:
+            loaded = models.load(m.model)
+            w, note = models.check_vocab(loaded.model, loaded.tokenizer, loaded.model, s_tok)
+            if w < width:
+                raise UserError(f"teacher.mix '{m.name}' ({m.model}) has {w} logits, fewer than the student's {width}")
+            src = loaded.model
+            dev = "cpu" if m.offload else accelerator.device
+            src.to(dev, dtype=models.teacher_dtype(m.dtype, accelerator.device))
+        specs.append((m.name, src, m.weight, m.offload))
+    total = sum(w for _, _, w, _ in specs) or 1.0
+    return [methods.Teacher(n, src, w / total, off) for n, src, w, off in specs]
 
 
 def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
@@ -447,9 +568,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     if cfg.teacher.kind == "cache" and cfg.loss.temperature_end not in (None, cfg.loss.temperature):
         raise UserError("loss.temperature_end: a top-k cache holds the teacher at one temperature; "
                         "schedule the temperature with a live teacher (alpha may still be scheduled)")
-    if cfg.teacher.kind == "cache" and cfg.loss.kind == "soft" and cfg.loss.divergence != "forward_kl":
-        raise UserError(f"loss.divergence={cfg.loss.divergence} needs the teacher's full distribution; a top-k "
-                        "cache (teacher.kind=cache) supports forward_kl only: use a live teacher")
+    check_methods(cfg)
     if cfg.teacher.kind == "cache":
         from .cache import TeacherCache
         cache = TeacherCache(cfg.teacher.cache)
@@ -461,8 +580,18 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     else:
         teacher = models.load(cfg.teacher.model)
     student, s_tok, how = models.build_student(cfg.student, teacher, cfg.train.seed)
+    cross = cfg.loss.cross_tokenizer == "uld"
     t_width = cache.index["vocab_size"] if cache else teacher.model
-    width, note = models.check_vocab(t_width, teacher.tokenizer, student, s_tok)
+    if cross:
+        width, note = None, None
+        if s_tok.get_vocab() == teacher.tokenizer.get_vocab():
+            log.warning("loss.cross_tokenizer=uld with a teacher of the student's own tokenizer: the usual "
+                        "loss (cross_tokenizer=none) is exact where ULD is an approximation")
+    else:
+        try:
+            width, note = models.check_vocab(t_width, teacher.tokenizer, student, s_tok)
+        except UserError as e:
+            raise UserError(f"{e} (or set loss.cross_tokenizer=uld to distill across tokenizers)") from None
     if note:
         log.warning(note)
     if cache and width < cache.index["vocab_size"]:
@@ -473,13 +602,35 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
         cache.check(cfg, s_tok)  # tokenizer, seq_len, temperature: before reading any data
     if cfg.loss.alpha == 0:
         log.info("loss.alpha=0: plain CE on the data (sequence-level KD when the data is teacher output)")
-    tok = teacher.tokenizer
-    cfg, train, held = prepare_data(cfg, teacher, accelerator)
+    tok = s_tok if cross else teacher.tokenizer
+    cfg, train, held = prepare_data(cfg, teacher, accelerator, tok)
     if cache:
         cache.check(cfg, s_tok, {"training": train, "held-out": held})
     if len(train) < cfg.train.batch_size:
         log.warning("only %d training examples for train.batch_size=%d", len(train), cfg.train.batch_size)
 
+    pad_id = tok.pad_token_id
+    ctx = methods.Context(load_teachers(cfg, cache or teacher.model, width, s_tok, accelerator), width=width,
+                          pad_id=pad_id, eos_id=tok.eos_token_id)
+    if cross:
+        ctx.s_tok, ctx.t_tok = s_tok, teacher.tokenizer
+        ctx.match = tuple(x.to(accelerator.device) for x in methods.vocab_match(s_tok, teacher.tokenizer))
+        log.info("cross-tokenizer: %d tokens spelled the same in both vocabularies (exact-match term)",
+                 len(ctx.match[0]))
+    terms0 = methods.step_terms(cfg, 0)
+    feats = [k for k in terms0 if k in methods.FEATURE_TERMS]
+    if feats:
+        t_cfg, s_cfg = teacher.model.config, student.config
+        kept = None
+        if cfg.student.init == "from_teacher" and not cfg.student.model:
+            kept = cfg.student.layers or models.spread_layers(t_cfg.num_hidden_layers,
+                                                              cfg.student.num_layers or t_cfg.num_hidden_layers)
+        ctx.pairs = methods.layer_map(cfg, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers, kept)
+        ctx.proj = methods.Projections(ctx.pairs, s_cfg.hidden_size, t_cfg.hidden_size)
+        if "attention" in feats:
+            methods.use_eager_attention(student)
+            methods.use_eager_attention(teacher.model)
+        log.info("intermediate layers (student, teacher): %s", ctx.pairs)
     # Everything is validated: from here on the output folder is written.
     if main:
         if overwrite and not resume:
@@ -493,21 +644,28 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
              f"{t_params:,}" if t_params else "?", how, f"{n_params:,}", len(train), len(held))
 
     if cache is None:
-        teacher.model.to(accelerator.device, dtype=models.teacher_dtype(cfg.teacher.dtype, accelerator.device))
+        teacher.model.to("cpu" if cfg.teacher.offload else accelerator.device,
+                         dtype=models.teacher_dtype(cfg.teacher.dtype, accelerator.device))
     source = cache or teacher.model   # what the loss and the eval read the teacher from
-    pad_id = tok.pad_token_id
-    before, held_tokens = (eval_columns(student, None, teacher, held, cfg, width, pad_id, cache=cache)
-                           if main else ({}, 0))
-    optimizer = make_optimizer(student, cfg)
+    before, held_tokens = (eval_columns(student, None, teacher, held, cfg, width, pad_id, cache=cache,
+                                        s_tok=s_tok if cross else None) if main else ({}, 0))
+    trained = torch.nn.ModuleList([student] + ([ctx.proj] if ctx.proj is not None else []))
+    optimizer = make_optimizer(trained, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    student, optimizer = accelerator.prepare(student, optimizer)
+    if ctx.proj is not None:
+        student, ctx.proj, optimizer = accelerator.prepare(student, ctx.proj, optimizer)
+    else:
+        student, optimizer = accelerator.prepare(student, optimizer)
+    params = lambda: [*student.parameters(), *(ctx.proj.parameters() if ctx.proj is not None else [])]  # noqa: E731
     accelerator.register_for_checkpointing(scheduler)
     start, bad_steps = 0, 0
+    ema = {"ce": None, "kd": None}
     if resume:
         last = checkpoints(out)[-1]
         accelerator.load_state(str(last))
         state = read_state(last)
         start, bad_steps = state["step"], state.get("bad_steps", 0)
+        ema = state.get("balance", ema)
         if main:
             trim_metrics(out / "metrics.jsonl", start)
         log.info("resumed from %s (step %d)", last, start)
@@ -531,15 +689,18 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
 
     done, saved = start, start if resume else None
     save = lambda at: save_checkpoint(accelerator, out, at, cfg.train.keep_checkpoints,  # noqa: E731
-                                      state={"bad_steps": bad_steps})
+                                      state={"bad_steps": bad_steps, "balance": ema})
     try:
         with GracefulStop() as stop:
             for step, batches in prefetched(make_batches, range(start, cfg.train.max_steps), cfg.train.prefetch):
-                stats = accumulate(student, source, batches, cfg, accelerator, width, step=step)
+                if cfg.loss.balance:
+                    ctx.kd_scale = balance_scale(ema["ce"], ema["kd"])
+                stats = accumulate(student, source, batches, cfg, accelerator, width, step=step, ctx=ctx)
                 # The norm is taken even without clipping: a non-finite one means a bad step.
-                grad_norm = float(accelerator.clip_grad_norm_(student.parameters(),
-                                                              cfg.train.max_grad_norm or float("inf")))
+                grad_norm = float(accelerator.clip_grad_norm_(params(), cfg.train.max_grad_norm or float("inf")))
                 good = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
+                if good and cfg.loss.balance:
+                    ema = update_balance(ema, stats, methods.step_terms(cfg, step), cfg.loss.balance_decay)
                 if good:
                     optimizer.step()
                 else:
@@ -564,6 +725,12 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
                           "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 1),
                           "bad_steps": bad_steps, "alpha": round(stats["alpha"], 6),
                           "temperature": round(stats["temperature"], 6)}
+                if "terms" in stats:
+                    record["terms"] = {k: round(v, 6) for k, v in stats["terms"].items()}
+                if cfg.loss.balance:
+                    record["kd_scale"] = round(ctx.kd_scale, 6)
+                if cfg.loss.on_policy:
+                    record["on_policy"] = stats["on_policy"]
                 if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
                     last_log = record
                     if main:
@@ -616,17 +783,48 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     metrics_file.close()
 
     student = accelerator.unwrap_model(student)
-    after, _ = eval_columns(student, None, teacher, held, cfg, width, pad_id, with_teacher=False, cache=cache)
+    after, _ = eval_columns(student, None, teacher, held, cfg, width, pad_id, with_teacher=False, cache=cache,
+                            s_tok=s_tok if cross else None)
     columns = {"teacher": before["teacher"], "student before": before["student"],
                "student after": after["student"]}
     metrics = {"eval": columns, "held_out_tokens": held_tokens, "train": last_log,
                "train_examples": len(train), "held_out_examples": len(held)}
     final = write_final(out, student, s_tok, cfg, metrics,
-                        teacher.model.generation_config if teacher.model is not None else None)
+                        teacher.model.generation_config if teacher.model is not None and not cross else None,
+                        extra=None if ctx.proj is None else lambda d: save_projections(accelerator.unwrap_model(ctx.proj), d))
     metrics["table"] = evaluate.table(columns, held_tokens)
     if cache:
         kl = ("KL is over its top-k + one tail bucket, a lower bound of the full KL" if cache.temperature == 1.0
               else f"no KL at T=1 from a cache at T={cache.temperature}")
         metrics["table"] += f"\n(teacher read from the top-{cache.top_k} cache {cfg.teacher.cache}: {kl})"
     metrics["final"] = str(final)
+    if cfg.finetune is not None:
+        metrics["finetune"] = finetune_stage(cfg, out, final, resume, progress)
+        metrics["table"] += ("\n\nstage 2: fine-tuned on " + cfg.finetune.data + " (CE only)\n"
+                             + metrics["finetune"]["table"])
     return metrics
+
+
+def finetune_stage(cfg, out: Path, distilled: Path, resume: bool, progress: bool) -> dict:
+    """Multi-stage: the distilled student fine-tuned on labelled data with CE alone, into
+    <out>/finetune (its own checkpoints, metrics and final/). The teacher stays the reference in
+    the table (a cross-tokenizer run compares with the distilled student instead)."""
+    from .config import LossConfig, StudentConfig
+
+    ft = cfg.finetune
+    cross = cfg.loss.cross_tokenizer != "none"
+    sub = cfg.model_copy(deep=True)
+    sub.finetune = None
+    if cross:
+        sub.teacher = type(cfg.teacher)(model=str(distilled))
+    else:
+        sub.teacher = type(cfg.teacher)(model=cfg.teacher.model, dtype=cfg.teacher.dtype)
+    sub.student = StudentConfig(init="pretrained", model=str(distilled))
+    sub.data = cfg.data.model_copy(update={"path": ft.data, "eval_path": None})
+    sub.loss = LossConfig(alpha=0.0, lean=cfg.loss.lean, chunk_rows=cfg.loss.chunk_rows)
+    sub.train = cfg.train.model_copy(update={"output_dir": str(out / "finetune"), "max_steps": ft.max_steps,
+                                             "lr": ft.lr, "batch_size": ft.batch_size or cfg.train.batch_size,
+                                             "warmup_steps": min(cfg.train.warmup_steps, ft.max_steps // 10)})
+    log.info("stage 2: fine-tuning %s on %s for %d steps", distilled, ft.data, ft.max_steps)
+    again = resume and bool(checkpoints(out / "finetune"))
+    return distill(sub, overwrite=not again, resume=again, progress=progress)

@@ -138,7 +138,7 @@ def test_a_run_with_another_divergence(tmp_path, teacher_dir, chat_file):
     from stillroom.config import load_config
     cfg = load_config(None, tiny_overrides(teacher_dir, chat_file, tmp_path / "c") +
                       ["loss.divergence=reverse_kl", "teacher.kind=cache", f"teacher.cache={tmp_path}"])
-    with pytest.raises(UserError, match="forward_kl only"):
+    with pytest.raises(UserError, match="supports forward_kl and hard only"):
         distill(cfg, progress=False)
 
 

@@ -1,0 +1,394 @@
+"""The methods beyond the seed's hybrid, as pieces of one training step.
+
+- weighted lists of loss terms (`loss.terms`): CE, any divergence, hard labels, hidden-state and
+  attention transfer, each with its weight;
+- several teachers (`teacher.mix`): a weighted mixture of their distributions, or routing by a
+  data field (`teacher.route_field`); each live or cached, optionally offloaded between uses;
+- on-policy distillation (GKD): on a fraction of steps the student writes the continuations;
+- cross-tokenizer teachers (`loss.cross_tokenizer=uld`): ULD + exact-match alignment;
+- intermediate layers: hidden-state cosine / MSE through learned projections, attention maps;
+- adaptive: per-token weights from the teacher's confidence or entropy, automatic balancing of the
+  teacher terms against CE.
+
+The common losses (CE + one divergence or hard labels, one teacher) keep the fast path in
+`train.accumulate`; a step that needs any of the above goes through `general_step` here, on the
+models' full logits (chunked, one chunk's memory: see `losses.general_loss`).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from . import models
+from .data import Example, model_inputs
+from .errors import UserError
+from .losses import (DIVERGENCES, IGNORE_INDEX, attention_loss, general_loss, hidden_loss, scheduled,
+                     uld_loss)
+
+log = logging.getLogger("stillroom")
+
+FEATURE_TERMS = {"hidden_cosine": "cosine", "hidden_mse": "mse", "attention": None}
+TERM_NAMES = ("ce", "hard", *DIVERGENCES, *FEATURE_TERMS)
+
+
+# ------------------------------------------------------------------------------------ the plan
+
+def step_terms(cfg, step: int) -> dict[str, float]:
+    """The loss terms and their weights at optimizer step `step`: loss.terms as given, or the seed's
+    hybrid {ce: 1 - alpha, <divergence or hard>: alpha} with alpha scheduled."""
+    lc = cfg.loss
+    if lc.terms:
+        return {k: float(v) for k, v in lc.terms.items() if v}
+    alpha = scheduled(lc.alpha, lc.alpha_end, step, cfg.train.max_steps, lc.schedule)
+    kd = "hard" if lc.kind == "hard" else lc.divergence
+    return {k: v for k, v in (("ce", 1.0 - alpha), (kd, alpha)) if v}
+
+
+def teacher_terms(terms: dict) -> dict:
+    return {k: v for k, v in terms.items() if k != "ce" and k not in FEATURE_TERMS}
+
+
+def is_general(cfg) -> bool:
+    """Does a step need the general path (anything the fast kernel does not do)?"""
+    lc = cfg.loss
+    names = set(lc.terms or {})
+    return bool(len(teacher_terms(lc.terms or {})) > 1 or names & set(FEATURE_TERMS)
+                or lc.token_weight != "none" or lc.balance or cfg.teacher.mix or cfg.teacher.route_field
+                or lc.cross_tokenizer != "none")
+
+
+# ------------------------------------------------------------------------------------ teachers
+
+@dataclass
+class Teacher:
+    """One teacher of the step: a frozen model or a TeacherCache, its weight and where it lives."""
+    name: str
+    source: object
+    weight: float = 1.0
+    offload: bool = False
+
+    @property
+    def cached(self) -> bool:
+        from .cache import TeacherCache
+        return isinstance(self.source, TeacherCache)
+
+    @contextlib.contextmanager
+    def on(self, device):
+        """The model on `device` for the block; with offload, back to the CPU after it (a teacher
+        that does not fit beside the student on the accelerator lives in host memory between uses)."""
+        if self.offload and not self.cached and torch.device(device).type != "cpu":
+            self.source.to(device)
+            try:
+                yield self.source
+            finally:
+                self.source.to("cpu")
+        else:
+            yield self.source
+
+    def targets(self, b, width, device):
+        if self.cached:
+            return self.source.targets(b.examples, b.input_ids.shape[1], device).top
+        with torch.inference_mode(), self.on(device) as m:
+            t = m(**model_inputs(b), use_cache=False).logits
+        return (t[..., :width] if width else t).clone()
+
+
+def route_weights(teachers: list[Teacher], b, device) -> list:
+    """Per teacher: its weight (mixture) or, with routing, a (B, S) one-hot of the examples routed
+    to it (None where no example of the batch is)."""
+    routes = [getattr(e, "route", None) for e in b.examples or []]
+    if not any(r is not None for r in routes):
+        return [t.weight for t in teachers]
+    out = []
+    S = b.input_ids.shape[1]
+    for t in teachers:
+        m = torch.tensor([r == t.name for r in routes], dtype=torch.float32, device=device)
+        out.append(m[:, None].expand(len(routes), S) if m.any() else None)
+    return out
+
+
+# ------------------------------------------------------------------------------------ on-policy
+
+def on_policy_step(cfg, step: int) -> bool:
+    """Is optimizer step `step` on-policy? A pure function of (seed, step): resume stays exact."""
+    lam = cfg.loss.on_policy
+    return lam > 0 and (lam >= 1 or random.Random(cfg.train.seed * 7919 + step).random() < lam)
+
+
+def prompt_of(e: Example, prompt_tokens: int) -> list[int]:
+    """The prompt of an example: its tokens before the first target (prompt/response, chat); for
+    text (every token a target) its first `prompt_tokens`. A packed row: its first document."""
+    n = e.segments[0] if e.segments else len(e.input_ids)
+    ids, labels = e.input_ids[:n], e.labels[:n]
+    first = next((i for i in range(1, n) if labels[i] != IGNORE_INDEX), n)
+    if first <= 1:
+        first = min(prompt_tokens, max(1, n - 1))
+    return ids[:first]
+
+
+@torch.no_grad()
+def rollout(student, examples: list[Example], cfg, pad_id: int, eos_id, seed: int) -> list[Example]:
+    """GKD's on-policy data: the student samples a continuation of each example's prompt; the new
+    example is prompt + continuation, with targets on the continuation only, up to and including
+    its first EOS (the prompt and everything after EOS are masked)."""
+    lc = cfg.loss
+    prompts = [prompt_of(e, lc.on_policy_prompt_tokens) for e in examples]
+    width = max(map(len, prompts))
+    dev = next(student.parameters()).device
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=dev)
+    att = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):   # left padding, so every prompt ends where generation starts
+        ids[i, width - len(p):] = torch.tensor(p, device=dev)
+        att[i, width - len(p):] = 1
+    was = student.training
+    student.eval()
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        sample = lc.on_policy_temperature > 0
+        out = student.generate(input_ids=ids, attention_mask=att, max_new_tokens=lc.on_policy_tokens,
+                               do_sample=sample, temperature=lc.on_policy_temperature if sample else None,
+                               top_k=0 if sample else None, top_p=1.0 if sample else None,
+                               pad_token_id=pad_id, eos_token_id=eos_id)
+    student.train(was)
+    new = []
+    for i, p in enumerate(prompts):
+        gen = out[i, width:].tolist()
+        if eos_id is not None and eos_id in gen:
+            gen = gen[:gen.index(eos_id) + 1]
+        gen = gen or ([eos_id] if eos_id is not None else [pad_id])
+        new.append(Example(list(p) + gen, [IGNORE_INDEX] * len(p) + gen))
+    return new
+
+
+# ------------------------------------------------------------------------------------ cross-tokenizer
+
+def _strings(tok) -> dict[str, int]:
+    """Token string (as text) -> id, for a tokenizer's ordinary tokens (special tokens left out)."""
+    special = set(tok.all_special_ids)
+    out = {}
+    vocab = tok.get_vocab()
+    for piece, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if i in special:
+            continue
+        s = tok.convert_tokens_to_string([piece])
+        if s and "\ufffd" not in s:
+            out.setdefault(s, i)
+    return out
+
+
+def vocab_match(s_tok, t_tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student ids, teacher ids) of tokens whose text both vocabularies share ('Ġthe' and '▁the'
+    are both ' the'); cached on disk, the mapping of a 262k vocabulary takes seconds."""
+    key = hashlib.sha1(repr((sorted(s_tok.get_vocab().items())[:50], len(s_tok),
+                             sorted(t_tok.get_vocab().items())[:50], len(t_tok))).encode()).hexdigest()[:16]
+    path = models.cache_dir() / "vocab-match" / f"{key}.pt"
+    if path.is_file():
+        d = torch.load(path)
+        return d["student"], d["teacher"]
+    s, t = _strings(s_tok), _strings(t_tok)
+    shared = sorted(set(s) & set(t), key=lambda k: s[k])
+    pair = (torch.tensor([s[k] for k in shared], dtype=torch.long),
+            torch.tensor([t[k] for k in shared], dtype=torch.long))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"student": pair[0], "teacher": pair[1]}, tmp)
+    tmp.replace(path)
+    return pair
+
+
+def char_ends(tok, ids: list[int], text: str) -> list[int]:
+    """For each token, the number of characters of `text` it and the tokens before it spell (-1
+    where a prefix does not decode to a prefix of the text: a character split across tokens)."""
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    if enc["input_ids"] == list(ids):
+        return [e for _, e in enc["offset_mapping"]]
+    ends = []
+    for i in range(len(ids)):
+        pre = tok.decode(ids[:i + 1])
+        ends.append(len(pre) if text.startswith(pre) else -1)
+    return ends
+
+
+@dataclass
+class Aligned:
+    """A batch re-tokenized for a cross-tokenizer teacher: its inputs, and the pairs (student row,
+    teacher row) of flattened positions where both have read exactly the same text."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    s_rows: torch.Tensor
+    t_rows: torch.Tensor
+
+
+def align(examples: list[Example], labels: torch.Tensor, s_tok, t_tok, device) -> Aligned:
+    """Student position i (which predicts token i + 1) and teacher position j are aligned when the
+    text up to and including token i equals the text up to and including teacher token j: both
+    then predict what follows the same characters. Only student positions with a target count."""
+    t_ids, s_rows, t_rows = [], [], []
+    S = labels.shape[1]
+    for bi, e in enumerate(examples):
+        text = s_tok.decode(e.input_ids)
+        s_end = char_ends(s_tok, e.input_ids, text)
+        enc = t_tok(text, add_special_tokens=True, return_offsets_mapping=True)
+        t_ids.append(enc["input_ids"])
+        last = {}
+        for j, (a, b) in enumerate(enc["offset_mapping"]):
+            if b > 0:
+                last[b] = j
+        for i, end in enumerate(s_end):
+            if i < S and labels[bi, i] != IGNORE_INDEX and end > 0 and end in last:
+                s_rows.append(bi * S + i)
+                t_rows.append((bi, last[end]))
+    width = max(map(len, t_ids))
+    pad = t_tok.pad_token_id if t_tok.pad_token_id is not None else 0
+    ids = torch.full((len(t_ids), width), pad, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, x in enumerate(t_ids):
+        ids[i, :len(x)] = torch.tensor(x)
+        att[i, :len(x)] = 1
+    flat = [bi * width + j for bi, j in t_rows]
+    return Aligned(ids.to(device), att.to(device), torch.tensor(s_rows, dtype=torch.long, device=device),
+                   torch.tensor(flat, dtype=torch.long, device=device))
+
+
+# ------------------------------------------------------------------------------------ intermediate layers
+
+def layer_map(cfg, s_layers: int, t_layers: int, kept: list[int] | None) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs for the hidden-state and attention terms: loss.layer_map,
+    else each student layer with the teacher layer it was cut from (student.init=from_teacher), else
+    the student's layers spread evenly over the teacher's (last to last)."""
+    if cfg.loss.layer_map:
+        pairs = [tuple(p) for p in cfg.loss.layer_map]
+        for s, t in pairs:
+            if not (0 <= s < s_layers and 0 <= t < t_layers):
+                raise UserError(f"loss.layer_map pair [{s}, {t}]: the student has layers 0..{s_layers - 1}, "
+                                f"the teacher 0..{t_layers - 1}")
+        return pairs
+    if kept and len(kept) == s_layers:
+        return list(enumerate(kept))
+    return [(i, round((i + 1) * t_layers / s_layers) - 1) for i in range(s_layers)]
+
+
+class Projections(torch.nn.Module):
+    """One learned linear map per mapped layer, student width -> teacher width (TinyBERT's W_h),
+    identity-initialised when the widths agree. Trained with the student, saved with the run."""
+
+    def __init__(self, pairs, s_width: int, t_width: int):
+        super().__init__()
+        self.pairs = [list(p) for p in pairs]
+        self.maps = torch.nn.ModuleList(torch.nn.Linear(s_width, t_width, bias=False) for _ in pairs)
+        if s_width == t_width:
+            for m in self.maps:
+                torch.nn.init.eye_(m.weight)
+
+
+def use_eager_attention(model):
+    """Attention maps need the eager implementation (sdpa and flash never form them)."""
+    model = getattr(model, "module", model)
+    model.set_attn_implementation("eager")
+
+
+def feature_loss(terms, s_out, t_out, proj, pairs, mask, parts: dict) -> torch.Tensor:
+    """Sum of the weighted hidden-state / attention terms over labelled positions, each term the
+    mean over the mapped layer pairs; `parts` accumulates each term's raw sum. Hidden states are
+    layer outputs: hidden_states[l + 1] is layer l's (index 0 is the embeddings)."""
+    total = 0.0
+    for name, kind in FEATURE_TERMS.items():
+        w = terms.get(name)
+        if not w:
+            continue
+        term = 0.0
+        for k, (s, t) in enumerate(pairs):
+            if kind:
+                term = term + hidden_loss(s_out.hidden_states[s + 1], t_out.hidden_states[t + 1], mask, kind,
+                                          None if proj is None else proj.maps[k])
+            else:
+                term = term + attention_loss(s_out.attentions[s], t_out.attentions[t], mask)
+        term = term / len(pairs)
+        parts[name] = parts.get(name, 0.0) + float(term.detach())
+        total = total + w * term
+    return total
+
+
+# ------------------------------------------------------------------------------------ the step
+
+@dataclass
+class Context:
+    """What the general path needs besides the batch (built once per run)."""
+    teachers: list[Teacher]
+    width: int | None = None
+    proj: object = None
+    pairs: list = field(default_factory=list)
+    s_tok: object = None
+    t_tok: object = None
+    match: tuple | None = None
+    kd_scale: float = 1.0
+    pad_id: int = 0
+    eos_id: int | None = None
+
+
+def general_step(student, ctx: Context, b, cfg, terms: dict, temperature: float, accelerator, parts: dict):
+    """The loss sum of one micro-batch on the general path; `parts` accumulates each term's raw sum."""
+    lc = cfg.loss
+    t_terms = teacher_terms(terms)
+    feats = {k: v for k, v in terms.items() if k in FEATURE_TERMS}
+    att = "attention" in feats
+    mask = b.labels != IGNORE_INDEX
+    with accelerator.autocast():
+        s_out = student(**model_inputs(b), use_cache=False, output_hidden_states=bool(feats),
+                        output_attentions=att)
+    s_logits = s_out.logits[..., :ctx.width] if ctx.width else s_out.logits
+    primary = ctx.teachers[0]
+    total = 0.0
+    t_out = None
+    if feats:
+        with torch.inference_mode(), accelerator.autocast(), primary.on(accelerator.device) as m:
+            t_out = m(**model_inputs(b), use_cache=False, output_hidden_states=True, output_attentions=att)
+        t_out.hidden_states = [h.clone() for h in t_out.hidden_states]
+        if att:
+            t_out.attentions = [a.clone() for a in t_out.attentions]
+        total = total + feature_loss(feats, s_out, t_out, ctx.proj, ctx.pairs, mask, parts)
+    if lc.cross_tokenizer == "uld":
+        ce = general_loss(s_logits, b.labels, [], {"ce": terms.get("ce", 0.0)}, parts=parts)
+        al = align(b.examples, b.labels, ctx.s_tok, ctx.t_tok, b.input_ids.device)
+        kd_w = sum(t_terms.values())
+        if kd_w and al.s_rows.numel():
+            with torch.inference_mode(), primary.on(accelerator.device) as m:
+                t_logits = m(input_ids=al.input_ids, attention_mask=al.attention_mask, use_cache=False).logits
+            t_rows = t_logits.reshape(-1, t_logits.shape[-1]).index_select(0, al.t_rows).clone()
+            s_rows = s_logits.reshape(-1, s_logits.shape[-1]).index_select(0, al.s_rows)
+            kd = uld_loss(s_rows, t_rows, temperature, ctx.match, lc.match_weight)
+            parts["uld"] = parts.get("uld", 0.0) + float(kd.detach())
+            parts["aligned"] = parts.get("aligned", 0) + int(al.s_rows.numel())
+            total = total + ctx.kd_scale * kd_w * kd
+        return total + ce
+    if t_terms:
+        weights = route_weights(ctx.teachers, b, accelerator.device)
+        targets = [(t.targets(b, ctx.width, accelerator.device), w) for t, w in zip(ctx.teachers, weights)
+                   if w is not None and (torch.is_tensor(w) or w > 0)]
+    else:
+        targets = []
+    got = {}
+    loss = general_loss(s_logits, b.labels, targets, {k: v for k, v in terms.items() if k not in FEATURE_TERMS},
+                        temperature, lc.beta, lc.token_weight, ctx.kd_scale, got, lc.chunk_rows)
+    for k, v in got.items():
+        parts[k] = parts.get(k, 0.0) + v
+    return total + loss
+
+
+def on_policy_batches(student, batches, cfg, pad_id, eos_id, step, to_batch, device):
+    """The step's batches replaced by the student's own continuations of their prompts."""
+    out = []
+    for i, b in enumerate(batches):
+        new = rollout(student, b.examples, cfg, pad_id, eos_id,
+                      seed=cfg.train.seed * 1_000_003 + step * 101 + i)
+        out.append(to_batch(new, pad_id, device))
+    return out
+
+
+__all__ = ["TERM_NAMES", "FEATURE_TERMS", "step_terms", "is_general", "Teacher", "Context", "general_step",
+           "rollout", "on_policy_step", "align", "vocab_match", "layer_map", "Projections"]
