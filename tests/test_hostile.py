@@ -203,6 +203,34 @@ CASES = [
         "--top-logprobs", "5"], "api"),
     ("cache from a cache", lambda t, m, d: ["cache", *_base(m, d, t / "o"), "teacher.kind=cache",
                                             f"teacher.cache={t}"], "live"),
+    # methods
+    ("unknown loss term", lambda t, m, d: distill(t, m, d, "loss.terms={ce: 0.5, hiden_cosine: 0.5}"),
+     "hidden_cosine"),
+    ("negative term weight", lambda t, m, d: distill(t, m, d, "loss.terms={ce: -1.0}"), "loss.terms"),
+    ("all term weights zero", lambda t, m, d: distill(t, m, d, "loss.terms={ce: 0.0, forward_kl: 0}"), "0"),
+    ("terms with an alpha schedule", lambda t, m, d: distill(t, m, d, "loss.terms={ce: 1.0}", "loss.alpha_end=0.5"),
+     "alpha_end"),
+    ("layer map beyond the student", lambda t, m, d: distill(t, m, d, "loss.terms={ce: 1.0, hidden_mse: 1.0}",
+                                                             "loss.layer_map=[[7, 0]]"), "layer_map"),
+    ("mix teacher missing", lambda t, m, d: distill(t, m, d, f"teacher.mix=[{{name: b, model: {t / 'gone'}}}]"),
+     "not found"),
+    ("mix teacher without a model", lambda t, m, d: distill(t, m, d, "teacher.mix=[{name: b}]"), "model"),
+    ("two teachers with one name", lambda t, m, d: distill(t, m, d, f"teacher.mix=[{{name: teacher, model: {m}}}]"),
+     "distinct"),
+    ("route field on plain text", lambda t, m, d: distill(
+        t, m, _file(t, "p.txt", "hello there " * 50), f"teacher.mix=[{{name: b, model: {m}}}]",
+        "teacher.route_field=src"), "route_field"),
+    ("route to an unknown teacher", lambda t, m, d: distill(
+        t, m, _file(t, "r.jsonl", '{"prompt": "a", "response": "b c d", "src": "zed"}\n' * 4),
+        f"teacher.mix=[{{name: b, model: {m}}}]", "teacher.route_field=src"), "names no teacher"),
+    ("on-policy with a cache", lambda t, m, d: distill(t, m, d, "loss.on_policy=0.5", "teacher.kind=cache",
+                                                       f"teacher.cache={t}"), "on_policy"),
+    ("on-policy fraction above 1", lambda t, m, d: distill(t, m, d, "loss.on_policy=2"), "on_policy"),
+    ("hidden terms with a cache", lambda t, m, d: distill(t, m, d, "loss.terms={ce: 1.0, hidden_mse: 1.0}",
+                                                          "teacher.kind=cache", f"teacher.cache={t}"), "hidden"),
+    ("cross-tokenizer with a mix", lambda t, m, d: distill(t, m, d, "loss.cross_tokenizer=uld",
+                                                           f"teacher.mix=[{{name: b, model: {m}}}]"), "uld"),
+    ("finetune data missing", lambda t, m, d: distill(t, m, d, f"finetune.data={t / 'gone.jsonl'}"), "finetune.data"),
 ]
 
 
