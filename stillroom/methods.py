@@ -90,12 +90,16 @@ class Teacher:
         else:
             yield self.source
 
-    def targets(self, b, width, device):
+    def targets(self, b, width, device, logits=None):
+        """Its side of the loss for batch b: a cached TopK, or its logits (`logits` if this batch's
+        forward already ran, for the hidden-state terms). A copy: inference tensors cannot enter
+        the loss's autograd."""
         if self.cached:
             return self.source.targets(b.examples, b.input_ids.shape[1], device).top
-        with torch.inference_mode(), self.on(device) as m:
-            t = m(**model_inputs(b), use_cache=False).logits
-        return (t[..., :width] if width else t).clone()
+        if logits is None:
+            with torch.inference_mode(), self.on(device) as m:
+                logits = m(**model_inputs(b), use_cache=False).logits
+        return (logits[..., :width] if width else logits).clone()
 
 
 def route_weights(teachers: list[Teacher], b, device) -> list:
@@ -368,7 +372,9 @@ def general_step(student, ctx: Context, b, cfg, terms: dict, temperature: float,
         return total + ce
     if t_terms:
         weights = route_weights(ctx.teachers, b, accelerator.device)
-        targets = [(t.targets(b, ctx.width, accelerator.device), w) for t, w in zip(ctx.teachers, weights)
+        ran = [t_out.logits if t_out is not None else None] + [None] * (len(ctx.teachers) - 1)
+        targets = [(t.targets(b, ctx.width, accelerator.device, logits), w)
+                   for t, w, logits in zip(ctx.teachers, weights, ran)
                    if w is not None and (torch.is_tensor(w) or w > 0)]
     else:
         targets = []

@@ -250,3 +250,35 @@ def test_two_stages_in_one_command(tmp_path, teacher_dir, chat_file, text_file):
     with pytest.raises(UserError, match="finetune.data not found"):
         _run(tmp_path, teacher_dir, chat_file, "nf", f"finetune.data={tmp_path}/missing.txt")
     assert not (tmp_path / "nf").exists()
+
+
+def test_a_cached_teacher_in_the_mix_equals_it_live(tmp_path, teacher_dir, chat_file, second_teacher):
+    from stillroom import models as m
+    from test_cache import make_cache
+    V = m.logits_width(m.load(str(second_teacher)).model)
+    make_cache(second_teacher, chat_file, tmp_path / "c2", f"cache.top_k={V}", "cache.dtype=float32",
+               "loss.temperature=1.0")
+    _run(tmp_path, teacher_dir, chat_file, "live",   # the cache was written by the fp32 teacher
+         f"teacher.mix=[{{name: b, model: {second_teacher}, dtype: float32}}]")
+    _run(tmp_path, teacher_dir, chat_file, "cached",
+         f"teacher.mix=[{{name: b, kind: cache, cache: {tmp_path / 'c2'}}}]")
+    a, b = _weights(tmp_path / "live"), _weights(tmp_path / "cached")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_offload_moves_a_teacher_only_around_its_use():
+    moves = []
+
+    class Fake(torch.nn.Module):
+        def to(self, *a, **k):
+            moves.append(str(a[0]))
+            return self
+    t = methods.Teacher("b", Fake(), offload=True)
+    with t.on("cuda") as model:
+        assert moves == ["cuda"] and model is t.source
+    assert moves == ["cuda", "cpu"]
+    with methods.Teacher("c", Fake(), offload=False).on("cuda"):
+        pass
+    with t.on("cpu"):            # already where it lives
+        pass
+    assert moves == ["cuda", "cpu"]
