@@ -107,12 +107,24 @@ def read_prompts(path: str | Path | None, limit: int | None = None, field: str |
 
 # ------------------------------------------------------------------------------------ answering
 
+# For a base model (a tokenizer without a chat template): a plain question / answer layout that a
+# pretrained LM continues; its answer is cut where it starts the next question.
+PLAIN_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+                  "{% elif m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}A: {{ m['content'] }}\n"
+                  "{% endif %}{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
+
+
 class LocalTeacher:
-    """A transformers model answering batches of conversations (left-padded, batched generate)."""
+    """A transformers model answering batches of conversations (left-padded, batched generate).
+    A base model without a chat template is prompted as `Q: ...\nA:` (PLAIN_TEMPLATE)."""
 
     def __init__(self, model, tokenizer, source: str = ""):
-        if not tokenizer.chat_template:
-            raise UserError("the teacher's tokenizer has no chat template; generate needs one")
+        self.plain = not tokenizer.chat_template
+        if self.plain:
+            import copy
+            log.info("%s has no chat template (a base model?): prompting it as 'Q: ...\nA:'", source or "the teacher")
+            tokenizer = copy.copy(tokenizer)
+            tokenizer.chat_template = PLAIN_TEMPLATE
         self.model, self.tokenizer, self.source = model, tokenizer, source
 
     def prompt_tokens(self, conv) -> int:
@@ -141,6 +153,8 @@ class LocalTeacher:
             out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
         flat = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        if self.plain:   # a base model goes on with the next question: keep its answer
+            flat = [t.split("\nQ:")[0].strip() for t in flat]
         n = gcfg.num_answers
         return [flat[i * n:(i + 1) * n] for i in range(len(convs))]
 

@@ -85,3 +85,19 @@ def test_greedy_cannot_give_several_answers(tmp_path, teacher_dir):
     assert_user_error(run_cli("generate", "--teacher", teacher_dir, "--prompts", p, "--out", tmp_path / "o.jsonl",
                               "--num-answers", "2"), r"num_answers > 1 needs generate.temperature > 0")
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_base_model_without_chat_template_is_prompted_plainly(tmp_path, teacher_dir):
+    loaded = models.load(str(teacher_dir))
+    tok = loaded.tokenizer
+    tok.chat_template = None
+    teacher = LocalTeacher(loaded.model, tok, str(teacher_dir))
+    assert tok.chat_template is None          # the caller's tokenizer is left as it was
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a cat."}]
+    assert teacher.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) == \
+        "Be brief.\n\nQ: Name a cat.\nA:"
+    out = tmp_path / "plain.jsonl"
+    generate_file(teacher, ["Tell me about the cat.", "Count to three."], out,
+                  GenerateConfig(max_new_tokens=12, batch_size=2), progress=False)
+    answers = [r["messages"][1]["content"] for r in rows(out)]
+    assert len(answers) == 2 and all("\nQ:" not in a for a in answers)
