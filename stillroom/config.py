@@ -454,6 +454,15 @@ class CodistillRunConfig(Section):
 
     @model_validator(mode="after")
     def _peers(self):
+        lc, d = self.loss, LossConfig()
+        for key in ("divergence", "terms", "token_weight", "balance", "on_policy", "cross_tokenizer",
+                    "alpha_end", "temperature_end", "layer_map"):
+            if getattr(lc, key) != getattr(d, key):
+                raise ValueError(f"loss.{key} is a `stillroom distill` setting; co-distillation uses loss.kind, "
+                                 "alpha, temperature and chunk_rows (forward KL between peers)")
+        if self.teacher.mix or self.teacher.route_field:
+            raise ValueError("teacher.mix / teacher.route_field are `stillroom distill` settings; co-distillation "
+                             "takes one teacher")
         if len(self.peers) < 2:
             raise ValueError("codistill needs at least 2 peers")
         names = [p.name for p in self.peers]

@@ -230,6 +230,8 @@ CASES = [
                                                           "teacher.kind=cache", f"teacher.cache={t}"), "hidden"),
     ("cross-tokenizer with a mix", lambda t, m, d: distill(t, m, d, "loss.cross_tokenizer=uld",
                                                            f"teacher.mix=[{{name: b, model: {m}}}]"), "uld"),
+    ("codistill with a distill-only loss", lambda t, m, d: ["codistill", "codistill", f"teacher.model={m}",
+                                                            "loss.on_policy=0.5"], "stillroom distill"),
     ("finetune data missing", lambda t, m, d: distill(t, m, d, f"finetune.data={t / 'gone.jsonl'}"), "finetune.data"),
 ]
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from stillroom.losses import (IGNORE_INDEX, DIVERGENCES, TopK, attention_loss, balance_scale, divergence,
+from stillroom.losses import (IGNORE_INDEX, DIVERGENCES, attention_loss, balance_scale, divergence,
                               general_loss, hidden_loss, mixed_loss, mixture_logp, token_weights,
                               topk_targets, uld_loss)
 
