@@ -32,6 +32,7 @@ def _quiet_libraries():
 
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    logging.getLogger("gguf").setLevel(logging.ERROR)   # its writer narrates every file
 
 
 def _run_config(args, cls):
@@ -141,6 +142,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    res = export(args.model, args.out, args.type, verify=not args.no_check)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"wrote {res['file']} ({args.type}, {res['bytes'] / 2**20:.1f} MB, {res['params']:,} params)")
+    for who in ("transformers", "llama_cpp"):
+        c = res.get("check", {}).get(who)
+        if c and "error" in c:
+            print(f"  llama.cpp could not load it: {c['error']}")
+            return 1
+        if c:
+            print(f"  read back by {who.replace('_', '.')}: KL {c['kl_per_token']:.5f}/token vs the PyTorch model, "
+                  f"top-1 agreement {c['top1_agreement']:.1%}, max logit diff {c['max_abs_logit_diff']:.3f} "
+                  f"({res['check']['tokens']} tokens)")
+    if "check" in res and res["check"].get("llama_cpp") is None:
+        print("  (llama-cpp-python is not installed: checked with transformers only)")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from . import models
     from .config import GenerateConfig, validate
@@ -227,6 +250,15 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--max-batches", type=int, default=None)
     e.add_argument("--skip-bad-rows", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a student as a GGUF file (f16, q8_0, q4_0) for llama.cpp / Ollama")
+    x.add_argument("model", help="a run folder (its final/) or a model folder")
+    x.add_argument("--type", default="q8_0", choices=["f16", "q8_0", "q4_0"])
+    x.add_argument("--out", help="the .gguf file (default: beside the model, <name>-<type>.gguf)")
+    x.add_argument("--no-check", action="store_true",
+                   help="skip reading the file back (transformers, and llama.cpp if installed) to compare logits")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="have the teacher answer prompts (JSONL conversations out, resumable)")
     g.add_argument("--out", required=True, help="output JSONL; an existing file is continued")
