@@ -4,7 +4,6 @@ tolerance per type."""
 import json
 
 import pytest
-import torch
 
 from stillroom import models
 from stillroom.export import check, write_gguf
