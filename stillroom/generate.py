@@ -108,8 +108,9 @@ def read_prompts(path: str | Path | None, limit: int | None = None, field: str |
 # ------------------------------------------------------------------------------------ answering
 
 # For a base model (a tokenizer without a chat template): a plain question / answer layout that a
-# pretrained LM continues; its answer is cut where it starts the next question.
-PLAIN_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+# pretrained LM continues (after its BOS token, which base models such as Gemma need); its
+# answer is cut where it starts the next question.
+PLAIN_TEMPLATE = ("{{ bos_token or '' }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
                   "{% elif m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}A: {{ m['content'] }}\n"
                   "{% endif %}{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
 
@@ -122,7 +123,7 @@ class LocalTeacher:
         self.plain = not tokenizer.chat_template
         if self.plain:
             import copy
-            log.info("%s has no chat template (a base model?): prompting it as 'Q: ...\nA:'", source or "the teacher")
+            log.info("%s has no chat template (a base model?): prompting it as 'Q: ... A:'", source or "the teacher")
             tokenizer = copy.copy(tokenizer)
             tokenizer.chat_template = PLAIN_TEMPLATE
         self.model, self.tokenizer, self.source = model, tokenizer, source

@@ -95,7 +95,7 @@ def test_a_base_model_without_chat_template_is_prompted_plainly(tmp_path, teache
     assert tok.chat_template is None          # the caller's tokenizer is left as it was
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a cat."}]
     assert teacher.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) == \
-        "Be brief.\n\nQ: Name a cat.\nA:"
+        tok.bos_token + "Be brief.\n\nQ: Name a cat.\nA:"      # base models (Gemma) need their BOS
     out = tmp_path / "plain.jsonl"
     generate_file(teacher, ["Tell me about the cat.", "Count to three."], out,
                   GenerateConfig(max_new_tokens=12, batch_size=2), progress=False)
