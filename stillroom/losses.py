@@ -405,6 +405,16 @@ def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad):
     return loss, grad
 
 
+def _saved_grad(ctx, grad_out):
+    """The gradient a chunked loss saved in forward, scaled in place (the buffer is ours alone: no
+    full-size copy), once."""
+    if getattr(ctx, "used", False):
+        raise RuntimeError("stillroom losses support one backward per forward (no retain_graph reuse)")
+    ctx.used = True
+    (grad,) = ctx.saved_tensors
+    return grad.mul_(grad_out)
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """sum_j w_j KD(student, target_j) + w_ce * CE(student, labels), summed, chunked over rows.
 
@@ -441,12 +451,7 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        # Scaled in place: the buffer is ours alone, and this saves a full-size copy.
-        if getattr(ctx, "used", False):
-            raise RuntimeError("stillroom losses support one backward per forward (no retain_graph reuse)")
-        ctx.used = True
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_out), None, None, None, None, None, None, None, None
+        return _saved_grad(ctx, grad_out), None, None, None, None, None, None, None, None
 
 
 class _LinearChunkedLoss(torch.autograd.Function):
@@ -764,11 +769,7 @@ class _AutogradChunked(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if getattr(ctx, "used", False):
-            raise RuntimeError("stillroom losses support one backward per forward (no retain_graph reuse)")
-        ctx.used = True
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_out), None, None
+        return _saved_grad(ctx, grad_out), None, None
 
 
 TOKEN_WEIGHTS = {
