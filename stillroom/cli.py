@@ -164,6 +164,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare, render
+
+    res = compare(args.teacher, args.students, args.data, args.formats, args.seq_len, args.max_examples,
+                  args.prefill_tokens, args.new_tokens, args.rounds, args.prompt or None, args.gguf_dir,
+                  progress=not args.no_progress)
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2) if args.json else render(res))
+    return 0
+
+
 def cmd_generate(args) -> int:
     from . import models
     from .config import GenerateConfig, validate
@@ -259,6 +271,24 @@ def parser() -> argparse.ArgumentParser:
                    help="skip reading the file back (transformers, and llama.cpp if installed) to compare logits")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("compare", help="teacher vs students (and their GGUF exports): size, memory, speed, quality")
+    c.add_argument("teacher", help="smollm2-135m, a folder, .gguf or hub id")
+    c.add_argument("students", nargs="+", help="run folders (their final/) or model folders")
+    c.add_argument("--data", required=True, help="held-out text or JSONL file")
+    c.add_argument("--formats", nargs="*", default=[], help="also export each student to these GGUF types "
+                   "(f16 q8_0 q4_0) and measure the files in llama.cpp (needs llama-cpp-python)")
+    c.add_argument("--gguf-dir", help="where the GGUF exports go (default: a temporary folder)")
+    c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--max-examples", type=int, default=16, help="held-out examples for the quality columns")
+    c.add_argument("--prefill-tokens", type=int, default=128)
+    c.add_argument("--new-tokens", type=int, default=32)
+    c.add_argument("--rounds", type=int, default=3, help="timing rounds (the median is reported)")
+    c.add_argument("--prompt", action="append", help="a prompt for the side-by-side generations (repeatable)")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--out", help="also write the JSON results to this file")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_compare)
 
     g = sub.add_parser("generate", help="have the teacher answer prompts (JSONL conversations out, resumable)")
     g.add_argument("--out", required=True, help="output JSONL; an existing file is continued")
