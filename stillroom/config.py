@@ -96,6 +96,14 @@ class StudentConfig(Section):
     whose layers / config and tokenizer the student starts from (default: the teacher) -- for a
     cross-tokenizer teacher, the student's own family."""
 
+    prune_heads: Optional[int] = Field(None, ge=1)
+    """Width pruning (Minitron): keep this many attention heads per layer, the most important on
+    calibration data (a multiple of the key/value heads). Combines with from_teacher's depth."""
+    prune_intermediate: Optional[int] = Field(None, ge=1)
+    """Width pruning: keep this many MLP channels per layer, the most important on calibration data."""
+    calibration_examples: int = Field(32, ge=1)
+    """Training examples whose activations rank the heads and channels."""
+
     @model_validator(mode="after")
     def _needs(self):
         if self.init == "pretrained" and not self.model:
@@ -460,6 +468,9 @@ class CodistillRunConfig(Section):
             if getattr(lc, key) != getattr(d, key):
                 raise ValueError(f"loss.{key} is a `stillroom distill` setting; co-distillation uses loss.kind, "
                                  "alpha, temperature and chunk_rows (forward KL between peers)")
+        if any(p.prune_heads or p.prune_intermediate for p in self.peers):
+            raise ValueError("width pruning (prune_heads / prune_intermediate) is a `stillroom distill` setting; "
+                             "prune a student with distill, then give it to a peer as init: pretrained")
         if self.teacher.mix or self.teacher.route_field:
             raise ValueError("teacher.mix / teacher.route_field are `stillroom distill` settings; co-distillation "
                              "takes one teacher")

@@ -604,6 +604,10 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
         log.info("loss.alpha=0: plain CE on the data (sequence-level KD when the data is teacher output)")
     tok = s_tok if cross else teacher.tokenizer
     cfg, train, held = prepare_data(cfg, teacher, accelerator, tok)
+    if cfg.student.prune_heads or cfg.student.prune_intermediate:
+        from .prune import calibrate_and_prune
+        student, pruned = calibrate_and_prune(student, train, tok.pad_token_id, cfg.student)
+        how = f"{how}, {pruned}"
     if cache:
         cache.check(cfg, s_tok, {"training": train, "held-out": held})
     if len(train) < cfg.train.batch_size:

@@ -58,7 +58,8 @@ def test_every_recipe_runs_a_few_steps(tmp_path, teacher_dir, chat_file, recipe)
         over = [o for o in over if not o.startswith("student.")] + ["peers.0.num_layers=2", "peers.1.layers=[0,3]"]
     over += {"multi_teacher": [f"teacher.mix.0.model={teacher_dir}"],       # instead of runs/demo/final
              "cross_tokenizer": [f"student.model={teacher_dir}"],           # instead of SmolLM2
-             "two_stage": ["finetune.max_steps=1"]}.get(recipe, [])
+             "two_stage": ["finetune.max_steps=1"],
+             "pruned": ["student.prune_heads=2", "student.prune_intermediate=24"]}.get(recipe, [])
     if distributed:
         r = launch(2, "-m", "stillroom", command, recipe, *over, "--no-progress")
     else:
