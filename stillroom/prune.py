@@ -76,7 +76,7 @@ def prune_width(model, imp: list[dict], heads: int | None = None, intermediate: 
     """A new, smaller model of the same class: in every layer the `intermediate` most important MLP
     channels and `heads` most important query heads (the same number per key/value group) kept, their
     weights copied; everything else copied as is. None keeps that dimension."""
-    layers = _layers(model)
+    _layers(model)   # a Llama-style model, or one line saying it is not
     cfg = model.config
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
