@@ -284,6 +284,10 @@ class TrainConfig(Section):
     threads: int = Field(0, ge=0)
     """CPU threads per process for torch; 0 = auto: OMP_NUM_THREADS if set, else the machine's cores
     shared out among the processes on it (so N processes do not each claim every core)."""
+    qat: Literal["none", "q8_0", "q4_0"] = "none"
+    """Quantization-aware distillation: train the decoder blocks' linear weights through the exact
+    quantizer of this GGUF type (straight-through gradients), and store the quantized values in
+    final/, so `stillroom export --type` of the result computes what was trained."""
     prefetch: bool = True
     """Build the next step's batches (padding, cached teacher rows) on a background thread."""
 

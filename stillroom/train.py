@@ -653,6 +653,10 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     source = cache or teacher.model   # what the loss and the eval read the teacher from
     before, held_tokens = (eval_columns(student, None, teacher, held, cfg, width, pad_id, cache=cache,
                                         s_tok=s_tok if cross else None) if main else ({}, 0))
+    if cfg.train.qat != "none":
+        from .quant import enable
+        log.info("quantization-aware: %d linear weights trained through %s", enable(student, cfg.train.qat),
+                 cfg.train.qat)
     trained = torch.nn.ModuleList([student] + ([ctx.proj] if ctx.proj is not None else []))
     optimizer = make_optimizer(trained, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -787,6 +791,9 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     metrics_file.close()
 
     student = accelerator.unwrap_model(student)
+    if cfg.train.qat != "none":   # the evaluation below and final/ see the quantized weights
+        from .quant import bake
+        bake(student)
     after, _ = eval_columns(student, None, teacher, held, cfg, width, pad_id, with_teacher=False, cache=cache,
                             s_tok=s_tok if cross else None)
     columns = {"teacher": before["teacher"], "student before": before["student"],
