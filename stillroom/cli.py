@@ -176,6 +176,13 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write
+
+    print(f"wrote {write(Path(args.run))}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from . import models
     from .config import GenerateConfig, validate
@@ -289,6 +296,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="also write the JSON results to this file")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_compare)
+
+    r = sub.add_parser("report", help="write <RUN_DIR>/report.html: plots, tables and config of a run")
+    r.add_argument("run", help="a distill output folder")
+    r.set_defaults(func=cmd_report)
 
     g = sub.add_parser("generate", help="have the teacher answer prompts (JSONL conversations out, resumable)")
     g.add_argument("--out", required=True, help="output JSONL; an existing file is continued")

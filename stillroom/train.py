@@ -809,6 +809,8 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
               else f"no KL at T=1 from a cache at T={cache.temperature}")
         metrics["table"] += f"\n(teacher read from the top-{cache.top_k} cache {cfg.teacher.cache}: {kl})"
     metrics["final"] = str(final)
+    from .report import write as write_report
+    metrics["report"] = str(write_report(out))
     if cfg.finetune is not None:
         metrics["finetune"] = finetune_stage(cfg, out, final, resume, progress)
         metrics["table"] += ("\n\nstage 2: fine-tuned on " + cfg.finetune.data + " (CE only)\n"
