@@ -37,6 +37,11 @@ DEFAULT_PROMPTS = ["Once upon a time, there was a little dog named", "The best w
 # ------------------------------------------------------------------------------------ one model, own process
 
 def _rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: the latter carries the
+    parent's peak across fork + exec, which hid the model under the comparing process's own size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
