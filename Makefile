@@ -1,6 +1,6 @@
 # `make demo`: set up and run the embedded default distillation (about 15 min on 2 CPU cores).
 # `make test`: set up and run the test suite.
-# `make test-api`: build llama.cpp's server once; test the API teacher against it and run exported GGUF
+# `make test-api`: build llama.cpp's server once; test the API teacher against it, and run exported GGUF
 # students in llama.cpp (CI runs both targets).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -34,7 +34,7 @@ $(VENV)/.api-server: $(VENV)/.installed
 	touch $@
 
 test-api: $(VENV)/.api-server
-	$(PY) -m pytest -q tests/test_api.py tests/test_export.py
+	$(PY) -m pytest -q tests/test_api.py tests/test_export.py tests/test_compare.py
 
 bench: setup
 	$(PIP) install -q -e '.[bench]'
