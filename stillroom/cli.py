@@ -241,7 +241,8 @@ def parser() -> argparse.ArgumentParser:
     config_command("distill", "train a student from a teacher",
                    "Train a student to match a teacher. With no config: the embedded default (bundled "
                    "SmolLM2-135M teacher, 6-layer student, soft labels).",
-                   "a YAML file or bundled recipe (soft, hard), then dotted overrides like train.lr=1e-4",
+                   "a YAML file or bundled recipe (soft, hard, jsd, on_policy, hidden, multi_teacher, adaptive, "
+                   "cross_tokenizer, two_stage, pruned: see configs/), then dotted overrides like train.lr=1e-4",
                    "replace an existing output folder", "continue from the last checkpoint in the output folder"
                    ).set_defaults(func=cmd_distill)
     config_command("codistill", "train two or more models that teach each other",
