@@ -55,7 +55,8 @@ def test_plots_render_in_headless_chromium(run):
     import matplotlib.image as mpimg
 
     url = (run / "report.html").as_uri()
-    flags = [_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    flags = [_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--hide-scrollbars"]
     dom = subprocess.run(flags + ["--virtual-time-budget=5000", "--dump-dom", url], capture_output=True,
                          text=True, timeout=120).stdout
     assert 'data-plots="3/3"' in dom, dom[-500:]       # the page's own check: every plot has a box and marks
