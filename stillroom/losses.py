@@ -833,7 +833,7 @@ def general_loss(student_logits, labels, teachers, terms: dict, temperature=1.0,
     p = sum_k w_k p_k is the mixture of the teachers' distributions at temperature T: `teachers`
     is [(logits (..., V) or TopK, weight)], weight a float or a (...) tensor per position (routing:
     one-hot per example); at each position the weights must sum to 1. tw is the per-token weight
-    (TOKEN_WEIGHTS) of p. `parts`, if given, receives the raw (unweighted, unscaled) sums of each
+    (TOKEN_WEIGHTS) of p. `parts`, if given, has the raw (unweighted, unscaled) sums of each
     term, detached: what automatic balancing reads."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -896,8 +896,9 @@ def general_loss(student_logits, labels, teachers, terms: dict, temperature=1.0,
         return total
 
     out = _AutogradChunked.apply(student_logits, fn, chunk)
-    if parts is not None:
-        parts.update({n: float(v) for n, v in sums.items()})
+    if parts is not None:   # added to what it holds: one dict sums a step's micro-batches
+        for n, v in sums.items():
+            parts[n] = parts.get(n, 0.0) + float(v)
     return out
 
 

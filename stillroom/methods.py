@@ -90,12 +90,13 @@ class Teacher:
         else:
             yield self.source
 
-    def targets(self, b, width, device, logits=None):
-        """Its side of the loss for batch b: a cached TopK, or its logits (`logits` if this batch's
-        forward already ran, for the hidden-state terms). A copy: inference tensors cannot enter
-        the loss's autograd."""
+    def targets(self, b, width, device, ready=None):
+        """Its side of the loss for batch b: a cached TopK, or its logits (a copy: inference tensors
+        cannot enter the loss's autograd). `ready`: what was already computed for this batch (its
+        rows read ahead from the cache, or its logits from the hidden-state terms' forward)."""
         if self.cached:
-            return self.source.targets(b.examples, b.input_ids.shape[1], device).top
+            return ready if ready is not None else self.source.targets(b.examples, b.input_ids.shape[1], device).top
+        logits = ready
         if logits is None:
             with torch.inference_mode(), self.on(device) as m:
                 logits = m(**model_inputs(b), use_cache=False).logits
@@ -367,22 +368,19 @@ def general_step(student, ctx: Context, b, cfg, terms: dict, temperature: float,
             s_rows = s_logits.reshape(-1, s_logits.shape[-1]).index_select(0, al.s_rows)
             kd = uld_loss(s_rows, t_rows, temperature, ctx.match, lc.match_weight)
             parts["uld"] = parts.get("uld", 0.0) + float(kd.detach())
-            parts["aligned"] = parts.get("aligned", 0) + int(al.s_rows.numel())
             total = total + ctx.kd_scale * kd_w * kd
         return total + ce
     if t_terms:
         weights = route_weights(ctx.teachers, b, accelerator.device)
-        ran = [t_out.logits if t_out is not None else None] + [None] * (len(ctx.teachers) - 1)
-        targets = [(t.targets(b, ctx.width, accelerator.device, logits), w)
-                   for t, w, logits in zip(ctx.teachers, weights, ran)
+        # the primary's targets may already exist: read ahead from its cache, or from the forward above
+        ran = [t_out.logits if t_out is not None else b.cached] + [None] * (len(ctx.teachers) - 1)
+        targets = [(t.targets(b, ctx.width, accelerator.device, ready), w)
+                   for t, w, ready in zip(ctx.teachers, weights, ran)
                    if w is not None and (torch.is_tensor(w) or w > 0)]
     else:
         targets = []
-    got = {}
     loss = general_loss(s_logits, b.labels, targets, {k: v for k, v in terms.items() if k not in FEATURE_TERMS},
-                        temperature, lc.beta, lc.token_weight, ctx.kd_scale, got, lc.chunk_rows)
-    for k, v in got.items():
-        parts[k] = parts.get(k, 0.0) + v
+                        temperature, lc.beta, lc.token_weight, ctx.kd_scale, parts, lc.chunk_rows)
     return total + loss
 
 

@@ -168,7 +168,8 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
     if accelerator.num_processes > 1:
         raw = accelerator.reduce(raw, "sum")
     out = {"loss": float(raw[-1]) / num_tokens, "target_tokens": int(counts[0]),
-           "tokens": int(counts[1]), "alpha": alpha, "temperature": temperature, "on_policy": on_policy}
+           "tokens": int(counts[1]), "alpha": alpha, "temperature": temperature, "on_policy": on_policy,
+           "weights": terms}
     if general:   # each term's raw (unweighted) size per target token
         out["terms"] = {k: float(v) / num_tokens for k, v in zip(keys, raw[:-1].tolist()) if k in parts}
     return out
@@ -356,10 +357,11 @@ def save_projections(proj, folder: Path):
     (folder / "projections.json").write_text(json.dumps({"layer_map": proj.pairs}))
 
 
-def update_balance(ema: dict, stats: dict, terms: dict, decay: float) -> dict:
-    """Running means of the raw per-token CE and teacher terms (the KD side as its weights' mean)."""
+def update_balance(ema: dict, stats: dict, decay: float) -> dict:
+    """Running means of the raw per-token CE and teacher terms (the KD side as its weights' mean),
+    from the terms the step actually used (an on-policy step has no CE: it leaves them as they were)."""
     raw = stats.get("terms", {})
-    kd_terms = methods.teacher_terms(terms)
+    kd_terms = methods.teacher_terms(stats["weights"])
     w = sum(kd_terms.values())
     if "ce" not in raw or not w:
         return ema
@@ -503,6 +505,9 @@ def check_methods(cfg):
     lc, tc = cfg.loss, cfg.teacher
     terms = lc.terms or {("hard" if lc.kind == "hard" else lc.divergence): lc.alpha}
     cached = tc.kind == "cache" or any(m.kind == "cache" for m in tc.mix)
+    if cached and lc.temperature_end not in (None, lc.temperature):
+        raise UserError("loss.temperature_end: a top-k cache holds the teacher at one temperature; "
+                        "schedule the temperature with a live teacher (alpha may still be scheduled)")
     full = [k for k, v in methods.teacher_terms(terms).items() if v and k not in ("forward_kl", "hard")]
     if cached and full and (lc.terms or lc.kind == "soft"):
         raise UserError(f"loss {full[0]} needs the teacher's full distribution; a top-k cache "
@@ -565,9 +570,6 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     torch.manual_seed(cfg.train.seed)
 
     cache = None
-    if cfg.teacher.kind == "cache" and cfg.loss.temperature_end not in (None, cfg.loss.temperature):
-        raise UserError("loss.temperature_end: a top-k cache holds the teacher at one temperature; "
-                        "schedule the temperature with a live teacher (alpha may still be scheduled)")
     check_methods(cfg)
     if cfg.teacher.kind == "cache":
         from .cache import TeacherCache
@@ -689,7 +691,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     def make_batches(step):
         bs = [to_batch(mb, pad_id, accelerator.device)
               for mb in window(train, step, cfg, accelerator.process_index, accelerator.num_processes)]
-        if cache is not None and loss_weights(cfg, step)[0] > 0:
+        if cache is not None and methods.teacher_terms(methods.step_terms(cfg, step)):
             for b in bs:
                 b.cached = cache.targets(b.examples, b.input_ids.shape[1], b.input_ids.device).top
         faults.point("batch")   # on the prefetch thread, while the previous step computes
@@ -708,7 +710,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
                 grad_norm = float(accelerator.clip_grad_norm_(params(), cfg.train.max_grad_norm or float("inf")))
                 good = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
                 if good and cfg.loss.balance:
-                    ema = update_balance(ema, stats, methods.step_terms(cfg, step), cfg.loss.balance_decay)
+                    ema = update_balance(ema, stats, cfg.loss.balance_decay)
                 if good:
                     optimizer.step()
                 else:

@@ -282,3 +282,13 @@ def test_offload_moves_a_teacher_only_around_its_use():
     with t.on("cpu"):            # already where it lives
         pass
     assert moves == ["cuda", "cpu"]
+
+
+def test_logged_terms_sum_over_micro_batches(tmp_path, teacher_dir, other_tok_teacher, chat_file):
+    """Each term's logged size covers the whole step, however it is split into micro-batches."""
+    base = [f"student.model={teacher_dir}", "loss.cross_tokenizer=uld", "loss.alpha=0.5", "train.max_steps=1"]
+    _run(tmp_path, other_tok_teacher, chat_file, "one", *base, **{"train.batch_size": 4})
+    _run(tmp_path, other_tok_teacher, chat_file, "two", *base, "train.grad_accum=2", **{"train.batch_size": 2})
+    a, b = _log(tmp_path, "one")[0]["terms"], _log(tmp_path, "two")[0]["terms"]
+    assert a.keys() == b.keys() == {"ce", "uld"}
+    assert all(a[k] == pytest.approx(b[k], rel=1e-4) for k in a), (a, b)
