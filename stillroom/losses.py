@@ -16,9 +16,11 @@ textbook version holds several), and backward costs one multiply.
 
 Conventions (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"): both
 distributions are divided by the temperature T and the KD term is scaled by T^2, which keeps its
-gradient magnitude independent of T. -inf logits (masked vocabulary entries) contribute nothing:
-terms where the teacher has zero probability are 0, and terms where the student gives -inf to a
-token the teacher likes are dropped rather than made infinite (as torchtune and TRL do).
+gradient magnitude independent of T. -inf logits are masked vocabulary entries, with one rule on
+every path (fast, lean, general, every divergence, the evaluation's KL; see `on_support`): tokens
+the teacher masks are outside its distribution, and the student is compared with it on the rest,
+renormalized there; terms where the student gives -inf to a token the teacher likes are dropped
+rather than made infinite (as torchtune and TRL do).
 """
 from __future__ import annotations
 
@@ -54,6 +56,22 @@ def _masked_kl_rows(log_q, log_p):
     p = log_p.exp()
     diff = torch.where((p > 0) & torch.isfinite(log_q), log_p - log_q, 0.0)
     return (p * diff).sum(-1)
+
+
+def on_support(log_q, log_p):
+    """log q renormalized on the support of p (the tokens p does not mask with -inf), -inf elsewhere.
+
+    The one rule for masked teacher tokens on every path (fast, lean, general, every divergence,
+    the evaluation): a token the teacher masks is outside its distribution, so the student is
+    compared with it on the rest, renormalized there. Rows where p masks nothing are unchanged."""
+    inside = torch.isfinite(log_p)
+    lq = torch.where(inside, log_q, float("-inf"))
+    return lq - torch.logsumexp(lq, dim=-1, keepdim=True)
+
+
+def support_kl_rows(log_q, log_p):
+    """KL(p || q restricted to p's support and renormalized) rows (see `on_support`)."""
+    return _masked_kl_rows(on_support(log_q, log_p), log_p)
 
 
 def _rowdot(a, b):
@@ -172,13 +190,20 @@ def topk_targets(logits, k, temperature=1.0, chunk=None) -> TopK:
 
 
 def _dense_kl(log_q, t, T, want_grad):
-    """KL(softmax(t/T) || q) rows, and the target probabilities p (for the gradient)."""
+    """KL(softmax(t/T) || q) rows, and what the gradient subtracts from q: the target
+    probabilities p, or, where the teacher masks tokens (-inf), p + q - q' with q' the student
+    renormalized on the teacher's support (`on_support`), so that q - that = q' - p, the gradient of
+    the renormalized KL (the one rule every path follows)."""
     log_p = torch.log_softmax(t.float() if T == 1.0 else t.float() * (1.0 / T), dim=-1)
     p = log_p.exp()
     # KL rows = sum_v p (log p - log q); -inf logits give NaN/inf here, caught per row below.
     kl = _rowdot(p, log_p.sub_(log_q))
     if not torch.isfinite(kl).all():  # log_p was consumed above: recompute it for the masked path
-        kl = _masked_kl_rows(log_q, torch.log_softmax(t.float() * (1.0 / T), dim=-1))
+        log_p = torch.log_softmax(t.float() * (1.0 / T), dim=-1)
+        lq = on_support(log_q, log_p)
+        kl = _masked_kl_rows(lq, log_p)
+        if want_grad:
+            p = p.add_(log_q.exp()).sub_(lq.exp())
     return kl, (p if want_grad else None)
 
 
@@ -724,7 +749,7 @@ def token_stats(student_logits, teacher_logits, labels, chunk=None):
             log_q, log_p = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
             out["student_nll"] += -log_q.gather(-1, yy[:, None]).sum().item()
             out["teacher_nll"] += -log_p.gather(-1, yy[:, None]).sum().item()
-            out["kl"] += _masked_kl_rows(log_q, log_p).sum().item()
+            out["kl"] += support_kl_rows(log_q, log_p).sum().item()
             out["agree"] += (s.argmax(-1) == t.argmax(-1)).sum().item()
             out["tokens"] += int(valid.sum())
     return out
@@ -787,6 +812,8 @@ def token_weights(log_p: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "confidence":
         return p.max(-1).values
     if kind == "entropy":
+        if log_p.shape[-1] == 1:   # one token: certain (and log V = 0)
+            return log_p.new_ones(log_p.shape[0])
         h = -torch.where(p > 0, p * log_p, 0.0).sum(-1)
         return (1.0 - h / math.log(log_p.shape[-1])).clamp(0.0, 1.0)
     raise ValueError(f"token weight must be one of {sorted(TOKEN_WEIGHTS)}, got {kind!r}")
@@ -804,6 +831,18 @@ def _topk_dense_logp(t: TopK, log_q):
     spread = torch.log(q.clamp_min(1e-30)) - torch.log(q_tail) + t.log_tail.float().unsqueeze(-1)
     out = torch.where(listed > 0, float("-inf"), spread)
     return out.scatter(-1, ids, torch.where(valid, logp, out.gather(-1, ids)))
+
+
+def _topk_own_logp(t: TopK, V: int):
+    """A TopK row block as the teacher's own full (n, V) log-distribution: listed ids keep their
+    log-probs, the tail mass is spread evenly over the other ids (no student in it). What hard
+    targets and token weights read: its argmax is the listed top-1 (`TopK.argmax`), since an even
+    share of the tail never exceeds the smallest listed probability of a true top-k."""
+    ids, logp = t.ids, t.logp.float()
+    valid = torch.isfinite(logp)
+    others = (V - valid.sum(-1, keepdim=True)).clamp_min(1).float()
+    out = (t.log_tail.float().unsqueeze(-1) - others.log()).expand(*ids.shape[:-1], V).clone()
+    return out.scatter_(-1, ids, torch.where(valid, logp, out.gather(-1, ids)))
 
 
 def mixture_logp(parts) -> torch.Tensor:
@@ -871,21 +910,28 @@ def general_loss(student_logits, labels, teachers, terms: dict, temperature=1.0,
         if not teacher_terms:
             return total
         log_qT = torch.log_softmax(x * (1.0 / T), -1)
-        comps = []
+        comps, own = [], []   # the targets the divergences compare with; the teachers' own distributions
         for t, w in rows:
             tc = _target_chunk(t, a, b)
-            lp = (_topk_dense_logp(tc, log_qT) if isinstance(tc, TopK)
-                  else torch.log_softmax(tc.float() * (1.0 / T), -1))
-            comps.append((lp, w[a:b] if torch.is_tensor(w) else w))
-        log_p = comps[0][0] if len(comps) == 1 and not torch.is_tensor(comps[0][1]) else mixture_logp(comps)
-        log_p = log_p.detach()
-        tw = token_weights(log_p, token_weight) * valid
+            ww = w[a:b] if torch.is_tensor(w) else w
+            if isinstance(tc, TopK):
+                comps.append((_topk_dense_logp(tc, log_qT), ww))
+                own.append((_topk_own_logp(tc, V), ww))
+            else:
+                comps.append((torch.log_softmax(tc.float() * (1.0 / T), -1), ww))
+                own.append(comps[-1])
+        mix = lambda c: c[0][0] if len(c) == 1 and not torch.is_tensor(c[0][1]) else mixture_logp(c)  # noqa: E731
+        log_p = mix(comps).detach()
+        # Hard targets and token weights come from the teachers alone (a TopK's tail spread
+        # evenly), never from a tail rebuilt with the student's probabilities.
+        log_t = mix(own).detach() if any(isinstance(t, TopK) for t, _ in rows) else log_p
+        tw = token_weights(log_t, token_weight) * valid
         lq = log_qT
         if not torch.isfinite(log_p).all():   # outside the teacher's support: renormalize the student
             lq = torch.log_softmax(torch.where(torch.isfinite(log_p), x, float("-inf")) * (1.0 / T), -1)
         for name, w in teacher_terms.items():
             if name == "hard":
-                top = log_p.argmax(-1, keepdim=True)
+                top = log_t.argmax(-1, keepdim=True)
                 r = -torch.log_softmax(x, -1).gather(-1, top).squeeze(-1)
                 term = (tw * torch.where(valid, r, 0.0)).sum()
             else:

@@ -93,12 +93,72 @@ def test_minus_inf_logits_are_masked_not_nan():
     loss = forward_kl(s, t, temperature=1.5)
     (g,) = torch.autograd.grad(loss, s)
     assert torch.isfinite(loss) and torch.isfinite(g).all()
-    # Reference over the finite entries where the teacher has mass (0 log 0 = 0).
-    log_q = torch.log_softmax(s.detach() / 1.5, -1)[0, 0]
-    log_p = torch.log_softmax(t / 1.5, -1)[0, 0]
+    # Reference: the student renormalized on the teacher's support (tokens 0 and 3), 0 log 0 = 0.
     keep = [0, 3]
-    expected = 1.5 ** 2 * sum(log_p[i].exp() * (log_p[i] - log_q[i]) for i in keep)
+    log_q = torch.log_softmax(s.detach()[0, 0, keep] / 1.5, -1)
+    log_p = torch.log_softmax(t[0, 0, keep] / 1.5, -1)
+    expected = 1.5 ** 2 * (log_p.exp() * (log_p - log_q)).sum()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _masked_teacher(seed=31, V=9):
+    """Student logits, a teacher that masks a few tokens per row (-inf), labels, and the reference
+    rule: KL(p || q renormalized on p's support), in float64 with plain autograd."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(2, 4, V, generator=g) * 2
+    t = torch.randn(2, 4, V, generator=g) * 2
+    t[0, 1, :3] = -math.inf
+    t[1, 2, 4:7] = -math.inf
+    t[1, 3, 0] = -math.inf
+    y = torch.randint(0, V, (2, 4), generator=g)
+    y[0, 0] = IGNORE_INDEX
+    return s, t, y
+
+
+def _support_ref(s, t, keep, T):
+    inside = torch.isfinite(t)
+    lq = torch.log_softmax(torch.where(inside, s.double(), -math.inf) / T, -1)
+    lp = torch.log_softmax(t.double() / T, -1)
+    rows = torch.where(inside, lp.exp() * (lp - torch.where(inside, lq, 0.0)), 0.0).sum(-1)
+    return T * T * (rows * keep).sum()
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_masked_teacher_tokens_follow_one_rule_on_every_path(T):
+    """Issue 14, defect 7: -inf teacher logits renormalize the student on the teacher's support on
+    every path: fast forward_kl, jsd(beta=0), the general path, the hybrid with CE (T = 1 fuses the
+    CE gradient into the KD one), the lean path, and the evaluation's KL (was 4.285 vs 2.157)."""
+    from stillroom.losses import general_loss, jsd, linear_mixed_loss, token_stats
+    s, t, y = _masked_teacher()
+    keep = y != IGNORE_INDEX
+
+    def grad(fn):
+        x = s.clone().requires_grad_(True)
+        v = fn(x)
+        return v.detach(), torch.autograd.grad(v, x)[0]
+
+    want, g_want = grad(lambda x: _support_ref(x, t, keep, T))
+    paths = {
+        "forward_kl": lambda x: forward_kl(x, t, keep, temperature=T, chunk=3),
+        "jsd(0)": lambda x: jsd(x, t, keep, beta=0.0, temperature=T, chunk=3),
+        "general": lambda x: general_loss(x, y, [(t, 1.0)], {"forward_kl": 1.0}, temperature=T, chunk=3),
+    }
+    for name, fn in paths.items():
+        v, g = grad(fn)
+        assert v.item() == pytest.approx(want.item(), rel=1e-5), name
+        torch.testing.assert_close(g, g_want.float(), rtol=1e-4, atol=1e-6, msg=name)
+    # the hybrid (CE on the same rows), plain and lean, against the reference + plain CE
+    ce = lambda x: torch.nn.functional.cross_entropy(x[keep].double(), y[keep], reduction="sum")  # noqa: E731
+    want_h, g_h = grad(lambda x: 0.7 * _support_ref(x, t, keep, T) + 0.3 * ce(x))
+    v, g = grad(lambda x: mixed_loss(x, [(t, 0.7)], y, ce_weight=0.3, temperature=T, chunk=3))
+    assert v.item() == pytest.approx(want_h.item(), rel=1e-5)
+    torch.testing.assert_close(g, g_h.float(), rtol=1e-4, atol=1e-6)
+    eye = torch.eye(s.shape[-1])   # hidden = logits, head = identity: the lean path on the same logits
+    v, g = grad(lambda x: linear_mixed_loss(x, eye, [(t, 0.7)], y, ce_weight=0.3, temperature=T, chunk=3))
+    assert v.item() == pytest.approx(want_h.item(), rel=1e-5)
+    torch.testing.assert_close(g, g_h.float(), rtol=1e-4, atol=1e-6)
+    if T == 1.0:
+        assert token_stats(s, t, y)["kl"] == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_hard_label_targets_are_teacher_argmax():

@@ -134,6 +134,51 @@ def test_token_weights():
     assert float(v) == pytest.approx(float((w * kl)[keep].sum()), rel=1e-5)
 
 
+def test_entropy_weight_of_a_one_token_vocabulary_is_one():
+    """Issue 14, defect 7: log V = 0 at V = 1 made the entropy weight NaN."""
+    assert float(token_weights(torch.zeros(3, 1), "entropy")[0]) == 1.0
+    assert torch.isfinite(token_weights(torch.zeros(3, 1), "entropy")).all()
+
+
+def _flat_topk_teacher():
+    """A TopK teacher that is flat (its listed top-1 barely above the rest) and a student that
+    strongly prefers a token the teacher did not list: the case where a distribution rebuilt with
+    the student's tail puts that unlisted token first."""
+    V, k = 12, 3
+    t = torch.zeros(1, 2, V)
+    t[..., 5], t[..., 2], t[..., 3] = 0.05, 0.02, 0.01   # the teacher's top 3, barely above the rest
+    top = topk_targets(t, k)
+    s = torch.zeros(1, 2, V)
+    s[..., 9] = 8.0                         # token 9: unlisted, the student's favourite
+    y = torch.full((1, 2), 1)
+    assert (top.ids[..., 0] == 5).all() and not (top.ids == 9).any()
+    return s, t, y, top
+
+
+def test_topk_hard_targets_and_token_weights_come_from_the_teacher_alone():
+    """Issue 14, defect 3: with a top-k cache on the general path, the hard term's argmax and the
+    confidence / entropy weights read the teacher alone (its listed top-1, its listed mass with the
+    tail spread evenly), never a tail rebuilt from the student's probabilities."""
+    s, t, y, top = _flat_topk_teacher()
+    # hard == CE against the teacher's listed top-1 (TopK.argmax, what the fast path uses)
+    want = torch.nn.functional.cross_entropy(s.view(-1, 12), top.argmax().view(-1), reduction="sum")
+    got = general_loss(s, y, [(top, 1.0)], {"hard": 1.0})
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    # ... and equals the fast path's hard term on the same TopK
+    fast = mixed_loss(s, [(top, 1.0)], y, kind="hard")
+    assert float(got) == pytest.approx(float(fast), rel=1e-6)
+    # token weights: the same as for the teacher's own dense distribution with its tail spread evenly
+    V, k = 12, 3
+    p = torch.full((V,), float(top.log_tail[0, 0].exp()) / (V - k))
+    p[top.ids[0, 0]] = top.logp[0, 0].exp()
+    lp = p.log()[None]
+    for kind in ("confidence", "entropy"):
+        w = float(token_weights(lp, kind)[0])
+        v = general_loss(s, y, [(top, 1.0)], {"forward_kl": 1.0}, token_weight=kind)
+        plain = general_loss(s, y, [(top, 1.0)], {"forward_kl": 1.0})
+        assert float(v) == pytest.approx(w * float(plain), rel=1e-5), kind
+
+
 def test_balance_keeps_the_weighted_terms_at_the_configured_ratio():
     # a KD term 1000x smaller than CE (easydistill#34)
     ce, kd = 3.0, 0.003
