@@ -118,7 +118,9 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
         batches = methods.on_policy_batches(accelerator.unwrap_model(student), batches, cfg, ctx.pad_id,
                                             ctx.eos_id, step, to_batch, accelerator.device)
         terms = {k: v for k, v in terms.items() if k != "ce"}
-    general = ctx is not None and methods.is_general(cfg)
+    general = methods.is_general(cfg)
+    if general and ctx is None:
+        raise ValueError(f"loss {sorted(terms)} takes the general path, which needs a methods.Context")
     t_terms = methods.teacher_terms(terms)
     local = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
     counts = torch.tensor([local, sum(int(b.attention_mask.sum()) for b in batches)],
@@ -130,7 +132,7 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
     lc = cfg.loss
     alpha, temperature = loss_weights(cfg, step)
     # The fast path: CE + one teacher term (a divergence or hard labels) of one teacher.
-    (kd_name, kd_w), = list(t_terms.items()) or [("forward_kl", 0.0)]
+    (kd_name, kd_w), = ([("forward_kl", 0.0)] if general or not t_terms else list(t_terms.items()))
     kind, ce_w = ("hard" if kd_name == "hard" else "soft"), terms.get("ce", 0.0)
     s_head = models.output_head(student, width) if lc.lean and not general else None
     parts: dict = {}

@@ -37,6 +37,19 @@ def test_terms_ce_and_kl_equal_the_alpha_hybrid(tmp_path, teacher_dir, chat_file
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("terms", ["{ce: 0.3, forward_kl: 0.5, reverse_kl: 0.2}", "{ce: 0.5, hard: 0.5, forward_kl: 0.5}"])
+def test_several_teacher_terms_train(tmp_path, teacher_dir, chat_file, terms):
+    """Issue 14, defect 1: two or more teacher terms crashed at step 1 ("too many values to
+    unpack"). Each step's loss is the weighted sum of the raw terms it logs."""
+    cfg, _ = _run(tmp_path, teacher_dir, chat_file, "t", f"loss.terms={terms}")
+    weights = cfg.loss.terms
+    rows = _log(tmp_path, "t")
+    assert len(rows) == 3
+    for r in rows:
+        assert set(r["terms"]) == set(weights)
+        assert r["loss"] == pytest.approx(sum(w * r["terms"][k] for k, w in weights.items()), rel=1e-4)
+
+
 def test_hidden_and_attention_terms_train_and_save_projections(tmp_path, teacher_dir, chat_file):
     _, m = _run(tmp_path, teacher_dir, chat_file, "h",
                 "loss.terms={ce: 0.3, forward_kl: 0.5, hidden_cosine: 0.2, attention: 0.1}")
