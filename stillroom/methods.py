@@ -291,6 +291,18 @@ class Projections(torch.nn.Module):
                 torch.nn.init.eye_(m.weight)
 
 
+def sync_grads(module, accelerator):
+    """Average a module's gradients over the processes, as DDP does for the student (the loss is
+    scaled so that this mean is the global gradient). For modules DDP does not wrap."""
+    if accelerator.num_processes == 1:
+        return
+    for p in module.parameters():
+        if p.grad is None:   # every process must take part in every all-reduce
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad.div_(accelerator.num_processes)
+
+
 def use_eager_attention(model):
     """Attention maps need the eager implementation (sdpa and flash never form them)."""
     model = getattr(model, "module", model)

@@ -665,9 +665,11 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     optimizer = make_optimizer(trained, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     if ctx.proj is not None:
-        student, ctx.proj, optimizer = accelerator.prepare(student, ctx.proj, optimizer)
-    else:
-        student, optimizer = accelerator.prepare(student, optimizer)
+        # Not wrapped in DDP: it has no forward of its own for DDP to hook, so its gradients are
+        # averaged over the processes once per step (methods.sync_grads) instead.
+        ctx.proj.to(accelerator.device)
+        accelerator.register_for_checkpointing(ctx.proj)
+    student, optimizer = accelerator.prepare(student, optimizer)
     params = lambda: [*student.parameters(), *(ctx.proj.parameters() if ctx.proj is not None else [])]  # noqa: E731
     accelerator.register_for_checkpointing(scheduler)
     start, bad_steps = 0, 0
@@ -708,6 +710,8 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
                 if cfg.loss.balance:
                     ctx.kd_scale = balance_scale(ema["ce"], ema["kd"])
                 stats = accumulate(student, source, batches, cfg, accelerator, width, step=step, ctx=ctx)
+                if ctx.proj is not None:
+                    methods.sync_grads(ctx.proj, accelerator)
                 # The norm is taken even without clipping: a non-finite one means a bad step.
                 grad_norm = float(accelerator.clip_grad_norm_(params(), cfg.train.max_grad_norm or float("inf")))
                 good = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)

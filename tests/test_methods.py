@@ -65,6 +65,23 @@ def test_hidden_and_attention_terms_train_and_save_projections(tmp_path, teacher
     assert not torch.equal(proj["proj.0"], torch.eye(32))
 
 
+def test_hidden_terms_under_two_processes_equal_one(tmp_path, teacher_dir, chat_file):
+    """Issue 14, defect 2: hidden-state terms crashed under 2 processes (the projections wrapped in
+    DDP, then read unwrapped). Now 2 gloo processes end with the student and the projections of
+    one process taking the same global batch as 2 micro-batches (their gradients are synced)."""
+    from test_train import launch
+    terms = "loss.terms={ce: 0.5, forward_kl: 0.3, hidden_mse: 0.2}"
+    launch(2, "-m", "stillroom", "distill", *tiny_overrides(teacher_dir, chat_file, tmp_path / "two"), terms,
+           "--no-progress")
+    _run(tmp_path, teacher_dir, chat_file, "one", terms, "train.grad_accum=2")
+    for name in ("model.safetensors", "projections.safetensors"):
+        a = load_file(str(tmp_path / "one" / "final" / name))
+        b = load_file(str(tmp_path / "two" / "final" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+
+
 def test_projection_shapes_follow_the_widths(tmp_path, teacher_dir, chat_file):
     _run(tmp_path, teacher_dir, chat_file, "w", "student.init=config", "student.hidden_size=16",
          "student.num_heads=2", "student.num_layers=2", "loss.terms={ce: 0.5, hidden_mse: 0.5}",
