@@ -223,6 +223,16 @@ def test_balance_state_survives_resume(tmp_path, teacher_dir, chat_file):
     _resume_from(tmp_path, teacher_dir, chat_file, extra, "step_0000002")
 
 
+def test_hidden_terms_resume_exactly(tmp_path, teacher_dir, chat_file):
+    """The projections and their optimizer state come back from the checkpoint: a resumed run ends
+    with the uninterrupted run's student and projections, bit for bit."""
+    extra = ["loss.terms={ce: 0.5, forward_kl: 0.3, hidden_cosine: 0.2}", "train.max_steps=4", "train.save_every=2"]
+    _run(tmp_path, teacher_dir, chat_file, "full", *extra)
+    _resume_from(tmp_path, teacher_dir, chat_file, extra, "step_0000002")
+    a, b = (load_file(str(tmp_path / r / "final" / "projections.safetensors")) for r in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_token_weights_run_and_change_the_result(tmp_path, teacher_dir, chat_file):
     _run(tmp_path, teacher_dir, chat_file, "none", "loss.alpha=1.0")
     _run(tmp_path, teacher_dir, chat_file, "conf", "loss.alpha=1.0", "loss.token_weight=confidence")
