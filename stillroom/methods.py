@@ -206,12 +206,23 @@ def vocab_match(s_tok, t_tok) -> tuple[torch.Tensor, torch.Tensor]:
     return pair
 
 
+def whole_ends(offsets) -> list[int]:
+    """Character end offsets of tokens, -1 for a token that ends inside a character: a byte-level
+    BPE splits a CJK character or an emoji into several tokens, all given the character's span, so
+    a token whose successor starts before its end has not finished its character."""
+    out = []
+    for i, (_, end) in enumerate(offsets):
+        nxt = offsets[i + 1][0] if i + 1 < len(offsets) else None
+        out.append(end if nxt is None or nxt >= end else -1)
+    return out
+
+
 def char_ends(tok, ids: list[int], text: str) -> list[int]:
     """For each token, the number of characters of `text` it and the tokens before it spell (-1
     where a prefix does not decode to a prefix of the text: a character split across tokens)."""
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     if enc["input_ids"] == list(ids):
-        return [e for _, e in enc["offset_mapping"]]
+        return whole_ends(enc["offset_mapping"])
     ends = []
     for i in range(len(ids)):
         pre = tok.decode(ids[:i + 1])
@@ -240,8 +251,8 @@ def align(examples: list[Example], labels: torch.Tensor, s_tok, t_tok, device) -
         s_end = char_ends(s_tok, e.input_ids, text)
         enc = t_tok(text, add_special_tokens=True, return_offsets_mapping=True)
         t_ids.append(enc["input_ids"])
-        last = {}
-        for j, (a, b) in enumerate(enc["offset_mapping"]):
+        last = {}   # character end -> the teacher position that has read exactly that text
+        for j, b in enumerate(whole_ends(enc["offset_mapping"])):
             if b > 0:
                 last[b] = j
         for i, end in enumerate(s_end):

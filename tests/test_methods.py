@@ -267,6 +267,36 @@ def test_alignment_pairs_positions_that_read_the_same_text(tok, other_tok_teache
         assert tok.decode([a]) == t_tok.decode([b])
 
 
+MIXED_TEXT = "Café crème, naïve — 東京で寿司を食べた 🍣🎉 and the cat sat on the mat. Ünïcödé ok 👍🏽."
+
+
+def test_alignment_never_pairs_positions_inside_a_character(tok, other_tok_teacher):
+    """Issue 14, defect 4: a byte-level BPE splits a CJK character or an emoji into several tokens
+    that all carry the character's end offset; positions inside a character must not be aligned
+    (their prefix is not text yet), on either side. Positions right after a whole multi-byte
+    character still are."""
+    from transformers import AutoTokenizer
+    t_tok = AutoTokenizer.from_pretrained(other_tok_teacher)
+    ids = tok(MIXED_TEXT)["input_ids"]
+    assert tok.decode(ids) == MIXED_TEXT and len(ids) > len(MIXED_TEXT.encode()) // 2
+    ends = methods.char_ends(tok, ids, MIXED_TEXT)
+    for i, end in enumerate(ends):   # -1 exactly where the prefix is not a whole-character prefix
+        pre = tok.decode(ids[:i + 1])
+        assert (end == -1) == ("\ufffd" in pre), (i, pre, end)
+        if end != -1:
+            assert pre == MIXED_TEXT[:end]
+    labels = torch.tensor([ids[1:] + [IGNORE_INDEX]])
+    al = methods.align([Example(ids, list(ids))], labels, tok, t_tok, "cpu")
+    t_ids = al.input_ids[0].tolist()
+    after_wide = 0
+    for s, t in zip(al.s_rows.tolist(), al.t_rows.tolist()):
+        pre = tok.decode(ids[:s + 1])
+        assert "\ufffd" not in pre and MIXED_TEXT.startswith(pre), pre
+        assert t_tok.decode(t_ids[:t + 1], skip_special_tokens=True) == pre
+        after_wide += len(pre[-1].encode()) > 1
+    assert after_wide >= 5   # e.g. after 東, 京, 🍣: those positions are still aligned
+
+
 def test_cross_tokenizer_distillation_runs(tmp_path, teacher_dir, other_tok_teacher, chat_file):
     with pytest.raises(UserError, match="cross_tokenizer=uld"):
         _run(tmp_path, other_tok_teacher, chat_file, "refused", f"student.model={teacher_dir}")
