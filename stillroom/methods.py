@@ -407,12 +407,14 @@ def general_step(student, ctx: Context, b, cfg, terms: dict, temperature: float,
     return total + loss
 
 
-def on_policy_batches(student, batches, cfg, pad_id, eos_id, step, to_batch, device):
-    """The step's batches replaced by the student's own continuations of their prompts."""
+def on_policy_batches(student, batches, cfg, pad_id, eos_id, indices, to_batch, device):
+    """The step's batches replaced by the student's own continuations of their prompts. Each
+    micro-batch samples with a seed of its *global* index (`indices`, train.window_indices), so a
+    micro-batch rolls out the same wherever it runs: any (processes x grad_accum) split of a
+    step gives the same rollouts, and no two micro-batches share a seed."""
     out = []
-    for i, b in enumerate(batches):
-        new = rollout(student, b.examples, cfg, pad_id, eos_id,
-                      seed=cfg.train.seed * 1_000_003 + step * 101 + i)
+    for j, b in zip(indices, batches):
+        new = rollout(student, b.examples, cfg, pad_id, eos_id, seed=cfg.train.seed * 1_000_003 + j)
         out.append(to_batch(new, pad_id, device))
     return out
 

@@ -56,12 +56,18 @@ def make_optimizer(model, cfg, lr=None):
     return torch.optim.AdamW(groups, lr=lr or cfg.train.lr)
 
 
-def window(examples, step, cfg, rank, world):
-    """This process's micro-batches for optimizer step `step`: global micro-batch j of the step
-    goes to process j % world, so any (processes x grad_accum) split sees the same data."""
+def window_indices(step, cfg, rank, world) -> list[int]:
+    """The global indices of this process's micro-batches for optimizer step `step`: global
+    micro-batch j of the step goes to process j % world, so any (processes x grad_accum) split
+    sees the same data."""
     per_step = cfg.train.grad_accum * world
-    return [micro_batch(examples, step * per_step + i * world + rank, cfg.train.batch_size, cfg.train.seed)
-            for i in range(cfg.train.grad_accum)]
+    return [step * per_step + i * world + rank for i in range(cfg.train.grad_accum)]
+
+
+def window(examples, step, cfg, rank, world):
+    """This process's micro-batches for optimizer step `step` (see window_indices)."""
+    return [micro_batch(examples, j, cfg.train.batch_size, cfg.train.seed)
+            for j in window_indices(step, cfg, rank, world)]
 
 
 @dataclass
@@ -115,8 +121,9 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
     if on_policy:   # GKD: the student writes the continuations; no CE on its own tokens
         if ctx is None:
             raise ValueError("on-policy steps need a methods.Context (pad and eos ids)")
+        where = window_indices(step, cfg, accelerator.process_index, accelerator.num_processes)
         batches = methods.on_policy_batches(accelerator.unwrap_model(student), batches, cfg, ctx.pad_id,
-                                            ctx.eos_id, step, to_batch, accelerator.device)
+                                            ctx.eos_id, where, to_batch, accelerator.device)
         terms = {k: v for k, v in terms.items() if k != "ce"}
     general = methods.is_general(cfg)
     if general and ctx is None:

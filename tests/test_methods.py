@@ -198,6 +198,33 @@ def test_on_policy_run_logs_its_steps_and_resumes_exactly(tmp_path, teacher_dir,
     _resume_from(tmp_path, teacher_dir, chat_file, extra, "step_0000004")
 
 
+def test_on_policy_rollouts_do_not_depend_on_the_split(tmp_path, teacher_dir, chat_file):
+    """Issue 14, defect 5: rollouts were seeded by the micro-batch index local to each process, so
+    two processes sampled what one process with grad_accum 2 did not (and all ranks shared seeds).
+    Seeded by the global micro-batch index, both splits roll out the same and end with the same
+    student."""
+    from test_train import launch
+    extra = ["loss.on_policy=1.0", "loss.on_policy_tokens=6", "loss.on_policy_temperature=1.0"]
+    launch(2, "-m", "stillroom", "distill", *tiny_overrides(teacher_dir, chat_file, tmp_path / "two"), *extra,
+           "--no-progress")
+    _run(tmp_path, teacher_dir, chat_file, "one", *extra, "train.grad_accum=2")
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_on_policy_micro_batches_never_share_a_seed(tok):
+    """The same examples in two global micro-batch slots sample two different continuations."""
+    from types import SimpleNamespace
+    student = make_model(tok, layers=1, seed=3, init_range=0.5)
+    cfg = load_config(None, ["loss.on_policy=1.0", "loss.on_policy_tokens=8", "loss.on_policy_temperature=1.0"])
+    ids = tok("The cat sat on the mat and looked at the moon.")["input_ids"]
+    b = SimpleNamespace(examples=[Example(ids, list(ids))] * 4)
+    out = methods.on_policy_batches(student, [b, b], cfg, tok.pad_token_id, tok.eos_token_id, [0, 1],
+                                    lambda ex, pad, dev: ex, "cpu")
+    assert [e.input_ids for e in out[0]] != [e.input_ids for e in out[1]]
+
+
 def test_on_policy_needs_a_live_teacher(tmp_path, teacher_dir, chat_file):
     with pytest.raises(UserError, match="on_policy"):
         _run(tmp_path, teacher_dir, chat_file, "x", "loss.on_policy=0.5", "teacher.kind=cache",
