@@ -173,24 +173,43 @@ def rollout(student, examples: list[Example], cfg, pad_id: int, eos_id, seed: in
 # ------------------------------------------------------------------------------------ cross-tokenizer
 
 def _strings(tok) -> dict[str, int]:
-    """Token string (as text) -> id, for a tokenizer's ordinary tokens (special tokens left out)."""
+    """Token string (as text, its leading space explicit) -> id, for a tokenizer's ordinary tokens
+    (special tokens left out). Each piece is read after an anchor piece ('a'), so a decoder that
+    strips the leading space of the text (SentencePiece's) keeps it: '▁the' reads ' the', not
+    'the', and never collides with the bare subword."""
     special = set(tok.all_special_ids)
-    out = {}
     vocab = tok.get_vocab()
+    anchor = next((p for p in ("a", "x", "e") if p in vocab and tok.convert_tokens_to_string([p]) == p), None)
+
+    def text(piece):
+        if anchor is None:
+            return tok.convert_tokens_to_string([piece])
+        s = tok.convert_tokens_to_string([anchor, piece])
+        return s[len(anchor):] if s.startswith(anchor) else tok.convert_tokens_to_string([piece])
+
+    out = {}
     for piece, i in sorted(vocab.items(), key=lambda kv: kv[1]):
         if i in special:
             continue
-        s = tok.convert_tokens_to_string([piece])
+        s = text(piece)
         if s and "\ufffd" not in s:
             out.setdefault(s, i)
     return out
 
 
+def _strings_key(tok) -> str:
+    """What _strings reads: the whole vocabulary (its hash), the decoder and the special ids."""
+    from .cache import tokenizer_hash
+    decoder = getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)
+    return f"{tokenizer_hash(tok)} {decoder.__getstate__() if decoder is not None else type(tok).__name__} " \
+           f"{sorted(tok.all_special_ids)}"
+
+
 def vocab_match(s_tok, t_tok) -> tuple[torch.Tensor, torch.Tensor]:
     """(student ids, teacher ids) of tokens whose text both vocabularies share ('Ġthe' and '▁the'
-    are both ' the'); cached on disk, the mapping of a 262k vocabulary takes seconds."""
-    key = hashlib.sha1(repr((sorted(s_tok.get_vocab().items())[:50], len(s_tok),
-                             sorted(t_tok.get_vocab().items())[:50], len(t_tok))).encode()).hexdigest()[:16]
+    are both ' the'); cached on disk under a hash of both whole tokenizers (the mapping of a 262k
+    vocabulary takes seconds)."""
+    key = hashlib.sha1(f"match/2 {_strings_key(s_tok)} {_strings_key(t_tok)}".encode()).hexdigest()[:16]
     path = models.cache_dir() / "vocab-match" / f"{key}.pt"
     if path.is_file():
         d = torch.load(path)

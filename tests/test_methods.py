@@ -324,6 +324,33 @@ def test_alignment_never_pairs_positions_inside_a_character(tok, other_tok_teach
     assert after_wide >= 5   # e.g. after 東, 京, 🍣: those positions are still aligned
 
 
+def _word_tokenizer(vocab: dict, decoder):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.decoder = decoder
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>")
+
+
+def test_vocab_match_keeps_word_initial_spaces_and_whole_vocabulary_keys(tmp_path, monkeypatch):
+    """Issue 14, defect 6: a SentencePiece decoder strips the leading space of a lone piece, so
+    '▁the' read as 'the' and collided with the bare subword 'the' (dropped or mis-paired); and the
+    on-disk match was keyed on 50 entries plus sizes, so a same-size tokenizer reused a stale match."""
+    from tokenizers import decoders
+    monkeypatch.setenv("STILLROOM_CACHE", str(tmp_path))
+    student = _word_tokenizer({"<unk>": 0, "Ġthe": 1, "the": 2, "Ġcat": 3, "cat": 4, "a": 5}, decoders.ByteLevel())
+    spm = {"<unk>": 0, "▁the": 1, "the": 2, "▁cat": 3, "cat": 4, "a": 5, "▁": 6}
+    teacher = _word_tokenizer(spm, decoders.Metaspace())
+    pairs = dict(zip(*(x.tolist() for x in methods.vocab_match(student, teacher))))
+    assert pairs == {1: 1, 2: 2, 3: 3, 4: 4, 5: 5}           # ' the' <-> ' the', 'the' <-> 'the', ...
+    # a tokenizer of the same size whose first entries agree: its own match, not the cached one
+    other = _word_tokenizer({**{k: v for k, v in spm.items() if k != "cat"}, "dog": 4}, decoders.Metaspace())
+    assert len(other) == len(teacher)
+    pairs = dict(zip(*(x.tolist() for x in methods.vocab_match(student, other))))
+    assert pairs == {1: 1, 2: 2, 3: 3, 5: 5}
+    assert len(list((tmp_path / "vocab-match").glob("*.pt"))) == 2
+
+
 def test_cross_tokenizer_distillation_runs(tmp_path, teacher_dir, other_tok_teacher, chat_file):
     with pytest.raises(UserError, match="cross_tokenizer=uld"):
         _run(tmp_path, other_tok_teacher, chat_file, "refused", f"student.model={teacher_dir}")
