@@ -1,6 +1,7 @@
 """The CLI as a user calls it: recipes, overrides, eval, generate, and one-line errors (exit 2)."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -47,13 +48,75 @@ def test_every_recipe_loads_and_opens_with_its_command(recipe):
     assert cfg.train.output_dir == f"runs/{recipe}"
 
 
+GOLDEN = Path(__file__).parent / "golden" / "recipes.json"
+
+
+def _fingerprint(out: Path) -> dict:
+    """What must not change when code moves: per final model folder, a hash of its weights (names
+    and bytes) and float64 sums per tensor; the files of final/; the keys of the training log's
+    records; the keys of a checkpoint's trainer_state.json."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    models = {}
+    for f in sorted(out.glob("**/final/**/model.safetensors")):   # final/, final/<peer>/, finetune/final/
+        w = load_file(str(f))
+        h = hashlib.sha256()
+        for k in sorted(w):
+            h.update(k.encode())
+            h.update(w[k].contiguous().view(torch.uint8).numpy().tobytes())
+        models[str(f.parent.relative_to(out))] = {"sha256": h.hexdigest(),
+                                                  "sums": {k: float(w[k].double().sum()) for k in sorted(w)}}
+    log_keys = set()
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        log_keys |= {f"eval.{k}" for k in rec["eval"]} if "eval" in rec else set(rec)
+    state = sorted(out.glob("checkpoints/step_*/trainer_state.json"))
+    return {"models": models,
+            "final_files": sorted(str(p.relative_to(out / "final")) for p in (out / "final").rglob("*") if p.is_file()),
+            "log_keys": sorted(log_keys),
+            "trainer_state_keys": sorted(json.loads(state[-1].read_text())) if state else None}
+
+
+def _machine() -> str:
+    import torch
+    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def check_golden(recipe: str, got: dict):
+    """Compare with tests/golden/recipes.json (STILLROOM_GOLDEN=write records it). Weight hashes
+    are compared bit for bit on the machine kind they were recorded on (same torch, same CPU
+    kernels); elsewhere float rounding may differ, so there the per-tensor sums must agree to 1e-4."""
+    import os
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"machine": _machine(), "recipes": {}}
+    if os.environ.get("STILLROOM_GOLDEN") == "write":
+        golden["machine"] = _machine()
+        golden["recipes"][recipe] = got
+        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+        return
+    want = golden["recipes"][recipe]
+    assert got["final_files"] == want["final_files"]
+    assert got["log_keys"] == want["log_keys"]
+    assert got["trainer_state_keys"] == want["trainer_state_keys"]
+    assert sorted(got["models"]) == sorted(want["models"])
+    for name, m in want["models"].items():
+        if golden["machine"] == _machine():
+            assert got["models"][name]["sha256"] == m["sha256"], f"{recipe} {name}: final weights changed"
+        else:
+            for k, v in m["sums"].items():
+                assert got["models"][name]["sums"][k] == pytest.approx(v, rel=1e-4, abs=1e-5), (recipe, name, k)
+
+
 @pytest.mark.parametrize("recipe", RECIPE_NAMES)
 def test_every_recipe_runs_a_few_steps(tmp_path, teacher_dir, chat_file, recipe):
+    """Each recipe runs on the tiny models and ends with its golden weights, files and log keys."""
     from test_train import launch
 
     out = tmp_path / recipe
     command, distributed = recipe_command(recipe)
-    over = tiny_overrides(teacher_dir, chat_file, out)
+    over = tiny_overrides(teacher_dir, chat_file, out) + ["train.save_every=2"]
     if command == "codistill":  # the tiny teacher has 4 layers
         over = [o for o in over if not o.startswith("student.")] + ["peers.0.num_layers=2", "peers.1.layers=[0,3]"]
     over += {"multi_teacher": [f"teacher.mix.0.model={teacher_dir}"],       # instead of runs/demo/final
@@ -70,6 +133,7 @@ def test_every_recipe_runs_a_few_steps(tmp_path, teacher_dir, chat_file, recipe)
         assert (out / "final" / "a" / "config.json").is_file() and (out / "final" / "b" / "config.json").is_file()
     else:
         assert (out / "final" / "config.json").is_file()
+    check_golden(recipe, _fingerprint(out))
 
 
 @pytest.mark.parametrize("override, pattern", [
