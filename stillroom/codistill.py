@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -48,9 +47,9 @@ from .config import CodistillRunConfig, to_yaml
 from .data import micro_batch, model_inputs
 from .errors import UserError
 from .losses import IGNORE_INDEX, mixed_loss, mutual_loss, topk_targets
-from .train import (GracefulStop, checkpoints, check_context, lr_lambda, make_accelerator, make_optimizer,
-                    prepare_data, prepare_output, read_state, save_checkpoint, teacher_targets, to_batch,
-                    trim_metrics, window)
+from .outputs import checkpoints, prepare_output, publish, read_state, save_checkpoint, trim_metrics
+from .train import (GracefulStop, check_context, lr_lambda, make_accelerator, make_optimizer, prepare_data,
+                    teacher_targets, to_batch, window)
 
 log = logging.getLogger("stillroom")
 
@@ -459,12 +458,6 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
     if not main:
         return {}
     metrics_file.close()
-    final, tmp = out / "final", out / "final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for name, m in peer_models.items():
-        m.generation_config = teacher.model.generation_config
-        m.save_pretrained(tmp / name)
-        teacher.tokenizer.save_pretrained(tmp / name)
     after = evaluate.compare_peers(peer_models, teacher.model, held, pad_id, cfg.eval.batch_size,
                                    cfg.eval.max_batches, width)
     prompts = evaluate.speed_prompts(held, cfg.eval.gen_prompts)
@@ -476,11 +469,16 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
     metrics = {"mode": mode, "eval": columns, "peer_agreement": {"before": before["pairs"], "after": after["pairs"]},
                "held_out_tokens": after["tokens"], "train": last_log, "train_examples": len(train),
                "held_out_examples": len(held)}
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (tmp / "stillroom.yaml").write_text(to_yaml(cfg))
-    shutil.copy(out / "metrics.jsonl", tmp / "metrics.jsonl")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+
+    def write(tmp):   # every peer's folder, then the run's records; swapped in atomically
+        for name, m in peer_models.items():
+            m.generation_config = teacher.model.generation_config
+            m.save_pretrained(tmp / name)
+            teacher.tokenizer.save_pretrained(tmp / name)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "stillroom.yaml").write_text(to_yaml(cfg))
+        shutil.copy(out / "metrics.jsonl", tmp / "metrics.jsonl")
+    final = publish(out, "final", write, "the final peers")
     metrics["table"] = table(columns, before["pairs"], after["pairs"], after["tokens"])
     metrics["final"] = str(final)
     return metrics

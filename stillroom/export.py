@@ -222,7 +222,7 @@ def export(src: str, out: str | None, qtype: str, verify: bool = True) -> dict:
     dest = Path(out) if out else p.parent / f"{p.name if p.name != 'final' else p.parent.name}-{qtype}.gguf"
     if dest.suffix != ".gguf":
         raise UserError(f"--out {dest}: the file name must end in .gguf")
-    from .train import check_writable
+    from .outputs import check_writable
     check_writable(dest.parent, "output folder")
     write_gguf(loaded.model, loaded.tokenizer, dest, qtype, name=p.parent.name if p.name == "final" else p.name)
     res = {"file": str(dest), "type": qtype, "bytes": dest.stat().st_size,

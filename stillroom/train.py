@@ -9,12 +9,10 @@ logits (no autograd) -> student logits -> loss *sum* -> backward of sum * num_pr
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import threading
@@ -28,7 +26,8 @@ from tqdm.auto import tqdm
 from . import evaluate, faults, methods, models
 from .config import Config, to_yaml
 from .data import collate, load_data, micro_batch, model_inputs
-from .errors import Stopped, UserError, write_failure
+from .errors import Stopped, UserError
+from .outputs import check_writable, checkpoints, prepare_output, read_state, save_checkpoint, trim_metrics, write_final  # noqa: F401
 from .losses import IGNORE_INDEX, balance_scale, linear_mixed_loss, mixed_loss, scheduled, shift_labels
 
 log = logging.getLogger("stillroom")
@@ -224,25 +223,6 @@ class GracefulStop:
         return flag
 
 
-def trim_metrics(path: Path, step: int):
-    """On resume: drop log lines beyond the checkpoint's step (written after it, before a crash),
-    so the log reads as one run."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue   # a line torn by a crash
-        at = rec.get("step", rec.get("eval", {}).get("step", 0))
-        if at <= step:
-            keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
-
-
 def set_threads(cfg, accelerator):
     """torch's CPU threads for this process (see train.threads); -> the number set."""
     n = cfg.train.threads
@@ -293,70 +273,6 @@ def prefetched(make, steps, enabled=True):
             yield s, ready
 
 
-# ------------------------------------------------------------------------------------ checkpoints
-
-STEP_DIR = re.compile(r"step_(\d+)")
-
-
-def checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first: `step_N` folders holding trainer_state.json (written
-    last, inside the temporary folder, before the rename). Temporary (`.tmp`) and condemned
-    (`.old`) folders never count."""
-    d = out / "checkpoints"
-    found = [p for p in d.iterdir() if STEP_DIR.fullmatch(p.name) and (p / "trainer_state.json").is_file()] \
-        if d.is_dir() else []
-    return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
-
-
-def read_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / "trainer_state.json").read_text())
-
-
-def save_checkpoint(accelerator, out: Path, step: int, keep: int, write=None, state=None):
-    """Atomic: written under a temporary name and renamed when complete, so a crash at any moment
-    leaves either the previous checkpoints or those plus this one. Older ones beyond `keep` are
-    first renamed away (`.old`), then deleted: a crash mid-delete never leaves a half-deleted
-    checkpoint that looks complete, and the newest complete one is never touched. `write(tmp)`
-    runs on every process (default: Accelerate's save_state). `state` is stored beside the step.
-    A full disk removes the partial folder and says so in one line (previous checkpoints intact)."""
-    final = out / "checkpoints" / f"step_{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    main = accelerator.is_main_process
-    try:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        if write is None:
-            accelerator.save_state(str(tmp))
-        else:
-            write(tmp)
-        accelerator.wait_for_everyone()
-        if main:
-            faults.point("checkpoint.written")          # files in tmp, not yet marked complete
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(state or {})}))
-            faults.point("checkpoint.complete")         # complete in tmp, not yet renamed
-            os.replace(tmp, final)
-    except Exception as e:
-        why = write_failure(e, tmp.parent)   # asked before the partial folder frees its space
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        have = checkpoints(out)
-        raise UserError(f"could not write checkpoint step {step} to {tmp}: {why}; " +
-                        (f"the last complete checkpoint ({have[-1].name}) is intact: free space and rerun with "
-                         "--resume" if have else "no earlier checkpoint exists: free space and rerun")) from None
-    if main:
-        faults.point("checkpoint.renamed")
-        for old in checkpoints(out)[:-keep]:
-            gone = old.with_name(old.name + ".old")
-            os.replace(old, gone)
-            faults.point("checkpoint.rotating")
-            shutil.rmtree(gone, ignore_errors=True)
-        for stale in out.glob("checkpoints/*.old"):
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
 def save_projections(proj, folder: Path):
     """The learned hidden-state projections beside the student: projections.safetensors (one
     (teacher width, student width) matrix per mapped layer) and the layer map they belong to."""
@@ -379,68 +295,7 @@ def update_balance(ema: dict, stats: dict, decay: float) -> dict:
     return {"ce": mix(ema["ce"], raw["ce"]), "kd": mix(ema["kd"], kd)}
 
 
-def write_final(out: Path, student, tokenizer, cfg, metrics: dict, generation_config=None, extra=None):
-    """<out>/final: loadable by AutoModelForCausalLM/AutoTokenizer, plus config and metrics.
-    Written to final.tmp and swapped in; a crash keeps the previous final (or final.old).
-    extra(folder) writes more files into it (the hidden-state projections)."""
-    final, tmp, old = out / "final", out / "final.tmp", out / "final.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if generation_config is not None:
-        student.generation_config = copy.deepcopy(generation_config)
-    try:
-        student.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "stillroom.yaml").write_text(to_yaml(cfg))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        if extra is not None:
-            extra(tmp)
-        if (out / "metrics.jsonl").exists():
-            shutil.copy(out / "metrics.jsonl", tmp / "metrics.jsonl")
-    except Exception as e:
-        why = write_failure(e, out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        have = checkpoints(out)
-        raise UserError(f"could not write the final student to {tmp}: {why}; " +
-                        (f"checkpoint {have[-1].name} is intact: free space and rerun with --resume"
-                         if have else "free space and rerun")) from None
-    faults.point("final.written")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 # ------------------------------------------------------------------------------------ the run
-
-def check_writable(out: Path, what="output folder"):
-    """The folder can be created and written (checked on its nearest existing ancestor), before
-    any heavy work and without writing anything."""
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise UserError(f"{what} {out}: {probe} is a file, not a folder; pick another path")
-    import tempfile
-    try:   # permission bits do not stop root, and read-only mounts can say "writable": try it
-        os.rmdir(tempfile.mkdtemp(prefix=".stillroom-probe-", dir=probe))
-    except OSError as e:
-        raise UserError(f"{what} {out}: cannot write in {probe} ({e.strerror}); pick another path") from None
-
-
-def prepare_output(out: Path, overwrite: bool, resume: bool):
-    """Refuse to clobber a previous run unless asked; runs before any heavy work."""
-    check_writable(out)
-    if resume:
-        if not checkpoints(out):
-            raise UserError(f"--resume: no complete checkpoint in {out}/checkpoints "
-                            "(set train.save_every to write some)")
-        return
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output folder {out} already exists; pass --overwrite to replace it "
-                        "or --resume to continue it")
-
 
 def default_data(cfg: Config, teacher: models.Loaded) -> str:
     """The embedded default: the teacher's answers to the bundled prompts, generated once."""
