@@ -48,8 +48,9 @@ from .data import micro_batch, model_inputs
 from .errors import UserError
 from .losses import IGNORE_INDEX, mixed_loss, mutual_loss, topk_targets
 from .outputs import checkpoints, prepare_output, publish, read_state, save_checkpoint, trim_metrics
+from .teachers import LiveTeacher
 from .train import (GracefulStop, check_context, lr_lambda, make_accelerator, make_optimizer, prepare_data,
-                    teacher_targets, to_batch, window)
+                    to_batch, window)
 
 log = logging.getLogger("stillroom")
 
@@ -84,10 +85,10 @@ def peer_loss(s, others, labels, t_logits, cfg, peers_on, inplace):
 
 
 def teacher_logits(teacher, b, cfg, accelerator, width):
-    """The fixed teacher's logits, only when it has a weight (the hybrid)."""
+    """The fixed teacher's logits (a teachers.LiveTeacher), only when it has a weight (the hybrid)."""
     if cfg.codistill.teacher_weight == 0 or cfg.loss.alpha == 0:
         return None
-    return teacher_targets(teacher, b, accelerator, width)
+    return teacher.targets(b, "logits")
 
 
 # ------------------------------------------------------------------------------------ one step per mode
@@ -322,6 +323,7 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
 
     device = accelerator.device
     teacher.model.to(device, dtype=models.teacher_dtype(cfg.teacher.dtype, device))
+    live = LiveTeacher(teacher.model, vocab=width, autocast=accelerator.autocast)
     pad_id = teacher.tokenizer.pad_token_id
     peer_models = {p.name: m for (m, _, _), p in zip(built, cfg.peers)}
     before = None
@@ -376,20 +378,20 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
             peers_on = step >= cc.burn_in and cfg.loss.alpha > 0
             if mode == "mutual":
                 batches = [to_batch(mb, pad_id, device) for mb in window(train, step, cfg, rank, world)]
-                losses, tokens = step_mutual(peers, teacher.model, batches, cfg, accelerator, width, peers_on)
+                losses, tokens = step_mutual(peers, live, batches, cfg, accelerator, width, peers_on)
             else:
                 own = [to_batch(micro_batch(shard, step * t.grad_accum + i, t.batch_size, t.seed), pad_id, device)
                        for i in range(t.grad_accum)]
                 if mode == "predictions":
                     shared = to_batch(micro_batch(train, step, cc.shared_batch_size or t.batch_size, t.seed + 1),
                                       pad_id, device)
-                    loss, tokens = step_predictions(peers[0], teacher.model, own, shared, cfg, accelerator,
+                    loss, tokens = step_predictions(peers[0], live, own, shared, cfg, accelerator,
                                                     width, peers_on)
                 else:
                     if step % cc.exchange_every == 0:
                         peers[0].snapshot = exchange_weights(peers[0].model, copies, rank)
                     stale = [m for j, m in enumerate(copies) if j != rank]
-                    loss, tokens = step_weights(peers[0], stale, teacher.model, own, cfg, accelerator, width, peers_on)
+                    loss, tokens = step_weights(peers[0], stale, live, own, cfg, accelerator, width, peers_on)
                 losses = [loss]
             norms = []
             for p in peers:

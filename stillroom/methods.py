@@ -10,111 +10,28 @@
 - adaptive: per-token weights from the teacher's confidence or entropy, automatic balancing of the
   teacher terms against CE.
 
-The common losses (CE + one divergence or hard labels, one teacher) keep the fast path in
-`train.accumulate`; a step that needs any of the above goes through `general_step` here, on the
-models' full logits (chunked, one chunk's memory: see `losses.general_loss`).
+These are the pieces; the objectives (objectives.py) put them into a training step. The common
+losses (CE + one divergence or hard labels, one teacher) take the fast kernel (`objectives.Hybrid`);
+the rest go through `losses.general_loss` on the models' full logits (chunked, one chunk's memory).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from . import models
-from .data import Example, model_inputs
+from .data import Example
 from .errors import UserError
-from .losses import (DIVERGENCES, IGNORE_INDEX, attention_loss, general_loss, hidden_loss, scheduled,
-                     uld_loss)
+from .losses import (DIVERGENCES, IGNORE_INDEX, attention_loss, hidden_loss)
 
 log = logging.getLogger("stillroom")
 
 FEATURE_TERMS = {"hidden_cosine": "cosine", "hidden_mse": "mse", "attention": None}
 TERM_NAMES = ("ce", "hard", *DIVERGENCES, *FEATURE_TERMS)
-
-
-# ------------------------------------------------------------------------------------ the plan
-
-def step_terms(cfg, step: int) -> dict[str, float]:
-    """The loss terms and their weights at optimizer step `step`: loss.terms as given, or the seed's
-    hybrid {ce: 1 - alpha, <divergence or hard>: alpha} with alpha scheduled."""
-    lc = cfg.loss
-    if lc.terms:
-        return {k: float(v) for k, v in lc.terms.items() if v}
-    alpha = scheduled(lc.alpha, lc.alpha_end, step, cfg.train.max_steps, lc.schedule)
-    kd = "hard" if lc.kind == "hard" else lc.divergence
-    return {k: v for k, v in (("ce", 1.0 - alpha), (kd, alpha)) if v}
-
-
-def teacher_terms(terms: dict) -> dict:
-    return {k: v for k, v in terms.items() if k != "ce" and k not in FEATURE_TERMS}
-
-
-def is_general(cfg) -> bool:
-    """Does a step need the general path (anything the fast kernel does not do)?"""
-    lc = cfg.loss
-    names = set(lc.terms or {})
-    return bool(len(teacher_terms(lc.terms or {})) > 1 or names & set(FEATURE_TERMS)
-                or lc.token_weight != "none" or lc.balance or cfg.teacher.mix or cfg.teacher.route_field
-                or lc.cross_tokenizer != "none")
-
-
-# ------------------------------------------------------------------------------------ teachers
-
-@dataclass
-class Teacher:
-    """One teacher of the step: a frozen model or a TeacherCache, its weight and where it lives."""
-    name: str
-    source: object
-    weight: float = 1.0
-    offload: bool = False
-
-    @property
-    def cached(self) -> bool:
-        from .cache import TeacherCache
-        return isinstance(self.source, TeacherCache)
-
-    @contextlib.contextmanager
-    def on(self, device):
-        """The model on `device` for the block; with offload, back to the CPU after it (a teacher
-        that does not fit beside the student on the accelerator lives in host memory between uses)."""
-        if self.offload and not self.cached and torch.device(device).type != "cpu":
-            self.source.to(device)
-            try:
-                yield self.source
-            finally:
-                self.source.to("cpu")
-        else:
-            yield self.source
-
-    def targets(self, b, width, device, ready=None):
-        """Its side of the loss for batch b: a cached TopK, or its logits (a copy: inference tensors
-        cannot enter the loss's autograd). `ready`: what was already computed for this batch (its
-        rows read ahead from the cache, or its logits from the hidden-state terms' forward)."""
-        if self.cached:
-            return ready if ready is not None else self.source.targets(b.examples, b.input_ids.shape[1], device).top
-        logits = ready
-        if logits is None:
-            with torch.inference_mode(), self.on(device) as m:
-                logits = m(**model_inputs(b), use_cache=False).logits
-        return (logits[..., :width] if width else logits).clone()
-
-
-def route_weights(teachers: list[Teacher], b, device) -> list:
-    """Per teacher: its weight (mixture) or, with routing, a (B, S) one-hot of the examples routed
-    to it (None where no example of the batch is)."""
-    routes = [getattr(e, "route", None) for e in b.examples or []]
-    if not any(r is not None for r in routes):
-        return [t.weight for t in teachers]
-    out = []
-    S = b.input_ids.shape[1]
-    for t in teachers:
-        m = torch.tensor([r == t.name for r in routes], dtype=torch.float32, device=device)
-        out.append(m[:, None].expand(len(routes), S) if m.any() else None)
-    return out
 
 
 # ------------------------------------------------------------------------------------ on-policy
@@ -361,71 +278,6 @@ def feature_loss(terms, s_out, t_out, proj, pairs, mask, parts: dict) -> torch.T
     return total
 
 
-# ------------------------------------------------------------------------------------ the step
-
-@dataclass
-class Context:
-    """What the general path needs besides the batch (built once per run)."""
-    teachers: list[Teacher]
-    width: int | None = None
-    proj: object = None
-    pairs: list = field(default_factory=list)
-    s_tok: object = None
-    t_tok: object = None
-    match: tuple | None = None
-    kd_scale: float = 1.0
-    pad_id: int = 0
-    eos_id: int | None = None
-
-
-def general_step(student, ctx: Context, b, cfg, terms: dict, temperature: float, accelerator, parts: dict):
-    """The loss sum of one micro-batch on the general path; `parts` accumulates each term's raw sum."""
-    lc = cfg.loss
-    t_terms = teacher_terms(terms)
-    feats = {k: v for k, v in terms.items() if k in FEATURE_TERMS}
-    att = "attention" in feats
-    mask = b.labels != IGNORE_INDEX
-    with accelerator.autocast():
-        s_out = student(**model_inputs(b), use_cache=False, output_hidden_states=bool(feats),
-                        output_attentions=att)
-    s_logits = s_out.logits[..., :ctx.width] if ctx.width else s_out.logits
-    primary = ctx.teachers[0]
-    total = 0.0
-    t_out = None
-    if feats:
-        with torch.inference_mode(), accelerator.autocast(), primary.on(accelerator.device) as m:
-            t_out = m(**model_inputs(b), use_cache=False, output_hidden_states=True, output_attentions=att)
-        t_out.hidden_states = [h.clone() for h in t_out.hidden_states]
-        if att:
-            t_out.attentions = [a.clone() for a in t_out.attentions]
-        total = total + feature_loss(feats, s_out, t_out, ctx.proj, ctx.pairs, mask, parts)
-    if lc.cross_tokenizer == "uld":
-        ce = general_loss(s_logits, b.labels, [], {"ce": terms.get("ce", 0.0)}, parts=parts)
-        al = align(b.examples, b.labels, ctx.s_tok, ctx.t_tok, b.input_ids.device)
-        kd_w = sum(t_terms.values())
-        if kd_w and al.s_rows.numel():
-            with torch.inference_mode(), primary.on(accelerator.device) as m:
-                t_logits = m(input_ids=al.input_ids, attention_mask=al.attention_mask, use_cache=False).logits
-            t_rows = t_logits.reshape(-1, t_logits.shape[-1]).index_select(0, al.t_rows).clone()
-            s_rows = s_logits.reshape(-1, s_logits.shape[-1]).index_select(0, al.s_rows)
-            kd = uld_loss(s_rows, t_rows, temperature, ctx.match, lc.match_weight)
-            parts["uld"] = parts.get("uld", 0.0) + float(kd.detach())
-            total = total + ctx.kd_scale * kd_w * kd
-        return total + ce
-    if t_terms:
-        weights = route_weights(ctx.teachers, b, accelerator.device)
-        # the primary's targets may already exist: read ahead from its cache, or from the forward above
-        ran = [t_out.logits if t_out is not None else b.cached] + [None] * (len(ctx.teachers) - 1)
-        targets = [(t.targets(b, ctx.width, accelerator.device, ready), w)
-                   for t, w, ready in zip(ctx.teachers, weights, ran)
-                   if w is not None and (torch.is_tensor(w) or w > 0)]
-    else:
-        targets = []
-    loss = general_loss(s_logits, b.labels, targets, {k: v for k, v in terms.items() if k not in FEATURE_TERMS},
-                        temperature, lc.beta, lc.token_weight, ctx.kd_scale, parts, lc.chunk_rows)
-    return total + loss
-
-
 def on_policy_batches(student, batches, cfg, pad_id, eos_id, indices, to_batch, device):
     """The step's batches replaced by the student's own continuations of their prompts. Each
     micro-batch samples with a seed of its *global* index (`indices`, train.window_indices), so a
@@ -438,5 +290,5 @@ def on_policy_batches(student, batches, cfg, pad_id, eos_id, indices, to_batch, 
     return out
 
 
-__all__ = ["TERM_NAMES", "FEATURE_TERMS", "step_terms", "is_general", "Teacher", "Context", "general_step",
-           "rollout", "on_policy_step", "align", "vocab_match", "layer_map", "Projections"]
+__all__ = ["TERM_NAMES", "FEATURE_TERMS", "on_policy_step", "rollout", "on_policy_batches", "align", "char_ends",
+           "vocab_match", "layer_map", "Projections", "feature_loss", "sync_grads"]

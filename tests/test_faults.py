@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stillroom import cli, train
+from stillroom import cli, loop, train
+from stillroom.teachers import LiveTeacher
 from stillroom.config import load_config
 from stillroom.errors import UserError
 
@@ -22,7 +23,7 @@ def run(teacher_dir, data, out, *extra, resume=False):
 
 def poison(monkeypatch, steps, what="grad"):
     """Make the given (1-based) optimizer steps non-finite: a NaN in a gradient, or the loss."""
-    real, seen = train.accumulate, {"n": 0}
+    real, seen = loop.accumulate, {"n": 0}
 
     def accumulate(student, *a, **k):
         stats = real(student, *a, **k)
@@ -34,7 +35,7 @@ def poison(monkeypatch, steps, what="grad"):
             else:
                 stats["loss"] = float("inf")
         return stats
-    monkeypatch.setattr(train, "accumulate", accumulate)
+    monkeypatch.setattr(loop, "accumulate", accumulate)
 
 
 @pytest.mark.parametrize("what", ["grad", "loss"])
@@ -59,19 +60,19 @@ def test_too_many_non_finite_steps_stop_the_run(tmp_path, teacher_dir, chat_file
 def test_a_teacher_failing_mid_run_saves_state_and_resumes_exactly(tmp_path, teacher_dir, chat_file, monkeypatch):
     ref = tmp_path / "ref"
     run(teacher_dir, chat_file, ref, "train.max_steps=5")
-    real, seen = train.teacher_targets, {"n": 0}
+    real, seen = LiveTeacher.targets, {"n": 0}
 
     def flaky(*a, **k):
         seen["n"] += 1
         if seen["n"] == 3:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(*a, **k)
-    monkeypatch.setattr(train, "teacher_targets", flaky)
+    monkeypatch.setattr(LiveTeacher, "targets", flaky)
     out = tmp_path / "r"
     with pytest.raises(UserError, match=r"step 3 failed: RuntimeError: CUDA error.*checkpoint of step 2 saved.*--resume"):
         run(teacher_dir, chat_file, out, "train.max_steps=5")
     assert "Traceback" in (out / "error.log").read_text()
-    monkeypatch.setattr(train, "teacher_targets", real)   # the cause is fixed
+    monkeypatch.setattr(LiveTeacher, "targets", real)   # the cause is fixed
     run(teacher_dir, chat_file, out, "train.max_steps=5", resume=True)
     a, b = load_file(ref / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

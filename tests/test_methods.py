@@ -12,6 +12,7 @@ from stillroom.config import load_config
 from stillroom.data import Example
 from stillroom.errors import UserError
 from stillroom.losses import IGNORE_INDEX
+from stillroom.teachers import LiveTeacher
 from stillroom.train import distill
 
 from conftest import CORPUS, make_model, make_tokenizer, save, tiny_overrides
@@ -397,11 +398,11 @@ def test_offload_moves_a_teacher_only_around_its_use():
         def to(self, *a, **k):
             moves.append(str(a[0]))
             return self
-    t = methods.Teacher("b", Fake(), offload=True)
+    t = LiveTeacher(Fake(), "b", offload=True)
     with t.on("cuda") as model:
-        assert moves == ["cuda"] and model is t.source
+        assert moves == ["cuda"] and model is t.model
     assert moves == ["cuda", "cpu"]
-    with methods.Teacher("c", Fake(), offload=False).on("cuda"):
+    with LiveTeacher(Fake(), "c", offload=False).on("cuda"):
         pass
     with t.on("cpu"):            # already where it lives
         pass

@@ -1,0 +1,351 @@
+"""The training loop, one for every mode, on Accelerate, top to bottom.
+
+One optimizer step: the step's plan (objective.plan: term weights, temperature, on-policy...) ->
+its micro-batches (a pure function of the step number, so resume is exact; built ahead on a data
+thread) -> the objective's batch transform (on-policy rollouts) -> their target tokens counted
+across all processes, once -> per micro-batch: the objective's loss *sum* -> backward of
+sum * num_processes / num_tokens (cancelling DDP's mean over processes) -> clip -> bad-step guard
+-> step -> log / eval / save / stop. So 4 micro-batches x 1 process, 1 x 4 and 2 x 2 processes all
+produce the same gradient. What only one method needs lives in its objective (objectives.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import faults
+from .data import collate, micro_batch
+from .errors import Stopped, UserError
+from .losses import IGNORE_INDEX, shift_labels
+from .outputs import checkpoints, read_state, save_checkpoint, trim_metrics
+
+log = logging.getLogger("stillroom")
+
+
+# ------------------------------------------------------------------------------------ pieces
+
+def lr_lambda(cfg):
+    """Linear warmup, then cosine decay to min_lr_ratio of the peak."""
+    t = cfg.train
+
+    def f(step):
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def make_optimizer(model, cfg, lr=None):
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr or cfg.train.lr)
+
+
+def window_indices(step, cfg, rank, world) -> list[int]:
+    """The global indices of this process's micro-batches for optimizer step `step`: global
+    micro-batch j of the step goes to process j % world, so any (processes x grad_accum) split
+    sees the same data."""
+    per_step = cfg.train.grad_accum * world
+    return [step * per_step + i * world + rank for i in range(cfg.train.grad_accum)]
+
+
+def window(examples, step, cfg, rank, world):
+    """This process's micro-batches for optimizer step `step` (see window_indices)."""
+    return [micro_batch(examples, j, cfg.train.batch_size, cfg.train.seed)
+            for j in window_indices(step, cfg, rank, world)]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # shifted: labels[i] is the target of logits[i]
+    examples: list | None = None  # what the batch was made of (a cached teacher looks them up)
+    position_ids: torch.Tensor | None = None  # packed examples: positions restart per document
+    cached: object = None  # the cached teacher's TopK for this batch, when read ahead
+
+
+def to_batch(examples, pad_id, device) -> Batch:
+    b = collate(examples, pad_id)
+    pos = b.get("position_ids")
+    return Batch(b["input_ids"].to(device), b["attention_mask"].to(device),
+                 shift_labels(b["labels"]).to(device), list(examples), None if pos is None else pos.to(device))
+
+
+def accumulate(student, objective, batches: list[Batch], plan, accelerator) -> dict:
+    """Forward + backward over one optimizer step's micro-batches; leaves the summed, correctly
+    normalized gradient in the student's (and the objective's trained modules') .grad. Returns
+    the step's loss per target token, token counts, and each logged term's raw size per token."""
+    local = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
+    counts = torch.tensor([local, sum(int(b.attention_mask.sum()) for b in batches)],
+                          device=accelerator.device, dtype=torch.float64)
+    counts = accelerator.reduce(counts, "sum") if accelerator.num_processes > 1 else counts
+    num_tokens = max(int(counts[0]), 1)
+    scale = accelerator.num_processes / num_tokens
+    loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    parts: dict = {}
+    for i, b in enumerate(batches):
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(student):
+            loss_sum, mine = objective.loss(student, b, plan, accelerator)
+            accelerator.backward(loss_sum * scale)
+        loss_total += loss_sum.detach()
+        for k, v in mine.items():
+            parts[k] = parts.get(k, 0.0) + v
+    keys = objective.part_keys(plan)
+    raw = torch.tensor([parts.get(k, 0.0) for k in keys] + [float(loss_total)], dtype=torch.float64,
+                       device=accelerator.device)
+    if accelerator.num_processes > 1:
+        raw = accelerator.reduce(raw, "sum")
+    out = {"loss": float(raw[-1]) / num_tokens, "target_tokens": int(counts[0]), "tokens": int(counts[1])}
+    if keys:   # each term's raw (unweighted) size per target token
+        out["terms"] = {k: float(v) / num_tokens for k, v in zip(keys, raw[:-1].tolist()) if k in parts}
+    return out
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM during training: finish the current step, save a checkpoint, stop (the
+    decision is taken together by all processes at a step boundary, so it is never mid-update).
+    A second Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self.old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s: stopping after this step and saving a checkpoint (Ctrl-C again stops now)",
+                    signal.Signals(signum).name)
+
+    def stopped(self, done: int, out: Path) -> Stopped:
+        code = 128 + int(self.signum or signal.SIGINT)
+        return Stopped(f"stopped by {signal.Signals(code - 128).name} after step {done}: checkpoint "
+                       f"{checkpoints(out)[-1]} saved; continue with --resume", code)
+
+    def requested(self, accelerator) -> bool:
+        flag = self.signum is not None
+        if accelerator.num_processes > 1:
+            t = torch.tensor([float(flag)], device=accelerator.device)
+            flag = bool(accelerator.reduce(t, "sum").item() > 0)
+        return flag
+
+
+def set_threads(cfg, accelerator):
+    """torch's CPU threads for this process (see train.threads); -> the number set."""
+    n = cfg.train.threads
+    if not n and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        n = int(os.environ["OMP_NUM_THREADS"])
+    if not n:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        n = max(1, (os.cpu_count() or 1) // max(1, local))
+        n = min(n, torch.get_num_threads()) if local == 1 else n   # alone: torch's default (physical cores)
+    torch.set_num_threads(n)
+    return n
+
+
+def make_accelerator(cfg, out: Path):
+    from accelerate import Accelerator
+
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    for tracker in cfg.train.report_to:
+        if tracker == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise UserError("train.report_to=[tensorboard] needs: pip install tensorboard") from None
+    # cpu=True on a machine without CUDA: under `accelerate launch --multi_gpu --num_processes N`
+    # that makes Accelerate use gloo (MULTI_CPU) instead of silently running N single processes.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,
+                              log_with=cfg.train.report_to or None, project_dir=str(out))
+    set_threads(cfg, accelerator)
+    return accelerator
+
+
+def prefetched(make, steps, enabled=True):
+    """Yield (step, make(step)) with make(step + 1) already running on a background thread, so the
+    data work of the next step overlaps this one's compute. make must be a pure function of step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    steps = list(steps)
+    if not enabled or not steps:
+        yield from ((s, make(s)) for s in steps)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="stillroom-data") as pool:
+        nxt = pool.submit(make, steps[0])
+        for i, s in enumerate(steps):
+            ready = nxt.result()
+            nxt = pool.submit(make, steps[i + 1]) if i + 1 < len(steps) else None
+            yield s, ready
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+@dataclass
+class Run:
+    """What the loop trains and how: a prepared student (DDP-wrapped under several processes),
+    its optimizer and schedule, the objective, the training examples, and where to write.
+    `evaluate(student) -> (record, line)` runs a mid-run evaluation on the main process."""
+    cfg: object
+    accelerator: object
+    student: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    objective: object
+    examples: list
+    pad_id: int
+    out: Path
+    evaluate: Callable | None = None
+    desc: str = "distill"
+    progress: bool = True
+
+
+def fit(run: Run, resume: bool) -> dict:
+    """Train to cfg.train.max_steps (from the last checkpoint with resume); -> the last log
+    record. Ctrl-C / SIGTERM finish the step, checkpoint and raise Stopped; a failure mid-step
+    keeps the last completed step's state (checkpointed when one process) and raises one line."""
+    cfg, accelerator, objective, out = run.cfg, run.accelerator, run.objective, run.out
+    student, optimizer, scheduler = run.student, run.optimizer, run.scheduler
+    main, t = accelerator.is_main_process, cfg.train
+    params = lambda: [*student.parameters(), *(p for m in objective.trained for p in m.parameters())]  # noqa: E731
+    start, bad_steps = 0, 0
+    if resume:
+        last = checkpoints(out)[-1]
+        accelerator.load_state(str(last))
+        state = read_state(last)
+        start, bad_steps = state["step"], state.get("bad_steps", 0)
+        objective.load_state_dict(state)
+        if main:
+            trim_metrics(out / "metrics.jsonl", start)
+        log.info("resumed from %s (step %d)", last, start)
+    if t.report_to:
+        accelerator.init_trackers("stillroom", config=cfg.model_dump())
+
+    metrics_file = open(out / "metrics.jsonl", "a") if main else None
+    bar = tqdm(total=t.max_steps, initial=start, desc=run.desc, unit="step", disable=not (run.progress and main))
+    t_start, tokens_seen, last_log = time.perf_counter(), 0, {}
+    student.train()
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def make_batches(step):
+        bs = [to_batch(mb, run.pad_id, accelerator.device) for mb in window(run.examples, step, cfg, rank, world)]
+        objective.read_ahead(bs, objective.plan(step))
+        faults.point("batch")   # on the prefetch thread, while the previous step computes
+        return bs
+
+    done, saved = start, start if resume else None
+    save = lambda at: save_checkpoint(accelerator, out, at, t.keep_checkpoints,  # noqa: E731
+                                      state={"bad_steps": bad_steps, **objective.state_dict()})
+    try:
+        with GracefulStop() as stop:
+            for step, batches in prefetched(make_batches, range(start, t.max_steps), t.prefetch):
+                plan = objective.plan(step)
+                batches = objective.prepare(batches, plan, accelerator.unwrap_model(student),
+                                            window_indices(step, cfg, rank, world), to_batch)
+                stats = accumulate(student, objective, batches, plan, accelerator)
+                objective.sync_grads(accelerator)
+                # The norm is taken even without clipping: a non-finite one means a bad step.
+                grad_norm = float(accelerator.clip_grad_norm_(params(), t.max_grad_norm or float("inf")))
+                good = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
+                if good:
+                    objective.after_step(plan, stats)
+                    optimizer.step()
+                else:
+                    bad_steps += 1
+                    log.warning("step %d: non-finite %s: step skipped (%d so far, train.max_bad_steps=%d)",
+                                step + 1, "loss" if not math.isfinite(stats["loss"]) else "gradient",
+                                bad_steps, t.max_bad_steps)
+                    if bad_steps > t.max_bad_steps:
+                        have = checkpoints(out)
+                        raise UserError(
+                            f"stopping at step {step + 1}: {bad_steps} steps had a non-finite loss or gradient "
+                            f"(more than train.max_bad_steps={t.max_bad_steps}); lower train.lr or check "
+                            "the data" + (f"; the last checkpoint is {have[-1]}" if have else ""))
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                faults.point("step")
+                tokens_seen += stats["tokens"]
+                elapsed = time.perf_counter() - t_start
+                record = {"step": done, "loss": round(stats["loss"], 5), "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": grad_norm if math.isfinite(grad_norm) else str(grad_norm),
+                          "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 1),
+                          "bad_steps": bad_steps, **objective.log(plan)}
+                if "terms" in stats:
+                    record["terms"] = {k: round(v, 6) for k, v in stats["terms"].items()}
+                if done % t.log_every == 0 or done == t.max_steps:
+                    last_log = record
+                    if main:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                        faults.point("metrics")
+                    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                                    step=done)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                if t.eval_every and done % t.eval_every == 0 and done != t.max_steps and main and run.evaluate:
+                    rec, line = run.evaluate(accelerator.unwrap_model(student))
+                    faults.point("eval")
+                    rec["step"] = done
+                    metrics_file.write(json.dumps({"eval": rec}) + "\n")
+                    metrics_file.flush()
+                    bar.write(f"step {done}: {line}")
+                if t.save_every and done % t.save_every == 0:
+                    save(done)
+                    saved = done
+                if stop.requested(accelerator):
+                    if saved != done:
+                        save(done)
+                    raise stop.stopped(done, out)
+    except (UserError, Stopped, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        # A failure mid-step (a teacher that breaks, out of memory...): the weights and optimizer
+        # are those of the last completed step; keep them, then stop with one line.
+        if main:
+            (out / "error.log").write_text(traceback.format_exc())
+        note = ""
+        if accelerator.num_processes == 1 and done > start and saved != done:
+            save(done)
+            note = f"; checkpoint of step {done} saved: fix the cause and continue with --resume"
+        elif checkpoints(out):
+            note = f"; continue from {checkpoints(out)[-1].name} with --resume"
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"step {done + 1} failed: {type(e).__name__}: {first} (traceback in "
+                        f"{out / 'error.log'}){note}") from None
+    bar.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if main:
+        metrics_file.close()
+    return last_log
