@@ -242,11 +242,31 @@ def pack_examples(examples: list[Example], seq_len: int) -> list[Example]:
     return [_joined([examples[i] for i in sorted(b)]) for b in bins]
 
 
-def build_examples(path: str, tokenizer, dcfg, route_field: str | None = None,
+def in_memory(data, name: str) -> tuple[str, object, Report]:
+    """Rows given in memory (the library's Distiller) -> what _read gives for a file: a list of
+    strings or of dicts (JSONL rows), or a datasets.Dataset."""
+    if isinstance(data, str) or not hasattr(data, "__iter__"):
+        raise UserError(f"{name}: give a list of texts or of row dicts, or a datasets.Dataset "
+                        f"(got {type(data).__name__})")
+    rows = []
+    for i, row in enumerate(data):
+        if isinstance(row, str):
+            row = {"text": row}
+        elif not isinstance(row, dict):
+            row = dict(row)
+        rows.append((i + 1, row))
+    if not rows:
+        raise UserError(f"{name} is empty")
+    return "rows", rows, Report(source=name, rows=len(rows))
+
+
+def build_examples(path, tokenizer, dcfg, route_field: str | None = None,
                    routes: list[str] | None = None) -> tuple[list[Example], Report]:
-    """route_field: each row names its teacher in this field (one of `routes`); such rows are
+    """path: a data path, or rows in memory as in_memory() reads them (a (kind, payload, report)).
+    route_field: each row names its teacher in this field (one of `routes`); such rows are
     never packed together (text rows become one example each, cut to seq_len)."""
-    kind, payload, report = _read(path, dcfg.format, dcfg.split)
+    kind, payload, report = path if isinstance(path, tuple) else _read(path, dcfg.format, dcfg.split)
+    path = report.source
     if route_field and kind == "text":
         raise UserError(f"teacher.route_field={route_field} needs JSONL or dataset rows carrying that field; "
                         f"{path} is plain text")
@@ -326,21 +346,24 @@ def split_examples(examples: list[Example], fraction: float, seed: int):
             [e for i, e in enumerate(examples) if i in held])
 
 
-def load_data(cfg, tokenizer):
-    """-> (train examples, eval examples) for a config."""
+def load_data(cfg, tokenizer, rows=None, eval_rows=None):
+    """-> (train examples, eval examples) for a config; `rows` / `eval_rows`: data in memory (see
+    in_memory) instead of data.path / data.eval_path."""
     t = getattr(cfg, "teacher", None)
     field_ = getattr(t, "route_field", None)
     routes = [t.name] + [m.name for m in t.mix] if field_ else None
     if field_ and cfg.data.pack:
         raise UserError("data.pack would put examples of different teachers in one row: "
                         "teacher.route_field needs data.pack=false")
-    examples, _ = build_examples(cfg.data.path, tokenizer, cfg.data, field_, routes)
-    if cfg.data.eval_path:
-        held, _ = build_examples(cfg.data.eval_path, tokenizer, cfg.data, field_, routes)
+    source = in_memory(rows, "train_data") if rows is not None else cfg.data.path
+    examples, _ = build_examples(source, tokenizer, cfg.data, field_, routes)
+    if cfg.data.eval_path or eval_rows is not None:
+        held_source = in_memory(eval_rows, "eval_data") if eval_rows is not None else cfg.data.eval_path
+        held, _ = build_examples(held_source, tokenizer, cfg.data, field_, routes)
         return (pack_examples(examples, cfg.data.seq_len) if cfg.data.pack else examples), held
     train, held = split_examples(examples, cfg.data.eval_fraction, cfg.train.seed)
     if not train:
-        raise UserError(f"no training examples left in {cfg.data.path} after the held-out split")
+        raise UserError(f"no training examples left in {cfg.data.path or 'train_data'} after the held-out split")
     if cfg.data.pack:   # the held-out set stays one example per row (its prompts time generation)
         n = len(train)
         train = pack_examples(train, cfg.data.seq_len)

@@ -5,8 +5,9 @@ Stopped: the run stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint;
 """
 
 
-class UserError(Exception):
-    """Bad input from the user (file, key, value, model). Its message says what to fix."""
+class UserError(ValueError):
+    """Bad input from the user (file, key, value, model). Its message says what to fix. A
+    ValueError, so library callers catch it as the ordinary exception it is."""
 
 
 class Stopped(Exception):

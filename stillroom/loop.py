@@ -126,12 +126,13 @@ class GracefulStop:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self.signum = None
         self.old = {}
+        self.enabled = enabled
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             self.old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
@@ -172,7 +173,7 @@ def set_threads(cfg, accelerator):
     return n
 
 
-def make_accelerator(cfg, out: Path):
+def make_accelerator(cfg, out: Path, threads: bool = True):
     from accelerate import Accelerator
 
     mp = cfg.train.mixed_precision
@@ -188,7 +189,8 @@ def make_accelerator(cfg, out: Path):
     # that makes Accelerate use gloo (MULTI_CPU) instead of silently running N single processes.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,
                               log_with=cfg.train.report_to or None, project_dir=str(out))
-    set_threads(cfg, accelerator)
+    if threads:   # the CLI's process is ours; a library caller's thread count is theirs
+        set_threads(cfg, accelerator)
     return accelerator
 
 
@@ -228,6 +230,7 @@ class Run:
     evaluate: Callable | None = None
     desc: str = "distill"
     progress: bool = True
+    signals: bool = True   # Ctrl-C / SIGTERM stop at a step boundary (the CLI; a library leaves them alone)
 
 
 def fit(run: Run, resume: bool) -> dict:
@@ -267,7 +270,7 @@ def fit(run: Run, resume: bool) -> dict:
     save = lambda at: save_checkpoint(accelerator, out, at, t.keep_checkpoints,  # noqa: E731
                                       state={"bad_steps": bad_steps, **objective.state_dict()})
     try:
-        with GracefulStop() as stop:
+        with GracefulStop(run.signals) as stop:
             for step, batches in prefetched(make_batches, range(start, t.max_steps), t.prefetch):
                 plan = objective.plan(step)
                 batches = objective.prepare(batches, plan, accelerator.unwrap_model(student),

@@ -62,12 +62,12 @@ def default_data(cfg: Config, teacher: models.Loaded) -> str:
     return str(path)
 
 
-def prepare_data(cfg, teacher: models.Loaded, accelerator, tokenizer=None):
-    """-> (cfg with data.path resolved, train examples, held-out examples). With no data.path the
-    main process generates the embedded default data once and tells the others where it is.
-    tokenizer: the one the data is read with (default the teacher's; a cross-tokenizer run reads
-    it with the student's)."""
-    if cfg.data.path is None:
+def prepare_data(cfg, teacher: models.Loaded, accelerator, tokenizer=None, rows=None, eval_rows=None):
+    """-> (cfg with data.path resolved, train examples, held-out examples). With no data.path (and
+    no rows in memory) the main process generates the embedded default data once and tells the
+    others where it is. tokenizer: the one the data is read with (default the teacher's; a
+    cross-tokenizer run reads it with the student's)."""
+    if cfg.data.path is None and rows is None:
         cfg = cfg.model_copy(deep=True)
         cfg.data.path = default_data(cfg, teacher) if accelerator.is_main_process else None
         if accelerator.num_processes > 1:
@@ -75,7 +75,7 @@ def prepare_data(cfg, teacher: models.Loaded, accelerator, tokenizer=None):
             holder = [cfg.data.path]
             broadcast_object_list(holder)
             cfg.data.path = holder[0]
-    train, held = load_data(cfg, tokenizer or teacher.tokenizer)
+    train, held = load_data(cfg, tokenizer or teacher.tokenizer, rows, eval_rows)
     if not held:
         held = train[: max(1, min(len(train), 8))]
         log.warning("no held-out examples (data.eval_fraction=0, no data.eval_path): "
@@ -153,7 +153,6 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     out = Path(cfg.train.output_dir)
     prepare_output(out, overwrite, resume)
     accelerator = make_accelerator(cfg, out)
-    main = accelerator.is_main_process
     torch.manual_seed(cfg.train.seed)
 
     cache = None
@@ -169,6 +168,27 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     else:
         teacher = models.load(cfg.teacher.model)
     student, s_tok, how = models.build_student(cfg.student, teacher, cfg.train.seed)
+    kept = None   # the teacher layers a from_teacher student was cut from (the hidden-state terms' map)
+    if cfg.student.init == "from_teacher" and not cfg.student.model and teacher.model is not None:
+        n_t = teacher.model.config.num_hidden_layers
+        kept = cfg.student.layers or models.spread_layers(n_t, cfg.student.num_layers or n_t)
+    metrics, _ = run_distill(cfg, teacher, cache, student, s_tok, how, accelerator, overwrite=overwrite,
+                             resume=resume, progress=progress, kept_layers=kept)
+    if metrics and cfg.finetune is not None:
+        metrics["finetune"] = finetune_stage(cfg, out, Path(metrics["final"]), resume, progress)
+        metrics["table"] += ("\n\nstage 2: fine-tuned on " + cfg.finetune.data + " (CE only)\n"
+                             + metrics["finetune"]["table"])
+    return metrics
+
+
+def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how: str, accelerator, *,
+                rows=None, eval_rows=None, overwrite: bool = False, resume: bool = False, progress: bool = True,
+                signals: bool = True, kept_layers=None) -> tuple[dict, object]:
+    """Everything after loading: checks, data, objective, the loop, the evaluation and final/.
+    teacher: the loaded teacher (its model None when `cache` holds it); rows / eval_rows: data in
+    memory instead of data.path. -> (metrics, the trained student), metrics {} off the main process."""
+    out = Path(cfg.train.output_dir)
+    main = accelerator.is_main_process
     cross = cfg.loss.cross_tokenizer == "uld"
     t_width = cache.index["vocab_size"] if cache else teacher.model
     if cross:
@@ -192,7 +212,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     if cfg.loss.alpha == 0:
         log.info("loss.alpha=0: plain CE on the data (sequence-level KD when the data is teacher output)")
     tok = s_tok if cross else teacher.tokenizer
-    cfg, train, held = prepare_data(cfg, teacher, accelerator, tok)
+    cfg, train, held = prepare_data(cfg, teacher, accelerator, tok, rows, eval_rows)
     if cfg.student.prune_heads or cfg.student.prune_intermediate:
         from .prune import calibrate_and_prune
         student, pruned = calibrate_and_prune(student, train, tok.pad_token_id, cfg.student)
@@ -204,12 +224,8 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
 
     pad_id = tok.pad_token_id
     teachers = load_teachers(cfg, cache, teacher.model, width, s_tok, accelerator)
-    kept = None
-    if cfg.student.init == "from_teacher" and not cfg.student.model and teacher.model is not None:
-        n_t = teacher.model.config.num_hidden_layers
-        kept = cfg.student.layers or models.spread_layers(n_t, cfg.student.num_layers or n_t)
     objective = build_objective(cfg, teachers, width, student=student, teacher_model=teacher.model,
-                                kept_layers=kept, s_tok=s_tok, t_tok=teacher.tokenizer, pad_id=pad_id,
+                                kept_layers=kept_layers, s_tok=s_tok, t_tok=teacher.tokenizer, pad_id=pad_id,
                                 eos_id=tok.eos_token_id, device=accelerator.device)
     # Everything is validated: from here on the output folder is written.
     if main:
@@ -249,10 +265,10 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
                      f"KL {cmp['kl_per_token']:.4f}")
 
     run = Run(cfg, accelerator, student, optimizer, scheduler, objective, train, pad_id, out,
-              evaluate=mid_eval, desc="distill", progress=progress)
+              evaluate=mid_eval, desc="distill", progress=progress, signals=signals)
     last_log = fit(run, resume)
     if not main:
-        return {}
+        return {}, accelerator.unwrap_model(student)
 
     student = accelerator.unwrap_model(student)
     if cfg.train.qat != "none":   # the evaluation below and final/ see the quantized weights
@@ -275,11 +291,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     metrics["final"] = str(final)
     from .report import write as write_report
     metrics["report"] = str(write_report(out))
-    if cfg.finetune is not None:
-        metrics["finetune"] = finetune_stage(cfg, out, final, resume, progress)
-        metrics["table"] += ("\n\nstage 2: fine-tuned on " + cfg.finetune.data + " (CE only)\n"
-                             + metrics["finetune"]["table"])
-    return metrics
+    return metrics, student
 
 
 def finetune_stage(cfg, out: Path, distilled: Path, resume: bool, progress: bool) -> dict:

@@ -1,0 +1,61 @@
+"""The library seam: the README's Distiller example runs (a tiny teacher in place of SmolLM2),
+trains the student in place, and leaves the caller's process as it was."""
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def readme_example() -> str:
+    text = README.read_text()
+    section = text[text.index("## Distill from Python"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_example_runs_and_trains_the_student(tmp_path, teacher_dir):
+    code = readme_example()
+    for old, new in [('load("smollm2-135m")', f'load({str(teacher_dir)!r})'), ("num_layers=6", "num_layers=2"),
+                     ('"runs/lib"', repr(str(tmp_path / "lib"))), ('"max_steps": 20', '"max_steps": 3')]:
+        assert old in code, old
+        code = code.replace(old, new)
+    code += "\nresult = (d, metrics, student)\n"
+    from stillroom.distiller import Distiller
+    real, seen = Distiller.train, {}
+
+    def train(self, *a, **k):   # the caller's random state, around train() itself
+        seen["before"] = torch.get_rng_state()
+        out = real(self, *a, **k)
+        seen["after"] = torch.get_rng_state()
+        return out
+    handler, threads = signal.getsignal(signal.SIGINT), torch.get_num_threads()
+    Distiller.train = train
+    try:
+        env: dict = {}
+        exec(compile(code, "README.md", "exec"), env)
+    finally:
+        Distiller.train = real
+    d, metrics, student = env["result"]
+    assert d.student is student                        # trained in place
+    before = metrics["eval"]["student before"]["kl_per_token"]
+    assert metrics["eval"]["student after"]["kl_per_token"] < before
+    assert (tmp_path / "lib" / "final" / "model.safetensors").is_file() and "perplexity" in metrics["table"]
+    # the caller's process as it was: signal handlers, thread count, random state
+    assert signal.getsignal(signal.SIGINT) is handler and torch.get_num_threads() == threads
+    assert torch.equal(seen["before"], seen["after"])
+
+
+def test_bad_input_is_an_ordinary_exception(tok):
+    from conftest import make_model
+
+    from stillroom import Distiller, UserError
+    t, s = make_model(tok, layers=2), make_model(tok, layers=1, seed=1)
+    with pytest.raises(ValueError, match="train_data is empty"):
+        Distiller(t, s, tok, []).train()
+    with pytest.raises(UserError, match="unknown config section 'trian'"):
+        Distiller(t, s, tok, ["text"], trian={"max_steps": 1})
+    with pytest.raises(UserError, match="loss.alpha"):
+        Distiller(t, s, tok, ["text"], loss={"alpha": 2.0})
