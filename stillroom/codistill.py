@@ -32,37 +32,32 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import logging
 import shutil
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from . import evaluate, models
 from .config import CodistillRunConfig, to_yaml
 from .data import micro_batch, model_inputs
 from .errors import UserError
 from .losses import IGNORE_INDEX, mixed_loss, mutual_loss, topk_targets
-from .outputs import checkpoints, prepare_output, publish, read_state, save_checkpoint, trim_metrics
+from .loop import Run, Trainee, fit, lr_lambda, make_accelerator, make_optimizer, to_batch, window
+from .outputs import prepare_output, publish
 from .teachers import LiveTeacher
-from .train import (GracefulStop, check_context, lr_lambda, make_accelerator, make_optimizer, prepare_data,
-                    to_batch, window)
+from .train import check_context, prepare_data
 
 log = logging.getLogger("stillroom")
 
 
 @dataclass
-class Peer:
-    name: str
-    model: torch.nn.Module          # DDP-wrapped in mutual mode under several processes
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+class Peer(Trainee):
+    """A peer the loop trains (its model DDP-wrapped in mutual mode under several processes)."""
     snapshot: dict | None = None    # weights mode: this peer's weights at the last exchange
-    stats: dict = field(default_factory=dict)
 
 
 def _logits(model, b, width):
@@ -220,15 +215,6 @@ def collect_on_main(own_model, peer_models: dict, cfg, rank):
 
 # ------------------------------------------------------------------------------------ checkpoints
 
-def save_peers(accelerator, out: Path, step: int, owned: list[Peer], write: bool, keep: int):
-    def write_peers(tmp):
-        for p in owned if write else []:
-            torch.save({"model": accelerator.unwrap_model(p.model).state_dict(),
-                        "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
-                        "snapshot": p.snapshot}, tmp / f"{p.name}.pt")
-    save_checkpoint(accelerator, out, step, keep, write_peers)
-
-
 def load_peers(path: Path, owned: list[Peer], accelerator):
     for p in owned:
         f = path / f"{p.name}.pt"
@@ -353,100 +339,77 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
     if not main:  # the other peers' initial models are not needed here any more
         peer_models = {}
 
-    start = 0
-    if resume:
-        last = checkpoints(out)[-1]
-        load_peers(last, peers, accelerator)
-        start = read_state(last)["step"]
-        if main:
-            trim_metrics(out / "metrics.jsonl", start)
+    t, names = cfg.train, [p.name for p in cfg.peers]
+    saves = main or mode != "mutual"   # mutual: every process holds every peer, the main one saves them
+
+    def make_batches(step):
+        if mode == "mutual":
+            return [to_batch(mb, pad_id, device) for mb in window(train, step, cfg, rank, world)]
+        own = [to_batch(micro_batch(shard, step * t.grad_accum + i, t.batch_size, t.seed), pad_id, device)
+               for i in range(t.grad_accum)]
+        shared = (to_batch(micro_batch(train, step, cc.shared_batch_size or t.batch_size, t.seed + 1), pad_id, device)
+                  if mode == "predictions" else None)
+        return own, shared
+
+    def step_fn(step, batches):
+        peers_on = step >= cc.burn_in and cfg.loss.alpha > 0
+        if mode == "mutual":
+            losses, tokens = step_mutual(peers, live, batches, cfg, accelerator, width, peers_on)
+        elif mode == "predictions":
+            own, shared = batches
+            loss, tokens = step_predictions(peers[0], live, own, shared, cfg, accelerator, width, peers_on)
+            losses = [loss]
+        else:
+            if step % cc.exchange_every == 0:
+                peers[0].snapshot = exchange_weights(peers[0].model, copies, rank)
+            stale = [m for j, m in enumerate(copies) if j != rank]
+            loss, tokens = step_weights(peers[0], stale, live, batches[0], cfg, accelerator, width, peers_on)
+            losses = [loss]
+        return {"loss": dict(zip([p.name for p in peers], losses)), "tokens": tokens, "peer_terms": peers_on}
+
+    def record(stats, norms, lrs):
+        losses, tokens = list(stats["loss"].values()), stats["tokens"]
+        if mode != "mutual":  # one peer per process: collect every peer's numbers for the log
+            row = [losses[0], tokens, lrs[0], norms[0]]
+            both = accelerator.gather(torch.tensor([row], dtype=torch.float64, device=device))
+            losses, tokens, lrs, norms = (both[:, 0].tolist(), int(both[:, 1].sum()), both[:, 2].tolist(),
+                                          both[:, 3].tolist())
+        fields = {"loss": dict(zip(names, [round(x, 5) for x in losses])), "lr": dict(zip(names, lrs)),
+                  "grad_norm": dict(zip(names, [x if math.isfinite(x) else str(x) for x in norms])),
+                  "peer_terms": stats["peer_terms"]}
+        return fields, tokens
+
+    def mid_eval(step):
+        if mode == "mutual":
+            if not main:
+                return None
+            mid = evaluate.compare_peers({p.name: accelerator.unwrap_model(p.model) for p in peers},
+                                         teacher.model, held, pad_id, cfg.eval.batch_size,
+                                         cfg.eval.max_batches, width)["peers"]
+        else:   # every process evaluates its own peer; the main one gathers them
+            from accelerate.utils import gather_object
+            mine = evaluate.compare(peers[0].model, teacher.model, held, pad_id, cfg.eval.batch_size,
+                                    cfg.eval.max_batches, width)
+            mid = dict(gather_object([(peers[0].name, mine)]))
+        line = ", ".join(f"{k} perplexity {v.get('perplexity', v.get('student_perplexity')):.3f}"  # peers' / compare's
+                         for k, v in mid.items())
+        return ({**mid, "step": step}, line) if main else None
+
+    def write_checkpoint(tmp):
+        for p in peers if saves else []:
+            torch.save({"model": accelerator.unwrap_model(p.model).state_dict(),
+                        "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
+                        "snapshot": p.snapshot}, tmp / f"{p.name}.pt")
+
+    def load_checkpoint(path, state):
+        load_peers(path, peers, accelerator)
         if mode == "weights":
             restore_copies(peers[0].snapshot, copies, rank)
-        log.info("resumed from %s (step %d)", last, start)
 
-    if cfg.train.report_to:
-        accelerator.init_trackers("stillroom", config=cfg.model_dump())
-    metrics_file = open(out / "metrics.jsonl", "a") if main else None
-    bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"codistill ({mode})", unit="step",
-               disable=not (progress and main))
-    t_start, tokens_seen, last_log = time.perf_counter(), 0, {}
-    for p in peers:
-        p.model.train()
-    t = cfg.train
-    with GracefulStop() as stop:
-        for step in range(start, t.max_steps):
-            peers_on = step >= cc.burn_in and cfg.loss.alpha > 0
-            if mode == "mutual":
-                batches = [to_batch(mb, pad_id, device) for mb in window(train, step, cfg, rank, world)]
-                losses, tokens = step_mutual(peers, live, batches, cfg, accelerator, width, peers_on)
-            else:
-                own = [to_batch(micro_batch(shard, step * t.grad_accum + i, t.batch_size, t.seed), pad_id, device)
-                       for i in range(t.grad_accum)]
-                if mode == "predictions":
-                    shared = to_batch(micro_batch(train, step, cc.shared_batch_size or t.batch_size, t.seed + 1),
-                                      pad_id, device)
-                    loss, tokens = step_predictions(peers[0], live, own, shared, cfg, accelerator,
-                                                    width, peers_on)
-                else:
-                    if step % cc.exchange_every == 0:
-                        peers[0].snapshot = exchange_weights(peers[0].model, copies, rank)
-                    stale = [m for j, m in enumerate(copies) if j != rank]
-                    loss, tokens = step_weights(peers[0], stale, live, own, cfg, accelerator, width, peers_on)
-                losses = [loss]
-            norms = []
-            for p in peers:
-                norm = None
-                if t.max_grad_norm > 0:
-                    norm = float(accelerator.clip_grad_norm_(p.model.parameters(), t.max_grad_norm))
-                norms.append(norm)
-                p.optimizer.step()
-                p.scheduler.step()
-                p.optimizer.zero_grad(set_to_none=True)
-            lrs = [p.scheduler.get_last_lr()[0] for p in peers]
-            if mode != "mutual":  # one peer per process: collect every peer's numbers for the log
-                row = [losses[0], tokens, lrs[0], norms[0] if norms[0] is not None else float("nan")]
-                both = accelerator.gather(torch.tensor([row], dtype=torch.float64, device=device))
-                losses, tokens, lrs = both[:, 0].tolist(), int(both[:, 1].sum()), both[:, 2].tolist()
-                norms = [None if x != x else x for x in both[:, 3].tolist()]
-            tokens_seen += tokens
-            done = step + 1
-            elapsed = time.perf_counter() - t_start
-            names = [p.name for p in cfg.peers]
-            record = {"step": done, "loss": dict(zip(names, [round(x, 5) for x in losses])),
-                      "lr": dict(zip(names, lrs)), "grad_norm": dict(zip(names, norms)),
-                      "peer_terms": peers_on, "tokens_per_s": round(tokens_seen / elapsed, 1),
-                      "elapsed_s": round(elapsed, 1)}
-            if done % t.log_every == 0 or done == t.max_steps:
-                last_log = record
-                if main:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                accelerator.log({f"loss/{k}": v for k, v in record["loss"].items()}, step=done)
-            bar.set_postfix(loss=" ".join(f"{x:.3f}" for x in losses), tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-            if t.eval_every and done % t.eval_every == 0 and done != t.max_steps:
-                mid = {}
-                if mode == "mutual":
-                    if main:
-                        mid = evaluate.compare_peers({p.name: accelerator.unwrap_model(p.model) for p in peers},
-                                                     teacher.model, held, pad_id, cfg.eval.batch_size,
-                                                     cfg.eval.max_batches, width)["peers"]
-                else:
-                    from accelerate.utils import gather_object
-                    mine = evaluate.compare(peers[0].model, teacher.model, held, pad_id, cfg.eval.batch_size,
-                                            cfg.eval.max_batches, width)
-                    mid = dict(gather_object([(peers[0].name, mine)]))
-                if main:
-                    metrics_file.write(json.dumps({"eval": mid, "step": done}) + "\n")
-                    metrics_file.flush()
-            if t.save_every and done % t.save_every == 0:
-                save_peers(accelerator, out, done, peers, main or mode != "mutual", t.keep_checkpoints)
-            if stop.requested(accelerator):   # Ctrl-C / SIGTERM: checkpoint at a step boundary, stop
-                if not (t.save_every and done % t.save_every == 0):
-                    save_peers(accelerator, out, done, peers, main or mode != "mutual", t.keep_checkpoints)
-                raise stop.stopped(done, out)
-    bar.close()
-    accelerator.wait_for_everyone()
+    run = Run(cfg, accelerator, peers, out, make_batches, step_fn, record, evaluate=mid_eval,
+              write_checkpoint=write_checkpoint, load_checkpoint=load_checkpoint, desc=f"codistill ({mode})",
+              progress=progress)
+    last_log = fit(run, resume)
 
     # Final: the main process gathers every peer's weights, evaluates them together, writes them.
     if mode == "mutual":
@@ -459,7 +422,6 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
     accelerator.end_training()
     if not main:
         return {}
-    metrics_file.close()
     after = evaluate.compare_peers(peer_models, teacher.model, held, pad_id, cfg.eval.batch_size,
                                    cfg.eval.max_batches, width)
     prompts = evaluate.speed_prompts(held, cfg.eval.gen_prompts)

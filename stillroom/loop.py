@@ -214,40 +214,67 @@ def prefetched(make, steps, enabled=True):
 # ------------------------------------------------------------------------------------ the loop
 
 @dataclass
-class Run:
-    """What the loop trains and how: a prepared student (DDP-wrapped under several processes),
-    its optimizer and schedule, the objective, the training examples, and where to write.
-    `evaluate(student) -> (record, line)` runs a mid-run evaluation on the main process."""
-    cfg: object
-    accelerator: object
-    student: torch.nn.Module
+class Trainee:
+    """A model the loop trains: prepared (DDP-wrapped under several processes), its optimizer and
+    schedule; `extra`: modules trained with it (an objective's projections), clipped with it."""
+    name: str | None
+    model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
-    objective: object
-    examples: list
-    pad_id: int
+    extra: list = ()
+
+    def params(self):
+        return [*self.model.parameters(), *(p for m in self.extra for p in m.parameters())]
+
+
+@dataclass
+class Run:
+    """What the loop trains and how. The step strategy and its companions:
+    make_batches(step) -> the step's data (on the data thread; a pure function of the step);
+    step(step, batches) -> stats with "loss" (a float, or a dict per trainee), gradients in .grad;
+    after_step(stats)   after a good step (an objective's running state);
+    record(stats, norms, lrs) -> (the log record's fields, tokens the step read, over all processes);
+    evaluate(step) -> the mid-run evaluation's log record and a line, on every process (None off
+      the main one); write_checkpoint(tmp) / load_checkpoint(path, state) / state() -> what a
+      checkpoint holds beyond Accelerate's save_state (None: save_state / load_state)."""
+    cfg: object
+    accelerator: object
+    trainees: list
     out: Path
+    make_batches: Callable
+    step: Callable
+    record: Callable
+    after_step: Callable = lambda stats: None
     evaluate: Callable | None = None
+    write_checkpoint: Callable | None = None
+    load_checkpoint: Callable | None = None
+    state: Callable = dict
     desc: str = "distill"
     progress: bool = True
     signals: bool = True   # Ctrl-C / SIGTERM stop at a step boundary (the CLI; a library leaves them alone)
 
 
+def _finite(loss) -> bool:
+    return all(math.isfinite(x) for x in (loss.values() if isinstance(loss, dict) else [loss]))
+
+
 def fit(run: Run, resume: bool) -> dict:
     """Train to cfg.train.max_steps (from the last checkpoint with resume); -> the last log
-    record. Ctrl-C / SIGTERM finish the step, checkpoint and raise Stopped; a failure mid-step
-    keeps the last completed step's state (checkpointed when one process) and raises one line."""
-    cfg, accelerator, objective, out = run.cfg, run.accelerator, run.objective, run.out
-    student, optimizer, scheduler = run.student, run.optimizer, run.scheduler
+    record. Ctrl-C / SIGTERM finish the step, checkpoint and raise Stopped; a non-finite loss or
+    gradient skips the step (all processes agree), more than train.max_bad_steps of them stop the
+    run; a failure mid-step keeps the last completed step's state (checkpointed when one process)
+    and raises one line, its traceback in error.log."""
+    cfg, accelerator, out, trainees = run.cfg, run.accelerator, run.out, run.trainees
     main, t = accelerator.is_main_process, cfg.train
-    params = lambda: [*student.parameters(), *(p for m in objective.trained for p in m.parameters())]  # noqa: E731
     start, bad_steps = 0, 0
     if resume:
         last = checkpoints(out)[-1]
-        accelerator.load_state(str(last))
         state = read_state(last)
+        if run.load_checkpoint is None:
+            accelerator.load_state(str(last))
+        else:
+            run.load_checkpoint(last, state)
         start, bad_steps = state["step"], state.get("bad_steps", 0)
-        objective.load_state_dict(state)
         if main:
             trim_metrics(out / "metrics.jsonl", start)
         log.info("resumed from %s (step %d)", last, start)
@@ -257,36 +284,36 @@ def fit(run: Run, resume: bool) -> dict:
     metrics_file = open(out / "metrics.jsonl", "a") if main else None
     bar = tqdm(total=t.max_steps, initial=start, desc=run.desc, unit="step", disable=not (run.progress and main))
     t_start, tokens_seen, last_log = time.perf_counter(), 0, {}
-    student.train()
-    rank, world = accelerator.process_index, accelerator.num_processes
+    for tr in trainees:
+        tr.model.train()
 
     def make_batches(step):
-        bs = [to_batch(mb, run.pad_id, accelerator.device) for mb in window(run.examples, step, cfg, rank, world)]
-        objective.read_ahead(bs, objective.plan(step))
+        batches = run.make_batches(step)
         faults.point("batch")   # on the prefetch thread, while the previous step computes
-        return bs
+        return batches
 
     done, saved = start, start if resume else None
-    save = lambda at: save_checkpoint(accelerator, out, at, t.keep_checkpoints,  # noqa: E731
-                                      state={"bad_steps": bad_steps, **objective.state_dict()})
+    save = lambda at: save_checkpoint(accelerator, out, at, t.keep_checkpoints, run.write_checkpoint,  # noqa: E731
+                                      state={"bad_steps": bad_steps, **run.state()})
     try:
         with GracefulStop(run.signals) as stop:
             for step, batches in prefetched(make_batches, range(start, t.max_steps), t.prefetch):
-                plan = objective.plan(step)
-                batches = objective.prepare(batches, plan, accelerator.unwrap_model(student),
-                                            window_indices(step, cfg, rank, world), to_batch)
-                stats = accumulate(student, objective, batches, plan, accelerator)
-                objective.sync_grads(accelerator)
+                stats = run.step(step, batches)
                 # The norm is taken even without clipping: a non-finite one means a bad step.
-                grad_norm = float(accelerator.clip_grad_norm_(params(), t.max_grad_norm or float("inf")))
-                good = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
+                norms = [float(accelerator.clip_grad_norm_(tr.params(), t.max_grad_norm or float("inf")))
+                         for tr in trainees]
+                good = _finite(stats["loss"]) and all(math.isfinite(n) for n in norms)
+                if accelerator.num_processes > 1:   # every process skips the same steps
+                    flag = torch.tensor([float(good)], device=accelerator.device)
+                    good = bool(accelerator.reduce(flag, "sum").item() == accelerator.num_processes)
                 if good:
-                    objective.after_step(plan, stats)
-                    optimizer.step()
+                    run.after_step(stats)
+                    for tr in trainees:
+                        tr.optimizer.step()
                 else:
                     bad_steps += 1
                     log.warning("step %d: non-finite %s: step skipped (%d so far, train.max_bad_steps=%d)",
-                                step + 1, "loss" if not math.isfinite(stats["loss"]) else "gradient",
+                                step + 1, "loss" if not _finite(stats["loss"]) else "gradient",
                                 bad_steps, t.max_bad_steps)
                     if bad_steps > t.max_bad_steps:
                         have = checkpoints(out)
@@ -294,35 +321,36 @@ def fit(run: Run, resume: bool) -> dict:
                             f"stopping at step {step + 1}: {bad_steps} steps had a non-finite loss or gradient "
                             f"(more than train.max_bad_steps={t.max_bad_steps}); lower train.lr or check "
                             "the data" + (f"; the last checkpoint is {have[-1]}" if have else ""))
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                for tr in trainees:
+                    tr.scheduler.step()
+                    tr.optimizer.zero_grad(set_to_none=True)
                 done = step + 1
                 faults.point("step")
-                tokens_seen += stats["tokens"]
+                fields, tokens = run.record(stats, norms, [tr.scheduler.get_last_lr()[0] for tr in trainees])
+                tokens_seen += tokens
                 elapsed = time.perf_counter() - t_start
-                record = {"step": done, "loss": round(stats["loss"], 5), "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": grad_norm if math.isfinite(grad_norm) else str(grad_norm),
-                          "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 1),
-                          "bad_steps": bad_steps, **objective.log(plan)}
-                if "terms" in stats:
-                    record["terms"] = {k: round(v, 6) for k, v in stats["terms"].items()}
+                record = {"step": done, **fields, "tokens_per_s": round(tokens_seen / elapsed, 1),
+                          "elapsed_s": round(elapsed, 1), "bad_steps": bad_steps}
                 if done % t.log_every == 0 or done == t.max_steps:
                     last_log = record
                     if main:
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
                         faults.point("metrics")
-                    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
-                                    step=done)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    accelerator.log(_scalars(record), step=done)
+                loss = stats["loss"]
+                bar.set_postfix(loss=(f"{loss:.4f}" if not isinstance(loss, dict)
+                                      else " ".join(f"{x:.3f}" for x in loss.values())),
+                                tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
-                if t.eval_every and done % t.eval_every == 0 and done != t.max_steps and main and run.evaluate:
-                    rec, line = run.evaluate(accelerator.unwrap_model(student))
+                if t.eval_every and done % t.eval_every == 0 and done != t.max_steps and run.evaluate:
+                    got = run.evaluate(done)   # on every process: an evaluation may gather
                     faults.point("eval")
-                    rec["step"] = done
-                    metrics_file.write(json.dumps({"eval": rec}) + "\n")
-                    metrics_file.flush()
-                    bar.write(f"step {done}: {line}")
+                    if main and got is not None:
+                        rec, line = got
+                        metrics_file.write(json.dumps({"eval": rec}) + "\n")
+                        metrics_file.flush()
+                        bar.write(f"step {done}: {line}")
                 if t.save_every and done % t.save_every == 0:
                     save(done)
                     saved = done
@@ -348,7 +376,55 @@ def fit(run: Run, resume: bool) -> dict:
                         f"{out / 'error.log'}){note}") from None
     bar.close()
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     if main:
         metrics_file.close()
-    return last_log
+    return last_log   # the caller ends training (accelerator.end_training) after its own collectives
+
+
+def _scalars(record: dict) -> dict:
+    """What a tracker gets: the record's numbers, a per-trainee dict flattened to loss/<name>."""
+    out = {}
+    for k, v in record.items():
+        if k == "step":
+            continue
+        if isinstance(v, dict):
+            out.update({f"{k}/{n}": x for n, x in v.items() if isinstance(x, (int, float))})
+        elif isinstance(v, (int, float)):
+            out[k] = v
+    return out
+
+
+def objective_run(cfg, accelerator, student, optimizer, scheduler, objective, examples, pad_id, out, **kw) -> Run:
+    """A Run for one student and an objective (distill): its step is plan -> window -> prepare ->
+    accumulate -> the objective's modules synced."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    plans = {}
+
+    def make_batches(step):
+        bs = [to_batch(mb, pad_id, accelerator.device) for mb in window(examples, step, cfg, rank, world)]
+        objective.read_ahead(bs, objective.plan(step))
+        return bs
+
+    def step_fn(step, batches):
+        plan = plans["now"] = objective.plan(step)
+        batches = objective.prepare(batches, plan, accelerator.unwrap_model(student),
+                                    window_indices(step, cfg, rank, world), to_batch)
+        stats = accumulate(student, objective, batches, plan, accelerator)
+        objective.sync_grads(accelerator)
+        return stats
+
+    def record(stats, norms, lrs):
+        norm = norms[0]
+        fields = {"loss": round(stats["loss"], 5), "lr": lrs[0],
+                  "grad_norm": norm if math.isfinite(norm) else str(norm), **objective.log(plans["now"])}
+        if "terms" in stats:
+            fields["terms"] = {k: round(v, 6) for k, v in stats["terms"].items()}
+        return fields, stats["tokens"]
+
+    def load(path, state):
+        accelerator.load_state(str(path))
+        objective.load_state_dict(state)
+
+    return Run(cfg, accelerator, [Trainee(None, student, optimizer, scheduler, objective.trained)], out,
+               make_batches, step_fn, record, after_step=lambda stats: objective.after_step(plans["now"], stats),
+               load_checkpoint=load, state=objective.state_dict, **kw)

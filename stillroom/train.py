@@ -19,8 +19,8 @@ from . import evaluate, loop, methods, models
 from .config import Config, to_yaml
 from .data import load_data
 from .errors import UserError
-from .loop import (Batch, GracefulStop, Run, fit, lr_lambda, make_accelerator, make_optimizer, prefetched,  # noqa: F401
-                   set_threads, to_batch, window, window_indices)
+from .loop import (Batch, GracefulStop, fit, lr_lambda, make_accelerator, make_optimizer, objective_run,  # noqa: F401
+                   prefetched, set_threads, to_batch, window, window_indices)
 from .objectives import build_objective, loss_weights, teacher_terms  # noqa: F401
 from .outputs import checkpoints, prepare_output, write_final  # noqa: F401
 from .teachers import load_teachers
@@ -259,14 +259,18 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
     student, optimizer = accelerator.prepare(student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
-    def mid_eval(model):
-        cmp = evaluate.compare(model, source, held, pad_id, cfg.eval.batch_size, cfg.eval.max_batches, width)
-        return cmp, (f"held-out perplexity {cmp['student_perplexity']:.3f}, agreement {cmp['agreement']:.1%}, "
-                     f"KL {cmp['kl_per_token']:.4f}")
+    def mid_eval(step):
+        if not main:
+            return None
+        cmp = evaluate.compare(accelerator.unwrap_model(student), source, held, pad_id, cfg.eval.batch_size,
+                               cfg.eval.max_batches, width)
+        return {**cmp, "step": step}, (f"held-out perplexity {cmp['student_perplexity']:.3f}, agreement "
+                                       f"{cmp['agreement']:.1%}, KL {cmp['kl_per_token']:.4f}")
 
-    run = Run(cfg, accelerator, student, optimizer, scheduler, objective, train, pad_id, out,
-              evaluate=mid_eval, desc="distill", progress=progress, signals=signals)
+    run = objective_run(cfg, accelerator, student, optimizer, scheduler, objective, train, pad_id, out,
+                        evaluate=mid_eval, desc="distill", progress=progress, signals=signals)
     last_log = fit(run, resume)
+    accelerator.end_training()
     if not main:
         return {}, accelerator.unwrap_model(student)
 

@@ -13,6 +13,7 @@ from stillroom import models
 from stillroom.codistill import Peer, exchange_weights, step_predictions
 from stillroom.config import CodistillRunConfig
 from stillroom.data import load_data, micro_batch
+from stillroom.teachers import LiveTeacher
 from stillroom.train import to_batch
 
 
@@ -53,7 +54,7 @@ if __name__ == "__main__":
     cfg, teacher, built, train = setup(teacher_dir, data, top_k)
     own, shared = step0_batches(cfg, train, rank, world, teacher.tokenizer.pad_token_id)
     peer = Peer(cfg.peers[rank].name, built[rank], None, None)
-    loss, _ = step_predictions(peer, teacher.model, own, shared, cfg, acc, None, peers_on=True)
+    loss, _ = step_predictions(peer, LiveTeacher(teacher.model), own, shared, cfg, acc, None, peers_on=True)
     grads = {n: p.grad.clone() for n, p in built[rank].named_parameters()}
     # weights mode: every process's own peer has moved (differently); after the exchange each
     # process must hold every peer's moved weights

@@ -93,6 +93,41 @@ def test_distill_killed_anywhere_resumes_bit_identical(point, when, tmp_path, te
     assert [int(__import__("json").loads(l)["step"]) for l in steps] == list(range(1, 9))   # one line per step
 
 
+def codistill_args(teacher_dir, data, out):
+    over = [o for o in tiny_overrides(teacher_dir, data, out) if not o.startswith("student.")]
+    return ["codistill", "codistill", *over, "peers.0.num_layers=2", "peers.1.layers=[0,3]", *RUN]
+
+
+@pytest.fixture(scope="module")
+def codistill_reference(tmp_path_factory, teacher_dir, chat_file):
+    out = tmp_path_factory.mktemp("ref_codistill") / "run"
+    stillroom(*codistill_args(teacher_dir, chat_file, out))
+    return {n: load_file(out / "final" / n / "model.safetensors") for n in ("a", "b")}
+
+
+CODISTILL_POINTS = ["step:5", "batch:4", "checkpoint.complete:2", "checkpoint.rotating:1", "eval:1",
+                    "final.written:1"]
+
+
+@pytest.mark.parametrize("point", CODISTILL_POINTS)
+def test_codistill_killed_anywhere_resumes_bit_identical(point, tmp_path, teacher_dir, chat_file,
+                                                         codistill_reference):
+    """Co-distillation runs on the same loop: killed at the same points, it resumes to the
+    uninterrupted run's peers, bit for bit, with one log line per step."""
+    out = tmp_path / "run"
+    args = codistill_args(teacher_dir, chat_file, out)
+    r = stillroom(*args, fault=point, check=False)
+    assert r.returncode == -signal.SIGKILL, f"{point} was never reached: {r.stderr[-2000:]}"
+    resume_until_done(args, out)
+    for name, ref in codistill_reference.items():
+        got = load_file(out / "final" / name / "model.safetensors")
+        for k in got:
+            assert torch.equal(got[k], ref[k]), f"{point}: peer {name} {k} differs"
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"step_0000006", "step_0000008"}
+    steps = [l for l in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' not in l]
+    assert [int(__import__("json").loads(l)["step"]) for l in steps] == list(range(1, 9))
+
+
 CACHE_POINTS = ["cache.batch:2", "cache.shard_written:2", "cache.shard_renamed:1"]
 
 

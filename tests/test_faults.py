@@ -78,6 +78,69 @@ def test_a_teacher_failing_mid_run_saves_state_and_resumes_exactly(tmp_path, tea
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def codistill_run(teacher_dir, data, out, *extra, resume=False):
+    from stillroom.codistill import codistill
+    from stillroom.config import CodistillRunConfig
+    over = [o for o in tiny_overrides(teacher_dir, data, out) if not o.startswith("student.")]
+    cfg = load_config("codistill", over + ["peers.0.num_layers=2", "peers.1.layers=[0,3]", *extra],
+                      CodistillRunConfig)
+    return codistill(cfg, resume=resume, overwrite=not resume, progress=False)
+
+
+def test_codistill_skips_a_non_finite_step(tmp_path, teacher_dir, chat_file, monkeypatch):
+    """The NaN guard covers co-distillation: a NaN gradient in one peer skips the step for every
+    peer, counted; more than train.max_bad_steps stop the run with one line."""
+    from stillroom import codistill
+    real, seen = codistill.step_mutual, {"n": 0}
+
+    def poisoned(peers, *a, **k):
+        out = real(peers, *a, **k)
+        seen["n"] += 1
+        if seen["n"] == 2:
+            p = next(p for p in peers[1].model.parameters() if p.grad is not None)
+            p.grad.view(-1)[0] = float("nan")
+        return out
+    monkeypatch.setattr(codistill, "step_mutual", poisoned)
+    out = tmp_path / "r"
+    codistill_run(teacher_dir, chat_file, out, "train.max_steps=2", "train.save_every=1", "train.keep_checkpoints=3")
+    last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in x][-1]
+    assert last["bad_steps"] == 1
+    for name in ("a", "b"):   # step 2 made no update to either peer: the final weights are step 1's
+        w1 = torch.load(out / "checkpoints" / "step_0000001" / f"{name}.pt", weights_only=False)["model"]
+        w2 = load_file(out / "final" / name / "model.safetensors")
+        assert all(torch.equal(w1[k], w2[k]) for k in w2), name
+    # every step's loss non-finite
+    monkeypatch.setattr(codistill, "step_mutual", lambda peers, *a, **k: ([float("nan")] * len(peers), 1))
+    with pytest.raises(UserError, match=r"stopping at step 2: 2 steps had a non-finite.*max_bad_steps=1"):
+        codistill_run(teacher_dir, chat_file, tmp_path / "s", "train.max_steps=4", "train.max_bad_steps=1")
+
+
+def test_codistill_failing_mid_run_saves_state_and_resumes_exactly(tmp_path, teacher_dir, chat_file, monkeypatch):
+    """The crash handler covers co-distillation: the traceback goes to error.log, the last
+    completed step is checkpointed, --resume ends with the uninterrupted run's peers."""
+    from stillroom import codistill
+    ref = tmp_path / "ref"
+    codistill_run(teacher_dir, chat_file, ref, "train.max_steps=5")
+    real, seen = codistill.step_mutual, {"n": 0}
+
+    def flaky(*a, **k):
+        seen["n"] += 1
+        if seen["n"] == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*a, **k)
+    monkeypatch.setattr(codistill, "step_mutual", flaky)
+    out = tmp_path / "r"
+    with pytest.raises(UserError, match=r"step 3 failed: RuntimeError: CUDA error.*checkpoint of step 2 saved.*--resume"):
+        codistill_run(teacher_dir, chat_file, out, "train.max_steps=5")
+    assert "Traceback" in (out / "error.log").read_text()
+    monkeypatch.setattr(codistill, "step_mutual", real)
+    codistill_run(teacher_dir, chat_file, out, "train.max_steps=5", resume=True)
+    for name in ("a", "b"):
+        a = load_file(ref / "final" / name / "model.safetensors")
+        b = load_file(out / "final" / name / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def _server(fail_after=None):
     """A fake OpenAI-compatible endpoint: the answer is a function of the prompt; after
     `fail_after` answers it returns 500 to everything until `state['healthy']` is set."""
