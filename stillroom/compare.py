@@ -149,7 +149,8 @@ def gguf_logits(path, examples) -> list[torch.Tensor]:
 def quality(teacher, examples, logits_of) -> dict:
     """Perplexity, agreement and KL to the teacher, example by example (batch 1: no padding, the
     same for every model kind). logits_of(i, example) -> (S, V) logits of the compared model."""
-    from .losses import IGNORE_INDEX, token_stats
+    from .evaluate import token_stats
+    from .losses import IGNORE_INDEX
 
     tot = dict(student_nll=0.0, teacher_nll=0.0, kl=0.0, agree=0, tokens=0)
     for i, e in enumerate(examples):

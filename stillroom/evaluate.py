@@ -13,8 +13,32 @@ from pathlib import Path
 import torch
 
 from .data import collate, eval_batches, model_inputs
-from .losses import shift_labels, token_stats
+from .losses import IGNORE_INDEX, shift_labels, support_kl_rows
+from .losses.core import _rows, auto_chunk_rows
 from .models import num_params, weights_bytes
+
+
+def token_stats(student_logits, teacher_logits, labels, chunk=None):
+    """No-grad sums over valid labels: student NLL, teacher NLL, KL(teacher || student) at T=1,
+    and top-1 agreement count. Used by evaluation; chunked like the losses."""
+    s2, t2 = _rows(student_logits), _rows(teacher_logits)
+    chunk = chunk or auto_chunk_rows(s2.shape[1])
+    y = labels.reshape(-1)
+    out = dict(student_nll=0.0, teacher_nll=0.0, kl=0.0, agree=0, tokens=0)
+    with torch.no_grad():
+        for a in range(0, s2.shape[0], chunk):
+            s, t, yy = s2[a:a + chunk].float(), t2[a:a + chunk].float(), y[a:a + chunk]
+            valid = yy != IGNORE_INDEX
+            if not valid.any():
+                continue
+            s, t, yy = s[valid], t[valid], yy[valid]
+            log_q, log_p = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+            out["student_nll"] += -log_q.gather(-1, yy[:, None]).sum().item()
+            out["teacher_nll"] += -log_p.gather(-1, yy[:, None]).sum().item()
+            out["kl"] += support_kl_rows(log_q, log_p).sum().item()
+            out["agree"] += (s.argmax(-1) == t.argmax(-1)).sum().item()
+            out["tokens"] += int(valid.sum())
+    return out
 
 
 def folder_bytes(path: Path | None) -> int | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,12 +31,33 @@ import torch
 
 from . import methods, models
 from .data import model_inputs
-from .losses import (IGNORE_INDEX, balance_scale, general_loss, linear_mixed_loss, mixed_loss, scheduled,
-                     uld_loss)
+from .losses import IGNORE_INDEX, general_loss, linear_mixed_loss, mixed_loss, uld_loss
 from .teachers import route_weights
 
 FEATURE_TERMS = methods.FEATURE_TERMS
 log = logging.getLogger("stillroom")
+
+
+def scheduled(start: float, end: float | None, step: int, total: int, kind: str = "linear") -> float:
+    """A value moving from `start` (step 0) to `end` (step total - 1): constant (end None or
+    kind "constant"), linear, or cosine (half a cosine: slow at both ends)."""
+    if end is None or kind == "constant" or total <= 1:
+        return float(start)
+    x = min(max(step / (total - 1), 0.0), 1.0)
+    if kind == "cosine":
+        x = 0.5 * (1 - math.cos(math.pi * x))
+    elif kind != "linear":
+        raise ValueError(f"schedule must be constant, linear or cosine, got {kind!r}")
+    return float(start + (end - start) * x)
+
+
+def balance_scale(ema_ce: float | None, ema_kd: float | None, limit: float = 1e4) -> float:
+    """The factor on the teacher terms that brings their raw per-token size to the CE term's, so the
+    configured weights mean what they say (easydistill#34: a KD term 1000x smaller than CE made
+    alpha meaningless). From running means of past steps; 1 before any is known. Clamped."""
+    if not ema_ce or not ema_kd or ema_kd <= 0 or ema_ce <= 0:
+        return 1.0
+    return float(min(max(ema_ce / ema_kd, 1.0 / limit), limit))
 
 
 def loss_terms(lc, step: int, total_steps: int) -> dict[str, float]:
@@ -177,7 +199,7 @@ class Terms(Objective):
                     (r[..., :self.vocab] if self.vocab else r).clone()
                 targets.append((r, w))
         terms = {k: v for k, v in plan.terms.items() if k not in FEATURE_TERMS}
-        return general_loss(s_logits, b.labels, targets, terms, plan.temperature, lc.beta, lc.token_weight,
+        return general_loss(s_logits, targets, b.labels, terms, plan.temperature, lc.beta, lc.token_weight,
                             plan.kd_scale, parts, lc.chunk_rows)
 
     def loss(self, student, b, plan, accelerator):
@@ -239,7 +261,7 @@ class CrossTokenizer(Terms):
     def loss(self, student, b, plan, accelerator):
         parts = {}
         _, s_logits = self.student_out(student, b, accelerator)
-        ce = general_loss(s_logits, b.labels, [], {"ce": plan.terms.get("ce", 0.0)}, parts=parts)
+        ce = general_loss(s_logits, [], b.labels, {"ce": plan.terms.get("ce", 0.0)}, parts=parts)
         al = methods.align(b.examples, b.labels, self.s_tok, self.t_tok, b.input_ids.device)
         kd_w = sum(teacher_terms(plan.terms).values())
         total = 0.0
@@ -389,4 +411,5 @@ def build_objective(cfg, teachers: list, vocab: int | None, *, student=None, tea
 
 
 __all__ = ["Plan", "Objective", "Hybrid", "Terms", "Features", "CrossTokenizer", "OnPolicy", "Balanced",
-           "build_objective", "loss_terms", "loss_weights", "teacher_terms", "is_general"]
+           "build_objective", "loss_terms", "loss_weights", "teacher_terms", "is_general", "scheduled",
+           "balance_scale"]

@@ -57,25 +57,16 @@ def test_too_many_non_finite_steps_stop_the_run(tmp_path, teacher_dir, chat_file
         run(teacher_dir, chat_file, tmp_path / "r", "train.max_steps=5", "train.max_bad_steps=1")
 
 
-def test_a_teacher_failing_mid_run_saves_state_and_resumes_exactly(tmp_path, teacher_dir, chat_file, monkeypatch):
-    ref = tmp_path / "ref"
-    run(teacher_dir, chat_file, ref, "train.max_steps=5")
-    real, seen = LiveTeacher.targets, {"n": 0}
+def failing_on_call(real, n):
+    """`real`, raising a CUDA-like error on its n-th call."""
+    seen = {"n": 0}
 
     def flaky(*a, **k):
         seen["n"] += 1
-        if seen["n"] == 3:
+        if seen["n"] == n:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(*a, **k)
-    monkeypatch.setattr(LiveTeacher, "targets", flaky)
-    out = tmp_path / "r"
-    with pytest.raises(UserError, match=r"step 3 failed: RuntimeError: CUDA error.*checkpoint of step 2 saved.*--resume"):
-        run(teacher_dir, chat_file, out, "train.max_steps=5")
-    assert "Traceback" in (out / "error.log").read_text()
-    monkeypatch.setattr(LiveTeacher, "targets", real)   # the cause is fixed
-    run(teacher_dir, chat_file, out, "train.max_steps=5", resume=True)
-    a, b = load_file(ref / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    return flaky
 
 
 def codistill_run(teacher_dir, data, out, *extra, resume=False):
@@ -115,30 +106,32 @@ def test_codistill_skips_a_non_finite_step(tmp_path, teacher_dir, chat_file, mon
         codistill_run(teacher_dir, chat_file, tmp_path / "s", "train.max_steps=4", "train.max_bad_steps=1")
 
 
-def test_codistill_failing_mid_run_saves_state_and_resumes_exactly(tmp_path, teacher_dir, chat_file, monkeypatch):
-    """The crash handler covers co-distillation: the traceback goes to error.log, the last
-    completed step is checkpointed, --resume ends with the uninterrupted run's peers."""
-    from stillroom import codistill
-    ref = tmp_path / "ref"
-    codistill_run(teacher_dir, chat_file, ref, "train.max_steps=5")
-    real, seen = codistill.step_mutual, {"n": 0}
+def _finals(out):
+    return {str(f.relative_to(out)): load_file(f) for f in sorted(out.glob("final/**/model.safetensors"))}
 
-    def flaky(*a, **k):
-        seen["n"] += 1
-        if seen["n"] == 3:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(*a, **k)
-    monkeypatch.setattr(codistill, "step_mutual", flaky)
+
+@pytest.mark.parametrize("command", ["distill", "codistill"])
+def test_a_failure_mid_run_saves_state_and_resumes_exactly(command, tmp_path, teacher_dir, chat_file, monkeypatch):
+    """A teacher (distill) or a step (codistill, on the same loop) failing mid-run: the traceback
+    goes to error.log, the last completed step is checkpointed, one line says so, and --resume
+    ends with the uninterrupted run's weights."""
+    from stillroom import codistill
+    go = run if command == "distill" else codistill_run
+    owner, name = (LiveTeacher, "targets") if command == "distill" else (codistill, "step_mutual")
+    ref = tmp_path / "ref"
+    go(teacher_dir, chat_file, ref, "train.max_steps=5")
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, failing_on_call(real, 3))
     out = tmp_path / "r"
     with pytest.raises(UserError, match=r"step 3 failed: RuntimeError: CUDA error.*checkpoint of step 2 saved.*--resume"):
-        codistill_run(teacher_dir, chat_file, out, "train.max_steps=5")
+        go(teacher_dir, chat_file, out, "train.max_steps=5")
     assert "Traceback" in (out / "error.log").read_text()
-    monkeypatch.setattr(codistill, "step_mutual", real)
-    codistill_run(teacher_dir, chat_file, out, "train.max_steps=5", resume=True)
-    for name in ("a", "b"):
-        a = load_file(ref / "final" / name / "model.safetensors")
-        b = load_file(out / "final" / name / "model.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    monkeypatch.setattr(owner, name, real)   # the cause is fixed
+    go(teacher_dir, chat_file, out, "train.max_steps=5", resume=True)
+    want, got = _finals(ref), _finals(out)
+    assert want.keys() == got.keys() and len(want) == (1 if command == "distill" else 2)
+    for f in want:
+        assert all(torch.equal(want[f][k], got[f][k]) for k in want[f]), f
 
 
 def _server(fail_after=None):

@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from stillroom.losses import (IGNORE_INDEX, DIVERGENCES, attention_loss, balance_scale, divergence,
-                              general_loss, hidden_loss, mixed_loss, mixture_logp, token_weights,
-                              topk_targets, uld_loss)
+from stillroom.losses import (IGNORE_INDEX, DIVERGENCES, attention_loss, divergence, general_loss, hidden_loss, mixed_loss, mixture_logp, token_weights, topk_targets, uld_loss)
+from stillroom.objectives import balance_scale
 
 
 def _setup(seed=0, B=2, S=5, V=11):
@@ -30,7 +29,7 @@ def _grad(fn, s):
 def test_ce_plus_kd_terms_equal_the_fast_kernel(T):
     s, t, y = _setup()
     ref_v, ref_g = _grad(lambda x: mixed_loss(x, [(t, 0.5)], y, ce_weight=0.3, temperature=T), s)
-    v, g = _grad(lambda x: general_loss(x, y, [(t, 1.0)], {"ce": 0.3, "forward_kl": 0.5}, temperature=T), s)
+    v, g = _grad(lambda x: general_loss(x, [(t, 1.0)], y, {"ce": 0.3, "forward_kl": 0.5}, temperature=T), s)
     assert torch.allclose(v, ref_v, atol=1e-5) and torch.allclose(g, ref_g, atol=1e-6)
 
 
@@ -39,18 +38,18 @@ def test_every_divergence_term_equals_its_function(name):
     s, t, y = _setup(1)
     keep = y != IGNORE_INDEX
     ref_v, ref_g = _grad(lambda x: divergence(name, x, t, keep, temperature=2.0, beta=0.3), s)
-    v, g = _grad(lambda x: general_loss(x, y, [(t, 1.0)], {name: 1.0}, temperature=2.0, beta=0.3), s)
+    v, g = _grad(lambda x: general_loss(x, [(t, 1.0)], y, {name: 1.0}, temperature=2.0, beta=0.3), s)
     assert torch.allclose(v, ref_v, atol=1e-5) and torch.allclose(g, ref_g, atol=1e-6)
 
 
 def test_weighted_list_is_the_weighted_sum_of_its_terms():
     s, t, y = _setup(2)
     keep = y != IGNORE_INDEX
-    ce = general_loss(s, y, [], {"ce": 1.0})
+    ce = general_loss(s, [], y, {"ce": 1.0})
     fkl = divergence("forward_kl", s, t, keep)
     rkl = divergence("reverse_kl", s, t, keep)
     parts = {}
-    v = general_loss(s, y, [(t, 1.0)], {"ce": 0.3, "forward_kl": 0.5, "reverse_kl": 0.2}, parts=parts)
+    v = general_loss(s, [(t, 1.0)], y, {"ce": 0.3, "forward_kl": 0.5, "reverse_kl": 0.2}, parts=parts)
     assert torch.allclose(v, 0.3 * ce + 0.5 * fkl + 0.2 * rkl, atol=1e-5)
     assert parts["ce"] == pytest.approx(float(ce), rel=1e-5)
     assert parts["reverse_kl"] == pytest.approx(float(rkl), rel=1e-5)
@@ -60,8 +59,8 @@ def test_hard_term_is_ce_against_the_teacher_argmax():
     s, t, y = _setup(3)
     keep = y != IGNORE_INDEX
     top = torch.where(keep, t.argmax(-1), IGNORE_INDEX)
-    ref = general_loss(s, top, [], {"ce": 1.0})
-    assert torch.allclose(general_loss(s, y, [(t, 1.0)], {"hard": 1.0}), ref, atol=1e-5)
+    ref = general_loss(s, [], top, {"ce": 1.0})
+    assert torch.allclose(general_loss(s, [(t, 1.0)], y, {"hard": 1.0}), ref, atol=1e-5)
 
 
 def test_mixture_is_a_valid_distribution_and_reduces_to_its_parts():
@@ -88,7 +87,7 @@ def test_mixture_forward_kl_gradient_equals_weighted_targets():
     s, t, y = _setup(5)
     t2 = torch.randn_like(t)
     _, ref = _grad(lambda x: mixed_loss(x, [(t, 0.25), (t2, 0.75)], y, temperature=2.0), s)
-    v, g = _grad(lambda x: general_loss(x, y, [(t, 0.25), (t2, 0.75)], {"forward_kl": 1.0}, temperature=2.0), s)
+    v, g = _grad(lambda x: general_loss(x, [(t, 0.25), (t2, 0.75)], y, {"forward_kl": 1.0}, temperature=2.0), s)
     assert torch.allclose(g, ref, atol=1e-6)
     # the value is the KL to the mixture (not the mixture of KLs): compute it by hand
     p = 0.25 * torch.softmax(t / 2, -1) + 0.75 * torch.softmax(t2 / 2, -1)
@@ -100,7 +99,7 @@ def test_routing_by_example_equals_each_example_with_its_own_teacher():
     s, t, y = _setup(6)
     t2 = torch.randn_like(t)
     w1 = torch.tensor([1.0, 0.0])[:, None].expand(2, 5)
-    v = general_loss(s, y, [(t, w1), (t2, 1 - w1)], {"forward_kl": 1.0})
+    v = general_loss(s, [(t, w1), (t2, 1 - w1)], y, {"forward_kl": 1.0})
     keep = y != IGNORE_INDEX
     ref = divergence("forward_kl", s[:1], t[:1], keep[:1]) + divergence("forward_kl", s[1:], t2[1:], keep[1:])
     assert torch.allclose(v, ref, atol=1e-5)
@@ -111,7 +110,7 @@ def test_topk_teacher_in_the_general_path_is_the_tail_bucket_kl():
     keep = y != IGNORE_INDEX
     top = topk_targets(t, 5)
     ref_v, ref_g = _grad(lambda x: divergence("forward_kl", x, top, keep), s)
-    v, g = _grad(lambda x: general_loss(x, y, [(top, 1.0)], {"forward_kl": 1.0}), s)
+    v, g = _grad(lambda x: general_loss(x, [(top, 1.0)], y, {"forward_kl": 1.0}), s)
     assert torch.allclose(v, ref_v, atol=1e-5) and torch.allclose(g, ref_g, atol=1e-5)
 
 
@@ -130,7 +129,7 @@ def test_token_weights():
     w = torch.softmax(t, -1).max(-1).values
     p, lq = torch.softmax(t, -1), torch.log_softmax(s, -1)
     kl = (p * (p.log() - lq)).sum(-1)
-    v = general_loss(s, y, [(t, 1.0)], {"forward_kl": 1.0}, token_weight="confidence")
+    v = general_loss(s, [(t, 1.0)], y, {"forward_kl": 1.0}, token_weight="confidence")
     assert float(v) == pytest.approx(float((w * kl)[keep].sum()), rel=1e-5)
 
 
@@ -162,7 +161,7 @@ def test_topk_hard_targets_and_token_weights_come_from_the_teacher_alone():
     s, t, y, top = _flat_topk_teacher()
     # hard == CE against the teacher's listed top-1 (TopK.argmax, what the fast path uses)
     want = torch.nn.functional.cross_entropy(s.view(-1, 12), top.argmax().view(-1), reduction="sum")
-    got = general_loss(s, y, [(top, 1.0)], {"hard": 1.0})
+    got = general_loss(s, [(top, 1.0)], y, {"hard": 1.0})
     assert float(got) == pytest.approx(float(want), rel=1e-6)
     # ... and equals the fast path's hard term on the same TopK
     fast = mixed_loss(s, [(top, 1.0)], y, kind="hard")
@@ -174,8 +173,8 @@ def test_topk_hard_targets_and_token_weights_come_from_the_teacher_alone():
     lp = p.log()[None]
     for kind in ("confidence", "entropy"):
         w = float(token_weights(lp, kind)[0])
-        v = general_loss(s, y, [(top, 1.0)], {"forward_kl": 1.0}, token_weight=kind)
-        plain = general_loss(s, y, [(top, 1.0)], {"forward_kl": 1.0})
+        v = general_loss(s, [(top, 1.0)], y, {"forward_kl": 1.0}, token_weight=kind)
+        plain = general_loss(s, [(top, 1.0)], y, {"forward_kl": 1.0})
         assert float(v) == pytest.approx(w * float(plain), rel=1e-5), kind
 
 

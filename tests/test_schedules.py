@@ -6,7 +6,7 @@ import pytest
 
 from stillroom.config import load_config
 from stillroom.errors import UserError
-from stillroom.losses import scheduled
+from stillroom.objectives import scheduled
 from stillroom.train import distill, loss_weights
 
 from conftest import tiny_overrides

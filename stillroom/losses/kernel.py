@@ -1,0 +1,439 @@
+"""The fast path: CE, forward KL against dense or top-k targets, hard labels and the other
+divergences in one chunked autograd function whose gradient has a closed form (the lean variant
+makes the logits from hidden states inside it), and the public functions built on it."""
+from __future__ import annotations
+
+import torch
+
+from .core import (IGNORE_INDEX, Head, TopK, _linear, _masked_kl_rows, _nll_terms, _rowdot, _rows, _saved_grad,
+                   _target_chunk, _target_rows, _zero_rows, auto_chunk_rows, on_support)
+from .divergences import _divergence_chunk, _how
+
+
+def _dense_kl(log_q, t, T, want_grad):
+    """KL(softmax(t/T) || q) rows, and what the gradient subtracts from q: the target
+    probabilities p, or, where the teacher masks tokens (-inf), p + q - q' with q' the student
+    renormalized on the teacher's support (`on_support`), so that q - that = q' - p, the gradient of
+    the renormalized KL (the one rule every path follows)."""
+    log_p = torch.log_softmax(t.float() if T == 1.0 else t.float() * (1.0 / T), dim=-1)
+    p = log_p.exp()
+    # KL rows = sum_v p (log p - log q); -inf logits give NaN/inf here, caught per row below.
+    kl = _rowdot(p, log_p.sub_(log_q))
+    if not torch.isfinite(kl).all():  # log_p was consumed above: recompute it for the masked path
+        log_p = torch.log_softmax(t.float() * (1.0 / T), dim=-1)
+        lq = on_support(log_q, log_p)
+        kl = _masked_kl_rows(lq, log_p)
+        if want_grad:
+            p = p.add_(log_q.exp()).sub_(lq.exp())
+    return kl, (p if want_grad else None)
+
+
+def _sparse_kl(log_q, q, t: TopK):
+    """Tail-bucket KL (see TopK) rows, and what its gradient needs: (kl, (r, p_k, valid)).
+
+    q = exp(log_q) is passed in (shared by every target of the chunk) and left unchanged. The
+    student's mass outside the listed ids is summed directly (the listed entries zeroed in place,
+    then restored), not as 1 - sum(listed), which would cancel badly when the listed tokens hold
+    nearly all of it. An entry with log-prob -inf is "no entry" (a row with fewer than k): its
+    token stays in the tail. d KL / d (s/T) = q - p~, with p~ = p_k on the listed ids and
+    r * q elsewhere, r = p_tail / q_tail."""
+    ids = t.ids
+    logp = t.logp.float()
+    log_tail = t.log_tail.float()
+    valid = torch.isfinite(logp)
+    lq_k = log_q.gather(-1, ids)
+    q_k = q.gather(-1, ids)
+    q.scatter_(-1, ids, torch.where(valid, 0.0, q_k))
+    log_q_tail = torch.log(q.sum(-1))
+    q.scatter_(-1, ids, q_k)
+    p_k = logp.exp()
+    tail_ok = torch.isfinite(log_tail) & torch.isfinite(log_q_tail)
+    head = torch.where((p_k > 0) & torch.isfinite(lq_k), p_k * (logp - lq_k), 0.0).sum(-1)
+    diff = torch.where(tail_ok, log_tail - log_q_tail, 0.0)
+    kl = head + torch.where(tail_ok, log_tail.exp() * diff, 0.0)
+    r = torch.where(tail_ok, diff.exp(), 0.0)
+    return kl, (r, p_k, valid)
+
+
+def _p_tilde(q, t: TopK, stats):
+    """The effective target of a TopK (full size, new memory)."""
+    r, p_k, valid = stats
+    p = q * r.unsqueeze(-1)
+    return p.scatter_(-1, t.ids, torch.where(valid, p_k, p.gather(-1, t.ids)))
+
+
+def _sparse_grad_(q, t: TopK, stats, scale):
+    """scale * (q - p~), written into q (its last use)."""
+    r, p_k, valid = stats
+    q_k = q.gather(-1, t.ids)
+    q.mul_(((1.0 - r) * scale).unsqueeze(-1))
+    return q.scatter_(-1, t.ids, torch.where(valid, (q_k - p_k) * scale, q.gather(-1, t.ids)))
+
+
+def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad):
+    """Loss sum and d loss / d s for one chunk of rows, with as few full passes as we can.
+
+    s: (n, V) student logits; targets: [(dense (n, V) logits or TopK rows, weight)];
+    y: (n,) labels or None; keep: (n,) bool rows that count for the KD terms (CE rows are
+    y != IGNORE_INDEX). Gradients in closed form: d/ds [T^2 KL(p || softmax(s/T))] = T (q - p)
+    with q = softmax(s/T), so for a weighted sum of targets it is T (sum_j w_j q - sum_j w_j p_j);
+    d/ds CE(y) = softmax(s) - onehot(y). Returns (loss, grad (n, V) fp32 or None).
+    """
+    s = s.float()
+    loss = s.new_zeros(())
+    targets = [(t, w) for t, w in targets if w]
+    use_ce = bool(w_ce) and y is not None
+    name, param = how
+    hard = name == "hard"
+    if targets and name not in ("hard", "forward_kl"):   # another divergence: autograd per chunk
+        return _divergence_chunk(s, targets, y, keep, w_ce, temperature, name, param, want_grad)
+    soft = bool(targets) and not hard
+    T = temperature if soft else 1.0
+    log_q = torch.log_softmax(s if T == 1.0 else s * (1.0 / T), dim=-1)   # log softmax(s / T)
+    log_q1 = log_q if T == 1.0 else None                                    # log softmax(s)
+    grad = None
+    valid = None if y is None else y != IGNORE_INDEX
+    # At T = 1 the CE gradient, softmax(s) - onehot(y), shares q with the KD gradient: fold it in
+    # (one exp pass fewer) when both count the same rows, as in training (keep == labelled rows).
+    fuse_ce = (soft and use_ce and want_grad and T == 1.0 and torch.equal(keep, valid)
+               and not (len(targets) == 1 and isinstance(targets[0][0], TopK)))
+
+    if soft:
+        single = len(targets) == 1
+        q = log_q.exp() if want_grad or any(isinstance(t, TopK) for t, _ in targets) else None
+        acc, w_sum = None, 0.0  # acc = sum_j w_j p_j (just p_1 for a single target)
+        for t, w in targets:
+            sparse = isinstance(t, TopK)
+            kl, p = _sparse_kl(log_q, q, t) if sparse else _dense_kl(log_q, t, T, want_grad)
+            loss = loss + w * T * T * torch.where(keep, kl, 0.0).sum()
+            w_sum += w
+            if want_grad and single and sparse:      # the cached-teacher path: no full-size extras
+                grad = _sparse_grad_(q, t, p, w * T)
+            elif want_grad:
+                p = _p_tilde(q, t, p) if sparse else p
+                p = p if single else p.mul_(w)
+                acc = p if acc is None else acc.add_(p)
+            del p
+        if want_grad and grad is None and fuse_ce:   # T = 1: (w + w_ce) q - sum_j w_j p_j - w_ce onehot
+            grad = (q.mul_(w_sum + w_ce).sub_(acc, alpha=targets[0][1]) if single
+                    else q.mul_(w_sum + w_ce).sub_(acc))
+            y_safe = torch.where(valid, y, 0).unsqueeze(-1)
+            grad.scatter_add_(-1, y_safe, torch.full_like(y_safe, -w_ce, dtype=grad.dtype))
+        elif want_grad and grad is None:
+            grad = q.sub_(acc).mul_(targets[0][1] * T) if single else q.mul_(w_sum).sub_(acc).mul_(T)
+        if want_grad:
+            grad = _zero_rows(grad, keep)
+        del acc, q
+    else:
+        # Hard labels: CE against each target's argmax token at each position.
+        # log_q is still needed by the CE term when both run at T = 1: not consumed here.
+        for t, w in targets:
+            top = t.argmax() if isinstance(t, TopK) else t.argmax(dim=-1, keepdim=True)
+            part, g = _nll_terms(log_q, top, keep, w, want_grad, consume=False)
+            loss = loss + part
+            if want_grad:
+                grad = g if grad is None else grad.add_(g)
+
+    if use_ce:
+        y_safe = torch.where(valid, y, 0).unsqueeze(-1)
+        if log_q1 is None:
+            log_q1 = torch.log_softmax(s, dim=-1)
+        part, g = _nll_terms(log_q1, y_safe, valid, w_ce, want_grad and not fuse_ce, consume=True)
+        loss = loss + part
+        if g is not None:
+            grad = g if grad is None else grad.add_(g)
+    if want_grad and grad is None:
+        grad = torch.zeros_like(s)
+    return loss, grad
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """sum_j w_j KD(student, target_j) + w_ce * CE(student, labels), summed, chunked over rows.
+
+    The forward computes each chunk's loss and gradient together (one pass over the logits) and
+    writes the gradient into one buffer in the logits' dtype -- or, with `inplace`, into the
+    student logits themselves, which are dead after the loss in a training step (as Liger-Kernel
+    does); the backward only scales it. Only the student receives a gradient: the targets are
+    passed inside a tuple, so autograd does not even see them (detached by construction).
+    """
+
+    @staticmethod
+    def forward(ctx, student, targets, labels, keep, w_ce, temperature, how, chunk, inplace):
+        want_grad = ctx.needs_input_grad[0]
+        s2 = _rows(student)
+        chunk = chunk or auto_chunk_rows(s2.shape[1])
+        t2 = [(_target_rows(t), w) for t, w in targets]
+        y = labels.reshape(-1) if labels is not None else None
+        k = keep.reshape(-1)
+        grad = None
+        if want_grad:
+            grad = s2 if inplace else torch.empty(s2.shape, dtype=student.dtype, device=student.device)
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for a in range(0, s2.shape[0], chunk):
+            b = a + chunk
+            part, g = _chunk_terms(s2[a:b], [(_target_chunk(t, a, b), w) for t, w in t2],
+                                   None if y is None else y[a:b], k[a:b],
+                                   w_ce, temperature, how, want_grad)
+            total += part
+            if want_grad:
+                grad[a:b] = g  # rows a:b of the logits are not read again
+        if want_grad:
+            ctx.save_for_backward(grad.view(student.shape))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _saved_grad(ctx, grad_out), None, None, None, None, None, None, None, None
+
+
+class _LinearChunkedLoss(torch.autograd.Function):
+    """The lean path: like _ChunkedLoss, but the student's logits are made chunk by chunk from its
+    final hidden states inside the loss (logits = hidden @ weight.T + bias), and so are a `Head`
+    target's. The Liger-Kernel fused-linear idea in plain PyTorch: per chunk, the closed-form
+    gradient g = d loss / d logits (rows, V) gives d hidden = g @ weight and d weight += g.T @ hidden
+    at once; only (chunk, V) buffers and the (V, H) weight gradient ever exist."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, labels, keep, w_ce, temperature, how, chunk):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        want_grad = need_h or need_w or need_b
+        chunk = chunk or auto_chunk_rows(weight.shape[0])
+        g_h = torch.zeros_like(hidden) if need_h else None
+        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for a in range(0, hidden.shape[0], chunk):
+            b = a + chunk
+            h = hidden[a:b]
+            part, g = _chunk_terms(_linear(h, weight, bias), [(_target_chunk(t, a, b), w) for t, w in targets],
+                                   None if labels is None else labels[a:b], keep[a:b],
+                                   w_ce, temperature, how, want_grad)
+            total += part
+            if want_grad:
+                g = g.to(hidden.dtype)
+                if need_h:
+                    torch.mm(g, weight.to(hidden.dtype), out=g_h[a:b])
+                if need_w:
+                    g_w.addmm_(g.t().float(), h.float())
+                if need_b:
+                    g_b += g.float().sum(0)
+            del g
+        # Kept on ctx (fresh tensors, not inputs or outputs) rather than saved: backward hands them
+        # over and drops its reference, so autograd can take the weight gradient as .grad without a copy.
+        ctx.grads = [g_h, None if g_w is None else g_w.to(weight.dtype), None if g_b is None else g_b.to(bias.dtype)]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.grads is None:
+            raise RuntimeError("stillroom losses support one backward per forward (no retain_graph reuse)")
+        g_h, g_w, g_b = ctx.grads
+        ctx.grads = None
+        scale = lambda g: None if g is None else g.mul_(grad_out)  # noqa: E731
+        return scale(g_h), scale(g_w), scale(g_b), None, None, None, None, None, None, None
+
+
+def linear_mixed_loss(hidden, weight, targets, labels, ce_weight=0.0, temperature=1.0, kind="soft",
+                      chunk=None, bias=None, divergence="forward_kl", beta=0.5):
+    """`mixed_loss` on the lean path: the student given by its final hidden states (..., H) and its
+    output head (weight (V, H), bias (V,)) instead of its logits; targets may be logits, TopK or
+    Head (a teacher's hidden states and head). Only positions with a label are computed at all, for
+    both models: a prompt token costs no head matmul. Same value and gradients as
+    `mixed_loss(hidden @ weight.T + bias, ...)` within fp32 rounding (tests pin it)."""
+    how = _how(kind, divergence, beta, targets)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    lead, V = hidden.shape[:-1], weight.shape[0]
+    if labels.shape != lead:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden states {tuple(hidden.shape)}")
+    idx = (labels.reshape(-1) != IGNORE_INDEX).nonzero().view(-1)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)   # (n, H): positions with a label
+    y = labels.reshape(-1).index_select(0, idx)
+    tt = []
+    for t, w in targets:
+        if w < 0:
+            raise ValueError(f"target weights must be >= 0, got {w}")
+        if w == 0:
+            continue
+        width = t.weight.shape[0] if isinstance(t, Head) else None if isinstance(t, TopK) else t.shape[-1]
+        if t.shape[:len(lead)] != lead or (width is not None and width != V):
+            raise ValueError(f"a target of shape {tuple(t.shape)} (vocab {width}) does not match the student's "
+                             f"positions {tuple(lead)} and vocab {V}; align vocabularies first")
+        tt.append(((t.select(idx) if isinstance(t, (TopK, Head)) else _rows(t.detach()).index_select(0, idx)),
+                   float(w)))
+    keep = torch.ones(idx.shape, dtype=torch.bool, device=hidden.device)
+    return _LinearChunkedLoss.apply(h, weight, bias, tuple(tt), y, keep, float(ce_weight), float(temperature),
+                                    how, chunk)
+
+
+def linear_distill_loss(hidden, weight, teacher, labels, alpha=0.5, temperature=1.0, kind="soft",
+                        chunk=None, bias=None, divergence="forward_kl", beta=0.5):
+    """`distill_loss` on the lean path (see `linear_mixed_loss`); teacher: logits, TopK or Head."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    targets = [(teacher, alpha)] if teacher is not None and alpha > 0 else []
+    return linear_mixed_loss(hidden, weight, targets, labels, 1.0 - alpha, temperature, kind, chunk, bias,
+                             divergence, beta)
+
+
+def _check(student_logits, teacher_logits=None, temperature=1.0):
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if teacher_logits is None:
+        return
+    if isinstance(teacher_logits, TopK):
+        if teacher_logits.shape != student_logits.shape[:-1]:
+            raise ValueError(f"top-k targets for positions {tuple(teacher_logits.shape)} do not match "
+                             f"student logits {tuple(student_logits.shape)}")
+    elif teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ; align vocabularies first")
+
+
+def _mask_or_all(mask, logits):
+    if mask is None:
+        return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+    return mask.bool()
+
+
+def _detach(t):
+    return t if isinstance(t, TopK) else t.detach()
+
+
+def forward_kl(student_logits, teacher_logits, mask=None, temperature=1.0, chunk=None):
+    """Sum over unmasked positions of T^2 * KL(softmax(teacher/T) || softmax(student/T)).
+
+    Hinton et al. 2015. "Forward" = the teacher's distribution is the reference (mode-covering).
+    `teacher_logits` may be a TopK (sparse target; see its tail rule).
+    """
+    _check(student_logits, teacher_logits, temperature)
+    keep = _mask_or_all(mask, student_logits)
+    return _ChunkedLoss.apply(student_logits, ((_detach(teacher_logits), 1.0),), None, keep,
+                              0.0, float(temperature), ("forward_kl", None), chunk, False)
+
+
+def divergence(name, student_logits, teacher_logits, mask=None, temperature=1.0, beta=0.5, chunk=None):
+    """Sum over unmasked positions of T^2 * D(softmax(teacher/T), softmax(student/T)) for any
+    divergence in DIVERGENCES (beta: JSD's beta or the skew's a). Chunked like every loss here."""
+    _check(student_logits, teacher_logits, temperature)
+    how = _how("soft", name, beta, [(teacher_logits, 1.0)])
+    keep = _mask_or_all(mask, student_logits)
+    return _ChunkedLoss.apply(student_logits, ((_detach(teacher_logits), 1.0),), None, keep,
+                              0.0, float(temperature), how, chunk, False)
+
+
+def reverse_kl(student_logits, teacher_logits, mask=None, temperature=1.0, chunk=None):
+    """T^2 KL(student_T || teacher_T), summed: mode-seeking (MiniLLM, Gu et al. 2024)."""
+    return divergence("reverse_kl", student_logits, teacher_logits, mask, temperature, chunk=chunk)
+
+
+def jsd(student_logits, teacher_logits, mask=None, temperature=1.0, beta=0.5, chunk=None):
+    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024), summed, times T^2.
+
+    Convention (TRL's; torchtune and distillm differ): with p the teacher, q the student and
+    m = beta p + (1 - beta) q, JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m) for 0 < beta < 1.
+    It vanishes at both ends, so the ends are defined by its normalized limits:
+    JSD(0) = KL(p || q) (forward, = lim JSD(beta) / beta) and JSD(1) = KL(q || p) (reverse).
+    """
+    return divergence("jsd", student_logits, teacher_logits, mask, temperature, beta, chunk)
+
+
+def skew_kl(student_logits, teacher_logits, mask=None, temperature=1.0, skew=0.1, chunk=None):
+    """Skew KL of DistiLLM (Ko et al. 2024): KL(p || skew p + (1 - skew) q), summed, times T^2.
+    skew 0 = forward KL; skew 1 = 0. Bounded where forward KL is not (q -> 0 under p)."""
+    return divergence("skew_kl", student_logits, teacher_logits, mask, temperature, skew, chunk)
+
+
+def skew_reverse_kl(student_logits, teacher_logits, mask=None, temperature=1.0, skew=0.1, chunk=None):
+    """Skew reverse KL of DistiLLM: KL(q || skew q + (1 - skew) p), summed, times T^2. skew 0 = reverse KL."""
+    return divergence("skew_rkl", student_logits, teacher_logits, mask, temperature, skew, chunk)
+
+
+def total_variation(student_logits, teacher_logits, mask=None, temperature=1.0, chunk=None):
+    """Total variation 1/2 sum_v |p - q| per position, summed (times T^2, as every KD term here)."""
+    return divergence("tv", student_logits, teacher_logits, mask, temperature, chunk=chunk)
+
+
+def cross_entropy(student_logits, labels, chunk=None):
+    """Sum over positions with labels != IGNORE_INDEX of -log softmax(student)[label]."""
+    keep = labels != IGNORE_INDEX
+    return _ChunkedLoss.apply(student_logits, (), labels, keep, 1.0, 1.0, ("forward_kl", None), chunk, False)
+
+
+def hard_label_ce(student_logits, teacher_logits, mask=None, chunk=None):
+    """Sum over unmasked positions of CE(student, argmax of the teacher's logits).
+
+    The token-level "hard label" variant of knowledge distillation; sequence-level hard labels
+    (Kim & Rush 2016) are plain `cross_entropy` on text the teacher generated (`stillroom generate`).
+    """
+    _check(student_logits, teacher_logits)
+    keep = _mask_or_all(mask, student_logits)
+    return _ChunkedLoss.apply(student_logits, ((_detach(teacher_logits), 1.0),), None, keep,
+                              0.0, 1.0, ("hard", None), chunk, False)
+
+
+def mixed_loss(student_logits, targets, labels, ce_weight=0.0, temperature=1.0, kind="soft",
+               chunk=None, inplace_grad=False, divergence="forward_kl", beta=0.5):
+    """sum_j w_j * KD(target_j, student) + ce_weight * CE(labels), summed over valid labels.
+
+    targets: [(logits or TopK, w_j)], all detached (no gradient ever reaches a target).
+    kind="soft": KD = T^2 KL(softmax(target/T) || softmax(student/T)); kind="hard": CE against each
+    target's argmax token. One chunked pass computes every term; see `distill_loss` for inplace_grad.
+    """
+    how = _how(kind, divergence, beta, targets)
+    for t, w in targets:
+        _check(student_logits, t, temperature)
+        if w < 0:
+            raise ValueError(f"target weights must be >= 0, got {w}")
+    keep = labels != IGNORE_INDEX
+    tt = tuple((_detach(t), float(w)) for t, w in targets if w > 0)
+    return _ChunkedLoss.apply(student_logits, tt, labels, keep, float(ce_weight), float(temperature),
+                              how, chunk, bool(inplace_grad))
+
+
+def distill_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=1.0,
+                 kind="soft", chunk=None, inplace_grad=False, divergence="forward_kl", beta=0.5):
+    """The seed's hybrid: alpha * KD + (1 - alpha) * CE(true labels), summed over valid labels.
+
+    kind="soft": KD = forward_kl at `temperature`; kind="hard": KD = hard_label_ce.
+    The KD term uses the same positions as the labels (labels != IGNORE_INDEX). One chunked pass
+    computes both terms.
+
+    inplace_grad=True writes the gradient into `student_logits` during this call (saving one
+    full-size buffer): only for a training step that does not read the logits afterwards.
+    Autograd's version check refuses it if another op saved the logits for its own backward.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    targets = [(teacher_logits, alpha)] if teacher_logits is not None and alpha > 0 else []
+    return mixed_loss(student_logits, targets, labels, 1.0 - alpha, temperature, kind, chunk, inplace_grad,
+                      divergence, beta)
+
+
+def mutual_loss(student_logits, peer_logits, labels, alpha=0.5, temperature=1.0, kind="soft",
+                teacher_logits=None, teacher_weight=0.0, chunk=None, inplace_grad=False):
+    """Deep Mutual Learning (Zhang et al. 2018) for one peer A, summed over valid labels:
+
+        L_A = alpha * (1 - tw) * mean_B T^2 KL(P_B,T || P_A,T)
+            + alpha * tw       * T^2 KL(P_teacher,T || P_A,T)        (hybrid; tw = teacher_weight)
+            + (1 - alpha)      * CE(y, P_A)
+
+    peer_logits: the other peers' logits (or TopK); detached here, so a peer's own loss never
+    pushes its peers. kind="hard" replaces each KL by CE against that model's argmax tokens.
+    With no teacher (tw = 0) this is the paper's loss; the total over peers is sum_A L_A.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not 0.0 <= teacher_weight <= 1.0:
+        raise ValueError(f"teacher_weight must be in [0, 1], got {teacher_weight}")
+    if teacher_weight > 0 and teacher_logits is None:
+        raise ValueError("teacher_weight > 0 needs teacher_logits")
+    peers = list(peer_logits)
+    if not peers and teacher_weight < 1:
+        raise ValueError("mutual_loss needs at least one peer (or teacher_weight=1)")
+    w_peer = alpha * (1 - teacher_weight) / max(len(peers), 1)
+    targets = [(p, w_peer) for p in peers]
+    if teacher_weight > 0:
+        targets.append((teacher_logits, alpha * teacher_weight))
+    return mixed_loss(student_logits, targets, labels, 1.0 - alpha, temperature, kind, chunk, inplace_grad)
