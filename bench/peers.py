@@ -16,7 +16,7 @@ optimizer step (forward, loss, backward, AdamW step) except "teacher fwd":
   teacher fwd fp32       the same in fp32, for reference (TRL's rows get the fp32 teacher: their
                          own bf16 setting decides)
   student CE             the student's plain CE step (transformers' built-in loss)
-  stillroom lean/live    stillroom's training step (train.accumulate, loss.lean=true, the defaults):
+  stillroom lean/live    stillroom's training step (train.accumulate -> loop.accumulate, loss.lean=true, the defaults):
                          logits made inside the loss from hidden states, chunk by chunk
   stillroom plain/live   the same with loss.lean=false: full logits, stillroom's chunked loss
   stillroom lean/cached  the teacher read from a top-64 cache (`stillroom cache`), lean path

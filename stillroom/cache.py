@@ -74,10 +74,10 @@ def _write_json(path: Path, obj):
 
 # ------------------------------------------------------------------------------------ writing
 
-def _identity(cfg, teacher, tok, width: int) -> dict:
+def _identity(cfg, teacher, tok, vocab: int) -> dict:
     c = cfg.cache
-    return {"format": FORMAT, "teacher": cfg.teacher.model, "vocab_size": width,
-            "tokenizer_hash": tokenizer_hash(tok), "top_k": min(c.top_k, width),
+    return {"format": FORMAT, "teacher": cfg.teacher.model, "vocab_size": vocab,
+            "tokenizer_hash": tokenizer_hash(tok), "top_k": min(c.top_k, vocab),
             "temperature": cfg.loss.temperature, "seq_len": cfg.data.seq_len, "dtype": c.dtype,
             "data": {"path": cfg.data.path, "eval_path": cfg.data.eval_path}}
 
@@ -158,8 +158,8 @@ def build(cfg, examples: list[Example], teacher, tok, overwrite=False, progress=
     from .models import logits_width
 
     out = Path(cfg.cache.path)
-    width = logits_width(teacher)
-    ident = _identity(cfg, teacher, tok, width)
+    vocab = logits_width(teacher)
+    ident = _identity(cfg, teacher, tok, vocab)
     index = existing(cfg, teacher, tok, overwrite)
     if index is None:
         shutil.rmtree(out, ignore_errors=True)
@@ -186,7 +186,7 @@ def build(cfg, examples: list[Example], teacher, tok, overwrite=False, progress=
 
     c, T = cfg.cache, cfg.loss.temperature
     k, dtype = ident["top_k"], DTYPES[c.dtype]
-    ids_dtype = torch.uint16 if width <= 2**16 else torch.int32
+    ids_dtype = torch.uint16 if vocab <= 2**16 else torch.int32
     device = next(teacher.parameters()).device
     pad = tok.pad_token_id
     writer = ShardWriter(out, index, c.shard_rows)
@@ -328,13 +328,13 @@ class TeacherCache:
         f = self._shard(n)
         return tuple(f.get_slice(name)[start:start + count] for name in ("ids", "logp", "tail", "label_logp"))
 
-    def targets(self, examples: list[Example], width: int, device) -> CachedTargets:
-        """Targets for a collated batch of `examples` (right-padded to `width`)."""
+    def targets(self, examples: list[Example], seq_len: int, device) -> CachedTargets:
+        """Targets for a collated batch of `examples` (right-padded to `seq_len` positions)."""
         B, k = len(examples), self.top_k
-        ids = torch.zeros(B, width, k, dtype=torch.long)
-        logp = torch.zeros(B, width, k, dtype=torch.float32)      # dummy rows: p = 1 on token 0
-        tail = torch.full((B, width), float("-inf"))
-        label_logp = torch.zeros(B, width)
+        ids = torch.zeros(B, seq_len, k, dtype=torch.long)
+        logp = torch.zeros(B, seq_len, k, dtype=torch.float32)      # dummy rows: p = 1 on token 0
+        tail = torch.full((B, seq_len), float("-inf"))
+        label_logp = torch.zeros(B, seq_len)
         for b, e in enumerate(examples):
             pos = positions(e)
             if not pos:

@@ -18,15 +18,17 @@ weights      Anil et al.'s cheap mode. Process r trains peer r on its own shard;
 The cross-process modes run one peer per process (launch as many processes as there are peers);
 transport is torch.distributed as set up by Accelerate (gloo on CPU, NCCL on GPU).
 
-Loss normalization: in mutual mode as in `train.accumulate` (sum over all micro-batches and
+Loss normalization: in mutual mode as in `loop.accumulate` (sum over all micro-batches and
 processes, divided once by the global number of target tokens). In the cross-process modes each
 process owns its peer, so its CE term is divided by its own batch's target tokens and the peer
 term by the shared (or own) batch's target tokens.
 
-Checkpoints: <out>/checkpoints/step_N/<peer>.pt (weights, optimizer, schedule, and in weights mode
-the peer's weights at the last exchange -- what the others hold of it), written under a temporary
-name and renamed, so every peer resumes exactly. Final: <out>/final/<peer>/ (Hugging Face folders)
-plus metrics.json and stillroom.yaml.
+The loop is distill's (loop.fit): each mode is a step strategy over the peers as the loop's
+Trainees, so co-distillation has the same bad-step guard, crash handler, data prefetch, signal
+handling and atomic checkpoints. Checkpoints: <out>/checkpoints/step_N/<peer>.pt (weights,
+optimizer, schedule, and in weights mode the peer's weights at the last exchange -- what the others
+hold of it), so every peer resumes exactly. Final: <out>/final/<peer>/ (Hugging Face folders) plus
+metrics.json and stillroom.yaml, swapped in atomically.
 """
 from __future__ import annotations
 
@@ -89,7 +91,7 @@ def teacher_logits(teacher, b, cfg, accelerator, width):
 # ------------------------------------------------------------------------------------ one step per mode
 
 def step_mutual(peers, teacher, batches, cfg, accelerator, width, peers_on):
-    """All peers on the same micro-batches; gradients normalized like train.accumulate."""
+    """All peers on the same micro-batches; gradients normalized like loop.accumulate."""
     counts = torch.tensor([sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches),
                            sum(int(b.attention_mask.sum()) for b in batches)],
                           device=accelerator.device, dtype=torch.float64)
@@ -445,4 +447,6 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
     final = publish(out, "final", write, "the final peers")
     metrics["table"] = table(columns, before["pairs"], after["pairs"], after["tokens"])
     metrics["final"] = str(final)
+    from .report import write as write_report
+    metrics["report"] = str(write_report(out))
     return metrics

@@ -352,9 +352,6 @@ def load_data(cfg, tokenizer, rows=None, eval_rows=None):
     t = getattr(cfg, "teacher", None)
     field_ = getattr(t, "route_field", None)
     routes = [t.name] + [m.name for m in t.mix] if field_ else None
-    if field_ and cfg.data.pack:
-        raise UserError("data.pack would put examples of different teachers in one row: "
-                        "teacher.route_field needs data.pack=false")
     source = in_memory(rows, "train_data") if rows is not None else cfg.data.path
     examples, _ = build_examples(source, tokenizer, cfg.data, field_, routes)
     if cfg.data.eval_path or eval_rows is not None:

@@ -57,11 +57,10 @@ class Distiller:
         path). The trained student replaces `self.student` (also saved in output_dir/final)."""
         from .loop import make_accelerator
         from .outputs import prepare_output
-        from .train import check_methods, run_distill
+        from .train import run_distill
 
         cfg = self.cfg
         prepare_output(self.output_dir, self.overwrite, resume)
-        check_methods(cfg)
         self.student.train()
         for p in self.student.parameters():
             p.requires_grad_(True)

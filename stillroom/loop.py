@@ -1,8 +1,8 @@
 """The training loop, one for every mode, on Accelerate, top to bottom.
 
-One optimizer step: the step's plan (objective.plan: term weights, temperature, on-policy...) ->
+One optimizer step: the step's plan (objective.plan: its term weights, temperature, ...) ->
 its micro-batches (a pure function of the step number, so resume is exact; built ahead on a data
-thread) -> the objective's batch transform (on-policy rollouts) -> their target tokens counted
+thread) -> the objective's batch transform -> their target tokens counted
 across all processes, once -> per micro-batch: the objective's loss *sum* -> backward of
 sum * num_processes / num_tokens (cancelling DDP's mean over processes) -> clip -> bad-step guard
 -> step -> log / eval / save / stop. So 4 micro-batches x 1 process, 1 x 4 and 2 x 2 processes all
@@ -75,10 +75,10 @@ def window(examples, step, cfg, rank, world):
 class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    labels: torch.Tensor  # shifted: labels[i] is the target of logits[i]
-    examples: list | None = None  # what the batch was made of (a cached teacher looks them up)
+    labels: torch.Tensor  # shifted: labels[i] is the target of logits[i] (collate's are not)
+    examples: list | None = None  # what the batch was made of (a teacher may look them up)
     position_ids: torch.Tensor | None = None  # packed examples: positions restart per document
-    cached: object = None  # the cached teacher's TopK for this batch, when read ahead
+    ahead: dict | None = None  # teacher name -> its targets for this batch, read ahead on the data thread
 
 
 def to_batch(examples, pad_id, device) -> Batch:
@@ -216,7 +216,7 @@ def prefetched(make, steps, enabled=True):
 @dataclass
 class Trainee:
     """A model the loop trains: prepared (DDP-wrapped under several processes), its optimizer and
-    schedule; `extra`: modules trained with it (an objective's projections), clipped with it."""
+    schedule; `extra`: modules trained with it (an objective's own modules), clipped with it."""
     name: str | None
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer

@@ -59,7 +59,13 @@ def plots(d: dict) -> list[tuple[str, str]]:
     steps = [r for r in d["steps"] if "loss" in r]
     if steps:
         fig, ax = _figure("training loss")
-        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], marker=".", label="total (weighted)")
+        peers = sorted({k for r in steps if isinstance(r["loss"], dict) for k in r["loss"]})
+        if peers:   # co-distillation: one curve per peer
+            for n in peers:
+                ax.plot(*zip(*[(r["step"], r["loss"][n]) for r in steps if n in r["loss"]]), marker=".",
+                        label=f"peer {n}")
+        else:
+            ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], marker=".", label="total (weighted)")
         names = sorted({k for r in steps for k in r.get("terms", {})})
         for n in names:
             pts = [(r["step"], r["terms"][n]) for r in steps if n in r.get("terms", {})]

@@ -95,13 +95,13 @@ class CachedTeacher:
     cached = True
 
     def targets(self, b, need: str = "logits", attention: bool = False, clone: bool = False):
-        ahead = (b.cached or {}).get(self.name)
+        ahead = (b.ahead or {}).get(self.name)
         if ahead is not None:
             return ahead
         return self.cache.targets(b.examples, b.input_ids.shape[1], b.input_ids.device).top
 
     def read_ahead(self, b):
-        b.cached = {**(b.cached or {}), self.name: self.cache.targets(b.examples, b.input_ids.shape[1],
+        b.ahead = {**(b.ahead or {}), self.name: self.cache.targets(b.examples, b.input_ids.shape[1],
                                                                       b.input_ids.device).top}
 
     def eval_source(self):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import evaluate, loop, methods, models
+from . import evaluate, loop, models
 from .config import Config, to_yaml
 from .data import load_data
 from .errors import UserError
@@ -30,7 +30,7 @@ log = logging.getLogger("stillroom")
 
 # ------------------------------------------------------------------------------------ pieces
 
-def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=None, step=0) -> dict:
+def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, vocab=None, step=0) -> dict:
     """One optimizer step's forward + backward against a teacher model (or a cache.TeacherCache)
     under cfg's loss, for scripts and tests (distill builds its objective once): see
     loop.accumulate. Only the objectives that need nothing but teachers (not hidden-state or
@@ -39,8 +39,8 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, width=N
     from .teachers import CachedTeacher, LiveTeacher
 
     t = (CachedTeacher(teacher) if isinstance(teacher, TeacherCache)
-         else LiveTeacher(teacher, vocab=width, autocast=accelerator.autocast))
-    objective = build_objective(cfg, [t], width)
+         else LiveTeacher(teacher, vocab=vocab, autocast=accelerator.autocast))
+    objective = build_objective(cfg, [t], vocab)
     plan = objective.plan(step)
     return {**loop.accumulate(student, objective, batches, plan, accelerator), "alpha": plan.alpha,
             "temperature": plan.temperature}
@@ -89,7 +89,7 @@ def check_context(cfg, teacher_config):
         raise UserError(f"data.seq_len={cfg.data.seq_len} is beyond the teacher's context of {ctx} tokens")
 
 
-def eval_columns(student, student_path, teacher, held, cfg, width, pad_id, with_teacher=True, cache=None,
+def eval_columns(student, student_path, teacher, held, cfg, vocab, pad_id, with_teacher=True, cache=None,
                  s_tok=None):
     """s_tok: the student's tokenizer when it differs from the teacher's (cross-tokenizer): the
     teacher is then timed on the same prompts in its own tokens, and perplexities, being per token
@@ -97,7 +97,7 @@ def eval_columns(student, student_path, teacher, held, cfg, width, pad_id, with_
     e = cfg.eval
     cross = s_tok is not None
     cmp = evaluate.compare(student, None if cross else cache or teacher.model, held, pad_id, e.batch_size,
-                           e.max_batches, width)
+                           e.max_batches, vocab)
     prompts = evaluate.speed_prompts(held, e.gen_prompts)
     cols = {}
     if with_teacher and cross:
@@ -113,42 +113,6 @@ def eval_columns(student, student_path, teacher, held, cfg, width, pad_id, with_
     return cols, cmp["tokens"]
 
 
-def check_methods(cfg):
-    """Combinations of methods that cannot work, refused before anything is loaded."""
-    lc, tc = cfg.loss, cfg.teacher
-    terms = lc.terms or {("hard" if lc.kind == "hard" else lc.divergence): lc.alpha}
-    cached = tc.kind == "cache" or any(m.kind == "cache" for m in tc.mix)
-    if cached and lc.temperature_end not in (None, lc.temperature):
-        raise UserError("loss.temperature_end: a top-k cache holds the teacher at one temperature; "
-                        "schedule the temperature with a live teacher (alpha may still be scheduled)")
-    full = [k for k, v in teacher_terms(terms).items() if v and k not in ("forward_kl", "hard")]
-    if cached and full and (lc.terms or lc.kind == "soft"):
-        raise UserError(f"loss {full[0]} needs the teacher's full distribution; a top-k cache "
-                        "(teacher.kind=cache) supports forward_kl and hard only: use a live teacher")
-    feats = [k for k in terms if k in methods.FEATURE_TERMS and terms[k]]
-    if feats and tc.kind == "cache":
-        raise UserError(f"loss.terms.{feats[0]} needs the teacher's hidden states: use a live teacher")
-    if lc.on_policy and cached:
-        raise UserError("loss.on_policy: the teacher must score the student's own continuations, which no "
-                        "cache holds: use live teachers")
-    if lc.cross_tokenizer == "uld":
-        if cached or tc.mix:
-            raise UserError("loss.cross_tokenizer=uld works with one live teacher (no teacher.mix, no cache)")
-        if feats:
-            raise UserError("loss.cross_tokenizer=uld: hidden-state and attention terms need aligned "
-                            "positions of one tokenizer; drop them")
-        if lc.token_weight != "none":
-            raise UserError("loss.token_weight is not supported with loss.cross_tokenizer=uld")
-        if cfg.data.pack:
-            raise UserError("loss.cross_tokenizer=uld re-tokenizes each example's text: set data.pack=false")
-    ft = getattr(cfg, "finetune", None)
-    if ft is not None and not Path(ft.data).exists() and (Path(ft.data).suffix or ft.data.count("/") != 1):
-        raise UserError(f"finetune.data not found: {ft.data}")
-    if lc.on_policy and (tc.route_field or cfg.data.pack):
-        raise UserError("loss.on_policy rewrites each example from its prompt: not with teacher.route_field "
-                        "or data.pack")
-
-
 def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
     out = Path(cfg.train.output_dir)
     prepare_output(out, overwrite, resume)
@@ -156,7 +120,6 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     torch.manual_seed(cfg.train.seed)
 
     cache = None
-    check_methods(cfg)
     if cfg.teacher.kind == "cache":
         from .cache import TeacherCache
         cache = TeacherCache(cfg.teacher.cache)
@@ -192,20 +155,20 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
     cross = cfg.loss.cross_tokenizer == "uld"
     t_width = cache.index["vocab_size"] if cache else teacher.model
     if cross:
-        width, note = None, None
+        vocab, note = None, None
         if s_tok.get_vocab() == teacher.tokenizer.get_vocab():
             log.warning("loss.cross_tokenizer=uld with a teacher of the student's own tokenizer: the usual "
                         "loss (cross_tokenizer=none) is exact where ULD is an approximation")
     else:
         try:
-            width, note = models.check_vocab(t_width, teacher.tokenizer, student, s_tok)
+            vocab, note = models.check_vocab(t_width, teacher.tokenizer, student, s_tok)
         except UserError as e:
             raise UserError(f"{e} (or set loss.cross_tokenizer=uld to distill across tokenizers)") from None
     if note:
         log.warning(note)
-    if cache and width < cache.index["vocab_size"]:
+    if cache and vocab < cache.index["vocab_size"]:
         raise UserError(f"the cached teacher's logits ({cache.index['vocab_size']}) are wider than the "
-                        f"student's ({width}): its top-k ids may not exist in the student")
+                        f"student's ({vocab}): its top-k ids may not exist in the student")
     check_context(cfg, teacher.model_config())
     if cache:
         cache.check(cfg, s_tok)  # tokenizer, seq_len, temperature: before reading any data
@@ -223,8 +186,8 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
         log.warning("only %d training examples for train.batch_size=%d", len(train), cfg.train.batch_size)
 
     pad_id = tok.pad_token_id
-    teachers = load_teachers(cfg, cache, teacher.model, width, s_tok, accelerator)
-    objective = build_objective(cfg, teachers, width, student=student, teacher_model=teacher.model,
+    teachers = load_teachers(cfg, cache, teacher.model, vocab, s_tok, accelerator)
+    objective = build_objective(cfg, teachers, vocab, student=student, teacher_model=teacher.model,
                                 kept_layers=kept_layers, s_tok=s_tok, t_tok=teacher.tokenizer, pad_id=pad_id,
                                 eos_id=tok.eos_token_id, device=accelerator.device)
     # Everything is validated: from here on the output folder is written.
@@ -243,7 +206,7 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
         teacher.model.to("cpu" if cfg.teacher.offload else accelerator.device,
                          dtype=models.teacher_dtype(cfg.teacher.dtype, accelerator.device))
     source = teachers[0].eval_source()   # what the evaluation reads the teacher from
-    before, held_tokens = (eval_columns(student, None, teacher, held, cfg, width, pad_id, cache=cache,
+    before, held_tokens = (eval_columns(student, None, teacher, held, cfg, vocab, pad_id, cache=cache,
                                         s_tok=s_tok if cross else None) if main else ({}, 0))
     if cfg.train.qat != "none":
         from .quant import enable
@@ -263,7 +226,7 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
         if not main:
             return None
         cmp = evaluate.compare(accelerator.unwrap_model(student), source, held, pad_id, cfg.eval.batch_size,
-                               cfg.eval.max_batches, width)
+                               cfg.eval.max_batches, vocab)
         return {**cmp, "step": step}, (f"held-out perplexity {cmp['student_perplexity']:.3f}, agreement "
                                        f"{cmp['agreement']:.1%}, KL {cmp['kl_per_token']:.4f}")
 
@@ -278,7 +241,7 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
     if cfg.train.qat != "none":   # the evaluation below and final/ see the quantized weights
         from .quant import bake
         bake(student)
-    after, _ = eval_columns(student, None, teacher, held, cfg, width, pad_id, with_teacher=False, cache=cache,
+    after, _ = eval_columns(student, None, teacher, held, cfg, vocab, pad_id, with_teacher=False, cache=cache,
                             s_tok=s_tok if cross else None)
     columns = {"teacher": before["teacher"], "student before": before["student"],
                "student after": after["student"]}

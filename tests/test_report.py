@@ -33,6 +33,21 @@ def test_every_run_writes_a_self_contained_report(run):
     assert "top-1 agreement w/ teacher" in page and "forward_kl: 0.8" in page   # the table and the config
 
 
+def test_a_codistill_run_writes_its_report_too(tmp_path, teacher_dir, chat_file):
+    """Co-distillation ends like distill: report.html with a loss curve per peer and the table."""
+    from stillroom.codistill import codistill
+    from stillroom.config import CodistillRunConfig
+    out = tmp_path / "co"
+    over = [o for o in tiny_overrides(teacher_dir, chat_file, out) if not o.startswith("student.")]
+    cfg = load_config("codistill", over + ["peers.0.num_layers=2", "peers.1.layers=[1,3]", "train.eval_every=2",
+                                           "train.max_steps=4"], CodistillRunConfig)
+    result = codistill(cfg, progress=False)
+    page = (out / "report.html").read_text()
+    assert result["report"] == str(out / "report.html")
+    assert "peer a" in page and "peer b" in page and page.count("<svg") >= 2
+    assert "<script src" not in page and "<img" not in page
+
+
 def test_report_command_adds_a_compare_table(run):
     cols = {"teacher": {"params": 10, "size_mb": 1.0, "perplexity": 3.0, "decode_tokens_per_s": 5.0},
             "student": {"params": 5, "size_mb": 0.5, "perplexity": 4.0, "decode_tokens_per_s": 9.0}}
