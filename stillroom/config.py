@@ -358,51 +358,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _across(self):
+        from .rules import check_across
         check_across(self)
         return self
-
-
-def check_across(cfg):
-    """Rules across sections: combinations of methods that cannot work, refused when the config is
-    read (so `--print-config` refuses what `distill` would), before anything is loaded."""
-    from .methods import FEATURE_TERMS
-    from .objectives import teacher_terms
-
-    lc, tc = cfg.loss, cfg.teacher
-    terms = lc.terms or {("hard" if lc.kind == "hard" else lc.divergence): lc.alpha}
-    cached = tc.kind == "cache" or any(m.kind == "cache" for m in tc.mix)
-    if cached and lc.temperature_end not in (None, lc.temperature):
-        raise UserError("loss.temperature_end: a top-k cache holds the teacher at one temperature; "
-                        "schedule the temperature with a live teacher (alpha may still be scheduled)")
-    full = [k for k, v in teacher_terms(terms).items() if v and k not in ("forward_kl", "hard")]
-    if cached and full and (lc.terms or lc.kind == "soft"):
-        raise UserError(f"loss {full[0]} needs the teacher's full distribution; a top-k cache "
-                        "(teacher.kind=cache) supports forward_kl and hard only: use a live teacher")
-    feats = [k for k in terms if k in FEATURE_TERMS and terms[k]]
-    if feats and tc.kind == "cache":
-        raise UserError(f"loss.terms.{feats[0]} needs the teacher's hidden states: use a live teacher")
-    if lc.on_policy and cached:
-        raise UserError("loss.on_policy: the teacher must score the student's own continuations, which no "
-                        "cache holds: use live teachers")
-    if lc.cross_tokenizer == "uld":
-        if cached or tc.mix:
-            raise UserError("loss.cross_tokenizer=uld works with one live teacher (no teacher.mix, no cache)")
-        if feats:
-            raise UserError("loss.cross_tokenizer=uld: hidden-state and attention terms need aligned "
-                            "positions of one tokenizer; drop them")
-        if lc.token_weight != "none":
-            raise UserError("loss.token_weight is not supported with loss.cross_tokenizer=uld")
-        if cfg.data.pack:
-            raise UserError("loss.cross_tokenizer=uld re-tokenizes each example's text: set data.pack=false")
-    ft = getattr(cfg, "finetune", None)
-    if ft is not None and not Path(ft.data).exists() and (Path(ft.data).suffix or ft.data.count("/") != 1):
-        raise UserError(f"finetune.data not found: {ft.data}")
-    if tc.route_field and cfg.data.pack:
-        raise UserError("data.pack would put examples of different teachers in one row: "
-                        "teacher.route_field needs data.pack=false")
-    if lc.on_policy and (tc.route_field or cfg.data.pack):
-        raise UserError("loss.on_policy rewrites each example from its prompt: not with teacher.route_field "
-                        "or data.pack")
 
 
 def _suggest(model_cls, loc) -> str:
