@@ -26,11 +26,11 @@ import torch
 from . import models
 from .data import Example
 from .errors import UserError
+from .rules import FEATURE_TERMS
 from .losses import (DIVERGENCES, IGNORE_INDEX, attention_loss, hidden_loss)
 
 log = logging.getLogger("stillroom")
 
-FEATURE_TERMS = {"hidden_cosine": "cosine", "hidden_mse": "mse", "attention": None}
 TERM_NAMES = ("ce", "hard", *DIVERGENCES, *FEATURE_TERMS)
 
 

@@ -32,9 +32,9 @@ import torch
 from . import methods, models
 from .data import model_inputs
 from .losses import IGNORE_INDEX, general_loss, linear_mixed_loss, mixed_loss, uld_loss
+from .rules import FEATURE_TERMS, teacher_terms
 from .teachers import route_weights
 
-FEATURE_TERMS = methods.FEATURE_TERMS
 log = logging.getLogger("stillroom")
 
 
@@ -75,11 +75,6 @@ def loss_weights(cfg, step: int) -> tuple[float, float]:
     lc, n = cfg.loss, cfg.train.max_steps
     return (scheduled(lc.alpha, lc.alpha_end, step, n, lc.schedule),
             scheduled(lc.temperature, lc.temperature_end, step, n, lc.schedule))
-
-
-def teacher_terms(terms: dict) -> dict:
-    """The terms that read a teacher's distribution (not CE, not the hidden-state terms)."""
-    return {k: v for k, v in terms.items() if k != "ce" and k not in FEATURE_TERMS}
 
 
 @dataclass

@@ -8,13 +8,18 @@ from pathlib import Path
 
 from .errors import UserError
 
+# The hidden-state / attention terms of loss.terms and the kind of distance each is (methods.py).
+FEATURE_TERMS = {"hidden_cosine": "cosine", "hidden_mse": "mse", "attention": None}
+
+
+def teacher_terms(terms: dict) -> dict:
+    """The terms that read a teacher's distribution (not CE, not the hidden-state terms)."""
+    return {k: v for k, v in terms.items() if k != "ce" and k not in FEATURE_TERMS}
+
 
 def check_across(cfg):
     """Rules across sections: combinations of methods that cannot work, refused when the config is
     read (so `--print-config` refuses what `distill` would), before anything is loaded."""
-    from .methods import FEATURE_TERMS
-    from .objectives import teacher_terms
-
     lc, tc = cfg.loss, cfg.teacher
     terms = lc.terms or {("hard" if lc.kind == "hard" else lc.divergence): lc.alpha}
     cached = tc.kind == "cache" or any(m.kind == "cache" for m in tc.mix)
