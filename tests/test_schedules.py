@@ -38,7 +38,7 @@ def test_a_run_logs_the_scheduled_values(tmp_path, teacher_dir, chat_file):
 
 
 def test_a_temperature_schedule_needs_a_live_teacher(tmp_path, teacher_dir, chat_file):
-    cfg = load_config(None, tiny_overrides(teacher_dir, chat_file, tmp_path / "r") + [
-        "loss.temperature_end=1.0", "loss.temperature=2.0", "teacher.kind=cache", f"teacher.cache={tmp_path}"])
-    with pytest.raises(UserError, match="live teacher"):
-        distill(cfg, progress=False)
+    with pytest.raises(UserError, match="live teacher"):   # refused when the config is read
+        distill(load_config(None, tiny_overrides(teacher_dir, chat_file, tmp_path / "r") + [
+            "loss.temperature_end=1.0", "loss.temperature=2.0", "teacher.kind=cache", f"teacher.cache={tmp_path}"]),
+            progress=False)
