@@ -270,49 +270,18 @@ class CrossTokenizer(Terms):
         return total + ce, parts
 
 
-class Wrapper(Objective):
-    """An objective around another: everything it does not change, the inner one does."""
+class Wrapper:
+    """An objective around another: everything it does not change (its methods, and attributes
+    such as `trained`, `teachers`, `vocab`), the inner one does. Not an Objective subclass, so no
+    base-class default can shadow the inner objective's."""
 
-    def __init__(self, inner: Objective):
+    def __init__(self, inner):
         self.inner = inner
 
-    def __getattr__(self, name):   # teachers, vocab, lc, trained, ...
+    def __getattr__(self, name):
         if name == "inner":   # not set yet (copy, pickle): no recursion
             raise AttributeError(name)
         return getattr(self.inner, name)
-
-    def plan(self, step):
-        return self.inner.plan(step)
-
-    def prepare(self, batches, plan, student, indices, to_batch):
-        return self.inner.prepare(batches, plan, student, indices, to_batch)
-
-    def read_ahead(self, batches, plan):
-        return self.inner.read_ahead(batches, plan)
-
-    def loss(self, student, b, plan, accelerator):
-        return self.inner.loss(student, b, plan, accelerator)
-
-    def part_keys(self, plan):
-        return self.inner.part_keys(plan)
-
-    def after_step(self, plan, stats):
-        return self.inner.after_step(plan, stats)
-
-    def log(self, plan):
-        return self.inner.log(plan)
-
-    def sync_grads(self, accelerator):
-        return self.inner.sync_grads(accelerator)
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state):
-        return self.inner.load_state_dict(state)
-
-    def save(self, folder):
-        return self.inner.save(folder)
 
 
 class OnPolicy(Wrapper):

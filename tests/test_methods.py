@@ -261,6 +261,16 @@ def test_hidden_terms_resume_exactly(tmp_path, teacher_dir, chat_file):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("wrapper", ["loss.balance=true", "loss.on_policy=0.5"])
+def test_wrapped_objectives_still_train_their_projections(tmp_path, teacher_dir, chat_file, wrapper):
+    """Balancing and on-policy wrap the hidden-state objective: its projections still train
+    (a wrapper once read the base class's empty `trained` and left them out)."""
+    _run(tmp_path, teacher_dir, chat_file, "w", "loss.terms={ce: 0.5, forward_kl: 0.3, hidden_cosine: 0.2}",
+         wrapper, "train.lr=1e-2")
+    proj = load_file(str(tmp_path / "w" / "final" / "projections.safetensors"))
+    assert not torch.equal(proj["proj.0"], torch.eye(32)) and not torch.equal(proj["proj.1"], torch.eye(32))
+
+
 def test_token_weights_run_and_change_the_result(tmp_path, teacher_dir, chat_file):
     _run(tmp_path, teacher_dir, chat_file, "none", "loss.alpha=1.0")
     _run(tmp_path, teacher_dir, chat_file, "conf", "loss.alpha=1.0", "loss.token_weight=confidence")
