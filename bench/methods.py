@@ -115,7 +115,7 @@ def main():
             m = distill(cfg, overwrite=True, progress=False)
             total = time.perf_counter() - t0
             student = models.load(str(out / "final")).model
-            cmp = evaluate.compare(student, teacher.model, held, pad, 8, None)
+            cmp = evaluate.score(student, teacher.model, held, pad, 8, None)
             row = {"method": name, "perplexity": cmp["student_perplexity"], "agreement": cmp["agreement"],
                    "kl": cmp["kl_per_token"], "train_s": m["train"].get("elapsed_s"), "run_s": total,
                    "teacher_perplexity": cmp["teacher_perplexity"]}

@@ -181,7 +181,7 @@ def main():
     examples, _ = load_data(cfg, tok)
     assert len(examples) == args.batch and all(len(e.input_ids) == args.seq for e in examples)
     batch = to_batch(examples, tok.pad_token_id, dev)
-    ids, labels = batch.input_ids, batch.labels
+    ids, labels = batch.input_ids, batch.targets
     build(cfg, examples, tm, tok, progress=False)
     cache = TeacherCache(cfg.cache.path)
 

@@ -54,7 +54,7 @@ def main():
           f"calibration {args.calibration} blocks, held-out {len(held)} blocks of 256 tokens (TinyStories)")
     print(f"{'model':<24}{'params':>13}{'perplexity':>12}{'KL/token':>10}{'agreement':>11}")
     for name, m in rows.items():
-        c = evaluate.compare(m, teacher.model, held, pad, 8)
+        c = evaluate.score(m, teacher.model, held, pad, 8)
         print(f"{name:<24}{models.num_params(m):>13,}{c['student_perplexity']:>12.1f}{c['kl_per_token']:>10.3f}"
               f"{c['agreement']:>11.1%}")
     print(f"{'teacher':<24}{models.num_params(teacher.model):>13,}{c['teacher_perplexity']:>12.2f}")

@@ -121,12 +121,12 @@ def cmd_eval(args) -> int:
         raise UserError(f"data file not found: {args.data}")
     student = models.load(args.model)
     teacher = models.load(args.teacher)
-    width, note = models.check_vocab(teacher.model, teacher.tokenizer, student.model, student.tokenizer)
+    vocab, note = models.check_vocab(teacher.model, teacher.tokenizer, student.model, student.tokenizer)
     if note:
         log.warning(note)
     examples, _ = build_examples(args.data, teacher.tokenizer, dcfg)
     pad = teacher.tokenizer.pad_token_id
-    cmp = evaluate.compare(student.model, teacher.model, examples, pad, ecfg.batch_size, ecfg.max_batches, width)
+    cmp = evaluate.score(student.model, teacher.model, examples, pad, ecfg.batch_size, ecfg.max_batches, vocab)
     prompts = evaluate.speed_prompts(examples, ecfg.gen_prompts)
     columns = {"teacher": evaluate.teacher_column(teacher.model, teacher.path, cmp, ecfg, prompts, pad),
                "student": evaluate.student_column(student.model, student.path, cmp, ecfg, prompts, pad)}

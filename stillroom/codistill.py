@@ -62,9 +62,9 @@ class Peer(Trainee):
     snapshot: dict | None = None    # weights mode: this peer's weights at the last exchange
 
 
-def _logits(model, b, width):
+def _logits(model, b, vocab):
     out = model(**model_inputs(b), use_cache=False).logits
-    return out[..., :width] if width else out
+    return out[..., :vocab] if vocab else out
 
 
 def _targets(n_tokens):
@@ -81,7 +81,7 @@ def peer_loss(s, others, labels, t_logits, cfg, peers_on, inplace):
     return mixed_loss(s, targets, labels, 1 - lc.alpha * tw, lc.temperature, lc.kind, lc.chunk_rows, inplace)
 
 
-def teacher_logits(teacher, b, cfg, accelerator, width):
+def teacher_logits(teacher, b, cfg, accelerator, vocab):
     """The fixed teacher's logits (a teachers.LiveTeacher), only when it has a weight (the hybrid)."""
     if cfg.codistill.teacher_weight == 0 or cfg.loss.alpha == 0:
         return None
@@ -90,9 +90,9 @@ def teacher_logits(teacher, b, cfg, accelerator, width):
 
 # ------------------------------------------------------------------------------------ one step per mode
 
-def step_mutual(peers, teacher, batches, cfg, accelerator, width, peers_on):
+def step_mutual(peers, teacher, batches, cfg, accelerator, vocab, peers_on):
     """All peers on the same micro-batches; gradients normalized like loop.accumulate."""
-    counts = torch.tensor([sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches),
+    counts = torch.tensor([sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches),
                            sum(int(b.attention_mask.sum()) for b in batches)],
                           device=accelerator.device, dtype=torch.float64)
     counts = accelerator.reduce(counts, "sum") if accelerator.num_processes > 1 else counts
@@ -100,17 +100,17 @@ def step_mutual(peers, teacher, batches, cfg, accelerator, width, peers_on):
     scale = accelerator.num_processes / num_tokens
     totals = torch.zeros(len(peers), dtype=torch.float64, device=accelerator.device)
     for i, b in enumerate(batches):
-        t_logits = teacher_logits(teacher, b, cfg, accelerator, width)
+        t_logits = teacher_logits(teacher, b, cfg, accelerator, vocab)
         with contextlib.ExitStack() as stack:
             if i < len(batches) - 1:
                 for p in peers:
                     stack.enter_context(accelerator.no_sync(p.model))
             with accelerator.autocast():
-                logits = [_logits(p.model, b, width) for p in peers]
+                logits = [_logits(p.model, b, vocab) for p in peers]
             for j, p in enumerate(peers):
                 others = [x.detach() for k, x in enumerate(logits) if k != j]
                 # the last peer's logits are nobody's target any more: its gradient may overwrite them
-                loss = peer_loss(logits[j], others, b.labels, t_logits, cfg, peers_on,
+                loss = peer_loss(logits[j], others, b.targets, t_logits, cfg, peers_on,
                                  inplace=j == len(peers) - 1)
                 accelerator.backward(loss * scale)
                 totals[j] += loss.detach()
@@ -132,23 +132,23 @@ def _gather_predictions(s, cfg, accelerator):
     return [full[r * bsz:(r + 1) * bsz] for r in range(world)]
 
 
-def step_predictions(peer, teacher, own, shared, cfg, accelerator, width, peers_on):
+def step_predictions(peer, teacher, own, shared, cfg, accelerator, vocab, peers_on):
     """CE on this process's own micro-batches; peer (and teacher) terms on the shared batch."""
     lc, tw = cfg.loss, cfg.codistill.teacher_weight
-    n_own = _targets(sum(int((b.labels != IGNORE_INDEX).sum()) for b in own))
-    n_shared = _targets((shared.labels != IGNORE_INDEX).sum())
+    n_own = _targets(sum(int((b.targets != IGNORE_INDEX).sum()) for b in own))
+    n_shared = _targets((shared.targets != IGNORE_INDEX).sum())
     rank, world = accelerator.process_index, accelerator.num_processes
     total = 0.0
     w_peer = lc.alpha * (1 - tw) / (world - 1) if peers_on else 0.0
     if w_peer or (tw and lc.alpha):
-        t_logits = teacher_logits(teacher, shared, cfg, accelerator, width)
+        t_logits = teacher_logits(teacher, shared, cfg, accelerator, vocab)
         with accelerator.autocast():
-            s = _logits(peer.model, shared, width)
+            s = _logits(peer.model, shared, vocab)
         targets = [(t_logits, lc.alpha * tw)] if t_logits is not None else []
         if w_peer:
             preds = _gather_predictions(s, cfg, accelerator)
             targets += [(x, w_peer) for r, x in enumerate(preds) if r != rank]
-        loss = mixed_loss(s, targets, shared.labels, 0.0, lc.temperature, lc.kind, lc.chunk_rows,
+        loss = mixed_loss(s, targets, shared.targets, 0.0, lc.temperature, lc.kind, lc.chunk_rows,
                           inplace_grad=True)
         (loss / n_shared).backward()
         total += float(loss.detach()) / n_shared
@@ -156,27 +156,27 @@ def step_predictions(peer, teacher, own, shared, cfg, accelerator, width, peers_
     w_ce = 1 - lc.alpha if peers_on else 1 - lc.alpha * tw
     for b in own:
         with accelerator.autocast():
-            s = _logits(peer.model, b, width)
-        loss = mixed_loss(s, [], b.labels, w_ce, lc.temperature, lc.kind, lc.chunk_rows, inplace_grad=True)
+            s = _logits(peer.model, b, vocab)
+        loss = mixed_loss(s, [], b.targets, w_ce, lc.temperature, lc.kind, lc.chunk_rows, inplace_grad=True)
         (loss / n_own).backward()
         total += float(loss.detach()) / n_own
     tokens = sum(int(b.attention_mask.sum()) for b in own) + int(shared.attention_mask.sum())
     return total, tokens
 
 
-def step_weights(peer, stale, teacher, own, cfg, accelerator, width, peers_on):
+def step_weights(peer, stale, teacher, own, cfg, accelerator, vocab, peers_on):
     """Own micro-batches; the peer terms come from the stale copies of the others, run here."""
-    n_own = _targets(sum(int((b.labels != IGNORE_INDEX).sum()) for b in own))
+    n_own = _targets(sum(int((b.targets != IGNORE_INDEX).sum()) for b in own))
     total = 0.0
     for b in own:
-        t_logits = teacher_logits(teacher, b, cfg, accelerator, width)
+        t_logits = teacher_logits(teacher, b, cfg, accelerator, vocab)
         others = []
         if peers_on:
             with torch.no_grad(), accelerator.autocast():
-                others = [_logits(m, b, width) for m in stale]
+                others = [_logits(m, b, vocab) for m in stale]
         with accelerator.autocast():
-            s = _logits(peer.model, b, width)
-        loss = peer_loss(s, others, b.labels, t_logits, cfg, peers_on, inplace=True)
+            s = _logits(peer.model, b, vocab)
+        loss = peer_loss(s, others, b.targets, t_logits, cfg, peers_on, inplace=True)
         (loss / n_own).backward()
         total += float(loss.detach()) / n_own
         del s, others
@@ -279,15 +279,15 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
     teacher = models.load(cfg.teacher.model)
     check_context(cfg, teacher.model.config)
     built = [models.build_student(p, teacher, cfg.train.seed + i) for i, p in enumerate(cfg.peers)]
-    widths = []
+    vocabs = []
     for (m, tok, _), p in zip(built, cfg.peers):
         w, note = models.check_vocab(teacher.model, teacher.tokenizer, m, tok)
         if note:
             log.warning("peer %s: %s", p.name, note)
-        widths.append(w)
-    width = min(widths)
-    width = None if all(models.logits_width(m) == width for m, _, _ in built) and \
-        models.logits_width(teacher.model) == width else width
+        vocabs.append(w)
+    vocab = min(vocabs)
+    vocab = None if all(models.logits_width(m) == vocab for m, _, _ in built) and \
+        models.logits_width(teacher.model) == vocab else vocab
     if mode == "mutual":
         specs = [json.dumps(p.model_dump(exclude={"name", "lr"}), sort_keys=True) for p in cfg.peers]
         for i in range(n):
@@ -311,15 +311,15 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
 
     device = accelerator.device
     teacher.model.to(device, dtype=models.teacher_dtype(cfg.teacher.dtype, device))
-    live = LiveTeacher(teacher.model, vocab=width, autocast=accelerator.autocast)
+    live = LiveTeacher(teacher.model, vocab=vocab, autocast=accelerator.autocast)
     pad_id = teacher.tokenizer.pad_token_id
     peer_models = {p.name: m for (m, _, _), p in zip(built, cfg.peers)}
     before = None
     if main:
         for m in peer_models.values():
             m.to(device)
-        before = evaluate.compare_peers(peer_models, teacher.model, held, pad_id, cfg.eval.batch_size,
-                                        cfg.eval.max_batches, width)
+        before = evaluate.score_peers(peer_models, teacher.model, held, pad_id, cfg.eval.batch_size,
+                                        cfg.eval.max_batches, vocab)
         cols_before = columns_before(before, peer_models)
 
     # Who trains what: mutual = every peer here; otherwise peer `rank` only.
@@ -356,16 +356,16 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
     def step_fn(step, batches):
         peers_on = step >= cc.burn_in and cfg.loss.alpha > 0
         if mode == "mutual":
-            losses, tokens = step_mutual(peers, live, batches, cfg, accelerator, width, peers_on)
+            losses, tokens = step_mutual(peers, live, batches, cfg, accelerator, vocab, peers_on)
         elif mode == "predictions":
             own, shared = batches
-            loss, tokens = step_predictions(peers[0], live, own, shared, cfg, accelerator, width, peers_on)
+            loss, tokens = step_predictions(peers[0], live, own, shared, cfg, accelerator, vocab, peers_on)
             losses = [loss]
         else:
             if step % cc.exchange_every == 0:
                 peers[0].snapshot = exchange_weights(peers[0].model, copies, rank)
             stale = [m for j, m in enumerate(copies) if j != rank]
-            loss, tokens = step_weights(peers[0], stale, live, batches[0], cfg, accelerator, width, peers_on)
+            loss, tokens = step_weights(peers[0], stale, live, batches[0], cfg, accelerator, vocab, peers_on)
             losses = [loss]
         return {"loss": dict(zip([p.name for p in peers], losses)), "tokens": tokens, "peer_terms": peers_on}
 
@@ -385,13 +385,13 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
         if mode == "mutual":
             if not main:
                 return None
-            mid = evaluate.compare_peers({p.name: accelerator.unwrap_model(p.model) for p in peers},
+            mid = evaluate.score_peers({p.name: accelerator.unwrap_model(p.model) for p in peers},
                                          teacher.model, held, pad_id, cfg.eval.batch_size,
-                                         cfg.eval.max_batches, width)["peers"]
+                                         cfg.eval.max_batches, vocab)["peers"]
         else:   # every process evaluates its own peer; the main one gathers them
             from accelerate.utils import gather_object
-            mine = evaluate.compare(peers[0].model, teacher.model, held, pad_id, cfg.eval.batch_size,
-                                    cfg.eval.max_batches, width)
+            mine = evaluate.score(peers[0].model, teacher.model, held, pad_id, cfg.eval.batch_size,
+                                    cfg.eval.max_batches, vocab)
             mid = dict(gather_object([(peers[0].name, mine)]))
         line = ", ".join(f"{k} perplexity {v.get('perplexity', v.get('student_perplexity')):.3f}"  # peers' / compare's
                          for k, v in mid.items())
@@ -424,8 +424,8 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
     accelerator.end_training()
     if not main:
         return {}
-    after = evaluate.compare_peers(peer_models, teacher.model, held, pad_id, cfg.eval.batch_size,
-                                   cfg.eval.max_batches, width)
+    after = evaluate.score_peers(peer_models, teacher.model, held, pad_id, cfg.eval.batch_size,
+                                   cfg.eval.max_batches, vocab)
     prompts = evaluate.speed_prompts(held, cfg.eval.gen_prompts)
     columns = {"teacher": {"perplexity": before["teacher_perplexity"], **evaluate.describe(teacher.model, teacher.path),
                            "gen_tokens_per_s": evaluate.generation_speed(teacher.model, prompts, cfg.eval.gen_tokens, pad_id)}}

@@ -77,7 +77,7 @@ def cached_stats(s, cached, labels, with_kl: bool, chunk=256) -> dict:
 
 
 @torch.no_grad()
-def compare(student, teacher, examples, pad_id, batch_size=8, max_batches=None, width=None):
+def score(student, teacher, examples, pad_id, batch_size=8, max_batches=None, vocab=None):
     """Perplexity of both, top-1 agreement and mean KL(teacher || student) on `examples`.
     `teacher` is a model or a cache.TeacherCache."""
     from .cache import TeacherCache
@@ -95,13 +95,13 @@ def compare(student, teacher, examples, pad_id, batch_size=8, max_batches=None, 
             stats = token_stats(s, s.detach(), labels)
             stats.update(teacher_nll=None, kl=None, agree=None)
         elif cached:
-            stats = cached_stats(s[..., :width] if width else s,
+            stats = cached_stats(s[..., :vocab] if vocab else s,
                                  teacher.targets(batch, labels.shape[1], device), labels,
                                  with_kl=teacher.temperature == 1.0)
         else:
             t = teacher(**model_inputs(b), use_cache=False).logits
-            if width:
-                s, t = s[..., :width], t[..., :width]
+            if vocab:
+                s, t = s[..., :vocab], t[..., :vocab]
             stats = token_stats(s, t, labels)
         for k, v in stats.items():
             tot[k] = None if v is None or tot[k] is None else tot[k] + v
@@ -117,7 +117,7 @@ def compare(student, teacher, examples, pad_id, batch_size=8, max_batches=None, 
 
 
 @torch.no_grad()
-def compare_peers(peers: dict, teacher, examples, pad_id, batch_size=8, max_batches=None, width=None):
+def score_peers(peers: dict, teacher, examples, pad_id, batch_size=8, max_batches=None, vocab=None):
     """Co-distillation's eval in one pass: for each peer and for the ensemble (the mean of the
     peers' probabilities) perplexity, agreement and KL to the teacher; top-1 agreement of each
     pair of peers. -> {"peers": {name: {...}}, "ensemble": {...}, "pairs": {"a/b": frac}, ...}"""
@@ -134,11 +134,11 @@ def compare_peers(peers: dict, teacher, examples, pad_id, batch_size=8, max_batc
         labels = shift_labels(b["labels"])
         valid = labels != -100
         t = teacher(**model_inputs(b), use_cache=False).logits
-        t = t[..., :width] if width else t
+        t = t[..., :vocab] if vocab else t
         log_probs, top = {}, {}
         for n in names:
             s = peers[n](**model_inputs(b), use_cache=False).logits
-            s = s[..., :width] if width else s
+            s = s[..., :vocab] if vocab else s
             for k, v in token_stats(s, t, labels).items():
                 tot[n][k] += v
             log_probs[n] = torch.log_softmax(s.float(), -1)

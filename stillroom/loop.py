@@ -75,7 +75,7 @@ def window(examples, step, cfg, rank, world):
 class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    labels: torch.Tensor  # shifted: labels[i] is the target of logits[i] (collate's are not)
+    targets: torch.Tensor  # labels shifted: targets[i] is the token logits[i] must predict (collate's labels are unshifted)
     examples: list | None = None  # what the batch was made of (a teacher may look them up)
     position_ids: torch.Tensor | None = None  # packed examples: positions restart per document
     ahead: dict | None = None  # teacher name -> its targets for this batch, read ahead on the data thread
@@ -92,7 +92,7 @@ def accumulate(student, objective, batches: list[Batch], plan, accelerator) -> d
     """Forward + backward over one optimizer step's micro-batches; leaves the summed, correctly
     normalized gradient in the student's (and the objective's trained modules') .grad. Returns
     the step's loss per target token, token counts, and each logged term's raw size per token."""
-    local = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
+    local = sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches)
     counts = torch.tensor([local, sum(int(b.attention_mask.sum()) for b in batches)],
                           device=accelerator.device, dtype=torch.float64)
     counts = accelerator.reduce(counts, "sum") if accelerator.num_processes > 1 else counts

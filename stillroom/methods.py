@@ -176,12 +176,12 @@ class Aligned:
     t_rows: torch.Tensor
 
 
-def align(examples: list[Example], labels: torch.Tensor, s_tok, t_tok, device) -> Aligned:
+def align(examples: list[Example], targets: torch.Tensor, s_tok, t_tok, device) -> Aligned:
     """Student position i (which predicts token i + 1) and teacher position j are aligned when the
     text up to and including token i equals the text up to and including teacher token j: both
     then predict what follows the same characters. Only student positions with a target count."""
     t_ids, s_rows, t_rows = [], [], []
-    S = labels.shape[1]
+    S = targets.shape[1]
     for bi, e in enumerate(examples):
         text = s_tok.decode(e.input_ids)
         s_end = char_ends(s_tok, e.input_ids, text)
@@ -192,7 +192,7 @@ def align(examples: list[Example], labels: torch.Tensor, s_tok, t_tok, device) -
             if b > 0:
                 last[b] = j
         for i, end in enumerate(s_end):
-            if i < S and labels[bi, i] != IGNORE_INDEX and end > 0 and end in last:
+            if i < S and targets[bi, i] != IGNORE_INDEX and end > 0 and end in last:
                 s_rows.append(bi * S + i)
                 t_rows.append((bi, last[end]))
     width = max(map(len, t_ids))

@@ -38,11 +38,21 @@ def cache_dir() -> Path:
 
 @dataclass
 class Loaded:
-    model: torch.nn.Module
+    """A model as stillroom holds it. `model` is None only for a teacher known without its
+    weights (a cache's teacher: its tokenizer and config): make those with `without_weights`."""
+    model: torch.nn.Module | None
     tokenizer: object
     source: str          # what the user asked for
     path: Path | None    # folder or file the weights came from (None: built in memory)
-    config: object = None  # the model config when there is no model (a cached teacher)
+    config: object = None  # the model config when there are no weights
+
+    @classmethod
+    def without_weights(cls, tokenizer, source: str, config) -> "Loaded":
+        return cls(None, tokenizer, source, None, config)
+
+    @property
+    def has_weights(self) -> bool:
+        return self.model is not None
 
     def model_config(self):
         return self.model.config if self.model is not None else self.config

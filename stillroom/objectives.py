@@ -156,14 +156,14 @@ class Hybrid(Objective):
             t = self.teachers[0].targets(b, "head") if w > 0 else None
             with accelerator.autocast():
                 hidden = models.final_hidden(student, **model_inputs(b))
-            return linear_mixed_loss(hidden, s_head[0], [(t, w)] if w else [], b.labels, bias=s_head[1], **how), {}
+            return linear_mixed_loss(hidden, s_head[0], [(t, w)] if w else [], b.targets, bias=s_head[1], **how), {}
         t = self.teachers[0].targets(b, "logits") if w > 0 else None
         with accelerator.autocast():
             s_logits = student(**model_inputs(b), use_cache=False).logits
         if self.vocab:
             s_logits = s_logits[..., :self.vocab]
         # inplace_grad: the logits' storage receives their gradient (they are not read again).
-        return mixed_loss(s_logits, [(t, w)] if w else [], b.labels, inplace_grad=True, **how), {}
+        return mixed_loss(s_logits, [(t, w)] if w else [], b.targets, inplace_grad=True, **how), {}
 
 
 class Terms(Objective):
@@ -194,7 +194,7 @@ class Terms(Objective):
                     (r[..., :self.vocab] if self.vocab else r).clone()
                 targets.append((r, w))
         terms = {k: v for k, v in plan.terms.items() if k not in FEATURE_TERMS}
-        return general_loss(s_logits, targets, b.labels, terms, plan.temperature, lc.beta, lc.token_weight,
+        return general_loss(s_logits, targets, b.targets, terms, plan.temperature, lc.beta, lc.token_weight,
                             plan.kd_scale, parts, lc.chunk_rows)
 
     def loss(self, student, b, plan, accelerator):
@@ -225,7 +225,7 @@ class Features(Terms):
         att = "attention" in feats
         s_out, s_logits = self.student_out(student, b, accelerator, hidden=True, attention=att)
         t_out = self.teachers[0].targets(b, "features", attention=att)
-        mask = b.labels != IGNORE_INDEX
+        mask = b.targets != IGNORE_INDEX
         total = methods.feature_loss(feats, s_out, t_out, self.proj, self.pairs, mask, parts)
         return total + self.terms_loss(s_logits, b, plan, accelerator.device, parts, t_out.logits), parts
 
@@ -256,8 +256,8 @@ class CrossTokenizer(Terms):
     def loss(self, student, b, plan, accelerator):
         parts = {}
         _, s_logits = self.student_out(student, b, accelerator)
-        ce = general_loss(s_logits, [], b.labels, {"ce": plan.terms.get("ce", 0.0)}, parts=parts)
-        al = methods.align(b.examples, b.labels, self.s_tok, self.t_tok, b.input_ids.device)
+        ce = general_loss(s_logits, [], b.targets, {"ce": plan.terms.get("ce", 0.0)}, parts=parts)
+        al = methods.align(b.examples, b.targets, self.s_tok, self.t_tok, b.input_ids.device)
         kd_w = sum(teacher_terms(plan.terms).values())
         total = 0.0
         if kd_w and al.s_rows.numel():

@@ -96,7 +96,7 @@ def eval_columns(student, student_path, teacher, held, cfg, vocab, pad_id, with_
     of different tokenizers, are not compared (agreement and KL do not exist across vocabularies)."""
     e = cfg.eval
     cross = s_tok is not None
-    cmp = evaluate.compare(student, None if cross else cache or teacher.model, held, pad_id, e.batch_size,
+    cmp = evaluate.score(student, None if cross else cache or teacher.model, held, pad_id, e.batch_size,
                            e.max_batches, vocab)
     prompts = evaluate.speed_prompts(held, e.gen_prompts)
     cols = {}
@@ -123,7 +123,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
     if cfg.teacher.kind == "cache":
         from .cache import TeacherCache
         cache = TeacherCache(cfg.teacher.cache)
-        teacher = models.Loaded(None, cache.tokenizer(), cache.index["teacher"], None, cache.teacher_config())
+        teacher = models.Loaded.without_weights(cache.tokenizer(), cache.index["teacher"], cache.teacher_config())
         if cfg.data.path is None:  # the data the cache was built from
             cfg = cfg.model_copy(deep=True)
             cfg.data.path = cache.index["data"]["path"]
@@ -132,7 +132,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
         teacher = models.load(cfg.teacher.model)
     student, s_tok, how = models.build_student(cfg.student, teacher, cfg.train.seed)
     kept = None   # the teacher layers a from_teacher student was cut from (the hidden-state terms' map)
-    if cfg.student.init == "from_teacher" and not cfg.student.model and teacher.model is not None:
+    if cfg.student.init == "from_teacher" and not cfg.student.model and teacher.has_weights:
         n_t = teacher.model.config.num_hidden_layers
         kept = cfg.student.layers or models.spread_layers(n_t, cfg.student.num_layers or n_t)
     metrics, _ = run_distill(cfg, teacher, cache, student, s_tok, how, accelerator, overwrite=overwrite,
@@ -225,7 +225,7 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
     def mid_eval(step):
         if not main:
             return None
-        cmp = evaluate.compare(accelerator.unwrap_model(student), source, held, pad_id, cfg.eval.batch_size,
+        cmp = evaluate.score(accelerator.unwrap_model(student), source, held, pad_id, cfg.eval.batch_size,
                                cfg.eval.max_batches, vocab)
         return {**cmp, "step": step}, (f"held-out perplexity {cmp['student_perplexity']:.3f}, agreement "
                                        f"{cmp['agreement']:.1%}, KL {cmp['kl_per_token']:.4f}")
@@ -248,7 +248,7 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
     metrics = {"eval": columns, "held_out_tokens": held_tokens, "train": last_log,
                "train_examples": len(train), "held_out_examples": len(held)}
     final = write_final(out, student, s_tok, cfg, metrics,
-                        teacher.model.generation_config if teacher.model is not None and not cross else None,
+                        teacher.model.generation_config if teacher.has_weights and not cross else None,
                         extra=objective.save)
     metrics["table"] = evaluate.table(columns, held_tokens)
     if cache:

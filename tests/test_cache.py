@@ -44,9 +44,9 @@ def test_cache_with_k_equal_vocab_gives_the_dense_loss(tmp_path, teacher_dir, ch
         dense = teacher.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
     s = torch.randn(dense.shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
     cached = cache.targets(b.examples, b.input_ids.shape[1], "cpu").top
-    a = distill_loss(s, cached, b.labels, alpha=0.7, temperature=2.0)
+    a = distill_loss(s, cached, b.targets, alpha=0.7, temperature=2.0)
     (ga,) = torch.autograd.grad(a, s)
-    d = distill_loss(s, dense, b.labels, alpha=0.7, temperature=2.0)
+    d = distill_loss(s, dense, b.targets, alpha=0.7, temperature=2.0)
     (gd,) = torch.autograd.grad(d, s)
     assert a.item() == pytest.approx(d.item(), rel=1e-5)
     torch.testing.assert_close(ga, gd, rtol=1e-4, atol=1e-6)
@@ -64,7 +64,7 @@ def test_lookups_follow_sample_ids_across_shuffled_epochs(tmp_path, teacher_dir,
         with torch.no_grad():
             live = topk_targets(teacher.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits,
                                 8, temperature=2.0)
-        valid = b.labels != -100
+        valid = b.targets != -100
         assert torch.equal(got.top.ids[valid], live.ids[valid])
         torch.testing.assert_close(got.top.logp[valid], live.logp[valid], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.top.log_tail[valid], live.log_tail[valid], rtol=1e-5, atol=1e-5)

@@ -121,7 +121,7 @@ def test_predictions_mode_gradients_and_weight_exchange_across_two_processes(tmp
     for r in range(2):
         own, shared = step0_batches(cfg, train, r, 2, pad)
         model, other = built[r], built[1 - r]
-        mask = (shared.labels != -100).double()
+        mask = (shared.targets != -100).double()
         with torch.no_grad():
             t_shared, o_shared = logits(teacher.model, shared), logits(other, shared)
         s = logits(model, shared)
@@ -131,9 +131,9 @@ def test_predictions_mode_gradients_and_weight_exchange_across_two_processes(tmp
             peer_term = ref_forward_kl(s, o_shared, mask, T)
         kd = alpha * (1 - tw) * peer_term + alpha * tw * ref_forward_kl(s, t_shared, mask, T)
         b = own[0]
-        ce = torch.nn.functional.cross_entropy(logits(model, b).double().flatten(0, 1), b.labels.flatten(),
+        ce = torch.nn.functional.cross_entropy(logits(model, b).double().flatten(0, 1), b.targets.flatten(),
                                                reduction="sum")
-        ref = kd / mask.sum() + (1 - alpha) * ce / (b.labels != -100).sum()
+        ref = kd / mask.sum() + (1 - alpha) * ce / (b.targets != -100).sum()
         model.zero_grad()
         ref.backward()
         assert got[r]["loss"] == pytest.approx(ref.item(), rel=1e-5)

@@ -36,7 +36,7 @@ def test_compare_numbers_come_from_the_models(setup, teacher_dir):
     # quality: the same numbers as the evaluation computes on the same examples
     tok = models.load(str(teacher_dir)).tokenizer
     ex = build_examples(str(d / "held.txt"), tok, DataConfig(path=str(d / "held.txt"), seq_len=256))[0][:6]
-    ref = evaluate.compare(models.load(str(d / "student")).model, models.load(str(teacher_dir)).model, ex,
+    ref = evaluate.score(models.load(str(d / "student")).model, models.load(str(teacher_dir)).model, ex,
                            tok.pad_token_id, batch_size=1)
     s = cols["student"]
     assert s["perplexity"] == pytest.approx(ref["student_perplexity"], rel=1e-4)

@@ -35,7 +35,7 @@ def test_four_micro_batches_of_one_equal_one_batch_of_four(teacher_dir, chat_fil
     assert s4x1["loss"] == pytest.approx(s1x4["loss"], rel=1e-5)
     assert_same_grads(g4x1, g1x4)
     # The examples have different lengths, so averaging per micro-batch would NOT match:
-    lengths = [int((b != -100).sum()) for b in batch.labels]
+    lengths = [int((b != -100).sum()) for b in batch.targets]
     assert len(set(lengths)) > 1
 
 
