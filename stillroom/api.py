@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -87,15 +86,16 @@ class ApiTeacher:
                             "what was written is kept: run the same command again to continue") from None
         choice = r.choices[0]
         text = choice.message.content or ""
+        cut = {"truncated": True} if choice.finish_reason == "length" else {}   # stopped by max_tokens
         if not self.top_logprobs:
-            return text
+            return {"content": text, **cut} if cut else text
         content = (choice.logprobs.content if choice.logprobs else None) or []
         if not content:
             raise UserError(f"the API at {self.base_url} returned no logprobs: it does not support "
                             "logprobs/top_logprobs; drop --top-logprobs for text-only answers")
         lp = [{"token": c.token, "logprob": c.logprob,
                "top": [[x.token, x.logprob] for x in (c.top_logprobs or [])]} for c in content]
-        return {"content": text, "teacher_logprobs": lp}
+        return {"content": text, "teacher_logprobs": lp, **cut}
 
     def answer(self, convs: list[list[dict]], gcfg, seed: int) -> list[list]:
         """Every (conversation, answer number) as its own request, `concurrency` at a time; the
@@ -194,13 +194,15 @@ def build_from_logprobs(cfg, tok, model_config=None, overwrite=False, progress=T
     perplexity in the eval) are exact where the true token is listed, else the tail mass (an
     upper bound)."""
     from .cache import FORMAT, ShardWriter, _write_json, positions, sample_id, tokenizer_hash
+    from .folders import check_replace, clear, entries
 
     out, k = Path(cfg.cache.path), cfg.cache.top_k
-    if out.exists() and any(out.iterdir()):
+    if entries(out):
         if not overwrite:
-            raise UserError(f"{out} exists; pass --overwrite to replace it or set cache.path to another folder")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+            raise UserError(f"cache.path {out} exists; pass --overwrite to replace it (a stillroom cache only) "
+                            "or set cache.path to another folder")
+        check_replace(out, "cache", [cfg.data.path, cfg.data.eval_path], key="cache.path")
+    clear(out, "cache")
     tok.save_pretrained(out / "tokenizer")
     if model_config is not None:
         model_config.save_pretrained(out / "teacher")

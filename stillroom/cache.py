@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import faults
+from .folders import clear, durable_replace, entries, kind_of
 from .data import Example
 from .errors import UserError, write_failure
 from .losses import IGNORE_INDEX, TopK, topk_targets
@@ -69,7 +68,7 @@ def tokenizer_hash(tok) -> str:
 def _write_json(path: Path, obj):
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    durable_replace(tmp, path)   # fsync'ed, then renamed: a power loss keeps the old index or the new
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -118,7 +117,7 @@ class ShardWriter:
         try:
             save_file({k: torch.cat(v) for k, v in self.buf.items()}, str(tmp))
             faults.point("cache.shard_written")      # in its temporary file, not yet renamed
-            os.replace(tmp, self.out / name)
+            durable_replace(tmp, self.out / name)
             faults.point("cache.shard_renamed")      # renamed, not yet in the index
             self.index["shards"].append({"file": name, "rows": self.rows, "samples": self.samples})
             _write_json(self.out / "index.json", self.index)
@@ -137,10 +136,12 @@ def existing(cfg, teacher, tok, overwrite=False, skip=()) -> dict | None:
     from .models import logits_width
 
     out = Path(cfg.cache.path)
-    if overwrite or not out.exists() or not any(out.iterdir()):
+    if overwrite or not entries(out):
         return None
     if not (out / "index.json").is_file():
-        raise UserError(f"{out} exists and is not a stillroom cache; pass --overwrite or pick another cache.path")
+        kind = kind_of(out)
+        what = f"a stillroom {kind}" if kind else "not a stillroom cache"
+        raise UserError(f"cache.path {out} exists and is {what}: pick another cache.path")
     index = json.loads((out / "index.json").read_text())
     ident = {k: v for k, v in _identity(cfg, teacher, tok, logits_width(teacher)).items() if k not in skip}
     theirs = {k: index.get(k) for k in ident}
@@ -162,8 +163,7 @@ def build(cfg, examples: list[Example], teacher, tok, overwrite=False, progress=
     ident = _identity(cfg, teacher, tok, vocab)
     index = existing(cfg, teacher, tok, overwrite)
     if index is None:
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
+        clear(out, "cache")
         tok.save_pretrained(out / "tokenizer")
         teacher.config.save_pretrained(out / "teacher")
         from .models import num_params

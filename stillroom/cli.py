@@ -71,20 +71,33 @@ def cmd_distill(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from types import SimpleNamespace
-
-    import torch
-
-    from . import models
-    from .cache import build, existing, summary
     from .config import Config
-    from .train import check_context, prepare_data
 
     cfg = _run_config(args, Config)
     if cfg is None:
         return 0
     if cfg.teacher.kind != "live":
         raise UserError("stillroom cache runs the teacher: set teacher.kind=live (and teacher.model)")
+    from .folders import check_replace, claim
+    from .outputs import check_writable, inputs_of
+
+    out = Path(cfg.cache.path)
+    check_writable(out, "cache.path")
+    with claim(out, key="cache.path"):
+        if args.overwrite:
+            check_replace(out, "cache", inputs_of(cfg), key="cache.path")
+        return _build_cache(cfg, args)
+
+
+def _build_cache(cfg, args) -> int:
+    from types import SimpleNamespace
+
+    import torch
+
+    from . import models
+    from .cache import build, existing, summary
+    from .train import check_context, prepare_data
+
     teacher = models.load(cfg.teacher.model)
     if cfg.cache.source == "logprobs":
         from .api import build_from_logprobs
@@ -207,9 +220,13 @@ def cmd_generate(args) -> int:
                             "are cached with `stillroom cache`)")
         loaded = models.load(args.teacher)
         teacher = LocalTeacher(loaded.model, loaded.tokenizer, args.teacher)
-    out = generate_file(teacher, prompts, Path(args.out), gcfg, progress=not args.no_progress)
-    rows = sum(1 for _ in open(out, encoding="utf-8"))
-    print(f"{rows} conversations for {len(prompts)} prompts in {out}")
+    r = generate_file(teacher, prompts, Path(args.out), gcfg, progress=not args.no_progress)
+    notes = [f"{r['skipped']} prompts skipped (too long)" if r["skipped"] else "",
+             f"{r['empty']} empty answers dropped" if r["empty"] else "",
+             f"{r['truncated']} answers cut at --max-new-tokens {gcfg.max_new_tokens} (marked truncated)"
+             if r["truncated"] else ""]
+    notes = "; ".join(n for n in notes if n)
+    print(f"{r['rows']} conversations for {r['prompts']} prompts in {r['path']}" + (f"; {notes}" if notes else ""))
     return 0
 
 

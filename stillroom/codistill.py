@@ -49,7 +49,7 @@ from .data import micro_batch, model_inputs
 from .errors import UserError
 from .losses import IGNORE_INDEX, mixed_loss, mutual_loss, topk_targets
 from .loop import Run, Trainee, fit, lr_lambda, make_accelerator, make_optimizer, to_batch, window
-from .outputs import prepare_output, publish
+from .outputs import inputs_of, own_output, publish, record_resume, resume_changes, start_output
 from .teachers import LiveTeacher
 from .train import check_context, prepare_data
 
@@ -264,7 +264,11 @@ def table(columns: dict, pairs_before: dict, pairs_after: dict, tokens: int) -> 
 
 def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
     out = Path(cfg.train.output_dir)
-    prepare_output(out, overwrite, resume)
+    with own_output(out, overwrite, resume, inputs_of(cfg)):
+        return _codistill(cfg, out, overwrite, resume, progress)
+
+
+def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool, progress: bool) -> dict:
     accelerator = make_accelerator(cfg, out)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     mode, cc, n = cfg.codistill.mode, cfg.codistill, len(cfg.peers)
@@ -300,10 +304,10 @@ def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = F
     if len(train) < world:
         raise UserError(f"{len(train)} training examples cannot be split into {world} shards")
 
+    changes = resume_changes(out, cfg) if resume else {}   # on every process: a refusal stops them all
     if main:
-        if overwrite and not resume:
-            shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
+        start_output(out, overwrite, resume)
+        record_resume(out, changes)
         (out / "config.yaml").write_text(to_yaml(cfg))
     for (m, _, how), p in zip(built, cfg.peers):
         log.info("peer %s (%s): %s params", p.name, how, f"{models.num_params(m):,}")

@@ -158,16 +158,22 @@ def _check_messages(msgs) -> str | None:
     return None
 
 
-def render_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Chat template -> (ids, labels) with labels only on assistant turns (end-of-turn included)."""
+def render_chat(tokenizer, messages: list[dict], cut: bool = False) -> tuple[list[int], list[int]]:
+    """Chat template -> (ids, labels) with labels only on assistant turns (end-of-turn included).
+    cut: the last answer was cut off (generate's `truncated`): its end-of-turn is not a target,
+    so the student never learns to stop where the answer was only cut."""
     def render(msgs, gen):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
     text = render(messages, False)
     spans = []
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
             start, end = len(render(messages[:i], True)), len(render(messages[:i + 1], False))
+            if cut and i == last:
+                at = text.find(m["content"], start, end)
+                end = at + len(m["content"]) if at >= 0 and m["content"] else end
             spans.append((start, end))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
@@ -176,12 +182,12 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def render_pair(tokenizer, prompt: str, response: str):
+def render_pair(tokenizer, prompt: str, response: str, cut: bool = False):
     if tokenizer.chat_template:
         return render_chat(tokenizer, [{"role": "user", "content": prompt},
-                                       {"role": "assistant", "content": response}])
+                                       {"role": "assistant", "content": response}], cut)
     p = tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + ([] if cut else [tokenizer.eos_token_id])
     return p + r, [IGNORE_INDEX] * len(p) + r
 
 
@@ -302,12 +308,12 @@ def build_examples(path, tokenizer, dcfg, route_field: str | None = None,
                 if why:
                     report.bad.append((n, why))
                     continue
-                ids, labels = render_chat(tokenizer, row["messages"])
+                ids, labels = render_chat(tokenizer, row["messages"], row.get("truncated") is True)
             else:
                 if not row["response"].strip():
                     report.bad.append((n, "empty response"))
                     continue
-                ids, labels = render_pair(tokenizer, row["prompt"], row["response"])
+                ids, labels = render_pair(tokenizer, row["prompt"], row["response"], row.get("truncated") is True)
             if len(ids) > dcfg.seq_len:
                 report.truncated += 1
                 ids, labels = ids[:dcfg.seq_len], labels[:dcfg.seq_len]

@@ -55,12 +55,16 @@ class Distiller:
     def train(self, resume: bool = False) -> dict:
         """Distill; -> the metrics (evaluation before and after, the last log record, final/'s
         path). The trained student replaces `self.student` (also saved in output_dir/final)."""
-        from .loop import make_accelerator
-        from .outputs import prepare_output
-        from .train import run_distill
+        from .outputs import own_output
 
         cfg = self.cfg
-        prepare_output(self.output_dir, self.overwrite, resume)
+        with own_output(self.output_dir, self.overwrite, resume):
+            return self._train(cfg, resume)
+
+    def _train(self, cfg, resume: bool) -> dict:
+        from .loop import make_accelerator
+        from .train import run_distill
+
         self.student.train()
         for p in self.student.parameters():
             p.requires_grad_(True)

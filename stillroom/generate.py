@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .folders import fsync_dir
 
 log = logging.getLogger("stillroom")
 
@@ -127,6 +128,7 @@ class LocalTeacher:
             tokenizer = copy.copy(tokenizer)
             tokenizer.chat_template = PLAIN_TEMPLATE
         self.model, self.tokenizer, self.source = model, tokenizer, source
+        self.context = getattr(model.config, "max_position_embeddings", None)   # prompt + answer must fit
 
     def prompt_tokens(self, conv) -> int:
         text = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
@@ -154,8 +156,14 @@ class LocalTeacher:
             out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
         flat = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-        if self.plain:   # a base model goes on with the next question: keep its answer
+        stops = self.model.generation_config.eos_token_id
+        stops = set(stops if isinstance(stops, list) else [stops] if stops is not None else []) | {tok.eos_token_id}
+        # an answer that never reached an end-of-turn token was cut by max_new_tokens
+        cut = [not any(int(t) in stops for t in row) for row in new]
+        if self.plain:   # a base model goes on with the next question: keep its answer (not cut, then)
+            cut = [c and "\nQ:" not in t for c, t in zip(cut, flat)]
             flat = [t.split("\nQ:")[0].strip() for t in flat]
+        flat = [{"content": t, "truncated": True} if c else t for t, c in zip(flat, cut)]
         n = gcfg.num_answers
         return [flat[i * n:(i + 1) * n] for i in range(len(convs))]
 
@@ -204,48 +212,72 @@ def _resume(out: Path, progress: Path, prompts, settings: str) -> int:
     return done
 
 
-def generate_file(teacher, prompts, out: Path, gcfg, progress: bool = True) -> Path:
+def generate_file(teacher, prompts, out: Path, gcfg, progress: bool = True) -> dict:
     """Answer every prompt not yet answered in `out`, appending one JSON line per answer.
-    `teacher`: a LocalTeacher or api.ApiTeacher; prompts are strings or conversations."""
+    `teacher`: a LocalTeacher or api.ApiTeacher; prompts are strings or conversations.
+    A prompt that cannot fit (generate.max_prompt_tokens, or the teacher's context less
+    max_new_tokens) is skipped before any compute; an answer cut by max_new_tokens is kept with
+    `"truncated": true` (distill then learns no end-of-turn after it); empty answers are dropped.
+    -> {"path", "rows", "prompts", "skipped", "empty", "truncated"} (counted over the whole file,
+    earlier runs included)."""
     convs = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     progress_file = out.with_name(out.name + ".progress.json")
     settings = _settings(gcfg, teacher.source)
     start = _resume(out, progress_file, convs, settings)
-    if start == len(convs):
-        return out
-    skipped = 0
+    counts = dict.fromkeys(("skipped", "empty", "truncated"), 0)
+    if progress_file.exists():
+        counts.update(json.loads(progress_file.read_text()).get("counts", {}))
+    context = getattr(teacher, "context", None)
+    limit = gcfg.max_prompt_tokens
+    if context:
+        room = context - gcfg.max_new_tokens
+        if room < 1:
+            raise UserError(f"--max-new-tokens {gcfg.max_new_tokens} leaves no room for a prompt in the teacher's "
+                            f"context of {context} tokens: lower --max-new-tokens")
+        limit = min(limit or room, room)
     bar = tqdm(total=len(convs), initial=start, desc="teacher answers", unit="prompt", disable=not progress)
     with open(out, "ab") as f:
         for a in range(start, len(convs), gcfg.batch_size):
             batch = convs[a:a + gcfg.batch_size]
-            keep = batch
-            if gcfg.max_prompt_tokens:
-                keep = [c for c in batch if teacher.prompt_tokens(c) <= gcfg.max_prompt_tokens]
-                skipped += len(batch) - len(keep)
+            keep = [c for c in batch if teacher.prompt_tokens(c) <= limit] if limit else batch
+            counts["skipped"] += len(batch) - len(keep)
             lines = []
             for conv, answers in zip(keep, teacher.answer(keep, gcfg, seed=a) if keep else []):
                 seen = set()
-                for r in answers:  # a string, or {"content": ..., "teacher_logprobs": [...]} (API)
-                    extra = r if isinstance(r, dict) else {}
+                for r in answers:  # a string, or {"content": ..., "truncated"/"teacher_logprobs": ...}
+                    extra = dict(r) if isinstance(r, dict) else {}
                     text = extra.pop("content", None) if extra else r
                     key = re.sub(r"\s+", " ", text)
-                    if not text.strip() or (gcfg.dedup and key in seen):
+                    if not text.strip():
+                        counts["empty"] += 1
+                        continue
+                    if gcfg.dedup and key in seen:
                         continue
                     seen.add(key)
+                    counts["truncated"] += bool(extra.get("truncated"))
                     row = {"messages": conv + [{"role": "assistant", "content": text}], **extra}
                     lines.append(json.dumps(row) + "\n")
             f.write("".join(lines).encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
             done = a + len(batch)
-            state = {"settings": settings, "done": done, "prefix": _sha(convs[:done]), "bytes": f.tell()}
+            state = {"settings": settings, "done": done, "prefix": _sha(convs[:done]), "bytes": f.tell(),
+                     "counts": counts}
             tmp = progress_file.with_name(progress_file.name + ".tmp")
-            tmp.write_text(json.dumps(state))
+            with open(tmp, "w") as p:
+                p.write(json.dumps(state))
+                p.flush()
+                os.fsync(p.fileno())
             os.replace(tmp, progress_file)
+            fsync_dir(progress_file.parent)
             bar.update(len(batch))
     bar.close()
-    if skipped:
-        log.warning("skipped %d prompts longer than generate.max_prompt_tokens=%d", skipped, gcfg.max_prompt_tokens)
-    return out
+    rows = sum(1 for _ in open(out, encoding="utf-8"))
+    if counts["skipped"]:
+        why = f"longer than {limit} tokens" + (f" (the teacher's context {context} less --max-new-tokens "
+                                               f"{gcfg.max_new_tokens})" if context and limit == context - gcfg.max_new_tokens
+                                               else " (--max-prompt-tokens)")
+        log.warning("skipped %d prompts %s", counts["skipped"], why)
+    return {"path": out, "rows": rows, "prompts": len(convs), **counts}

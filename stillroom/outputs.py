@@ -3,6 +3,7 @@ resume, the final folder (swapped in atomically), and the checks on an output fo
 any heavy work. Shared by distill, codistill and the commands that write model folders."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -10,7 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
-from . import faults
+from . import faults, folders
 from .config import to_yaml
 from .errors import UserError, write_failure
 
@@ -55,7 +56,7 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int, write=None, st
             faults.point("checkpoint.written")          # files in tmp, not yet marked complete
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(state or {})}))
             faults.point("checkpoint.complete")         # complete in tmp, not yet renamed
-            os.replace(tmp, final)
+            folders.durable_replace(tmp, final)         # on the disk before it is published
     except Exception as e:
         why = write_failure(e, tmp.parent)   # asked before the partial folder frees its space
         if main:
@@ -92,7 +93,7 @@ def trim_metrics(path: Path, step: int):
             keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
+    folders.durable_replace(tmp, path)
 
 
 def publish(out: Path, name: str, write, what: str) -> Path:
@@ -112,10 +113,11 @@ def publish(out: Path, name: str, write, what: str) -> Path:
                         (f"checkpoint {have[-1].name} is intact: free space and rerun with --resume"
                          if have else "free space and rerun")) from None
     faults.point("final.written")
+    folders.fsync_tree(tmp)              # every file on the disk before the swap publishes it
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
-    os.replace(tmp, final)
+    folders.durable_replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -154,14 +156,102 @@ def check_writable(out: Path, what="output folder"):
         raise UserError(f"{what} {out}: cannot write in {probe} ({e.strerror}); pick another path") from None
 
 
-def prepare_output(out: Path, overwrite: bool, resume: bool):
-    """Refuse to clobber a previous run unless asked; runs before any heavy work."""
+def prepare_output(out: Path, overwrite: bool, resume: bool, inputs=()):
+    """Refuse to clobber a previous run unless asked, and to let --overwrite delete anything
+    stillroom did not make or any of the command's `inputs`; runs before any heavy work."""
     check_writable(out)
     if resume:
         if not checkpoints(out):
             raise UserError(f"--resume: no complete checkpoint in {out}/checkpoints "
                             "(set train.save_every to write some)")
         return
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if folders.entries(out) and not overwrite:
         raise UserError(f"output folder {out} already exists; pass --overwrite to replace it "
                         "or --resume to continue it")
+    if overwrite:
+        folders.check_replace(out, "run", inputs)
+
+
+@contextlib.contextmanager
+def own_output(out: Path, overwrite: bool, resume: bool, inputs=()):
+    """`with own_output(...):` a run's whole life: the folder checked (prepare_output) and
+    locked against a second command (folders.claim) until the run ends."""
+    check_writable(out)
+    with folders.claim(out):
+        prepare_output(out, overwrite, resume, inputs)
+        yield
+
+
+def start_output(out: Path, overwrite: bool, resume: bool):
+    """The first write of a validated run (main process): an --overwrite empties the folder
+    (prepare_output allowed it), and the folder is marked as a stillroom run."""
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite and not resume:
+        folders.clear(out, "run")
+    elif not (out / folders.MARKER).exists():
+        folders.mark(out, "run")
+
+
+def inputs_of(cfg) -> list[str]:
+    """The local paths a run reads (data, teacher, student or peers, cache, fine-tuning data)."""
+    found = []
+    for section, key in (("data", "path"), ("data", "eval_path"), ("teacher", "model"), ("teacher", "cache"),
+                         ("student", "model"), ("finetune", "data")):
+        v = getattr(getattr(cfg, section, None), key, None)
+        found.append(v)
+    found += [getattr(p, "model", None) for p in getattr(cfg, "peers", None) or []]
+    return [v for v in found if isinstance(v, str) and v and Path(v).exists()]
+
+
+# On resume, settings that cannot change what the run computes: how it logs, evaluates, saves,
+# reports and uses the machine. Anything else that differs from the run's config is refused.
+HARMLESS = {"train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+            "train.report_to", "train.threads", "train.prefetch", "train.max_bad_steps", "train.output_dir",
+            "teacher.offload", "eval.max_batches", "eval.batch_size", "eval.gen_tokens", "eval.gen_prompts"}
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_changes(out: Path, cfg) -> dict:
+    """--resume: the config keys that differ from the run's own (its config.yaml), as
+    {key: [then, now]}, when each is one that cannot change what the run computes (HARMLESS, or
+    train.max_steps raised to extend the run); any other difference is refused in one line."""
+    import yaml
+
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return {}
+    then, now = _flat(yaml.safe_load(saved.read_text())), _flat(yaml.safe_load(to_yaml(cfg)))
+    diff = {k: [then.get(k), now.get(k)] for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)}
+
+    def harmless(k, a, b):
+        return k in HARMLESS or (k == "train.max_steps" and isinstance(a, int) and isinstance(b, int) and b >= a)
+
+    refused = [f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items() if not harmless(k, a, b)]
+    if refused:
+        raise UserError(f"--resume: {out} was trained with other settings ({'; '.join(refused)}); they change "
+                        "what the run computes: resume with the run's values, or start a new run in another "
+                        "train.output_dir")
+    return diff
+
+
+def record_resume(out: Path, changes: dict):
+    """Main process, on resume: log the allowed changes (resume_changes), also as a metrics.jsonl
+    record at the step the run resumes from."""
+    import logging
+
+    if changes:
+        step = read_state(checkpoints(out)[-1])["step"]
+        logging.getLogger("stillroom").warning(
+            "resume: changed from step %d: %s", step, ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "config_changed": changes}) + "\n")

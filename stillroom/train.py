@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from .errors import UserError
 from .loop import (Batch, GracefulStop, fit, lr_lambda, make_accelerator, make_optimizer, objective_run,  # noqa: F401
                    prefetched, set_threads, to_batch, window, window_indices)
 from .objectives import build_objective, loss_weights, teacher_terms  # noqa: F401
-from .outputs import checkpoints, prepare_output, write_final  # noqa: F401
+from .outputs import checkpoints, inputs_of, own_output, prepare_output, record_resume, resume_changes, start_output, write_final  # noqa: F401
 from .teachers import load_teachers
 
 log = logging.getLogger("stillroom")
@@ -54,7 +53,8 @@ def default_data(cfg: Config, teacher: models.Loaded) -> str:
 
     g = cfg.generate
     prompts = read_prompts(g.prompts, g.num_prompts, g.prompt_field, g.split, g.system, g.dedup)
-    key = hashlib.sha1(json.dumps([cfg.teacher.model, prompts, g.model_dump()], sort_keys=True)
+    # "answers-2": rows mark answers cut by max_new_tokens (files written before are not reused)
+    key = hashlib.sha1(json.dumps(["answers-2", cfg.teacher.model, prompts, g.model_dump()], sort_keys=True)
                        .encode()).hexdigest()[:12]
     path = models.cache_dir() / "data" / f"answers-{key}.jsonl"
     log.info("data: the teacher's answers to %d prompts (%s)", len(prompts), path)
@@ -115,7 +115,11 @@ def eval_columns(student, student_path, teacher, held, cfg, vocab, pad_id, with_
 
 def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
     out = Path(cfg.train.output_dir)
-    prepare_output(out, overwrite, resume)
+    with own_output(out, overwrite, resume, inputs_of(cfg)):
+        return _distill(cfg, out, overwrite, resume, progress)
+
+
+def _distill(cfg: Config, out: Path, overwrite: bool, resume: bool, progress: bool) -> dict:
     accelerator = make_accelerator(cfg, out)
     torch.manual_seed(cfg.train.seed)
 
@@ -191,10 +195,10 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
                                 kept_layers=kept_layers, s_tok=s_tok, t_tok=teacher.tokenizer, pad_id=pad_id,
                                 eos_id=tok.eos_token_id, device=accelerator.device)
     # Everything is validated: from here on the output folder is written.
+    changes = resume_changes(out, cfg) if resume else {}   # on every process: a refusal stops them all
     if main:
-        if overwrite and not resume:
-            shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
+        start_output(out, overwrite, resume)
+        record_resume(out, changes)
         (out / "config.yaml").write_text(to_yaml(cfg))
     n_params = models.num_params(student)
     t_params = cache.index.get("teacher_params") if cache else models.num_params(teacher.model)

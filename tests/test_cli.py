@@ -203,9 +203,16 @@ def test_existing_output_needs_overwrite_or_resume(tmp_path, teacher_dir, chat_f
     assert_user_error(run_cli("distill", *args, "--resume"), "no complete checkpoint")
     assert_user_error(run_cli("distill", *args, "--resume", "--overwrite"), "exclude each other")
     assert (out / "keep.txt").exists()
-    r = run_cli("distill", *args, "--overwrite", "--no-progress")
+    # a folder stillroom did not make is never deleted, even with --overwrite (issue 18)
+    assert_user_error(run_cli("distill", *args, "--overwrite"), "was not made by stillroom")
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    r = run_cli("distill", *args, "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert not (out / "keep.txt").exists() and (out / "final").is_dir()
+    (out / "final" / "stale.txt").write_text("from the previous run")
+    r = run_cli("distill", *args, "--overwrite", "--no-progress")      # a run of its own: replaced
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (out / "final" / "stale.txt").exists() and (out / "final").is_dir()
 
 
 def test_eval_command_json_and_table(tmp_path, teacher_dir, chat_file):

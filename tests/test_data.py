@@ -110,3 +110,20 @@ def test_micro_batches_cover_each_epoch_once():
     epoch0 = [e.input_ids[0] for k in range(3) for e in micro_batch(ex, k, 4, seed=0)]
     assert sorted(epoch0) == list(range(12))
     assert [e.input_ids for e in micro_batch(ex, 5, 4, 0)] == [e.input_ids for e in micro_batch(ex, 5, 4, 0)]
+
+
+def test_a_cut_answer_teaches_no_end_of_turn(tmp_path, tok):
+    from stillroom.config import DataConfig
+    from stillroom.data import build_examples
+
+    p = tmp_path / "d.jsonl"
+    conv = [{"role": "user", "content": "Tell me about the cat."}, {"role": "assistant", "content": "The cat sat on"}]
+    p.write_text(json.dumps({"messages": conv}) + "\n" + json.dumps({"messages": conv, "truncated": True}) + "\n"
+                 + json.dumps({"prompt": "Tell me", "response": "The cat", "truncated": True}) + "\n")
+    whole, cut, pair = build_examples(str(p), tok, DataConfig(seq_len=64, eval_fraction=0.0))[0]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    learned = [t for t in whole.labels if t != -100]
+    assert end in learned                                               # a whole answer: its end is a target
+    assert end not in [t for t in cut.labels if t != -100] and end not in [t for t in pair.labels if t != -100]
+    assert tok.decode([t for t in cut.labels if t != -100]) == "The cat sat on"
+    assert cut.input_ids == whole.input_ids                            # the same text; only the targets differ

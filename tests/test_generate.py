@@ -101,3 +101,69 @@ def test_a_base_model_without_chat_template_is_prompted_plainly(tmp_path, teache
                   GenerateConfig(max_new_tokens=12, batch_size=2), progress=False)
     answers = [r["messages"][1]["content"] for r in rows(out)]
     assert len(answers) == 2 and all("\nQ:" not in a for a in answers)
+
+
+class Scripted:
+    """A teacher whose answers are given: records what it was asked, with a context window."""
+
+    def __init__(self, answers, context=None, tokens=len):
+        self.answers, self.context, self.asked, self.source = answers, context, [], "scripted"
+        self._tokens = tokens
+
+    def prompt_tokens(self, conv):
+        return self._tokens(conv[-1]["content"].split())
+
+    def answer(self, convs, gcfg, seed):
+        self.asked += [c[-1]["content"] for c in convs]
+        return [[self.answers[c[-1]["content"]]] for c in convs]
+
+
+def test_prompts_that_cannot_fit_the_context_are_skipped_before_any_compute_and_counted(tmp_path):
+    long = "word " * 30
+    teacher = Scripted({"short one": "fine", long: "never asked", "empty please": "  ",
+                        "cut please": {"content": "half an ans", "truncated": True}}, context=24)
+    out = tmp_path / "a.jsonl"
+    g = GenerateConfig(max_new_tokens=8, batch_size=2)
+    r = generate_file(teacher, ["short one", long, "empty please", "cut please"], out, g, progress=False)
+    assert long.strip() not in " ".join(teacher.asked)            # 30 words + 8 new > 24: never generated
+    assert (r["rows"], r["prompts"], r["skipped"], r["empty"], r["truncated"]) == (2, 4, 1, 1, 1)
+    got = rows(out)
+    assert [x["messages"][-1]["content"] for x in got] == ["fine", "half an ans"]
+    assert "truncated" not in got[0] and got[1]["truncated"] is True
+    # the counts survive a rerun that has nothing left to do
+    again = generate_file(teacher, ["short one", long, "empty please", "cut please"], out, g, progress=False)
+    assert (again["skipped"], again["empty"], again["truncated"]) == (1, 1, 1)
+    with pytest.raises(UserError, match="leaves no room for a prompt"):
+        generate_file(teacher, ["short one"], tmp_path / "b.jsonl", GenerateConfig(max_new_tokens=24), progress=False)
+
+
+def test_the_local_teacher_marks_answers_cut_by_max_new_tokens(tmp_path, teacher_dir):
+    loaded = models.load(str(teacher_dir))
+    teacher = LocalTeacher(loaded.model, loaded.tokenizer, str(teacher_dir))
+    assert teacher.context == loaded.model.config.max_position_embeddings
+    tok, eos = loaded.tokenizer, loaded.tokenizer.eos_token_id
+    # 2 new tokens from a random teacher: cut unless one of them is the end of turn; check both ways
+    out = tmp_path / "a.jsonl"
+    prompts = [f"Tell me about cat {i}." for i in range(8)]
+    r = generate_file(teacher, prompts, out, GenerateConfig(max_new_tokens=2, batch_size=1), progress=False)
+    got = {x["messages"][0]["content"]: x.get("truncated", False) for x in rows(out)}
+    ended = 0
+    for p in prompts:
+        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        new = loaded.model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        ended += eos in new.tolist()
+        if p in got:
+            assert got[p] == (eos not in new.tolist()), p
+    assert r["truncated"] == sum(got.values()) and r["truncated"] + r["empty"] == len(prompts) - (len(got) - r["truncated"])
+    assert r["truncated"] >= 1
+
+
+def test_the_closing_line_counts_skipped_and_cut(tmp_path, teacher_dir):
+    p = tmp_path / "p.txt"
+    p.write_text("Tell me about the cat.\n" + "long " * 600 + "\n")
+    r = run_cli("generate", "--teacher", teacher_dir, "--prompts", p, "--out", tmp_path / "o.jsonl",
+                "--max-new-tokens", "3", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "for 2 prompts" in r.stdout and "1 prompts skipped (too long)" in r.stdout
+    assert "cut at --max-new-tokens 3" in r.stdout
