@@ -81,32 +81,48 @@ def _fingerprint(out: Path) -> dict:
 
 
 def _machine() -> str:
+    """The machine kind weights are reproducible on, bit for bit: torch, its CPU kernels, and the
+    teacher's dtype (teacher.dtype=auto runs bf16 on a CPU with native bf16, fp32 elsewhere)."""
     import torch
-    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
+
+    from stillroom.models import teacher_dtype
+
+    dtype = str(teacher_dtype("auto", "cpu")).removeprefix("torch.")
+    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, teacher {dtype}"
+
+
+# On a machine kind with no record the weights can only be compared loosely: between the two kinds
+# recorded (fp32 teacher on AVX2, bf16 teacher on AVX512) the per-tensor sums of these few-step
+# runs differ by up to 0.04 (0.2% of the embeddings' sum, 5% of a small projection's).
+LOOSE = 5e-2
 
 
 def check_golden(recipe: str, got: dict):
-    """Compare with tests/golden/recipes.json (STILLROOM_GOLDEN=write records it). Weight hashes
-    are compared bit for bit on the machine kind they were recorded on (same torch, same CPU
-    kernels); elsewhere float rounding may differ, so there the per-tensor sums must agree to 1e-4."""
+    """Compare with tests/golden/recipes.json (STILLROOM_GOLDEN=write records this machine kind).
+    Files and log keys are the same everywhere. Weights are recorded per machine kind (`_machine`)
+    and compared bit for bit there (same torch, same CPU kernels, same teacher dtype); on a kind
+    with no record, the per-tensor sums must agree with every recorded kind's to LOOSE."""
     import os
-    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"machine": _machine(), "recipes": {}}
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"recipes": {}, "weights": {}}
     if os.environ.get("STILLROOM_GOLDEN") == "write":
-        golden["machine"] = _machine()
-        golden["recipes"][recipe] = got
+        golden["recipes"][recipe] = {k: v for k, v in got.items() if k != "models"}
+        golden["weights"].setdefault(_machine(), {})[recipe] = got["models"]
         GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
         return
     want = golden["recipes"][recipe]
-    assert sorted(got["models"]) == sorted(want["models"])
-    for name, m in want["models"].items():
-        if golden["machine"] == _machine():
-            assert got["models"][name]["sha256"] == m["sha256"], f"{recipe} {name}: final weights changed"
-        else:
-            for k, v in m["sums"].items():
-                assert got["models"][name]["sums"][k] == pytest.approx(v, rel=1e-4, abs=1e-5), (recipe, name, k)
     assert got["final_files"] == want["final_files"]
     assert got["log_keys"] == want["log_keys"]
     assert got["trainer_state_keys"] == want["trainer_state_keys"]
+    here = golden["weights"].get(_machine(), {}).get(recipe)
+    if here is not None:
+        assert sorted(got["models"]) == sorted(here)
+        for name, m in here.items():
+            assert got["models"][name]["sha256"] == m["sha256"], f"{recipe} {name}: final weights changed"
+        return
+    for kind, recipes in golden["weights"].items():
+        for name, m in recipes[recipe].items():
+            for k, v in m["sums"].items():
+                assert got["models"][name]["sums"][k] == pytest.approx(v, rel=LOOSE, abs=LOOSE), (recipe, kind, name, k)
 
 
 @pytest.mark.parametrize("recipe", RECIPE_NAMES)
