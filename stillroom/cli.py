@@ -37,10 +37,10 @@ def _quiet_libraries():
 
 def _run_config(args, cls):
     """[CONFIG] [key=value ...] -> validated config, or None after --print-config."""
-    from .config import load_config, to_yaml
+    from .config import is_config_path, load_config, to_yaml
 
     config, overrides = None, list(args.args)
-    if overrides and "=" not in overrides[0]:
+    if overrides and is_config_path(overrides[0]):
         config = overrides.pop(0)
     cfg = load_config(config, overrides, cls)
     if args.print_config:
@@ -129,21 +129,34 @@ def cmd_eval(args) -> int:
     from .data import build_examples
 
     ecfg = EvalConfig(batch_size=args.batch_size, max_batches=args.max_batches)
-    dcfg = DataConfig(path=args.data, seq_len=args.seq_len, skip_bad_rows=args.skip_bad_rows)
+    if args.response_field and not args.prompt_field:
+        raise UserError("--response-field needs --prompt-field")
+    fields = {"prompt": args.prompt_field, "response": args.response_field} if args.prompt_field else None
+    dcfg = DataConfig(path=args.data, seq_len=args.seq_len, skip_bad_rows=args.skip_bad_rows, fields=fields)
     if not Path(args.data).exists():
         raise UserError(f"data file not found: {args.data}")
-    student = models.load(args.model)
-    teacher = models.load(args.teacher)
+    if args.out:
+        check_output_file(args.out, "--out")
+    model = models.run_model(args.model)
+    teacher_spec = args.teacher or _run_teacher(model) or "smollm2-135m"
+    log.debug("student %s, teacher %s", model, teacher_spec)
+    student = models.load(model)
+    teacher = models.load(teacher_spec)
     vocab, note = models.check_vocab(teacher.model, teacher.tokenizer, student.model, student.tokenizer)
     if note:
         log.warning(note)
+    for who, m in (("teacher", teacher.model), ("student", student.model)):
+        ctx = getattr(m.config, "max_position_embeddings", None)
+        if ctx and args.seq_len > ctx:
+            raise UserError(f"--seq-len {args.seq_len} is beyond the {who}'s context of {ctx} tokens: "
+                            f"use --seq-len {ctx} or less")
     examples, _ = build_examples(args.data, teacher.tokenizer, dcfg)
     pad = teacher.tokenizer.pad_token_id
     cmp = evaluate.score(student.model, teacher.model, examples, pad, ecfg.batch_size, ecfg.max_batches, vocab)
     prompts = evaluate.speed_prompts(examples, ecfg.gen_prompts)
     columns = {"teacher": evaluate.teacher_column(teacher.model, teacher.path, cmp, ecfg, prompts, pad),
                "student": evaluate.student_column(student.model, student.path, cmp, ecfg, prompts, pad)}
-    result = {"model": args.model, "teacher": args.teacher, "data": args.data,
+    result = {"model": args.model, "teacher": teacher_spec, "data": args.data,
               "held_out_tokens": cmp["tokens"], "eval": columns}
     out = Path(args.out) if args.out else None
     if out:
@@ -151,8 +164,24 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
+        print(f"student {model} vs teacher {teacher_spec}, on {args.data}")
         print(evaluate.table(columns, cmp["tokens"]))
     return 0
+
+
+def _run_teacher(model_dir: str) -> str | None:
+    """The teacher a stillroom student was distilled from (its stillroom.yaml), if it names one
+    that is still there (a folder or file) or a bundled one."""
+    import yaml
+
+    from .models import BUNDLED
+
+    f = Path(model_dir) / "stillroom.yaml"
+    try:
+        t = (yaml.safe_load(f.read_text()) or {}).get("teacher", {}).get("model")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return t if isinstance(t, str) and (t in BUNDLED or Path(t).exists()) else None
 
 
 def cmd_export(args) -> int:
@@ -180,6 +209,8 @@ def cmd_export(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import compare, render
 
+    if args.out:
+        check_output_file(args.out, "--out")
     res = compare(args.teacher, args.students, args.data, args.formats, args.seq_len, args.max_examples,
                   args.prefill_tokens, args.new_tokens, args.rounds, args.prompt or None, args.gguf_dir,
                   progress=not args.no_progress)
@@ -197,30 +228,29 @@ def cmd_report(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from . import models
     from .config import GenerateConfig, validate
-    from .generate import LocalTeacher, generate_file, read_prompts
+    from .generate import read_prompts
 
-    gcfg = validate({"prompts": args.prompts, "prompt_field": args.prompt_field, "split": args.split,
-                     "system": args.system, "num_prompts": args.num_prompts, "dedup": not args.no_dedup,
-                     "max_prompt_tokens": args.max_prompt_tokens, "num_answers": args.num_answers,
-                     "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-                     "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-                     "seed": args.seed}, GenerateConfig)
+    raw = {"prompts": args.prompts, "prompt_field": args.prompt_field, "split": args.split,
+           "system": args.system, "num_prompts": args.num_prompts, "dedup": not args.no_dedup,
+           "max_prompt_tokens": args.max_prompt_tokens, "num_answers": args.num_answers,
+           "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+           "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+    try:
+        gcfg = validate(raw, GenerateConfig)
+    except UserError as e:   # the flags the user typed, not the config keys behind them
+        raise UserError(_flags(str(e).replace("config key '", "config key 'generate."), raw)
+                        .replace("config key --", "--")) from None
+    check_output_file(args.out, "--out")
     prompts = read_prompts(gcfg.prompts, gcfg.num_prompts, gcfg.prompt_field, gcfg.split, gcfg.system, gcfg.dedup)
-    if args.api:
-        from .api import ApiTeacher
+    if args.top_logprobs and not args.api:
+        raise UserError("--top-logprobs is for --api teachers (a local teacher's full distributions "
+                        "are cached with `stillroom cache`)")
+    from .folders import claim
 
-        tok = models.load(args.tokenizer).tokenizer if args.tokenizer else None
-        teacher = ApiTeacher(args.api, args.api_model, args.api_key_env, args.concurrency, args.rate_limit,
-                             args.top_logprobs, max_retries=args.max_retries, tokenizer=tok)
-    else:
-        if args.top_logprobs:
-            raise UserError("--top-logprobs is for --api teachers (a local teacher's full distributions "
-                            "are cached with `stillroom cache`)")
-        loaded = models.load(args.teacher)
-        teacher = LocalTeacher(loaded.model, loaded.tokenizer, args.teacher)
-    r = generate_file(teacher, prompts, Path(args.out), gcfg, progress=not args.no_progress)
+    out = Path(args.out)
+    with claim(out.parent, key="--out", name=out.name):   # one writer per answers file, refused at once
+        r = _generate(args, gcfg, prompts, out)
     notes = [f"{r['skipped']} prompts skipped (too long)" if r["skipped"] else "",
              f"{r['empty']} empty answers dropped" if r["empty"] else "",
              f"{r['truncated']} answers cut at --max-new-tokens {gcfg.max_new_tokens} (marked truncated)"
@@ -228,6 +258,59 @@ def cmd_generate(args) -> int:
     notes = "; ".join(n for n in notes if n)
     print(f"{r['rows']} conversations for {r['prompts']} prompts in {r['path']}" + (f"; {notes}" if notes else ""))
     return 0
+
+
+def _generate(args, gcfg, prompts, out: Path) -> dict:
+    from . import models
+    from .generate import LocalTeacher, generate_file
+
+    if args.api:
+        from .api import ApiTeacher
+
+        tok = models.load(args.tokenizer).tokenizer if args.tokenizer else None
+        teacher = ApiTeacher(args.api, args.api_model, args.api_key_env, args.concurrency, args.rate_limit,
+                             args.top_logprobs, max_retries=args.max_retries, tokenizer=tok)
+    else:
+        loaded = models.load(args.teacher)
+        teacher = LocalTeacher(loaded.model, loaded.tokenizer, args.teacher)
+    return generate_file(teacher, prompts, out, gcfg, progress=not args.no_progress)
+
+
+def _number(kind, low=None, high=None, above=None):
+    """An argparse type: `kind` within bounds, or argparse's one-line usage error naming the flag."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if (low is not None and v < low) or (high is not None and v > high) or (above is not None and v <= above):
+            want = " and ".join(w for w in (f">= {low}" if low is not None else "", f"> {above}" if above is not None
+                                            else "", f"<= {high}" if high is not None else "") if w)
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE = _number(int, low=1)
+
+
+def check_output_file(path, flag: str):
+    """Before any work: a file to write must not be a folder, and its folder must be writable."""
+    from .outputs import check_writable
+
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {path} is a folder: give a file path (e.g. {p}/NAME)")
+    check_writable(p.parent if str(p.parent) else Path("."), f"{flag} {path}: its folder")
+
+
+def _flags(message: str, names) -> str:
+    """A config validator's message with generate.<key> written as the flag the user typed."""
+    for n in sorted(names, key=len, reverse=True):
+        message = message.replace(f"generate.{n}", "--" + n.replace("_", "-"))
+    return message
 
 
 class _Parser(argparse.ArgumentParser):
@@ -277,24 +360,27 @@ def parser() -> argparse.ArgumentParser:
                    "replace a cache built differently").set_defaults(func=cmd_cache, resume=False)
 
     e = sub.add_parser("eval", help="compare a student with its teacher on held-out data")
-    e.add_argument("--model", required=True, help="student: folder, .gguf or hub id")
-    e.add_argument("--teacher", required=True, help="teacher: smollm2-135m, folder, .gguf or hub id")
+    e.add_argument("--model", required=True, help="student: a run folder (its final/), a model folder, .gguf or hub id")
+    e.add_argument("--teacher", help="teacher: smollm2-135m, folder, .gguf or hub id (default: the teacher the "
+                                      "student was distilled from, as its stillroom.yaml says, else smollm2-135m)")
     e.add_argument("--data", required=True, help="held-out text or JSONL file")
     e.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     e.add_argument("--out", help="also write the JSON results to this file")
-    e.add_argument("--seq-len", type=int, default=256)
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--max-batches", type=int, default=None)
-    e.add_argument("--skip-bad-rows", action="store_true")
+    e.add_argument("--seq-len", type=_number(int, low=8), default=256, help="tokens per held-out example")
+    e.add_argument("--batch-size", type=POSITIVE, default=8, help="examples per forward pass")
+    e.add_argument("--max-batches", type=POSITIVE, default=None, help="evaluate at most this many batches")
+    e.add_argument("--skip-bad-rows", action="store_true", help="skip (and report) rows that cannot be read")
+    e.add_argument("--prompt-field", help="the rows' prompt key, for rows in no known format (README: Data formats)")
+    e.add_argument("--response-field", help="the rows' response key (with --prompt-field)")
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="write a student as a GGUF file (f16, q8_0, q4_0) for llama.cpp / Ollama")
     x.add_argument("model", help="a run folder (its final/) or a model folder")
-    x.add_argument("--type", default="q8_0", choices=["f16", "q8_0", "q4_0"])
+    x.add_argument("--type", default="q8_0", choices=["f16", "q8_0", "q4_0"], help="weight type (default q8_0)")
     x.add_argument("--out", help="the .gguf file (default: beside the model, <name>-<type>.gguf)")
     x.add_argument("--no-check", action="store_true",
                    help="skip reading the file back (transformers, and llama.cpp if installed) to compare logits")
-    x.add_argument("--json", action="store_true")
+    x.add_argument("--json", action="store_true", help="print the result as JSON")
     x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("compare", help="teacher vs students (and their GGUF exports): size, memory, speed, quality")
@@ -304,15 +390,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--formats", nargs="*", default=[], help="also export each student to these GGUF types "
                    "(f16 q8_0 q4_0) and measure the files in llama.cpp (needs llama-cpp-python)")
     c.add_argument("--gguf-dir", help="where the GGUF exports go (default: a temporary folder)")
-    c.add_argument("--seq-len", type=int, default=256)
-    c.add_argument("--max-examples", type=int, default=16, help="held-out examples for the quality columns")
-    c.add_argument("--prefill-tokens", type=int, default=128)
-    c.add_argument("--new-tokens", type=int, default=32)
-    c.add_argument("--rounds", type=int, default=3, help="timing rounds (the median is reported)")
+    c.add_argument("--seq-len", type=_number(int, low=8), default=256, help="tokens per held-out example")
+    c.add_argument("--max-examples", type=POSITIVE, default=16, help="held-out examples for the quality columns")
+    c.add_argument("--prefill-tokens", type=POSITIVE, default=128, help="prompt tokens of the speed test")
+    c.add_argument("--new-tokens", type=POSITIVE, default=32, help="tokens generated in the speed test")
+    c.add_argument("--rounds", type=POSITIVE, default=3, help="timing rounds (the median is reported)")
     c.add_argument("--prompt", action="append", help="a prompt for the side-by-side generations (repeatable)")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     c.add_argument("--out", help="also write the JSON results to this file")
-    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
 
     r = sub.add_parser("report", help="write <RUN_DIR>/report.html: plots, tables and config of a run")
@@ -323,32 +409,32 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output JSONL; an existing file is continued")
     g.add_argument("--prompts", help="prompts: .txt (one per line), JSONL, or a Hugging Face dataset "
                                      "folder / hub id; default: the bundled instructions")
-    g.add_argument("--teacher", default="smollm2-135m")
+    g.add_argument("--teacher", default="smollm2-135m", help="smollm2-135m (default), a folder, .gguf or hub id")
     g.add_argument("--prompt-field", help="the rows' prompt field (default: prompt / instruction+input / "
                                           "question / messages)")
     g.add_argument("--split", default="train", help="split of a Hugging Face dataset of prompts")
     g.add_argument("--system", help="a system message before every prompt")
-    g.add_argument("--num-prompts", type=int, default=None)
+    g.add_argument("--num-prompts", type=POSITIVE, default=None, help="answer only the first N prompts")
     g.add_argument("--no-dedup", action="store_true", help="keep repeated prompts and answers")
-    g.add_argument("--max-prompt-tokens", type=int, default=None, help="skip longer prompts (reported)")
-    g.add_argument("--num-answers", type=int, default=1, help="answers per prompt (needs --temperature > 0)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--max-prompt-tokens", type=POSITIVE, default=None, help="skip longer prompts (reported)")
+    g.add_argument("--num-answers", type=POSITIVE, default=1, help="answers per prompt (needs --temperature > 0)")
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="longest answer, in tokens (longer ones are cut and marked truncated)")
+    g.add_argument("--batch-size", type=_number(int, low=1, high=65536), default=32, help="prompts answered at once")
+    g.add_argument("--temperature", type=_number(float, low=0.0), default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=_number(float, above=0.0, high=1.0), default=1.0, help="nucleus sampling (with --temperature > 0)")
+    g.add_argument("--top-k", type=_number(int, low=0), default=0, help="0 = off")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = g.add_argument_group("API teacher (an OpenAI-compatible endpoint instead of --teacher)")
     a.add_argument("--api", metavar="BASE_URL", help="e.g. http://127.0.0.1:8080/v1")
     a.add_argument("--api-model", default="teacher", help="the model name the endpoint serves")
     a.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
-    a.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
-    a.add_argument("--rate-limit", type=float, default=0.0, help="max requests per second (0 = no cap)")
-    a.add_argument("--top-logprobs", type=int, default=0,
+    a.add_argument("--concurrency", type=POSITIVE, default=4, help="requests in flight at once")
+    a.add_argument("--rate-limit", type=_number(float, low=0.0), default=0.0, help="max requests per second (0 = no cap)")
+    a.add_argument("--top-logprobs", type=_number(int, low=0, high=20), default=0,
                    help="keep each token's top-K log-probs (0..20) for soft labels: stillroom cache "
                         "cache.source=logprobs")
-    a.add_argument("--max-retries", type=int, default=6,
+    a.add_argument("--max-retries", type=_number(int, low=0), default=6,
                    help="retries of a failed request (exponential backoff, Retry-After honoured)")
     a.add_argument("--tokenizer", help="a model whose tokenizer counts prompt tokens (--max-prompt-tokens)")
     g.set_defaults(func=cmd_generate)
@@ -373,6 +459,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="stillroom: %(message)s")
     for noisy in ("accelerate", "httpx", "huggingface_hub", "datasets", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .feedback import set_progress
+
+    set_progress(not getattr(args, "no_progress", False))
     try:
         _quiet_libraries()
         return args.func(args)

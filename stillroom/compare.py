@@ -228,11 +228,11 @@ def compare(teacher_spec: str, students: list[str], data: str, formats=(), seq_l
                             "files") from None
     if not Path(data).exists():
         raise UserError(f"data file not found: {data}")
+    paths = [models.run_model(s, "student") for s in students]
     teacher = models.load(teacher_spec)
     loaded = []
-    for s in students:
-        p = Path(s) / "final" if (Path(s) / "final" / "config.json").is_file() else Path(s)
-        st = models.load(str(p))
+    for s, p in zip(students, paths):
+        st = models.load(p)
         models.check_vocab(teacher.model, teacher.tokenizer, st.model, st.tokenizer)
         loaded.append((s, st))
     tok = teacher.tokenizer

@@ -26,7 +26,7 @@ class MixTeacherConfig(Section):
     """One more teacher in a mixture (same tokenizer as the student)."""
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     """What teacher.route_field values call it."""
-    model: Optional[str] = None
+    model: Optional[str] = Field(None, min_length=1)
     kind: Literal["live", "cache"] = "live"
     cache: Optional[str] = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -45,7 +45,7 @@ class MixTeacherConfig(Section):
 
 
 class TeacherConfig(Section):
-    model: str = "smollm2-135m"
+    model: str = Field("smollm2-135m", min_length=1)
     """Short name (smollm2-135m), a Hugging Face model folder or hub id, or a .gguf file."""
     kind: Literal["live", "cache"] = "live"
     """live: run the teacher beside the student. cache: read its top-k outputs from teacher.cache
@@ -91,7 +91,7 @@ class StudentConfig(Section):
     num_heads: Optional[int] = Field(None, ge=1)
     num_kv_heads: Optional[int] = Field(None, ge=1)
     intermediate_size: Optional[int] = Field(None, ge=1)
-    model: Optional[str] = None
+    model: Optional[str] = Field(None, min_length=1)
     """pretrained: folder, hub id or .gguf file of the student. from_teacher / config: the model
     whose layers / config and tokenizer the student starts from (default: the teacher) -- for a
     cross-tokenizer teacher, the student's own family."""
@@ -127,6 +127,10 @@ class DataConfig(Section):
     max_examples: Optional[int] = Field(None, ge=1)
     skip_bad_rows: bool = False
     """False: a bad row is an error. True: bad rows are skipped and reported (count, which)."""
+    fields: Optional[dict[Literal["prompt", "response", "text", "messages"], str]] = None
+    """Which keys of the rows hold the prompt and response (or the text, or the messages), for
+    rows in none of the formats stillroom reads by itself (see README, 'Data formats'), e.g.
+    {prompt: query, response: reply}."""
     pack: bool = False
     """Pack whole training examples (prompt+response, chat) several to a row of seq_len tokens
     (first-fit decreasing), each attending only to itself: no padding waste. JSONL text rows are
@@ -279,8 +283,10 @@ class TrainConfig(Section):
     than this stops the run with a message (0: stop at the first)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: bf16 on a GPU that supports it, fp32 on CPU (bf16 autocast is slow on CPU)."""
-    report_to: list[str] = []
-    """Trackers through Accelerate, e.g. [tensorboard]."""
+    report_to: list[Literal["tensorboard", "trackio", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
+                            "swanlab"]] = []
+    """Trackers through Accelerate, e.g. [tensorboard] (written under <output_dir>/stillroom): the
+    loss, each logged term, lr, tokens/s and every evaluation, by optimizer step."""
     threads: int = Field(0, ge=0)
     """CPU threads per process for torch; 0 = auto: OMP_NUM_THREADS if set, else the machine's cores
     shared out among the processes on it (so N processes do not each claim every core)."""
@@ -415,6 +421,29 @@ def resolve_recipe(name: str) -> Path:
     raise UserError(f"config file not found: {name} (bundled recipes: {names})")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error: PyYAML keeps the last
+    silently, so a pasted or mistyped line (a second `max_steps:`) would change the run unseen."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}): keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def is_config_path(arg: str) -> bool:
+    """Is a command's first argument a config file or recipe (and not a key=value override)? A
+    path may hold '=' (`runs/lr=1e-4/config.yaml`): an existing file, a .yaml/.yml name or no
+    '=' at all is a config."""
+    return "=" not in arg or arg.endswith((".yaml", ".yml")) or Path(arg).is_file()
+
+
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = (), cls=Config):
     """YAML file (or bundled recipe name) + dotted `key=value` overrides -> validated config."""
     from omegaconf import OmegaConf
@@ -424,7 +453,7 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     if path:
         f = resolve_recipe(path)
         try:
-            raw = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(f.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader) or {}
         except UnicodeDecodeError:
             raise UserError(f"config file {f} is not UTF-8 text (a YAML file is expected)") from None
         except yaml.YAMLError as e:

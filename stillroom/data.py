@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .feedback import bar
 from .losses import IGNORE_INDEX
+from .rows import read_row, row_keys
 
 log = logging.getLogger("stillroom")
 
@@ -66,7 +68,7 @@ def detect_format(path: str, fmt: str = "auto") -> str:
 def read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
     rows, bad = [], []
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")   # not splitlines(): JSON may hold U+2028
+        lines = path.read_text(encoding="utf-8-sig").split("\n")   # not splitlines(): JSON may hold U+2028
     except UnicodeDecodeError as e:
         line_no = path.read_bytes()[:e.start].count(b"\n") + 1
         raise UserError(f"data file {path} is not UTF-8 text (line {line_no}); re-encode it as UTF-8") from None
@@ -81,8 +83,27 @@ def read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]
         if not isinstance(row, dict):
             bad.append((n, "not a JSON object"))
             continue
+        if broken_unicode(row):
+            bad.append((n, "invalid Unicode (a lone surrogate escape such as \\ud800)"))
+            continue
         rows.append((n, row))
     return rows, bad
+
+
+def broken_unicode(value) -> bool:
+    """JSON's \\uXXXX escapes can spell a lone UTF-16 surrogate: valid JSON, but not text any
+    tokenizer (or UTF-8 file) can hold."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return False
+        except UnicodeEncodeError:
+            return True
+    if isinstance(value, dict):
+        return any(broken_unicode(v) for v in value.values())
+    if isinstance(value, list):
+        return any(broken_unicode(v) for v in value)
+    return False
 
 
 def read_hf(path: str, split: str) -> list[tuple[int, dict]]:
@@ -116,12 +137,15 @@ def _read(path: str, fmt: str, split: str) -> tuple[str, object, Report]:
             raise UserError(f"data file not found: {path}")
         if p.is_dir():
             raise UserError(f"data.path {path} is a folder; set data.format=hf for a dataset folder")
+        if not p.is_file():   # a FIFO, a device (/dev/zero) or a socket: no size, maybe no end
+            raise UserError(f"data file {path} is not a regular file (a pipe, device or socket); "
+                            "write the data to a file and pass that")
         if p.stat().st_size == 0:
             raise UserError(f"data file {path} is empty")
     report = Report(source=str(path))
     if fmt == "text":
         try:
-            text = p.read_text(encoding="utf-8")
+            text = p.read_text(encoding="utf-8-sig")   # a byte-order mark is not text
         except UnicodeDecodeError:
             raise UserError(f"data file {path} is not UTF-8 text") from None
         if not text.strip():
@@ -139,21 +163,11 @@ def _read(path: str, fmt: str, split: str) -> tuple[str, object, Report]:
 
 # ---------------------------------------------------------------------------------- rendering
 
-def _row_kind(row: dict) -> str | None:
-    if isinstance(row.get("messages"), list):
-        return "chat"
-    if isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
-        return "pair"
-    if isinstance(row.get("text"), str):
-        return "text"
-    return None
-
-
-def _check_messages(msgs) -> str | None:
-    for m in msgs:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            return "each message needs string 'role' and 'content'"
+def _chat_problem(msgs) -> str | None:
     if not any(m["role"] == "assistant" for m in msgs):
+        if msgs and all(m["role"] in ("user", "system") for m in msgs):
+            return ("no assistant message to learn from (only prompts: answer them first with "
+                    "stillroom generate --prompts FILE)")
         return "no assistant message to learn from"
     return None
 
@@ -278,14 +292,17 @@ def build_examples(path, tokenizer, dcfg, route_field: str | None = None,
                         f"{path} is plain text")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if kind == "text":
+        size = len(payload.encode("utf-8", "replace"))
+        if size > 1 << 20:
+            log.info("tokenizing %s (%.1f MB of text)", path, size / 2**20)
         ids = tokenizer(payload, add_special_tokens=False)["input_ids"]
         examples = pack(ids, dcfg.seq_len)
     else:
         examples, docs = [], []
-        for n, row in payload:
-            k = _row_kind(row)
-            if k is None:
-                report.bad.append((n, "needs 'text', 'prompt'+'response' or 'messages'"))
+        for n, row in bar(payload, desc=f"tokenizing {Path(path).name}", unit="row"):
+            got = read_row(row, dcfg.fields)
+            if isinstance(got, str):
+                report.bad.append((n, got))
                 continue
             route = None
             if route_field:
@@ -293,27 +310,27 @@ def build_examples(path, tokenizer, dcfg, route_field: str | None = None,
                 if route not in routes:
                     report.bad.append((n, f"{route_field}={route!r} names no teacher (teachers: {', '.join(routes)})"))
                     continue
-            if k == "text":
-                ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + eos
+            if got.text is not None:
+                ids = tokenizer(got.text, add_special_tokens=False)["input_ids"] + eos
                 if route_field:   # one example per row, so it keeps its teacher
                     if len(ids) >= 2:
                         examples.append(Example(ids[:dcfg.seq_len], ids[:dcfg.seq_len], route=route))
                 else:
                     docs.append(ids)
                 continue
-            if k == "chat":
-                why = _check_messages(row["messages"])
-                if why is None and not tokenizer.chat_template:
-                    why = "chat messages need a tokenizer with a chat template"
-                if why:
-                    report.bad.append((n, why))
-                    continue
-                ids, labels = render_chat(tokenizer, row["messages"], row.get("truncated") is True)
+            msgs, cut = got.messages, row.get("truncated") is True
+            why = _chat_problem(msgs)
+            if why is None and got.pair and not msgs[-1]["content"].strip():
+                why = "empty response"
+            if why is None and not (got.pair or tokenizer.chat_template):
+                why = "chat messages need a tokenizer with a chat template"
+            if why:
+                report.bad.append((n, why))
+                continue
+            if got.pair:
+                ids, labels = render_pair(tokenizer, msgs[0]["content"], msgs[1]["content"], cut)
             else:
-                if not row["response"].strip():
-                    report.bad.append((n, "empty response"))
-                    continue
-                ids, labels = render_pair(tokenizer, row["prompt"], row["response"], row.get("truncated") is True)
+                ids, labels = render_chat(tokenizer, msgs, cut)
             if len(ids) > dcfg.seq_len:
                 report.truncated += 1
                 ids, labels = ids[:dcfg.seq_len], labels[:dcfg.seq_len]
@@ -324,6 +341,12 @@ def build_examples(path, tokenizer, dcfg, route_field: str | None = None,
         examples += pack_documents(docs, dcfg.seq_len)
     if report.bad:
         report.bad.sort()
+        if kind == "rows" and len(report.bad) == report.rows:
+            keys = row_keys(payload)
+            have = f"its rows have the keys {', '.join(keys[:12])}" if keys else "no row is a JSON object"
+            raise UserError(f"no row of {path} is usable (row {report.bad[0][0]}: {report.bad[0][1]}); {have}: "
+                            "name the prompt and response with data.fields={prompt: KEY, response: KEY} "
+                            "(formats: README, 'Data formats')")
         if not dcfg.skip_bad_rows:
             raise UserError(report.describe_bad() + "; fix them or set data.skip_bad_rows=true")
         log.warning("skipped %s", report.describe_bad())

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .data import collate, eval_batches, model_inputs
+from .feedback import bar
 from .losses import IGNORE_INDEX, shift_labels, support_kl_rows
 from .losses.core import _rows, auto_chunk_rows
 from .models import num_params, weights_bytes
@@ -87,7 +88,9 @@ def score(student, teacher, examples, pad_id, batch_size=8, max_batches=None, vo
     student.eval()
     device = next(student.parameters()).device
     tot = dict(student_nll=0.0, teacher_nll=0.0, kl=0.0, agree=0, tokens=0)
-    for batch in eval_batches(examples, batch_size, max_batches):
+    n_batches = -(-len(examples) // batch_size)
+    for batch in bar(eval_batches(examples, batch_size, max_batches), desc="held-out eval", unit="batch",
+                     total=min(n_batches, max_batches or n_batches)):
         b = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
         labels = shift_labels(b["labels"])
         s = student(**model_inputs(b), use_cache=False).logits
@@ -175,7 +178,7 @@ def generation_speed(model, prompts_ids: list[list[int]], new_tokens: int, pad_i
     model.generate(first, attention_mask=torch.ones_like(first), **{**kw, "max_new_tokens": 2,
                                                                     "min_new_tokens": 2})
     made, spent = 0, 0.0
-    for ids in prompts_ids:
+    for ids in bar(prompts_ids, desc="generation speed", unit="prompt"):
         x = torch.tensor([ids], device=device)
         t0 = time.perf_counter()
         out = model.generate(x, attention_mask=torch.ones_like(x), **kw)

@@ -213,17 +213,23 @@ def export(src: str, out: str | None, qtype: str, verify: bool = True) -> dict:
     """A model folder (or a run folder: its final/) -> GGUF; -> a summary with the round-trip check."""
     from .models import load, num_params
 
-    p = Path(src)
-    if (p / "final" / "config.json").is_file():
-        p = p / "final"
+    from .models import run_model
+
+    given = Path(src.rstrip("/") or src)
+    p = Path(run_model(src))
     if not p.exists():
         raise UserError(f"model not found: {src}")
-    loaded = load(str(p))
-    dest = Path(out) if out else p.parent / f"{p.name if p.name != 'final' else p.parent.name}-{qtype}.gguf"
+    # The file goes beside the folder named on the command line, called after it (after the run
+    # for a final/ folder): runs/demo -> runs/demo-q8_0.gguf, runs/demo/final -> runs/demo/demo-q8_0.gguf.
+    name = given.parent.name if given.name == "final" else given.name
+    dest = Path(out) if out else given.parent / f"{name}-{qtype}.gguf"
+    if dest.is_dir():
+        raise UserError(f"--out {dest} is a folder: give a file name ending in .gguf")
     if dest.suffix != ".gguf":
         raise UserError(f"--out {dest}: the file name must end in .gguf")
     from .outputs import check_writable
     check_writable(dest.parent, "output folder")
+    loaded = load(str(p))
     write_gguf(loaded.model, loaded.tokenizer, dest, qtype, name=p.parent.name if p.name == "final" else p.name)
     res = {"file": str(dest), "type": qtype, "bytes": dest.stat().st_size,
            "params": num_params(loaded.model)}

@@ -37,14 +37,18 @@ OWN = {MARKER, LOCK, HOLDER}
 # only these names is recognised as stillroom's own.
 KNOWN = {
     "run": {"config.yaml", "metrics.jsonl", "checkpoints", "final", "final.tmp", "final.old", "report.html",
-            "report.html.tmp", "error.log", "finetune", "stillroom"},
+            "report.html.tmp", "error.log", "finetune", "stillroom", "trackio"},
     "cache": {"index.json", "index.json.tmp", "tokenizer", "teacher"},
 }
 
 
 def entries(folder: Path) -> list[Path]:
-    """The folder's contents, leaving out stillroom's own bookkeeping (marker, lock)."""
-    return [p for p in folder.iterdir() if p.name not in OWN] if folder.is_dir() else []
+    """The folder's contents, leaving out stillroom's own bookkeeping (marker, locks)."""
+    return [p for p in folder.iterdir() if p.name not in OWN and not _file_lock(p.name)] if folder.is_dir() else []
+
+
+def _file_lock(name: str) -> bool:
+    return name.startswith(".") and name.endswith((".lock", ".holder.json"))
 
 
 def mark(folder: Path, kind: str):
@@ -109,25 +113,35 @@ def is_main_process() -> bool:
 
 
 class Claim:
-    """The exclusive lock on one folder, held from `acquire` to `release`."""
+    """The exclusive lock on one folder (or, with `name`, on one file in it: `.NAME.lock`), held
+    from `acquire` to `release`."""
 
-    def __init__(self, folder: Path, key: str):
+    def __init__(self, folder: Path, key: str, name: str | None = None):
         self.folder, self.key, self.fd, self.created = Path(folder), key, None, False
+        self.lock_name, self.holder_name = (LOCK, HOLDER) if name is None else (f".{name}.lock", f".{name}.holder.json")
+        self.what = self.folder if name is None else self.folder / name
 
-    def acquire(self) -> "Claim":
+    def acquire(self, wait: bool = False) -> "Claim":
+        """wait: block until the holder is done (saying so once) instead of refusing at once."""
         import fcntl
 
         self.created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / LOCK
+        path = self.folder / self.lock_name
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                os.close(fd)
-                raise UserError(f"{self.key} {self.folder} is in use by another stillroom command "
-                                f"({describe(self.holder())}); wait for it to end or pick another {self.key}") from None
+                if wait:
+                    log.info("waiting for another stillroom command to finish with %s (%s)", self.what,
+                             describe(self.holder()))
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                else:
+                    os.close(fd)
+                    raise UserError(f"{self.key} {self.what} is in use by another stillroom command "
+                                    f"({describe(self.holder())}); wait for it to end or pick another "
+                                    f"{self.key}") from None
             try:   # the holder that just released may have unlinked the file we opened: lock the live one
                 same = os.fstat(fd).st_ino == os.stat(path).st_ino
             except FileNotFoundError:
@@ -139,20 +153,21 @@ class Claim:
         stale = self.holder()
         if stale and stale.get("pid") != os.getpid():
             log.warning("%s %s: taking over the lock left by %s, which is no longer running",
-                        self.key, self.folder, describe(stale))
-        _write_json(self.folder / HOLDER, {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()})
+                        self.key, self.what, describe(stale))
+        _write_json(self.folder / self.holder_name, {"pid": os.getpid(), "host": socket.gethostname(),
+                                                     "started": _now()})
         return self
 
     def holder(self) -> dict | None:
         try:
-            return json.loads((self.folder / HOLDER).read_text())
+            return json.loads((self.folder / self.holder_name).read_text())
         except (OSError, ValueError):
             return None
 
     def release(self, failed: bool = False):
         if self.fd is None:
             return
-        for name in (HOLDER, LOCK):
+        for name in (self.holder_name, self.lock_name):
             with contextlib.suppress(OSError):
                 (self.folder / name).unlink()
         os.close(self.fd)   # releases the flock
@@ -169,8 +184,9 @@ def describe(holder: dict | None) -> str:
 
 
 @contextlib.contextmanager
-def claim(folder: Path, key: str = "train.output_dir"):
-    """`with claim(folder):` the command's whole life; no-op on processes other than the main one."""
+def claim(folder: Path, key: str = "train.output_dir", name: str | None = None, wait: bool = False):
+    """`with claim(folder):` the command's whole life; no-op on processes other than the main one.
+    name: lock one file of the folder instead (generate's output); wait: queue behind a holder."""
     if not is_main_process():
         yield None
         return
@@ -180,7 +196,7 @@ def claim(folder: Path, key: str = "train.output_dir"):
         log.warning("no file locking on this platform: do not run two commands on %s at once", folder)
         yield None
         return
-    c = Claim(folder, key).acquire()
+    c = Claim(folder, key, name).acquire(wait)
     try:
         yield c
     except BaseException:

@@ -26,39 +26,43 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import faults
 from .errors import UserError
 from .folders import fsync_dir
 
 log = logging.getLogger("stillroom")
 
 BUNDLED_PROMPTS = Path(__file__).parent / "assets" / "instructions.txt"
-FIELDS = ("prompt", "instruction", "question", "messages")
 
 
 def _prompt_of(row: dict, field: str | None):
-    """A dataset row -> a list of messages ending with the user's turn, or an error string."""
-    if field:
-        v = row.get(field)
-        if isinstance(v, str) and v.strip():
-            return [{"role": "user", "content": v}]
-        return f"no non-empty string '{field}'"
-    if isinstance(row.get("messages"), list):
-        msgs = row["messages"]
-        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                   for m in msgs):
-            return "each message needs string 'role' and 'content'"
-        while msgs and msgs[-1]["role"] == "assistant":
-            msgs = msgs[:-1]
-        if not msgs or msgs[-1]["role"] != "user":
-            return "messages do not end with a user turn"
-        return [{"role": m["role"], "content": m["content"]} for m in msgs]
-    for key in ("prompt", "instruction", "question"):
-        v = row.get(key)
-        if isinstance(v, str) and v.strip():
-            extra = row.get("input") if key == "instruction" else None
-            text = f"{v}\n\n{extra}" if isinstance(extra, str) and extra.strip() else v
-            return [{"role": "user", "content": text}]
-    return f"no prompt: needs one of {', '.join(FIELDS)} (or set generate.prompt_field)"
+    """A row (any format of rows.py) -> the conversation to answer (messages ending with the
+    user's turn; several user turns at its end are answered one after another), or an error."""
+    from .rows import read_row
+
+    got = read_row(row, {"prompt": field} if field else None)
+    if isinstance(got, str):
+        return got.replace("data.fields", "--prompt-field")
+    if got.messages is None:
+        return "no prompt (plain text): needs " + KNOWN_PROMPTS + " (or --prompt-field)"
+    msgs = list(got.messages)
+    while msgs and msgs[-1]["role"] == "assistant":
+        msgs = msgs[:-1]
+    if not msgs or msgs[-1]["role"] != "user":
+        return "messages do not end with a user turn"
+    return msgs
+
+
+KNOWN_PROMPTS = "prompt, instruction, question, messages, conversations or turns"
+
+
+def split_turns(conv: list[dict]) -> tuple[list[dict], list[dict]]:
+    """-> (the conversation up to its first trailing user turn, the user turns after it): MT-Bench's
+    follow-up questions are asked after the teacher has answered the ones before."""
+    i = len(conv)
+    while i > 0 and conv[i - 1]["role"] == "user":
+        i -= 1
+    return conv[:i + 1], conv[i + 1:]
 
 
 def read_prompts(path: str | Path | None, limit: int | None = None, field: str | None = None,
@@ -76,7 +80,7 @@ def read_prompts(path: str | Path | None, limit: int | None = None, field: str |
             raise UserError(f"{p} line {n}: {why}")
     elif p.is_file():
         try:
-            text = p.read_text(encoding="utf-8")
+            text = p.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:
             raise UserError(f"prompts file {p} is not UTF-8 text") from None
         rows = [(n, {"prompt": line.strip()}) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
@@ -212,6 +216,33 @@ def _resume(out: Path, progress: Path, prompts, settings: str) -> int:
     return done
 
 
+def _answer_rounds(teacher, keep, gcfg, seed: int, fits) -> list[tuple[list[dict], list]]:
+    """Answer conversations (each (head, follow-up user turns), see split_turns) round by round:
+    every round answers the heads still open; a head with follow-ups takes its answer and the next
+    turn. A conversation ends at its last turn, at an empty or cut answer, or when the next turn
+    would not fit. -> (conversation before its last answer, that answer's candidates) each."""
+    done: list = [None] * len(keep)
+    open_ = list(range(len(keep)))
+    heads = [h for h, _ in keep]
+    rests = [list(r) for _, r in keep]
+    r = 0
+    while open_:
+        got = teacher.answer([heads[i] for i in open_], gcfg, seed=seed if r == 0 else seed * 1000 + r)
+        still = []
+        for i, answers in zip(open_, got):
+            first = answers[0] if answers else ""
+            text = first.get("content", "") if isinstance(first, dict) else first
+            cut = isinstance(first, dict) and first.get("truncated")
+            nxt = heads[i] + [{"role": "assistant", "content": text}] + rests[i][:1]
+            if rests[i] and text.strip() and not cut and fits(nxt):
+                heads[i], rests[i] = nxt, rests[i][1:]
+                still.append(i)
+            else:
+                done[i] = (heads[i], answers)
+        open_, r = still, r + 1
+    return done
+
+
 def generate_file(teacher, prompts, out: Path, gcfg, progress: bool = True) -> dict:
     """Answer every prompt not yet answered in `out`, appending one JSON line per answer.
     `teacher`: a LocalTeacher or api.ApiTeacher; prompts are strings or conversations.
@@ -237,14 +268,19 @@ def generate_file(teacher, prompts, out: Path, gcfg, progress: bool = True) -> d
             raise UserError(f"--max-new-tokens {gcfg.max_new_tokens} leaves no room for a prompt in the teacher's "
                             f"context of {context} tokens: lower --max-new-tokens")
         limit = min(limit or room, room)
+    if gcfg.num_answers > 1 and any(split_turns(c)[1] for c in convs):
+        raise UserError("prompts with several user turns (turns, or messages ending with more than one user "
+                        "turn) get one answer per turn: use --num-answers 1")
+    fits = (lambda c: teacher.prompt_tokens(c) <= limit) if limit else (lambda c: True)
     bar = tqdm(total=len(convs), initial=start, desc="teacher answers", unit="prompt", disable=not progress)
     with open(out, "ab") as f:
         for a in range(start, len(convs), gcfg.batch_size):
             batch = convs[a:a + gcfg.batch_size]
-            keep = [c for c in batch if teacher.prompt_tokens(c) <= limit] if limit else batch
+            keep = [split_turns(c) for c in batch]
+            keep = [c for c in keep if fits(c[0])]
             counts["skipped"] += len(batch) - len(keep)
             lines = []
-            for conv, answers in zip(keep, teacher.answer(keep, gcfg, seed=a) if keep else []):
+            for conv, answers in _answer_rounds(teacher, keep, gcfg, a, fits):
                 seen = set()
                 for r in answers:  # a string, or {"content": ..., "truncated"/"teacher_logprobs": ...}
                     extra = dict(r) if isinstance(r, dict) else {}
@@ -272,6 +308,7 @@ def generate_file(teacher, prompts, out: Path, gcfg, progress: bool = True) -> d
                 os.fsync(p.fileno())
             os.replace(tmp, progress_file)
             fsync_dir(progress_file.parent)
+            faults.point("generate.batch")   # a batch and its progress record are on the disk
             bar.update(len(batch))
     bar.close()
     rows = sum(1 for _ in open(out, encoding="utf-8"))

@@ -88,35 +88,102 @@ def to_batch(examples, pad_id, device) -> Batch:
                  shift_labels(b["labels"]).to(device), list(examples), None if pos is None else pos.to(device))
 
 
-def accumulate(student, objective, batches: list[Batch], plan, accelerator) -> dict:
+@dataclass
+class Failure:
+    """An exception caught on one process in the local part of a step (see accumulate)."""
+    exc: BaseException
+    trace: str
+
+    @classmethod
+    def now(cls, e):
+        return cls(e, traceback.format_exc())
+
+
+class StepFailed(Exception):
+    """A step failed on at least one process, and every process knows it (the failure flag rides
+    on the step's own all-reduces), so all of them can save together and stop. `local`: this
+    process's Failure, None where another one failed."""
+
+    def __init__(self, local: Failure | None):
+        super().__init__("a step failed on another process" if local is None else str(local.exc))
+        self.local = local
+
+
+def accumulate(student, objective, batches: list[Batch] | None, plan, accelerator, failure: Failure | None = None) -> dict:
     """Forward + backward over one optimizer step's micro-batches; leaves the summed, correctly
     normalized gradient in the student's (and the objective's trained modules') .grad. Returns
-    the step's loss per target token, token counts, and each logged term's raw size per token."""
-    local = sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches)
-    counts = torch.tensor([local, sum(int(b.attention_mask.sum()) for b in batches)],
+    the step's loss per target token, token counts, and each logged term's raw size per token.
+
+    Under several processes no collective runs between the step's two all-reduces (token counts
+    before, logged sums after): the student's forward and backward run on the unwrapped model and
+    its gradients are averaged after the second one. Each all-reduce carries a failure flag, so an
+    exception on one process (`failure`, from building the step's data, or raised here) reaches
+    every process as StepFailed instead of leaving the others waiting in a collective."""
+    world = accelerator.num_processes
+    shared = world > 1
+    if failure is not None and not shared:
+        raise failure.exc
+    ok = failure is None
+    local = sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches) if ok else 0
+    counts = torch.tensor([local, sum(int(b.attention_mask.sum()) for b in batches) if ok else 0, float(not ok)],
                           device=accelerator.device, dtype=torch.float64)
-    counts = accelerator.reduce(counts, "sum") if accelerator.num_processes > 1 else counts
+    if shared:
+        counts = accelerator.reduce(counts, "sum")
+        if counts[2] > 0:
+            raise StepFailed(failure)
     num_tokens = max(int(counts[0]), 1)
-    scale = accelerator.num_processes / num_tokens
+    scale = world / num_tokens
     loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     parts: dict = {}
-    for i, b in enumerate(batches):
-        last = i == len(batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(student):
-            loss_sum, mine = objective.loss(student, b, plan, accelerator)
-            accelerator.backward(loss_sum * scale)
-        loss_total += loss_sum.detach()
-        for k, v in mine.items():
-            parts[k] = parts.get(k, 0.0) + v
+    model = accelerator.unwrap_model(student) if shared else student
+    try:
+        for i, b in enumerate(batches):
+            faults.point("micro_batch")
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last or shared else accelerator.no_sync(student):
+                loss_sum, mine = objective.loss(model, b, plan, accelerator)
+                accelerator.backward(loss_sum * scale)
+            loss_total += loss_sum.detach()
+            for k, v in mine.items():
+                parts[k] = parts.get(k, 0.0) + v
+    except Exception as e:
+        if not shared:
+            raise
+        failure = Failure.now(e)
     keys = objective.part_keys(plan)
-    raw = torch.tensor([parts.get(k, 0.0) for k in keys] + [float(loss_total)], dtype=torch.float64,
-                       device=accelerator.device)
-    if accelerator.num_processes > 1:
+    raw = torch.tensor([parts.get(k, 0.0) for k in keys] + [float(loss_total), float(failure is not None)],
+                       dtype=torch.float64, device=accelerator.device)
+    if shared:
         raw = accelerator.reduce(raw, "sum")
-    out = {"loss": float(raw[-1]) / num_tokens, "target_tokens": int(counts[0]), "tokens": int(counts[1])}
+        if raw[-1] > 0:
+            raise StepFailed(failure)
+        average_grads([p for p in model.parameters() if p.requires_grad], world)
+    out = {"loss": float(raw[-2]) / num_tokens, "target_tokens": int(counts[0]), "tokens": int(counts[1])}
     if keys:   # each term's raw (unweighted) size per target token
-        out["terms"] = {k: float(v) / num_tokens for k, v in zip(keys, raw[:-1].tolist()) if k in parts}
+        out["terms"] = {k: float(v) / num_tokens for k, v in zip(keys, raw[:-2].tolist()) if k in parts}
     return out
+
+
+def average_grads(params, world: int, bucket: int = 1 << 24):
+    """Mean of the parameters' gradients over the processes, as DDP computes it (each divided by
+    the number of processes, then summed), in flat buckets of up to `bucket` elements. A parameter
+    with no gradient takes part with zeros, as under DDP, so every process runs the same all-reduces."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    todo = [p.grad for p in params]
+    while todo:
+        n, k = 0, 0
+        while k < len(todo) and (k == 0 or n + todo[k].numel() <= bucket):
+            n += todo[k].numel()
+            k += 1
+        group, todo = todo[:k], todo[k:]
+        flat = _flatten_dense_tensors(group).div_(world)
+        torch.distributed.all_reduce(flat)
+        for g, f in zip(group, _unflatten_dense_tensors(flat, group)):
+            g.copy_(f)
 
 
 class GracefulStop:
@@ -173,18 +240,26 @@ def set_threads(cfg, accelerator):
     return n
 
 
+# The trackers Accelerate writes to (train.report_to), and the package each one needs.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow",
+                    "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive",
+                    "swanlab": "swanlab"}
+
+
 def make_accelerator(cfg, out: Path, threads: bool = True):
     from accelerate import Accelerator
 
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    import importlib.util
+
+    if "trackio" in cfg.train.report_to:   # its local database lives with the run, as tensorboard's files do
+        os.environ.setdefault("TRACKIO_DIR", str(out.resolve() / "trackio"))
     for tracker in cfg.train.report_to:
-        if tracker == "tensorboard":
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                raise UserError("train.report_to=[tensorboard] needs: pip install tensorboard") from None
+        package = TRACKER_PACKAGES[tracker]
+        if importlib.util.find_spec(package) is None:
+            raise UserError(f"train.report_to=[{tracker}] needs: pip install {package}")
     # cpu=True on a machine without CUDA: under `accelerate launch --multi_gpu --num_processes N`
     # that makes Accelerate use gloo (MULTI_CPU) instead of silently running N single processes.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,
@@ -252,6 +327,9 @@ class Run:
     desc: str = "distill"
     progress: bool = True
     signals: bool = True   # Ctrl-C / SIGTERM stop at a step boundary (the CLI; a library leaves them alone)
+    agrees: bool = False
+    """The step takes a Failure in place of its batches and raises StepFailed on every process when
+    any one fails (accumulate), so a failure under several processes is saved from together."""
 
 
 def _finite(loss) -> bool:
@@ -266,7 +344,7 @@ def fit(run: Run, resume: bool) -> dict:
     and raises one line, its traceback in error.log."""
     cfg, accelerator, out, trainees = run.cfg, run.accelerator, run.out, run.trainees
     main, t = accelerator.is_main_process, cfg.train
-    start, bad_steps = 0, 0
+    start, bad_steps, trained_before = 0, 0, 0.0
     if resume:
         last = checkpoints(out)[-1]
         state = read_state(last)
@@ -275,11 +353,12 @@ def fit(run: Run, resume: bool) -> dict:
         else:
             run.load_checkpoint(last, state)
         start, bad_steps = state["step"], state.get("bad_steps", 0)
+        trained_before = state.get("elapsed_s", 0.0)   # training time of the sessions before this one
         if main:
             trim_metrics(out / "metrics.jsonl", start)
         log.info("resumed from %s (step %d)", last, start)
     if t.report_to:
-        accelerator.init_trackers("stillroom", config=cfg.model_dump())
+        accelerator.init_trackers("stillroom", config=_hparams(cfg.model_dump()))
 
     metrics_file = open(out / "metrics.jsonl", "a") if main else None
     bar = tqdm(total=t.max_steps, initial=start, desc=run.desc, unit="step", disable=not (run.progress and main))
@@ -288,13 +367,22 @@ def fit(run: Run, resume: bool) -> dict:
         tr.model.train()
 
     def make_batches(step):
-        batches = run.make_batches(step)
-        faults.point("batch")   # on the prefetch thread, while the previous step computes
+        try:
+            batches = run.make_batches(step)
+            faults.point("batch")   # on the prefetch thread, while the previous step computes
+        except Exception as e:
+            if not (run.agrees and accelerator.num_processes > 1):
+                raise
+            return Failure.now(e)   # handed to the step, which tells the other processes
         return batches
 
     done, saved = start, start if resume else None
-    save = lambda at: save_checkpoint(accelerator, out, at, t.keep_checkpoints, run.write_checkpoint,  # noqa: E731
-                                      state={"bad_steps": bad_steps, **run.state()})
+    save = lambda at: save_checkpoint(  # noqa: E731
+        accelerator, out, at, t.keep_checkpoints, run.write_checkpoint,
+        state={"bad_steps": bad_steps, "elapsed_s": round(trained_before + time.perf_counter() - t_start, 1),
+               **run.state()})
+    # A short run logs every step, so its curves have points (train.log_every applies from 50 steps).
+    log_every = t.log_every if t.max_steps >= 50 else 1
     try:
         with GracefulStop(run.signals) as stop:
             for step, batches in prefetched(make_batches, range(start, t.max_steps), t.prefetch):
@@ -330,18 +418,20 @@ def fit(run: Run, resume: bool) -> dict:
                 tokens_seen += tokens
                 elapsed = time.perf_counter() - t_start
                 record = {"step": done, **fields, "tokens_per_s": round(tokens_seen / elapsed, 1),
-                          "elapsed_s": round(elapsed, 1), "bad_steps": bad_steps}
-                if done % t.log_every == 0 or done == t.max_steps:
+                          "elapsed_s": round(trained_before + elapsed, 1), "bad_steps": bad_steps}
+                if done % log_every == 0 or done == t.max_steps:
                     last_log = record
                     if main:
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
                         faults.point("metrics")
+                        if not run.progress:   # no bar: a plain line at the log cadence instead of silence
+                            left = (t.max_steps - done) * elapsed / max(done - start, 1)
+                            log.info("%s step %d/%d: loss %s, %.0f tokens/s, %.0f s elapsed, ~%.0f s left",
+                                     run.desc, done, t.max_steps, _loss_text(stats["loss"]),
+                                     record["tokens_per_s"], record["elapsed_s"], left)
                     accelerator.log(_scalars(record), step=done)
-                loss = stats["loss"]
-                bar.set_postfix(loss=(f"{loss:.4f}" if not isinstance(loss, dict)
-                                      else " ".join(f"{x:.3f}" for x in loss.values())),
-                                tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=_loss_text(stats["loss"]), tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
                 if t.eval_every and done % t.eval_every == 0 and done != t.max_steps and run.evaluate:
                     got = run.evaluate(done)   # on every process: an evaluation may gather
@@ -350,7 +440,8 @@ def fit(run: Run, resume: bool) -> dict:
                         rec, line = got
                         metrics_file.write(json.dumps({"eval": rec}) + "\n")
                         metrics_file.flush()
-                        bar.write(f"step {done}: {line}")
+                        accelerator.log(_scalars({k: v for k, v in rec.items() if k != "step"}, "eval/"), step=done)
+                        bar.write(f"step {done}: {line}") if run.progress else log.info("step %d: %s", done, line)
                 if t.save_every and done % t.save_every == 0:
                     save(done)
                     saved = done
@@ -360,6 +451,27 @@ def fit(run: Run, resume: bool) -> dict:
                     raise stop.stopped(done, out)
     except (UserError, Stopped, KeyboardInterrupt):
         raise
+    except StepFailed as e:
+        # Every process knows (see accumulate): save the last completed step together, then stop
+        # everywhere with the failing process's line.
+        from accelerate.utils import gather_object
+
+        failed = gather_object([(accelerator.process_index, type(e.local.exc).__name__,
+                                 (str(e.local.exc).splitlines() or [""])[0][:200], e.local.trace)]
+                               if e.local is not None else [])
+        for tr in trainees:
+            tr.optimizer.zero_grad(set_to_none=True)
+        if main:
+            (out / "error.log").write_text("".join(f"process {r}:\n{trace}\n" for r, _, _, trace in failed))
+        note = ""
+        if done > start and saved != done:
+            save(done)
+            note = f"; checkpoint of step {done} saved: fix the cause and continue with --resume"
+        elif checkpoints(out):
+            note = f"; continue from {checkpoints(out)[-1].name} with --resume"
+        rank, kind, first, _ = failed[0]
+        raise UserError(f"step {done + 1} failed on process {rank}: {kind}: {first} (traceback in "
+                        f"{out / 'error.log'}){note}") from None
     except Exception as e:
         # A failure mid-step (a teacher that breaks, out of memory...): the weights and optimizer
         # are those of the last completed step; keep them, then stop with one line.
@@ -381,16 +493,33 @@ def fit(run: Run, resume: bool) -> dict:
     return last_log   # the caller ends training (accelerator.end_training) after its own collectives
 
 
-def _scalars(record: dict) -> dict:
-    """What a tracker gets: the record's numbers, a per-trainee dict flattened to loss/<name>."""
+def _hparams(config: dict, prefix: str = "") -> dict:
+    """The config as trackers take hyperparameters: dotted keys, scalar values (lists and None as
+    their JSON text; tensorboard refuses anything else)."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(_hparams(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return out
+
+
+def _loss_text(loss) -> str:
+    return f"{loss:.4f}" if not isinstance(loss, dict) else " ".join(f"{k} {x:.3f}" for k, x in loss.items())
+
+
+def _scalars(record: dict, prefix: str = "") -> dict:
+    """What a tracker gets: the record's numbers, nested dicts flattened with "/" (terms/ce,
+    loss/<peer>, eval/peers/<peer>/perplexity); the step is the tracker's own axis."""
     out = {}
     for k, v in record.items():
-        if k == "step":
+        if k == "step" and not prefix:
             continue
         if isinstance(v, dict):
-            out.update({f"{k}/{n}": x for n, x in v.items() if isinstance(x, (int, float))})
-        elif isinstance(v, (int, float)):
-            out[k] = v
+            out.update(_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[f"{prefix}{k}"] = v
     return out
 
 
@@ -407,9 +536,16 @@ def objective_run(cfg, accelerator, student, optimizer, scheduler, objective, ex
 
     def step_fn(step, batches):
         plan = plans["now"] = objective.plan(step)
-        batches = objective.prepare(batches, plan, accelerator.unwrap_model(student),
-                                    window_indices(step, cfg, rank, world), to_batch)
-        stats = accumulate(student, objective, batches, plan, accelerator)
+        failure = batches if isinstance(batches, Failure) else None
+        if failure is None:
+            try:
+                batches = objective.prepare(batches, plan, accelerator.unwrap_model(student),
+                                            window_indices(step, cfg, rank, world), to_batch)
+            except Exception as e:
+                if world == 1:
+                    raise
+                failure = Failure.now(e)
+        stats = accumulate(student, objective, None if failure else batches, plan, accelerator, failure)
         objective.sync_grads(accelerator)
         return stats
 
@@ -427,4 +563,4 @@ def objective_run(cfg, accelerator, student, optimizer, scheduler, objective, ex
 
     return Run(cfg, accelerator, [Trainee(None, student, optimizer, scheduler, objective.trained)], out,
                make_batches, step_fn, record, after_step=lambda stats: objective.after_step(plans["now"], stats),
-               load_checkpoint=load, state=objective.state_dict, **kw)
+               load_checkpoint=load, state=objective.state_dict, agrees=True, **kw)

@@ -134,14 +134,33 @@ def resolve(spec: str) -> tuple[str, str | Path]:
     return "hub", spec
 
 
+def run_model(spec: str, flag: str = "model") -> str:
+    """A run folder stands for the student it made (its final/); a co-distillation run has one per
+    peer, so the user must pick one. Anything else is returned as given."""
+    p = Path(spec)
+    final = p / "final"
+    if (final / "config.json").is_file():
+        return str(final)
+    peers = sorted(d.name for d in final.iterdir() if (d / "config.json").is_file()) if final.is_dir() else []
+    if peers:
+        raise UserError(f"{spec} is a co-distillation run with one student per peer: pass one as the {flag}, "
+                        f"e.g. {final / peers[0]} (peers: {', '.join(peers)})")
+    if not spec.strip():
+        raise UserError(f"the {flag} is empty: give a folder, a .gguf file, a hub id or one of {', '.join(BUNDLED)}")
+    return spec
+
+
 def load(spec: str, *, trainable: bool = False) -> Loaded:
     """Load a causal LM and its tokenizer from any spec."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, where = resolve(spec)
+    from .feedback import phase
+
     try:
-        tok = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+        with phase(f"loading {spec if str(spec) == str(where) else f'{spec} ({where})'}"):
+            tok = AutoTokenizer.from_pretrained(where)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
     except (OSError, ValueError) as e:
         if kind == "hub":
             raise UserError(
@@ -153,6 +172,9 @@ def load(spec: str, *, trainable: bool = False) -> Loaded:
     except Exception as e:  # safetensors' own errors on a truncated or garbage weights file, ...
         if kind == "hub":
             raise
+        if "ignore_mismatched_sizes" in str(e):   # transformers' report of it is a log we keep quiet
+            raise UserError(f"the weights in {where} do not fit its config.json: {_mismatch(Path(where))}; "
+                            "fix config.json (vocab_size, hidden_size, ...) or the weights") from None
         raise UserError(f"could not load the model in {where} (damaged weights?): {type(e).__name__}: "
                         f"{(str(e).splitlines() or [''])[0][:200]}") from None
     if tok.pad_token is None:
@@ -162,6 +184,28 @@ def load(spec: str, *, trainable: bool = False) -> Loaded:
     else:
         freeze(model)
     return Loaded(model, tok, spec, Path(where) if kind == "folder" else None)
+
+
+def _mismatch(folder: Path) -> str:
+    """The first tensor whose shape in the weight files differs from the one config.json makes."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in
+                    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).state_dict().items()}
+        found = []
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                for k in st.keys():
+                    shape = tuple(st.get_slice(k).get_shape())
+                    if k in want and want[k] != shape:
+                        found.append(f"{k} is {list(shape)} in {f.name}, {list(want[k])} by config.json")
+        return "; ".join(found[:2]) + (f" (and {len(found) - 2} more)" if len(found) > 2 else "") \
+            if found else "tensor sizes differ"
+    except Exception:   # the message above is a courtesy; never fail while describing a failure
+        return "tensor sizes differ"
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

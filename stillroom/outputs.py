@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import re
 import shutil
@@ -48,7 +49,8 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int, write=None, st
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         if write is None:
-            accelerator.save_state(str(tmp))
+            with tied_weights_quiet():
+                accelerator.save_state(str(tmp))
         else:
             write(tmp)
         accelerator.wait_for_everyone()
@@ -75,6 +77,27 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int, write=None, st
         for stale in out.glob("checkpoints/*.old"):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+class _SharedTensorNote(logging.Filter):
+    def filter(self, record):
+        return "Removed shared tensor" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def tied_weights_quiet():
+    """Accelerate's save_state stores a tied output head once (safetensors cannot hold a tensor
+    twice) and warns "Removed shared tensor {'lm_head.weight'} ... check by verifying that you
+    don't receive any warning while reloading" at every checkpoint. Its load_state ties it again
+    (safetensors.load_model), and the resume tests check the resumed run bit for bit, so the
+    warning is dropped rather than shown at every checkpoint."""
+    logger = logging.getLogger("accelerate.utils.other")
+    f = _SharedTensorNote()
+    logger.addFilter(f)
+    try:
+        yield
+    finally:
+        logger.removeFilter(f)
 
 
 def trim_metrics(path: Path, step: int):

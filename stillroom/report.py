@@ -91,12 +91,13 @@ def plots(d: dict) -> list[tuple[str, str]]:
         for ax, (key, label) in zip(axes, (("student_perplexity", "held-out perplexity"),
                                            ("agreement", "top-1 agreement w/ teacher"),
                                            ("kl_per_token", "KL(teacher||student)/token"))):
-            pts = [(e["step"], e[key]) for e in ev if e.get(key) is not None]
+            scale = 100 if key == "agreement" else 1   # the table shows agreement in %
+            pts = [(e["step"], e[key] * scale) for e in ev if e.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o")
             if key == "student_perplexity":
                 ax.set_yscale("log")
-            ax.set_title(label, fontsize=10)
+            ax.set_title(label + (" (%)" if scale == 100 else ""), fontsize=10)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
         out.append(("eval", _svg(fig)))
@@ -106,11 +107,16 @@ def plots(d: dict) -> list[tuple[str, str]]:
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
         for ax, (key, label) in zip(axes, (("size_mb", "size MB"), ("speed", "generation tokens/s"))):
+            xs = [c.get(key) for _, c in pts if c.get(key)]
+            mid = (min(xs) + max(xs)) / 2 if xs else 0
             for n, c in pts:
                 x = c.get(key)
                 if x:
                     ax.scatter([x], [c["perplexity"]])
-                    ax.annotate(n, (x, c["perplexity"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+                    right = x > mid   # a label runs towards the middle, so it stays inside the axes
+                    ax.annotate(n, (x, c["perplexity"]), fontsize=8, xytext=(-4 if right else 4, 4),
+                                textcoords="offset points", ha="right" if right else "left")
+            ax.margins(x=0.15, y=0.2)
             ax.set_xlabel(label)
             ax.set_ylabel("held-out perplexity")
             ax.set_yscale("log")

@@ -19,7 +19,7 @@ from .config import Config, to_yaml
 from .data import load_data
 from .errors import UserError
 from .loop import (Batch, GracefulStop, fit, lr_lambda, make_accelerator, make_optimizer, objective_run,  # noqa: F401
-                   prefetched, set_threads, to_batch, window, window_indices)
+                   _scalars, prefetched, set_threads, to_batch, window, window_indices)
 from .objectives import build_objective, loss_weights, teacher_terms  # noqa: F401
 from .outputs import checkpoints, inputs_of, own_output, prepare_output, record_resume, resume_changes, start_output, write_final  # noqa: F401
 from .teachers import load_teachers
@@ -58,7 +58,11 @@ def default_data(cfg: Config, teacher: models.Loaded) -> str:
                        .encode()).hexdigest()[:12]
     path = models.cache_dir() / "data" / f"answers-{key}.jsonl"
     log.info("data: the teacher's answers to %d prompts (%s)", len(prompts), path)
-    generate_file(LocalTeacher(teacher.model, teacher.tokenizer, cfg.teacher.model), prompts, path, g)
+    from .folders import claim
+
+    # Two runs that need the same answers: the second waits for the first rather than write beside it.
+    with claim(path.parent, key="the default data", name=path.name, wait=True):
+        generate_file(LocalTeacher(teacher.model, teacher.tokenizer, cfg.teacher.model), prompts, path, g)
     return str(path)
 
 
@@ -210,6 +214,8 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
         teacher.model.to("cpu" if cfg.teacher.offload else accelerator.device,
                          dtype=models.teacher_dtype(cfg.teacher.dtype, accelerator.device))
     source = teachers[0].eval_source()   # what the evaluation reads the teacher from
+    if main:
+        log.info("evaluating the teacher and the untrained student on %d held-out examples", len(held))
     before, held_tokens = (eval_columns(student, None, teacher, held, cfg, vocab, pad_id, cache=cache,
                                         s_tok=s_tok if cross else None) if main else ({}, 0))
     if cfg.train.qat != "none":
@@ -237,18 +243,22 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
     run = objective_run(cfg, accelerator, student, optimizer, scheduler, objective, train, pad_id, out,
                         evaluate=mid_eval, desc="distill", progress=progress, signals=signals)
     last_log = fit(run, resume)
-    accelerator.end_training()
     if not main:
+        accelerator.end_training()
         return {}, accelerator.unwrap_model(student)
 
     student = accelerator.unwrap_model(student)
     if cfg.train.qat != "none":   # the evaluation below and final/ see the quantized weights
         from .quant import bake
         bake(student)
+    log.info("evaluating the trained student; then writing %s", out / "final")
     after, _ = eval_columns(student, None, teacher, held, cfg, vocab, pad_id, with_teacher=False, cache=cache,
                             s_tok=s_tok if cross else None)
     columns = {"teacher": before["teacher"], "student before": before["student"],
                "student after": after["student"]}
+    accelerator.log(_scalars({"student": after["student"], "teacher": before["teacher"]}, "final/"),
+                    step=cfg.train.max_steps)
+    accelerator.end_training()   # the trackers are closed after the final evaluation is in them
     metrics = {"eval": columns, "held_out_tokens": held_tokens, "train": last_log,
                "train_examples": len(train), "held_out_examples": len(held)}
     final = write_final(out, student, s_tok, cfg, metrics,

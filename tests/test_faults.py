@@ -2,6 +2,7 @@
 clear state: skipped-and-counted, or stopped with one line and a resumable state."""
 import json
 import threading
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -184,3 +185,32 @@ def test_an_api_teacher_failing_mid_run_stops_cleanly_and_resumes(tmp_path, caps
         good.shutdown()
         bad.shutdown()
     assert (tmp_path / "out.jsonl").read_text() == (tmp_path / "ref.jsonl").read_text()
+
+
+def test_a_failure_on_one_of_two_processes_saves_and_stops_both(tmp_path, teacher_dir, chat_file):
+    """Process 1 raises in step 3 (in its forward, then in another run while building its data
+    ahead): process 0 is not left waiting in a collective. Both stop with the one line naming the
+    failing process, the checkpoint of step 2 is written by both together, and --resume from it
+    ends with the weights of a run that never failed."""
+    from test_train import launch
+
+    over = lambda out: [*tiny_overrides(teacher_dir, chat_file, out), "train.max_steps=4", "--no-progress"]  # noqa: E731
+    launch(2, "-m", "stillroom", "distill", *over(tmp_path / "clean"))
+    import stillroom
+    for where in ("micro_batch", "batch"):
+        out = tmp_path / where
+        r = launch(2, "-m", "stillroom", "distill", *over(out), check=False, timeout=300,
+                   env={"STILLROOM_FAULT": f"{where}:3:raise", "STILLROOM_FAULT_RANK": "1"})
+        assert r.returncode != 0
+        lines = [x for x in r.stderr.splitlines() if x.startswith("stillroom: error:")]
+        assert lines and all("failed on process 1: RuntimeError: injected failure at" in x for x in lines), \
+            r.stderr[-3000:]
+        assert "checkpoint of step 2 saved" in lines[0]
+        # (the launcher prints its own ChildFailedError traceback when a process exits non-zero)
+        assert f'File "{Path(stillroom.__file__).parent}' not in r.stderr, r.stderr[-6000:]
+        assert "process 1:" in (out / "error.log").read_text()
+        assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000002"]
+    out = tmp_path / "micro_batch"
+    launch(2, "-m", "stillroom", "distill", *over(out), "--resume")
+    want, got = load_file(tmp_path / "clean" / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(want[k], got[k]) for k in want)

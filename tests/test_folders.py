@@ -244,3 +244,26 @@ def test_resume_refuses_settings_that_change_the_run_and_records_the_ones_that_d
     assert changed == [{"step": 4, "config_changed": {"train.log_every": [1, 2], "train.max_steps": [4, 6]}}]
     assert max(r["step"] for r in recs if "loss" in r) == 6
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 6
+
+
+def test_generate_holds_its_answers_file_and_a_second_writer_is_refused(tmp_path, teacher_dir):
+    """Two `generate` commands on one --out: the second is refused at once naming the first; a
+    generate into another file of the same folder is not held up."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"Tell me about thing {i}.\n" for i in range(6)))
+    out = tmp_path / "answers.jsonl"
+    args = ["generate", "--teacher", teacher_dir, "--prompts", prompts, "--max-new-tokens", "4", "--batch-size", "2",
+            "--no-progress"]
+    # the first pauses 20 s after its first batch (its progress record is written by then)
+    first = popen(*args, "--out", out, env={"STILLROOM_FAULT": "generate.batch:1:sleep=20"})
+    wait_for(out.with_name(out.name + ".progress.json"), first)
+    t0 = time.time()
+    code, err = stillroom(*args, "--out", out)
+    assert code == 2 and f"--out {out} is in use by another stillroom command" in error_line(err)
+    assert f"pid {first.pid} " in error_line(err)
+    code, err = stillroom(*args, "--out", tmp_path / "other.jsonl")
+    assert code == 0, err[-2000:]
+    assert first.poll() is None and time.time() - t0 < 20, "the first generate ended early: the test proved nothing"
+    assert first.wait(timeout=600) == 0, first.communicate()[1][-3000:]
+    assert len(out.read_text().splitlines()) == 6
+    assert not list(tmp_path.glob(".answers.jsonl.*"))   # the lock is gone with its holder

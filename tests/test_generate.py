@@ -83,7 +83,7 @@ def test_greedy_cannot_give_several_answers(tmp_path, teacher_dir):
     p = tmp_path / "p.txt"
     p.write_text("Hi\n")
     assert_user_error(run_cli("generate", "--teacher", teacher_dir, "--prompts", p, "--out", tmp_path / "o.jsonl",
-                              "--num-answers", "2"), r"num_answers > 1 needs generate.temperature > 0")
+                              "--num-answers", "2"), r"--num-answers > 1 needs --temperature > 0")
     assert not (tmp_path / "o.jsonl").exists()
 
 

@@ -233,7 +233,67 @@ CASES = [
     ("codistill with a distill-only loss", lambda t, m, d: ["codistill", "codistill", f"teacher.model={m}",
                                                             "loss.on_policy=0.5"], "stillroom distill"),
     ("finetune data missing", lambda t, m, d: distill(t, m, d, f"finetune.data={t / 'gone.jsonl'}"), "finetune.data"),
+    # ---- issue 18: what still crashed or misled
+    ("lone surrogate in a JSON string", lambda t, m, d: distill(t, m, _file(
+        t, "sur.jsonl", d.read_text() + '{"prompt": "a \\ud800 b", "response": "c"}\n')), "invalid Unicode"),
+    ("eval --seq-len 0", lambda t, m, d: ["eval", "--model", str(m), "--teacher", str(m), "--data", str(d),
+                                          "--seq-len", "0"], "--seq-len"),
+    ("eval --batch-size 0", lambda t, m, d: ["eval", "--model", str(m), "--data", str(d), "--batch-size", "0"],
+     "--batch-size"),
+    ("eval --max-batches 0", lambda t, m, d: ["eval", "--model", str(m), "--data", str(d), "--max-batches", "0"],
+     "--max-batches"),
+    ("eval --seq-len beyond the context", lambda t, m, d: ["eval", "--model", str(m), "--teacher", str(m),
+                                                           "--data", str(d), "--seq-len", "4096"], "context"),
+    ("eval --out is a folder", lambda t, m, d: ["eval", "--model", str(m), "--teacher", str(m), "--data", str(d),
+                                                "--out", str(t)], "folder"),
+    ("generate --out is a folder", lambda t, m, d: ["generate", "--teacher", str(m), "--out", str(t)], "folder"),
+    ("generate --max-new-tokens 0", lambda t, m, d: ["generate", "--teacher", str(m), "--out", str(t / "o.jsonl"),
+                                                     "--max-new-tokens", "0"], "--max-new-tokens"),
+    ("generate names its flags", lambda t, m, d: [
+        "generate", "--teacher", str(m), "--out", str(t / "o.jsonl"), "--num-answers", "3"], "--temperature"),
+    ("generate rows with no prompt", lambda t, m, d: [
+        "generate", "--teacher", str(m), "--prompts", str(_file(t, "p.jsonl", '{"body": "x"}\n')),
+        "--out", str(t / "o.jsonl")], "--prompt-field"),
+    ("compare --rounds 0", lambda t, m, d: ["compare", str(m), str(m), "--data", str(d), "--rounds", "0"], "--rounds"),
+    ("compare --out is a folder", lambda t, m, d: ["compare", str(m), str(m), "--data", str(d), "--out", str(t)],
+     "folder"),
+    ("duplicate key in a config", lambda t, m, d: [
+        "distill", _cfg(t, "train:\n  max_steps: 2\n  lr: 0.001\n  max_steps: 400000\n"), *_base(m, d, t / "out")[:3]],
+     "twice"),
+    ("a FIFO as data", lambda t, m, d: distill(t, m, _fifo(t)), "not a regular file"),
+    ("/dev/zero as data", lambda t, m, d: distill(t, m, Path("/dev/zero"), "data.format=text"), "not a regular file"),
+    ("config vocab differs from the weights", lambda t, m, d: distill(t, _vocab_lie(t, m), d), "vocab_size"),
+    ("empty teacher.model", lambda t, m, d: distill(t, m, d, "teacher.model=''"), "teacher.model"),
+    ("export of a codistill run", lambda t, m, d: ["export", str(_codistill_run(t, m))], "final/a"),
+    ("eval of a codistill run", lambda t, m, d: ["eval", "--model", str(_codistill_run(t, m)), "--teacher", str(m),
+                                                 "--data", str(d)], "peers: a, b"),
+    ("rows all in an unknown format", lambda t, m, d: distill(t, m, _file(t, "u.jsonl", '{"query": "a", "reply": "b"}\n' * 4)),
+     "data.fields"),
+    ("MT-Bench turns as training data", lambda t, m, d: distill(t, m, _file(
+        t, "mt.jsonl", '{"turns": ["Hi.", "More?"]}\n' * 4)), "stillroom generate"),
 ]
+
+
+def _fifo(tmp):
+    p = tmp / "pipe.jsonl"
+    os.mkfifo(p)
+    return p
+
+
+def _vocab_lie(tmp, teacher):
+    d = _model_copy(tmp, teacher)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vocab_size"] += 10
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _codistill_run(tmp, teacher):
+    import shutil
+    run = tmp / "co"
+    for peer in ("a", "b"):
+        shutil.copytree(teacher, run / "final" / peer)
+    return run
 
 
 def _shard_gone(cache: Path) -> Path:
