@@ -98,22 +98,26 @@ def _build_cache(cfg, args) -> int:
     from .cache import build, existing, summary
     from .train import check_context, prepare_data
 
-    teacher = models.load(cfg.teacher.model)
-    if cfg.cache.source == "logprobs":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.cache.source == "logprobs":   # the teacher's tokenizer and config only: no weights are read
+        from transformers import AutoConfig
+
         from .api import build_from_logprobs
 
         if not cfg.data.path:
             raise UserError("cache.source=logprobs reads data.path: the JSONL that `stillroom generate --api "
                             "... --top-logprobs K` wrote")
-        build_from_logprobs(cfg, teacher.tokenizer, teacher.model.config, args.overwrite, not args.no_progress)
+        kind, where = models.resolve(cfg.teacher.model)
+        build_from_logprobs(cfg, models.load_tokenizer(cfg.teacher.model), AutoConfig.from_pretrained(where),
+                            args.overwrite, not args.no_progress)
         s = summary(cfg.cache.path)
         print(f"{s['samples']:,} samples, {s['rows']:,} positions from the API's logprobs in {cfg.cache.path}")
         return 0
+    teacher = models.load(cfg.teacher.model, dtype=models.teacher_dtype(cfg.teacher.dtype, device))
     check_context(cfg, teacher.model.config)
     existing(cfg, teacher.model, teacher.tokenizer, args.overwrite, skip=("data",))  # before any data work
     cfg, train, held = prepare_data(cfg, teacher, SimpleNamespace(is_main_process=True, num_processes=1))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher.model.to(device, dtype=models.teacher_dtype(cfg.teacher.dtype, device))
+    teacher.model.to(device)
     build(cfg, train + held, teacher.model, teacher.tokenizer, overwrite=args.overwrite,
           progress=not args.no_progress)
     s = summary(cfg.cache.path)
@@ -267,11 +271,15 @@ def _generate(args, gcfg, prompts, out: Path) -> dict:
     if args.api:
         from .api import ApiTeacher
 
-        tok = models.load(args.tokenizer).tokenizer if args.tokenizer else None
+        tok = models.load_tokenizer(args.tokenizer) if args.tokenizer else None
         teacher = ApiTeacher(args.api, args.api_model, args.api_key_env, args.concurrency, args.rate_limit,
                              args.top_logprobs, max_retries=args.max_retries, tokenizer=tok)
     else:
-        loaded = models.load(args.teacher)
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        loaded = models.load(args.teacher, dtype=models.teacher_dtype(args.dtype, device))
+        loaded.model.to(device)
         teacher = LocalTeacher(loaded.model, loaded.tokenizer, args.teacher)
     return generate_file(teacher, prompts, out, gcfg, progress=not args.no_progress)
 
@@ -424,6 +432,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_number(float, above=0.0, high=1.0), default=1.0, help="nucleus sampling (with --temperature > 0)")
     g.add_argument("--top-k", type=_number(int, low=0), default=0, help="0 = off")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the teacher's weights (auto: bf16 where the device runs it natively, else fp32)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = g.add_argument_group("API teacher (an OpenAI-compatible endpoint instead of --teacher)")
     a.add_argument("--api", metavar="BASE_URL", help="e.g. http://127.0.0.1:8080/v1")

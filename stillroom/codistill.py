@@ -280,7 +280,7 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
         log.warning("codistill.top_k applies to mode=predictions only; mutual mode uses full distributions")
     torch.manual_seed(cfg.train.seed)
 
-    teacher = models.load(cfg.teacher.model)
+    teacher = models.load(cfg.teacher.model, dtype=models.teacher_dtype(cfg.teacher.dtype, accelerator.device))
     check_context(cfg, teacher.model.config)
     built = [models.build_student(p, teacher, cfg.train.seed + i) for i, p in enumerate(cfg.peers)]
     vocabs = []

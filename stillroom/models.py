@@ -150,8 +150,24 @@ def run_model(spec: str, flag: str = "model") -> str:
     return spec
 
 
-def load(spec: str, *, trainable: bool = False) -> Loaded:
-    """Load a causal LM and its tokenizer from any spec."""
+def load_tokenizer(spec: str):
+    """A model's tokenizer alone (no weights are read): for needs that are only about tokens."""
+    from transformers import AutoTokenizer
+
+    kind, where = resolve(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the tokenizer of '{spec}': {(str(e).splitlines() or [''])[0][:200]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load(spec: str, *, trainable: bool = False, dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load a causal LM and its tokenizer from any spec, its weights straight into `dtype` (a
+    teacher in the dtype it runs in: no fp32 copy on the way, so the peak host memory is about the
+    weights in that dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, where = resolve(spec)
@@ -160,7 +176,7 @@ def load(spec: str, *, trainable: bool = False) -> Loaded:
     try:
         with phase(f"loading {spec if str(spec) == str(where) else f'{spec} ({where})'}"):
             tok = AutoTokenizer.from_pretrained(where)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     except (OSError, ValueError) as e:
         if kind == "hub":
             raise UserError(
@@ -229,14 +245,19 @@ def _slice_layer_types(cfg, keep):
         cfg.layer_types = [cfg.layer_types[i % len(cfg.layer_types)] for i in keep]
 
 
-def student_from_teacher(teacher, layers: list[int] | None = None, num_layers: int | None = None):
+def student_from_teacher(teacher, layers: list[int] | None = None, num_layers: int | None = None,
+                         folder: Path | None = None):
     """Depth-pruned copy of the teacher (DistilBERT / Minitron init): keep `layers`, copy weights.
 
     Everything outside the decoder layers (embeddings, final norm, head) is copied as is.
+    `teacher`: the model, or its config when `folder` is given. folder: the teacher's model folder,
+    whose safetensors are read for the kept tensors alone, in fp32 (a teacher loaded in bf16 to
+    run, or not loaded at all, still gives the exact fp32 student).
     """
     from transformers import AutoModelForCausalLM
 
-    n = teacher.config.num_hidden_layers
+    config = getattr(teacher, "config", teacher)
+    n = config.num_hidden_layers
     if layers:
         keep = list(layers)
         bad = [i for i in keep if not 0 <= i < n]
@@ -244,21 +265,39 @@ def student_from_teacher(teacher, layers: list[int] | None = None, num_layers: i
             raise UserError(f"student.layers={keep}: need distinct increasing indices in 0..{n - 1}")
     else:
         keep = spread_layers(n, num_layers or n)
-    cfg = copy.deepcopy(teacher.config)
+    cfg = copy.deepcopy(config)
     cfg.num_hidden_layers = len(keep)
     _slice_layer_types(cfg, keep)
     student = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     new_index = {old: new for new, old in enumerate(keep)}
-    state = {}
-    for key, value in teacher.state_dict().items():
-        m = re.match(r"(.*\.layers\.)(\d+)(\..*)", key)
-        if m is None:
-            state[key] = value
-        elif int(m[2]) in new_index:
-            state[f"{m[1]}{new_index[int(m[2])]}{m[3]}"] = value
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    tied = {k for k in missing if "lm_head" in k and cfg.tie_word_embeddings}
-    assert not (set(missing) - tied) and not unexpected, (missing, unexpected)
+
+    def renamed(items):
+        state = {}
+        for key, value in items:
+            m = re.match(r"(.*\.layers\.)(\d+)(\..*)", key)
+            if m is None:
+                state[key] = value()
+            elif int(m[2]) in new_index:
+                state[f"{m[1]}{new_index[int(m[2])]}{m[3]}"] = value()
+        return state
+
+    def fits(state):
+        missing, unexpected = student.load_state_dict(state, strict=False)
+        tied = {k for k in missing if "lm_head" in k and cfg.tie_word_embeddings}
+        return not (set(missing) - tied) and not unexpected, (missing, unexpected)
+
+    ok, why = (False, None)
+    files = sorted(Path(folder).glob("*.safetensors")) if folder is not None else []
+    if files:
+        from safetensors import safe_open
+        handles = [safe_open(str(f), "pt") for f in files]
+        ok, why = fits(renamed((k, lambda h=h, k=k: h.get_tensor(k).float()) for h in handles for k in h.keys()))
+    if not ok:   # no folder, or its files name tensors otherwise: the loaded model's own weights
+        if not isinstance(teacher, torch.nn.Module):
+            raise UserError(f"could not read the teacher's layers from {folder} ({why}); "
+                            "load the teacher to copy them")
+        ok, why = fits(renamed((k, lambda v=v: v) for k, v in teacher.state_dict().items()))
+    assert ok, why
     student.train()
     student.requires_grad_(True)
     return student, keep
@@ -300,12 +339,19 @@ def build_student(s, teacher: Loaded, seed: int = 0) -> tuple[torch.nn.Module, o
         model, tok, how = build_student(s.model_copy(update={"model": None}), base, seed)
         return model, tok, how.replace("teacher layers", f"{s.model} layers") + f" (from {s.model})"
     if s.init == "from_teacher":
-        source = teacher.model
-        if source is None:  # a cached teacher: load its weights once, only to copy layers
-            log.info("loading the teacher %s once to copy its layers (it is not run)", teacher.source)
-            source = load(teacher.source).model
-        model, keep = student_from_teacher(source, s.layers, s.num_layers)
-        return model, teacher.tokenizer, f"teacher layers {keep} of {source.config.num_hidden_layers}"
+        source, folder = teacher.model, teacher.path
+        if source is None:  # a cached teacher: read the kept layers from its folder (it is not run)
+            kind, where = resolve(teacher.source)
+            folder = where if kind == "folder" else None
+            if folder is None:
+                log.info("loading the teacher %s once to copy its layers (it is not run)", teacher.source)
+                source = load(teacher.source).model
+            else:
+                from transformers import AutoConfig
+                source = AutoConfig.from_pretrained(folder)
+        model, keep = student_from_teacher(source, s.layers, s.num_layers, folder)
+        n = getattr(source, "config", source).num_hidden_layers
+        return model, teacher.tokenizer, f"teacher layers {keep} of {n}"
     if s.init == "config":
         if teacher.model_config() is None:
             raise UserError("student.init=config needs the teacher's model config, which this cache lacks; "

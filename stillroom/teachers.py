@@ -141,7 +141,7 @@ def load_teachers(cfg, cache, model, vocab, s_tok, accelerator) -> list:
                                 f"than the student's ({vocab})")
             out.append(CachedTeacher(src, m.name, m.weight))
         else:
-            loaded = models.load(m.model)
+            loaded = models.load(m.model, dtype=models.teacher_dtype(m.dtype, accelerator.device))
             w, _ = models.check_vocab(loaded.model, loaded.tokenizer, loaded.model, s_tok)
             if w < vocab:
                 raise UserError(f"teacher.mix '{m.name}' ({m.model}) has {w} logits, fewer than the student's {vocab}")

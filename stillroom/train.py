@@ -54,7 +54,8 @@ def default_data(cfg: Config, teacher: models.Loaded) -> str:
     g = cfg.generate
     prompts = read_prompts(g.prompts, g.num_prompts, g.prompt_field, g.split, g.system, g.dedup)
     # "answers-2": rows mark answers cut by max_new_tokens (files written before are not reused)
-    key = hashlib.sha1(json.dumps(["answers-2", cfg.teacher.model, prompts, g.model_dump()], sort_keys=True)
+    key = hashlib.sha1(json.dumps(["answers-2", cfg.teacher.model, str(teacher.model.dtype), prompts, g.model_dump()],
+                                  sort_keys=True)
                        .encode()).hexdigest()[:12]
     path = models.cache_dir() / "data" / f"answers-{key}.jsonl"
     log.info("data: the teacher's answers to %d prompts (%s)", len(prompts), path)
@@ -136,8 +137,8 @@ def _distill(cfg: Config, out: Path, overwrite: bool, resume: bool, progress: bo
             cfg = cfg.model_copy(deep=True)
             cfg.data.path = cache.index["data"]["path"]
             cfg.data.eval_path = cache.index["data"]["eval_path"]
-    else:
-        teacher = models.load(cfg.teacher.model)
+    else:   # straight into the dtype it runs in
+        teacher = models.load(cfg.teacher.model, dtype=models.teacher_dtype(cfg.teacher.dtype, accelerator.device))
     student, s_tok, how = models.build_student(cfg.student, teacher, cfg.train.seed)
     kept = None   # the teacher layers a from_teacher student was cut from (the hidden-state terms' map)
     if cfg.student.init == "from_teacher" and not cfg.student.model and teacher.has_weights:
