@@ -7,6 +7,7 @@ chat template, with the loss only on the assistant's tokens.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -441,9 +442,19 @@ def micro_batch(examples: list[Example], index: int, batch_size: int, seed: int)
     its arguments, so resuming at a step reproduces the exact data order)."""
     per_epoch = max(1, len(examples) // batch_size)
     epoch, k = divmod(index, per_epoch)
-    order = list(range(len(examples)))
+    order = epoch_order(len(examples), seed, epoch)
+    return [examples[int(i)] for i in order[k * batch_size:(k + 1) * batch_size]]
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int, epoch: int):
+    """The shuffled order of epoch `epoch`, made once per epoch (not per micro-batch: at millions of
+    examples a shuffle is seconds), kept as an int64 array (8 bytes an example)."""
+    import numpy as np
+
+    order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return [examples[i] for i in order[k * batch_size:(k + 1) * batch_size]]
+    return np.asarray(order, dtype=np.int64)
 
 
 def eval_batches(examples: list[Example], batch_size: int, max_batches=None):

@@ -127,3 +127,26 @@ def test_a_cut_answer_teaches_no_end_of_turn(tmp_path, tok):
     assert end not in [t for t in cut.labels if t != -100] and end not in [t for t in pair.labels if t != -100]
     assert tok.decode([t for t in cut.labels if t != -100]) == "The cat sat on"
     assert cut.input_ids == whole.input_ids                            # the same text; only the targets differ
+
+
+def test_the_data_order_is_shuffled_once_per_epoch_and_unchanged():
+    """micro_batch keeps its order (the reference below is the order every earlier run used), but
+    shuffles once per epoch instead of once per micro-batch."""
+    import random
+
+    from stillroom.data import epoch_order, micro_batch
+
+    examples = list(range(103))
+
+    def reference(index, batch_size, seed):
+        per_epoch = max(1, len(examples) // batch_size)
+        epoch, k = divmod(index, per_epoch)
+        order = list(range(len(examples)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        return [examples[i] for i in order[k * batch_size:(k + 1) * batch_size]]
+
+    epoch_order.cache_clear()
+    got = [micro_batch(examples, i, 4, 7) for i in range(60)]
+    assert got == [reference(i, 4, 7) for i in range(60)]
+    info = epoch_order.cache_info()
+    assert info.misses == 3 and info.hits == 57   # 60 micro-batches of 25 an epoch: three shuffles
