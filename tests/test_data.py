@@ -150,3 +150,40 @@ def test_the_data_order_is_shuffled_once_per_epoch_and_unchanged():
     assert got == [reference(i, 4, 7) for i in range(60)]
     info = epoch_order.cache_info()
     assert info.misses == 3 and info.hits == 57   # 60 micro-batches of 25 an epoch: three shuffles
+
+
+def test_a_huge_row_is_tokenized_only_as_far_as_its_kept_tokens(tmp_path, tok, monkeypatch):
+    """A 2 MB response cut to seq_len gives the same example as tokenizing it whole, without
+    tokenizing it whole (a 20 MB row took a minute)."""
+    import copy
+
+    from stillroom import data
+    from stillroom.config import DataConfig
+    from conftest import CHATML
+    t = copy.copy(tok)
+    t.chat_template = CHATML
+    words = " ".join(f"word{i % 997} and-more{i % 13}" for i in range(150_000))
+    rows = tmp_path / "huge.jsonl"
+    rows.write_text(json.dumps({"prompt": "Summarize this.", "response": words}) + "\n")
+    cfg = DataConfig(path=str(rows), seq_len=64)
+
+    class Counting:   # the tokenizer, recording how much text it was asked to encode
+        def __init__(self, inner):
+            self.inner, self.sizes = inner, []
+
+        def __call__(self, text, **k):
+            self.sizes.append(len(text))
+            return self.inner(text, **k)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    counting = Counting(t)
+    fast, _ = data.build_examples(str(rows), counting, cfg)
+    assert max(counting.sizes) < 100_000   # prefixes only, never the 2 MB row
+    longest = []
+    real = data.encode_head
+    monkeypatch.setattr(data, "encode_head", lambda tk, text, limit: (longest.append(len(text)), real(tk, text, None))[1])
+    whole, _ = data.build_examples(str(rows), t, cfg)
+    assert [(e.input_ids, e.labels) for e in fast] == [(e.input_ids, e.labels) for e in whole]
+    assert len(fast[0].input_ids) == 64 and max(longest) > 2_000_000
