@@ -390,7 +390,7 @@ def validate(raw: dict, cls=Config):
     except ValidationError as e:
         err = e.errors()[0]
         loc = tuple(err["loc"])
-        key = ".".join(map(str, loc)) or "config"
+        key = ".".join(str(x) for x in loc if x != "[key]") or "config"   # pydantic marks a bad dict key so
         if err["type"] == "extra_forbidden":
             hint = {("peers",): " (a co-distillation config: run `stillroom codistill`)",
                     ("codistill",): " (a co-distillation config: run `stillroom codistill`)",
