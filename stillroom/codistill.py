@@ -48,7 +48,8 @@ from .config import CodistillRunConfig, to_yaml
 from .data import micro_batch, model_inputs
 from .errors import UserError
 from .losses import IGNORE_INDEX, mixed_loss, mutual_loss, topk_targets
-from .loop import Run, Trainee, fit, lr_lambda, make_accelerator, make_optimizer, to_batch, window
+from .loop import Run, Trainee, fit, lr_lambda, make_optimizer, to_batch, window
+from .tracking import make_accelerator
 from .outputs import inputs_of, own_output, publish, record_resume, resume_changes, start_output
 from .teachers import LiveTeacher
 from .train import check_context, prepare_data

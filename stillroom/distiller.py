@@ -62,7 +62,7 @@ class Distiller:
             return self._train(cfg, resume)
 
     def _train(self, cfg, resume: bool) -> dict:
-        from .loop import make_accelerator
+        from .tracking import make_accelerator
         from .train import run_distill
 
         self.student.train()

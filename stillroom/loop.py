@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -31,6 +30,7 @@ from .data import collate, micro_batch
 from .errors import Stopped, UserError
 from .losses import IGNORE_INDEX, shift_labels
 from .outputs import checkpoints, read_state, save_checkpoint, trim_metrics
+from .tracking import hparams, make_accelerator, scalars, set_threads  # noqa: F401 (the loop's setup)
 
 log = logging.getLogger("stillroom")
 
@@ -227,48 +227,6 @@ class GracefulStop:
         return flag
 
 
-def set_threads(cfg, accelerator):
-    """torch's CPU threads for this process (see train.threads); -> the number set."""
-    n = cfg.train.threads
-    if not n and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        n = int(os.environ["OMP_NUM_THREADS"])
-    if not n:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        n = max(1, (os.cpu_count() or 1) // max(1, local))
-        n = min(n, torch.get_num_threads()) if local == 1 else n   # alone: torch's default (physical cores)
-    torch.set_num_threads(n)
-    return n
-
-
-# The trackers Accelerate writes to (train.report_to), and the package each one needs.
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow",
-                    "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive",
-                    "swanlab": "swanlab"}
-
-
-def make_accelerator(cfg, out: Path, threads: bool = True):
-    from accelerate import Accelerator
-
-    mp = cfg.train.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    import importlib.util
-
-    if "trackio" in cfg.train.report_to:   # its local database lives with the run, as tensorboard's files do
-        os.environ.setdefault("TRACKIO_DIR", str(out.resolve() / "trackio"))
-    for tracker in cfg.train.report_to:
-        package = TRACKER_PACKAGES[tracker]
-        if importlib.util.find_spec(package) is None:
-            raise UserError(f"train.report_to=[{tracker}] needs: pip install {package}")
-    # cpu=True on a machine without CUDA: under `accelerate launch --multi_gpu --num_processes N`
-    # that makes Accelerate use gloo (MULTI_CPU) instead of silently running N single processes.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,
-                              log_with=cfg.train.report_to or None, project_dir=str(out))
-    if threads:   # the CLI's process is ours; a library caller's thread count is theirs
-        set_threads(cfg, accelerator)
-    return accelerator
-
-
 def prefetched(make, steps, enabled=True):
     """Yield (step, make(step)) with make(step + 1) already running on a background thread, so the
     data work of the next step overlaps this one's compute. make must be a pure function of step."""
@@ -358,7 +316,7 @@ def fit(run: Run, resume: bool) -> dict:
             trim_metrics(out / "metrics.jsonl", start)
         log.info("resumed from %s (step %d)", last, start)
     if t.report_to:
-        accelerator.init_trackers("stillroom", config=_hparams(cfg.model_dump()))
+        accelerator.init_trackers("stillroom", config=hparams(cfg.model_dump()))
 
     metrics_file = open(out / "metrics.jsonl", "a") if main else None
     bar = tqdm(total=t.max_steps, initial=start, desc=run.desc, unit="step", disable=not (run.progress and main))
@@ -430,7 +388,7 @@ def fit(run: Run, resume: bool) -> dict:
                             log.info("%s step %d/%d: loss %s, %.0f tokens/s, %.0f s elapsed, ~%.0f s left",
                                      run.desc, done, t.max_steps, _loss_text(stats["loss"]),
                                      record["tokens_per_s"], record["elapsed_s"], left)
-                    accelerator.log(_scalars(record), step=done)
+                    accelerator.log(scalars(record), step=done)
                 bar.set_postfix(loss=_loss_text(stats["loss"]), tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
                 if t.eval_every and done % t.eval_every == 0 and done != t.max_steps and run.evaluate:
@@ -440,7 +398,7 @@ def fit(run: Run, resume: bool) -> dict:
                         rec, line = got
                         metrics_file.write(json.dumps({"eval": rec}) + "\n")
                         metrics_file.flush()
-                        accelerator.log(_scalars({k: v for k, v in rec.items() if k != "step"}, "eval/"), step=done)
+                        accelerator.log(scalars({k: v for k, v in rec.items() if k != "step"}, "eval/"), step=done)
                         bar.write(f"step {done}: {line}") if run.progress else log.info("step %d: %s", done, line)
                 if t.save_every and done % t.save_every == 0:
                     save(done)
@@ -493,34 +451,8 @@ def fit(run: Run, resume: bool) -> dict:
     return last_log   # the caller ends training (accelerator.end_training) after its own collectives
 
 
-def _hparams(config: dict, prefix: str = "") -> dict:
-    """The config as trackers take hyperparameters: dotted keys, scalar values (lists and None as
-    their JSON text; tensorboard refuses anything else)."""
-    out = {}
-    for k, v in config.items():
-        if isinstance(v, dict) and v:
-            out.update(_hparams(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-    return out
-
-
 def _loss_text(loss) -> str:
     return f"{loss:.4f}" if not isinstance(loss, dict) else " ".join(f"{k} {x:.3f}" for k, x in loss.items())
-
-
-def _scalars(record: dict, prefix: str = "") -> dict:
-    """What a tracker gets: the record's numbers, nested dicts flattened with "/" (terms/ce,
-    loss/<peer>, eval/peers/<peer>/perplexity); the step is the tracker's own axis."""
-    out = {}
-    for k, v in record.items():
-        if k == "step" and not prefix:
-            continue
-        if isinstance(v, dict):
-            out.update(_scalars(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def objective_run(cfg, accelerator, student, optimizer, scheduler, objective, examples, pad_id, out, **kw) -> Run:

@@ -19,10 +19,11 @@ from .config import Config, to_yaml
 from .data import load_data
 from .errors import UserError
 from .loop import (Batch, GracefulStop, fit, lr_lambda, make_accelerator, make_optimizer, objective_run,  # noqa: F401
-                   _scalars, prefetched, set_threads, to_batch, window, window_indices)
+                   prefetched, set_threads, to_batch, window, window_indices)
 from .objectives import build_objective, loss_weights, teacher_terms  # noqa: F401
 from .outputs import checkpoints, inputs_of, own_output, prepare_output, record_resume, resume_changes, start_output, write_final  # noqa: F401
 from .teachers import load_teachers
+from .tracking import scalars
 
 log = logging.getLogger("stillroom")
 
@@ -257,7 +258,7 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
                             s_tok=s_tok if cross else None)
     columns = {"teacher": before["teacher"], "student before": before["student"],
                "student after": after["student"]}
-    accelerator.log(_scalars({"student": after["student"], "teacher": before["teacher"]}, "final/"),
+    accelerator.log(scalars({"student": after["student"], "teacher": before["teacher"]}, "final/"),
                     step=cfg.train.max_steps)
     accelerator.end_training()   # the trackers are closed after the final evaluation is in them
     metrics = {"eval": columns, "held_out_tokens": held_tokens, "train": last_log,
