@@ -150,10 +150,7 @@ def cmd_eval(args) -> int:
     if note:
         log.warning(note)
     for who, m in (("teacher", teacher.model), ("student", student.model)):
-        ctx = getattr(m.config, "max_position_embeddings", None)
-        if ctx and args.seq_len > ctx:
-            raise UserError(f"--seq-len {args.seq_len} is beyond the {who}'s context of {ctx} tokens: "
-                            f"use --seq-len {ctx} or less")
+        models.check_context(args.seq_len, m.config, who, f"--seq-len {args.seq_len}")
     examples, _ = build_examples(args.data, teacher.tokenizer, dcfg)
     pad = teacher.tokenizer.pad_token_id
     cmp = evaluate.score(student.model, teacher.model, examples, pad, ecfg.batch_size, ecfg.max_batches, vocab)

@@ -134,31 +134,42 @@ def resolve(spec: str) -> tuple[str, str | Path]:
     return "hub", spec
 
 
+def check_context(seq_len: int, config, who: str, setting: str):
+    """`setting` (how the user gave seq_len) must fit the model's context (max_position_embeddings)."""
+    ctx = getattr(config, "max_position_embeddings", None)
+    if ctx and seq_len > ctx:
+        raise UserError(f"{setting} is beyond the {who}'s context of {ctx} tokens: use {ctx} or less")
+
+
 def run_model(spec: str, flag: str = "model") -> str:
     """A run folder stands for the student it made (its final/); a co-distillation run has one per
     peer, so the user must pick one. Anything else is returned as given."""
-    p = Path(spec)
-    final = p / "final"
+    if not spec.strip():   # before any path test: Path("") is the working folder
+        raise UserError(f"the {flag} is empty: give a folder, a .gguf file, a hub id or one of {', '.join(BUNDLED)}")
+    final = Path(spec) / "final"
     if (final / "config.json").is_file():
         return str(final)
     peers = sorted(d.name for d in final.iterdir() if (d / "config.json").is_file()) if final.is_dir() else []
     if peers:
         raise UserError(f"{spec} is a co-distillation run with one student per peer: pass one as the {flag}, "
                         f"e.g. {final / peers[0]} (peers: {', '.join(peers)})")
-    if not spec.strip():
-        raise UserError(f"the {flag} is empty: give a folder, a .gguf file, a hub id or one of {', '.join(BUNDLED)}")
     return spec
 
 
 def load_tokenizer(spec: str):
     """A model's tokenizer alone (no weights are read): for needs that are only about tokens."""
-    from transformers import AutoTokenizer
-
     kind, where = resolve(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(where)
+        return _tokenizer(where)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the tokenizer of '{spec}': {(str(e).splitlines() or [''])[0][:200]}") from None
+
+
+def _tokenizer(where):
+    """AutoTokenizer, with the end-of-sequence token as padding where the tokenizer has none."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(where)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -168,14 +179,14 @@ def load(spec: str, *, trainable: bool = False, dtype: torch.dtype = torch.float
     """Load a causal LM and its tokenizer from any spec, its weights straight into `dtype` (a
     teacher in the dtype it runs in: no fp32 copy on the way, so the peak host memory is about the
     weights in that dtype)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kind, where = resolve(spec)
     from .feedback import phase
 
     try:
         with phase(f"loading {spec if str(spec) == str(where) else f'{spec} ({where})'}"):
-            tok = AutoTokenizer.from_pretrained(where)
+            tok = _tokenizer(where)
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     except (OSError, ValueError) as e:
         if kind == "hub":
@@ -193,8 +204,6 @@ def load(spec: str, *, trainable: bool = False, dtype: torch.dtype = torch.float
                             "fix config.json (vocab_size, hidden_size, ...) or the weights") from None
         raise UserError(f"could not load the model in {where} (damaged weights?): {type(e).__name__}: "
                         f"{(str(e).splitlines() or [''])[0][:200]}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     if trainable:
         model.train()
     else:

@@ -233,12 +233,13 @@ HARMLESS = {"train.log_every", "train.eval_every", "train.save_every", "train.ke
             "teacher.offload", "eval.max_batches", "eval.batch_size", "eval.gen_tokens", "eval.gen_prompts"}
 
 
-def _flat(d, prefix=""):
+def flat(d, prefix=""):
+    """A nested config dict -> {dotted key: value} (an empty dict is a value)."""
     out = {}
     for k, v in (d or {}).items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
-            out.update(_flat(v, key + "."))
+            out.update(flat(v, key + "."))
         else:
             out[key] = v
     return out
@@ -253,7 +254,7 @@ def resume_changes(out: Path, cfg) -> dict:
     saved = out / "config.yaml"
     if not saved.is_file():
         return {}
-    then, now = _flat(yaml.safe_load(saved.read_text())), _flat(yaml.safe_load(to_yaml(cfg)))
+    then, now = flat(yaml.safe_load(saved.read_text())), flat(yaml.safe_load(to_yaml(cfg)))
     diff = {k: [then.get(k), now.get(k)] for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)}
 
     def harmless(k, a, b):

@@ -55,16 +55,12 @@ def make_accelerator(cfg, out: Path, threads: bool = True):
     return accelerator
 
 
-def hparams(config: dict, prefix: str = "") -> dict:
-    """The config as trackers take hyperparameters: dotted keys, scalar values (lists and None as
-    their JSON text; tensorboard refuses anything else)."""
-    out = {}
-    for k, v in config.items():
-        if isinstance(v, dict) and v:
-            out.update(hparams(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-    return out
+def hparams(config: dict) -> dict:
+    """The config as trackers take hyperparameters: dotted keys (the flattening --resume compares
+    configs with), scalar values (lists and None as their JSON text; tensorboard refuses anything else)."""
+    from .outputs import flat
+
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat(config).items()}
 
 
 def scalars(record: dict, prefix: str = "") -> dict:

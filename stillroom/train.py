@@ -90,9 +90,7 @@ def prepare_data(cfg, teacher: models.Loaded, accelerator, tokenizer=None, rows=
 
 
 def check_context(cfg, teacher_config):
-    ctx = getattr(teacher_config, "max_position_embeddings", None)
-    if ctx and cfg.data.seq_len > ctx:
-        raise UserError(f"data.seq_len={cfg.data.seq_len} is beyond the teacher's context of {ctx} tokens")
+    models.check_context(cfg.data.seq_len, teacher_config, "teacher", f"data.seq_len={cfg.data.seq_len}")
 
 
 def eval_columns(student, student_path, teacher, held, cfg, vocab, pad_id, with_teacher=True, cache=None,
