@@ -188,6 +188,8 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, inputs=()):
             raise UserError(f"--resume: no complete checkpoint in {out}/checkpoints "
                             "(set train.save_every to write some)")
         return
+    if not folders.is_main_process():
+        return   # the main process decides: by the time another looks, the main one's writes are there
     if folders.entries(out) and not overwrite:
         raise UserError(f"output folder {out} already exists; pass --overwrite to replace it "
                         "or --resume to continue it")

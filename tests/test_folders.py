@@ -180,6 +180,21 @@ def test_a_refused_command_leaves_no_folder_behind(tmp_path):
     assert not out.exists()
 
 
+def test_only_the_main_process_judges_whether_the_output_folder_is_taken(tmp_path, monkeypatch):
+    """A launch's other processes check the folder after the main one has claimed and begun to
+    write it (CI saw process 1 refuse its own run's folder as "already exists")."""
+    from stillroom.outputs import prepare_output
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("{}")
+    with pytest.raises(UserError, match="already exists"):
+        prepare_output(out, overwrite=False, resume=False)
+    monkeypatch.setenv("RANK", "1")
+    prepare_output(out, overwrite=False, resume=False)
+    with pytest.raises(UserError, match="no complete checkpoint"):   # what every process can check still is
+        prepare_output(out, overwrite=False, resume=True)
+
+
 def wait_for(path, proc, timeout=300):
     t0 = time.time()
     while not path.exists():
