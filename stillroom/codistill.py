@@ -32,7 +32,6 @@ metrics.json and stillroom.yaml, swapped in atomically.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import logging
@@ -43,12 +42,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import evaluate, models
+from . import evaluate, faults, models
 from .config import CodistillRunConfig, to_yaml
 from .data import micro_batch, model_inputs
 from .errors import UserError
 from .losses import IGNORE_INDEX, mixed_loss, mutual_loss, topk_targets
-from .loop import Run, Trainee, fit, lr_lambda, make_optimizer, to_batch, window
+from .loop import Failure, Run, Trainee, agree, average_grads, fit, lr_lambda, make_optimizer, to_batch, window
 from .tracking import make_accelerator
 from .outputs import inputs_of, own_output, publish, record_resume, resume_changes, start_output
 from .teachers import LiveTeacher
@@ -59,7 +58,8 @@ log = logging.getLogger("stillroom")
 
 @dataclass
 class Peer(Trainee):
-    """A peer the loop trains (its model DDP-wrapped in mutual mode under several processes)."""
+    """A peer the loop trains (in mutual mode under several processes its model is prepared by
+    Accelerate but stepped unwrapped, its gradients averaged by step_mutual as loop.accumulate does)."""
     snapshot: dict | None = None    # weights mode: this peer's weights at the last exchange
 
 
@@ -91,33 +91,44 @@ def teacher_logits(teacher, b, cfg, accelerator, vocab):
 
 # ------------------------------------------------------------------------------------ one step per mode
 
-def step_mutual(peers, teacher, batches, cfg, accelerator, vocab, peers_on):
-    """All peers on the same micro-batches; gradients normalized like loop.accumulate."""
-    counts = torch.tensor([sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches),
-                           sum(int(b.attention_mask.sum()) for b in batches)],
-                          device=accelerator.device, dtype=torch.float64)
-    counts = accelerator.reduce(counts, "sum") if accelerator.num_processes > 1 else counts
+def step_mutual(peers, teacher, batches, cfg, accelerator, vocab, peers_on, failure=None):
+    """All peers on the same micro-batches; gradients normalized like loop.accumulate, and under
+    several processes synced as there: the peers run unwrapped between two all-reduces that carry
+    a failure flag (`failure`: this process's data failed), their gradients averaged after."""
+    shared = accelerator.num_processes > 1
+    if failure is not None and not shared:
+        raise failure.exc
+    ok = failure is None
+    counts = [sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches) if ok else 0,
+              sum(int(b.attention_mask.sum()) for b in batches) if ok else 0]
+    if shared:
+        counts = agree(accelerator, failure, counts)
     num_tokens = _targets(counts[0])
     scale = accelerator.num_processes / num_tokens
-    totals = torch.zeros(len(peers), dtype=torch.float64, device=accelerator.device)
-    for i, b in enumerate(batches):
-        t_logits = teacher_logits(teacher, b, cfg, accelerator, vocab)
-        with contextlib.ExitStack() as stack:
-            if i < len(batches) - 1:
-                for p in peers:
-                    stack.enter_context(accelerator.no_sync(p.model))
+    totals = [0.0] * len(peers)
+    models_ = [accelerator.unwrap_model(p.model) if shared else p.model for p in peers]
+    try:
+        for b in batches:
+            faults.point("micro_batch")
+            t_logits = teacher_logits(teacher, b, cfg, accelerator, vocab)
             with accelerator.autocast():
-                logits = [_logits(p.model, b, vocab) for p in peers]
-            for j, p in enumerate(peers):
+                logits = [_logits(m, b, vocab) for m in models_]
+            for j in range(len(peers)):
                 others = [x.detach() for k, x in enumerate(logits) if k != j]
                 # the last peer's logits are nobody's target any more: its gradient may overwrite them
                 loss = peer_loss(logits[j], others, b.targets, t_logits, cfg, peers_on,
                                  inplace=j == len(peers) - 1)
                 accelerator.backward(loss * scale)
-                totals[j] += loss.detach()
+                totals[j] += float(loss.detach())
             del logits
-    if accelerator.num_processes > 1:
-        totals = accelerator.reduce(totals, "sum")
+    except Exception as e:
+        if not shared:
+            raise
+        failure = Failure.now(e)
+    if shared:
+        totals = agree(accelerator, failure, totals).tolist()
+        for m in models_:
+            average_grads([p for p in m.parameters() if p.requires_grad], accelerator.num_processes)
     return [float(x) / num_tokens for x in totals], int(counts[1])
 
 
@@ -133,55 +144,81 @@ def _gather_predictions(s, cfg, accelerator):
     return [full[r * bsz:(r + 1) * bsz] for r in range(world)]
 
 
-def step_predictions(peer, teacher, own, shared, cfg, accelerator, vocab, peers_on):
-    """CE on this process's own micro-batches; peer (and teacher) terms on the shared batch."""
+def step_predictions(peer, teacher, batches, cfg, accelerator, vocab, peers_on, failure=None):
+    """CE on this process's own micro-batches; peer (and teacher) terms on the shared batch.
+    A failure on any process stops every one at the next of the step's collectives (a flag
+    all-reduce before the gather of predictions, and one at the end), as in loop.accumulate."""
     lc, tw = cfg.loss, cfg.codistill.teacher_weight
-    n_own = _targets(sum(int((b.targets != IGNORE_INDEX).sum()) for b in own))
-    n_shared = _targets((shared.targets != IGNORE_INDEX).sum())
     rank, world = accelerator.process_index, accelerator.num_processes
-    total = 0.0
+    total, tokens = 0.0, 0
     w_peer = lc.alpha * (1 - tw) / (world - 1) if peers_on else 0.0
-    if w_peer or (tw and lc.alpha):
-        t_logits = teacher_logits(teacher, shared, cfg, accelerator, vocab)
-        with accelerator.autocast():
-            s = _logits(peer.model, shared, vocab)
-        targets = [(t_logits, lc.alpha * tw)] if t_logits is not None else []
-        if w_peer:
-            preds = _gather_predictions(s, cfg, accelerator)
-            targets += [(x, w_peer) for r, x in enumerate(preds) if r != rank]
-        loss = mixed_loss(s, targets, shared.targets, 0.0, lc.temperature, lc.kind, lc.chunk_rows,
-                          inplace_grad=True)
-        (loss / n_shared).backward()
-        total += float(loss.detach()) / n_shared
-        del s, targets
-    w_ce = 1 - lc.alpha if peers_on else 1 - lc.alpha * tw
-    for b in own:
-        with accelerator.autocast():
-            s = _logits(peer.model, b, vocab)
-        loss = mixed_loss(s, [], b.targets, w_ce, lc.temperature, lc.kind, lc.chunk_rows, inplace_grad=True)
-        (loss / n_own).backward()
-        total += float(loss.detach()) / n_own
-    tokens = sum(int(b.attention_mask.sum()) for b in own) + int(shared.attention_mask.sum())
+    s = t_logits = None
+    try:
+        if failure is None:
+            own, shared = batches
+            n_own = _targets(sum(int((b.targets != IGNORE_INDEX).sum()) for b in own))
+            n_shared = _targets((shared.targets != IGNORE_INDEX).sum())
+            tokens = sum(int(b.attention_mask.sum()) for b in own) + int(shared.attention_mask.sum())
+            if w_peer or (tw and lc.alpha):
+                faults.point("micro_batch")
+                t_logits = teacher_logits(teacher, shared, cfg, accelerator, vocab)
+                with accelerator.autocast():
+                    s = _logits(peer.model, shared, vocab)
+    except Exception as e:
+        failure = Failure.now(e)
+    targets = [(t_logits, lc.alpha * tw)] if t_logits is not None else []
+    if w_peer:   # every process reaches the gather, or all of them stop before it
+        agree(accelerator, failure)
+        preds = _gather_predictions(s, cfg, accelerator)
+        targets += [(x, w_peer) for r, x in enumerate(preds) if r != rank]
+    try:
+        if failure is None:
+            if s is not None:
+                loss = mixed_loss(s, targets, shared.targets, 0.0, lc.temperature, lc.kind, lc.chunk_rows,
+                                  inplace_grad=True)
+                (loss / n_shared).backward()
+                total += float(loss.detach()) / n_shared
+            del s, targets
+            w_ce = 1 - lc.alpha if peers_on else 1 - lc.alpha * tw
+            for b in own:
+                faults.point("micro_batch")
+                with accelerator.autocast():
+                    s = _logits(peer.model, b, vocab)
+                loss = mixed_loss(s, [], b.targets, w_ce, lc.temperature, lc.kind, lc.chunk_rows, inplace_grad=True)
+                (loss / n_own).backward()
+                total += float(loss.detach()) / n_own
+    except Exception as e:
+        failure = Failure.now(e)
+    agree(accelerator, failure)
     return total, tokens
 
 
-def step_weights(peer, stale, teacher, own, cfg, accelerator, vocab, peers_on):
-    """Own micro-batches; the peer terms come from the stale copies of the others, run here."""
-    n_own = _targets(sum(int((b.targets != IGNORE_INDEX).sum()) for b in own))
-    total = 0.0
-    for b in own:
-        t_logits = teacher_logits(teacher, b, cfg, accelerator, vocab)
-        others = []
-        if peers_on:
-            with torch.no_grad(), accelerator.autocast():
-                others = [_logits(m, b, vocab) for m in stale]
-        with accelerator.autocast():
-            s = _logits(peer.model, b, vocab)
-        loss = peer_loss(s, others, b.targets, t_logits, cfg, peers_on, inplace=True)
-        (loss / n_own).backward()
-        total += float(loss.detach()) / n_own
-        del s, others
-    return total, sum(int(b.attention_mask.sum()) for b in own)
+def step_weights(peer, stale, teacher, batches, cfg, accelerator, vocab, peers_on, failure=None):
+    """Own micro-batches; the peer terms come from the stale copies of the others, run here. No
+    collective inside: one flag all-reduce at the end tells every process of a failure."""
+    total, tokens = 0.0, 0
+    try:
+        if failure is None:
+            own = batches[0]
+            n_own = _targets(sum(int((b.targets != IGNORE_INDEX).sum()) for b in own))
+            tokens = sum(int(b.attention_mask.sum()) for b in own)
+            for b in own:
+                faults.point("micro_batch")
+                t_logits = teacher_logits(teacher, b, cfg, accelerator, vocab)
+                others = []
+                if peers_on:
+                    with torch.no_grad(), accelerator.autocast():
+                        others = [_logits(m, b, vocab) for m in stale]
+                with accelerator.autocast():
+                    s = _logits(peer.model, b, vocab)
+                loss = peer_loss(s, others, b.targets, t_logits, cfg, peers_on, inplace=True)
+                (loss / n_own).backward()
+                total += float(loss.detach()) / n_own
+                del s, others
+    except Exception as e:
+        failure = Failure.now(e)
+    agree(accelerator, failure)
+    return total, tokens
 
 
 def _broadcast_peers(own_tensors, copies, rank):
@@ -360,17 +397,17 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
 
     def step_fn(step, batches):
         peers_on = step >= cc.burn_in and cfg.loss.alpha > 0
+        failure = batches if isinstance(batches, Failure) else None   # building this process's data failed
         if mode == "mutual":
-            losses, tokens = step_mutual(peers, live, batches, cfg, accelerator, vocab, peers_on)
+            losses, tokens = step_mutual(peers, live, batches, cfg, accelerator, vocab, peers_on, failure)
         elif mode == "predictions":
-            own, shared = batches
-            loss, tokens = step_predictions(peers[0], live, own, shared, cfg, accelerator, vocab, peers_on)
+            loss, tokens = step_predictions(peers[0], live, batches, cfg, accelerator, vocab, peers_on, failure)
             losses = [loss]
         else:
-            if step % cc.exchange_every == 0:
+            if step % cc.exchange_every == 0:   # weights are whole even when the data failed: take part
                 peers[0].snapshot = exchange_weights(peers[0].model, copies, rank)
             stale = [m for j, m in enumerate(copies) if j != rank]
-            loss, tokens = step_weights(peers[0], stale, live, batches[0], cfg, accelerator, vocab, peers_on)
+            loss, tokens = step_weights(peers[0], stale, live, batches, cfg, accelerator, vocab, peers_on, failure)
             losses = [loss]
         return {"loss": dict(zip([p.name for p in peers], losses)), "tokens": tokens, "peer_terms": peers_on}
 
@@ -415,7 +452,7 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
 
     run = Run(cfg, accelerator, peers, out, make_batches, step_fn, record, evaluate=mid_eval,
               write_checkpoint=write_checkpoint, load_checkpoint=load_checkpoint, desc=f"codistill ({mode})",
-              progress=progress)
+              progress=progress, agrees=True)
     last_log = fit(run, resume)
 
     # Final: the main process gathers every peer's weights, evaluates them together, writes them.

@@ -109,6 +109,16 @@ class StepFailed(Exception):
         self.local = local
 
 
+def agree(accelerator, failure: Failure | None, values=()) -> torch.Tensor:
+    """Sum `values` over the processes with each one's failure flag beside them; raises StepFailed
+    on every process when any of them failed (`failure` is this one's). -> the summed values."""
+    t = torch.tensor([*values, float(failure is not None)], dtype=torch.float64, device=accelerator.device)
+    t = accelerator.reduce(t, "sum")
+    if t[-1] > 0:
+        raise StepFailed(failure)
+    return t[:-1]
+
+
 def accumulate(student, objective, batches: list[Batch] | None, plan, accelerator, failure: Failure | None = None) -> dict:
     """Forward + backward over one optimizer step's micro-batches; leaves the summed, correctly
     normalized gradient in the student's (and the objective's trained modules') .grad. Returns
@@ -124,13 +134,10 @@ def accumulate(student, objective, batches: list[Batch] | None, plan, accelerato
     if failure is not None and not shared:
         raise failure.exc
     ok = failure is None
-    local = sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches) if ok else 0
-    counts = torch.tensor([local, sum(int(b.attention_mask.sum()) for b in batches) if ok else 0, float(not ok)],
-                          device=accelerator.device, dtype=torch.float64)
+    counts = [sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches) if ok else 0,
+              sum(int(b.attention_mask.sum()) for b in batches) if ok else 0]
     if shared:
-        counts = accelerator.reduce(counts, "sum")
-        if counts[2] > 0:
-            raise StepFailed(failure)
+        counts = agree(accelerator, failure, counts)
     num_tokens = max(int(counts[0]), 1)
     scale = world / num_tokens
     loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
@@ -151,16 +158,13 @@ def accumulate(student, objective, batches: list[Batch] | None, plan, accelerato
             raise
         failure = Failure.now(e)
     keys = objective.part_keys(plan)
-    raw = torch.tensor([parts.get(k, 0.0) for k in keys] + [float(loss_total), float(failure is not None)],
-                       dtype=torch.float64, device=accelerator.device)
+    raw = torch.tensor([parts.get(k, 0.0) for k in keys] + [float(loss_total)], dtype=torch.float64)
     if shared:
-        raw = accelerator.reduce(raw, "sum")
-        if raw[-1] > 0:
-            raise StepFailed(failure)
+        raw = agree(accelerator, failure, raw.tolist())
         average_grads([p for p in model.parameters() if p.requires_grad], world)
-    out = {"loss": float(raw[-2]) / num_tokens, "target_tokens": int(counts[0]), "tokens": int(counts[1])}
+    out = {"loss": float(raw[-1]) / num_tokens, "target_tokens": int(counts[0]), "tokens": int(counts[1])}
     if keys:   # each term's raw (unweighted) size per target token
-        out["terms"] = {k: float(v) / num_tokens for k, v in zip(keys, raw[:-2].tolist()) if k in parts}
+        out["terms"] = {k: float(v) / num_tokens for k, v in zip(keys, raw[:-1].tolist()) if k in parts}
     return out
 
 

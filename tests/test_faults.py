@@ -214,3 +214,38 @@ def test_a_failure_on_one_of_two_processes_saves_and_stops_both(tmp_path, teache
     launch(2, "-m", "stillroom", "distill", *over(out), "--resume")
     want, got = load_file(tmp_path / "clean" / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize("mode,where", [("mutual", "micro_batch:3"), ("predictions", "micro_batch:3"),
+                                        ("predictions", "micro_batch:4"), ("weights", "batch:3")])
+def test_a_codistill_failure_on_one_of_two_processes_saves_and_stops_both(mode, where, tmp_path, teacher_dir,
+                                                                           chat_file):
+    """Co-distillation's cross-process steps have collectives of their own (the gather of
+    predictions, the weight exchange): process 1 failing in step 2 or 3 -- predictions: before the
+    gather (micro_batch:3, the shared batch of step 2) and after it (micro_batch:4, step 2's own
+    batch) -- stops both processes with the one line, the last completed step saved together, and
+    --resume ends with the weights of a run that never failed."""
+    from test_codistill import peer_weights, write_config
+    from test_train import launch
+
+    def config(out):
+        return write_config(tmp_path / f"{out.name}.yaml", teacher_dir, chat_file, out,
+                            codistill={"mode": mode, "exchange_every": 2, "burn_in": 0},
+                            train={"max_steps": 4, "batch_size": 2, "output_dir": str(out)})
+    clean, out = tmp_path / "clean", tmp_path / "failed"
+    r = launch(2, "-m", "stillroom", "codistill", config(out), "--no-progress", check=False, timeout=300,
+               env={"STILLROOM_FAULT": f"{where}:raise", "STILLROOM_FAULT_RANK": "1"})
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if x.startswith("stillroom: error:")]
+    assert lines and all("failed on process 1: RuntimeError: injected failure at" in x for x in lines), \
+        r.stderr[-3000:]
+    done = int(lines[0].split("step ")[1].split()[0]) - 1
+    assert done in (1, 2) and f"checkpoint of step {done} saved" in lines[0], lines[0]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{done:07d}"]
+    if (mode, where) not in {("predictions", "micro_batch:3"), ("weights", "batch:3")}:
+        return   # (resuming is the same after a failure anywhere in a step: checked twice, to save time)
+    launch(2, "-m", "stillroom", "codistill", config(clean), "--no-progress")
+    launch(2, "-m", "stillroom", "codistill", config(out), "--resume", "--no-progress")
+    for name in ("a", "b"):
+        want, got = peer_weights(clean, name), peer_weights(out, name)
+        assert all(torch.equal(want[k], got[k]) for k in want), name
