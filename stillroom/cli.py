@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import time
 import sys
 from pathlib import Path
 
@@ -67,6 +68,47 @@ def cmd_distill(args) -> int:
     if result:
         print(result["table"])
         print(f"{'peers' if codistill else 'student'} saved to {result['final']}{'/<name>' if codistill else ''}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    """Tokenize a config's data into its store ahead of the run (store.py)."""
+    from . import models
+    from .config import CodistillRunConfig, Config
+    from .data import load_data
+
+    try:
+        cfg = _run_config(args, Config)
+    except UserError as e:
+        if "peers" not in str(e):
+            raise
+        cfg = _run_config(args, CodistillRunConfig)   # a co-distillation config
+    if cfg is None:
+        return 0
+    if not cfg.data.path:
+        raise UserError("stillroom prepare tokenizes data.path: set it (the default data is the teacher's "
+                        "answers, made by the first run)")
+    if cfg.data.store == "off":
+        raise UserError("data.store=off keeps no store: nothing to prepare (set data.store=auto or a folder)")
+    from .data import detect_format
+    from .store import check_source
+    for path in (cfg.data.path, cfg.data.eval_path):
+        if path:
+            check_source(path, detect_format(path, cfg.data.format))
+    teacher = getattr(cfg, "teacher", None)
+    loss = getattr(cfg, "loss", None)
+    if getattr(loss, "cross_tokenizer", "none") == "uld" and cfg.student.model:
+        tok = models.load_tokenizer(cfg.student.model)   # a cross-tokenizer run reads its data as the student
+    elif teacher.kind == "cache":
+        from .cache import TeacherCache
+        tok = TeacherCache(teacher.cache).tokenizer()
+    else:
+        tok = models.load_tokenizer(teacher.model)
+    t0 = time.perf_counter()
+    train, held = load_data(cfg, tok)
+    st = train.store
+    print(f"{len(train):,} training / {len(held):,} held-out examples, {st.index['tokens']:,} tokens, "
+          f"in {st.folder} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -336,7 +378,8 @@ def parser() -> argparse.ArgumentParser:
         """A subcommand driven by a config: [CONFIG] [key=value ...] and the common flags."""
         c = sub.add_parser(name, help=help, description=description)
         c.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]", help=args_help)
-        c.add_argument("--overwrite", action="store_true", help=overwrite_help)
+        if overwrite_help:
+            c.add_argument("--overwrite", action="store_true", help=overwrite_help)
         if resume_help:
             c.add_argument("--resume", action="store_true", help=resume_help)
         c.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -357,6 +400,13 @@ def parser() -> argparse.ArgumentParser:
                    "like peers.1.num_layers=4 or codistill.mode=weights",
                    "replace an existing output folder", "continue every peer from the last checkpoint"
                    ).set_defaults(func=cmd_distill)
+    config_command("prepare", "tokenize a config's data once, into the store runs read it from",
+                   "Build the data store of a config ahead of its run (distill, codistill and cache build "
+                   "it on first use otherwise): the data tokenized once, on every core, kept under the "
+                   "stillroom cache (or data.store=FOLDER) and reused while the files, tokenizer and data "
+                   "settings are the same.",
+                   "a YAML file or bundled recipe (distill or codistill), then overrides like data.path=FILE "
+                   "data.workers=8", None).set_defaults(func=cmd_prepare, resume=False, overwrite=False)
     config_command("cache", "run the teacher once over the data and store its top-k outputs",
                    "Cache the teacher's top-k next-token distributions (at loss.temperature) over the config's "
                    "data; train from it with teacher.kind=cache teacher.cache=DIR. Running it again continues "

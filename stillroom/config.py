@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -131,6 +131,18 @@ class DataConfig(Section):
     """Which keys of the rows hold the prompt and response (or the text, or the messages), for
     rows in none of the formats stillroom reads by itself (see README, 'Data formats'), e.g.
     {prompt: query, response: reply}."""
+    store: str = "auto"
+    """Where the tokenized data is kept (see README, 'At scale'): auto = a store under the
+    stillroom cache (~/.cache/stillroom/data), built on first use and reused while the data files,
+    tokenizer and data settings are unchanged; a folder = stores there; off = tokenized in memory
+    on every run."""
+    workers: Optional[int] = Field(None, ge=1)
+    """Processes that tokenize a store's data (None: one per core, for files over 8 MB)."""
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_words(cls, v):   # YAML reads a bare off / on as booleans
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
     pack: bool = False
     """Pack whole training examples (prompt+response, chat) several to a row of seq_len tokens
     (first-fit decreasing), each attending only to itself: no padding waste. JSONL text rows are

@@ -44,11 +44,14 @@ class Report:
     bad: list[tuple[int, str]] = field(default_factory=list)      # (row number, reason)
     truncated: int = 0
     no_target: list[int] = field(default_factory=list)            # rows with nothing to learn
+    bad_total: int | None = None          # when `bad` / `no_target` keep only the first few (a store's report)
+    no_target_total: int | None = None
 
     def describe_bad(self) -> str:
+        total = self.bad_total or len(self.bad)
         shown = ", ".join(f"{n} ({why})" for n, why in self.bad[:5])
-        more = f" and {len(self.bad) - 5} more" if len(self.bad) > 5 else ""
-        return f"{len(self.bad)} of {self.rows} rows in {self.source} are bad: row {shown}{more}"
+        more = f" and {total - 5} more" if total > 5 else ""
+        return f"{total} of {self.rows} rows in {self.source} are bad: row {shown}{more}"
 
 
 # ---------------------------------------------------------------------------------- reading rows
@@ -107,7 +110,8 @@ def broken_unicode(value) -> bool:
     return False
 
 
-def read_hf(path: str, split: str) -> list[tuple[int, dict]]:
+def read_hf(path: str, split: str, lazy: bool = False):
+    """-> [(row number, row)], or with lazy the datasets.Dataset itself (memory-mapped)."""
     import datasets
 
     p = Path(path)
@@ -126,7 +130,7 @@ def read_hf(path: str, split: str) -> list[tuple[int, dict]]:
     except Exception as e:
         hint = "" if p.exists() else " (a hub id needs network access; pass a local file or folder)"
         raise UserError(f"could not load dataset '{path}': {str(e).splitlines()[0][:200]}{hint}") from None
-    return [(i + 1, dict(row)) for i, row in enumerate(ds)]
+    return ds if lazy else [(i + 1, dict(row)) for i, row in enumerate(ds)]
 
 
 def _read(path: str, fmt: str, split: str) -> tuple[str, object, Report]:
@@ -239,7 +243,8 @@ def _joined(parts: list[Example]) -> Example:
     for e in parts:
         ids += e.input_ids
         labels += [IGNORE_INDEX] + e.labels[1:]   # a document's first token is not predicted
-    return Example(ids, labels, tuple(len(e.input_ids) for e in parts))
+    # a part that is itself packed keeps its own boundaries
+    return Example(ids, labels, tuple(n for e in parts for n in (e.segments or (len(e.input_ids),))))
 
 
 def pack_documents(docs: list[list[int]], seq_len: int) -> list[Example]:
@@ -282,6 +287,45 @@ def pack_examples(examples: list[Example], seq_len: int) -> list[Example]:
     return [_joined([examples[i] for i in sorted(b)]) for b in bins]
 
 
+def row_doc(row: dict, tokenizer, dcfg, route_field: str | None = None, routes: list[str] | None = None) -> tuple:
+    """One row -> ("bad", why) | ("text", ids): a document to pack | ("example", ids, labels,
+    route, truncated) | ("no_target", truncated): nothing to learn within seq_len. A text row
+    routed to a teacher is one example of its own (cut to seq_len), so it keeps its teacher."""
+    got = read_row(row, dcfg.fields)
+    if isinstance(got, str):
+        return "bad", got
+    route = None
+    if route_field:
+        route = row.get(route_field)
+        if route not in routes:
+            return "bad", f"{route_field}={route!r} names no teacher (teachers: {', '.join(routes)})"
+    if got.text is not None:
+        ids = tokenizer(got.text, add_special_tokens=False)["input_ids"]
+        ids += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        if not route_field:
+            return "text", ids
+        if len(ids) < 2:
+            return "no_target", False
+        return "example", ids[:dcfg.seq_len], ids[:dcfg.seq_len], route, False
+    msgs, cut = got.messages, row.get("truncated") is True
+    why = _chat_problem(msgs)
+    if why is None and got.pair and not msgs[-1]["content"].strip():
+        why = "empty response"
+    if why is None and not (got.pair or tokenizer.chat_template):
+        why = "chat messages need a tokenizer with a chat template"
+    if why:
+        return "bad", why
+    if got.pair:
+        ids, labels = render_pair(tokenizer, msgs[0]["content"], msgs[1]["content"], cut, dcfg.seq_len)
+    else:
+        ids, labels = render_chat(tokenizer, msgs, cut, dcfg.seq_len)
+    truncated = len(ids) > dcfg.seq_len
+    ids, labels = ids[:dcfg.seq_len], labels[:dcfg.seq_len]
+    if all(t == IGNORE_INDEX for t in labels[1:]):
+        return "no_target", truncated
+    return "example", ids, labels, route, truncated
+
+
 def in_memory(data, name: str) -> tuple[str, object, Report]:
     """Rows given in memory (the library's Distiller) -> what _read gives for a file: a list of
     strings or of dicts (JSONL rows), or a datasets.Dataset."""
@@ -310,7 +354,6 @@ def build_examples(path, tokenizer, dcfg, route_field: str | None = None,
     if route_field and kind == "text":
         raise UserError(f"teacher.route_field={route_field} needs JSONL or dataset rows carrying that field; "
                         f"{path} is plain text")
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if kind == "text":
         size = len(payload.encode("utf-8", "replace"))
         if size > 1 << 20:
@@ -320,44 +363,18 @@ def build_examples(path, tokenizer, dcfg, route_field: str | None = None,
     else:
         examples, docs = [], []
         for n, row in bar(payload, desc=f"tokenizing {Path(path).name}", unit="row"):
-            got = read_row(row, dcfg.fields)
-            if isinstance(got, str):
-                report.bad.append((n, got))
-                continue
-            route = None
-            if route_field:
-                route = row.get(route_field)
-                if route not in routes:
-                    report.bad.append((n, f"{route_field}={route!r} names no teacher (teachers: {', '.join(routes)})"))
-                    continue
-            if got.text is not None:
-                ids = tokenizer(got.text, add_special_tokens=False)["input_ids"] + eos
-                if route_field:   # one example per row, so it keeps its teacher
-                    if len(ids) >= 2:
-                        examples.append(Example(ids[:dcfg.seq_len], ids[:dcfg.seq_len], route=route))
-                else:
-                    docs.append(ids)
-                continue
-            msgs, cut = got.messages, row.get("truncated") is True
-            why = _chat_problem(msgs)
-            if why is None and got.pair and not msgs[-1]["content"].strip():
-                why = "empty response"
-            if why is None and not (got.pair or tokenizer.chat_template):
-                why = "chat messages need a tokenizer with a chat template"
-            if why:
-                report.bad.append((n, why))
-                continue
-            if got.pair:
-                ids, labels = render_pair(tokenizer, msgs[0]["content"], msgs[1]["content"], cut, dcfg.seq_len)
-            else:
-                ids, labels = render_chat(tokenizer, msgs, cut, dcfg.seq_len)
-            if len(ids) > dcfg.seq_len:
-                report.truncated += 1
-                ids, labels = ids[:dcfg.seq_len], labels[:dcfg.seq_len]
-            if all(t == IGNORE_INDEX for t in labels[1:]):
+            got = row_doc(row, tokenizer, dcfg, route_field, routes)
+            if got[0] == "bad":
+                report.bad.append((n, got[1]))
+            elif got[0] == "text":
+                docs.append(got[1])
+            elif got[0] == "no_target":
+                report.truncated += got[1]
                 report.no_target.append(n)
-                continue
-            examples.append(Example(ids, labels, route=route))
+            else:
+                _, ids, labels, route, cut = got
+                report.truncated += cut
+                examples.append(Example(ids, labels, route=route))
         examples += pack_documents(docs, dcfg.seq_len)
     if report.bad:
         report.bad.sort()
@@ -395,12 +412,20 @@ def split_examples(examples: list[Example], fraction: float, seed: int):
             [e for i, e in enumerate(examples) if i in held])
 
 
-def load_data(cfg, tokenizer, rows=None, eval_rows=None):
+def uses_store(cfg, rows=None, eval_rows=None) -> bool:
+    return rows is None and eval_rows is None and cfg.data.path is not None and cfg.data.store != "off"
+
+
+def load_data(cfg, tokenizer, rows=None, eval_rows=None, build: bool = True):
     """-> (train examples, eval examples) for a config; `rows` / `eval_rows`: data in memory (see
-    in_memory) instead of data.path / data.eval_path."""
+    in_memory) instead of data.path / data.eval_path. A data file is read through the data store
+    (store.py: tokenized once, read by index; build=False opens it only) unless data.store=off."""
     t = getattr(cfg, "teacher", None)
     field_ = getattr(t, "route_field", None)
     routes = [t.name] + [m.name for m in t.mix] if field_ else None
+    if uses_store(cfg, rows, eval_rows):
+        from .store import open_or_build
+        return open_or_build(cfg.data, tokenizer, cfg.train.seed, field_, routes, build_ok=build).split()
     source = in_memory(rows, "train_data") if rows is not None else cfg.data.path
     examples, _ = build_examples(source, tokenizer, cfg.data, field_, routes)
     if cfg.data.eval_path or eval_rows is not None:

@@ -232,7 +232,8 @@ def inputs_of(cfg) -> list[str]:
 # reports and uses the machine. Anything else that differs from the run's config is refused.
 HARMLESS = {"train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
             "train.report_to", "train.threads", "train.prefetch", "train.max_bad_steps", "train.output_dir",
-            "teacher.offload", "eval.max_batches", "eval.batch_size", "eval.gen_tokens", "eval.gen_prompts"}
+            "teacher.offload", "eval.max_batches", "eval.batch_size", "eval.gen_tokens", "eval.gen_prompts",
+            "data.store", "data.workers"}
 
 
 def flat(d, prefix=""):

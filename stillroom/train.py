@@ -16,7 +16,7 @@ import torch
 
 from . import evaluate, loop, models
 from .config import Config, to_yaml
-from .data import load_data
+from .data import load_data, uses_store
 from .errors import UserError
 from .loop import (Batch, GracefulStop, fit, lr_lambda, make_accelerator, make_optimizer, objective_run,  # noqa: F401
                    prefetched, set_threads, to_batch, window, window_indices)
@@ -81,7 +81,16 @@ def prepare_data(cfg, teacher: models.Loaded, accelerator, tokenizer=None, rows=
             holder = [cfg.data.path]
             broadcast_object_list(holder)
             cfg.data.path = holder[0]
-    train, held = load_data(cfg, tokenizer or teacher.tokenizer, rows, eval_rows)
+    tok = tokenizer or teacher.tokenizer
+    if accelerator.num_processes > 1 and uses_store(cfg, rows, eval_rows):
+        # the main process builds the store (when it is new); the others open it once it is there
+        if accelerator.is_main_process:
+            train, held = load_data(cfg, tok)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            train, held = load_data(cfg, tok, build=False)
+    else:
+        train, held = load_data(cfg, tok, rows, eval_rows)
     if not held:
         held = train[: max(1, min(len(train), 8))]
         log.warning("no held-out examples (data.eval_fraction=0, no data.eval_path): "
