@@ -1,6 +1,7 @@
-"""Scale, measured: what loading a teacher costs in host memory (issue 15, lean loading).
+"""Scale, measured: what loading a teacher costs in host memory, and what the data store costs to
+build and to start from (issue 15).
 
-    python bench/scale.py [--model smollm2-135m]
+    python bench/scale.py [--model smollm2-135m] [--only loading|data] [--rows 1000000]
 
 Each row loads the model in a fresh process (so one row's peak cannot hide another's), reads every
 weight once, and reports the process's peak resident memory (VmHWM) and its peak anonymous memory
@@ -14,8 +15,22 @@ during the load (sampled), beside the model's weights in the dtype it was loaded
 VmHWM also counts the weight file's pages read through mmap (page cache, which the kernel reclaims),
 so the ratio that matters is the anonymous peak to the weights' bytes. Target (issue 15): bf16 load /
 its size <= 1.3.
-The remaining items of issue 15's bench (data prep, FSDP2 memory, lean loss at long sequences)
-are not measured here yet.
+
+Data (`--only data`; issue 15, the data store), on rows synthesized from ../shared/data:
+
+  prep throughput   building a store (all cores, data.workers = cores) from Alpaca rows, in tokens
+                    per second, / the tokenizer's own batched encode (its Rust threads, all cores)
+                    of the same rows rendered with the chat template (rendering not timed): the
+                    store does that encode plus the rendering, the label spans and the writing.
+                    Target >= 0.7.
+  startup           a second run's start, config read to the first batch ready (a fresh process:
+                    config, tokenizer, the store opened, the epoch's order, one micro-batch
+                    collated), for 1M rows / for 10k rows of short text rows (lines of
+                    tinyshakespeare, wikitext2, tinystories). Target <= 1.5.
+  RSS growth        that process's peak RSS with 1M rows less with 10k rows. Target <= 100 MB.
+
+Not measured here yet (issue 15 still open): FSDP2 memory and step time, the lean loss at long
+sequences.
 """
 from __future__ import annotations
 
@@ -23,6 +38,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 CHILD = r"""
 import json, sys, threading, time, torch
@@ -82,6 +98,111 @@ def table(spec: str, title: str):
           "   (target <= 1.3)")
 
 
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+STARTUP = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+from stillroom import data, models
+from stillroom.config import Config, load_config
+cfg = load_config(None, [f"data.path={sys.argv[1]}", "data.seq_len=256", "train.batch_size=8"], Config)
+tok = models.load_tokenizer(sys.argv[2])
+train, held = data.load_data(cfg, tok)
+batch = data.collate(data.micro_batch(train, 0, cfg.train.batch_size, cfg.train.seed), tok.pad_token_id)
+seconds = time.perf_counter() - t0
+peak = [int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:")][0]
+print(json.dumps({"s": seconds, "peak": peak, "train": len(train)}))
+"""
+
+
+def _run(code: str, *args, env=None) -> dict:
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                       timeout=7200, env=env)
+    if r.returncode != 0:
+        raise SystemExit(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+BUILD = r"""
+import json, os, sys, time
+from stillroom import data, models
+from stillroom.config import Config, load_config
+cfg = load_config(None, [f"data.path={sys.argv[1]}", "data.seq_len=512", f"data.workers={sys.argv[3]}"], Config)
+tok = models.load_tokenizer(sys.argv[2])
+t0 = time.perf_counter()
+train, held = data.load_data(cfg, tok)
+print(json.dumps({"s": time.perf_counter() - t0, "tokens": train.store.index["tokens"]}))
+"""
+
+ENCODE = r"""
+import json, os, sys, time
+os.environ["TOKENIZERS_PARALLELISM"] = "true"
+from stillroom import models
+from stillroom.rows import read_row
+tok = models.load_tokenizer(sys.argv[2])
+texts = []
+for line in open(sys.argv[1]):
+    texts.append(tok.apply_chat_template(read_row(json.loads(line)).messages, tokenize=False))
+best = None
+for _ in range(2):
+    t0 = time.perf_counter()
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    s = time.perf_counter() - t0
+    best = s if best is None else min(best, s)
+print(json.dumps({"s": best, "tokens": sum(len(x) for x in ids)}))
+"""
+
+
+def data_bench(model: str, rows: int):
+    import os
+    import tempfile
+
+    if not SHARED.is_dir():
+        raise SystemExit(f"the data bench synthesizes its rows from {SHARED}, which is not here")
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        env = dict(os.environ, STILLROOM_CACHE=str(d / "cache"))
+        alpaca = [json.loads(x) for x in open(SHARED / "alpaca_subset" / "alpaca_4500.jsonl")]
+        rows_file = d / "alpaca.jsonl"
+        with open(rows_file, "w") as f:   # ~20k rows (~8 MB): each row once per copy, told apart by a number
+            for k in range(5):
+                for i, r in enumerate(alpaca):
+                    f.write(json.dumps({**r, "instruction": f"{r['instruction']} ({k * len(alpaca) + i})"}) + "\n")
+        _run(BUILD, SHARED / "gsm8k" / "train.jsonl", model, 1, env=env)   # tokenizer conversion, imports: warm
+        built = _run(BUILD, rows_file, model, cores, env=env)
+        enc = _run(ENCODE, rows_file, model, env=env)
+        a, b = built["tokens"] / built["s"], enc["tokens"] / enc["s"]
+        print(f"\ndata prep, {rows_file.stat().st_size / 2**20:.1f} MB of Alpaca rows, {cores} cores")
+        print(f"  store build ({cores} processes): {built['tokens']:,} tokens in {built['s']:.1f} s = {a:,.0f} tokens/s")
+        print(f"  the tokenizer's batched encode of the rendered rows: {enc['tokens']:,} tokens in {enc['s']:.1f} s "
+              f"= {b:,.0f} tokens/s")
+        print(f"  store build / batched encode = {a / b:.2f}   (target >= 0.7)")
+
+        lines = [x.strip() for name in ("tinyshakespeare/train.txt", "wikitext2/valid.txt",
+                                        "tinystories/tinystories_valid_head.txt")
+                 for x in open(SHARED / name, encoding="utf-8") if len(x.strip()) > 20]
+        found = {}
+        for n in (10_000, rows):
+            path = d / f"text-{n}.jsonl"
+            with open(path, "w") as f:
+                for i in range(n):
+                    f.write(json.dumps({"text": f"{lines[i % len(lines)]} {i}"}) + "\n")
+            t = _run(BUILD, path, model, cores, env=env)
+            found[n] = {"build": t, "start": min((_run(STARTUP, path, model, env=env) for _ in range(3)),
+                                                 key=lambda x: x["s"])}
+        small, big = found[10_000]["start"], found[rows]["start"]
+        mb = 2 ** 20
+        print("\nsecond-run startup (config read to first batch ready; best of 3 fresh processes), short text rows")
+        for n, f_ in found.items():
+            print(f"  {n:>9,} rows: store built once in {f_['build']['s']:.1f} s ({f_['build']['tokens']:,} tokens); "
+                  f"startup {f_['start']['s']:.2f} s, peak RSS {f_['start']['peak'] / mb:.0f} MB, "
+                  f"{f_['start']['train']:,} training examples")
+        print(f"  startup {rows:,} / 10,000 rows = {big['s'] / small['s']:.2f}   (target <= 1.5)")
+        print(f"  peak RSS growth 10,000 -> {rows:,} rows = {(big['peak'] - small['peak']) / mb:.0f} MB   "
+              "(target <= 100 MB)")
+
+
 def main():
     import tempfile
 
@@ -89,9 +210,15 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--only", choices=["loading", "data"])
+    ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the large data set (startup, RSS)")
     a = ap.parse_args()
     import transformers
     transformers.utils.logging.disable_progress_bar()
+    if a.only != "loading":
+        data_bench(a.model, a.rows)
+    if a.only == "data":
+        return
     measure("tokenizer", a.model)   # converts a GGUF teacher once, so no row pays for it
     print("RSS growth: peak RSS (VmHWM) less the tokenizer-only process's; it counts the weight files' pages "
           "read through mmap (page cache, reclaimable). anon peak: the largest anonymous memory growth during "

@@ -87,8 +87,12 @@ class ShardWriter:
 
     NAMES = ("ids", "logp", "tail", "label_logp")
 
-    def __init__(self, out: Path, index: dict, shard_rows: int):
+    def __init__(self, out: Path, index: dict, shard_rows: int, index_file: str = "index.json",
+                 prefix: str = "shard-"):
+        """index_file / prefix: under several processes each lists its shards in its own
+        index.pN.json (folded into index.json at the end) and names them shard-pN-..."""
         self.out, self.index, self.shard_rows = out, index, shard_rows
+        self.index_file, self.prefix = index_file, prefix
         self._reset()
 
     def _reset(self):
@@ -112,7 +116,7 @@ class ShardWriter:
 
         if not self.samples:
             return
-        name = f"shard-{len(self.index['shards']):05d}.safetensors"
+        name = f"{self.prefix}{len(self.index['shards']):05d}.safetensors"
         tmp = self.out / (name + ".tmp")
         try:
             save_file({k: torch.cat(v) for k, v in self.buf.items()}, str(tmp))
@@ -120,7 +124,7 @@ class ShardWriter:
             durable_replace(tmp, self.out / name)
             faults.point("cache.shard_renamed")      # renamed, not yet in the index
             self.index["shards"].append({"file": name, "rows": self.rows, "samples": self.samples})
-            _write_json(self.out / "index.json", self.index)
+            _write_json(self.out / self.index_file, self.index)
         except Exception as e:
             why = write_failure(e, self.out)
             tmp.unlink(missing_ok=True)
@@ -152,51 +156,78 @@ def existing(cfg, teacher, tok, overwrite=False, skip=()) -> dict | None:
     return index
 
 
+def _fold_partial(out: Path, index: dict):
+    """Shards the processes of a launch listed in their own index.pN.json -> index.json (each is
+    complete once listed: a killed launch's are kept, and a rerun continues after them)."""
+    for part in sorted(out.glob("index.p*.json")):
+        index["shards"] += json.loads(part.read_text())["shards"]
+        _write_json(out / "index.json", index)
+        part.unlink()
+
+
 @torch.inference_mode()
-def build(cfg, examples: list[Example], teacher, tok, overwrite=False, progress=True) -> dict:
+def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=None) -> dict:
     """Cache the teacher's top-k for `examples` in cfg.cache.path; continue a partial cache.
+    state: Accelerate's PartialState under a launch of several processes, which split the
+    batches (batch j to process j % N) and write their own shards. The batches are cut from all
+    the examples the same way however many processes run and whatever is already cached (a batch
+    with anything left to do is run whole), so every sample's rows are the same bit for bit.
     -> the index."""
     from .models import logits_width
 
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     out = Path(cfg.cache.path)
     vocab = logits_width(teacher)
     ident = _identity(cfg, teacher, tok, vocab)
-    index = existing(cfg, teacher, tok, overwrite)
-    if index is None:
-        clear(out, "cache")
-        tok.save_pretrained(out / "tokenizer")
-        teacher.config.save_pretrained(out / "teacher")
-        from .models import num_params
-        index = {**ident, "teacher_params": num_params(teacher), "shards": [], "complete": False}
-        _write_json(out / "index.json", index)
-    for stale in out.glob("*.tmp"):  # a shard being written when a previous run was killed
-        stale.unlink()
+    if rank == 0:
+        index = existing(cfg, teacher, tok, overwrite)
+        if index is None:
+            clear(out, "cache")
+            tok.save_pretrained(out / "tokenizer")
+            teacher.config.save_pretrained(out / "teacher")
+            from .models import num_params
+            index = {**ident, "teacher_params": num_params(teacher), "shards": [], "complete": False}
+            _write_json(out / "index.json", index)
+        for stale in out.glob("*.tmp"):  # a shard being written when a previous run was killed
+            stale.unlink()
+        _fold_partial(out, index)
+    if world > 1:
+        state.wait_for_everyone()
+        index = json.loads((out / "index.json").read_text())
     done = {sid for s in index["shards"] for sid, _ in s["samples"]}
-    todo, seen = [], set(done)
+    samples, seen = [], set()
     for e in examples:
         sid = sample_id(e)
         if sid not in seen and positions(e):
             seen.add(sid)
-            todo.append((sid, e))
+            samples.append((sid, e))
+    c, T = cfg.cache, cfg.loss.temperature
+    batches = [samples[a:a + c.batch_size] for a in range(0, len(samples), c.batch_size)]
+    todo = [b for b in batches if any(sid not in done for sid, _ in b)]
     if not todo and index["complete"]:
         log.info("cache %s is complete (%d samples)", out, len(done))
         return index
-    if done:
-        log.info("cache %s: %d samples already cached, %d to go", out, len(done), len(todo))
+    if done and rank == 0:
+        log.info("cache %s: %d samples already cached, %d to go", out, len(done),
+                 sum(sid not in done for b in todo for sid, _ in b))
+    mine = todo[rank::world]
 
-    c, T = cfg.cache, cfg.loss.temperature
     k, dtype = ident["top_k"], DTYPES[c.dtype]
     ids_dtype = torch.uint16 if vocab <= 2**16 else torch.int32
     device = next(teacher.parameters()).device
     pad = tok.pad_token_id
-    writer = ShardWriter(out, index, c.shard_rows)
-    bar = tqdm(total=len(todo), desc="cache", unit="sample", disable=not progress)
+    writer = (ShardWriter(out, index, c.shard_rows) if world == 1 else
+              ShardWriter(out, {"shards": []}, c.shard_rows, f"index.p{rank}.json",
+                          f"shard-p{rank}-{len(index['shards']):05d}-"))
+    label = "cache" if world == 1 else f"cache (process 0 of {world})"
+    bar = tqdm(total=sum(len(b) for b in mine), desc=label, unit="sample", disable=not (progress and rank == 0))
     from .data import collate, model_inputs
-    for a in range(0, len(todo), c.batch_size):
-        part = todo[a:a + c.batch_size]
+    for part in mine:
         b = {kk: v.to(device) for kk, v in collate([e for _, e in part], pad).items()}
         logits = teacher(**model_inputs(b), use_cache=False).logits
         for j, (sid, e) in enumerate(part):
+            if sid in done:
+                continue
             pos = torch.tensor(positions(e), device=device)
             lg = logits[j, pos]                                    # (n, V): only rows with a loss
             top = topk_targets(lg, k, T)
@@ -210,6 +241,11 @@ def build(cfg, examples: list[Example], teacher, tok, overwrite=False, progress=
         bar.update(len(part))
     writer.flush()
     bar.close()
+    if world > 1:
+        state.wait_for_everyone()
+        if rank != 0:
+            return index
+        _fold_partial(out, index)
     index["complete"] = True
     _write_json(out / "index.json", index)
     return index

@@ -155,13 +155,21 @@ def _build_cache(cfg, args) -> int:
         s = summary(cfg.cache.path)
         print(f"{s['samples']:,} samples, {s['rows']:,} positions from the API's logprobs in {cfg.cache.path}")
         return 0
+    state = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # under accelerate launch / torchrun: split the batches
+        from accelerate import PartialState
+        state = PartialState(cpu=not torch.cuda.is_available())   # cpu: gloo, not N lone processes
+        device = state.device
     teacher = models.load(cfg.teacher.model, dtype=models.teacher_dtype(cfg.teacher.dtype, device))
     check_context(cfg, teacher.model.config)
-    existing(cfg, teacher.model, teacher.tokenizer, args.overwrite, skip=("data",))  # before any data work
-    cfg, train, held = prepare_data(cfg, teacher, SimpleNamespace(is_main_process=True, num_processes=1))
+    if state is None or state.is_main_process:   # before any data work
+        existing(cfg, teacher.model, teacher.tokenizer, args.overwrite, skip=("data",))
+    cfg, train, held = prepare_data(cfg, teacher, state or SimpleNamespace(is_main_process=True, num_processes=1))
     teacher.model.to(device)
     build(cfg, train + held, teacher.model, teacher.tokenizer, overwrite=args.overwrite,
-          progress=not args.no_progress)
+          progress=not args.no_progress, state=state)
+    if state is not None and not state.is_main_process:
+        return 0
     s = summary(cfg.cache.path)
     print(f"{s['samples']:,} samples, {s['rows']:,} positions, top-{s['top_k']} ({s['dtype']}): "
           f"{s['bytes'] / 2**20:.1f} MB, {s['bytes_per_token']:.0f} bytes/position, in {cfg.cache.path}")

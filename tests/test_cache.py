@@ -144,3 +144,36 @@ def test_training_from_cache_matches_the_live_teacher(tmp_path, teacher_dir, cha
     assert cached["eval"]["teacher"]["perplexity"] == pytest.approx(live["eval"]["teacher"]["perplexity"], rel=1e-4)
     assert cached["eval"]["student after"]["agreement"] == live["eval"]["student after"]["agreement"]
     assert cached["eval"]["student after"]["kl_per_token"] is None  # T=2 cache: no T=1 KL to report
+
+
+def test_two_processes_build_the_cache_of_one_and_a_killed_launch_continues(tmp_path, teacher_dir, chat_file):
+    """`accelerate launch --num_processes 2 -m stillroom cache`: the processes split the batches and
+    write their own shards; every sample's rows equal the one-process cache's bit for bit. A
+    launch killed mid-build (process 1 after its second batch) keeps what was listed, and a rerun
+    of the launch completes it, the same bit for bit."""
+    from test_train import launch
+
+    over = lambda d: [f"teacher.model={teacher_dir}", f"data.path={chat_file}", "data.seq_len=64",  # noqa: E731
+                      f"cache.path={d}", "cache.batch_size=3", "cache.top_k=8", "cache.shard_rows=40",
+                      "loss.temperature=2.0", "--no-progress"]
+    r = run_cli("cache", *over(tmp_path / "one"), env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    launch(2, "-m", "stillroom", "cache", *over(tmp_path / "two"))
+    r = launch(2, "-m", "stillroom", "cache", *over(tmp_path / "killed"), check=False,
+               env={"STILLROOM_FAULT": "cache.batch:2", "STILLROOM_FAULT_RANK": "1"})
+    assert r.returncode != 0
+    killed = json.loads((tmp_path / "killed" / "index.json").read_text())
+    assert not killed["complete"]
+    launch(2, "-m", "stillroom", "cache", *over(tmp_path / "killed"))
+    one = TeacherCache(tmp_path / "one")
+    teacher = models.load(str(teacher_dir))
+    train, held = load_data(cfg_for(teacher_dir, chat_file, tmp_path / "one"), teacher.tokenizer)
+    for other in ("two", "killed"):
+        c = TeacherCache(tmp_path / other)
+        assert c.index["complete"] and set(c.where) == set(one.where), other
+        assert any(s["file"].startswith("shard-p1-") for s in c.index["shards"]), other
+        assert not list((tmp_path / other).glob("index.p*.json")), other
+        for e in train + held:
+            if positions(e):
+                for x, y in zip(one.rows(e), c.rows(e)):
+                    assert torch.equal(x, y), other
