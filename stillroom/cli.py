@@ -302,6 +302,8 @@ def cmd_generate(args) -> int:
     out = Path(args.out)
     with claim(out.parent, key="--out", name=out.name):   # one writer per answers file, refused at once
         r = _generate(args, gcfg, prompts, out)
+    if not r:   # another process of a launch: the main one writes the file and says so
+        return 0
     notes = [f"{r['skipped']} prompts skipped (too long)" if r["skipped"] else "",
              f"{r['empty']} empty answers dropped" if r["empty"] else "",
              f"{r['truncated']} answers cut at --max-new-tokens {gcfg.max_new_tokens} (marked truncated)"
@@ -321,14 +323,19 @@ def _generate(args, gcfg, prompts, out: Path) -> dict:
         tok = models.load_tokenizer(args.tokenizer) if args.tokenizer else None
         teacher = ApiTeacher(args.api, args.api_model, args.api_key_env, args.concurrency, args.rate_limit,
                              args.top_logprobs, max_retries=args.max_retries, tokenizer=tok)
-    else:
+    state = None
+    if not args.api:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # under accelerate launch / torchrun: split the batches
+            from accelerate import PartialState
+            state = PartialState(cpu=not torch.cuda.is_available())
+            device = state.device
         loaded = models.load(args.teacher, dtype=models.teacher_dtype(args.dtype, device))
         loaded.model.to(device)
         teacher = LocalTeacher(loaded.model, loaded.tokenizer, args.teacher)
-    return generate_file(teacher, prompts, out, gcfg, progress=not args.no_progress)
+    return generate_file(teacher, prompts, out, gcfg, progress=not args.no_progress, state=state)
 
 
 def _number(kind, low=None, high=None, above=None):

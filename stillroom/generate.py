@@ -16,6 +16,7 @@ a different prompt list or different settings are refused rather than mixed into
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -243,23 +244,60 @@ def _answer_rounds(teacher, keep, gcfg, seed: int, fits) -> list[tuple[list[dict
     return done
 
 
-def generate_file(teacher, prompts, out: Path, gcfg, progress: bool = True) -> dict:
+def _answer_batch(teacher, batch, a: int, gcfg, fits) -> tuple[list[str], dict]:
+    """One batch of conversations (starting at prompt `a`) -> its JSON lines and counts."""
+    counts = dict.fromkeys(("skipped", "empty", "truncated"), 0)
+    keep = [split_turns(c) for c in batch]
+    keep = [c for c in keep if fits(c[0])]
+    counts["skipped"] += len(batch) - len(keep)
+    lines = []
+    for conv, answers in _answer_rounds(teacher, keep, gcfg, a, fits):
+        seen = set()
+        for r in answers:  # a string, or {"content": ..., "truncated"/"teacher_logprobs": ...}
+            extra = dict(r) if isinstance(r, dict) else {}
+            text = extra.pop("content", None) if extra else r
+            key = re.sub(r"\s+", " ", text)
+            if not text.strip():
+                counts["empty"] += 1
+                continue
+            if gcfg.dedup and key in seen:
+                continue
+            seen.add(key)
+            counts["truncated"] += bool(extra.get("truncated"))
+            row = {"messages": conv + [{"role": "assistant", "content": text}], **extra}
+            lines.append(json.dumps(row) + "\n")
+    return lines, counts
+
+
+def generate_file(teacher, prompts, out: Path, gcfg, progress: bool = True, state=None) -> dict:
     """Answer every prompt not yet answered in `out`, appending one JSON line per answer.
     `teacher`: a LocalTeacher or api.ApiTeacher; prompts are strings or conversations.
     A prompt that cannot fit (generate.max_prompt_tokens, or the teacher's context less
     max_new_tokens) is skipped before any compute; an answer cut by max_new_tokens is kept with
     `"truncated": true` (distill then learns no end-of-turn after it); empty answers are dropped.
+    state: Accelerate's PartialState under a launch of several processes: batch j is answered by
+    process j % N, and the main process writes each round of N batches in order, so the file is
+    the one a single process writes (the same answers, greedy or seeded per batch).
     -> {"path", "rows", "prompts", "skipped", "empty", "truncated"} (counted over the whole file,
     earlier runs included)."""
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    main = rank == 0
     convs = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     progress_file = out.with_name(out.name + ".progress.json")
     settings = _settings(gcfg, teacher.source)
-    start = _resume(out, progress_file, convs, settings)
     counts = dict.fromkeys(("skipped", "empty", "truncated"), 0)
-    if progress_file.exists():
-        counts.update(json.loads(progress_file.read_text()).get("counts", {}))
+    start = 0
+    if main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        start = _resume(out, progress_file, convs, settings)
+        if progress_file.exists():
+            counts.update(json.loads(progress_file.read_text()).get("counts", {}))
+    if world > 1:   # where the file stands, as the main process read it
+        from accelerate.utils import broadcast_object_list
+        holder = [start]
+        broadcast_object_list(holder)
+        start = holder[0]
     context = getattr(teacher, "context", None)
     limit = gcfg.max_prompt_tokens
     if context:
@@ -272,45 +310,39 @@ def generate_file(teacher, prompts, out: Path, gcfg, progress: bool = True) -> d
         raise UserError("prompts with several user turns (turns, or messages ending with more than one user "
                         "turn) get one answer per turn: use --num-answers 1")
     fits = (lambda c: teacher.prompt_tokens(c) <= limit) if limit else (lambda c: True)
-    bar = tqdm(total=len(convs), initial=start, desc="teacher answers", unit="prompt", disable=not progress)
-    with open(out, "ab") as f:
-        for a in range(start, len(convs), gcfg.batch_size):
-            batch = convs[a:a + gcfg.batch_size]
-            keep = [split_turns(c) for c in batch]
-            keep = [c for c in keep if fits(c[0])]
-            counts["skipped"] += len(batch) - len(keep)
-            lines = []
-            for conv, answers in _answer_rounds(teacher, keep, gcfg, a, fits):
-                seen = set()
-                for r in answers:  # a string, or {"content": ..., "truncated"/"teacher_logprobs": ...}
-                    extra = dict(r) if isinstance(r, dict) else {}
-                    text = extra.pop("content", None) if extra else r
-                    key = re.sub(r"\s+", " ", text)
-                    if not text.strip():
-                        counts["empty"] += 1
-                        continue
-                    if gcfg.dedup and key in seen:
-                        continue
-                    seen.add(key)
-                    counts["truncated"] += bool(extra.get("truncated"))
-                    row = {"messages": conv + [{"role": "assistant", "content": text}], **extra}
-                    lines.append(json.dumps(row) + "\n")
-            f.write("".join(lines).encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-            done = a + len(batch)
-            state = {"settings": settings, "done": done, "prefix": _sha(convs[:done]), "bytes": f.tell(),
-                     "counts": counts}
-            tmp = progress_file.with_name(progress_file.name + ".tmp")
-            with open(tmp, "w") as p:
-                p.write(json.dumps(state))
-                p.flush()
-                os.fsync(p.fileno())
-            os.replace(tmp, progress_file)
-            fsync_dir(progress_file.parent)
-            faults.point("generate.batch")   # a batch and its progress record are on the disk
-            bar.update(len(batch))
+    bar = tqdm(total=len(convs), initial=start, desc="teacher answers", unit="prompt",
+               disable=not (progress and main))
+    starts = list(range(start, len(convs), gcfg.batch_size))
+    with open(out, "ab") if main else contextlib.nullcontext() as f:
+        for r0 in range(0, len(starts), world):
+            round_ = starts[r0:r0 + world]
+            a = round_[rank] if rank < len(round_) else None
+            got = [(a, *_answer_batch(teacher, convs[a:a + gcfg.batch_size], a, gcfg, fits))] if a is not None else []
+            if world > 1:
+                from accelerate.utils import gather_object
+                got = sorted(gather_object(got), key=lambda x: x[0])
+            if main:
+                for _, lines, c in got:
+                    f.write("".join(lines).encode("utf-8"))
+                    for k, v in c.items():
+                        counts[k] += v
+                f.flush()
+                os.fsync(f.fileno())
+                done = min(round_[-1] + gcfg.batch_size, len(convs))
+                state_ = {"settings": settings, "done": done, "prefix": _sha(convs[:done]), "bytes": f.tell(),
+                          "counts": counts}
+                tmp = progress_file.with_name(progress_file.name + ".tmp")
+                with open(tmp, "w") as p:
+                    p.write(json.dumps(state_))
+                    p.flush()
+                    os.fsync(p.fileno())
+                os.replace(tmp, progress_file)
+                fsync_dir(progress_file.parent)
+            faults.point("generate.batch")   # a round of batches and its progress record are on the disk
+            bar.update(min(len(convs), round_[-1] + gcfg.batch_size) - round_[0])
     bar.close()
+    if not main:
+        return {}
     rows = sum(1 for _ in open(out, encoding="utf-8"))
     if counts["skipped"]:
         why = f"longer than {limit} tokens" + (f" (the teacher's context {context} less --max-new-tokens "

@@ -167,3 +167,26 @@ def test_the_closing_line_counts_skipped_and_cut(tmp_path, teacher_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "for 2 prompts" in r.stdout and "1 prompts skipped (too long)" in r.stdout
     assert "cut at --max-new-tokens 3" in r.stdout
+
+
+def test_two_processes_write_the_file_of_one_and_a_killed_launch_continues(tmp_path, teacher_dir):
+    """`accelerate launch --num_processes 2 -m stillroom generate`: batch j is answered by process
+    j % 2 and the main process writes the rounds in order: greedy answers give the one-process
+    file byte for byte. A launch killed after its second round continues on rerun to the same file."""
+    from test_train import launch
+
+    p = tmp_path / "p.txt"
+    p.write_text("".join(f"Tell me about the cat number {i}.\n" for i in range(11)))
+    args = lambda out: ["--teacher", teacher_dir, "--prompts", p, "--out", out, "--batch-size", "2",  # noqa: E731
+                        "--max-new-tokens", "6", "--no-progress"]
+    r = run_cli("generate", *args(tmp_path / "one.jsonl"), env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = launch(2, "-m", "stillroom", "generate", *args(tmp_path / "two.jsonl"))
+    assert "for 11 prompts" in r.stdout and r.stdout.count("conversations for") == 1
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    r = launch(2, "-m", "stillroom", "generate", *args(tmp_path / "killed.jsonl"), check=False,
+               env={"STILLROOM_FAULT": "generate.batch:2", "STILLROOM_FAULT_RANK": "1"})
+    assert r.returncode != 0
+    assert json.loads((tmp_path / "killed.jsonl.progress.json").read_text())["done"] in (4, 8)
+    launch(2, "-m", "stillroom", "generate", *args(tmp_path / "killed.jsonl"))
+    assert (tmp_path / "killed.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
