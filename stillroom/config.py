@@ -308,6 +308,10 @@ class TrainConfig(Section):
     final/, so `stillroom export --type` of the result computes what was trained."""
     prefetch: bool = True
     """Build the next step's batches (padding, cached teacher rows) on a background thread."""
+    shard: Literal["none", "fsdp"] = "none"
+    """Under several processes: none = data-parallel, every process holds the whole student and its
+    optimizer state; fsdp = FSDP2 (fully_shard per decoder layer): each holds 1/N of them (see
+    README, 'At scale')."""
 
 
 class EvalConfig(Section):
@@ -530,6 +534,9 @@ class CodistillRunConfig(Section):
                              "takes one teacher")
         if len(self.peers) < 2:
             raise ValueError("codistill needs at least 2 peers")
+        if self.train.shard != "none":
+            raise ValueError("train.shard=fsdp is not built for co-distillation yet (issue 15): its modes "
+                             "run data-parallel or one peer per process; set train.shard=none")
         names = [p.name for p in self.peers]
         if len(set(names)) != len(names):
             raise ValueError(f"peer names must be distinct, got {names}")

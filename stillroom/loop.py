@@ -30,6 +30,7 @@ from .data import collate, micro_batch
 from .errors import Stopped, UserError
 from .losses import IGNORE_INDEX, shift_labels
 from .outputs import checkpoints, read_state, save_checkpoint, trim_metrics
+from .shard import grad_norm, is_sharded
 from .tracking import hparams, make_accelerator, scalars, set_threads  # noqa: F401 (the loop's setup)
 
 log = logging.getLogger("stillroom")
@@ -142,11 +143,14 @@ def accumulate(student, objective, batches: list[Batch] | None, plan, accelerato
     scale = world / num_tokens
     loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     parts: dict = {}
-    model = accelerator.unwrap_model(student) if shared else student
+    sharded = shared and is_sharded(student)   # FSDP2: its forward and backward gather and reduce themselves
+    model = student if sharded or not shared else accelerator.unwrap_model(student)
     try:
         for i, b in enumerate(batches):
             faults.point("micro_batch")
             last = i == len(batches) - 1
+            if sharded:   # reduce-scatter the gradients once, after the step's last micro-batch
+                student.set_requires_gradient_sync(last)
             with contextlib.nullcontext() if last or shared else accelerator.no_sync(student):
                 loss_sum, mine = objective.loss(model, b, plan, accelerator)
                 accelerator.backward(loss_sum * scale)
@@ -154,14 +158,15 @@ def accumulate(student, objective, batches: list[Batch] | None, plan, accelerato
             for k, v in mine.items():
                 parts[k] = parts.get(k, 0.0) + v
     except Exception as e:
-        if not shared:
-            raise
+        if not shared or sharded:   # a sharded model's collectives cannot be left halfway: this process
+            raise                   # stops, and the launcher stops the others (the last checkpoint stays)
         failure = Failure.now(e)
     keys = objective.part_keys(plan)
     raw = torch.tensor([parts.get(k, 0.0) for k in keys] + [float(loss_total)], dtype=torch.float64)
     if shared:
         raw = agree(accelerator, failure, raw.tolist())
-        average_grads([p for p in model.parameters() if p.requires_grad], world)
+        if not sharded:
+            average_grads([p for p in model.parameters() if p.requires_grad], world)
     out = {"loss": float(raw[-1]) / num_tokens, "target_tokens": int(counts[0]), "tokens": int(counts[1])}
     if keys:   # each term's raw (unweighted) size per target token
         out["terms"] = {k: float(v) / num_tokens for k, v in zip(keys, raw[:-1].tolist()) if k in parts}
@@ -294,6 +299,13 @@ class Run:
     any one fails (accumulate), so a failure under several processes is saved from together."""
 
 
+def clip(accelerator, trainee, max_norm: float) -> float:
+    """Clip a trainee's gradients to max_norm by their total norm; -> that norm."""
+    if is_sharded(trainee.model):
+        return grad_norm(trainee.params(), max_norm)
+    return float(accelerator.clip_grad_norm_(trainee.params(), max_norm))
+
+
 def _finite(loss) -> bool:
     return all(math.isfinite(x) for x in (loss.values() if isinstance(loss, dict) else [loss]))
 
@@ -350,8 +362,7 @@ def fit(run: Run, resume: bool) -> dict:
             for step, batches in prefetched(make_batches, range(start, t.max_steps), t.prefetch):
                 stats = run.step(step, batches)
                 # The norm is taken even without clipping: a non-finite one means a bad step.
-                norms = [float(accelerator.clip_grad_norm_(tr.params(), t.max_grad_norm or float("inf")))
-                         for tr in trainees]
+                norms = [clip(accelerator, tr, t.max_grad_norm or float("inf")) for tr in trainees]
                 good = _finite(stats["loss"]) and all(math.isfinite(n) for n in norms)
                 if accelerator.num_processes > 1:   # every process skips the same steps
                     flag = torch.tensor([float(good)], device=accelerator.device)
@@ -497,6 +508,21 @@ def objective_run(cfg, accelerator, student, optimizer, scheduler, objective, ex
         accelerator.load_state(str(path))
         objective.load_state_dict(state)
 
+    write = None
+    if is_sharded(student):   # FSDP2: each process writes its shards (torch.distributed.checkpoint)
+        from . import shard
+        modules = torch.nn.ModuleList([student, *objective.trained])   # what the optimizer was made over
+
+        def write(tmp):
+            shard.save(tmp, modules, optimizer)
+            if accelerator.is_main_process:
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+
+        def load(path, state):   # noqa: F811
+            shard.load(path, modules, optimizer)
+            scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
+            objective.load_state_dict(state)
+
     return Run(cfg, accelerator, [Trainee(None, student, optimizer, scheduler, objective.trained)], out,
                make_batches, step_fn, record, after_step=lambda stats: objective.after_step(plans["now"], stats),
-               load_checkpoint=load, state=objective.state_dict, agrees=True, **kw)
+               write_checkpoint=write, load_checkpoint=load, state=objective.state_dict, agrees=True, **kw)

@@ -156,6 +156,7 @@ class Hybrid(Objective):
             t = self.teachers[0].targets(b, "head") if w > 0 else None
             with accelerator.autocast():
                 hidden = models.final_hidden(student, **model_inputs(b))
+            s_head = models.output_head(student, self.vocab)   # after the forward: a sharded model's head is whole then
             return linear_mixed_loss(hidden, s_head[0], [(t, w)] if w else [], b.targets, bias=s_head[1], **how), {}
         t = self.teachers[0].targets(b, "logits") if w > 0 else None
         with accelerator.autocast():

@@ -46,6 +46,12 @@ def check_across(cfg):
             raise UserError("loss.token_weight is not supported with loss.cross_tokenizer=uld")
         if cfg.data.pack:
             raise UserError("loss.cross_tokenizer=uld re-tokenizes each example's text: set data.pack=false")
+    if cfg.train.shard == "fsdp":
+        if lc.on_policy:
+            raise UserError("train.shard=fsdp does not run loss.on_policy yet (each process would generate "
+                            "its own number of tokens, and a sharded model's forward is taken together)")
+        if cfg.train.qat != "none":
+            raise UserError("train.shard=fsdp does not run train.qat yet: set train.qat=none or train.shard=none")
     ft = getattr(cfg, "finetune", None)
     if ft is not None and not Path(ft.data).exists() and (Path(ft.data).suffix or ft.data.count("/") != 1):
         raise UserError(f"finetune.data not found: {ft.data}")

@@ -50,7 +50,7 @@ import numpy as np
 
 from . import faults, folders
 from .data import IGNORE_INDEX, Example, Report, detect_format, row_doc, split_examples
-from .errors import UserError
+from .errors import UserError, write_failure
 
 log = logging.getLogger("stillroom")
 
@@ -489,59 +489,68 @@ def _pack(examples: list[list[tuple]], seq_len: int) -> list[list[tuple]]:
 def build(folder: Path, dcfg, tokenizer, seed: int, route_field, routes, inputs: dict, workers: int) -> Path:
     """Build the store for `inputs` into `folder` (atomically: see the module's docstring)."""
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        results, report, keys = _source(dcfg.path, tokenizer, dcfg, route_field, routes, tmp, "data", workers)
-        n_data = sum(len(r["lengths"]) for r in results)
-        lengths = np.concatenate([r["lengths"] for r in results])
-        kinds = np.concatenate([r["kinds"] for r in results])
-        examples = _examples(lengths, kinds, dcfg.seq_len, 0)
-        if dcfg.max_examples:
-            examples = examples[:dcfg.max_examples]
-        _check_report(report, keys, dcfg, len(examples), all_rows=detect_format(dcfg.path, dcfg.format) != "text")
-        reports = [report]
-        if dcfg.eval_path:
-            more, e_report, e_keys = _source(dcfg.eval_path, tokenizer, dcfg, route_field, routes, tmp, "eval",
-                                             workers)
-            e_len = np.concatenate([r["lengths"] for r in more])
-            e_kinds = np.concatenate([r["kinds"] for r in more])
-            held = _examples(e_len, e_kinds, dcfg.seq_len, n_data)
-            if dcfg.max_examples:
-                held = held[:dcfg.max_examples]
-            _check_report(e_report, e_keys, dcfg, len(held),
-                          all_rows=detect_format(dcfg.eval_path, dcfg.format) != "text")
-            reports.append(e_report)
-            results += more
-            lengths, kinds = np.concatenate([lengths, e_len]), np.concatenate([kinds, e_kinds])
-            train = examples
-        else:
-            # split_examples on indices: the same held-out set as data.split_examples
-            train_i, held_i = split_examples(list(range(len(examples))), dcfg.eval_fraction, seed)
-            if not train_i:
-                raise UserError(f"no training examples left in {dcfg.path} after the held-out split")
-            train, held = [examples[i] for i in train_i], [examples[i] for i in held_i]
-        if dcfg.pack:
-            n = len(train)
-            train = _pack(train, dcfg.seq_len)
-            log.info("data.pack: %d training examples packed into %d rows of up to %d tokens",
-                     n, len(train), dcfg.seq_len)
-        _write_arrays(tmp, results, lengths, train + held)
-        sizes = {n: int(np.load(tmp / f"{n}.npy", mmap_mode="r").size) if (tmp / f"{n}.npy").stat().st_size > 128 else 0
-                 for n in ("tokens", "targets", "docs", "routes", "layout", "segs")}
-        index = {"format": VERSION, "inputs": inputs, "train_examples": len(train), "held_examples": len(held),
-                 "tokens": int(lengths.sum()), "documents": int(len(lengths)), "sizes": sizes,
-                 "reports": [_report_json(r) for r in reports]}
-        (tmp / "index.json").write_text(json.dumps(index, indent=1))
-        faults.point("store.written")   # complete under its temporary name, not yet in place
-        folders.durable_replace(tmp, folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return _build(tmp, folder, dcfg, tokenizer, seed, route_field, routes, inputs, workers)
+    except OSError as e:   # a full disk, a folder that is not writable: nothing half-written stays
+        why = write_failure(e, folder.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write the data store {folder}: {why}; free space or set data.store "
+                        "to another folder (data.store=off: tokenize in memory)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _build(tmp, folder, dcfg, tokenizer, seed, route_field, routes, inputs, workers) -> Path:
+    """build()'s work, in the temporary folder `tmp`, renamed to `folder` once complete."""
+    results, report, keys = _source(dcfg.path, tokenizer, dcfg, route_field, routes, tmp, "data", workers)
+    n_data = sum(len(r["lengths"]) for r in results)
+    lengths = np.concatenate([r["lengths"] for r in results])
+    kinds = np.concatenate([r["kinds"] for r in results])
+    examples = _examples(lengths, kinds, dcfg.seq_len, 0)
+    if dcfg.max_examples:
+        examples = examples[:dcfg.max_examples]
+    _check_report(report, keys, dcfg, len(examples), all_rows=detect_format(dcfg.path, dcfg.format) != "text")
+    reports = [report]
+    if dcfg.eval_path:
+        more, e_report, e_keys = _source(dcfg.eval_path, tokenizer, dcfg, route_field, routes, tmp, "eval",
+                                         workers)
+        e_len = np.concatenate([r["lengths"] for r in more])
+        e_kinds = np.concatenate([r["kinds"] for r in more])
+        held = _examples(e_len, e_kinds, dcfg.seq_len, n_data)
+        if dcfg.max_examples:
+            held = held[:dcfg.max_examples]
+        _check_report(e_report, e_keys, dcfg, len(held),
+                      all_rows=detect_format(dcfg.eval_path, dcfg.format) != "text")
+        reports.append(e_report)
+        results += more
+        lengths, kinds = np.concatenate([lengths, e_len]), np.concatenate([kinds, e_kinds])
+        train = examples
+    else:
+        # split_examples on indices: the same held-out set as data.split_examples
+        train_i, held_i = split_examples(list(range(len(examples))), dcfg.eval_fraction, seed)
+        if not train_i:
+            raise UserError(f"no training examples left in {dcfg.path} after the held-out split")
+        train, held = [examples[i] for i in train_i], [examples[i] for i in held_i]
+    if dcfg.pack:
+        n = len(train)
+        train = _pack(train, dcfg.seq_len)
+        log.info("data.pack: %d training examples packed into %d rows of up to %d tokens",
+                 n, len(train), dcfg.seq_len)
+    sizes = _write_arrays(tmp, results, lengths, train + held)
+    index = {"format": VERSION, "inputs": inputs, "train_examples": len(train), "held_examples": len(held),
+             "tokens": int(lengths.sum()), "documents": int(len(lengths)), "sizes": sizes,
+             "reports": [_report_json(r) for r in reports]}
+    (tmp / "index.json").write_text(json.dumps(index, indent=1))
+    faults.point("store.written")   # complete under its temporary name, not yet in place
+    folders.durable_replace(tmp, folder)
     return folder
 
 
-def _write_arrays(tmp: Path, results: list[dict], lengths, examples: list[list[tuple]]):
+def _write_arrays(tmp: Path, results: list[dict], lengths, examples: list[list[tuple]]) -> dict:
+    """The store's arrays, from the shards' raw files and the examples' segments. -> their sizes."""
     total = int(lengths.sum())
     for name, dtype in (("tokens", np.int32), ("targets", np.uint8)):
         out = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=(total,))
@@ -556,7 +565,10 @@ def _write_arrays(tmp: Path, results: list[dict], lengths, examples: list[list[t
     np.save(tmp / "docs.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     np.save(tmp / "routes.npy", np.concatenate([r["routes"] for r in results]).astype(np.int16))
     np.save(tmp / "layout.npy", np.concatenate([[0], np.cumsum([len(e) for e in examples])]).astype(np.int64))
-    np.save(tmp / "segs.npy", np.asarray([s for e in examples for s in e], dtype=np.int64).reshape(-1, 3))
+    segs = np.asarray([s for e in examples for s in e], dtype=np.int64).reshape(-1, 3)
+    np.save(tmp / "segs.npy", segs)
+    return {"tokens": total, "targets": total, "docs": len(lengths) + 1, "routes": len(lengths),
+            "layout": len(examples) + 1, "segs": len(segs)}
 
 
 def _report_json(r: Report) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import evaluate, loop, models
+from . import evaluate, loop, models, shard
 from .config import Config, to_yaml
 from .data import load_data, uses_store
 from .errors import UserError
@@ -231,32 +231,44 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
         from .quant import enable
         log.info("quantization-aware: %d linear weights trained through %s", enable(student, cfg.train.qat),
                  cfg.train.qat)
+    fsdp = shard.active(cfg, accelerator)
+    if fsdp:   # each process keeps 1/N of the student, its gradients and its optimizer state
+        shard.shard(student.to(accelerator.device))
+        log.info("train.shard=fsdp: the student sharded over %d processes (FSDP2, per decoder layer)",
+                 accelerator.num_processes)
+    elif cfg.train.shard == "fsdp":
+        log.info("train.shard=fsdp in one process: nothing to shard across (launch several with accelerate launch)")
     optimizer = make_optimizer(torch.nn.ModuleList([student, *objective.trained]), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     for m in objective.trained:
         # Not wrapped in DDP: it has no forward of its own for DDP to hook, so its gradients are
         # averaged over the processes once per step (objective.sync_grads) instead.
         m.to(accelerator.device)
-        accelerator.register_for_checkpointing(m)
-    student, optimizer = accelerator.prepare(student, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+        if not fsdp:
+            accelerator.register_for_checkpointing(m)
+    if not fsdp:   # (a sharded run's checkpoints are its own: loop.objective_run)
+        student, optimizer = accelerator.prepare(student, optimizer)
+        accelerator.register_for_checkpointing(scheduler)
 
     def mid_eval(step):
-        if not main:
+        if not (main or fsdp):   # a sharded student's forward is taken by every process together
             return None
         cmp = evaluate.score(accelerator.unwrap_model(student), source, held, pad_id, cfg.eval.batch_size,
                                cfg.eval.max_batches, vocab)
+        if not main:
+            return None
         return {**cmp, "step": step}, (f"held-out perplexity {cmp['student_perplexity']:.3f}, agreement "
                                        f"{cmp['agreement']:.1%}, KL {cmp['kl_per_token']:.4f}")
 
     run = objective_run(cfg, accelerator, student, optimizer, scheduler, objective, train, pad_id, out,
                         evaluate=mid_eval, desc="distill", progress=progress, signals=signals)
     last_log = fit(run, resume)
+    whole = shard.full_state(student) if fsdp else None   # every process takes part; the main one gets it
     if not main:
         accelerator.end_training()
         return {}, accelerator.unwrap_model(student)
 
-    student = accelerator.unwrap_model(student)
+    student = shard.unsharded(student, whole) if fsdp else accelerator.unwrap_model(student)
     if cfg.train.qat != "none":   # the evaluation below and final/ see the quantized weights
         from .quant import bake
         bake(student)

@@ -218,3 +218,42 @@ def test_prepare_builds_the_store_a_run_then_reads(tmp_path, teacher_dir, chat_f
     assert r.returncode == 2 and "nothing to prepare" in r.stderr
     r = run_cli("prepare", f"teacher.model={teacher_dir}", f"data.path={tmp_path / 'missing.jsonl'}", env=env)
     assert r.returncode == 2 and "data file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_dataset_folder_is_read_through_the_store(tmp_path, tok):
+    import datasets
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_list([{"prompt": f"Q{i} " + CORPUS[i % 6], "response": CORPUS[(i + 1) % 6]}
+                                for i in range(30)]).save_to_disk(str(folder))
+    got, want = both(folder, "data.workers=2", tok=tok)   # two processes over index ranges
+    assert as_tuples(got[0]) == as_tuples(want[0]) and as_tuples(got[1]) == as_tuples(want[1])
+
+
+def test_a_store_folder_that_cannot_be_written_is_one_line(tmp_path, teacher_dir, chat_file):
+    from test_cli import assert_user_error
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    from conftest import tiny_overrides
+    r = run_cli("distill", *tiny_overrides(teacher_dir, chat_file, tmp_path / "out"), f"data.store={blocker}",
+                "--no-progress", env={"STILLROOM_CACHE": str(tmp_path / "c")})
+    assert_user_error(r, r"data store folder .*file: cannot create it")
+    assert blocker.read_text() == "not a folder" and not (tmp_path / "out").exists()
+
+
+def test_a_second_run_waits_for_the_build_of_the_same_store(sources, tok, tmp_path):
+    """Two runs needing one store: the second waits on the first's lock, then reads its store."""
+    import threading
+    import time
+
+    from stillroom import folders
+    cfg = cfg_for(sources["chat"])
+    key, _ = store.store_key(cfg.data, tok, cfg.train.seed)
+    base = tmp_path / "cache" / "data"
+    got = {}
+    with folders.claim(base, key="the data store", name=f"store-{key}"):   # a first run, building
+        t = threading.Thread(target=lambda: got.update(ex=data.load_data(cfg, tok)))
+        t.start()
+        time.sleep(1.5)
+        assert t.is_alive() and not got and not list(base.glob("store-*"))
+    t.join(60)
+    assert got and len(list(base.glob("store-*"))) == 1

@@ -1,0 +1,57 @@
+"""Worker for test_shard.py: the gradients of step 1 of real distill runs, one per objective.
+
+Usage: [accelerate launch --num_processes 2] tests/fsdp_grads.py TEACHER_DIR DATA OUT_DIR SHARD GRAD_ACCUM
+Each objective's run goes through `stillroom.train.distill` up to its first step (the loop is
+replaced by one step that writes every trained parameter's whole gradient, gathered from the
+shards under FSDP2, to OUT_DIR/<objective>.pt on the main process) and stops there.
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+from stillroom import train
+from stillroom.config import load_config
+
+OBJECTIVES = {
+    "soft_lean": [],
+    "soft_plain": ["loss.lean=false"],
+    "hard": ["loss.kind=hard", "loss.alpha=0.5"],
+    "terms": ["loss.terms={ce: 0.5, forward_kl: 0.3, reverse_kl: 0.1, hidden_mse: 0.2}"],
+}
+
+
+class Done(BaseException):
+    pass
+
+
+def main(teacher_dir, data, out_dir, how, grad_accum):
+    from torch.distributed.tensor import DTensor
+
+    out_dir = Path(out_dir)
+    for name, extra in OBJECTIVES.items():
+        def one_step(run, resume):
+            stats = run.step(0, run.make_batches(0))
+            tr = run.trainees[0]
+            modules = {"student": tr.model, **{f"extra{i}": m for i, m in enumerate(tr.extra)}}
+            grads = {f"{k}.{n}": (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+                     for k, m in modules.items() for n, p in m.named_parameters() if p.grad is not None}
+            if run.accelerator.is_main_process:
+                torch.save({"grads": grads, "loss": stats["loss"], "world": run.accelerator.num_processes,
+                            "sharded": type(tr.model).__name__}, out_dir / f"{name}.pt")
+            run.accelerator.wait_for_everyone()
+            raise Done
+
+        train.fit = one_step
+        over = [f"teacher.model={teacher_dir}", f"data.path={data}", f"train.output_dir={out_dir / ('run-' + name)}",
+                "student.num_layers=2", "data.seq_len=64", "train.batch_size=2", f"train.grad_accum={grad_accum}",
+                "data.eval_fraction=0.1", "eval.gen_tokens=2", "eval.gen_prompts=1", f"train.shard={how}",
+                "loss.chunk_rows=7", *extra]
+        try:
+            train.distill(load_config(None, over), overwrite=True, progress=False)
+        except Done:
+            pass
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5], int(sys.argv[5]))

@@ -1,0 +1,76 @@
+"""FSDP2 (train.shard=fsdp): under 2 gloo processes the student is sharded per decoder layer, and
+each objective's gradients equal those of one process taking the same global batch; a sharded run
+checkpoints its shards, resumes bit-identical to the uninterrupted sharded run after a failure,
+and its final/ is a plain Hugging Face folder."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli, tiny_overrides
+from test_train import launch
+
+HERE = Path(__file__).parent
+
+
+def test_sharded_gradients_equal_one_process(tmp_path, teacher_dir, chat_file):
+    from fsdp_grads import OBJECTIVES
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir()
+    one.mkdir()
+    launch(2, HERE / "fsdp_grads.py", teacher_dir, chat_file, two, "fsdp", 1)
+    r = subprocess.run([sys.executable, HERE / "fsdp_grads.py", teacher_dir, chat_file, one, "fsdp", "2"],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in OBJECTIVES:
+        a, b = torch.load(two / f"{name}.pt"), torch.load(one / f"{name}.pt")
+        assert a["world"] == 2 and a["sharded"].startswith("FSDP") and not b["sharded"].startswith("FSDP"), name
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), name
+        assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) >= 20, name
+        for k in b["grads"]:
+            torch.testing.assert_close(a["grads"][k], b["grads"][k], rtol=1e-5, atol=1e-7, msg=f"{name} {k}")
+    assert len(torch.load(two / "terms.pt")["grads"]) > len(torch.load(two / "hard.pt")["grads"])   # projections
+
+
+def test_a_sharded_run_fails_together_and_resumes_exactly(tmp_path, teacher_dir, chat_file):
+    """Process 1 raises in step 3's forward: the launch stops (the launcher ends process 0, which
+    waits in the sharded forward), with the step's one line; the sharded checkpoint of step 2 is
+    there, and --resume from it ends with the uninterrupted sharded run's weights. final/ loads in
+    plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    over = lambda out: [*tiny_overrides(teacher_dir, chat_file, out), "train.max_steps=4", "train.save_every=2",  # noqa: E731
+                        "train.shard=fsdp", "train.eval_every=3", "--no-progress"]
+    clean, failed = tmp_path / "clean", tmp_path / "failed"
+    r = launch(2, "-m", "stillroom", "distill", *over(clean))
+    assert "the student sharded over 2 processes" in r.stderr
+    r = launch(2, "-m", "stillroom", "distill", *over(failed), check=False, timeout=300,
+               env={"STILLROOM_FAULT": "micro_batch:3:raise", "STILLROOM_FAULT_RANK": "1"})
+    assert r.returncode != 0
+    assert "stillroom: error: step 3 failed: RuntimeError: injected failure at micro_batch" in r.stderr, r.stderr[-3000:]
+    ck = failed / "checkpoints" / "step_0000002"
+    assert (ck / "sharded").is_dir() and (ck / "trainer_state.json").is_file()
+    launch(2, "-m", "stillroom", "distill", *over(failed), "--resume")
+    want, got = load_file(clean / "final" / "model.safetensors"), load_file(failed / "final" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    model = AutoModelForCausalLM.from_pretrained(clean / "final")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 2
+    log = [json.loads(x) for x in (clean / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log if "step" in x] == [1, 2, 3, 4] and any("eval" in x for x in log)
+
+
+@pytest.mark.parametrize("extra,why", [
+    (["loss.on_policy=0.5"], "does not run loss.on_policy yet"),
+    (["train.qat=q8_0"], "does not run train.qat yet"),
+])
+def test_what_sharding_does_not_run_yet_is_refused_in_one_line(tmp_path, teacher_dir, chat_file, extra, why):
+    from test_cli import assert_user_error
+    r = run_cli("distill", *tiny_overrides(teacher_dir, chat_file, tmp_path / "o"), "train.shard=fsdp", *extra)
+    assert_user_error(r, why)
+    r = run_cli("codistill", "codistill", f"teacher.model={teacher_dir}", "train.shard=fsdp")
+    assert_user_error(r, "not built for co-distillation yet")
