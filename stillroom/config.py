@@ -62,6 +62,9 @@ class TeacherConfig(Section):
     """Its share of the mixture when teacher.mix lists more teachers (weights are normalized)."""
     offload: bool = False
     """Keep the live teacher in host memory; move it to the accelerator only for its forward pass."""
+    shard: bool = False
+    """With train.shard=fsdp: shard this teacher too (its decoder layers across the processes,
+    gathered one at a time for its forward), so a teacher larger than one device fits."""
     mix: list[MixTeacherConfig] = []
     """More teachers of the same tokenizer. The soft target is the mixture sum_k w_k p_k of their
     distributions (Wu et al. 2021 / MT-KD); with route_field, each example's own teacher instead."""
@@ -534,9 +537,9 @@ class CodistillRunConfig(Section):
                              "takes one teacher")
         if len(self.peers) < 2:
             raise ValueError("codistill needs at least 2 peers")
-        if self.train.shard != "none":
-            raise ValueError("train.shard=fsdp is not built for co-distillation yet (issue 15): its modes "
-                             "run data-parallel or one peer per process; set train.shard=none")
+        if self.train.shard != "none" or self.teacher.shard:
+            raise ValueError("train.shard=fsdp / teacher.shard are not built for co-distillation yet (issue "
+                             "15): its modes run data-parallel or one peer per process; set train.shard=none")
         names = [p.name for p in self.peers]
         if len(set(names)) != len(names):
             raise ValueError(f"peer names must be distinct, got {names}")

@@ -46,6 +46,12 @@ def check_across(cfg):
             raise UserError("loss.token_weight is not supported with loss.cross_tokenizer=uld")
         if cfg.data.pack:
             raise UserError("loss.cross_tokenizer=uld re-tokenizes each example's text: set data.pack=false")
+    if tc.shard:
+        if cfg.train.shard != "fsdp":
+            raise UserError("teacher.shard=true shards the teacher beside a sharded student: set train.shard=fsdp")
+        if tc.kind == "cache" or tc.offload or tc.route_field:
+            raise UserError("teacher.shard=true runs the live teacher on every process at every step: not with "
+                            "teacher.kind=cache, teacher.offload or teacher.route_field")
     if cfg.train.shard == "fsdp":
         if lc.on_policy:
             raise UserError("train.shard=fsdp does not run loss.on_policy yet (each process would generate "

@@ -1,4 +1,5 @@
-"""FSDP2: a model sharded across the processes of a launch (`train.shard=fsdp`).
+"""FSDP2: a model sharded across the processes of a launch (`train.shard=fsdp`; the teacher too
+with `teacher.shard=true`).
 
 PyTorch's own `fully_shard` (torch.distributed.fsdp), per decoder layer and then the whole model,
 as torchtitan and torchtune shard a causal LM: each process keeps 1/N of every parameter, its
@@ -7,7 +8,9 @@ and freed after, and its gradients are reduce-scattered (averaged over the proce
 all-reduce averages them). It runs with gloo on CPU (tested here with 2 processes) and NCCL on
 GPUs. The output head and embeddings sit in the root group, which FSDP2 keeps gathered from the
 forward to the backward, so the lean loss reads the whole output head after the forward and its
-gradient is reduce-scattered with the rest (pinned by tests against one process).
+gradient is reduce-scattered with the rest (pinned by tests against one process). A sharded
+teacher (frozen) keeps its root group gathered and its layers sharded, each gathered for its
+forward and freed after; every process runs it on every step, together.
 
 Checkpoints are sharded (`torch.distributed.checkpoint`: each process writes its own shards of the
 model and optimizer), and `final/` is a plain Hugging Face folder: the full state is gathered to
@@ -54,8 +57,9 @@ def shard(model: torch.nn.Module, frozen: bool = False) -> torch.nn.Module:
     for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
-    if frozen:
-        model.requires_grad_(False)
+    if frozen:   # the root group (embeddings, final norm, output head) gathered once and kept so:
+        model.requires_grad_(False)   # the lean loss reads the head, base_model runs without the root's forward
+        model.unshard()
     return model
 
 

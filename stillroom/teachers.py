@@ -53,13 +53,19 @@ class LiveTeacher:
         else:
             yield self.model
 
+    def _mode(self):
+        """Inference mode, or no_grad for a sharded teacher: FSDP2 gathers its layers into buffers
+        that the evaluation's (no_grad) forward writes too, and an inference tensor refuses that."""
+        from .shard import is_sharded
+        return torch.no_grad() if is_sharded(self.model) else torch.inference_mode()
+
     def _slice(self, logits):
         return logits[..., :self.vocab] if self.vocab else logits
 
     def targets(self, b, need: str = "logits", attention: bool = False, clone: bool = False):
         """clone=True: a copy that may enter autograd expressions (inference tensors cannot)."""
         device = b.input_ids.device
-        with torch.inference_mode(), self.autocast(), self.on(device) as m:
+        with self._mode(), self.autocast(), self.on(device) as m:
             if need == "head":
                 head = models.output_head(m, self.vocab, base=True)
                 if head is not None:
@@ -75,7 +81,7 @@ class LiveTeacher:
 
     def logits_of(self, input_ids, attention_mask):
         """Its logits on inputs of its own tokenizer (a cross-tokenizer teacher)."""
-        with torch.inference_mode(), self.autocast(), self.on(input_ids.device) as m:
+        with self._mode(), self.autocast(), self.on(input_ids.device) as m:
             return m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def read_ahead(self, b):

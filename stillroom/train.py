@@ -103,14 +103,15 @@ def check_context(cfg, teacher_config):
 
 
 def eval_columns(student, student_path, teacher, held, cfg, vocab, pad_id, with_teacher=True, cache=None,
-                 s_tok=None):
+                 s_tok=None, cmp=None):
     """s_tok: the student's tokenizer when it differs from the teacher's (cross-tokenizer): the
     teacher is then timed on the same prompts in its own tokens, and perplexities, being per token
     of different tokenizers, are not compared (agreement and KL do not exist across vocabularies)."""
     e = cfg.eval
     cross = s_tok is not None
-    cmp = evaluate.score(student, None if cross else cache or teacher.model, held, pad_id, e.batch_size,
-                           e.max_batches, vocab)
+    if cmp is None:   # (given: the comparison was taken already, by every process with a sharded teacher)
+        cmp = evaluate.score(student, None if cross else cache or teacher.model, held, pad_id, e.batch_size,
+                             e.max_batches, vocab)
     prompts = evaluate.speed_prompts(held, e.gen_prompts)
     cols = {}
     if with_teacher and cross:
@@ -232,10 +233,13 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
         log.info("quantization-aware: %d linear weights trained through %s", enable(student, cfg.train.qat),
                  cfg.train.qat)
     fsdp = shard.active(cfg, accelerator)
+    t_sharded = fsdp and cfg.teacher.shard and cache is None
     if fsdp:   # each process keeps 1/N of the student, its gradients and its optimizer state
         shard.shard(student.to(accelerator.device))
-        log.info("train.shard=fsdp: the student sharded over %d processes (FSDP2, per decoder layer)",
-                 accelerator.num_processes)
+        log.info("train.shard=fsdp: the student sharded over %d processes (FSDP2, per decoder layer)%s",
+                 accelerator.num_processes, ", and the teacher" if t_sharded else "")
+    if t_sharded:   # (after the evaluation above, which the main process ran alone)
+        shard.shard(teacher.model, frozen=True)
     elif cfg.train.shard == "fsdp":
         log.info("train.shard=fsdp in one process: nothing to shard across (launch several with accelerate launch)")
     optimizer = make_optimizer(torch.nn.ModuleList([student, *objective.trained]), cfg)
@@ -263,6 +267,10 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
     run = objective_run(cfg, accelerator, student, optimizer, scheduler, objective, train, pad_id, out,
                         evaluate=mid_eval, desc="distill", progress=progress, signals=signals)
     last_log = fit(run, resume)
+    cmp = None
+    if t_sharded:   # the comparison with a sharded teacher is taken by every process together
+        cmp = evaluate.score(student, None if cross else source, held, pad_id, cfg.eval.batch_size,
+                             cfg.eval.max_batches, vocab)
     whole = shard.full_state(student) if fsdp else None   # every process takes part; the main one gets it
     if not main:
         accelerator.end_training()
@@ -274,7 +282,7 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
         bake(student)
     log.info("evaluating the trained student; then writing %s", out / "final")
     after, _ = eval_columns(student, None, teacher, held, cfg, vocab, pad_id, with_teacher=False, cache=cache,
-                            s_tok=s_tok if cross else None)
+                            s_tok=s_tok if cross else None, cmp=cmp)
     columns = {"teacher": before["teacher"], "student before": before["student"],
                "student after": after["student"]}
     accelerator.log(scalars({"student": after["student"], "teacher": before["teacher"]}, "final/"),

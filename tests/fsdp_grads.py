@@ -18,6 +18,10 @@ OBJECTIVES = {
     "soft_plain": ["loss.lean=false"],
     "hard": ["loss.kind=hard", "loss.alpha=0.5"],
     "terms": ["loss.terms={ce: 0.5, forward_kl: 0.3, reverse_kl: 0.1, hidden_mse: 0.2}"],
+    # the teacher sharded too (one process: nothing to shard, the same reference)
+    "soft_lean_teacher_sharded": ["teacher.shard=true"],
+    "terms_teacher_sharded": ["teacher.shard=true",
+                              "loss.terms={ce: 0.5, forward_kl: 0.3, reverse_kl: 0.1, hidden_mse: 0.2}"],
 }
 
 

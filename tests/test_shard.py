@@ -1,7 +1,7 @@
-"""FSDP2 (train.shard=fsdp): under 2 gloo processes the student is sharded per decoder layer, and
-each objective's gradients equal those of one process taking the same global batch; a sharded run
-checkpoints its shards, resumes bit-identical to the uninterrupted sharded run after a failure,
-and its final/ is a plain Hugging Face folder."""
+"""FSDP2 (train.shard=fsdp, teacher.shard): under 2 gloo processes the student (and the teacher
+when asked) is sharded per decoder layer, and each objective's gradients equal those of one process
+taking the same global batch; a sharded run checkpoints its shards, resumes bit-identical to the
+uninterrupted sharded run after a failure, and its final/ is a plain Hugging Face folder."""
 import json
 import os
 import subprocess
@@ -45,10 +45,10 @@ def test_a_sharded_run_fails_together_and_resumes_exactly(tmp_path, teacher_dir,
     from transformers import AutoModelForCausalLM
 
     over = lambda out: [*tiny_overrides(teacher_dir, chat_file, out), "train.max_steps=4", "train.save_every=2",  # noqa: E731
-                        "train.shard=fsdp", "train.eval_every=3", "--no-progress"]
+                        "train.shard=fsdp", "teacher.shard=true", "train.eval_every=3", "--no-progress"]
     clean, failed = tmp_path / "clean", tmp_path / "failed"
     r = launch(2, "-m", "stillroom", "distill", *over(clean))
-    assert "the student sharded over 2 processes" in r.stderr
+    assert "the student sharded over 2 processes (FSDP2, per decoder layer), and the teacher" in r.stderr
     r = launch(2, "-m", "stillroom", "distill", *over(failed), check=False, timeout=300,
                env={"STILLROOM_FAULT": "micro_batch:3:raise", "STILLROOM_FAULT_RANK": "1"})
     assert r.returncode != 0
@@ -65,12 +65,14 @@ def test_a_sharded_run_fails_together_and_resumes_exactly(tmp_path, teacher_dir,
 
 
 @pytest.mark.parametrize("extra,why", [
-    (["loss.on_policy=0.5"], "does not run loss.on_policy yet"),
-    (["train.qat=q8_0"], "does not run train.qat yet"),
+    (["train.shard=fsdp", "loss.on_policy=0.5"], "does not run loss.on_policy yet"),
+    (["train.shard=fsdp", "train.qat=q8_0"], "does not run train.qat yet"),
+    (["teacher.shard=true"], "set train.shard=fsdp"),
+    (["train.shard=fsdp", "teacher.shard=true", "teacher.offload=true"], "not with teacher.kind=cache, teacher.offload"),
 ])
 def test_what_sharding_does_not_run_yet_is_refused_in_one_line(tmp_path, teacher_dir, chat_file, extra, why):
     from test_cli import assert_user_error
-    r = run_cli("distill", *tiny_overrides(teacher_dir, chat_file, tmp_path / "o"), "train.shard=fsdp", *extra)
+    r = run_cli("distill", *tiny_overrides(teacher_dir, chat_file, tmp_path / "o"), *extra)
     assert_user_error(r, why)
     r = run_cli("codistill", "codistill", f"teacher.model={teacher_dir}", "train.shard=fsdp")
     assert_user_error(r, "not built for co-distillation yet")
