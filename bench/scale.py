@@ -29,8 +29,16 @@ Data (`--only data`; issue 15, the data store), on rows synthesized from ../shar
                     tinyshakespeare, wikitext2, tinystories). Target <= 1.5.
   RSS growth        that process's peak RSS with 1M rows less with 10k rows. Target <= 100 MB.
 
-Not measured here yet (issue 15 still open): FSDP2 memory and step time, the lean loss at long
-sequences.
+FSDP2 (`--only fsdp`): real distill runs on the bundled teacher (bf16 where the CPU runs it
+natively) and a 6-layer student cut from it, stopped after 6 steps of the same global batch:
+
+  memory   per process, the bytes of the student's parameters + gradients + optimizer state it
+           holds (its shards under FSDP2), after a step; and the same plus the teacher's
+           parameters. FSDP2 over 2 processes / one process: target <= 0.6 for both.
+  time     the median step (steps 3-6) with FSDP2 over 2 processes, with DDP over 2 processes, and
+           in one process: printed, not a target (2 CPU cores here).
+
+Not measured here yet (issue 15 still open): the lean loss at long sequences.
 """
 from __future__ import annotations
 
@@ -127,7 +135,8 @@ BUILD = r"""
 import json, os, sys, time
 from stillroom import data, models
 from stillroom.config import Config, load_config
-cfg = load_config(None, [f"data.path={sys.argv[1]}", "data.seq_len=512", f"data.workers={sys.argv[3]}"], Config)
+cfg = load_config(None, [f"data.path={sys.argv[1]}", "data.seq_len=2048", f"data.workers={sys.argv[3]}",
+                         "data.skip_bad_rows=true"], Config)
 tok = models.load_tokenizer(sys.argv[2])
 t0 = time.perf_counter()
 train, held = data.load_data(cfg, tok)
@@ -142,7 +151,10 @@ from stillroom.rows import read_row
 tok = models.load_tokenizer(sys.argv[2])
 texts = []
 for line in open(sys.argv[1]):
-    texts.append(tok.apply_chat_template(read_row(json.loads(line)).messages, tokenize=False))
+    row = read_row(json.loads(line))
+    if isinstance(row, str) or not row.messages[-1]["content"].strip():   # rows the store skips
+        continue
+    texts.append(tok.apply_chat_template(row.messages, tokenize=False))
 best = None
 for _ in range(2):
     t0 = time.perf_counter()
@@ -203,6 +215,100 @@ def data_bench(model: str, rows: int):
               "(target <= 100 MB)")
 
 
+FSDP_CHILD = r"""
+import json, statistics, sys, time, torch
+from torch.distributed.tensor import DTensor
+from stillroom import train
+from stillroom.config import load_config
+from stillroom.loop import clip
+out_file, data, how, teacher_shard, accum = sys.argv[1:6]
+held = {}
+real_load = train.load_teachers
+def load_teachers(*a, **k):
+    held["teachers"] = real_load(*a, **k)
+    return held["teachers"]
+train.load_teachers = load_teachers
+def local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+def nbytes(ts):
+    return sum(local(t).numel() * local(t).element_size() for t in ts if t is not None)
+class Done(BaseException):
+    pass
+def measure(run, resume):
+    tr, acc = run.trainees[0], run.accelerator
+    times, mem = [], {}
+    for step in range(6):
+        b = run.make_batches(step)
+        t0 = time.perf_counter()
+        run.step(step, b)
+        clip(acc, tr, 1.0)
+        tr.optimizer.step()
+        if step == 1:
+            params = list(tr.params())
+            mem = {"params": nbytes(params), "grads": nbytes([p.grad for p in params]),
+                   "optim": nbytes([v for st in tr.optimizer.state.values() for v in st.values()
+                                    if torch.is_tensor(v) and v.ndim > 0]),
+                   "teacher": nbytes(list(held["teachers"][0].model.parameters()))}
+        tr.optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    if acc.is_main_process:
+        json.dump({**mem, "step_s": statistics.median(times[2:]), "world": acc.num_processes}, open(out_file, "w"))
+    acc.wait_for_everyone()
+    raise Done
+train.fit = measure
+over = [f"data.path={data}", "data.seq_len=256", "train.batch_size=4", f"train.grad_accum={accum}",
+        f"train.shard={how}", f"teacher.shard={teacher_shard}", "student.num_layers=6", "eval.max_batches=1",
+        "eval.gen_tokens=2", "eval.gen_prompts=1", "data.max_examples=200", "data.skip_bad_rows=true",
+        f"train.output_dir={out_file}.run"]
+try:
+    train.distill(load_config(None, over), overwrite=True, progress=False)
+except Done:
+    pass
+"""
+
+
+def fsdp_bench():
+    import os
+    import tempfile
+
+    data = SHARED / "alpaca_subset" / "alpaca_4500.jsonl"
+    if not data.is_file():
+        raise SystemExit(f"the FSDP bench trains on {data}, which is not here")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    runs = (("one process", False, "none", "false", 2),
+            ("DDP, 2 processes", True, "none", "false", 1),
+            ("FSDP2 student, 2 processes", True, "fsdp", "false", 1),
+            ("FSDP2 student + teacher, 2 processes", True, "fsdp", "true", 1))
+    rows = {}
+    with tempfile.TemporaryDirectory() as d:
+        child = Path(d) / "child.py"
+        child.write_text(FSDP_CHILD)
+        for name, several, how, t_shard, accum in runs:
+            out = Path(d) / f"{len(rows)}.json"
+            cmd = [*(launch if several else [sys.executable]), str(child), str(out), str(data), how, t_shard,
+                   str(accum)]
+            env = dict(os.environ, **({"OMP_NUM_THREADS": "1"} if several else {}))
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
+            if r.returncode != 0:
+                raise SystemExit(f"{name}: {r.stderr[-3000:]}")
+            rows[name] = json.loads(out.read_text())
+    mb = 2 ** 20
+    own = lambda r: r["params"] + r["grads"] + r["optim"]  # noqa: E731
+    base = rows["one process"]
+    print("\nFSDP2: per process, the student's params + grads + optimizer state, then + the teacher's params")
+    print(f"{'':<38}{'student MB':>11}{'ratio':>7}{'+ teacher MB':>14}{'ratio':>7}{'step s':>9}")
+    for name, r in rows.items():
+        print(f"{name:<38}{own(r) / mb:>11.1f}{own(r) / own(base):>7.2f}{(own(r) + r['teacher']) / mb:>14.1f}"
+              f"{(own(r) + r['teacher']) / (own(base) + base['teacher']):>7.2f}{r['step_s']:>9.2f}")
+    f_s, f_t = rows["FSDP2 student, 2 processes"], rows["FSDP2 student + teacher, 2 processes"]
+    print(f"FSDP2 / one process, student: {own(f_s) / own(base):.2f}   (target <= 0.6)")
+    print(f"FSDP2 / one process, student + teacher: "
+          f"{(own(f_t) + f_t['teacher']) / (own(base) + base['teacher']):.2f}   (target <= 0.6)")
+    print(f"step time, FSDP2 / DDP (2 processes, the same global batch): "
+          f"{f_s['step_s'] / rows['DDP, 2 processes']['step_s']:.2f}")
+
+
 def main():
     import tempfile
 
@@ -210,14 +316,16 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--only", choices=["loading", "data"])
+    ap.add_argument("--only", choices=["loading", "data", "fsdp"])
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the large data set (startup, RSS)")
     a = ap.parse_args()
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    if a.only != "loading":
+    if a.only in (None, "data"):
         data_bench(a.model, a.rows)
-    if a.only == "data":
+    if a.only in (None, "fsdp"):
+        fsdp_bench()
+    if a.only in ("data", "fsdp"):
         return
     measure("tokenizer", a.model)   # converts a GGUF teacher once, so no row pays for it
     print("RSS growth: peak RSS (VmHWM) less the tokenizer-only process's; it counts the weight files' pages "

@@ -15,6 +15,9 @@ weights      Anil et al.'s cheap mode. Process r trains peer r on its own shard;
              distills toward its stale copies of the others, run locally on its own batches.
              Communication: one copy of each model per K steps instead of logits every step.
 
+With `train.shard=fsdp` (mutual mode) every peer is sharded across the processes (FSDP2, shard.py)
+instead of replicated: the same math, 1/N of each peer's weights and optimizer state per process.
+
 The cross-process modes run one peer per process (launch as many processes as there are peers);
 transport is torch.distributed as set up by Accelerate (gloo on CPU, NCCL on GPU).
 
@@ -42,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import evaluate, faults, models
+from . import evaluate, faults, models, shard
 from .config import CodistillRunConfig, to_yaml
 from .data import micro_batch, model_inputs
 from .errors import UserError
@@ -50,6 +53,7 @@ from .losses import IGNORE_INDEX, mixed_loss, mutual_loss, topk_targets
 from .loop import Failure, Run, Trainee, agree, average_grads, fit, lr_lambda, make_optimizer, to_batch, window
 from .tracking import make_accelerator
 from .outputs import inputs_of, own_output, publish, record_resume, resume_changes, start_output
+from .shard import is_sharded
 from .teachers import LiveTeacher
 from .train import check_context, prepare_data
 
@@ -106,10 +110,13 @@ def step_mutual(peers, teacher, batches, cfg, accelerator, vocab, peers_on, fail
     num_tokens = _targets(counts[0])
     scale = accelerator.num_processes / num_tokens
     totals = [0.0] * len(peers)
-    models_ = [accelerator.unwrap_model(p.model) if shared else p.model for p in peers]
+    sharded = shared and is_sharded(peers[0].model)   # FSDP2: the peers gather and reduce themselves
+    models_ = [p.model if sharded or not shared else accelerator.unwrap_model(p.model) for p in peers]
     try:
-        for b in batches:
+        for i, b in enumerate(batches):
             faults.point("micro_batch")
+            for m in models_ if sharded else []:   # one reduce-scatter per step, after the last micro-batch
+                m.set_requires_gradient_sync(i == len(batches) - 1)
             t_logits = teacher_logits(teacher, b, cfg, accelerator, vocab)
             with accelerator.autocast():
                 logits = [_logits(m, b, vocab) for m in models_]
@@ -122,12 +129,12 @@ def step_mutual(peers, teacher, batches, cfg, accelerator, vocab, peers_on, fail
                 totals[j] += float(loss.detach())
             del logits
     except Exception as e:
-        if not shared:
+        if not shared or sharded:   # a sharded forward cannot be left halfway: the launcher stops the others
             raise
         failure = Failure.now(e)
     if shared:
         totals = agree(accelerator, failure, totals).tolist()
-        for m in models_:
+        for m in [] if sharded else models_:
             average_grads([p for p in m.parameters() if p.requires_grad], accelerator.num_processes)
     return [float(x) / num_tokens for x in totals], int(counts[1])
 
@@ -338,7 +345,7 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
                     log.warning("peers %s and %s start identical and see the same batches: they will stay "
                                 "identical (give them different layers or inits)", cfg.peers[i].name, cfg.peers[j].name)
     cfg, train, held = prepare_data(cfg, teacher, accelerator)
-    shard = train if mode == "mutual" else train[rank::world]
+    own_data = train if mode == "mutual" else train[rank::world]
     if len(train) < world:
         raise UserError(f"{len(train)} training examples cannot be split into {world} shards")
 
@@ -366,12 +373,17 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
 
     # Who trains what: mutual = every peer here; otherwise peer `rank` only.
     owned_idx = list(range(n)) if mode == "mutual" else [rank]
+    fsdp = shard.active(cfg, accelerator)   # (mutual mode only: the config refuses the others)
     peers = []
     for i in owned_idx:
         m = built[i][0].to(device)
+        if fsdp:   # each process keeps 1/N of every peer, its gradients and its optimizer state
+            shard.shard(m)
         opt = make_optimizer(m, cfg, cfg.peers[i].lr)
         peers.append(Peer(cfg.peers[i].name, m, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))))
-    if mode == "mutual":
+    if fsdp:
+        log.info("train.shard=fsdp: every peer sharded over %d processes (FSDP2, per decoder layer)", world)
+    elif mode == "mutual":
         prepared = accelerator.prepare(*[p.model for p in peers], *[p.optimizer for p in peers])
         for k, p in enumerate(peers):
             p.model, p.optimizer = prepared[k], prepared[n + k]
@@ -389,7 +401,7 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
     def make_batches(step):
         if mode == "mutual":
             return [to_batch(mb, pad_id, device) for mb in window(train, step, cfg, rank, world)]
-        own = [to_batch(micro_batch(shard, step * t.grad_accum + i, t.batch_size, t.seed), pad_id, device)
+        own = [to_batch(micro_batch(own_data, step * t.grad_accum + i, t.batch_size, t.seed), pad_id, device)
                for i in range(t.grad_accum)]
         shared = (to_batch(micro_batch(train, step, cc.shared_batch_size or t.batch_size, t.seed + 1), pad_id, device)
                   if mode == "predictions" else None)
@@ -425,7 +437,7 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
 
     def mid_eval(step):
         if mode == "mutual":
-            if not main:
+            if not (main or fsdp):   # sharded peers' forwards are taken by every process together
                 return None
             mid = evaluate.score_peers({p.name: accelerator.unwrap_model(p.model) for p in peers},
                                          teacher.model, held, pad_id, cfg.eval.batch_size,
@@ -440,12 +452,26 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
         return ({**mid, "step": step}, line) if main else None
 
     def write_checkpoint(tmp):
+        if fsdp:   # every process writes its shards of every peer (torch.distributed.checkpoint)
+            for p in peers:
+                shard.save(tmp / p.name, p.model, p.optimizer)
+                if main:
+                    torch.save({"scheduler": p.scheduler.state_dict()}, tmp / f"{p.name}.pt")
+            return
         for p in peers if saves else []:
             torch.save({"model": accelerator.unwrap_model(p.model).state_dict(),
                         "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
                         "snapshot": p.snapshot}, tmp / f"{p.name}.pt")
 
     def load_checkpoint(path, state):
+        if fsdp:
+            for p in peers:
+                if not (path / p.name / "sharded").is_dir():
+                    raise UserError(f"--resume: checkpoint {path} has no sharded state for peer '{p.name}' "
+                                    "(was it written without train.shard=fsdp, or were the peers renamed?)")
+                shard.load(path / p.name, p.model, p.optimizer)
+                p.scheduler.load_state_dict(torch.load(path / f"{p.name}.pt")["scheduler"])
+            return
         load_peers(path, peers, accelerator)
         if mode == "weights":
             restore_copies(peers[0].snapshot, copies, rank)
@@ -456,7 +482,10 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
     last_log = fit(run, resume)
 
     # Final: the main process gathers every peer's weights, evaluates them together, writes them.
-    if mode == "mutual":
+    if fsdp:   # every process takes part in gathering each peer; the main one rebuilds it whole
+        peer_models = {p.name: (p.model, shard.full_state(p.model)) for p in peers}
+        peer_models = {k: shard.unsharded(m, whole) for k, (m, whole) in peer_models.items()} if main else {}
+    elif mode == "mutual":
         peer_models = {p.name: accelerator.unwrap_model(p.model) for p in peers}
     else:
         collect_on_main(peers[0].model, peer_models, cfg, rank)

@@ -537,9 +537,11 @@ class CodistillRunConfig(Section):
                              "takes one teacher")
         if len(self.peers) < 2:
             raise ValueError("codistill needs at least 2 peers")
-        if self.train.shard != "none" or self.teacher.shard:
-            raise ValueError("train.shard=fsdp / teacher.shard are not built for co-distillation yet (issue "
-                             "15): its modes run data-parallel or one peer per process; set train.shard=none")
+        if self.train.shard == "fsdp" and self.codistill.mode != "mutual":
+            raise ValueError(f"train.shard=fsdp shards the peers of codistill.mode=mutual; mode "
+                             f"{self.codistill.mode} trains one peer per process (set train.shard=none)")
+        if self.teacher.shard:
+            raise ValueError("teacher.shard is not built for co-distillation yet (issue 15): set teacher.shard=false")
         names = [p.name for p in self.peers]
         if len(set(names)) != len(names):
             raise ValueError(f"peer names must be distinct, got {names}")

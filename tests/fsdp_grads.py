@@ -3,7 +3,8 @@
 Usage: [accelerate launch --num_processes 2] tests/fsdp_grads.py TEACHER_DIR DATA OUT_DIR SHARD GRAD_ACCUM
 Each objective's run goes through `stillroom.train.distill` up to its first step (the loop is
 replaced by one step that writes every trained parameter's whole gradient, gathered from the
-shards under FSDP2, to OUT_DIR/<objective>.pt on the main process) and stops there.
+shards under FSDP2, to OUT_DIR/<objective>.pt on the main process) and stops there; then a
+co-distillation run in mutual mode does the same (OUT_DIR/codistill.pt, every peer's gradients).
 """
 import sys
 from pathlib import Path
@@ -57,5 +58,40 @@ def main(teacher_dir, data, out_dir, how, grad_accum):
             pass
 
 
+def codistill_mutual(teacher_dir, data, out_dir, how, grad_accum):
+    """The same for co-distillation's mutual mode: every peer's gradients -> OUT_DIR/codistill.pt."""
+    from torch.distributed.tensor import DTensor
+
+    from stillroom import codistill
+    from stillroom.config import CodistillRunConfig
+
+    out_dir = Path(out_dir)
+
+    def one_step(run, resume):
+        stats = run.step(0, run.make_batches(0))
+        grads = {f"{tr.name}.{n}": (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+                 for tr in run.trainees for n, p in tr.model.named_parameters() if p.grad is not None}
+        if run.accelerator.is_main_process:
+            torch.save({"grads": grads, "loss": stats["loss"], "world": run.accelerator.num_processes,
+                        "sharded": type(run.trainees[0].model).__name__}, out_dir / "codistill.pt")
+        run.accelerator.wait_for_everyone()
+        raise Done
+
+    codistill.fit = one_step
+    cfg = CodistillRunConfig.model_validate({
+        "teacher": {"model": teacher_dir},
+        "peers": [{"name": "a", "init": "from_teacher", "num_layers": 2},
+                  {"name": "b", "init": "config", "num_layers": 2, "hidden_size": 32, "num_heads": 4}],
+        "data": {"path": data, "seq_len": 64}, "loss": {"alpha": 0.5}, "codistill": {"teacher_weight": 0.3},
+        "train": {"output_dir": str(out_dir / "run-codistill"), "batch_size": 2, "grad_accum": grad_accum,
+                  "shard": how},
+        "eval": {"gen_tokens": 2, "gen_prompts": 1}})
+    try:
+        codistill.codistill(cfg, overwrite=True, progress=False)
+    except Done:
+        pass
+
+
 if __name__ == "__main__":
     main(*sys.argv[1:5], int(sys.argv[5]))
+    codistill_mutual(*sys.argv[1:5], int(sys.argv[5]))

@@ -27,7 +27,7 @@ def test_sharded_gradients_equal_one_process(tmp_path, teacher_dir, chat_file):
     r = subprocess.run([sys.executable, HERE / "fsdp_grads.py", teacher_dir, chat_file, one, "fsdp", "2"],
                        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
-    for name in OBJECTIVES:
+    for name in [*OBJECTIVES, "codistill"]:
         a, b = torch.load(two / f"{name}.pt"), torch.load(one / f"{name}.pt")
         assert a["world"] == 2 and a["sharded"].startswith("FSDP") and not b["sharded"].startswith("FSDP"), name
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), name
@@ -74,5 +74,29 @@ def test_what_sharding_does_not_run_yet_is_refused_in_one_line(tmp_path, teacher
     from test_cli import assert_user_error
     r = run_cli("distill", *tiny_overrides(teacher_dir, chat_file, tmp_path / "o"), *extra)
     assert_user_error(r, why)
-    r = run_cli("codistill", "codistill", f"teacher.model={teacher_dir}", "train.shard=fsdp")
-    assert_user_error(r, "not built for co-distillation yet")
+    r = run_cli("codistill", "codistill", f"teacher.model={teacher_dir}", "train.shard=fsdp", "codistill.mode=weights")
+    assert_user_error(r, "train.shard=fsdp shards the peers of codistill.mode=mutual")
+
+
+def test_sharded_mutual_codistill_resumes_exactly(tmp_path, teacher_dir, chat_file):
+    """codistill.mode=mutual with every peer sharded: its sharded checkpoint of step 2, resumed in a
+    fresh folder, ends with the uninterrupted run's peers; final/<peer> are plain model folders."""
+    import shutil
+
+    from test_codistill import peer_weights, write_config
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    train = {"max_steps": 4, "save_every": 2, "log_every": 1, "lr": 3e-3, "warmup_steps": 1, "batch_size": 4,
+             "shard": "fsdp"}
+    r = launch(2, "-m", "stillroom", "codistill",
+               write_config(tmp_path / "a.yaml", teacher_dir, chat_file, a, train={**train, "output_dir": str(a)}),
+               "--no-progress")
+    assert "every peer sharded over 2 processes" in r.stderr
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(a / "checkpoints" / "step_0000002", b / "checkpoints" / "step_0000002")
+    launch(2, "-m", "stillroom", "codistill",
+           write_config(tmp_path / "b.yaml", teacher_dir, chat_file, b, train={**train, "output_dir": str(b)}),
+           "--resume", "--no-progress")
+    for name in ("a", "b"):
+        want, got = peer_weights(a, name), peer_weights(b, name)
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
