@@ -38,7 +38,12 @@ natively) and a 6-layer student cut from it, stopped after 6 steps of the same g
   time     the median step (steps 3-6) with FSDP2 over 2 processes, with DDP over 2 processes, and
            in one process: printed, not a target (2 CPU cores here).
 
-Not measured here yet (issue 15 still open): the lean loss at long sequences.
+The lean loss at long sequences (`--only lean`): `linear_mixed_loss` (soft KD + CE, the default
+chunking) forward + backward from random final hidden states (H 576, the bundled teacher's) and
+output heads, every position labelled, at seq_len 256, 1024, 4096 and vocabularies of 49,152
+(SmolLM2) and 262,144 (Gemma 3): time per token and the peak of the memory the loss adds beyond
+its inputs and the gradients it must return (sampled op by op, as bench/kd_step.py does): both
+should stay flat as the sequence grows (a chunk's worth, not a (seq, vocab) tensor).
 """
 from __future__ import annotations
 
@@ -309,6 +314,50 @@ def fsdp_bench():
           f"{f_s['step_s'] / rows['DDP, 2 processes']['step_s']:.2f}")
 
 
+def lean_bench():
+    import statistics
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from kd_step import LiveBytes
+
+    from stillroom.losses import Head, linear_mixed_loss
+    from stillroom.losses.kernel import auto_chunk_rows
+
+    H, mb = 576, 2 ** 20
+    print("\nlean loss, forward + backward, one sequence, every position labelled")
+    print(f"{'vocab':>8}{'seq':>6}{'chunk rows':>11}{'us / token':>11}{'extra peak MB':>14}{'per chunk row KB':>17}")
+    for V in (49152, 262144):
+        g = torch.Generator().manual_seed(0)
+        ws = (torch.randn(V, H, generator=g) * 0.02).requires_grad_(True)
+        wt = torch.randn(V, H, generator=g) * 0.02
+        chunk = auto_chunk_rows(V)
+        for seq in (256, 1024, 4096):
+            hs = torch.randn(1, seq, H, generator=g).requires_grad_(True)
+            ht = torch.randn(1, seq, H, generator=g)
+            labels = torch.randint(0, V, (1, seq), generator=g)
+
+            def step():
+                loss = linear_mixed_loss(hs, ws, [(Head(ht, wt), 0.9)], labels, ce_weight=0.1, temperature=2.0)
+                loss.backward()
+                hs.grad = ws.grad = None
+
+            step()   # warm
+            times = []
+            for _ in range(1 if seq * V > 2 ** 28 else 3):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+            with LiveBytes(hs, ws, ht, wt, labels) as mode:
+                step()
+            grads = (seq * H + V * H) * 4   # the gradients it returns: hidden states and head weight
+            extra = mode.peak - grads
+            print(f"{V:>8,}{seq:>6}{chunk:>11}{statistics.median(times) / seq * 1e6:>11.1f}{extra / mb:>14.1f}"
+                  f"{extra / chunk / 1024:>17.1f}")
+
+
 def main():
     import tempfile
 
@@ -316,7 +365,7 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--only", choices=["loading", "data", "fsdp"])
+    ap.add_argument("--only", choices=["loading", "data", "fsdp", "lean"])
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the large data set (startup, RSS)")
     a = ap.parse_args()
     import transformers
@@ -325,7 +374,9 @@ def main():
         data_bench(a.model, a.rows)
     if a.only in (None, "fsdp"):
         fsdp_bench()
-    if a.only in ("data", "fsdp"):
+    if a.only in (None, "lean"):
+        lean_bench()
+    if a.only in ("data", "fsdp", "lean"):
         return
     measure("tokenizer", a.model)   # converts a GGUF teacher once, so no row pays for it
     print("RSS growth: peak RSS (VmHWM) less the tokenizer-only process's; it counts the weight files' pages "

@@ -588,14 +588,20 @@ def workers_for(dcfg) -> int:
 def open_or_build(dcfg, tokenizer, seed: int, route_field=None, routes=None, build_ok: bool = True) -> Store:
     """The store for this data and tokenizer: opened when it exists, else built (under a lock,
     so a second run waits for the first and then reads its store). build_ok=False (a launch's
-    other processes, after the main one built it): open only."""
+    other processes): wait until the main process has built it, then open it."""
     key, inputs = store_key(dcfg, tokenizer, seed, route_field, routes)
     base = root(dcfg)
     folder = base / f"store-{key}"
+    if not build_ok:   # another process of a launch: the main one builds it (polled, so a build longer
+        import time     # than the process group's timeout does not stop the launch)
+        said = False
+        while not (folder / "index.json").is_file():
+            if not said:
+                log.info("waiting for the main process to build the data store %s", folder)
+                said = True
+            time.sleep(1.0)
     if (folder / "index.json").is_file():
         return _reopened(folder, dcfg)
-    if not build_ok:
-        raise UserError(f"data store {folder} is missing (the main process should have built it)")
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -84,11 +84,7 @@ def prepare_data(cfg, teacher: models.Loaded, accelerator, tokenizer=None, rows=
     tok = tokenizer or teacher.tokenizer
     if accelerator.num_processes > 1 and uses_store(cfg, rows, eval_rows):
         # the main process builds the store (when it is new); the others open it once it is there
-        if accelerator.is_main_process:
-            train, held = load_data(cfg, tok)
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            train, held = load_data(cfg, tok, build=False)
+        train, held = load_data(cfg, tok, build=accelerator.is_main_process)
     else:
         train, held = load_data(cfg, tok, rows, eval_rows)
     if not held:
