@@ -110,8 +110,9 @@ def broken_unicode(value) -> bool:
     return False
 
 
-def read_hf(path: str, split: str, lazy: bool = False):
-    """-> [(row number, row)], or with lazy the datasets.Dataset itself (memory-mapped)."""
+def read_hf(path: str, split: str, lazy: bool = False, streaming: bool = False):
+    """-> [(row number, row)], or with lazy the datasets.Dataset itself (memory-mapped); streaming:
+    a hub dataset read as it downloads (datasets' IterableDataset), nothing of it kept on disk."""
     import datasets
 
     p = Path(path)
@@ -124,7 +125,8 @@ def read_hf(path: str, split: str, lazy: bool = False):
                     raise UserError(f"dataset {path} has splits {list(ds)}; set data.split to one")
                 ds = ds[split]
         else:
-            ds = datasets.load_dataset(str(p) if p.exists() else path, split=split)
+            ds = datasets.load_dataset(str(p) if p.exists() else path, split=split,
+                                       **({"streaming": True} if streaming else {}))
     except UserError:
         raise
     except Exception as e:

@@ -30,7 +30,9 @@ stillroom's own reader (its bad-row reports by line number, the row formats, rou
 run over byte ranges of a JSONL file (or index ranges of a `datasets` folder) in worker processes;
 `datasets`' JSON loader would drop the line numbers of bad rows and its map cache is keyed on a
 hash of the function, not of the tokenizer. Hugging Face dataset folders are read with `datasets`
-(memory-mapped, never whole in RAM).
+(memory-mapped, never whole in RAM; split into index ranges); a hub id is streamed
+(`load_dataset(..., streaming=True)`: read as it downloads, in one process, nothing kept but the
+store).
 
 A build writes into `store-<key>.tmp-<pid>` and renames it into place once complete and flushed:
 a killed build is never used (the next build removes its leftovers). Two runs that need the same
@@ -56,6 +58,7 @@ log = logging.getLogger("stillroom")
 
 VERSION = "stillroom-store/1"
 PARALLEL_BYTES = 8 << 20   # a JSONL file at least this big is tokenized by several processes by default
+SHARD_BYTES = 64 << 20     # the most of a JSONL file one worker reads at once
 TEXT_PIECE = 16 << 20      # a plain text file bigger than 4 pieces is tokenized piece by piece (see _text_doc)
 FLUSH_TOKENS = 1 << 20
 
@@ -227,9 +230,9 @@ class _Writer:
 
 
 def _rows_of_jsonl(path: str, start: int, end: int):
-    """(local line number, row | reason) of the lines in bytes [start, end), and the line count."""
-    from .data import broken_unicode
-
+    """(local line number, row | reason) of the lines in bytes [start, end) (at most SHARD_BYTES:
+    the shard is read whole, its rows parsed one at a time), and the line count; or, for bytes
+    that are not UTF-8, (offset, line number of the bad byte)."""
     with open(path, "rb") as f:
         f.seek(start)
         raw = f.read(end - start)
@@ -239,23 +242,27 @@ def _rows_of_jsonl(path: str, start: int, end: int):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return e.start, raw[:e.start].count(b"\n") + 1
-    lines = text.split("\n")
-    out = []
-    for n, line in enumerate(lines, 1):
+    del raw
+    return _parsed(text), text.count("\n")
+
+
+def _parsed(text: str):
+    from .data import broken_unicode
+
+    for n, line in enumerate(text.split("\n"), 1):   # not splitlines(): JSON may hold U+2028
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            out.append((n, f"invalid JSON: {e.msg}"))
+            yield n, f"invalid JSON: {e.msg}"
             continue
         if not isinstance(row, dict):
-            out.append((n, "not a JSON object"))
+            yield n, "not a JSON object"
         elif broken_unicode(row):
-            out.append((n, "invalid Unicode (a lone surrogate escape such as \\ud800)"))
+            yield n, "invalid Unicode (a lone surrogate escape such as \\ud800)"
         else:
-            out.append((n, row))
-    return out, text.count("\n")
+            yield n, row
 
 
 def _open_hf(path: str, split: str):
@@ -272,6 +279,10 @@ def _tokenize_shard(job: dict) -> dict:
         if isinstance(got[0], int):
             return {"decode_error": got[1]}
         rows, lines = got
+    elif job["kind"] == "stream":   # a hub dataset, streamed: read once, in this process, as it comes
+        from .data import read_hf
+        rows = ((i + 1, dict(row)) for i, row in enumerate(read_hf(job["path"], dcfg.split, lazy=True, streaming=True)))
+        lines = 0
     else:
         ds = _open_hf(job["path"], dcfg.split)
         rows = ((i - job["start"] + 1, dict(ds[i])) for i in range(job["start"], job["end"]))
@@ -368,18 +379,24 @@ def _source(path: str, tok, dcfg, route_field, routes, tmp: Path, name: str, wor
         _text_doc(path, tok, w)
         report.rows = 1
         return [w.close()], report, {}
-    big = fmt == "jsonl" and Path(path).stat().st_size >= PARALLEL_BYTES
-    parallel = workers > 1 and (big or dcfg.workers is not None)
-    shards = _shards(path, fmt, workers * 4 if parallel else 1, dcfg.split)
-    jobs = [{"tokenizer": tok, "dcfg": dcfg, "route_field": route_field, "routes": routes, "kind": fmt,
-             "path": path, "start": a, "end": b, "prefix": str(tmp / f"{name}-{k}")} for k, (a, b) in enumerate(shards)]
+    size = Path(path).stat().st_size if fmt == "jsonl" else 0
+    remote = fmt == "hf" and not Path(path).exists()   # a hub id: streamed, never downloaded whole
+    parallel = not remote and workers > 1 and (size >= PARALLEL_BYTES or dcfg.workers is not None)
+    # shards of at most SHARD_BYTES (each is read whole), at least 4 per process when parallel
+    parts = max(workers * 4 if parallel else 1, -(-size // SHARD_BYTES))
+    shards = [(0, 0)] if remote else _shards(path, fmt, parts, dcfg.split)
+    jobs = [{"tokenizer": tok, "dcfg": dcfg, "route_field": route_field, "routes": routes,
+             "kind": "stream" if remote else fmt, "path": path, "start": a, "end": b,
+             "prefix": str(tmp / f"{name}-{k}")} for k, (a, b) in enumerate(shards)]
     desc = f"tokenizing {Path(path).name}"
     if parallel and len(jobs) > 1:
         results = _run_parallel(jobs, workers, desc)
     else:
         with bar(desc=desc, unit="row") as b:
-            jobs[0]["progress"] = b.update
-            results = [_tokenize_shard(jobs[0])]
+            results = []
+            for job in jobs:
+                job["progress"] = b.update
+                results.append(_tokenize_shard(job))
     line0 = 0
     keys: collections.Counter = collections.Counter()
     for r in results:

@@ -186,6 +186,12 @@ def test_several_processes_build_the_same_store_and_count_lines_across_shards(tm
                                   "data.store=" + str(tmp_path / "many")), tok)
     assert calls and calls[0] > 1
     assert as_tuples(one[0]) == as_tuples(many[0]) and as_tuples(one[1]) == as_tuples(many[1])
+    monkeypatch.setattr(store, "SHARD_BYTES", 2500)   # one process, the file read a few kB at a time
+    pieces = data.load_data(cfg_for(path, "data.skip_bad_rows=true", "data.workers=1",
+                                    "data.store=" + str(tmp_path / "pieces")), tok)
+    assert as_tuples(one[0]) == as_tuples(pieces[0]) and as_tuples(one[1]) == as_tuples(pieces[1])
+    report = json.loads(next((tmp_path / "pieces").glob("store-*/index.json")).read_text())["reports"][0]
+    assert report["bad"] == [[151, "invalid JSON: Expecting property name enclosed in double quotes"]]
     report = json.loads(next((tmp_path / "many").glob("store-*/index.json")).read_text())["reports"][0]
     assert report["bad"] == [[151, "invalid JSON: Expecting property name enclosed in double quotes"]]
     with pytest.raises(UserError, match=r"1 of 199 rows in .* are bad: row 151 \(invalid JSON"):
@@ -257,3 +263,20 @@ def test_a_second_run_waits_for_the_build_of_the_same_store(sources, tok, tmp_pa
         assert t.is_alive() and not got and not list(base.glob("store-*"))
     t.join(60)
     assert got and len(list(base.glob("store-*"))) == 1
+
+
+def test_a_hub_dataset_is_streamed_into_the_store(tmp_path, tok, monkeypatch):
+    """A hub id (not a local path) is read with load_dataset(..., streaming=True), as it downloads:
+    here the hub is stood in for by local rows, streamed the same way."""
+    import datasets
+    rows = [{"prompt": f"Q{i} " + CORPUS[i % 6], "response": CORPUS[(i + 1) % 6]} for i in range(30)]
+    calls = []
+
+    def load_dataset(path, split=None, streaming=False, **kw):
+        calls.append((path, split, streaming))
+        ds = datasets.Dataset.from_list(rows)
+        return ds.to_iterable_dataset() if streaming else ds
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    got, want = both("someone/instructions", "data.format=hf", tok=tok)
+    assert ("someone/instructions", "train", True) in calls
+    assert as_tuples(got[0]) == as_tuples(want[0]) and as_tuples(got[1]) == as_tuples(want[1])
