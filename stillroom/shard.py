@@ -42,11 +42,17 @@ def is_sharded(model) -> bool:
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's list of decoder blocks: its base model's ModuleList of num_hidden_layers modules
+    (`layers` in Llama, Qwen, Gemma...; `h` in GPT-2)."""
+    from .errors import UserError
+
     base = getattr(model, "base_model", model)
-    layers = getattr(base, "layers", None) or getattr(getattr(base, "decoder", None), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard")
-    return list(layers)
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for _, mod in base.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) and (n is None or len(mod) == n):
+            return list(mod)
+    raise UserError(f"train.shard=fsdp: no list of decoder layers found in {type(model).__name__} to shard "
+                    "(set train.shard=none)")
 
 
 def shard(model: torch.nn.Module, frozen: bool = False) -> torch.nn.Module:
