@@ -314,24 +314,23 @@ def cmd_generate(args) -> int:
 
 
 def _generate(args, gcfg, prompts, out: Path) -> dict:
+    import torch
+
     from . import models
     from .generate import LocalTeacher, generate_file
 
+    device, state = "cuda" if torch.cuda.is_available() else "cpu", None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # under accelerate launch / torchrun: split the batches
+        from accelerate import PartialState
+        state = PartialState(cpu=not torch.cuda.is_available())   # cpu: gloo, not N lone processes
+        device = state.device
     if args.api:
         from .api import ApiTeacher
 
         tok = models.load_tokenizer(args.tokenizer) if args.tokenizer else None
         teacher = ApiTeacher(args.api, args.api_model, args.api_key_env, args.concurrency, args.rate_limit,
                              args.top_logprobs, max_retries=args.max_retries, tokenizer=tok)
-    state = None
-    if not args.api:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # under accelerate launch / torchrun: split the batches
-            from accelerate import PartialState
-            state = PartialState(cpu=not torch.cuda.is_available())
-            device = state.device
+    else:
         loaded = models.load(args.teacher, dtype=models.teacher_dtype(args.dtype, device))
         loaded.model.to(device)
         teacher = LocalTeacher(loaded.model, loaded.tokenizer, args.teacher)
