@@ -149,6 +149,9 @@ def _build_cache(cfg, args) -> int:
         if not cfg.data.path:
             raise UserError("cache.source=logprobs reads data.path: the JSONL that `stillroom generate --api "
                             "... --top-logprobs K` wrote")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("cache.source=logprobs only reads a file (no teacher runs): run it as one process, "
+                            "without accelerate launch")
         kind, where = models.resolve(cfg.teacher.model)
         build_from_logprobs(cfg, models.load_tokenizer(cfg.teacher.model), AutoConfig.from_pretrained(where),
                             args.overwrite, not args.no_progress)
