@@ -179,14 +179,46 @@ def _chat_problem(msgs) -> str | None:
     return None
 
 
+_FAST: dict = {}   # (what, id(tokenizer)[, template]) -> (the tokenizer, its checked fast function)
+
+
+def _encoder(tokenizer):
+    """enc(text) -> (ids, character offsets), as tokenizer(text, add_special_tokens=False,
+    return_offsets_mapping=True) gives them; for a fast tokenizer its Rust backend called directly
+    (what transformers calls, without the per-call conversion), checked against the reference on
+    sample texts once per tokenizer."""
+    cached = _FAST.get(("encode", id(tokenizer)))
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+
+    def slow(t):
+        e = tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)
+        return e["input_ids"], e["offset_mapping"]
+
+    enc = slow
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        def fast(t):
+            e = backend.encode(t, add_special_tokens=False)
+            return e.ids, e.offsets
+
+        samples = ["Hello, world!", " two  spaces\n\nand lines\t", "accents é, 日本語, emoji 🙂",
+                   f"{tokenizer.eos_token or ''}special{tokenizer.bos_token or ''} tokens", ""]
+        try:
+            if all(tuple(map(list, fast(t))) == (list(slow(t)[0]), [tuple(o) for o in slow(t)[1]]) for t in samples):
+                enc = fast
+        except Exception:
+            pass
+    _FAST[("encode", id(tokenizer))] = (tokenizer, enc)
+    return enc
+
+
 def encode_head(tokenizer, text: str, limit: int | None) -> tuple[list[int], list[tuple[int, int]]]:
     """(ids, character offsets) of `text`, at least its first `limit` tokens exact. A text far longer
     than `limit` tokens is cut to `limit` anyway, so only a prefix is tokenized: one long enough
     that the first limit + 1 tokens agree with those of a prefix twice as long (a 20 MB row costs
     a few kB of work, not a minute). Short texts, and limit None, are tokenized whole."""
-    def enc(t):
-        e = tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)
-        return e["input_ids"], e["offset_mapping"]
+    enc = _encoder(tokenizer)
 
     if limit is not None:
         size = max(4096, 64 * limit)
@@ -199,26 +231,67 @@ def encode_head(tokenizer, text: str, limit: int | None) -> tuple[list[int], lis
     return enc(text)
 
 
+def chat_renderer(tokenizer):
+    """render(messages, add_generation_prompt) -> the chat template's text, as
+    tokenizer.apply_chat_template(..., tokenize=False) gives it. For plain {role, content} messages
+    that is the compiled template rendered with the special tokens, which is what transformers
+    does after converting the messages; calling the compiled template directly skips that
+    conversion (most of a render's time). Checked against apply_chat_template on sample
+    conversations once per template: where they differ, apply_chat_template is used."""
+    template = tokenizer.chat_template
+    cached = _FAST.get(("render", id(tokenizer), template))
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+
+    def slow(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    render = slow
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        compiled, kw = _compile_jinja_template(template), dict(tokenizer.special_tokens_map)
+
+        def fast(msgs, gen):
+            return compiled.render(messages=[dict(m) for m in msgs], tools=None, documents=None,
+                                   add_generation_prompt=gen, **kw)
+
+        samples = [[{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": " Hello!\n"}],
+                   [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]]
+        if all(fast(c[:k], g) == slow(c[:k], g) for c in samples for k in range(1, len(c) + 1) for g in (False, True)):
+            render = fast
+    except Exception:   # a template that needs what only apply_chat_template gives: use it
+        pass
+    _FAST[("render", id(tokenizer), template)] = (tokenizer, render)
+    return render
+
+
 def render_chat(tokenizer, messages: list[dict], cut: bool = False, limit: int | None = None):
     """Chat template -> (ids, labels) with labels only on assistant turns (end-of-turn included).
     cut: the last answer was cut off (generate's `truncated`): its end-of-turn is not a target,
     so the student never learns to stop where the answer was only cut. limit: only the first
     `limit` tokens are needed exactly (encode_head)."""
-    def render(msgs, gen):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-
+    render = chat_renderer(tokenizer)
     text = render(messages, False)
     spans = []
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            start, end = len(render(messages[:i], True)), len(render(messages[:i + 1], False))
+            start = len(render(messages[:i], True))
+            end = len(text) if i == len(messages) - 1 else len(render(messages[:i + 1], False))
             if cut and i == last:
                 at = text.find(m["content"], start, end)
                 end = at + len(m["content"]) if at >= 0 and m["content"] else end
             spans.append((start, end))
     ids, offsets = encode_head(tokenizer, text, limit)
-    labels = [tok if any(a <= s < b for a, b in spans) else IGNORE_INDEX for tok, (s, _e) in zip(ids, offsets)]
+    import numpy as np
+
+    starts = np.fromiter((s for s, _e in offsets), dtype=np.int64, count=len(ids))
+    mine = np.zeros(len(ids), dtype=bool)
+    for a, b in spans:   # a token is a target where its first character lies in an assistant turn
+        mine |= (starts >= a) & (starts < b)
+    labels = np.where(mine, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
     return ids, labels
 
 

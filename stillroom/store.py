@@ -203,23 +203,28 @@ class _Writer:
     def __init__(self, prefix: Path):
         self.prefix = prefix
         self.tok_f, self.tgt_f = open(f"{prefix}.tokens", "wb"), open(f"{prefix}.targets", "wb")
-        self.ids: list[int] = []
-        self.tgt: list[int] = []
+        self.ids: list = []
+        self.tgt: list = []
+        self.held = 0
         self.lengths, self.kinds, self.routes = [], [], []
 
     def add(self, ids, labels, kind: int, route: int):
-        self.ids += ids
-        self.tgt += [1] * len(ids) if labels is None else [int(x != IGNORE_INDEX) for x in labels]
-        self.lengths.append(len(ids))
+        a = np.asarray(ids, dtype=np.int32)
+        self.ids.append(a)
+        self.tgt.append(np.ones(len(a), np.uint8) if labels is None
+                        else (np.asarray(labels, dtype=np.int64) != IGNORE_INDEX).astype(np.uint8))
+        self.lengths.append(len(a))
         self.kinds.append(kind)
         self.routes.append(route)
-        if len(self.ids) >= FLUSH_TOKENS:
+        self.held += len(a)
+        if self.held >= FLUSH_TOKENS:
             self.flush()
 
     def flush(self):
-        np.asarray(self.ids, dtype=np.int32).tofile(self.tok_f)
-        np.asarray(self.tgt, dtype=np.uint8).tofile(self.tgt_f)
-        self.ids, self.tgt = [], []
+        if self.ids:
+            np.concatenate(self.ids).tofile(self.tok_f)
+            np.concatenate(self.tgt).tofile(self.tgt_f)
+        self.ids, self.tgt, self.held = [], [], 0
 
     def close(self) -> dict:
         self.flush()

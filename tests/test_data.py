@@ -187,3 +187,29 @@ def test_a_huge_row_is_tokenized_only_as_far_as_its_kept_tokens(tmp_path, tok, m
     whole, _ = data.build_examples(str(rows), t, cfg)
     assert [(e.input_ids, e.labels) for e in fast] == [(e.input_ids, e.labels) for e in whole]
     assert len(fast[0].input_ids) == 64 and max(longest) > 2_000_000
+
+
+def test_fast_rendering_and_encoding_equal_the_tokenizers_own(tok):
+    """render_chat calls the compiled chat template and the Rust tokenizer directly (checked once
+    per tokenizer): ids and labels equal those of apply_chat_template + tokenizer(...) on varied
+    conversations (system turns, several assistant turns, accents, emoji, special tokens in text)."""
+    from stillroom.data import IGNORE_INDEX, _encoder, chat_renderer, render_chat
+
+    assert chat_renderer(tok).__name__ == "fast" and _encoder(tok).__name__ == "fast"
+    convs = [
+        [{"role": "user", "content": "Tell me about the cat."}, {"role": "assistant", "content": "It sat on the mat."}],
+        [{"role": "system", "content": "Be brief. <|im_end|> is text here"}, {"role": "user", "content": "é 日本 🙂"},
+         {"role": "assistant", "content": "  spaced\n\nlines  "}, {"role": "user", "content": "again?"},
+         {"role": "assistant", "content": "Yes: the moon."}],
+    ]
+    for conv in convs:
+        text = tok.apply_chat_template(conv, tokenize=False)
+        e = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = [(len(tok.apply_chat_template(conv[:i], tokenize=False, add_generation_prompt=True)),
+                  len(tok.apply_chat_template(conv[:i + 1], tokenize=False)))
+                 for i, m in enumerate(conv) if m["role"] == "assistant"]
+        want = [t if any(a <= s < b for a, b in spans) else IGNORE_INDEX
+                for t, (s, _) in zip(e["input_ids"], e["offset_mapping"])]
+        ids, labels = render_chat(tok, conv)
+        assert ids == e["input_ids"] and labels == want
+        assert any(x != IGNORE_INDEX for x in labels) and any(x == IGNORE_INDEX for x in labels)
