@@ -25,8 +25,8 @@ Data (`--only data`; issue 15, the data store), on rows synthesized from ../shar
                     Target >= 0.7.
   startup           a second run's start, config read to the first batch ready (a fresh process:
                     config, tokenizer, the store opened, the epoch's order, one micro-batch
-                    collated), for 1M rows / for 10k rows of short text rows (lines of
-                    tinyshakespeare, wikitext2, tinystories). Target <= 1.5.
+                    collated), for 1M rows / for 10k rows of short prompt/response rows (lines of
+                    tinyshakespeare, wikitext2, tinystories; one example each). Target <= 1.5.
   RSS growth        that process's peak RSS with 1M rows less with 10k rows. Target <= 100 MB.
 
 FSDP2 (`--only fsdp`): real distill runs on the bundled teacher (bf16 where the CPU runs it
@@ -203,14 +203,16 @@ def data_bench(model: str, rows: int):
         for n in (10_000, rows):
             path = d / f"text-{n}.jsonl"
             with open(path, "w") as f:
-                for i in range(n):
-                    f.write(json.dumps({"text": f"{lines[i % len(lines)]} {i}"}) + "\n")
+                for i in range(n):   # one example per row (prompt/response rows are never packed)
+                    f.write(json.dumps({"prompt": f"{lines[i % len(lines)]} {i}",
+                                        "response": lines[(i + 1) % len(lines)]}) + "\n")
             t = _run(BUILD, path, model, cores, env=env)
             found[n] = {"build": t, "start": min((_run(STARTUP, path, model, env=env) for _ in range(3)),
                                                  key=lambda x: x["s"])}
         small, big = found[10_000]["start"], found[rows]["start"]
         mb = 2 ** 20
-        print("\nsecond-run startup (config read to first batch ready; best of 3 fresh processes), short text rows")
+        print("\nsecond-run startup (config read to first batch ready; best of 3 fresh processes), short "
+              "prompt/response rows (one example each)")
         for n, f_ in found.items():
             print(f"  {n:>9,} rows: store built once in {f_['build']['s']:.1f} s ({f_['build']['tokens']:,} tokens); "
                   f"startup {f_['start']['s']:.2f} s, peak RSS {f_['start']['peak'] / mb:.0f} MB, "
