@@ -72,10 +72,14 @@ def rollout(student, examples: list[Example], cfg, pad_id: int, eos_id, seed: in
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         sample = lc.on_policy_temperature > 0
+        from .shard import is_sharded
+        # a sharded student's every forward is taken by all processes together: synced_gpus keeps a
+        # process that finished early stepping (its outputs discarded) until all have finished
         out = student.generate(input_ids=ids, attention_mask=att, max_new_tokens=lc.on_policy_tokens,
                                do_sample=sample, temperature=lc.on_policy_temperature if sample else None,
                                top_k=0 if sample else None, top_p=1.0 if sample else None,
-                               pad_token_id=pad_id, eos_token_id=eos_id)
+                               pad_token_id=pad_id, eos_token_id=eos_id,
+                               **({"synced_gpus": True} if is_sharded(student) else {}))
     student.train(was)
     new = []
     for i, p in enumerate(prompts):

@@ -53,11 +53,9 @@ def check_across(cfg):
             raise UserError("teacher.shard=true runs the live teacher on every process at every step: not with "
                             "teacher.kind=cache, teacher.offload or teacher.route_field")
     if cfg.train.shard == "fsdp":
-        if lc.on_policy:
-            raise UserError("train.shard=fsdp does not run loss.on_policy yet (each process would generate "
-                            "its own number of tokens, and a sharded model's forward is taken together)")
         if cfg.train.qat != "none":
-            raise UserError("train.shard=fsdp does not run train.qat yet: set train.qat=none or train.shard=none")
+            raise UserError("train.shard=fsdp does not run train.qat yet (its fake-quantized weights are "
+                            "parametrizations the shards would not gather): set train.qat=none or train.shard=none")
     ft = getattr(cfg, "finetune", None)
     if ft is not None and not Path(ft.data).exists() and (Path(ft.data).suffix or ft.data.count("/") != 1):
         raise UserError(f"finetune.data not found: {ft.data}")

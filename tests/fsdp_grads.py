@@ -19,6 +19,7 @@ OBJECTIVES = {
     "soft_plain": ["loss.lean=false"],
     "hard": ["loss.kind=hard", "loss.alpha=0.5"],
     "terms": ["loss.terms={ce: 0.5, forward_kl: 0.3, reverse_kl: 0.1, hidden_mse: 0.2}"],
+    "on_policy": ["loss.on_policy=1.0", "loss.on_policy_tokens=5", "loss.on_policy_prompt_tokens=8"],
     # the teacher sharded too (one process: nothing to shard, the same reference)
     "soft_lean_teacher_sharded": ["teacher.shard=true"],
     "terms_teacher_sharded": ["teacher.shard=true",

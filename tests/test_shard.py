@@ -65,7 +65,6 @@ def test_a_sharded_run_fails_together_and_resumes_exactly(tmp_path, teacher_dir,
 
 
 @pytest.mark.parametrize("extra,why", [
-    (["train.shard=fsdp", "loss.on_policy=0.5"], "does not run loss.on_policy yet"),
     (["train.shard=fsdp", "train.qat=q8_0"], "does not run train.qat yet"),
     (["teacher.shard=true"], "set train.shard=fsdp"),
     (["train.shard=fsdp", "teacher.shard=true", "teacher.offload=true"], "not with teacher.kind=cache, teacher.offload"),
