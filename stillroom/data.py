@@ -267,18 +267,55 @@ def chat_renderer(tokenizer):
     return render
 
 
+SENTINEL = "\ue000stillroom\ue001"   # private-use characters: no real answer holds them
+
+
+def _one_render(tokenizer, render):
+    """f(messages ending with an answer) -> (their text, where the answer's turn starts) from a
+    single render: the answer replaced by a sentinel, found, and put back. Used only for templates
+    where that is exactly what rendering the conversation and its prompt (with the generation
+    prompt) give, checked on sample conversations once per template; else None."""
+    key = ("one", id(tokenizer), tokenizer.chat_template)
+    cached = _FAST.get(key)
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+
+    def one(msgs):
+        text = render(msgs[:-1] + [{**msgs[-1], "content": SENTINEL}], False)
+        at = text.find(SENTINEL)
+        if at < 0 or text.count(SENTINEL) != 1:
+            raise ValueError("the template does not render the answer verbatim")
+        return text.replace(SENTINEL, msgs[-1]["content"]), at
+
+    samples = [[{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": " Hello!\n"}],
+               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                {"role": "assistant", "content": "  d  "}]]
+    try:
+        ok = all(one(c) == (render(c, False), len(render(c[:-1], True))) for c in samples)
+    except Exception:
+        ok = False
+    _FAST[key] = (tokenizer, one if ok else None)
+    return one if ok else None
+
+
 def render_chat(tokenizer, messages: list[dict], cut: bool = False, limit: int | None = None):
     """Chat template -> (ids, labels) with labels only on assistant turns (end-of-turn included).
     cut: the last answer was cut off (generate's `truncated`): its end-of-turn is not a target,
     so the student never learns to stop where the answer was only cut. limit: only the first
     `limit` tokens are needed exactly (encode_head)."""
     render = chat_renderer(tokenizer)
-    text = render(messages, False)
-    spans = []
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    one = _one_render(tokenizer, render) if last == len(messages) - 1 and messages[-1]["content"] is not None \
+        and SENTINEL not in messages[-1]["content"] else None
+    if one is not None:   # the common row, ending with its answer: one render gives the text and where it starts
+        text, last_start = one(messages)
+    else:
+        text, last_start = render(messages, False), None
+    spans = []
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            start = len(render(messages[:i], True))
+            start = last_start if i == len(messages) - 1 and last_start is not None else len(render(messages[:i], True))
             end = len(text) if i == len(messages) - 1 else len(render(messages[:i + 1], False))
             if cut and i == last:
                 at = text.find(m["content"], start, end)
