@@ -278,6 +278,7 @@ def _open_hf(path: str, split: str):
 def _tokenize_shard(job: dict) -> dict:
     """One shard of a source (a byte range of a JSONL file, or an index range of a dataset) ->
     its documents in two raw files beside `job['prefix']`, and what happened to its rows."""
+    job = {**_INHERITED, **job}
     tok, dcfg, route_field, routes = job["tokenizer"], job["dcfg"], job["route_field"], job["routes"]
     if job["kind"] == "jsonl":
         got = _rows_of_jsonl(job["path"], job["start"], job["end"])
@@ -417,21 +418,36 @@ def _source(path: str, tok, dcfg, route_field, routes, tmp: Path, name: str, wor
     return results, report, keys
 
 
+_INHERITED: dict = {}   # what every job shares (the tokenizer...), inherited by the forked workers
+
+
 def _run_parallel(jobs, workers, desc):
+    """The jobs on `workers` forked processes. What they share is inherited, not pickled per job
+    (unpickling a tokenizer costs more than a small shard's work)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     from .feedback import bar
 
+    shared = ("tokenizer", "dcfg", "route_field", "routes")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # a forked tokenizer must not fork threads
     ctx = mp.get_context("fork")
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool, \
-            bar(total=len(jobs), desc=f"{desc} ({min(workers, len(jobs))} processes)", unit="shard") as b:
-        futures = [pool.submit(_tokenize_shard, j) for j in jobs]
-        results = []
-        for f in futures:
-            results.append(f.result())
-            b.update(1)
+    _INHERITED.update({k: jobs[0][k] for k in shared})
+    from .data import _encoder, _one_render, chat_renderer
+    tok = jobs[0]["tokenizer"]   # its checked fast paths made once here, inherited by every worker
+    _encoder(tok)
+    if tok.chat_template:
+        _one_render(tok, chat_renderer(tok))
+    try:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool, \
+                bar(total=len(jobs), desc=f"{desc} ({min(workers, len(jobs))} processes)", unit="shard") as b:
+            futures = [pool.submit(_tokenize_shard, {k: v for k, v in j.items() if k not in shared}) for j in jobs]
+            results = []
+            for f in futures:
+                results.append(f.result())
+                b.update(1)
+    finally:
+        _INHERITED.clear()
     return results
 
 
