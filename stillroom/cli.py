@@ -90,8 +90,7 @@ def cmd_prepare(args) -> int:
                         "answers, made by the first run)")
     if cfg.data.store == "off":
         raise UserError("data.store=off keeps no store: nothing to prepare (set data.store=auto or a folder)")
-    from .data import detect_format
-    from .store import check_source
+    from .data import check_source, detect_format
     for path in (cfg.data.path, cfg.data.eval_path):
         if path:
             check_source(path, detect_format(path, cfg.data.format))

@@ -50,7 +50,7 @@ from .config import CodistillRunConfig, to_yaml
 from .data import micro_batch, model_inputs
 from .errors import UserError
 from .losses import IGNORE_INDEX, mixed_loss, mutual_loss, topk_targets
-from .loop import Failure, Run, Trainee, agree, average_grads, fit, lr_lambda, make_optimizer, to_batch, window
+from .loop import Failure, Run, Trainee, agree, average_grads, fit, lr_lambda, make_optimizer, step_counts, to_batch, window
 from .tracking import make_accelerator
 from .outputs import inputs_of, own_output, publish, record_resume, resume_changes, start_output
 from .shard import is_sharded
@@ -100,13 +100,7 @@ def step_mutual(peers, teacher, batches, cfg, accelerator, vocab, peers_on, fail
     several processes synced as there: the peers run unwrapped between two all-reduces that carry
     a failure flag (`failure`: this process's data failed), their gradients averaged after."""
     shared = accelerator.num_processes > 1
-    if failure is not None and not shared:
-        raise failure.exc
-    ok = failure is None
-    counts = [sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches) if ok else 0,
-              sum(int(b.attention_mask.sum()) for b in batches) if ok else 0]
-    if shared:
-        counts = agree(accelerator, failure, counts)
+    counts = step_counts(batches, accelerator, failure)
     num_tokens = _targets(counts[0])
     scale = accelerator.num_processes / num_tokens
     totals = [0.0] * len(peers)

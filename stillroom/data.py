@@ -135,9 +135,8 @@ def read_hf(path: str, split: str, lazy: bool = False, streaming: bool = False):
     return ds if lazy else [(i + 1, dict(row)) for i, row in enumerate(ds)]
 
 
-def _read(path: str, fmt: str, split: str) -> tuple[str, object, Report]:
-    """-> (kind, payload, report); kind "text" has the file's text, "rows" a list of (n, dict)."""
-    fmt = detect_format(path, fmt)
+def check_source(path: str, fmt: str):
+    """A data file exists, is a regular file and is not empty (before any tokenizer is loaded)."""
     p = Path(path)
     if fmt in ("text", "jsonl"):
         if not p.exists():
@@ -149,6 +148,13 @@ def _read(path: str, fmt: str, split: str) -> tuple[str, object, Report]:
                             "write the data to a file and pass that")
         if p.stat().st_size == 0:
             raise UserError(f"data file {path} is empty")
+
+
+def _read(path: str, fmt: str, split: str) -> tuple[str, object, Report]:
+    """-> (kind, payload, report); kind "text" has the file's text, "rows" a list of (n, dict)."""
+    fmt = detect_format(path, fmt)
+    p = Path(path)
+    check_source(path, fmt)
     report = Report(source=str(path))
     if fmt == "text":
         try:
@@ -379,13 +385,19 @@ def pack_documents(docs: list[list[int]], seq_len: int) -> list[Example]:
 def pack_examples(examples: list[Example], seq_len: int) -> list[Example]:
     """Whole examples (each <= seq_len) into as few seq_len rows as first-fit decreasing finds,
     so batches carry almost no padding. Deterministic for given examples."""
+    return [_joined([examples[i] for i in b]) for b in ffd_bins([len(e.input_ids) for e in examples], seq_len)]
+
+
+def ffd_bins(sizes: list[int], seq_len: int) -> list[list[int]]:
+    """First-fit decreasing: item indices into bins of seq_len, each bin's indices in order (the
+    data store packs by the same function, on lengths alone)."""
     import bisect
 
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []   # (room left, bin) sorted: the best fit is the first that fits
     for i in order:
-        n = len(examples[i].input_ids)
+        n = sizes[i]
         j = bisect.bisect_left(free, (n, -1))
         if j == len(free):
             bins.append([i])
@@ -396,7 +408,7 @@ def pack_examples(examples: list[Example], seq_len: int) -> list[Example]:
             room -= n
         if room > 1:
             bisect.insort(free, (room, b))
-    return [_joined([examples[i] for i in sorted(b)]) for b in bins]
+    return [sorted(b) for b in bins]
 
 
 def row_doc(row: dict, tokenizer, dcfg, route_field: str | None = None, routes: list[str] | None = None) -> tuple:
@@ -488,28 +500,43 @@ def build_examples(path, tokenizer, dcfg, route_field: str | None = None,
                 report.truncated += cut
                 examples.append(Example(ids, labels, route=route))
         examples += pack_documents(docs, dcfg.seq_len)
+    if dcfg.max_examples:
+        examples = examples[:dcfg.max_examples]
+    check_report(report, dcfg, len(examples), (lambda: row_keys(payload)) if kind == "rows" else None)
+    return examples, report
+
+
+def check_report(report: Report, dcfg, n_examples: int, keys=None):
+    """What a source's rows came to: a refusal when every row is bad (keys(): the keys the rows do
+    have, most common first; None for plain text), or some are and data.skip_bad_rows is off, or
+    no example is left; else warnings for the skipped, cut and empty rows."""
+    path = report.source
     if report.bad:
         report.bad.sort()
-        if kind == "rows" and len(report.bad) == report.rows:
-            keys = row_keys(payload)
-            have = f"its rows have the keys {', '.join(keys[:12])}" if keys else "no row is a JSON object"
+        if keys is not None and len(report.bad) == report.rows:
+            names = keys()
+            have = f"its rows have the keys {', '.join(names[:12])}" if names else "no row is a JSON object"
             raise UserError(f"no row of {path} is usable (row {report.bad[0][0]}: {report.bad[0][1]}); {have}: "
                             "name the prompt and response with data.fields={prompt: KEY, response: KEY} "
                             "(formats: README, 'Data formats')")
         if not dcfg.skip_bad_rows:
             raise UserError(report.describe_bad() + "; fix them or set data.skip_bad_rows=true")
+    report_notes(report, dcfg)
+    if not n_examples:
+        raise UserError(f"no usable examples in {path}")
+
+
+def report_notes(report: Report, dcfg):
+    """The warnings about a source's skipped, cut and empty rows (said again when a store is reused)."""
+    if report.bad:
         log.warning("skipped %s", report.describe_bad())
     if report.truncated:
         log.info("%d of %d rows in %s were longer than data.seq_len=%d and were truncated",
-                 report.truncated, report.rows, path, dcfg.seq_len)
+                 report.truncated, report.rows, report.source, dcfg.seq_len)
     if report.no_target:
         log.warning("skipped %d rows of %s with no response token within data.seq_len=%d: rows %s",
-                    len(report.no_target), path, dcfg.seq_len, report.no_target[:10])
-    if dcfg.max_examples:
-        examples = examples[:dcfg.max_examples]
-    if not examples:
-        raise UserError(f"no usable examples in {path}")
-    return examples, report
+                    report.no_target_total or len(report.no_target), report.source, dcfg.seq_len,
+                    report.no_target[:10])
 
 
 def split_examples(examples: list[Example], fraction: float, seed: int):

@@ -120,6 +120,17 @@ def agree(accelerator, failure: Failure | None, values=()) -> torch.Tensor:
     return t[:-1]
 
 
+def step_counts(batches, accelerator, failure: Failure | None = None) -> list:
+    """[target tokens, tokens] of the step's micro-batches over all processes, the step's first
+    flagged all-reduce (a failure here, or on another process, raises: StepFailed under several)."""
+    if failure is not None and accelerator.num_processes == 1:
+        raise failure.exc
+    ok = failure is None
+    counts = [sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches) if ok else 0,
+              sum(int(b.attention_mask.sum()) for b in batches) if ok else 0]
+    return agree(accelerator, failure, counts) if accelerator.num_processes > 1 else counts
+
+
 def accumulate(student, objective, batches: list[Batch] | None, plan, accelerator, failure: Failure | None = None) -> dict:
     """Forward + backward over one optimizer step's micro-batches; leaves the summed, correctly
     normalized gradient in the student's (and the objective's trained modules') .grad. Returns
@@ -132,13 +143,7 @@ def accumulate(student, objective, batches: list[Batch] | None, plan, accelerato
     every process as StepFailed instead of leaving the others waiting in a collective."""
     world = accelerator.num_processes
     shared = world > 1
-    if failure is not None and not shared:
-        raise failure.exc
-    ok = failure is None
-    counts = [sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches) if ok else 0,
-              sum(int(b.attention_mask.sum()) for b in batches) if ok else 0]
-    if shared:
-        counts = agree(accelerator, failure, counts)
+    counts = step_counts(batches, accelerator, failure)
     num_tokens = max(int(counts[0]), 1)
     scale = world / num_tokens
     loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)

@@ -51,7 +51,8 @@ from pathlib import Path
 import numpy as np
 
 from . import faults, folders
-from .data import IGNORE_INDEX, Example, Report, detect_format, row_doc, split_examples
+from .data import (IGNORE_INDEX, Example, Report, check_report, check_source, detect_format, report_notes,
+                   row_doc, split_examples)
 from .errors import UserError, write_failure
 
 log = logging.getLogger("stillroom")
@@ -181,21 +182,6 @@ class Examples(collections.abc.Sequence):
 
 
 # ---------------------------------------------------------------------------------- building
-
-def check_source(path: str, fmt: str):
-    """A data file exists, is a regular file and is not empty (before any tokenizer is loaded)."""
-    p = Path(path)
-    if fmt in ("text", "jsonl"):
-        if not p.exists():
-            raise UserError(f"data file not found: {path}")
-        if p.is_dir():
-            raise UserError(f"data.path {path} is a folder; set data.format=hf for a dataset folder")
-        if not p.is_file():
-            raise UserError(f"data file {path} is not a regular file (a pipe, device or socket); "
-                            "write the data to a file and pass that")
-        if p.stat().st_size == 0:
-            raise UserError(f"data file {path} is empty")
-
 
 class _Writer:
     """Appends documents' tokens and target flags to two raw files, and their metadata to lists."""
@@ -451,34 +437,9 @@ def _run_parallel(jobs, workers, desc):
     return results
 
 
-def _check_report(report: Report, keys: dict, dcfg, n_examples: int, all_rows: bool):
-    """What data.build_examples says about a source's rows: refusals, then warnings."""
-    path = report.source
-    if report.bad:
-        report.bad.sort()
-        if all_rows and len(report.bad) == report.rows:
-            names = sorted(keys, key=lambda k: -keys[k])
-            have = f"its rows have the keys {', '.join(names[:12])}" if names else "no row is a JSON object"
-            raise UserError(f"no row of {path} is usable (row {report.bad[0][0]}: {report.bad[0][1]}); {have}: "
-                            "name the prompt and response with data.fields={prompt: KEY, response: KEY} "
-                            "(formats: README, 'Data formats')")
-        if not dcfg.skip_bad_rows:
-            raise UserError(report.describe_bad() + "; fix them or set data.skip_bad_rows=true")
-    _notes(report, dcfg)
-    if not n_examples:
-        raise UserError(f"no usable examples in {path}")
-
-
-def _notes(report: Report, dcfg):
-    if report.bad:
-        log.warning("skipped %s", report.describe_bad())
-    if report.truncated:
-        log.info("%d of %d rows in %s were longer than data.seq_len=%d and were truncated",
-                 report.truncated, report.rows, report.source, dcfg.seq_len)
-    if report.no_target:
-        log.warning("skipped %d rows of %s with no response token within data.seq_len=%d: rows %s",
-                    report.no_target_total or len(report.no_target), report.source, dcfg.seq_len,
-                    report.no_target[:10])
+def _names(counts: dict):
+    """keys() for check_report: the rows' keys, most common first."""
+    return lambda: sorted(counts, key=lambda k: -counts[k])
 
 
 def _examples(lengths, kinds, seq_len: int, doc0: int) -> list[list[tuple[int, int, int]]]:
@@ -503,25 +464,10 @@ def _examples(lengths, kinds, seq_len: int, doc0: int) -> list[list[tuple[int, i
 
 def _pack(examples: list[list[tuple]], seq_len: int) -> list[list[tuple]]:
     """data.pack_examples on segment lists (first-fit decreasing over lengths, bins in order)."""
-    import bisect
+    from .data import ffd_bins
 
-    size = [sum(s[2] for s in e) for e in examples]
-    order = sorted(range(len(examples)), key=lambda i: (-size[i], i))
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []
-    for i in order:
-        n = size[i]
-        j = bisect.bisect_left(free, (n, -1))
-        if j == len(free):
-            bins.append([i])
-            room, b = seq_len - n, len(bins) - 1
-        else:
-            room, b = free.pop(j)
-            bins[b].append(i)
-            room -= n
-        if room > 1:
-            bisect.insort(free, (room, b))
-    return [[s for i in sorted(b) for s in examples[i]] for b in bins]
+    bins = ffd_bins([sum(s[2] for s in e) for e in examples], seq_len)
+    return [[s for i in b for s in examples[i]] for b in bins]
 
 
 def build(folder: Path, dcfg, tokenizer, seed: int, route_field, routes, inputs: dict, workers: int) -> Path:
@@ -550,7 +496,7 @@ def _build(tmp, folder, dcfg, tokenizer, seed, route_field, routes, inputs, work
     examples = _examples(lengths, kinds, dcfg.seq_len, 0)
     if dcfg.max_examples:
         examples = examples[:dcfg.max_examples]
-    _check_report(report, keys, dcfg, len(examples), all_rows=detect_format(dcfg.path, dcfg.format) != "text")
+    check_report(report, dcfg, len(examples), _names(keys) if detect_format(dcfg.path, dcfg.format) != "text" else None)
     reports = [report]
     if dcfg.eval_path:
         more, e_report, e_keys = _source(dcfg.eval_path, tokenizer, dcfg, route_field, routes, tmp, "eval",
@@ -560,8 +506,8 @@ def _build(tmp, folder, dcfg, tokenizer, seed, route_field, routes, inputs, work
         held = _examples(e_len, e_kinds, dcfg.seq_len, n_data)
         if dcfg.max_examples:
             held = held[:dcfg.max_examples]
-        _check_report(e_report, e_keys, dcfg, len(held),
-                      all_rows=detect_format(dcfg.eval_path, dcfg.format) != "text")
+        check_report(e_report, dcfg, len(held),
+                     _names(e_keys) if detect_format(dcfg.eval_path, dcfg.format) != "text" else None)
         reports.append(e_report)
         results += more
         lengths, kinds = np.concatenate([lengths, e_len]), np.concatenate([kinds, e_kinds])
@@ -659,7 +605,7 @@ def open_or_build(dcfg, tokenizer, seed: int, route_field=None, routes=None, bui
 def _reopened(folder: Path, dcfg) -> Store:
     s = Store(folder)
     for d in s.index["reports"]:   # what the build said about the rows, said again
-        _notes(_report_back(d), dcfg)
+        report_notes(_report_back(d), dcfg)
     log.info("data: %d train / %d held-out examples (%s tokens) from the store %s", s.index["train_examples"],
              s.index["held_examples"], f"{s.index['tokens']:,}", folder)
     return s
