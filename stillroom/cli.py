@@ -157,11 +157,7 @@ def _build_cache(cfg, args) -> int:
         s = summary(cfg.cache.path)
         print(f"{s['samples']:,} samples, {s['rows']:,} positions from the API's logprobs in {cfg.cache.path}")
         return 0
-    state = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # under accelerate launch / torchrun: split the batches
-        from accelerate import PartialState
-        state = PartialState(cpu=not torch.cuda.is_available())   # cpu: gloo, not N lone processes
-        device = state.device
+    state, device = _launch_state(device)
     teacher = models.load(cfg.teacher.model, dtype=models.teacher_dtype(cfg.teacher.dtype, device))
     check_context(cfg, teacher.model.config)
     if state is None or state.is_main_process:   # before any data work
@@ -315,17 +311,25 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _launch_state(device):
+    """(Accelerate's PartialState, its device) under accelerate launch / torchrun, where cache and
+    generate split their batches over the processes; (None, device) in one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, device
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())   # cpu: gloo, not N lone processes
+    return state, state.device
+
+
 def _generate(args, gcfg, prompts, out: Path) -> dict:
     import torch
 
     from . import models
     from .generate import LocalTeacher, generate_file
 
-    device, state = "cuda" if torch.cuda.is_available() else "cpu", None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # under accelerate launch / torchrun: split the batches
-        from accelerate import PartialState
-        state = PartialState(cpu=not torch.cuda.is_available())   # cpu: gloo, not N lone processes
-        device = state.device
+    state, device = _launch_state("cuda" if torch.cuda.is_available() else "cpu")
     if args.api:
         from .api import ApiTeacher
 

@@ -70,28 +70,34 @@ def detect_format(path: str, fmt: str = "auto") -> str:
 
 
 def read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
-    rows, bad = [], []
     try:
-        lines = path.read_text(encoding="utf-8-sig").split("\n")   # not splitlines(): JSON may hold U+2028
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         line_no = path.read_bytes()[:e.start].count(b"\n") + 1
         raise UserError(f"data file {path} is not UTF-8 text (line {line_no}); re-encode it as UTF-8") from None
-    for n, line in enumerate(lines, 1):
+    rows, bad = [], []
+    for n, got in parse_jsonl(text):
+        (bad if isinstance(got, str) else rows).append((n, got))
+    return rows, bad
+
+
+def parse_jsonl(text: str):
+    """(line number, row) for each JSON object line of `text`, or (line number, why it is not one);
+    blank lines are skipped. (The data store parses its shards of a file with it too.)"""
+    for n, line in enumerate(text.split("\n"), 1):   # not splitlines(): JSON may hold U+2028
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            bad.append((n, f"invalid JSON: {e.msg}"))
+            yield n, f"invalid JSON: {e.msg}"
             continue
         if not isinstance(row, dict):
-            bad.append((n, "not a JSON object"))
-            continue
-        if broken_unicode(row):
-            bad.append((n, "invalid Unicode (a lone surrogate escape such as \\ud800)"))
-            continue
-        rows.append((n, row))
-    return rows, bad
+            yield n, "not a JSON object"
+        elif broken_unicode(row):
+            yield n, "invalid Unicode (a lone surrogate escape such as \\ud800)"
+        else:
+            yield n, row
 
 
 def broken_unicode(value) -> bool:

@@ -51,8 +51,8 @@ from pathlib import Path
 import numpy as np
 
 from . import faults, folders
-from .data import (IGNORE_INDEX, Example, Report, check_report, check_source, detect_format, report_notes,
-                   row_doc, split_examples)
+from .data import (IGNORE_INDEX, Example, Report, check_report, check_source, detect_format, parse_jsonl,
+                   read_hf, report_notes, row_doc, split_examples)
 from .errors import UserError, write_failure
 
 log = logging.getLogger("stillroom")
@@ -234,31 +234,7 @@ def _rows_of_jsonl(path: str, start: int, end: int):
     except UnicodeDecodeError as e:
         return e.start, raw[:e.start].count(b"\n") + 1
     del raw
-    return _parsed(text), text.count("\n")
-
-
-def _parsed(text: str):
-    from .data import broken_unicode
-
-    for n, line in enumerate(text.split("\n"), 1):   # not splitlines(): JSON may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield n, f"invalid JSON: {e.msg}"
-            continue
-        if not isinstance(row, dict):
-            yield n, "not a JSON object"
-        elif broken_unicode(row):
-            yield n, "invalid Unicode (a lone surrogate escape such as \\ud800)"
-        else:
-            yield n, row
-
-
-def _open_hf(path: str, split: str):
-    from .data import read_hf
-    return read_hf(path, split, lazy=True)
+    return parse_jsonl(text), text.count("\n")
 
 
 def _tokenize_shard(job: dict) -> dict:
@@ -272,11 +248,10 @@ def _tokenize_shard(job: dict) -> dict:
             return {"decode_error": got[1]}
         rows, lines = got
     elif job["kind"] == "stream":   # a hub dataset, streamed: read once, in this process, as it comes
-        from .data import read_hf
         rows = ((i + 1, dict(row)) for i, row in enumerate(read_hf(job["path"], dcfg.split, lazy=True, streaming=True)))
         lines = 0
     else:
-        ds = _open_hf(job["path"], dcfg.split)
+        ds = read_hf(job["path"], dcfg.split, lazy=True)
         rows = ((i - job["start"] + 1, dict(ds[i])) for i in range(job["start"], job["end"]))
         lines = job["end"] - job["start"]
     w = _Writer(Path(job["prefix"]))
@@ -339,7 +314,7 @@ def _text_doc(path: str, tok, w: _Writer):
 def _shards(path: str, kind: str, parts: int, split: str) -> list[tuple[int, int]]:
     """Byte ranges of a JSONL file cut at line ends, or index ranges of a dataset."""
     if kind == "hf":
-        n = len(_open_hf(path, split))
+        n = len(read_hf(path, split, lazy=True))
         step = max(1, -(-n // parts))
         return [(a, min(n, a + step)) for a in range(0, n, step)] or [(0, 0)]
     size = Path(path).stat().st_size
