@@ -146,13 +146,16 @@ def gguf_logits(path, examples) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def quality(teacher, examples, logits_of) -> dict:
-    """Perplexity, agreement and KL to the teacher, example by example (batch 1: no padding, the
-    same for every model kind). logits_of(i, example) -> (S, V) logits of the compared model."""
-    from .evaluate import token_stats
+def quality(teacher, examples, logits_of, tokenizer) -> dict:
+    """Perplexity, bits per byte, agreement and KL to the teacher, example by example (batch 1: no
+    padding, the same for every model kind). logits_of(i, example) -> (S, V) logits of the compared
+    model."""
+    from .evaluate import byte_counter, token_stats
     from .losses import IGNORE_INDEX
 
+    count = byte_counter(tokenizer)
     tot = dict(student_nll=0.0, teacher_nll=0.0, kl=0.0, agree=0, tokens=0)
+    n_bytes = 0
     for i, e in enumerate(examples):
         ids = torch.tensor([e.input_ids])
         labels = torch.tensor([e.labels[1:] + [IGNORE_INDEX]])
@@ -161,8 +164,11 @@ def quality(teacher, examples, logits_of) -> dict:
         w = min(t.shape[-1], s.shape[-1])
         for k, v in token_stats(s[..., :w], t[..., :w], labels).items():
             tot[k] += v
+        n_bytes += count(labels)
     n = max(tot["tokens"], 1)
+    bpb = lambda nll: nll / math.log(2) / n_bytes if n_bytes else None  # noqa: E731
     return {"perplexity": math.exp(tot["student_nll"] / n), "teacher_perplexity": math.exp(tot["teacher_nll"] / n),
+            "bits_per_byte": bpb(tot["student_nll"]), "teacher_bits_per_byte": bpb(tot["teacher_nll"]),
             "agreement": tot["agree"] / n, "kl_per_token": tot["kl"] / n, "tokens": tot["tokens"]}
 
 
@@ -192,6 +198,7 @@ ROWS = [("params", "parameters", "{:,}".format), ("size_mb", "size on disk MB", 
         ("decode_tokens_per_s", "decode tokens/s", "{:.1f}".format),
         ("latency_s", "latency s (fixed prompt)", "{:.2f}".format),
         ("perplexity", "perplexity (held-out)", "{:.3f}".format),
+        ("bits_per_byte", "bits per byte (held-out)", "{:.4f}".format),
         ("agreement", "top-1 agreement w/ teacher", "{:.1%}".format),
         ("kl_per_token", "KL(teacher||model)/token", "{:.4f}".format)]
 
@@ -264,14 +271,15 @@ def compare(teacher_spec: str, students: list[str], data: str, formats=(), seq_l
         if label != "teacher":
             if kind == "gguf":
                 got = gguf_logits(path, examples)
-                q = quality(teacher.model, examples, lambda i, e: got[i])
+                q = quality(teacher.model, examples, lambda i, e: got[i], tok)
             else:
-                q = quality(teacher.model, examples, lambda i, e: model(input_ids=torch.tensor([e.input_ids])).logits)
-            col.update({k: q[k] for k in ("perplexity", "agreement", "kl_per_token")})
-            teacher_ppl, held = q["teacher_perplexity"], q["tokens"]
+                q = quality(teacher.model, examples, lambda i, e: model(input_ids=torch.tensor([e.input_ids])).logits,
+                            tok)
+            col.update({k: q[k] for k in ("perplexity", "bits_per_byte", "agreement", "kl_per_token")})
+            teacher_ppl, teacher_bpb, held = q["teacher_perplexity"], q["teacher_bits_per_byte"], q["tokens"]
         gens[label] = generations(kind, path, tok, prompts, new_tokens)
         cols[label] = col
-    cols["teacher"]["perplexity"] = teacher_ppl
+    cols["teacher"]["perplexity"], cols["teacher"]["bits_per_byte"] = teacher_ppl, teacher_bpb
     result = {"columns": cols, "generations": {"prompts": prompts, **gens}, "held_out_tokens": held,
               "data": data, "prefill_tokens": prefill_tokens, "new_tokens": new_tokens, "threads": threads,
               "gguf_dir": str(work) if formats else None}

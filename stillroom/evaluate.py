@@ -1,8 +1,10 @@
 """How close did the student come to the teacher, at what size and speed.
 
 On held-out examples (positions with a label): perplexity of each model, top-1 agreement of the
-student with the teacher, mean KL(teacher || student) per token (T=1); plus parameter counts,
-weight size, and greedy generation tokens/s of each model (batch 1, fixed number of new tokens).
+student with the teacher, mean KL(teacher || student) per token (T=1), and bits per byte (the
+models' summed NLL over the UTF-8 bytes of the target tokens' text: comparable across tokenizers);
+plus parameter counts, weight size, and greedy generation tokens/s of each model (batch 1, fixed
+number of new tokens).
 """
 from __future__ import annotations
 
@@ -77,17 +79,66 @@ def cached_stats(s, cached, labels, with_kl: bool, chunk=256) -> dict:
     return out
 
 
+def byte_counter(tokenizer):
+    """f(labels (B, S) of target token ids, IGNORE_INDEX elsewhere) -> the UTF-8 bytes of those
+    tokens' text. A byte-level BPE spells each byte as one character of its tokens, so a token's
+    bytes are its length (an added token's: its written form's): one table, checked against
+    decoding on sample texts once per tokenizer. Any other tokenizer decodes each run of targets."""
+    import numpy as np
+
+    from tokenizers.decoders import ByteLevel
+
+    table = None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and isinstance(backend.decoder, ByteLevel):
+        vocab = tokenizer.get_vocab()
+        table = np.zeros(max(vocab.values()) + 1, dtype=np.int64)
+        added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+        for token, i in vocab.items():
+            table[i] = len(token.encode("utf-8")) if token in added else len(token)
+        samples = ["Hello, world!", " two  spaces\n\nand lines\t", "accents é, 日本語, emoji 🙂🙂",
+                   f"{tokenizer.eos_token or ''} special text"]
+        for text in samples:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if int(table[ids].sum()) != len(tokenizer.decode(ids).encode("utf-8")):
+                table = None
+                break
+
+    def count(labels) -> int:
+        """(the attribute by_table says which way it counts)"""
+        if table is not None:
+            y = labels[labels != IGNORE_INDEX].cpu().numpy()
+            return int(table[y].sum())
+        total = 0
+        for row in labels.tolist():
+            run = []
+            for t in row + [IGNORE_INDEX]:
+                if t != IGNORE_INDEX:
+                    run.append(t)
+                elif run:
+                    total += len(tokenizer.decode(run).encode("utf-8"))
+                    run = []
+        return total
+    count.by_table = table is not None
+    return count
+
+
+def _bpb(nll, n_bytes):
+    return None if nll is None or not n_bytes else nll / math.log(2) / n_bytes
+
+
 @torch.no_grad()
-def score(student, teacher, examples, pad_id, batch_size=8, max_batches=None, vocab=None):
-    """Perplexity of both, top-1 agreement and mean KL(teacher || student) on `examples`.
-    `teacher` is a model or a cache.TeacherCache."""
+def score(student, teacher, examples, pad_id, batch_size=8, max_batches=None, vocab=None, tokenizer=None):
+    """Perplexity of both, top-1 agreement and mean KL(teacher || student) on `examples`, and with
+    the student's `tokenizer` bits per byte. `teacher` is a model or a cache.TeacherCache."""
     from .cache import TeacherCache
 
     cached = isinstance(teacher, TeacherCache)
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
-    tot = dict(student_nll=0.0, teacher_nll=0.0, kl=0.0, agree=0, tokens=0)
+    count = byte_counter(tokenizer) if tokenizer is not None else None
+    tot = dict(student_nll=0.0, teacher_nll=0.0, kl=0.0, agree=0, tokens=0, bytes=0)
     n_batches = -(-len(examples) // batch_size)
     for batch in bar(eval_batches(examples, batch_size, max_batches), desc="held-out eval", unit="batch",
                      total=min(n_batches, max_batches or n_batches)):
@@ -106,21 +157,68 @@ def score(student, teacher, examples, pad_id, batch_size=8, max_batches=None, vo
             if vocab:
                 s, t = s[..., :vocab], t[..., :vocab]
             stats = token_stats(s, t, labels)
+        if count is not None:
+            stats["bytes"] = count(labels)
         for k, v in stats.items():
             tot[k] = None if v is None or tot[k] is None else tot[k] + v
     student.train(was_training)
     n = max(tot["tokens"], 1)
     return {
         "tokens": tot["tokens"],
+        "bytes": tot["bytes"] if count is not None else None,
         "student_perplexity": math.exp(tot["student_nll"] / n),
         "teacher_perplexity": None if tot["teacher_nll"] is None else math.exp(tot["teacher_nll"] / n),
         "agreement": None if tot["agree"] is None else tot["agree"] / n,
         "kl_per_token": None if tot["kl"] is None else tot["kl"] / n,
+        "student_bits_per_byte": _bpb(tot["student_nll"], tot["bytes"]),
+        "teacher_bits_per_byte": _bpb(tot["teacher_nll"], tot["bytes"]),
     }
 
 
 @torch.no_grad()
-def score_peers(peers: dict, teacher, examples, pad_id, batch_size=8, max_batches=None, vocab=None):
+def cross_bits_per_byte(teacher, t_tok, s_tok, examples, batch_size=8, max_batches=None) -> float | None:
+    """A teacher of another tokenizer on the student's held-out examples, per byte: each example's
+    text (as the student's tokenizer decodes it) tokenized for the teacher; the teacher's NLL of its
+    tokens that start inside the characters of the student's target tokens, over those characters'
+    UTF-8 bytes. So the two models are measured on the same text, each in its own tokens."""
+    from .methods import char_ends
+
+    device = next(teacher.parameters()).device
+    pad = t_tok.pad_token_id if t_tok.pad_token_id is not None else 0
+    nll, n_bytes = 0.0, 0
+    chosen = list(examples)[:max_batches * batch_size if max_batches else None]
+    for at in range(0, len(chosen), batch_size):
+        encs, spans = [], []
+        for e in chosen[at:at + batch_size]:
+            text = s_tok.decode(e.input_ids)
+            prev, ranges = 0, []
+            for k, end in enumerate(char_ends(s_tok, e.input_ids, text)):
+                if end < 0:   # inside a character: its bytes go with the token that completes it
+                    continue
+                if k and e.labels[k] != IGNORE_INDEX and end > prev:
+                    ranges.append((prev, end))
+                prev = end
+            n_bytes += sum(len(text[a:b].encode("utf-8")) for a, b in ranges)
+            encs.append(t_tok(text, add_special_tokens=True, return_offsets_mapping=True))
+            spans.append(ranges)
+        width = max(len(x["input_ids"]) for x in encs)
+        ids = torch.full((len(encs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(encs):
+            ids[i, :len(x["input_ids"])] = torch.tensor(x["input_ids"])
+            mask[i, :len(x["input_ids"])] = 1
+        logp = torch.log_softmax(teacher(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                         use_cache=False).logits.float(), -1)
+        for i, (x, ranges) in enumerate(zip(encs, spans)):
+            for j in range(1, len(x["input_ids"])):
+                start = x["offset_mapping"][j][0]
+                if any(a <= start < b for a, b in ranges):
+                    nll -= float(logp[i, j - 1, x["input_ids"][j]])
+    return _bpb(nll, n_bytes)
+
+
+@torch.no_grad()
+def score_peers(peers: dict, teacher, examples, pad_id, batch_size=8, max_batches=None, vocab=None, tokenizer=None):
     """Co-distillation's eval in one pass: for each peer and for the ensemble (the mean of the
     peers' probabilities) perplexity, agreement and KL to the teacher; top-1 agreement of each
     pair of peers. -> {"peers": {name: {...}}, "ensemble": {...}, "pairs": {"a/b": frac}, ...}"""
@@ -132,10 +230,13 @@ def score_peers(peers: dict, teacher, examples, pad_id, batch_size=8, max_batche
     zero = lambda: dict(student_nll=0.0, teacher_nll=0.0, kl=0.0, agree=0, tokens=0)  # noqa: E731
     tot = {n: zero() for n in names + ["ensemble"]}
     pairs = {(a, b): 0 for i, a in enumerate(names) for b in names[i + 1:]}
+    count = byte_counter(tokenizer) if tokenizer is not None else None
+    n_bytes = 0
     for batch in eval_batches(examples, batch_size, max_batches):
         b = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
         labels = shift_labels(b["labels"])
         valid = labels != -100
+        n_bytes += count(labels) if count is not None else 0
         t = teacher(**model_inputs(b), use_cache=False).logits
         t = t[..., :vocab] if vocab else t
         log_probs, top = {}, {}
@@ -159,9 +260,10 @@ def score_peers(peers: dict, teacher, examples, pad_id, batch_size=8, max_batche
     n_tok = max(tot["ensemble"]["tokens"], 1)
 
     def summary(x):
-        return {"perplexity": math.exp(x["student_nll"] / n_tok), "agreement": x["agree"] / n_tok,
-                "kl_per_token": x["kl"] / n_tok}
+        return {"perplexity": math.exp(x["student_nll"] / n_tok), "bits_per_byte": _bpb(x["student_nll"], n_bytes),
+                "agreement": x["agree"] / n_tok, "kl_per_token": x["kl"] / n_tok}
     return {"tokens": tot["ensemble"]["tokens"], "teacher_perplexity": math.exp(tot[names[0]]["teacher_nll"] / n_tok),
+            "teacher_bits_per_byte": _bpb(tot[names[0]]["teacher_nll"], n_bytes),
             "peers": {n: summary(tot[n]) for n in names}, "ensemble": summary(tot["ensemble"]),
             "pairs": {f"{a}/{c}": v / n_tok for (a, c), v in pairs.items()}}
 
@@ -200,14 +302,14 @@ def speed_prompts(examples, n: int, length: int = 32) -> list[list[int]]:
 
 
 def teacher_column(teacher, path, cmp, ecfg, prompts, pad_id) -> dict:
-    return {"perplexity": cmp["teacher_perplexity"], "agreement": None, "kl_per_token": None,
-            **describe(teacher, path),
+    return {"perplexity": cmp["teacher_perplexity"], "bits_per_byte": cmp.get("teacher_bits_per_byte"),
+            "agreement": None, "kl_per_token": None, **describe(teacher, path),
             "gen_tokens_per_s": generation_speed(teacher, prompts, ecfg.gen_tokens, pad_id)}
 
 
 def student_column(student, path, cmp, ecfg, prompts, pad_id) -> dict:
-    return {"perplexity": cmp["student_perplexity"], "agreement": cmp["agreement"],
-            "kl_per_token": cmp["kl_per_token"], **describe(student, path),
+    return {"perplexity": cmp["student_perplexity"], "bits_per_byte": cmp.get("student_bits_per_byte"),
+            "agreement": cmp["agreement"], "kl_per_token": cmp["kl_per_token"], **describe(student, path),
             "gen_tokens_per_s": generation_speed(student, prompts, ecfg.gen_tokens, pad_id)}
 
 
@@ -216,6 +318,7 @@ def _num(v: float) -> str:
 
 
 ROWS = [("perplexity", "perplexity (held-out)", _num),
+        ("bits_per_byte", "bits per byte (held-out)", "{:.4f}".format),
         ("agreement", "top-1 agreement w/ teacher", "{:.1%}".format),
         ("kl_per_token", "KL(teacher||student)/token", "{:.4f}".format),
         ("params", "parameters", "{:,}".format),
