@@ -30,7 +30,7 @@ from stillroom import models
 from stillroom.cache import TeacherCache, build, summary
 from stillroom.cli import _quiet_libraries
 from stillroom.config import StudentConfig, load_config
-from stillroom.data import load_data
+from stillroom.store import load_data
 from stillroom.losses import distill_loss, shift_labels
 from stillroom.train import distill
 

@@ -36,7 +36,7 @@ import torch
 
 from stillroom import evaluate, models
 from stillroom.config import load_config
-from stillroom.data import load_data
+from stillroom.store import load_data
 from stillroom.train import distill
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_valid_head.txt"

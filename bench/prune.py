@@ -18,7 +18,8 @@ import torch
 
 from stillroom import evaluate, models
 from stillroom.config import load_config
-from stillroom.data import collate, load_data
+from stillroom.data import collate
+from stillroom.store import load_data
 from stillroom.prune import importance, prune_width
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_valid_head.txt"

@@ -142,7 +142,9 @@ def rows_from_logprobs(path: Path, tok, seq_len: int, k: int):
     to the tail bucket). Positions past the endpoint's tokens (end of turn) and rows that do not
     align get the true token as a one-hot target (hard label), and are counted."""
     from .cache import positions
-    from .data import Example, read_jsonl, render_chat
+    from .data import Example
+    from .rows import read_jsonl
+    from .render import render_chat
 
     pieces = _pieces(tok)
     rows, bad = read_jsonl(Path(path))

@@ -75,7 +75,7 @@ def cmd_prepare(args) -> int:
     """Tokenize a config's data into its store ahead of the run (store.py)."""
     from . import models
     from .config import CodistillRunConfig, Config
-    from .data import load_data
+    from .store import load_data
 
     try:
         cfg = _run_config(args, Config)
@@ -90,7 +90,7 @@ def cmd_prepare(args) -> int:
                         "answers, made by the first run)")
     if cfg.data.store == "off":
         raise UserError("data.store=off keeps no store: nothing to prepare (set data.store=auto or a folder)")
-    from .data import check_source, detect_format
+    from .rows import check_source, detect_format
     for path in (cfg.data.path, cfg.data.eval_path):
         if path:
             check_source(path, detect_format(path, cfg.data.format))
@@ -131,44 +131,14 @@ def cmd_cache(args) -> int:
 
 
 def _build_cache(cfg, args) -> int:
-    from types import SimpleNamespace
+    from .train import build_cache
 
-    import torch
-
-    from . import models
-    from .cache import build, existing, summary
-    from .train import check_context, prepare_data
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.cache.source == "logprobs":   # the teacher's tokenizer and config only: no weights are read
-        from transformers import AutoConfig
-
-        from .api import build_from_logprobs
-
-        if not cfg.data.path:
-            raise UserError("cache.source=logprobs reads data.path: the JSONL that `stillroom generate --api "
-                            "... --top-logprobs K` wrote")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UserError("cache.source=logprobs only reads a file (no teacher runs): run it as one process, "
-                            "without accelerate launch")
-        kind, where = models.resolve(cfg.teacher.model)
-        build_from_logprobs(cfg, models.load_tokenizer(cfg.teacher.model), AutoConfig.from_pretrained(where),
-                            args.overwrite, not args.no_progress)
-        s = summary(cfg.cache.path)
+    s = build_cache(cfg, args.overwrite, not args.no_progress)
+    if s is None:   # another process of a launch: the main one says what was built
+        return 0
+    if cfg.cache.source == "logprobs":
         print(f"{s['samples']:,} samples, {s['rows']:,} positions from the API's logprobs in {cfg.cache.path}")
         return 0
-    state, device = _launch_state(device)
-    teacher = models.load(cfg.teacher.model, dtype=models.teacher_dtype(cfg.teacher.dtype, device))
-    check_context(cfg, teacher.model.config)
-    if state is None or state.is_main_process:   # before any data work
-        existing(cfg, teacher.model, teacher.tokenizer, args.overwrite, skip=("data",))
-    cfg, train, held = prepare_data(cfg, teacher, state or SimpleNamespace(is_main_process=True, num_processes=1))
-    teacher.model.to(device)
-    build(cfg, train + held, teacher.model, teacher.tokenizer, overwrite=args.overwrite,
-          progress=not args.no_progress, state=state)
-    if state is not None and not state.is_main_process:
-        return 0
-    s = summary(cfg.cache.path)
     print(f"{s['samples']:,} samples, {s['rows']:,} positions, top-{s['top_k']} ({s['dtype']}): "
           f"{s['bytes'] / 2**20:.1f} MB, {s['bytes_per_token']:.0f} bytes/position, in {cfg.cache.path}")
     print(f"train from it: stillroom distill ... teacher.kind=cache teacher.cache={cfg.cache.path}")
@@ -201,7 +171,8 @@ def cmd_eval(args) -> int:
         models.check_context(args.seq_len, m.config, who, f"--seq-len {args.seq_len}")
     examples, _ = build_examples(args.data, teacher.tokenizer, dcfg)
     pad = teacher.tokenizer.pad_token_id
-    cmp = evaluate.score(student.model, teacher.model, examples, pad, ecfg.batch_size, ecfg.max_batches, vocab)
+    cmp = evaluate.score(student.model, teacher.model, examples, pad, ecfg.batch_size, ecfg.max_batches, vocab,
+                         tokenizer=teacher.tokenizer)
     prompts = evaluate.speed_prompts(examples, ecfg.gen_prompts)
     columns = {"teacher": evaluate.teacher_column(teacher.model, teacher.path, cmp, ecfg, prompts, pad),
                "student": evaluate.student_column(student.model, student.path, cmp, ecfg, prompts, pad)}
@@ -311,25 +282,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _launch_state(device):
-    """(Accelerate's PartialState, its device) under accelerate launch / torchrun, where cache and
-    generate split their batches over the processes; (None, device) in one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None, device
-    import torch
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())   # cpu: gloo, not N lone processes
-    return state, state.device
-
-
 def _generate(args, gcfg, prompts, out: Path) -> dict:
     import torch
 
     from . import models
     from .generate import LocalTeacher, generate_file
+    from .tracking import launch_state
 
-    state, device = _launch_state("cuda" if torch.cuda.is_available() else "cpu")
+    state, device = launch_state("cuda" if torch.cuda.is_available() else "cpu")
     if args.api:
         from .api import ApiTeacher
 
@@ -533,7 +493,13 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    logging.basicConfig(level=logging.INFO, format="stillroom: %(message)s")
+    rank = int(os.environ.get("RANK", "0") or 0)
+    # Under accelerate launch / torchrun the main process says what happens; the others, which do the
+    # same, only warn (marked with their process), so a launch does not print every line N times.
+    logging.basicConfig(level=logging.INFO, format="stillroom: %(message)s" if rank == 0
+                        else f"stillroom [process {rank}]: %(message)s")
+    if rank:
+        logging.getLogger("stillroom").setLevel(logging.WARNING)
     for noisy in ("accelerate", "httpx", "huggingface_hub", "datasets", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from .feedback import set_progress
@@ -554,9 +520,6 @@ def main(argv=None) -> int:
                  if args.command in ("distill", "codistill")
                  else "run the same command again to continue where it stopped")
         print(f"stillroom: interrupted; {again}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("stillroom: interrupted", file=sys.stderr)
         return 130
 
 

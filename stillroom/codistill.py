@@ -362,7 +362,7 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
         for m in peer_models.values():
             m.to(device)
         before = evaluate.score_peers(peer_models, teacher.model, held, pad_id, cfg.eval.batch_size,
-                                        cfg.eval.max_batches, vocab)
+                                        cfg.eval.max_batches, vocab, tokenizer=teacher.tokenizer)
         cols_before = columns_before(before, peer_models)
 
     # Who trains what: mutual = every peer here; otherwise peer `rank` only.
@@ -435,11 +435,11 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
                 return None
             mid = evaluate.score_peers({p.name: accelerator.unwrap_model(p.model) for p in peers},
                                          teacher.model, held, pad_id, cfg.eval.batch_size,
-                                         cfg.eval.max_batches, vocab)["peers"]
+                                         cfg.eval.max_batches, vocab, tokenizer=teacher.tokenizer)["peers"]
         else:   # every process evaluates its own peer; the main one gathers them
             from accelerate.utils import gather_object
             mine = evaluate.score(peers[0].model, teacher.model, held, pad_id, cfg.eval.batch_size,
-                                    cfg.eval.max_batches, vocab)
+                                    cfg.eval.max_batches, vocab, tokenizer=teacher.tokenizer)
             mid = dict(gather_object([(peers[0].name, mine)]))
         line = ", ".join(f"{k} perplexity {v.get('perplexity', v.get('student_perplexity')):.3f}"  # peers' / compare's
                          for k, v in mid.items())
@@ -448,9 +448,7 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
     def write_checkpoint(tmp):
         if fsdp:   # every process writes its shards of every peer (torch.distributed.checkpoint)
             for p in peers:
-                shard.save(tmp / p.name, p.model, p.optimizer)
-                if main:
-                    torch.save({"scheduler": p.scheduler.state_dict()}, tmp / f"{p.name}.pt")
+                shard.save(tmp / p.name, p.model, p.optimizer, p.scheduler, main)
             return
         for p in peers if saves else []:
             torch.save({"model": accelerator.unwrap_model(p.model).state_dict(),
@@ -463,8 +461,7 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
                 if not (path / p.name / "sharded").is_dir():
                     raise UserError(f"--resume: checkpoint {path} has no sharded state for peer '{p.name}' "
                                     "(was it written without train.shard=fsdp, or were the peers renamed?)")
-                shard.load(path / p.name, p.model, p.optimizer)
-                p.scheduler.load_state_dict(torch.load(path / f"{p.name}.pt")["scheduler"])
+                shard.load(path / p.name, p.model, p.optimizer, p.scheduler)
             return
         load_peers(path, peers, accelerator)
         if mode == "weights":
@@ -490,9 +487,10 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
     if not main:
         return {}
     after = evaluate.score_peers(peer_models, teacher.model, held, pad_id, cfg.eval.batch_size,
-                                   cfg.eval.max_batches, vocab)
+                                   cfg.eval.max_batches, vocab, tokenizer=teacher.tokenizer)
     prompts = evaluate.speed_prompts(held, cfg.eval.gen_prompts)
-    columns = {"teacher": {"perplexity": before["teacher_perplexity"], **evaluate.describe(teacher.model, teacher.path),
+    columns = {"teacher": {"perplexity": before["teacher_perplexity"], "bits_per_byte": before["teacher_bits_per_byte"],
+                           **evaluate.describe(teacher.model, teacher.path),
                            "gen_tokens_per_s": evaluate.generation_speed(teacher.model, prompts, cfg.eval.gen_tokens, pad_id)}}
     for name in peer_models:
         columns[f"{name} before"] = cols_before[f"{name} before"]

@@ -523,26 +523,6 @@ class CodistillRunConfig(Section):
 
     @model_validator(mode="after")
     def _peers(self):
-        lc, d = self.loss, LossConfig()
-        for key in ("divergence", "terms", "token_weight", "balance", "on_policy", "cross_tokenizer",
-                    "alpha_end", "temperature_end", "layer_map"):
-            if getattr(lc, key) != getattr(d, key):
-                raise ValueError(f"loss.{key} is a `stillroom distill` setting; co-distillation uses loss.kind, "
-                                 "alpha, temperature and chunk_rows (forward KL between peers)")
-        if any(p.prune_heads or p.prune_intermediate for p in self.peers):
-            raise ValueError("width pruning (prune_heads / prune_intermediate) is a `stillroom distill` setting; "
-                             "prune a student with distill, then give it to a peer as init: pretrained")
-        if self.teacher.mix or self.teacher.route_field:
-            raise ValueError("teacher.mix / teacher.route_field are `stillroom distill` settings; co-distillation "
-                             "takes one teacher")
-        if len(self.peers) < 2:
-            raise ValueError("codistill needs at least 2 peers")
-        if self.train.shard == "fsdp" and self.codistill.mode != "mutual":
-            raise ValueError(f"train.shard=fsdp shards the peers of codistill.mode=mutual; mode "
-                             f"{self.codistill.mode} trains one peer per process (set train.shard=none)")
-        if self.teacher.shard:
-            raise ValueError("teacher.shard is not built for co-distillation yet (issue 15): set teacher.shard=false")
-        names = [p.name for p in self.peers]
-        if len(set(names)) != len(names):
-            raise ValueError(f"peer names must be distinct, got {names}")
+        from .rules import check_codistill
+        check_codistill(self, LossConfig())
         return self

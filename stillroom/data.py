@@ -8,7 +8,6 @@ chat template, with the loss only on the assistant's tokens.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -19,7 +18,8 @@ import torch
 from .errors import UserError
 from .feedback import bar
 from .losses import IGNORE_INDEX
-from .rows import read_row, row_keys
+from .render import render_chat, render_pair
+from .rows import check_source, detect_format, read_hf, read_jsonl, read_row, row_keys, text_ids
 
 log = logging.getLogger("stillroom")
 
@@ -54,133 +54,25 @@ class Report:
         return f"{total} of {self.rows} rows in {self.source} are bad: row {shown}{more}"
 
 
-# ---------------------------------------------------------------------------------- reading rows
-
-def detect_format(path: str, fmt: str = "auto") -> str:
-    if fmt != "auto":
-        return fmt
-    p = Path(path)
-    if p.is_dir():
-        return "hf"
-    if p.suffix in (".jsonl", ".json"):
-        return "jsonl"
-    if p.suffix in (".txt", ".md", ".text", ""):
-        return "text" if p.exists() or p.suffix else "hf"
-    return "text"
-
-
-def read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        line_no = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise UserError(f"data file {path} is not UTF-8 text (line {line_no}); re-encode it as UTF-8") from None
-    rows, bad = [], []
-    for n, got in parse_jsonl(text):
-        (bad if isinstance(got, str) else rows).append((n, got))
-    return rows, bad
-
-
-def parse_jsonl(text: str):
-    """(line number, row) for each JSON object line of `text`, or (line number, why it is not one);
-    blank lines are skipped. (The data store parses its shards of a file with it too.)"""
-    for n, line in enumerate(text.split("\n"), 1):   # not splitlines(): JSON may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield n, f"invalid JSON: {e.msg}"
-            continue
-        if not isinstance(row, dict):
-            yield n, "not a JSON object"
-        elif broken_unicode(row):
-            yield n, "invalid Unicode (a lone surrogate escape such as \\ud800)"
-        else:
-            yield n, row
-
-
-def broken_unicode(value) -> bool:
-    """JSON's \\uXXXX escapes can spell a lone UTF-16 surrogate: valid JSON, but not text any
-    tokenizer (or UTF-8 file) can hold."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-            return False
-        except UnicodeEncodeError:
-            return True
-    if isinstance(value, dict):
-        return any(broken_unicode(v) for v in value.values())
-    if isinstance(value, list):
-        return any(broken_unicode(v) for v in value)
-    return False
-
-
-def read_hf(path: str, split: str, lazy: bool = False, streaming: bool = False):
-    """-> [(row number, row)], or with lazy the datasets.Dataset itself (memory-mapped); streaming:
-    a hub dataset read as it downloads (datasets' IterableDataset), nothing of it kept on disk."""
-    import datasets
-
-    p = Path(path)
-    try:
-        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()
-                           or (p / "dataset_dict.json").exists()):
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise UserError(f"dataset {path} has splits {list(ds)}; set data.split to one")
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(str(p) if p.exists() else path, split=split,
-                                       **({"streaming": True} if streaming else {}))
-    except UserError:
-        raise
-    except Exception as e:
-        hint = "" if p.exists() else " (a hub id needs network access; pass a local file or folder)"
-        raise UserError(f"could not load dataset '{path}': {str(e).splitlines()[0][:200]}{hint}") from None
-    return ds if lazy else [(i + 1, dict(row)) for i, row in enumerate(ds)]
-
-
-def check_source(path: str, fmt: str):
-    """A data file exists, is a regular file and is not empty (before any tokenizer is loaded)."""
-    p = Path(path)
-    if fmt in ("text", "jsonl"):
-        if not p.exists():
-            raise UserError(f"data file not found: {path}")
-        if p.is_dir():
-            raise UserError(f"data.path {path} is a folder; set data.format=hf for a dataset folder")
-        if not p.is_file():   # a FIFO, a device (/dev/zero) or a socket: no size, maybe no end
-            raise UserError(f"data file {path} is not a regular file (a pipe, device or socket); "
-                            "write the data to a file and pass that")
-        if p.stat().st_size == 0:
-            raise UserError(f"data file {path} is empty")
-
+# ---------------------------------------------------------------------------------- rows -> examples
 
 def _read(path: str, fmt: str, split: str) -> tuple[str, object, Report]:
-    """-> (kind, payload, report); kind "text" has the file's text, "rows" a list of (n, dict)."""
+    """-> (kind, payload, report); kind "text" has the file's path (checked: read it with
+    text_ids), "rows" a list of (n, dict)."""
     fmt = detect_format(path, fmt)
-    p = Path(path)
     check_source(path, fmt)
     report = Report(source=str(path))
     if fmt == "text":
-        try:
-            text = p.read_text(encoding="utf-8-sig")   # a byte-order mark is not text
-        except UnicodeDecodeError:
-            raise UserError(f"data file {path} is not UTF-8 text") from None
-        if not text.strip():
-            raise UserError(f"data file {path} has no text")
         report.rows = 1
-        return "text", text, report
+        return "text", path, report
     if fmt == "jsonl":
-        rows, bad = read_jsonl(p)
+        rows, bad = read_jsonl(Path(path))
     else:
         rows, bad = read_hf(path, split), []
     report.rows = len(rows) + len(bad)
     report.bad.extend(bad)
     return "rows", rows, report
 
-
-# ---------------------------------------------------------------------------------- rendering
 
 def _chat_problem(msgs) -> str | None:
     if not any(m["role"] == "assistant" for m in msgs):
@@ -191,167 +83,7 @@ def _chat_problem(msgs) -> str | None:
     return None
 
 
-_FAST: dict = {}   # (what, id(tokenizer)[, template]) -> (the tokenizer, its checked fast function)
-
-
-def _encoder(tokenizer):
-    """enc(text) -> (ids, character offsets), as tokenizer(text, add_special_tokens=False,
-    return_offsets_mapping=True) gives them; for a fast tokenizer its Rust backend called directly
-    (what transformers calls, without the per-call conversion), checked against the reference on
-    sample texts once per tokenizer."""
-    cached = _FAST.get(("encode", id(tokenizer)))
-    if cached is not None and cached[0] is tokenizer:
-        return cached[1]
-
-    def slow(t):
-        e = tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)
-        return e["input_ids"], e["offset_mapping"]
-
-    enc = slow
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        def fast(t):
-            e = backend.encode(t, add_special_tokens=False)
-            return e.ids, e.offsets
-
-        samples = ["Hello, world!", " two  spaces\n\nand lines\t", "accents é, 日本語, emoji 🙂",
-                   f"{tokenizer.eos_token or ''}special{tokenizer.bos_token or ''} tokens", ""]
-        try:
-            if all(tuple(map(list, fast(t))) == (list(slow(t)[0]), [tuple(o) for o in slow(t)[1]]) for t in samples):
-                enc = fast
-        except Exception:
-            pass
-    _FAST[("encode", id(tokenizer))] = (tokenizer, enc)
-    return enc
-
-
-def encode_head(tokenizer, text: str, limit: int | None) -> tuple[list[int], list[tuple[int, int]]]:
-    """(ids, character offsets) of `text`, at least its first `limit` tokens exact. A text far longer
-    than `limit` tokens is cut to `limit` anyway, so only a prefix is tokenized: one long enough
-    that the first limit + 1 tokens agree with those of a prefix twice as long (a 20 MB row costs
-    a few kB of work, not a minute). Short texts, and limit None, are tokenized whole."""
-    enc = _encoder(tokenizer)
-
-    if limit is not None:
-        size = max(4096, 64 * limit)
-        while 2 * size < len(text):
-            a, b = enc(text[:size]), enc(text[:2 * size])
-            n = limit + 1
-            if len(a[0]) > n + 8 and a[0][:n] == b[0][:n] and list(a[1][:n]) == list(b[1][:n]):
-                return a
-            size *= 4
-    return enc(text)
-
-
-def chat_renderer(tokenizer):
-    """render(messages, add_generation_prompt) -> the chat template's text, as
-    tokenizer.apply_chat_template(..., tokenize=False) gives it. For plain {role, content} messages
-    that is the compiled template rendered with the special tokens, which is what transformers
-    does after converting the messages; calling the compiled template directly skips that
-    conversion (most of a render's time). Checked against apply_chat_template on sample
-    conversations once per template: where they differ, apply_chat_template is used."""
-    template = tokenizer.chat_template
-    cached = _FAST.get(("render", id(tokenizer), template))
-    if cached is not None and cached[0] is tokenizer:
-        return cached[1]
-
-    def slow(msgs, gen):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-
-    render = slow
-    try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
-        compiled, kw = _compile_jinja_template(template), dict(tokenizer.special_tokens_map)
-
-        def fast(msgs, gen):
-            return compiled.render(messages=[dict(m) for m in msgs], tools=None, documents=None,
-                                   add_generation_prompt=gen, **kw)
-
-        samples = [[{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": " Hello!\n"}],
-                   [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
-                    {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]]
-        if all(fast(c[:k], g) == slow(c[:k], g) for c in samples for k in range(1, len(c) + 1) for g in (False, True)):
-            render = fast
-    except Exception:   # a template that needs what only apply_chat_template gives: use it
-        pass
-    _FAST[("render", id(tokenizer), template)] = (tokenizer, render)
-    return render
-
-
-SENTINEL = "\ue000stillroom\ue001"   # private-use characters: no real answer holds them
-
-
-def _one_render(tokenizer, render):
-    """f(messages ending with an answer) -> (their text, where the answer's turn starts) from a
-    single render: the answer replaced by a sentinel, found, and put back. Used only for templates
-    where that is exactly what rendering the conversation and its prompt (with the generation
-    prompt) give, checked on sample conversations once per template; else None."""
-    key = ("one", id(tokenizer), tokenizer.chat_template)
-    cached = _FAST.get(key)
-    if cached is not None and cached[0] is tokenizer:
-        return cached[1]
-
-    def one(msgs):
-        text = render(msgs[:-1] + [{**msgs[-1], "content": SENTINEL}], False)
-        at = text.find(SENTINEL)
-        if at < 0 or text.count(SENTINEL) != 1:
-            raise ValueError("the template does not render the answer verbatim")
-        return text.replace(SENTINEL, msgs[-1]["content"]), at
-
-    samples = [[{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": " Hello!\n"}],
-               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
-                {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
-                {"role": "assistant", "content": "  d  "}]]
-    try:
-        ok = all(one(c) == (render(c, False), len(render(c[:-1], True))) for c in samples)
-    except Exception:
-        ok = False
-    _FAST[key] = (tokenizer, one if ok else None)
-    return one if ok else None
-
-
-def render_chat(tokenizer, messages: list[dict], cut: bool = False, limit: int | None = None):
-    """Chat template -> (ids, labels) with labels only on assistant turns (end-of-turn included).
-    cut: the last answer was cut off (generate's `truncated`): its end-of-turn is not a target,
-    so the student never learns to stop where the answer was only cut. limit: only the first
-    `limit` tokens are needed exactly (encode_head)."""
-    render = chat_renderer(tokenizer)
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    one = _one_render(tokenizer, render) if last == len(messages) - 1 and messages[-1]["content"] is not None \
-        and SENTINEL not in messages[-1]["content"] else None
-    if one is not None:   # the common row, ending with its answer: one render gives the text and where it starts
-        text, last_start = one(messages)
-    else:
-        text, last_start = render(messages, False), None
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            start = last_start if i == len(messages) - 1 and last_start is not None else len(render(messages[:i], True))
-            end = len(text) if i == len(messages) - 1 else len(render(messages[:i + 1], False))
-            if cut and i == last:
-                at = text.find(m["content"], start, end)
-                end = at + len(m["content"]) if at >= 0 and m["content"] else end
-            spans.append((start, end))
-    ids, offsets = encode_head(tokenizer, text, limit)
-    import numpy as np
-
-    starts = np.fromiter((s for s, _e in offsets), dtype=np.int64, count=len(ids))
-    mine = np.zeros(len(ids), dtype=bool)
-    for a, b in spans:   # a token is a target where its first character lies in an assistant turn
-        mine |= (starts >= a) & (starts < b)
-    labels = np.where(mine, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
-    return ids, labels
-
-
-def render_pair(tokenizer, prompt: str, response: str, cut: bool = False, limit: int | None = None):
-    if tokenizer.chat_template:
-        return render_chat(tokenizer, [{"role": "user", "content": prompt},
-                                       {"role": "assistant", "content": response}], cut, limit)
-    p = encode_head(tokenizer, prompt + "\n", limit)[0]
-    r = encode_head(tokenizer, response, limit)[0] + ([] if cut else [tokenizer.eos_token_id])
-    return p + r, [IGNORE_INDEX] * len(p) + r
-
+# ---------------------------------------------------------------------------------- examples and packing
 
 def pack(ids: list[int], seq_len: int) -> list[Example]:
     """One document -> fixed-length blocks; a short tail block is kept if it has at least 2 tokens."""
@@ -451,9 +183,35 @@ def row_doc(row: dict, tokenizer, dcfg, route_field: str | None = None, routes: 
         ids, labels = render_chat(tokenizer, msgs, cut, dcfg.seq_len)
     truncated = len(ids) > dcfg.seq_len
     ids, labels = ids[:dcfg.seq_len], labels[:dcfg.seq_len]
-    if all(t == IGNORE_INDEX for t in labels[1:]):
+    if labels[1:].count(IGNORE_INDEX) == max(0, len(labels) - 1):   # nothing to learn (list.count: C speed)
         return "no_target", truncated
     return "example", ids, labels, route, truncated
+
+
+def tokenize_rows(rows, tokenizer, dcfg, report: Report, add, route_field: str | None = None,
+                  routes: list[str] | None = None, keys=None):
+    """(row number, row dict or why it is bad) pairs -> add(ids, labels, route) per example, or
+    add(ids, None, None) per text document (to be packed); the bad, cut and empty rows go in
+    `report`. keys: a Counter of the rows' keys (up to 1000 distinct), for the error when no row
+    is usable. What data.build_examples and the store's build workers both run."""
+    for n, row in rows:
+        if isinstance(row, str):
+            report.bad.append((n, row))
+            continue
+        if keys is not None and len(keys) < 1000:
+            keys.update(row.keys())
+        got = row_doc(row, tokenizer, dcfg, route_field, routes)
+        if got[0] == "bad":
+            report.bad.append((n, got[1]))
+        elif got[0] == "text":
+            add(got[1], None, None)
+        elif got[0] == "no_target":
+            report.truncated += got[1]
+            report.no_target.append(n)
+        else:
+            _, ids, labels, route, cut = got
+            report.truncated += cut
+            add(ids, labels, route)
 
 
 def in_memory(data, name: str) -> tuple[str, object, Report]:
@@ -485,26 +243,18 @@ def build_examples(path, tokenizer, dcfg, route_field: str | None = None,
         raise UserError(f"teacher.route_field={route_field} needs JSONL or dataset rows carrying that field; "
                         f"{path} is plain text")
     if kind == "text":
-        size = len(payload.encode("utf-8", "replace"))
-        if size > 1 << 20:
-            log.info("tokenizing %s (%.1f MB of text)", path, size / 2**20)
-        ids = tokenizer(payload, add_special_tokens=False)["input_ids"]
-        examples = pack(ids, dcfg.seq_len)
+        examples = pack(text_ids(payload, tokenizer), dcfg.seq_len)
     else:
         examples, docs = [], []
-        for n, row in bar(payload, desc=f"tokenizing {Path(path).name}", unit="row"):
-            got = row_doc(row, tokenizer, dcfg, route_field, routes)
-            if got[0] == "bad":
-                report.bad.append((n, got[1]))
-            elif got[0] == "text":
-                docs.append(got[1])
-            elif got[0] == "no_target":
-                report.truncated += got[1]
-                report.no_target.append(n)
+
+        def add(ids, labels, route):
+            if labels is None:
+                docs.append(ids)
             else:
-                _, ids, labels, route, cut = got
-                report.truncated += cut
                 examples.append(Example(ids, labels, route=route))
+
+        tokenize_rows(bar(payload, desc=f"tokenizing {Path(path).name}", unit="row"), tokenizer, dcfg,
+                      report, add, route_field, routes)
         examples += pack_documents(docs, dcfg.seq_len)
     if dcfg.max_examples:
         examples = examples[:dcfg.max_examples]
@@ -555,37 +305,6 @@ def split_examples(examples: list[Example], fraction: float, seed: int):
     held = set(order[:n_eval])
     return ([e for i, e in enumerate(examples) if i not in held],
             [e for i, e in enumerate(examples) if i in held])
-
-
-def uses_store(cfg, rows=None, eval_rows=None) -> bool:
-    return rows is None and eval_rows is None and cfg.data.path is not None and cfg.data.store != "off"
-
-
-def load_data(cfg, tokenizer, rows=None, eval_rows=None, build: bool = True):
-    """-> (train examples, eval examples) for a config; `rows` / `eval_rows`: data in memory (see
-    in_memory) instead of data.path / data.eval_path. A data file is read through the data store
-    (store.py: tokenized once, read by index; build=False opens it only) unless data.store=off."""
-    t = getattr(cfg, "teacher", None)
-    field_ = getattr(t, "route_field", None)
-    routes = [t.name] + [m.name for m in t.mix] if field_ else None
-    if uses_store(cfg, rows, eval_rows):
-        from .store import open_or_build
-        return open_or_build(cfg.data, tokenizer, cfg.train.seed, field_, routes, build_ok=build).split()
-    source = in_memory(rows, "train_data") if rows is not None else cfg.data.path
-    examples, _ = build_examples(source, tokenizer, cfg.data, field_, routes)
-    if cfg.data.eval_path or eval_rows is not None:
-        held_source = in_memory(eval_rows, "eval_data") if eval_rows is not None else cfg.data.eval_path
-        held, _ = build_examples(held_source, tokenizer, cfg.data, field_, routes)
-        return (pack_examples(examples, cfg.data.seq_len) if cfg.data.pack else examples), held
-    train, held = split_examples(examples, cfg.data.eval_fraction, cfg.train.seed)
-    if not train:
-        raise UserError(f"no training examples left in {cfg.data.path or 'train_data'} after the held-out split")
-    if cfg.data.pack:   # the held-out set stays one example per row (its prompts time generation)
-        n = len(train)
-        train = pack_examples(train, cfg.data.seq_len)
-        log.info("data.pack: %d training examples packed into %d rows of up to %d tokens",
-                 n, len(train), cfg.data.seq_len)
-    return train, held
 
 
 # ---------------------------------------------------------------------------------- batching

@@ -184,10 +184,12 @@ def describe(holder: dict | None) -> str:
 
 
 @contextlib.contextmanager
-def claim(folder: Path, key: str = "train.output_dir", name: str | None = None, wait: bool = False):
-    """`with claim(folder):` the command's whole life; no-op on processes other than the main one.
+def claim(folder: Path, key: str = "train.output_dir", name: str | None = None, wait: bool = False,
+          every_process: bool = False):
+    """`with claim(folder):` the command's whole life; no-op on processes other than the main one
+    (every_process: taken by every process, as for a data store any of them may build).
     name: lock one file of the folder instead (generate's output); wait: queue behind a holder."""
-    if not is_main_process():
+    if not every_process and not is_main_process():
         yield None
         return
     try:

@@ -69,7 +69,7 @@ def split_turns(conv: list[dict]) -> tuple[list[dict], list[dict]]:
 def read_prompts(path: str | Path | None, limit: int | None = None, field: str | None = None,
                  split: str = "train", system: str | None = None, dedup: bool = True) -> list[list[dict]]:
     """Prompts as conversations (lists of messages ending with a user turn)."""
-    from .data import read_hf, read_jsonl
+    from .rows import read_hf, read_jsonl
 
     p = Path(path) if path else BUNDLED_PROMPTS
     if path and not p.exists() and p.suffix:

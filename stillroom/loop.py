@@ -519,13 +519,10 @@ def objective_run(cfg, accelerator, student, optimizer, scheduler, objective, ex
         modules = torch.nn.ModuleList([student, *objective.trained])   # what the optimizer was made over
 
         def write(tmp):
-            shard.save(tmp, modules, optimizer)
-            if accelerator.is_main_process:
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            shard.save(tmp, modules, optimizer, scheduler, accelerator.is_main_process)
 
         def load(path, state):   # noqa: F811
-            shard.load(path, modules, optimizer)
-            scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
+            shard.load(path, modules, optimizer, scheduler)
             objective.load_state_dict(state)
 
     return Run(cfg, accelerator, [Trainee(None, student, optimizer, scheduler, objective.trained)], out,

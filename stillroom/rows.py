@@ -1,4 +1,5 @@
-"""The row formats stillroom reads, one table for every command (distill, cache, eval, generate).
+"""Reading data: the sources (text and JSONL files, dataset folders, the hub) and the row formats
+stillroom reads, one table for every command (distill, cache, eval, generate).
 
 A JSONL line or dataset row becomes plain text, a prompt/response pair, or a conversation:
 
@@ -18,7 +19,14 @@ format that matches, in the order above, is used; `fields` overrides them all.
 """
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("stillroom")
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
@@ -137,3 +145,134 @@ def row_keys(rows) -> list[str]:
         for k in row:
             seen[k] = seen.get(k, 0) + 1
     return sorted(seen, key=lambda k: -seen[k])
+
+
+# ---------------------------------------------------------------------------------- sources
+
+def detect_format(path: str, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    p = Path(path)
+    if p.is_dir():
+        return "hf"
+    if p.suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if p.suffix in (".txt", ".md", ".text", ""):
+        return "text" if p.exists() or p.suffix else "hf"
+    return "text"
+
+
+def read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_no = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise UserError(f"data file {path} is not UTF-8 text (line {line_no}); re-encode it as UTF-8") from None
+    rows, bad = [], []
+    for n, got in parse_jsonl(text):
+        (bad if isinstance(got, str) else rows).append((n, got))
+    return rows, bad
+
+
+def parse_jsonl(text: str):
+    """(line number, row) for each JSON object line of `text`, or (line number, why it is not one);
+    blank lines are skipped. (The data store parses its shards of a file with it too.)"""
+    for n, line in enumerate(text.split("\n"), 1):   # not splitlines(): JSON may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield n, f"invalid JSON: {e.msg}"
+            continue
+        if not isinstance(row, dict):
+            yield n, "not a JSON object"
+        elif broken_unicode(row):
+            yield n, "invalid Unicode (a lone surrogate escape such as \\ud800)"
+        else:
+            yield n, row
+
+
+def broken_unicode(value) -> bool:
+    """JSON's \\uXXXX escapes can spell a lone UTF-16 surrogate: valid JSON, but not text any
+    tokenizer (or UTF-8 file) can hold."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return False
+        except UnicodeEncodeError:
+            return True
+    if isinstance(value, dict):
+        return any(broken_unicode(v) for v in value.values())
+    if isinstance(value, list):
+        return any(broken_unicode(v) for v in value)
+    return False
+
+
+def read_hf(path: str, split: str, lazy: bool = False, streaming: bool = False):
+    """-> [(row number, row)], or with lazy the datasets.Dataset itself (memory-mapped); streaming:
+    a hub dataset read as it downloads (datasets' IterableDataset), nothing of it kept on disk."""
+    import datasets
+
+    p = Path(path)
+    try:
+        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()
+                           or (p / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise UserError(f"dataset {path} has splits {list(ds)}; set data.split to one")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(str(p) if p.exists() else path, split=split,
+                                       **({"streaming": True} if streaming else {}))
+    except UserError:
+        raise
+    except Exception as e:
+        hint = "" if p.exists() else " (a hub id needs network access; pass a local file or folder)"
+        raise UserError(f"could not load dataset '{path}': {str(e).splitlines()[0][:200]}{hint}") from None
+    return ds if lazy else [(i + 1, dict(row)) for i, row in enumerate(ds)]
+
+
+def check_source(path: str, fmt: str):
+    """A data file exists, is a regular file and is not empty (before any tokenizer is loaded)."""
+    p = Path(path)
+    if fmt in ("text", "jsonl"):
+        if not p.exists():
+            raise UserError(f"data file not found: {path}")
+        if p.is_dir():
+            raise UserError(f"data.path {path} is a folder; set data.format=hf for a dataset folder")
+        if not p.is_file():   # a FIFO, a device (/dev/zero) or a socket: no size, maybe no end
+            raise UserError(f"data file {path} is not a regular file (a pipe, device or socket); "
+                            "write the data to a file and pass that")
+        if p.stat().st_size == 0:
+            raise UserError(f"data file {path} is empty")
+
+
+TEXT_PIECE = 16 << 20   # a plain text file bigger than 4 pieces is tokenized piece by piece
+
+
+def text_ids(path: str, tokenizer) -> list[int]:
+    """A plain text file -> its tokens, as one document. Up to 4 pieces' size it is tokenized
+    whole; beyond, piece by piece at line ends (tokens can differ from tokenizing it whole only
+    where two pieces meet: a token or two in 16 MB), so it never has to fit in memory as one
+    string. A byte-order mark is not text."""
+    size = Path(path).stat().st_size
+    if size > 1 << 20:
+        log.info("tokenizing %s (%.1f MB of text)", path, size / 2**20)
+    ids: list[int] = []
+    text = False
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            while True:
+                piece = f.read() if size <= 4 * TEXT_PIECE else f.read(TEXT_PIECE)
+                if not piece:
+                    break
+                piece += f.readline()
+                text = text or bool(piece.strip())
+                ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        except UnicodeDecodeError:
+            raise UserError(f"data file {path} is not UTF-8 text") from None
+    if not text or not ids:
+        raise UserError(f"data file {path} has no text")
+    return ids

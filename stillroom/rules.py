@@ -65,3 +65,31 @@ def check_across(cfg):
     if lc.on_policy and (tc.route_field or cfg.data.pack):
         raise UserError("loss.on_policy rewrites each example from its prompt: not with teacher.route_field "
                         "or data.pack")
+
+
+def check_codistill(cfg, default_loss):
+    """Rules of a co-distillation config (CodistillRunConfig): what is a distill setting only (a loss
+    key changed from `default_loss`), and what its modes can run."""
+    lc, d = cfg.loss, default_loss
+    for key in ("divergence", "terms", "token_weight", "balance", "on_policy", "cross_tokenizer",
+                "alpha_end", "temperature_end", "layer_map"):
+        if getattr(lc, key) != getattr(d, key):
+            raise UserError(f"loss.{key} is a `stillroom distill` setting; co-distillation uses loss.kind, "
+                            "alpha, temperature and chunk_rows (forward KL between peers)")
+    if any(p.prune_heads or p.prune_intermediate for p in cfg.peers):
+        raise UserError("width pruning (prune_heads / prune_intermediate) is a `stillroom distill` setting; "
+                        "prune a student with distill, then give it to a peer as init: pretrained")
+    if cfg.teacher.mix or cfg.teacher.route_field:
+        raise UserError("teacher.mix / teacher.route_field are `stillroom distill` settings; co-distillation "
+                        "takes one teacher")
+    if len(cfg.peers) < 2:
+        raise UserError("codistill needs at least 2 peers")
+    if cfg.train.shard == "fsdp" and cfg.codistill.mode != "mutual":
+        raise UserError(f"train.shard=fsdp shards the peers of codistill.mode=mutual; mode "
+                        f"{cfg.codistill.mode} trains one peer per process (set train.shard=none)")
+    if cfg.teacher.shard:
+        raise UserError("teacher.shard is not built for co-distillation: set teacher.shard=false "
+                        "(train.shard=fsdp still shards the peers)")
+    names = [p.name for p in cfg.peers]
+    if len(set(names)) != len(names):
+        raise UserError(f"peer names must be distinct, got {names}")

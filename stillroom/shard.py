@@ -118,17 +118,20 @@ def unsharded(model, state: dict):
     return plain
 
 
-def save(folder: Path, modules: torch.nn.Module, optimizer):
+def save(folder: Path, modules: torch.nn.Module, optimizer, scheduler, main: bool):
     """A sharded checkpoint of `modules` (the student and the objective's trained modules) and
-    their optimizer into folder/sharded (every process writes its shards)."""
+    their optimizer into folder/sharded (every process writes its shards), and the scheduler's
+    state (the main process) into folder/scheduler.pt."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(modules, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(Path(folder) / "sharded"))
+    if main:
+        torch.save(scheduler.state_dict(), Path(folder) / "scheduler.pt")
 
 
-def load(folder: Path, modules: torch.nn.Module, optimizer):
+def load(folder: Path, modules: torch.nn.Module, optimizer, scheduler):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -136,3 +139,4 @@ def load(folder: Path, modules: torch.nn.Module, optimizer):
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(Path(folder) / "sharded"))
     set_state_dict(modules, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    scheduler.load_state_dict(torch.load(Path(folder) / "scheduler.pt"))

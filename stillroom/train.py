@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 
 from . import evaluate, loop, models, shard
 from .config import Config, to_yaml
-from .data import load_data, uses_store
 from .errors import UserError
 from .loop import (Batch, GracefulStop, fit, lr_lambda, make_accelerator, make_optimizer, objective_run,  # noqa: F401
                    prefetched, set_threads, to_batch, window, window_indices)
 from .objectives import build_objective, loss_weights, teacher_terms  # noqa: F401
 from .outputs import checkpoints, inputs_of, own_output, prepare_output, record_resume, resume_changes, start_output, write_final  # noqa: F401
+from .store import load_data, uses_store
 from .teachers import load_teachers
 from .tracking import scalars
 
@@ -107,16 +108,19 @@ def eval_columns(student, student_path, teacher, held, cfg, vocab, pad_id, with_
     cross = s_tok is not None
     if cmp is None:   # (given: the comparison was taken already, by every process with a sharded teacher)
         cmp = evaluate.score(student, None if cross else cache or teacher.model, held, pad_id, e.batch_size,
-                             e.max_batches, vocab)
+                             e.max_batches, vocab, tokenizer=s_tok or teacher.tokenizer)
     prompts = evaluate.speed_prompts(held, e.gen_prompts)
     cols = {}
-    if with_teacher and cross:
+    if with_teacher and cross:   # the teacher in its own tokens, on the same text: per byte
         t_prompts = [teacher.tokenizer(s_tok.decode(p), add_special_tokens=False)["input_ids"] for p in prompts]
+        cmp = {**cmp, "teacher_bits_per_byte": evaluate.cross_bits_per_byte(
+            teacher.model, teacher.tokenizer, s_tok, held, e.batch_size, e.max_batches)}
         cols["teacher"] = evaluate.teacher_column(teacher.model, teacher.path, cmp, e, t_prompts,
                                                   teacher.tokenizer.pad_token_id)
     elif with_teacher and cache is not None:  # not loaded: no size or speed to measure
-        cols["teacher"] = {"perplexity": cmp["teacher_perplexity"], "agreement": None, "kl_per_token": None,
-                           "params": cache.index.get("teacher_params"), "size_mb": None, "gen_tokens_per_s": None}
+        cols["teacher"] = {"perplexity": cmp["teacher_perplexity"], "bits_per_byte": cmp["teacher_bits_per_byte"],
+                           "agreement": None, "kl_per_token": None, "params": cache.index.get("teacher_params"),
+                           "size_mb": None, "gen_tokens_per_s": None}
     elif with_teacher:
         cols["teacher"] = evaluate.teacher_column(teacher.model, teacher.path, cmp, e, prompts, pad_id)
     cols["student"] = evaluate.student_column(student, student_path, cmp, e, prompts, pad_id)
@@ -266,7 +270,7 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
     cmp = None
     if t_sharded:   # the comparison with a sharded teacher is taken by every process together
         cmp = evaluate.score(student, None if cross else source, held, pad_id, cfg.eval.batch_size,
-                             cfg.eval.max_batches, vocab)
+                             cfg.eval.max_batches, vocab, tokenizer=s_tok if cross else teacher.tokenizer)
     whole = shard.full_state(student) if fsdp else None   # every process takes part; the main one gets it
     if not main:
         accelerator.end_training()
@@ -323,3 +327,38 @@ def finetune_stage(cfg, out: Path, distilled: Path, resume: bool, progress: bool
     log.info("stage 2: fine-tuning %s on %s for %d steps", distilled, ft.data, ft.max_steps)
     again = resume and bool(checkpoints(out / "finetune"))
     return distill(sub, overwrite=not again, resume=again, progress=progress)
+
+
+def build_cache(cfg, overwrite: bool, progress: bool) -> dict | None:
+    """`stillroom cache`: the teacher's top-k over the config's data (cache.source=logprobs: from an
+    API's logprobs file, no teacher run) -> the cache's summary; None on a launch's other processes."""
+    from types import SimpleNamespace
+
+    from .cache import build, existing, summary
+    from .tracking import launch_state
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.cache.source == "logprobs":   # the teacher's tokenizer and config only: no weights are read
+        from transformers import AutoConfig
+
+        from .api import build_from_logprobs
+
+        if not cfg.data.path:
+            raise UserError("cache.source=logprobs reads data.path: the JSONL that `stillroom generate --api "
+                            "... --top-logprobs K` wrote")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("cache.source=logprobs only reads a file (no teacher runs): run it as one process, "
+                            "without accelerate launch")
+        kind, where = models.resolve(cfg.teacher.model)
+        build_from_logprobs(cfg, models.load_tokenizer(cfg.teacher.model), AutoConfig.from_pretrained(where),
+                            overwrite, progress)
+        return summary(cfg.cache.path)
+    state, device = launch_state(device)
+    teacher = models.load(cfg.teacher.model, dtype=models.teacher_dtype(cfg.teacher.dtype, device))
+    check_context(cfg, teacher.model.config)
+    if state is None or state.is_main_process:   # before any data work
+        existing(cfg, teacher.model, teacher.tokenizer, overwrite, skip=("data",))
+    cfg, train, held = prepare_data(cfg, teacher, state or SimpleNamespace(is_main_process=True, num_processes=1))
+    teacher.model.to(device)
+    build(cfg, train + held, teacher.model, teacher.tokenizer, overwrite=overwrite, progress=progress, state=state)
+    return summary(cfg.cache.path) if state is None or state.is_main_process else None

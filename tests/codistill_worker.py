@@ -12,7 +12,8 @@ from accelerate import Accelerator
 from stillroom import models
 from stillroom.codistill import Peer, exchange_weights, step_predictions
 from stillroom.config import CodistillRunConfig
-from stillroom.data import load_data, micro_batch
+from stillroom.data import micro_batch
+from stillroom.store import load_data
 from stillroom.teachers import LiveTeacher
 from stillroom.train import to_batch
 

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 
 from stillroom import models
 from stillroom.config import Config
-from stillroom.data import load_data
+from stillroom.store import load_data
 from stillroom.train import accumulate, to_batch, window
 
 

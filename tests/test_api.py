@@ -13,7 +13,8 @@ from stillroom import models
 from stillroom.api import _pieces, build_from_logprobs
 from stillroom.cache import TeacherCache, positions
 from stillroom.config import load_config
-from stillroom.data import Example, render_chat
+from stillroom.data import Example
+from stillroom.render import render_chat
 from stillroom.losses import topk_targets
 
 from conftest import CORPUS, reply_chat_completion, run_cli, tiny_overrides

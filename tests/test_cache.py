@@ -11,7 +11,8 @@ from stillroom import cache as cache_mod
 from stillroom import models
 from stillroom.cache import TeacherCache, build, positions
 from stillroom.config import load_config
-from stillroom.data import load_data, micro_batch
+from stillroom.data import micro_batch
+from stillroom.store import load_data
 from stillroom.errors import UserError
 from stillroom.losses import distill_loss, topk_targets
 from stillroom.train import distill, to_batch

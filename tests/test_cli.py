@@ -247,8 +247,9 @@ def test_eval_command_json_and_table(tmp_path, teacher_dir, chat_file):
     s, t = res["eval"]["student"], res["eval"]["teacher"]
     assert s["params"] < t["params"] and s["perplexity"] > 1 and 0 <= s["agreement"] <= 1
     assert s["gen_tokens_per_s"] > 0 and s["size_mb"] > 0 and res["held_out_tokens"] > 0
+    assert s["bits_per_byte"] > 0 and t["bits_per_byte"] > 0
     r = run_cli("eval", "--model", out / "final", "--teacher", teacher_dir, "--data", chat_file)
-    assert r.returncode == 0 and "top-1 agreement" in r.stdout
+    assert r.returncode == 0 and "top-1 agreement" in r.stdout and "bits per byte" in r.stdout
     assert_user_error(run_cli("eval", "--model", out / "final", "--teacher", teacher_dir,
                               "--data", tmp_path / "none.jsonl"), "data file not found")
 

@@ -182,25 +182,67 @@ def test_a_huge_row_is_tokenized_only_as_far_as_its_kept_tokens(tmp_path, tok, m
     fast, _ = data.build_examples(str(rows), counting, cfg)
     assert max(counting.sizes) < 100_000   # prefixes only, never the 2 MB row
     longest = []
-    real = data.encode_head
-    monkeypatch.setattr(data, "encode_head", lambda tk, text, limit: (longest.append(len(text)), real(tk, text, None))[1])
+    from stillroom import render
+
+    real = render.encode_head
+    monkeypatch.setattr(render, "encode_head", lambda tk, text, limit: (longest.append(len(text)), real(tk, text, None))[1])
     whole, _ = data.build_examples(str(rows), t, cfg)
     assert [(e.input_ids, e.labels) for e in fast] == [(e.input_ids, e.labels) for e in whole]
     assert len(fast[0].input_ids) == 64 and max(longest) > 2_000_000
 
 
-def test_fast_rendering_and_encoding_equal_the_tokenizers_own(tok):
-    """render_chat calls the compiled chat template and the Rust tokenizer directly (checked once
-    per tokenizer): ids and labels equal those of apply_chat_template + tokenizer(...) on varied
-    conversations (system turns, several assistant turns, accents, emoji, special tokens in text)."""
-    from stillroom.data import IGNORE_INDEX, _encoder, chat_renderer, render_chat
+# Templates as real models write them (shortened): whether each may be rendered by filling its
+# shapes (its text depends on a content only by printing it and by its emptiness) -- and either way
+# render_chat must give exactly the tokenizer's own result.
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TEMPLATES = {
+    "chatml": (CHATML, True),
+    # Qwen2.5-like: an assistant turn's content printed only when it is not empty
+    "if_content": ("{%- for message in messages %}{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant' }}"
+                   "{%- if message.content %}{{- '\n' + message.content }}{%- endif %}{{- '<|im_end|>\n' }}"
+                   "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+                   "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+                   "{%- endif %}", True),
+    # Llama-3-like: contents trimmed
+    "trim": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n\n' + message['content'] | trim "
+             "+ '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n\n' }}{% endif %}",
+             False),
+    # Qwen3-like: an answer's reasoning dropped from earlier turns
+    "think": ("{%- for message in messages %}{%- set content = message.content %}{%- if message.role == 'assistant' "
+              "and '</think>' in content and not loop.last %}{%- set content = content.split('</think>')[-1] %}"
+              "{%- endif %}{{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' }}{%- endfor %}"
+              "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}", False),
+}
 
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_fast_rendering_and_encoding_equal_the_tokenizers_own(tok, name):
+    """render_chat calls the compiled chat template and the Rust tokenizer directly, fills a
+    template's shapes instead of rendering each row where the template allows it, and finds the
+    answers' tokens from character positions (each checked once per tokenizer): ids and labels
+    equal those of apply_chat_template + tokenizer(...) with offsets on varied conversations (system
+    turns, several assistant turns, an empty answer, reasoning tags, accents, emoji, special tokens
+    in text), for templates that print contents verbatim and for ones that trim or split them."""
+    import copy
+
+    from stillroom.data import IGNORE_INDEX
+    from stillroom.render import _encoder, _labeller, _shapes, _verbatim_content, chat_renderer, render_chat
+
+    template, verbatim = TEMPLATES[name]
+    tok = copy.deepcopy(tok)
+    tok.chat_template = template
     assert chat_renderer(tok).__name__ == "fast" and _encoder(tok).__name__ == "fast"
+    assert _labeller(tok).__name__ == "fast"
+    assert _verbatim_content(template) == verbatim and (_shapes(tok, chat_renderer(tok)) is not None) == verbatim
     convs = [
         [{"role": "user", "content": "Tell me about the cat."}, {"role": "assistant", "content": "It sat on the mat."}],
         [{"role": "system", "content": "Be brief. <|im_end|> is text here"}, {"role": "user", "content": "é 日本 🙂"},
          {"role": "assistant", "content": "  spaced\n\nlines  "}, {"role": "user", "content": "again?"},
          {"role": "assistant", "content": "Yes: the moon."}],
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>hmm</think> 42"},
+         {"role": "user", "content": ""}, {"role": "assistant", "content": ""},
+         {"role": "user", "content": "and?"}, {"role": "assistant", "content": "<think>so</think>43 🙂"}],
     ]
     for conv in convs:
         text = tok.apply_chat_template(conv, tokenize=False)

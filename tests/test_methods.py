@@ -373,6 +373,9 @@ def test_cross_tokenizer_distillation_runs(tmp_path, teacher_dir, other_tok_teac
     from transformers import AutoTokenizer
     assert AutoTokenizer.from_pretrained(final).get_vocab() == AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
     assert m["eval"]["student after"]["perplexity"] > 0 and m["eval"]["student after"]["agreement"] is None
+    # bits per byte: the teacher (another tokenizer) and the student on the same held-out text
+    assert m["eval"]["teacher"]["bits_per_byte"] > 0 and m["eval"]["student after"]["bits_per_byte"] > 0
+    assert "bits per byte" in m["table"]
 
 
 def test_two_stages_in_one_command(tmp_path, teacher_dir, chat_file, text_file):

@@ -4,7 +4,8 @@ from accelerate import Accelerator
 
 from stillroom import models
 from stillroom.config import Config
-from stillroom.data import Example, collate, load_data, model_inputs, pack_documents, pack_examples
+from stillroom.data import Example, collate, model_inputs, pack_documents, pack_examples
+from stillroom.store import load_data
 from stillroom.losses import IGNORE_INDEX
 from stillroom.train import accumulate, to_batch
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stillroom import data, store
+from stillroom import data, store, store_build
 from stillroom.config import Config, load_config
 from stillroom.errors import UserError
 
@@ -34,8 +34,8 @@ def as_tuples(examples):
 def both(path, *extra, tok):
     """(examples through the store, examples tokenized in memory) for the same config."""
     cfg = cfg_for(path, *extra)
-    got = data.load_data(cfg, tok)
-    want = data.load_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"store": "off"})}), tok)
+    got = store.load_data(cfg, tok)
+    want = store.load_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"store": "off"})}), tok)
     return got, want
 
 
@@ -86,7 +86,7 @@ def test_packed_rows_keep_every_document_boundary(tmp_path, tok):
     (it used to become one segment, letting its documents attend to each other)."""
     path = write_rows(tmp_path / "short.jsonl", [{"text": "the cat"}, {"text": "a mat"}, {"text": "the sea"},
                                                  {"prompt": "cat", "response": "the moon"}])
-    train, _ = data.load_data(cfg_for(path, "data.pack=true", "data.eval_fraction=0", "data.store=off"), tok)
+    train, _ = store.load_data(cfg_for(path, "data.pack=true", "data.eval_fraction=0", "data.store=off"), tok)
     assert len(train) == 1 and len(train[0].segments) == 4
     got, want = both(path, "data.pack=true", "data.eval_fraction=0", tok=tok)
     assert as_tuples(got[0]) == as_tuples(want[0])
@@ -111,14 +111,16 @@ def test_routed_rows_keep_their_teacher(tmp_path, tok, teacher_dir):
 
 def test_a_second_run_reads_no_text_and_gets_the_same_examples(sources, tok, monkeypatch):
     cfg = cfg_for(sources["mixed"], "data.pack=true")
-    first = data.load_data(cfg, tok)
+    first = store.load_data(cfg, tok)
 
     def no(*a, **k):
         raise AssertionError("the data was read again")
-    for name in ("_tokenize_shard", "_rows_of_jsonl", "_text_doc", "build"):
-        monkeypatch.setattr(store, name, no)
-    monkeypatch.setattr(data, "_read", no)
-    again = data.load_data(cfg, tok)
+    for name in ("_tokenize_shard", "_rows_of_jsonl", "text_ids", "build"):
+        monkeypatch.setattr(store_build, name, no)
+    monkeypatch.setattr(store, "build", no)
+    for name in ("_read", "text_ids", "tokenize_rows"):
+        monkeypatch.setattr(data, name, no)
+    again = store.load_data(cfg, tok)
     assert as_tuples(again[0]) == as_tuples(first[0]) and as_tuples(again[1]) == as_tuples(first[1])
 
 
@@ -126,23 +128,23 @@ def test_a_changed_key_builds_a_new_store(sources, tok, tmp_path):
     path = sources["pairs"]
     base = tmp_path / "cache" / "data"
     stores = lambda: sorted(p.name for p in base.glob("store-*"))  # noqa: E731
-    data.load_data(cfg_for(path), tok)
+    store.load_data(cfg_for(path), tok)
     assert len(stores()) == 1
-    data.load_data(cfg_for(path), tok)
+    store.load_data(cfg_for(path), tok)
     assert len(stores()) == 1                                  # same key: reused
-    data.load_data(cfg_for(path, "data.seq_len=80"), tok)      # seq_len
+    store.load_data(cfg_for(path, "data.seq_len=80"), tok)      # seq_len
     assert len(stores()) == 2
     from conftest import make_tokenizer
     other = make_tokenizer(vocab_size=300)                       # another tokenizer
-    data.load_data(cfg_for(path), other)
+    store.load_data(cfg_for(path), other)
     assert len(stores()) == 3
     rows = path.read_text().splitlines()                        # the file changed
     path.write_text("\n".join(rows[:-3]) + "\n")
-    train, held = data.load_data(cfg_for(path), tok)
+    train, held = store.load_data(cfg_for(path), tok)
     assert len(stores()) == 4 and len(train) + len(held) == 27
-    data.load_data(cfg_for(path, "train.seed=5"), tok)         # another held-out split
+    store.load_data(cfg_for(path, "train.seed=5"), tok)         # another held-out split
     assert len(stores()) == 5
-    data.load_data(cfg_for(path, "train.lr=1e-3", "data.workers=1"), tok)   # nothing the data depends on
+    store.load_data(cfg_for(path, "train.lr=1e-3", "data.workers=1"), tok)   # nothing the data depends on
     assert len(stores()) == 5
 
 
@@ -152,10 +154,10 @@ def test_a_killed_build_is_never_used(sources, tmp_path):
     path = sources["chat"]
     code = ("import sys; sys.path.insert(0, %r)\n"
             "from conftest import make_tokenizer\n"
-            "from stillroom import data\n"
+            "from stillroom import store\n"
             "from stillroom.config import Config, load_config\n"
             "cfg = load_config(None, ['data.path=%s', 'data.seq_len=48'], Config)\n"
-            "train, held = data.load_data(cfg, make_tokenizer())\n"
+            "train, held = store.load_data(cfg, make_tokenizer())\n"
             "print(len(train), len(held))\n") % (str(HERE), path)
     env = dict(os.environ, STILLROOM_FAULT="store.written")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -178,16 +180,16 @@ def test_several_processes_build_the_same_store_and_count_lines_across_shards(tm
     rows[170] = ""
     path = tmp_path / "big.jsonl"
     path.write_text("\n".join(rows) + "\n")
-    one = data.load_data(cfg_for(path, "data.skip_bad_rows=true", "data.store=" + str(tmp_path / "one")), tok)
+    one = store.load_data(cfg_for(path, "data.skip_bad_rows=true", "data.store=" + str(tmp_path / "one")), tok)
     calls = []
-    real = store._run_parallel
-    monkeypatch.setattr(store, "_run_parallel", lambda jobs, *a: calls.append(len(jobs)) or real(jobs, *a))
-    many = data.load_data(cfg_for(path, "data.skip_bad_rows=true", "data.workers=3",
+    real = store_build._run_parallel
+    monkeypatch.setattr(store_build, "_run_parallel", lambda jobs, *a: calls.append(len(jobs)) or real(jobs, *a))
+    many = store.load_data(cfg_for(path, "data.skip_bad_rows=true", "data.workers=3",
                                   "data.store=" + str(tmp_path / "many")), tok)
     assert calls and calls[0] > 1
     assert as_tuples(one[0]) == as_tuples(many[0]) and as_tuples(one[1]) == as_tuples(many[1])
-    monkeypatch.setattr(store, "SHARD_BYTES", 2500)   # one process, the file read a few kB at a time
-    pieces = data.load_data(cfg_for(path, "data.skip_bad_rows=true", "data.workers=1",
+    monkeypatch.setattr(store_build, "SHARD_BYTES", 2500)   # one process, the file read a few kB at a time
+    pieces = store.load_data(cfg_for(path, "data.skip_bad_rows=true", "data.workers=1",
                                     "data.store=" + str(tmp_path / "pieces")), tok)
     assert as_tuples(one[0]) == as_tuples(pieces[0]) and as_tuples(one[1]) == as_tuples(pieces[1])
     report = json.loads(next((tmp_path / "pieces").glob("store-*/index.json")).read_text())["reports"][0]
@@ -195,12 +197,12 @@ def test_several_processes_build_the_same_store_and_count_lines_across_shards(tm
     report = json.loads(next((tmp_path / "many").glob("store-*/index.json")).read_text())["reports"][0]
     assert report["bad"] == [[151, "invalid JSON: Expecting property name enclosed in double quotes"]]
     with pytest.raises(UserError, match=r"1 of 199 rows in .* are bad: row 151 \(invalid JSON"):
-        data.load_data(cfg_for(path, "data.workers=2", "data.store=" + str(tmp_path / "strict")), tok)
+        store.load_data(cfg_for(path, "data.workers=2", "data.store=" + str(tmp_path / "strict")), tok)
     assert not list((tmp_path / "strict").glob("store-*"))   # a refused build leaves nothing
 
 
 def test_examples_read_by_index_behave_as_a_list(sources, tok):
-    train, held = data.load_data(cfg_for(sources["chat"]), tok)
+    train, held = store.load_data(cfg_for(sources["chat"]), tok)
     listed = list(train)
     assert len(train) == len(listed) and as_tuples(train[2:9]) == as_tuples(listed[2:9])
     assert as_tuples(train[1::2]) == as_tuples(listed[1::2])
@@ -257,12 +259,36 @@ def test_a_second_run_waits_for_the_build_of_the_same_store(sources, tok, tmp_pa
     base = tmp_path / "cache" / "data"
     got = {}
     with folders.claim(base, key="the data store", name=f"store-{key}"):   # a first run, building
-        t = threading.Thread(target=lambda: got.update(ex=data.load_data(cfg, tok)))
+        t = threading.Thread(target=lambda: got.update(ex=store.load_data(cfg, tok)))
         t.start()
         time.sleep(1.5)
         assert t.is_alive() and not got and not list(base.glob("store-*"))
     t.join(60)
     assert got and len(list(base.glob("store-*"))) == 1
+
+
+def test_another_process_of_a_launch_waits_for_the_build_too(sources, tok, tmp_path, monkeypatch):
+    """In a launch where every process asks to build (a library caller), the lock is taken by every
+    process: process 1 waits for the build in progress instead of removing it as a leftover (it
+    did: the lock was the main process's only, and the two builds broke each other)."""
+    import threading
+    import time
+
+    from stillroom import folders
+    cfg = cfg_for(sources["chat"])
+    key, _ = store.store_key(cfg.data, tok, cfg.train.seed)
+    base = tmp_path / "cache" / "data"
+    building = base / f"store-{key}.tmp-999999"   # the main process's build, in progress
+    got = {}
+    with folders.claim(base, key="the data store", name=f"store-{key}"):
+        building.mkdir(parents=True)
+        monkeypatch.setenv("RANK", "1")
+        t = threading.Thread(target=lambda: got.update(ex=store.load_data(cfg, tok)))
+        t.start()
+        time.sleep(1.5)
+        assert t.is_alive() and building.is_dir()   # waiting; the build in progress untouched
+    t.join(60)
+    assert got and len([p for p in base.glob("store-*") if ".tmp-" not in p.name]) == 1
 
 
 def test_a_hub_dataset_is_streamed_into_the_store(tmp_path, tok, monkeypatch):
