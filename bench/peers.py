@@ -239,7 +239,7 @@ def main():
             "stillroom lean/cached": stillroom_step(True, cache),
             "stillroom plain/cached": stillroom_step(False, cache), "naive KD": naive_step}
     student_prec = {k: mine for k in rows if rows[k] is not None}
-    dt = lambda d: str(d)[6:]  # noqa: E731
+    dt = lambda d: {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(d)[6:], str(d)[6:])  # noqa: E731
     teacher_of = {"teacher fwd": dt(t_dtype), "teacher fwd fp32": "fp32", "student CE": "-", "stillroom lean/live": dt(t_dtype),
                   "stillroom plain/live": dt(t_dtype), "stillroom lean/cached": "cache", "stillroom plain/cached": "cache",
                   "naive KD": dt(t_dtype)}
