@@ -106,13 +106,13 @@ def _verbatim_content(template: str) -> bool:
     of its truth (`{% if message.content %}`, `is defined`). A template that compares, trims,
     splits or stores it (a reasoning template looking for '</think>', a `| trim`) renders text that
     a placeholder would not show: such templates are rendered row by row."""
-    import jinja2.ext
-    from jinja2 import nodes
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     try:
+        import jinja2.ext
+        from jinja2 import nodes
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
         tree = ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols]).parse(template)
-    except Exception:
+    except Exception:   # no jinja2, or a template it cannot parse: render row by row
         return False
     through = (nodes.Add, nodes.Concat, nodes.CondExpr, nodes.Not, nodes.And, nodes.Or)
     truth = {"defined", "undefined", "none", "string", "mapping", "sequence", "iterable", "true", "false"}
