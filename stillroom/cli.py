@@ -283,13 +283,11 @@ def cmd_generate(args) -> int:
 
 
 def _generate(args, gcfg, prompts, out: Path) -> dict:
-    import torch
-
     from . import models
     from .generate import LocalTeacher, generate_file
     from .tracking import launch_state
 
-    state, device = launch_state("cuda" if torch.cuda.is_available() else "cpu")
+    state, device = launch_state()
     if args.api:
         from .api import ApiTeacher
 
@@ -493,7 +491,9 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    rank = int(os.environ.get("RANK", "0") or 0)
+    from .folders import process_rank
+
+    rank = process_rank()
     # Under accelerate launch / torchrun the main process says what happens; the others, which do the
     # same, only warn (marked with their process), so a launch does not print every line N times.
     logging.basicConfig(level=logging.INFO, format="stillroom: %(message)s" if rank == 0

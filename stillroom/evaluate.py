@@ -84,6 +84,12 @@ def byte_counter(tokenizer):
     tokens' text. A byte-level BPE spells each byte as one character of its tokens, so a token's
     bytes are its length (an added token's: its written form's): one table, checked against
     decoding on sample texts once per tokenizer. Any other tokenizer decodes each run of targets."""
+    from .render import once_per
+
+    return once_per(tokenizer, ("bytes",), lambda: _make_byte_counter(tokenizer))
+
+
+def _make_byte_counter(tokenizer):
     import numpy as np
 
     from tokenizers.decoders import ByteLevel
@@ -181,15 +187,13 @@ def cross_bits_per_byte(teacher, t_tok, s_tok, examples, batch_size=8, max_batch
     text (as the student's tokenizer decodes it) tokenized for the teacher; the teacher's NLL of its
     tokens that start inside the characters of the student's target tokens, over those characters'
     UTF-8 bytes. So the two models are measured on the same text, each in its own tokens."""
-    from .methods import char_ends
+    from .methods import char_ends, padded
 
     device = next(teacher.parameters()).device
-    pad = t_tok.pad_token_id if t_tok.pad_token_id is not None else 0
     nll, n_bytes = 0.0, 0
-    chosen = list(examples)[:max_batches * batch_size if max_batches else None]
-    for at in range(0, len(chosen), batch_size):
+    for batch in eval_batches(examples, batch_size, max_batches):
         encs, spans = [], []
-        for e in chosen[at:at + batch_size]:
+        for e in batch:
             text = s_tok.decode(e.input_ids)
             prev, ranges = 0, []
             for k, end in enumerate(char_ends(s_tok, e.input_ids, text)):
@@ -201,12 +205,7 @@ def cross_bits_per_byte(teacher, t_tok, s_tok, examples, batch_size=8, max_batch
             n_bytes += sum(len(text[a:b].encode("utf-8")) for a, b in ranges)
             encs.append(t_tok(text, add_special_tokens=True, return_offsets_mapping=True))
             spans.append(ranges)
-        width = max(len(x["input_ids"]) for x in encs)
-        ids = torch.full((len(encs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, x in enumerate(encs):
-            ids[i, :len(x["input_ids"])] = torch.tensor(x["input_ids"])
-            mask[i, :len(x["input_ids"])] = 1
+        ids, mask = padded([x["input_ids"] for x in encs], t_tok)
         logp = torch.log_softmax(teacher(input_ids=ids.to(device), attention_mask=mask.to(device),
                                          use_cache=False).logits.float(), -1)
         for i, (x, ranges) in enumerate(zip(encs, spans)):

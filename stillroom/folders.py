@@ -107,9 +107,14 @@ def clear(folder: Path, kind: str):
     mark(folder, kind)
 
 
+def process_rank() -> int:
+    """This process's rank in a launch (torchrun / accelerate set RANK; 0 alone), read before any
+    process group exists."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def is_main_process() -> bool:
-    """Rank 0 of a launch (torchrun / accelerate set RANK), read before any process group exists."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return process_rank() == 0
 
 
 class Claim:

@@ -180,6 +180,17 @@ class Aligned:
     t_rows: torch.Tensor
 
 
+def padded(seqs: list[list[int]], tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids, attention mask), right-padded with the tokenizer's pad id (0 if none)."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, x in enumerate(seqs):
+        ids[i, :len(x)] = torch.tensor(x)
+        att[i, :len(x)] = 1
+    return ids, att
+
+
 def align(examples: list[Example], targets: torch.Tensor, s_tok, t_tok, device) -> Aligned:
     """Student position i (which predicts token i + 1) and teacher position j are aligned when the
     text up to and including token i equals the text up to and including teacher token j: both
@@ -199,13 +210,8 @@ def align(examples: list[Example], targets: torch.Tensor, s_tok, t_tok, device) 
             if i < S and targets[bi, i] != IGNORE_INDEX and end > 0 and end in last:
                 s_rows.append(bi * S + i)
                 t_rows.append((bi, last[end]))
-    width = max(map(len, t_ids))
-    pad = t_tok.pad_token_id if t_tok.pad_token_id is not None else 0
-    ids = torch.full((len(t_ids), width), pad, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for i, x in enumerate(t_ids):
-        ids[i, :len(x)] = torch.tensor(x)
-        att[i, :len(x)] = 1
+    ids, att = padded(t_ids, t_tok)
+    width = ids.shape[1]
     flat = [bi * width + j for bi, j in t_rows]
     return Aligned(ids.to(device), att.to(device), torch.tensor(s_rows, dtype=torch.long, device=device),
                    torch.tensor(flat, dtype=torch.long, device=device))

@@ -15,15 +15,27 @@ from .losses import IGNORE_INDEX
 _FAST: dict = {}   # (what, id(tokenizer)[, template]) -> (the tokenizer, its checked fast function)
 
 
+def once_per(tokenizer, key: tuple, make):
+    """make(), made once per tokenizer (and key: what, and e.g. its chat template) and kept: the
+    checked fast paths cost sample checks that must not run per row. Kept with the tokenizer
+    itself, so a new tokenizer that reuses a dead one's id is not served the dead one's."""
+    cached = _FAST.get((*key, id(tokenizer)))
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+    value = make()
+    _FAST[(*key, id(tokenizer))] = (tokenizer, value)
+    return value
+
+
 def _encoder(tokenizer):
     """enc(text) -> (ids, character offsets), as tokenizer(text, add_special_tokens=False,
     return_offsets_mapping=True) gives them; for a fast tokenizer its Rust backend called directly
     (what transformers calls, without the per-call conversion), checked against the reference on
     sample texts once per tokenizer."""
-    cached = _FAST.get(("encode", id(tokenizer)))
-    if cached is not None and cached[0] is tokenizer:
-        return cached[1]
+    return once_per(tokenizer, ("encode",), lambda: _make_encoder(tokenizer))
 
+
+def _make_encoder(tokenizer):
     def slow(t):
         e = tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)
         return e["input_ids"], e["offset_mapping"]
@@ -42,7 +54,6 @@ def _encoder(tokenizer):
                 enc = fast
         except Exception:
             pass
-    _FAST[("encode", id(tokenizer))] = (tokenizer, enc)
     return enc
 
 
@@ -71,10 +82,11 @@ def chat_renderer(tokenizer):
     does after converting the messages; calling the compiled template directly skips that
     conversion (most of a render's time). Checked against apply_chat_template on sample
     conversations once per template: where they differ, apply_chat_template is used."""
+    return once_per(tokenizer, ("render", tokenizer.chat_template), lambda: _make_renderer(tokenizer))
+
+
+def _make_renderer(tokenizer):
     template = tokenizer.chat_template
-    cached = _FAST.get(("render", id(tokenizer), template))
-    if cached is not None and cached[0] is tokenizer:
-        return cached[1]
 
     def slow(msgs, gen):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
@@ -96,7 +108,6 @@ def chat_renderer(tokenizer):
             render = fast
     except Exception:   # a template that needs what only apply_chat_template gives: use it
         pass
-    _FAST[("render", id(tokenizer), template)] = (tokenizer, render)
     return render
 
 
@@ -146,11 +157,12 @@ class _Shapes:
     def __init__(self, render):
         self.render, self.cache = render, {}
 
-    def parts(self, msgs, gen: bool) -> list[str]:
-        """The text around the non-empty contents: parts[0] + c0 + parts[1] + ... + parts[n]."""
+    def parts(self, msgs, gen: bool) -> list[str] | None:
+        """The text around the non-empty contents: parts[0] + c0 + parts[1] + ... + parts[n]; None
+        for a shape the template does not print each content of once, in order (seen only past the
+        samples: a role they lack): such conversations are rendered."""
         key = (tuple((m["role"], not m["content"]) for m in msgs), gen)
-        got = self.cache.get(key)
-        if got is None:
+        if key not in self.cache:
             shape = [{"role": m["role"], "content": MARK.format(i) if m["content"] else ""} for i, m in enumerate(msgs)]
             text = self.render(shape, gen)
             got, at = [], 0
@@ -158,32 +170,35 @@ class _Shapes:
                 if m["content"]:
                     j = text.find(MARK.format(i), at)
                     if j < 0 or text.count(MARK.format(i)) != 1:
-                        raise ValueError("the template does not print each content once, in order")
+                        got = None
+                        break
                     got.append(text[at:j])
                     at = j + len(MARK.format(i))
-            got.append(text[at:])
-            self.cache[key] = got
-        return got
+            self.cache[key] = None if got is None else got + [text[at:]]
+        return self.cache[key]
 
-    def text(self, msgs) -> str:
+    def text(self, msgs) -> str | None:
         parts = self.parts(msgs, False)
+        if parts is None:
+            return None
         out = [parts[0]]
         for c, after in zip((m["content"] for m in msgs if m["content"]), parts[1:]):
             out += (c, after)
         return "".join(out)
 
-    def length(self, msgs, gen: bool) -> int:
+    def length(self, msgs, gen: bool) -> int | None:
         """len(render(msgs, gen)) without rendering."""
-        return sum(map(len, self.parts(msgs, gen))) + sum(len(m["content"]) for m in msgs)
+        parts = self.parts(msgs, gen)
+        return None if parts is None else sum(map(len, parts)) + sum(len(m["content"]) for m in msgs)
 
 
 def _shapes(tokenizer, render):
     """The template's _Shapes, or None (a template that does more with contents than print them,
     or one whose filled shapes differ from its renders on the sample conversations)."""
-    key = ("shapes", id(tokenizer), tokenizer.chat_template)
-    cached = _FAST.get(key)
-    if cached is not None and cached[0] is tokenizer:
-        return cached[1]
+    return once_per(tokenizer, ("shapes", tokenizer.chat_template), lambda: _make_shapes(tokenizer, render))
+
+
+def _make_shapes(tokenizer, render):
     shapes = _Shapes(render) if _verbatim_content(tokenizer.chat_template) else None
     samples = [[{"role": "user", "content": "Hi there "}, {"role": "assistant", "content": " Hello!\n"}],
                [{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": "\na\t"},
@@ -198,7 +213,6 @@ def _shapes(tokenizer, render):
             for c in samples for k in range(1, len(c) + 1) for g in (False, True))
     except Exception:
         good = False
-    _FAST[key] = (tokenizer, shapes if good else None)
     return shapes if good else None
 
 
@@ -207,10 +221,10 @@ def _labeller(tokenizer):
     token's first character lies in one of the character spans [a, b). For a fast tokenizer the
     span edges are found with the Encoding's char_to_token (no per-token offsets built), checked
     against the offsets on sample texts once per tokenizer."""
-    cached = _FAST.get(("label", id(tokenizer)))
-    if cached is not None and cached[0] is tokenizer:
-        return cached[1]
+    return once_per(tokenizer, ("label",), lambda: _make_labeller(tokenizer))
 
+
+def _make_labeller(tokenizer):
     def slow(text, spans, limit):
         ids, offsets = encode_head(tokenizer, text, limit)
         starts = np.fromiter((s for s, _e in offsets), dtype=np.int64, count=len(ids))
@@ -254,7 +268,6 @@ def _labeller(tokenizer):
                 f = fast
         except Exception:
             pass
-    _FAST[("label", id(tokenizer))] = (tokenizer, f)
     return f
 
 
@@ -266,19 +279,23 @@ def render_chat(tokenizer, messages: list[dict], cut: bool = False, limit: int |
     render = chat_renderer(tokenizer)
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     shapes = _shapes(tokenizer, render)
-    if shapes is not None and all(isinstance(m["content"], str) and "\ue000" not in m["content"] for m in messages):
-        text = shapes.text(messages)
-        prompt_len = lambda i: shapes.length(messages[:i], True)  # noqa: E731
-        turn_len = lambda i: shapes.length(messages[:i + 1], False)  # noqa: E731
-    else:
-        text = render(messages, False)
-        prompt_len = lambda i: len(render(messages[:i], True))  # noqa: E731
-        turn_len = lambda i: len(render(messages[:i + 1], False))  # noqa: E731
+    fill = shapes is not None and all(isinstance(m["content"], str) and "\ue000" not in m["content"]
+                                      for m in messages)
+    # The rendered text and the lengths of prompts and turns: filled into the template's shapes
+    # where it allows, else rendered (also where a shape turns out not to fill: None).
+    text = shapes.text(messages) if fill else None
+    if text is None:
+        fill, text = False, render(messages, False)
+
+    def length(msgs, gen):
+        got = shapes.length(msgs, gen) if fill else None
+        return len(render(msgs, gen)) if got is None else got
+
     spans = []
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            start = prompt_len(i)
-            end = len(text) if i == len(messages) - 1 else turn_len(i)
+            start = length(messages[:i], True)
+            end = len(text) if i == len(messages) - 1 else length(messages[:i + 1], False)
             if cut and i == last:
                 at = text.find(m["content"], start, end)
                 end = at + len(m["content"]) if at >= 0 and m["content"] else end

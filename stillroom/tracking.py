@@ -13,11 +13,11 @@ import torch
 from .errors import UserError
 
 
-def launch_state(device):
+def launch_state():
     """(Accelerate's PartialState, its device) under accelerate launch / torchrun, where cache and
-    generate split their batches over the processes; (None, device) in one process."""
+    generate split their batches over the processes; (None, cuda or cpu) in one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None, device
+        return None, "cuda" if torch.cuda.is_available() else "cpu"
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())   # cpu: gloo, not N lone processes

@@ -337,7 +337,6 @@ def build_cache(cfg, overwrite: bool, progress: bool) -> dict | None:
     from .cache import build, existing, summary
     from .tracking import launch_state
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.cache.source == "logprobs":   # the teacher's tokenizer and config only: no weights are read
         from transformers import AutoConfig
 
@@ -353,7 +352,7 @@ def build_cache(cfg, overwrite: bool, progress: bool) -> dict | None:
         build_from_logprobs(cfg, models.load_tokenizer(cfg.teacher.model), AutoConfig.from_pretrained(where),
                             overwrite, progress)
         return summary(cfg.cache.path)
-    state, device = launch_state(device)
+    state, device = launch_state()
     teacher = models.load(cfg.teacher.model, dtype=models.teacher_dtype(cfg.teacher.dtype, device))
     check_context(cfg, teacher.model.config)
     if state is None or state.is_main_process:   # before any data work

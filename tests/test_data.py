@@ -255,3 +255,26 @@ def test_fast_rendering_and_encoding_equal_the_tokenizers_own(tok, name):
         ids, labels = render_chat(tok, conv)
         assert ids == e["input_ids"] and labels == want
         assert any(x != IGNORE_INDEX for x in labels) and any(x == IGNORE_INDEX for x in labels)
+
+
+def test_a_shape_the_samples_did_not_show_is_rendered_not_filled(tok):
+    """A template checked on the sample conversations (user, assistant, system) may still print a
+    content of another role twice: that conversation's shape cannot be filled, so it is rendered,
+    and ids and labels equal the tokenizer's own (it raised mid-build before)."""
+    import copy
+
+    from stillroom.render import _shapes, chat_renderer, render_chat
+
+    tok = copy.deepcopy(tok)
+    tok.chat_template = ("{% for message in messages %}{% if message['role'] == 'tool' %}{{ '<|im_start|>tool\n' + "
+                         "message['content'] + '\n' + message['content'] + '<|im_end|>\n' }}{% else %}"
+                         "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+                         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    assert _shapes(tok, chat_renderer(tok)) is not None   # the samples fill
+    conv = [{"role": "user", "content": "Weather?"}, {"role": "tool", "content": "rain, 12 C"},
+            {"role": "assistant", "content": "It rains: 12 C."}]
+    text = tok.apply_chat_template(conv, tokenize=False)
+    e = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    a = len(tok.apply_chat_template(conv[:2], tokenize=False, add_generation_prompt=True))
+    want = [t if s >= a else IGNORE_INDEX for t, (s, _) in zip(e["input_ids"], e["offset_mapping"])]
+    assert render_chat(tok, conv) == (e["input_ids"], want)
