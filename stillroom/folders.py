@@ -32,6 +32,7 @@ MARKER = ".stillroom.json"
 LOCK = ".stillroom.lock"
 HOLDER = ".stillroom.holder.json"
 OWN = {MARKER, LOCK, HOLDER}
+PROBE = ".stillroom-probe-"   # outputs.check_writable's passing folder
 
 # What a run or a cache writes, for folders made before the marker existed: a folder that holds
 # only these names is recognised as stillroom's own.
@@ -48,7 +49,9 @@ def entries(folder: Path) -> list[Path]:
 
 
 def _file_lock(name: str) -> bool:
-    return name.startswith(".") and name.endswith((".lock", ".holder.json"))
+    """A lock of one file, or the empty folder with which another process of a launch is checking
+    that it can write here (outputs.check_writable): bookkeeping, never the folder's contents."""
+    return name.startswith(".") and name.endswith((".lock", ".holder.json")) or name.startswith(PROBE)
 
 
 def mark(folder: Path, kind: str):
@@ -89,8 +92,10 @@ def check_replace(folder: Path, kind: str, inputs=(), key: str = "train.output_d
                             f"pick another {key}")
     found = kind_of(folder)
     if found is None:
-        raise UserError(f"{key} {folder} was not made by stillroom (no {MARKER} in it); --overwrite only "
-                        f"replaces stillroom's own folders: pick another {key} or empty it yourself")
+        names = sorted(p.name for p in entries(folder))
+        held = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise UserError(f"{key} {folder} was not made by stillroom (no {MARKER} in it; it holds {held}); "
+                        f"--overwrite only replaces stillroom's own folders: pick another {key} or empty it yourself")
     if found != kind:
         raise UserError(f"{key} {folder} is a stillroom {found}, not a {kind}; --overwrite will not replace it: "
                         f"pick another {key}")

@@ -166,7 +166,7 @@ def write_final(out: Path, student, tokenizer, cfg, metrics: dict, generation_co
 
 def check_writable(out: Path, what="output folder"):
     """The folder can be created and written (checked on its nearest existing ancestor), before
-    any heavy work and without writing anything."""
+    any heavy work, leaving nothing behind (an empty folders.PROBE* folder for a moment)."""
     probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -174,7 +174,7 @@ def check_writable(out: Path, what="output folder"):
         raise UserError(f"{what} {out}: {probe} is a file, not a folder; pick another path")
     import tempfile
     try:   # permission bits do not stop root, and read-only mounts can say "writable": try it
-        os.rmdir(tempfile.mkdtemp(prefix=".stillroom-probe-", dir=probe))
+        os.rmdir(tempfile.mkdtemp(prefix=folders.PROBE, dir=probe))
     except OSError as e:
         raise UserError(f"{what} {out}: cannot write in {probe} ({e.strerror}); pick another path") from None
 

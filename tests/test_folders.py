@@ -145,6 +145,24 @@ def test_folders_made_before_the_marker_are_recognised_only_when_they_hold_nothi
     assert folders.kind_of(cache) == "cache"
 
 
+def test_another_process_checking_it_can_write_is_not_a_foreign_entry(tmp_path):
+    """In a launch every process checks the output folder is writable (a passing empty folder)
+    while the main one decides whether --overwrite may replace it: the check is bookkeeping, and
+    the refusal of a foreign folder names what it holds."""
+    from stillroom.outputs import check_writable, prepare_output
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f"{folders.PROBE}x1y2").mkdir()        # another process's check, caught mid-way
+    assert folders.entries(out) == []
+    prepare_output(out, overwrite=True, resume=False)
+    prepare_output(out, overwrite=False, resume=False)
+    check_writable(out)
+    assert sorted(os.listdir(out)) == [f"{folders.PROBE}x1y2"]   # the check leaves nothing of its own
+    (out / "thesis.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"not made by stillroom \(no .stillroom.json in it; it holds thesis.txt\)"):
+        prepare_output(out, overwrite=True, resume=False)
+
+
 def test_a_symlinked_input_inside_the_folder_counts_as_inside(tmp_path, chat_file):
     out = tmp_path / "out"
     out.mkdir()

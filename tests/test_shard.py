@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli, tiny_overrides
-from test_train import launch
+from test_train import failure, launch
 
 HERE = Path(__file__).parent
 
@@ -26,7 +26,7 @@ def test_sharded_gradients_equal_one_process(tmp_path, teacher_dir, chat_file):
     launch(2, HERE / "fsdp_grads.py", teacher_dir, chat_file, two, "fsdp", 1)
     r = subprocess.run([sys.executable, HERE / "fsdp_grads.py", teacher_dir, chat_file, one, "fsdp", "2"],
                        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, failure(r.stderr)
     for name in [*OBJECTIVES, "codistill"]:
         a, b = torch.load(two / f"{name}.pt"), torch.load(one / f"{name}.pt")
         assert a["world"] == 2 and a["sharded"].startswith("FSDP") and not b["sharded"].startswith("FSDP"), name

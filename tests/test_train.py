@@ -60,8 +60,18 @@ def launch(n, *args, env=None, check=True, timeout=600):
                **(env or {}))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if check:
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, failure(r.stderr)
     return r
+
+
+def failure(stderr):
+    """What a failed launch said: each process's own last lines first (the root cause is often on a
+    process whose traceback the launcher's closing report pushes out of a plain tail), then the tail."""
+    by_rank = {}
+    for ln in stderr.splitlines():
+        if ln.startswith("[rank") and "]:" in ln:
+            by_rank.setdefault(ln.split("]:")[0], []).append(ln)
+    return "\n".join(ln for lines in by_rank.values() for ln in lines[-15:]) + "\n...\n" + stderr[-3000:]
 
 
 def test_two_processes_match_one(tmp_path, teacher_dir, chat_file):
