@@ -34,6 +34,7 @@ def _quiet_libraries():
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     logging.getLogger("gguf").setLevel(logging.ERROR)   # its writer narrates every file
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's "Using default tokenizer."
 
 
 def _run_config(args, cls):
@@ -146,7 +147,7 @@ def _build_cache(cfg, args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import evaluate, models
+    from . import evaluate, models, tasks
     from .config import DataConfig, EvalConfig
     from .data import build_examples
 
@@ -159,6 +160,7 @@ def cmd_eval(args) -> int:
         raise UserError(f"data file not found: {args.data}")
     if args.out:
         check_output_file(args.out, "--out")
+    items = {t: tasks.read_items(args.data, t, args.task_rows, fields) for t in dict.fromkeys(args.task or [])}
     model = models.run_model(args.model)
     teacher_spec = args.teacher or _run_teacher(model) or "smollm2-135m"
     log.debug("student %s, teacher %s", model, teacher_spec)
@@ -179,14 +181,38 @@ def cmd_eval(args) -> int:
     result = {"model": args.model, "teacher": teacher_spec, "data": args.data,
               "held_out_tokens": cmp["tokens"], "eval": columns}
     out = Path(args.out) if args.out else None
+    if items:
+        result["tasks"] = _eval_tasks(args, items, teacher, student, out)
     if out:
         out.write_text(json.dumps(result, indent=2))
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(f"student {model} vs teacher {teacher_spec}, on {args.data}")
-        print(evaluate.table(columns, cmp["tokens"]))
+        return 0
+    print(f"student {model} vs teacher {teacher_spec}, on {args.data}")
+    print(evaluate.table(columns, cmp["tokens"]))
+    for task, got in result.get("tasks", {}).items():
+        print(f"\ntask {task}:\n{tasks.table(got['scores'], got['rows'])}")
+        print(f"each row's answers: {got['answers']}" if got["answers"] else
+              "(pass --out FILE.json to keep each row's answers beside it)")
     return 0
+
+
+def _eval_tasks(args, items: dict, teacher, student, out: Path | None) -> dict:
+    """The generation tasks of `stillroom eval --task`: scores per model, each row's answers
+    written to <out>.<task>.jsonl beside --out."""
+    from . import tasks
+
+    found = {}
+    for task, rows in items.items():
+        scores, records = tasks.run(task, rows, {"teacher": (teacher.model, teacher.tokenizer),
+                                                 "student": (student.model, student.tokenizer)},
+                                    args.max_new_tokens, args.batch_size, progress=not args.no_progress)
+        path = out.with_name(f"{out.stem}.{task}.jsonl") if out else None
+        if path:
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        found[task] = {"scores": scores, "rows": len(records), "max_new_tokens": args.max_new_tokens,
+                       "answers": str(path) if path else None}
+    return found
 
 
 def _run_teacher(model_dir: str) -> str | None:
@@ -405,6 +431,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-bad-rows", action="store_true", help="skip (and report) rows that cannot be read")
     e.add_argument("--prompt-field", help="the rows' prompt key, for rows in no known format (README: Data formats)")
     e.add_argument("--response-field", help="the rows' response key (with --prompt-field)")
+    e.add_argument("--task", action="append", choices=["rouge", "exact_match"],
+                   help="also score greedy answers to the rows' prompts: rouge (ROUGE-L vs the reference "
+                        "answers, and the student's vs the teacher's) or exact_match (GSM8K '#### n' answers); "
+                        "repeatable")
+    e.add_argument("--task-rows", type=POSITIVE, default=None, help="answer at most this many rows per task")
+    e.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="answer length limit for --task")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="write a student as a GGUF file (f16, q8_0, q4_0) for llama.cpp / Ollama")

@@ -1,0 +1,189 @@
+"""Generation tasks: what a model *says*, scored against reference answers.
+
+- `rouge`: greedy answers to prompt/response or chat rows, ROUGE-L F1 (the `rouge-score` package,
+  stemmed; the best over a row's references) against the reference answers, as MiniLLM and
+  DistiLLM report on instruction sets; and the student's answers against the teacher's own
+  (how well it imitates).
+- `exact_match`: GSM8K-style rows (`answer` ending in `#### <number>`): the final number of the
+  answer against the reference's, extracted the two ways lm-eval's gsm8k task does (strict: after
+  `#### `; flexible: the last number in the answer), compared after dropping `,`, `$` and a final `.`.
+
+A row's prompt is its conversation up to its last user turn, rendered with each model's own chat
+template (generate.LocalTeacher), so models of different tokenizers answer the same prompts; the
+reference is the assistant turn after it, plus any strings in a `references` list on the row.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("stillroom")
+
+TASKS = ("rouge", "exact_match")
+
+
+@dataclass
+class Item:
+    prompt: list[dict]                 # messages, ending with the user's turn
+    references: list[str] = field(default_factory=list)
+    line: int = 0                      # the row's line (or index) in its source
+
+
+def read_items(path: str, task: str, limit: int | None = None, fields: dict | None = None,
+               split: str = "train") -> list[Item]:
+    """The task's rows from a JSONL file or a dataset: prompt and reference answers each."""
+    from .rows import read_hf, read_jsonl, read_row, row_keys
+
+    check_task(task)
+    p = Path(path)
+    if p.is_file() and p.suffix in (".jsonl", ".json"):
+        rows, bad = read_jsonl(p)
+        if bad:
+            n, why = bad[0]
+            raise UserError(f"{path} line {n}: {why}")
+    elif p.is_file():
+        raise UserError(f"--task {task} needs rows with reference answers (JSONL or a dataset folder), "
+                        f"not plain text: {path}")
+    else:
+        rows = read_hf(str(path), split)
+    items = []
+    for n, row in rows:
+        got = read_row(row, fields)
+        if isinstance(got, str):
+            raise UserError(f"{path} row {n}: {got}")
+        msgs = got.messages or []
+        last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+        after = msgs[last_user + 1:] if last_user is not None else []
+        refs = [m["content"] for m in after[:1] if m["role"] == "assistant" and m["content"].strip()]
+        extra = row.get("references")
+        if isinstance(extra, list):
+            refs += [r for r in extra if isinstance(r, str) and r.strip()]
+        if last_user is None or not refs:
+            raise UserError(f"{path} row {n}: no reference answer (needs a prompt and its answer: "
+                            f"{', '.join(row_keys(rows)[:6]) or 'no keys'} found) for --task {task}")
+        if task == "exact_match" and final_number(refs[0], "strict") is None:
+            raise UserError(f"{path} row {n}: the answer does not end in '#### <number>' (GSM8K format), "
+                            "which --task exact_match scores against")
+        items.append(Item(msgs[:last_user + 1], refs, n))
+        if limit and len(items) >= limit:
+            break
+    if not items:
+        raise UserError(f"{path} holds no rows")
+    return items
+
+
+def check_task(task: str):
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}; the tasks are: {', '.join(TASKS)}")
+
+
+# ---------------------------------------------------------------------------------- scorers
+
+_scorer = None
+
+
+def rouge_l(prediction: str, references: list[str]) -> float:
+    """ROUGE-L F1 of `prediction`, the best over `references` (rouge-score, Porter-stemmed)."""
+    global _scorer
+    if _scorer is None:
+        from rouge_score import rouge_scorer
+        _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return max(_scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def final_number(text: str, how: str = "strict") -> str | None:
+    """The answer's final number as lm-eval's gsm8k extracts it: strict, the number after `#### `
+    (the first such); flexible, the last number anywhere in the text. Normalized (no `,` or `$`,
+    no final `.`), or None when there is none."""
+    if how == "strict":
+        m = STRICT.search(text)
+        found = m.group(1) if m else None
+    else:
+        hits = [a or b for a, b in FLEXIBLE.findall(text)]
+        found = hits[-1] if hits else None
+    if found is None:
+        return None
+    found = found.replace(",", "").replace("$", "").strip()
+    found = found[:-1] if found.endswith(".") else found
+    return found or None
+
+
+def exact_match(prediction: str, reference: str) -> dict:
+    want = final_number(reference, "strict")
+    return {how: final_number(prediction, how) == want for how in ("strict", "flexible")}
+
+
+# ---------------------------------------------------------------------------------- running
+
+def answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+            progress: bool = True, desc: str = "answering") -> list[str]:
+    """Greedy answers, batched (left-padded) through the model's chat template."""
+    from types import SimpleNamespace
+
+    from tqdm.auto import tqdm
+
+    from .generate import LocalTeacher
+
+    who = LocalTeacher(model, tokenizer, desc)
+    gcfg = SimpleNamespace(temperature=0.0, max_new_tokens=max_new_tokens, num_answers=1, seed=0,
+                           top_p=1.0, top_k=0)
+    out = []
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
+        for i in range(0, len(prompts), batch_size):
+            for a in who.answer(prompts[i:i + batch_size], gcfg, 0):
+                out.append(a[0]["content"] if isinstance(a[0], dict) else a[0])
+            bar.update(min(batch_size, len(prompts) - i))
+    return out
+
+
+def run(task: str, items: list[Item], models: dict, max_new_tokens: int = 128, batch_size: int = 8,
+        progress: bool = True) -> tuple[dict, list[dict]]:
+    """models: {name: (model, tokenizer)}, the teacher first when there is one (named "teacher").
+    -> ({name: {metric: value}}, one record per row: prompt, references, each model's answer and scores)."""
+    check_task(task)
+    said = {name: answers(m, tok, [it.prompt for it in items], max_new_tokens, batch_size, progress,
+                          f"{task}: {name}") for name, (m, tok) in models.items()}
+    records, scores = [], {name: {} for name in models}
+    for i, it in enumerate(items):
+        rec = {"line": it.line, "prompt": it.prompt[-1]["content"], "references": it.references}
+        for name in models:
+            a = said[name][i]
+            rec[name] = {"answer": a}
+            if task == "rouge":
+                rec[name]["rougeL"] = rouge_l(a, it.references)
+                if name != "teacher" and "teacher" in said:
+                    rec[name]["rougeL_vs_teacher"] = rouge_l(a, [said["teacher"][i]]) if said["teacher"][i] else 0.0
+            else:
+                hit = exact_match(a, it.references[0])
+                rec[name].update({"exact_match_strict": float(hit["strict"]),
+                                  "exact_match_flexible": float(hit["flexible"])})
+        records.append(rec)
+    for name in models:
+        keys = [k for k in records[0][name] if k != "answer"]
+        scores[name] = {k: sum(r[name][k] for r in records) / len(records) for k in keys}
+    return scores, records
+
+
+LABELS = {"rougeL": "ROUGE-L F1 vs references", "rougeL_vs_teacher": "ROUGE-L F1 vs the teacher's answers",
+          "exact_match_strict": "exact match (strict, '#### n')", "exact_match_flexible": "exact match (flexible, last number)"}
+
+
+def table(scores: dict, rows: int) -> str:
+    """The task scores side by side, one column per model."""
+    names = list(scores)
+    keys = [k for k in LABELS if any(k in scores[n] for n in names)]
+    width = max(len(LABELS[k]) for k in keys)
+    lines = [f"{'':<{width}}  " + "  ".join(f"{n:>10}" for n in names)]
+    for k in keys:
+        cells = [f"{scores[n][k]:>10.4f}" if k in scores[n] else f"{'-':>10}" for n in names]
+        lines.append(f"{LABELS[k]:<{width}}  " + "  ".join(cells))
+    lines.append(f"({rows} rows, greedy answers)")
+    return "\n".join(lines)
