@@ -151,7 +151,8 @@ def cmd_eval(args) -> int:
     from .config import DataConfig, EvalConfig
     from .data import build_examples
 
-    ecfg = EvalConfig(batch_size=args.batch_size, max_batches=args.max_batches)
+    ecfg = EvalConfig(batch_size=args.batch_size, max_batches=args.max_batches, gen_tokens=args.gen_tokens,
+                      gen_prompts=args.gen_prompts)
     if args.response_field and not args.prompt_field:
         raise UserError("--response-field needs --prompt-field")
     fields = {"prompt": args.prompt_field, "response": args.response_field} if args.prompt_field else None
@@ -181,6 +182,14 @@ def cmd_eval(args) -> int:
     result = {"model": args.model, "teacher": teacher_spec, "data": args.data,
               "held_out_tokens": cmp["tokens"], "eval": columns}
     out = Path(args.out) if args.out else None
+    if args.draft:
+        from . import draft
+        result["draft"] = draft.draft_check(teacher.model, student.model, prompts, ecfg.gen_tokens, pad,
+                                            args.draft_tokens)
+        if not result["draft"]["all_identical"]:
+            log.warning("with the student drafting, the teacher's greedy output differed on %d of %d prompts "
+                        "(float rounding between one-token and many-token passes flips near-ties)",
+                        result["draft"]["prompts"] - result["draft"]["identical"], result["draft"]["prompts"])
     if items:
         result["tasks"] = _eval_tasks(args, items, teacher, student, out)
     if out:
@@ -190,6 +199,10 @@ def cmd_eval(args) -> int:
         return 0
     print(f"student {model} vs teacher {teacher_spec}, on {args.data}")
     print(evaluate.table(columns, cmp["tokens"]))
+    if "draft" in result:
+        from . import draft
+        print(f"\nthe student as the teacher's draft model (speculative decoding, {ecfg.gen_tokens} new tokens "
+              f"per prompt):\n{draft.table(result['draft'])}")
     for task, got in result.get("tasks", {}).items():
         print(f"\ntask {task}:\n{tasks.table(got['scores'], got['rows'])}")
         print(f"each row's answers: {got['answers']}" if got["answers"] else
@@ -437,6 +450,12 @@ def parser() -> argparse.ArgumentParser:
                         "repeatable")
     e.add_argument("--task-rows", type=POSITIVE, default=None, help="answer at most this many rows per task")
     e.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="answer length limit for --task")
+    e.add_argument("--draft", action="store_true",
+                   help="also time the teacher's greedy decoding alone vs with the student as its draft model "
+                        "(speculative decoding): acceptance, speed ratio, and that the output is unchanged")
+    e.add_argument("--draft-tokens", type=POSITIVE, default=5, help="tokens the student drafts per step (--draft)")
+    e.add_argument("--gen-tokens", type=POSITIVE, default=32, help="new tokens per prompt when timing generation")
+    e.add_argument("--gen-prompts", type=POSITIVE, default=4, help="prompts to time generation on")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
 
