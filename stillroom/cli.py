@@ -147,7 +147,7 @@ def _build_cache(cfg, args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import evaluate, models, tasks
+    from . import evaluate, harness, models, tasks
     from .config import DataConfig, EvalConfig
     from .data import build_examples
 
@@ -162,6 +162,10 @@ def cmd_eval(args) -> int:
     if args.out:
         check_output_file(args.out, "--out")
     items = {t: tasks.read_items(args.data, t, args.task_rows, fields) for t in dict.fromkeys(args.task or [])}
+    harness_tasks = [t.strip() for t in (args.lm_eval or "").split(",") if t.strip()]
+    if args.include_path and not harness_tasks:
+        raise UserError("--include-path names where --lm-eval finds tasks: pass --lm-eval TASKS too")
+    harness_tasks = harness.task_dict(harness_tasks, args.include_path) if harness_tasks else None  # before any model
     model = models.run_model(args.model)
     teacher_spec = args.teacher or _run_teacher(model) or "smollm2-135m"
     log.debug("student %s, teacher %s", model, teacher_spec)
@@ -192,6 +196,10 @@ def cmd_eval(args) -> int:
                         result["draft"]["prompts"] - result["draft"]["identical"], result["draft"]["prompts"])
     if items:
         result["tasks"] = _eval_tasks(args, items, teacher, student, out)
+    if harness_tasks:
+        result["lm_eval"] = harness.run(harness_tasks, {"teacher": (teacher.model, teacher.tokenizer),
+                                                        "student": (student.model, student.tokenizer)},
+                                        args.batch_size)
     if out:
         out.write_text(json.dumps(result, indent=2))
     if args.json:
@@ -203,6 +211,8 @@ def cmd_eval(args) -> int:
         from . import draft
         print(f"\nthe student as the teacher's draft model (speculative decoding, {ecfg.gen_tokens} new tokens "
               f"per prompt):\n{draft.table(result['draft'])}")
+    if "lm_eval" in result:
+        print(f"\nlm-evaluation-harness:\n{harness.table(result['lm_eval'])}")
     for task, got in result.get("tasks", {}).items():
         print(f"\ntask {task}:\n{tasks.table(got['scores'], got['rows'])}")
         print(f"each row's answers: {got['answers']}" if got["answers"] else
@@ -450,6 +460,11 @@ def parser() -> argparse.ArgumentParser:
                         "repeatable")
     e.add_argument("--task-rows", type=POSITIVE, default=None, help="answer at most this many rows per task")
     e.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="answer length limit for --task")
+    e.add_argument("--lm-eval", metavar="TASKS",
+                   help="also run EleutherAI's lm-evaluation-harness on both models: comma-separated task names "
+                        "(stillroom_facts ships with stillroom and runs offline; the standard ones need network); "
+                        "needs pip install 'stillroom[lm-eval]'")
+    e.add_argument("--include-path", help="a folder of your own lm-eval task YAMLs (with --lm-eval)")
     e.add_argument("--draft", action="store_true",
                    help="also time the teacher's greedy decoding alone vs with the student as its draft model "
                         "(speculative decoding): acceptance, speed ratio, and that the output is unchanged")
