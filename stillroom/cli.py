@@ -232,7 +232,7 @@ def _eval_tasks(args, items: dict, teacher, student, out: Path | None) -> dict:
                                     args.max_new_tokens, args.batch_size, progress=not args.no_progress)
         path = out.with_name(f"{out.stem}.{task}.jsonl") if out else None
         if path:
-            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+            tasks.write_records(path, records)
         found[task] = {"scores": scores, "rows": len(records), "max_new_tokens": args.max_new_tokens,
                        "answers": str(path) if path else None}
     return found

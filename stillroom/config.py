@@ -323,6 +323,17 @@ class EvalConfig(Section):
     gen_tokens: int = Field(32, ge=1)
     """New tokens per prompt when timing generation speed."""
     gen_prompts: int = Field(4, ge=1)
+    tasks: list[Literal["rouge", "exact_match"]] = []
+    """Generation tasks scored on the teacher and on the student before and after training (README:
+    Evaluation): rouge (ROUGE-L vs the reference answers, and the student's vs the teacher's) or
+    exact_match (GSM8K '#### n' answers). Their rows: task_data."""
+    task_data: Optional[str] = None
+    """Rows with reference answers for eval.tasks (JSONL or a dataset folder); None = data.eval_path.
+    Not the training data: a score on rows the student trained on says little."""
+    task_rows: int = Field(32, ge=1)
+    """Rows answered per task (greedy answers are slow on a CPU)."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Answer length limit for eval.tasks."""
 
 
 class PeerConfig(StudentConfig):

@@ -149,9 +149,30 @@ def _table(cols: dict, rows) -> str:
     return f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
 
 
+def _task(run: Path, task: str, got: dict, samples: int = 5) -> str:
+    """A generation task's scores per model, and its first rows' answers side by side."""
+    from .tasks import LABELS
+
+    scores = got["scores"]
+    rows = [(k, label, lambda v: f"{v:.4f}") for k, label in LABELS.items() if any(k in c for c in scores.values())]
+    part = f"<h2>Task {html.escape(task)} ({got['rows']} rows, greedy answers)</h2>" + _table(scores, rows)
+    path = run / got["answers"]
+    try:
+        records = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()[:samples]]
+    except (OSError, ValueError):
+        return part + f"<p>(its answers, {html.escape(str(path))}, could not be read)</p>"
+    names = list(scores)
+    cell = lambda t: f"<td class='text'>{html.escape(t)}</td>"  # noqa: E731
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in ["prompt", "reference", *names])
+    body = "".join("<tr>" + cell(r["prompt"]) + cell(r["references"][0]) +
+                   "".join(cell(r.get(n, {}).get("answer", "")) for n in names) + "</tr>" for r in records)
+    return (part + f"<h3>Sample answers (the first {len(records)} of {html.escape(got['answers'])})</h3>"
+            f"<table><tr>{head}</tr>{body}</table>")
+
+
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
-pre{background:#f6f6f6;padding:1em;overflow:auto}figure{margin:1em 0}"""
+pre{background:#f6f6f6;padding:1em;overflow:auto}td.text{text-align:left;vertical-align:top;max-width:18em;white-space:pre-wrap}figure{margin:1em 0}"""
 
 # After load: every plot must have a non-empty box and drawn marks; the result lands in the DOM
 # (data-plots) so a headless browser's --dump-dom shows what it rendered.
@@ -173,6 +194,8 @@ def build(run: Path) -> str:
         parts.append(f"<figure id='plot-{name}'>{svg}</figure>")
     if d["metrics"]:
         parts.append("<h2>Teacher and student</h2>" + _table(d["metrics"]["eval"], EVAL_ROWS))
+    for task, got in ((d["metrics"] or {}).get("tasks") or {}).items():
+        parts.append(_task(run, task, got))
     if d["compare"]:
         from .compare import ROWS as CMP_ROWS
         parts.append("<h2>stillroom compare</h2>" + _table(d["compare"]["columns"], CMP_ROWS))

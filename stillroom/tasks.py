@@ -14,6 +14,7 @@ reference is the assistant turn after it, plus any strings in a `references` lis
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -135,26 +136,31 @@ def answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, ba
     who = LocalTeacher(model, tokenizer, desc)
     gcfg = SimpleNamespace(temperature=0.0, max_new_tokens=max_new_tokens, num_answers=1, seed=0,
                            top_p=1.0, top_k=0)
-    out = []
+    out, was = [], model.training
+    model.eval()
     with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
         for i in range(0, len(prompts), batch_size):
             for a in who.answer(prompts[i:i + batch_size], gcfg, 0):
                 out.append(a[0]["content"] if isinstance(a[0], dict) else a[0])
             bar.update(min(batch_size, len(prompts) - i))
+    model.train(was)
     return out
 
 
-def run(task: str, items: list[Item], models: dict, max_new_tokens: int = 128, batch_size: int = 8,
-        progress: bool = True) -> tuple[dict, list[dict]]:
-    """models: {name: (model, tokenizer)}, the teacher first when there is one (named "teacher").
-    -> ({name: {metric: value}}, one record per row: prompt, references, each model's answer and scores)."""
-    check_task(task)
-    said = {name: answers(m, tok, [it.prompt for it in items], max_new_tokens, batch_size, progress,
-                          f"{task}: {name}") for name, (m, tok) in models.items()}
-    records, scores = [], {name: {} for name in models}
+def answer_all(items: list[Item], models: dict, max_new_tokens: int = 128, batch_size: int = 8,
+               progress: bool = True, what: str = "") -> dict:
+    """models: {name: (model, tokenizer)} -> {name: [greedy answer per item]}."""
+    return {name: answers(m, tok, [it.prompt for it in items], max_new_tokens, batch_size, progress,
+                          f"{what}{name}") for name, (m, tok) in models.items()}
+
+
+def score(task: str, items: list[Item], said: dict) -> tuple[dict, list[dict]]:
+    """said: {name: [answer per item]} ("teacher" among them for the imitation score) ->
+    ({name: {metric: mean}}, one record per row: prompt, references, each model's answer and scores)."""
+    records = []
     for i, it in enumerate(items):
         rec = {"line": it.line, "prompt": it.prompt[-1]["content"], "references": it.references}
-        for name in models:
+        for name in said:
             a = said[name][i]
             rec[name] = {"answer": a}
             if task == "rouge":
@@ -166,10 +172,22 @@ def run(task: str, items: list[Item], models: dict, max_new_tokens: int = 128, b
                 rec[name].update({"exact_match_strict": float(hit["strict"]),
                                   "exact_match_flexible": float(hit["flexible"])})
         records.append(rec)
-    for name in models:
+    scores = {}
+    for name in said:
         keys = [k for k in records[0][name] if k != "answer"]
         scores[name] = {k: sum(r[name][k] for r in records) / len(records) for k in keys}
     return scores, records
+
+
+def run(task: str, items: list[Item], models: dict, max_new_tokens: int = 128, batch_size: int = 8,
+        progress: bool = True) -> tuple[dict, list[dict]]:
+    """Answer with every model, then score: see answer_all and score."""
+    check_task(task)
+    return score(task, items, answer_all(items, models, max_new_tokens, batch_size, progress, f"{task}: "))
+
+
+def write_records(path: Path, records: list[dict]):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
 LABELS = {"rougeL": "ROUGE-L F1 vs references", "rougeL_vs_teacher": "ROUGE-L F1 vs the teacher's answers",
@@ -181,9 +199,41 @@ def table(scores: dict, rows: int) -> str:
     names = list(scores)
     keys = [k for k in LABELS if any(k in scores[n] for n in names)]
     width = max(len(LABELS[k]) for k in keys)
-    lines = [f"{'':<{width}}  " + "  ".join(f"{n:>10}" for n in names)]
+    w = {n: max(10, len(n)) for n in names}
+    lines = [f"{'':<{width}}  " + "  ".join(f"{n:>{w[n]}}" for n in names)]
     for k in keys:
-        cells = [f"{scores[n][k]:>10.4f}" if k in scores[n] else f"{'-':>10}" for n in names]
+        cells = [f"{scores[n][k]:>{w[n]}.4f}" if k in scores[n] else f"{'-':>{w[n]}}" for n in names]
         lines.append(f"{LABELS[k]:<{width}}  " + "  ".join(cells))
     lines.append(f"({rows} rows, greedy answers)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- in a run
+
+def from_config(cfg) -> dict[str, list[Item]]:
+    """eval.tasks' rows (read, and refused, before a run writes anything): {task: items}."""
+    e = cfg.eval
+    if not e.tasks:
+        return {}
+    path = e.task_data or cfg.data.eval_path
+    if not path:
+        raise UserError("eval.tasks needs rows with reference answers that the student does not train on: "
+                        "set eval.task_data (or data.eval_path)")
+    if not Path(path).exists() and Path(path).suffix:
+        raise UserError(f"eval.task_data {path}: file not found")
+    fields = cfg.data.fields if not e.task_data else None   # data.eval_path is in the training data's format
+    return {t: read_items(path, t, e.task_rows, fields) for t in dict.fromkeys(e.tasks)}
+
+
+def in_run(items: dict, said: dict, student, tokenizer, ecfg, out: Path, progress: bool = True) -> dict:
+    """After training: the trained student's answers joined to `said` ({task: {name: answers}},
+    the teacher's and the untrained student's), scored, each row written to <out>/tasks-<task>.jsonl."""
+    found = {}
+    for task, its in items.items():
+        said[task].update(answer_all(its, {"student after": (student, tokenizer)}, ecfg.max_new_tokens,
+                                     ecfg.batch_size, progress, f"{task}: "))
+        scores, records = score(task, its, said[task])
+        write_records(out / f"tasks-{task}.jsonl", records)
+        found[task] = {"scores": scores, "rows": len(records), "max_new_tokens": ecfg.max_new_tokens,
+                       "answers": f"tasks-{task}.jsonl"}
+    return found

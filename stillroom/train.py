@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import evaluate, loop, models, shard
+from . import evaluate, loop, models, shard, tasks
 from .config import Config, to_yaml
 from .errors import UserError
 from .loop import (Batch, GracefulStop, fit, lr_lambda, make_accelerator, make_optimizer, objective_run,  # noqa: F401
@@ -193,6 +193,7 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
     if cfg.loss.alpha == 0:
         log.info("loss.alpha=0: plain CE on the data (sequence-level KD when the data is teacher output)")
     tok = s_tok if cross else teacher.tokenizer
+    task_items = tasks.from_config(cfg)   # on every process, before the data: a refusal stops them all
     cfg, train, held = prepare_data(cfg, teacher, accelerator, tok, rows, eval_rows)
     if cfg.student.prune_heads or cfg.student.prune_intermediate:
         from .prune import calibrate_and_prune
@@ -228,6 +229,12 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
         log.info("evaluating the teacher and the untrained student on %d held-out examples", len(held))
     before, held_tokens = (eval_columns(student, None, teacher, held, cfg, vocab, pad_id, cache=cache,
                                         s_tok=s_tok if cross else None) if main else ({}, 0))
+    said = {}   # eval.tasks: the teacher's and the untrained student's answers
+    if main and task_items:
+        before_models = {"teacher": (teacher.model, teacher.tokenizer)} if teacher.has_weights else {}
+        before_models["student before"] = (student, s_tok)
+        said = {t: tasks.answer_all(its, before_models, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress,
+                                    f"{t}: ") for t, its in task_items.items()}
     if cfg.train.qat != "none":
         from .quant import enable
         log.info("quantization-aware: %d linear weights trained through %s", enable(student, cfg.train.qat),
@@ -290,10 +297,14 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
     accelerator.end_training()   # the trackers are closed after the final evaluation is in them
     metrics = {"eval": columns, "held_out_tokens": held_tokens, "train": last_log,
                "train_examples": len(train), "held_out_examples": len(held)}
+    if task_items:
+        metrics["tasks"] = tasks.in_run(task_items, said, student, s_tok, cfg.eval, out, progress)
     final = write_final(out, student, s_tok, cfg, metrics,
                         teacher.model.generation_config if teacher.has_weights and not cross else None,
                         extra=objective.save)
     metrics["table"] = evaluate.table(columns, held_tokens)
+    for t, got in metrics.get("tasks", {}).items():
+        metrics["table"] += f"\n\ntask {t} ({got['answers']}):\n" + tasks.table(got["scores"], got["rows"])
     if cache:
         kl = ("KL is over its top-k + one tail bucket, a lower bound of the full KL" if cache.temperature == 1.0
               else f"no KL at T=1 from a cache at T={cache.temperature}")

@@ -105,3 +105,33 @@ def test_eval_tasks_from_the_command_line(tmp_path, teacher_dir, chat_file):
                       "row 1: no reference answer")
     assert_user_error(run_cli(*base, "--data", chat_file, "--task", "exact_match"), "does not end in '#### <number>'")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_run_scores_its_tasks_before_and_after_and_reports_them(tmp_path, teacher_dir, chat_file):
+    qa = _rows(tmp_path, "qa.jsonl", [{"prompt": f"Tell me about the moon {i}.", "response": "The moon is bright."}
+                                      for i in range(3)])
+    out = tmp_path / "run"
+    args = ["distill", f"teacher.model={teacher_dir}", f"data.path={chat_file}", f"train.output_dir={out}",
+            "student.num_layers=2", "data.seq_len=64", "train.max_steps=2", "eval.gen_tokens=2",
+            "eval.gen_prompts=1", "eval.tasks=[rouge]", f"eval.task_data={qa}", "eval.max_new_tokens=5",
+            "--no-progress"]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "task rouge (tasks-rouge.jsonl)" in r.stdout and "student before" in r.stdout
+    got = json.loads((out / "final" / "metrics.json").read_text())["tasks"]["rouge"]
+    assert set(got["scores"]) == {"teacher", "student before", "student after"} and got["rows"] == 3
+    assert "rougeL_vs_teacher" in got["scores"]["student after"] and "rougeL_vs_teacher" not in got["scores"]["teacher"]
+    rows = [json.loads(x) for x in (out / "tasks-rouge.jsonl").read_text().splitlines()]
+    assert [x["prompt"] for x in rows] == [f"Tell me about the moon {i}." for i in range(3)]
+    assert run_cli("report", out).returncode == 0
+    page = (out / "report.html").read_text()
+    assert "Task rouge (3 rows, greedy answers)" in page and "Sample answers" in page
+    assert "Tell me about the moon 2." in page and "The moon is bright." in page
+    # rows to score against are asked for, and read, before anything is written
+    other = tmp_path / "other"
+    bad = [a.replace(f"eval.task_data={qa}", "eval.max_new_tokens=5").replace(str(out), str(other)) for a in args]
+    assert_user_error(run_cli(*bad), "eval.tasks needs rows with reference answers .* set eval.task_data")
+    no_refs = _rows(tmp_path, "p.jsonl", [{"prompt": "Say hi."}])
+    bad = [a.replace(str(qa), str(no_refs)).replace(str(out), str(other)) for a in args]
+    assert_user_error(run_cli(*bad), "row 1: no reference answer")
+    assert not other.exists()
