@@ -131,6 +131,7 @@ def answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, ba
 
     from tqdm.auto import tqdm
 
+    from .feedback import progress_on
     from .generate import LocalTeacher
 
     who = LocalTeacher(model, tokenizer, desc)
@@ -138,7 +139,7 @@ def answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, ba
                            top_p=1.0, top_k=0)
     out, was = [], model.training
     model.eval()
-    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not (progress and progress_on())) as bar:
         for i in range(0, len(prompts), batch_size):
             for a in who.answer(prompts[i:i + batch_size], gcfg, 0):
                 out.append(a[0]["content"] if isinstance(a[0], dict) else a[0])

@@ -18,6 +18,7 @@ import torch
 from . import evaluate, loop, models, shard, tasks
 from .config import Config, to_yaml
 from .errors import UserError
+from .feedback import progress_on
 from .loop import (Batch, GracefulStop, fit, lr_lambda, make_accelerator, make_optimizer, objective_run,  # noqa: F401
                    prefetched, set_threads, to_batch, window, window_indices)
 from .objectives import build_objective, loss_weights, teacher_terms  # noqa: F401
@@ -65,7 +66,8 @@ def default_data(cfg: Config, teacher: models.Loaded) -> str:
 
     # Two runs that need the same answers: the second waits for the first rather than write beside it.
     with claim(path.parent, key="the default data", name=path.name, wait=True):
-        generate_file(LocalTeacher(teacher.model, teacher.tokenizer, cfg.teacher.model), prompts, path, g)
+        generate_file(LocalTeacher(teacher.model, teacher.tokenizer, cfg.teacher.model), prompts, path, g,
+                      progress=progress_on())
     return str(path)
 
 
