@@ -1,0 +1,291 @@
+"""Which method wins, measured fairly: every arm from the same student init, on the same number of
+training tokens, with the same optimizer, scored on held-out rows no arm trains on.
+
+    python bench/quality.py [--steps 40] [--seeds 3] [--arms ce,soft,...] [--json out.json]
+
+Protocol (issue 17):
+- Data: Alpaca instructions from ../shared/data. The last --held rows are the held-out set: held-out
+  perplexity / bits per byte / agreement / KL on them (data.eval_path) and ROUGE-L of greedy
+  answers on the first --task-rows of them (eval.tasks). The first --train-rows rows train.
+- Every arm: the same student (the teacher's --layers layers cut once, saved, and loaded by every
+  arm as student.init=pretrained), data.pack=true so each step is exactly --batch x --seq tokens,
+  --steps steps, the same lr / warmup / clipping; seeds 0..--seeds-1 for CE, soft KD and sequence
+  KD (one seed, 0, for the other arms, to fit the budget).
+- Arms: ce (gold labels, no teacher), seqkd (CE on the teacher's own greedy answers to the training
+  prompts, generated once), soft (forward KL, alpha 0.9), hard (teacher argmax), reverse_kl,
+  jsd (beta 0.5), on_policy (JSD with half the steps on the student's samples), cache (soft KD
+  from a top-64 cache built once), hidden (soft KD + hidden-state cosine), dml (two peers cut from
+  the teacher at different layers, co-distilled, against the same two peers trained alone with CE),
+  ensemble (the two CE-alone peers as an equal-weight multi-teacher for a fresh student, Anil et
+  al.'s control for DML), ce_time and ce_time_cache (CE given the wall time of soft KD live and from
+  the cache: more steps, the same batch: does the teacher's cost pay for itself?).
+- Printed: mean +/- std over seeds; the fraction of the teacher gap closed per metric,
+  (arm - CE) / (teacher - CE); training wall time relative to CE (ratios only: the machine is noisy).
+
+Budget: with the defaults, about 75-90 min on a 2-core CPU (about 20 runs of 2-4 min each, plus
+the teacher's answers and the cache once). --steps / --train-rows / --seeds scale it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ALPACA = SHARED / "alpaca_subset" / "alpaca_4500.jsonl"
+
+ARMS = {
+    "ce": ["loss.alpha=0.0"],
+    "seqkd": ["loss.alpha=0.0", "SEQKD"],
+    "soft": [],
+    "hard": ["loss.kind=hard"],
+    "reverse_kl": ["loss.divergence=reverse_kl"],
+    "jsd": ["loss.divergence=jsd", "loss.beta=0.5"],
+    "on_policy": ["loss.divergence=jsd", "loss.beta=0.5", "loss.on_policy=0.5", "loss.on_policy_tokens=32"],
+    "cache": ["CACHE"],
+    "hidden": ["loss.terms={ce: 0.1, forward_kl: 0.9, hidden_cosine: 0.2}"],
+    "dml": ["DML"],
+    "ensemble": ["ENSEMBLE"],
+    "ce_time": ["loss.alpha=0.0", "TIME:soft"],
+    "ce_time_cache": ["loss.alpha=0.0", "TIME:cache"],
+}
+SEEDED = ("ce", "soft", "seqkd")
+METRICS = [("perplexity", "held-out perplexity", False), ("bits_per_byte", "bits per byte", False),
+           ("agreement", "top-1 agreement", True), ("kl_per_token", "KL(teacher||student)/token", False),
+           ("rougeL", "ROUGE-L vs references", True), ("rougeL_vs_teacher", "ROUGE-L vs the teacher", True)]
+
+
+def write_rows(path: Path, rows: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def base(args, work: Path, out: Path, seed: int, steps: int | None = None) -> list[str]:
+    return [f"data.path={work / 'train.jsonl'}", f"data.eval_path={work / 'held.jsonl'}", "data.pack=true",
+            f"data.seq_len={args.seq}", "student.init=pretrained", f"student.model={work / 'init'}",
+            f"train.max_steps={steps or args.steps}", f"train.batch_size={args.batch}", f"train.lr={args.lr}",
+            "train.warmup_steps=4", f"train.log_every={steps or args.steps}", f"train.seed={seed}",
+            "loss.alpha=0.9", f"train.output_dir={out}", "teacher.model=smollm2-135m",
+            "eval.tasks=[rouge]", f"eval.task_data={work / 'held.jsonl'}", f"eval.task_rows={args.task_rows}",
+            f"eval.max_new_tokens={args.new_tokens}", "eval.gen_prompts=1", "eval.gen_tokens=4"]
+
+
+def result(metrics: dict, wall: float) -> dict:
+    s, t = metrics["eval"]["student after"], metrics["eval"]["teacher"]
+    task = (metrics.get("tasks") or {}).get("rouge", {}).get("scores", {})
+    row = {k: s.get(k) for k in ("perplexity", "bits_per_byte", "agreement", "kl_per_token")}
+    row.update(rougeL=task.get("student after", {}).get("rougeL"),
+               rougeL_vs_teacher=task.get("student after", {}).get("rougeL_vs_teacher"),
+               train_s=metrics["train"].get("elapsed_s"), wall_s=wall)
+    teacher = {"perplexity": t.get("perplexity"), "bits_per_byte": t.get("bits_per_byte"), "agreement": 1.0,
+               "kl_per_token": 0.0, "rougeL": task.get("teacher", {}).get("rougeL"), "rougeL_vs_teacher": 1.0}
+    return {"row": row, "teacher": teacher}
+
+
+def prepare(args, work: Path):
+    """The data split, the shared student init, the teacher's answers and the top-64 cache (once)."""
+    from stillroom import models
+    from stillroom.config import Config, StudentConfig, load_config
+    from stillroom.generate import LocalTeacher, generate_file, read_prompts
+    from stillroom.train import build_cache
+
+    rows = [json.loads(x) for x in ALPACA.read_text().splitlines() if x.strip()]
+    write_rows(work / "train.jsonl", rows[:args.train_rows])
+    write_rows(work / "held.jsonl", rows[-args.held:])
+    teacher = models.load("smollm2-135m")
+    student, tok, how = models.build_student(StudentConfig(init="from_teacher", num_layers=args.layers), teacher, 0)
+    student.save_pretrained(work / "init")
+    tok.save_pretrained(work / "init")
+    print(f"student: {how}, {models.num_params(student):,} params", flush=True)
+    t0 = time.perf_counter()
+    g = Config().generate.model_copy(update={"max_new_tokens": args.new_tokens, "batch_size": 16})
+    prompts = read_prompts(str(work / "train.jsonl"))
+    generate_file(LocalTeacher(teacher.model, teacher.tokenizer, "smollm2-135m"), prompts, work / "answers.jsonl",
+                  g, progress=False)
+    print(f"teacher answers to {len(prompts)} training prompts: {time.perf_counter() - t0:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    cfg = load_config(None, base(args, work, work / "unused", 0) +
+                      [f"cache.path={work / 'cache'}", "cache.top_k=64"], Config)
+    build_cache(cfg, overwrite=True, progress=False)
+    print(f"top-64 cache of the training data: {time.perf_counter() - t0:.0f} s", flush=True)
+    from stillroom.train import distill   # an untimed 1-step run first: the first run in a process pays
+    distill(load_config(None, base(args, work, work / "warm", 0, 1) + ["loss.alpha=0.0", "eval.tasks=[]"], Config),
+            overwrite=True, progress=False)   # lazy initialisation that would count against whichever arm is first
+
+
+def run_arm(name: str, args, work: Path, seed: int, walls: dict) -> dict:
+    from stillroom.config import Config, load_config
+    from stillroom.train import distill
+
+    extra, steps = [], None
+    for o in ARMS[name]:
+        if o == "SEQKD":
+            extra.append(f"data.path={work / 'answers.jsonl'}")
+        elif o == "CACHE":
+            extra += ["teacher.kind=cache", f"teacher.cache={work / 'cache'}"]
+        elif o.startswith("TIME:"):
+            ref = o[5:]
+            steps = max(1, round(args.steps * walls[(ref, 0)] / walls[("ce", 0)]))
+        else:
+            extra.append(o)
+    out = work / "runs" / f"{name}-{seed}"
+    cfg = load_config(None, base(args, work, out, seed, steps) + extra, Config)
+    t0 = time.perf_counter()
+    m = distill(cfg, overwrite=True, progress=False)
+    got = result(m, time.perf_counter() - t0)
+    got["row"]["steps"] = steps or args.steps
+    records = [json.loads(x) for x in (out / "tasks-rouge.jsonl").read_text().splitlines()]
+    if "teacher" in records[0]:   # greedy, so the same in every arm: kept for the arms without a live teacher
+        walls.setdefault("teacher answers", [r["teacher"]["answer"] for r in records])
+    elif walls.get("teacher answers"):   # a cache arm: its ROUGE-L against the live arms' teacher answers
+        from stillroom.tasks import rouge_l
+        said = walls["teacher answers"]
+        got["row"]["rougeL_vs_teacher"] = statistics.mean(
+            rouge_l(r["student after"]["answer"], [t]) if t else 0.0 for r, t in zip(records, said))
+    return got
+
+
+def run_peers(args, work: Path) -> dict:
+    """DML: two peers (different layer cuts of the teacher) co-distilled (mutual, alpha 0.5, no
+    teacher) vs the same peers trained alone with CE; then the ensemble control."""
+    from stillroom import models
+    from stillroom.codistill import codistill
+    from stillroom.config import CodistillRunConfig, Config, load_config
+    from stillroom.train import distill
+
+    n_t = models.load("smollm2-135m").model.config.num_hidden_layers
+    cuts = {"a": models.spread_layers(n_t, args.layers), "b": [i + 1 for i in models.spread_layers(n_t - 1, args.layers)]}
+    alone = {}
+    for name, layers in cuts.items():
+        out = work / "runs" / f"alone-{name}"
+        over = [o for o in base(args, work, out, 0) if not o.startswith(("student.", "eval.tasks"))]
+        cfg = load_config(None, over + ["student.init=from_teacher", f"student.layers={layers}", "loss.alpha=0.0"],
+                          Config)
+        t0 = time.perf_counter()
+        alone[name] = result(distill(cfg, overwrite=True, progress=False), time.perf_counter() - t0)
+        alone[name]["final"] = out / "final"
+    cfg = CodistillRunConfig.model_validate({
+        "teacher": {"model": "smollm2-135m"},
+        "peers": [{"name": n, "init": "from_teacher", "layers": layers} for n, layers in cuts.items()],
+        "codistill": {"mode": "mutual"},
+        "data": {"path": str(work / "train.jsonl"), "eval_path": str(work / "held.jsonl"), "pack": True,
+                 "seq_len": args.seq},
+        "loss": {"alpha": 0.5},
+        "train": {"output_dir": str(work / "runs" / "dml"), "max_steps": args.steps, "batch_size": args.batch,
+                  "lr": args.lr, "warmup_steps": 4, "log_every": args.steps, "seed": 0},
+        "eval": {"gen_prompts": 1, "gen_tokens": 4}})
+    t0 = time.perf_counter()
+    m = codistill(cfg, overwrite=True, progress=False)
+    wall = time.perf_counter() - t0
+    dml = {}
+    for name in cuts:
+        s = m["eval"][f"{name} after"]
+        dml[name] = {k: s.get(k) for k in ("perplexity", "bits_per_byte", "agreement", "kl_per_token")}
+        dml[name].update(train_s=m["train"].get("elapsed_s"), wall_s=wall)
+    # the control: the two peers trained alone, as an equal mixture teaching a fresh student
+    out = work / "runs" / "ensemble"
+    cfg = load_config(None, base(args, work, out, 0) + [
+        f"teacher.model={alone['a']['final']}", f"teacher.mix=[{{name: b, model: {alone['b']['final']}, weight: 1.0}}]"],
+        Config)
+    t0 = time.perf_counter()
+    ens = result(distill(cfg, overwrite=True, progress=False), time.perf_counter() - t0)
+    return {"alone": alone, "dml": dml, "ensemble": ens, "cuts": cuts}
+
+
+def fmt(vals: list, pct: bool) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    f = (lambda v: f"{v:.1%}") if pct else (lambda v: f"{v:.3f}")
+    if len(vals) == 1:
+        return f(vals[0])
+    return f"{f(statistics.mean(vals))} ± {f(statistics.stdev(vals))}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--train-rows", type=int, default=500)
+    ap.add_argument("--held", type=int, default=64)
+    ap.add_argument("--task-rows", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if not ALPACA.is_file():
+        raise SystemExit(f"bench data not found: {ALPACA} (the bench needs ../shared/data)")
+    arms = [a for a in ARMS if a in args.arms.split(",")]
+    if "ce" not in arms:
+        arms.insert(0, "ce")
+    for need, by in (("soft", "ce_time"), ("cache", "ce_time_cache")):
+        if by in arms and need not in arms:
+            arms.insert(arms.index(by), need)
+    logging.basicConfig(level=logging.ERROR)   # each run's notes on the data, repeated per arm: not the result
+    from stillroom.cli import _quiet_libraries
+    from stillroom.feedback import set_progress
+    _quiet_libraries()
+    set_progress(False)
+    t_all = time.perf_counter()
+    results, walls, teacher = {}, {}, None
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        prepare(args, work)
+        for name in arms:
+            if name in ("dml", "ensemble"):
+                continue
+            for seed in range(args.seeds if name in SEEDED else 1):
+                got = run_arm(name, args, work, seed, walls)
+                teacher = teacher or got["teacher"]
+                results.setdefault(name, []).append(got["row"])
+                walls[(name, seed)] = got["row"]["train_s"]
+                r = got["row"]
+                print(f"  {name} seed {seed}: ppl {r['perplexity']:.2f}, bpb {r['bits_per_byte']:.3f}, "
+                      f"ROUGE-L {r['rougeL'] or 0:.3f}, train {r['train_s']:.0f} s ({r['steps']} steps)", flush=True)
+        peers = run_peers(args, work) if {"dml", "ensemble"} & set(arms) else None
+    print(f"\nAlpaca: {args.train_rows} training rows, {args.held} held-out rows ({args.task_rows} answered, "
+          f"{args.new_tokens} new tokens); {args.steps} steps x {args.batch} x {args.seq} packed tokens per arm; "
+          f"student: {args.layers} of SmolLM2-135M-Instruct's 30 layers; seeds {args.seeds} for {', '.join(SEEDED)}")
+    head = f"{'arm':<15}" + "".join(f"{label[:24]:>26}" for _, label, _ in METRICS) + f"{'train time / CE':>17}"
+    print(head)
+    ce = {k: statistics.mean(v for r in results["ce"] if (v := r[k]) is not None) for k, _, _ in METRICS
+          if any(r[k] is not None for r in results["ce"])}
+    ce_time = statistics.mean(r["train_s"] for r in results["ce"])
+    print(f"{'teacher':<15}" + "".join(f"{fmt([teacher[k]], pct):>26}" for k, _, pct in METRICS))
+    rows = dict(results)
+    if peers:
+        rows.update({"alone a": [peers["alone"]["a"]["row"]], "alone b": [peers["alone"]["b"]["row"]],
+                     "dml a": [peers["dml"]["a"]], "dml b": [peers["dml"]["b"]],
+                     "ensemble": [peers["ensemble"]["row"]]})
+    for name, rs in rows.items():
+        cells = "".join(f"{fmt([r.get(k) for r in rs], pct):>26}" for k, _, pct in METRICS)
+        t = statistics.mean(r["train_s"] for r in rs if r.get("train_s")) / ce_time
+        print(f"{name:<15}{cells}{t:>16.2f}x")
+    print("\nfraction of the teacher gap closed, (arm - CE) / (teacher - CE), on the means:")
+    print(f"{'arm':<15}" + "".join(f"{label[:24]:>26}" for _, label, _ in METRICS))
+    for name, rs in rows.items():
+        if name == "ce":
+            continue
+        cells = []
+        for k, _, _ in METRICS:
+            vals = [r.get(k) for r in rs if r.get(k) is not None]
+            if not vals or k not in ce or teacher.get(k) is None or teacher[k] == ce[k]:
+                cells.append(f"{'-':>26}")
+                continue
+            cells.append(f"{(statistics.mean(vals) - ce[k]) / (teacher[k] - ce[k]):>26.2f}")
+        print(f"{name:<15}" + "".join(cells))
+    print(f"\n(whole bench: {(time.perf_counter() - t_all) / 60:.0f} min)")
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "teacher": teacher,
+                                         "rows": rows, "peers_cuts": peers and peers["cuts"]}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
