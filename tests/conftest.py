@@ -96,11 +96,32 @@ def tiny_overrides(teacher_dir, data, out, **extra):
     return [f"{k}={v}" for k, v in o.items()]
 
 
+_zygote = None
+
+
+def stillroom_process(args, env=None, timeout=600):
+    """`python -m stillroom ARGS` as its own process -> CompletedProcess. Forked from the tests'
+    zygote (tests/zygote.py: torch and transformers imported once, not per command) unless
+    STILLROOM_TEST_SUBPROCESS=1 asks for a fresh interpreter each time."""
+    global _zygote
+    args = [str(a) for a in args]
+    if os.environ.get("STILLROOM_TEST_SUBPROCESS") == "1" or not hasattr(os, "fork"):
+        return subprocess.run([sys.executable, "-m", "stillroom", *args], capture_output=True, text=True,
+                              env=env, timeout=timeout)
+    if _zygote is None:
+        from zygote import Zygote
+        _zygote = Zygote()
+    return _zygote.run(args, env=env, timeout=timeout)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _zygote is not None:
+        _zygote.close()
+
+
 def run_cli(*args, env=None, timeout=600):
     """Run `python -m stillroom ...` as a user would; returns the CompletedProcess."""
-    e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "stillroom", *map(str, args)], capture_output=True,
-                          text=True, env=e, timeout=timeout)
+    return stillroom_process(args, env=dict(os.environ, **(env or {})), timeout=timeout)
 
 
 def reply_chat_completion(handler, content: str):

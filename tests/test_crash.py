@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from stillroom.cache import TeacherCache
 from stillroom.train import checkpoints
 
-from conftest import tiny_overrides
+from conftest import stillroom_process, tiny_overrides
 
 RUN = ["train.max_steps=8", "train.save_every=2", "train.keep_checkpoints=2", "train.eval_every=3",
        "train.log_every=1", "train.batch_size=2", "data.pack=true"]
@@ -30,8 +30,7 @@ def stillroom(*args, fault=None, check=True):
     env.pop("STILLROOM_FAULT", None)
     if fault:
         env["STILLROOM_FAULT"] = fault
-    r = subprocess.run([sys.executable, "-m", "stillroom", *map(str, args), "--no-progress"],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = stillroom_process([*args, "--no-progress"], env=env, timeout=600)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
