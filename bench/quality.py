@@ -45,7 +45,10 @@ ARMS = {
     "hard": ["loss.kind=hard"],
     "reverse_kl": ["loss.divergence=reverse_kl"],
     "jsd": ["loss.divergence=jsd", "loss.beta=0.5"],
-    "on_policy": ["loss.divergence=jsd", "loss.beta=0.5", "loss.on_policy=0.5", "loss.on_policy_tokens=32"],
+    # on-policy rewrites each example from its prompt, so it cannot pack: its off-policy steps see
+    # one row per example (fewer tokens than a packed step), its on-policy steps the student's samples
+    "on_policy": ["loss.divergence=jsd", "loss.beta=0.5", "loss.on_policy=0.5", "loss.on_policy_tokens=32",
+                  "data.pack=false"],
     "cache": ["CACHE"],
     "hidden": ["loss.terms={ce: 0.1, forward_kl: 0.9, hidden_cosine: 0.2}"],
     "dml": ["DML"],
@@ -242,7 +245,11 @@ def main():
             if name in ("dml", "ensemble"):
                 continue
             for seed in range(args.seeds if name in SEEDED else 1):
-                got = run_arm(name, args, work, seed, walls)
+                try:
+                    got = run_arm(name, args, work, seed, walls)
+                except Exception as e:   # one arm's failure is reported, not the end of an hour's bench
+                    print(f"  {name} seed {seed}: FAILED ({type(e).__name__}: {e})", flush=True)
+                    continue
                 teacher = teacher or got["teacher"]
                 results.setdefault(name, []).append(got["row"])
                 walls[(name, seed)] = got["row"]["train_s"]

@@ -199,7 +199,7 @@ def cmd_eval(args) -> int:
     if harness_tasks:
         result["lm_eval"] = harness.run(harness_tasks, {"teacher": (teacher.model, teacher.tokenizer),
                                                         "student": (student.model, student.tokenizer)},
-                                        args.batch_size)
+                                        args.batch_size, progress=not args.no_progress)
     if out:
         out.write_text(json.dumps(result, indent=2))
     if args.json:

@@ -67,9 +67,15 @@ def task_dict(names: list[str], include_path: str | None = None) -> dict:
                         "access (or the dataset in the local cache)") from None
 
 
-def run(tasks: dict, models: dict, batch_size: int = 8, limit: int | None = None) -> dict:
+def run(tasks: dict, models: dict, batch_size: int = 8, limit: int | None = None, progress: bool = True) -> dict:
     """tasks: task_dict's; models: {name: (model, tokenizer)} -> {name: {task: {metric: value}}}
-    (the harness's metrics, `acc`, `acc_norm`, ... and their standard errors as `acc_stderr`)."""
+    (the harness's metrics, `acc`, `acc_norm`, ... and their standard errors as `acc_stderr`).
+    progress=False: the harness's own progress bars (it has no switch for them) are not shown."""
+    if not progress:
+        import contextlib
+        import os
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):
+            return run(tasks, models, batch_size, limit)
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
 

@@ -47,7 +47,7 @@ def read_items(path: str, task: str, limit: int | None = None, fields: dict | No
             n, why = bad[0]
             raise UserError(f"{path} line {n}: {why}")
     elif p.is_file():
-        raise UserError(f"--task {task} needs rows with reference answers (JSONL or a dataset folder), "
+        raise UserError(f"the task {task} needs rows with reference answers (JSONL or a dataset folder), "
                         f"not plain text: {path}")
     else:
         rows = read_hf(str(path), split)
@@ -65,10 +65,10 @@ def read_items(path: str, task: str, limit: int | None = None, fields: dict | No
             refs += [r for r in extra if isinstance(r, str) and r.strip()]
         if last_user is None or not refs:
             raise UserError(f"{path} row {n}: no reference answer (needs a prompt and its answer: "
-                            f"{', '.join(row_keys(rows)[:6]) or 'no keys'} found) for --task {task}")
+                            f"{', '.join(row_keys(rows)[:6]) or 'no keys'} found) for the task {task}")
         if task == "exact_match" and final_number(refs[0], "strict") is None:
             raise UserError(f"{path} row {n}: the answer does not end in '#### <number>' (GSM8K format), "
-                            "which --task exact_match scores against")
+                            "which the task exact_match scores against")
         items.append(Item(msgs[:last_user + 1], refs, n))
         if limit and len(items) >= limit:
             break

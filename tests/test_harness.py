@@ -28,6 +28,7 @@ def test_the_shipped_task_offline_for_teacher_and_student(tmp_path, teacher_dir,
         assert 0 <= m["acc_norm"] <= 1
     r = run_cli(*base, "--lm-eval", "stillroom_facts", env=OFFLINE)
     assert r.returncode == 0 and "stillroom_facts acc" in r.stdout, r.stderr[-2000:]
+    assert "loglikelihood requests" not in r.stderr      # --no-progress hides the harness's bars too
     # bad input: one line each, exit 2, before any model is loaded
     assert_user_error(run_cli(*base, "--lm-eval", "no_such_task", env=OFFLINE), "unknown lm-eval task 'no_such_task'")
     assert_user_error(run_cli(*base, "--lm-eval", "arc_easy", env=OFFLINE),
