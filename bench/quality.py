@@ -17,7 +17,7 @@ Protocol (issue 17):
   from a top-64 cache built once), hidden (soft KD + hidden-state cosine), dml (two peers cut from
   the teacher at different layers, co-distilled, against the same two peers trained alone with CE),
   ensemble (the two CE-alone peers as an equal-weight multi-teacher for a fresh student, Anil et
-  al.'s control for DML), ce_time and ce_time_cache (CE given the wall time of soft KD live and from
+  al.'s control for DML; its agreement, KL and ROUGE-L vs the teacher re-measured against SmolLM2), ce_time and ce_time_cache (CE given the wall time of soft KD live and from
   the cache: more steps, the same batch: does the teacher's cost pay for itself?).
 - Printed: mean +/- std over seeds; the fraction of the teacher gap closed per metric,
   (arm - CE) / (teacher - CE); training wall time relative to CE (ratios only: the machine is noisy).
@@ -151,7 +151,7 @@ def run_arm(name: str, args, work: Path, seed: int, walls: dict) -> dict:
     return got
 
 
-def run_peers(args, work: Path) -> dict:
+def run_peers(args, work: Path, walls: dict) -> dict:
     """DML: two peers (different layer cuts of the teacher) co-distilled (mutual, alpha 0.5, no
     teacher) vs the same peers trained alone with CE; then the ensemble control."""
     from stillroom import models
@@ -195,6 +195,20 @@ def run_peers(args, work: Path) -> dict:
         Config)
     t0 = time.perf_counter()
     ens = result(distill(cfg, overwrite=True, progress=False), time.perf_counter() - t0)
+    # that run's "teacher" is peer a: agreement, KL and ROUGE-L vs the teacher are re-measured against
+    # SmolLM2, as for every other arm (its perplexity and ROUGE-L vs references need no teacher)
+    from stillroom import evaluate
+    from stillroom.store import load_data
+    from stillroom.tasks import rouge_l
+    teacher = models.load("smollm2-135m")
+    _, held = load_data(cfg, teacher.tokenizer)
+    student = models.load(str(out / "final")).model
+    cmp = evaluate.score(student, teacher.model, held, teacher.tokenizer.pad_token_id, 8, None)
+    ens["row"].update(agreement=cmp["agreement"], kl_per_token=cmp["kl_per_token"])
+    records = [json.loads(x) for x in (out / "tasks-rouge.jsonl").read_text().splitlines()]
+    said = walls.get("teacher answers")
+    ens["row"]["rougeL_vs_teacher"] = statistics.mean(
+        rouge_l(r["student after"]["answer"], [t]) if t else 0.0 for r, t in zip(records, said)) if said else None
     return {"alone": alone, "dml": dml, "ensemble": ens, "cuts": cuts}
 
 
@@ -256,7 +270,7 @@ def main():
                 r = got["row"]
                 print(f"  {name} seed {seed}: ppl {r['perplexity']:.2f}, bpb {r['bits_per_byte']:.3f}, "
                       f"ROUGE-L {r['rougeL'] or 0:.3f}, train {r['train_s']:.0f} s ({r['steps']} steps)", flush=True)
-        peers = run_peers(args, work) if {"dml", "ensemble"} & set(arms) else None
+        peers = run_peers(args, work, walls) if {"dml", "ensemble"} & set(arms) else None
     print(f"\nAlpaca: {args.train_rows} training rows, {args.held} held-out rows ({args.task_rows} answered, "
           f"{args.new_tokens} new tokens); {args.steps} steps x {args.batch} x {args.seq} packed tokens per arm; "
           f"student: {args.layers} of SmolLM2-135M-Instruct's 30 layers; seeds {args.seeds} for {', '.join(SEEDED)}")
