@@ -225,16 +225,12 @@ def _eval_tasks(args, items: dict, teacher, student, out: Path | None) -> dict:
     written to <out>.<task>.jsonl beside --out."""
     from . import tasks
 
+    both = {"teacher": (teacher.model, teacher.tokenizer), "student": (student.model, student.tokenizer)}
     found = {}
     for task, rows in items.items():
-        scores, records = tasks.run(task, rows, {"teacher": (teacher.model, teacher.tokenizer),
-                                                 "student": (student.model, student.tokenizer)},
-                                    args.max_new_tokens, args.batch_size, progress=not args.no_progress)
-        path = out.with_name(f"{out.stem}.{task}.jsonl") if out else None
-        if path:
-            tasks.write_records(path, records)
-        found[task] = {"scores": scores, "rows": len(records), "max_new_tokens": args.max_new_tokens,
-                       "answers": str(path) if path else None}
+        said = tasks.answer_all(rows, both, args.max_new_tokens, args.batch_size, not args.no_progress, f"{task}: ")
+        found[task] = tasks.result(task, rows, said, args.max_new_tokens,
+                                   out.with_name(f"{out.stem}.{task}.jsonl") if out else None)
     return found
 
 

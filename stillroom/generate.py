@@ -69,24 +69,18 @@ def split_turns(conv: list[dict]) -> tuple[list[dict], list[dict]]:
 def read_prompts(path: str | Path | None, limit: int | None = None, field: str | None = None,
                  split: str = "train", system: str | None = None, dedup: bool = True) -> list[list[dict]]:
     """Prompts as conversations (lists of messages ending with a user turn)."""
-    from .rows import read_hf, read_jsonl
+    from .rows import read_records
 
     p = Path(path) if path else BUNDLED_PROMPTS
     if path and not p.exists() and p.suffix:
         raise UserError(f"prompts file not found: {p}")
-    if p.is_file() and p.suffix in (".jsonl", ".json"):
-        rows, bad = read_jsonl(p)
-        if bad:
-            n, why = bad[0]
-            raise UserError(f"{p} line {n}: {why}")
-    elif p.is_file():
+    rows = read_records(path or p, split)
+    if rows is None:   # plain text: one prompt per line
         try:
             text = p.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:
             raise UserError(f"prompts file {p} is not UTF-8 text") from None
         rows = [(n, {"prompt": line.strip()}) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    else:
-        rows = read_hf(str(path), split)
     prompts = []
     for n, row in rows:
         got = _prompt_of(row, field)

@@ -209,6 +209,22 @@ def broken_unicode(value) -> bool:
     return False
 
 
+def read_records(path, split: str = "train"):
+    """[(line or row number, row)] of a JSONL file (refusing its first unreadable line) or of a
+    dataset (a folder or a hub id); None for any other file (plain text, which each caller reads
+    its own way)."""
+    p = Path(path)
+    if p.is_file() and p.suffix in (".jsonl", ".json"):
+        rows, bad = read_jsonl(p)
+        if bad:
+            n, why = bad[0]
+            raise UserError(f"{path} line {n}: {why}")
+        return rows
+    if p.is_file():
+        return None
+    return read_hf(str(path), split)
+
+
 def read_hf(path: str, split: str, lazy: bool = False, streaming: bool = False):
     """-> [(row number, row)], or with lazy the datasets.Dataset itself (memory-mapped); streaming:
     a hub dataset read as it downloads (datasets' IterableDataset), nothing of it kept on disk."""

@@ -37,20 +37,13 @@ class Item:
 def read_items(path: str, task: str, limit: int | None = None, fields: dict | None = None,
                split: str = "train") -> list[Item]:
     """The task's rows from a JSONL file or a dataset: prompt and reference answers each."""
-    from .rows import read_hf, read_jsonl, read_row, row_keys
+    from .rows import read_records, read_row, row_keys
 
     check_task(task)
-    p = Path(path)
-    if p.is_file() and p.suffix in (".jsonl", ".json"):
-        rows, bad = read_jsonl(p)
-        if bad:
-            n, why = bad[0]
-            raise UserError(f"{path} line {n}: {why}")
-    elif p.is_file():
+    rows = read_records(path, split)
+    if rows is None:
         raise UserError(f"the task {task} needs rows with reference answers (JSONL or a dataset folder), "
                         f"not plain text: {path}")
-    else:
-        rows = read_hf(str(path), split)
     items = []
     for n, row in rows:
         got = read_row(row, fields)
@@ -180,11 +173,15 @@ def score(task: str, items: list[Item], said: dict) -> tuple[dict, list[dict]]:
     return scores, records
 
 
-def run(task: str, items: list[Item], models: dict, max_new_tokens: int = 128, batch_size: int = 8,
-        progress: bool = True) -> tuple[dict, list[dict]]:
-    """Answer with every model, then score: see answer_all and score."""
-    check_task(task)
-    return score(task, items, answer_all(items, models, max_new_tokens, batch_size, progress, f"{task}: "))
+def result(task: str, items: list[Item], said: dict, max_new_tokens: int, path: Path | None,
+           named: str | None = None) -> dict:
+    """The task's entry in a result: `said` scored, each row written to `path` (when there is one),
+    which the entry names as `named` (default the path itself)."""
+    scores, records = score(task, items, said)
+    if path is not None:
+        write_records(path, records)
+    return {"scores": scores, "rows": len(records), "max_new_tokens": max_new_tokens,
+            "answers": named or (str(path) if path is not None else None)}
 
 
 def write_records(path: Path, records: list[dict]):
@@ -233,8 +230,6 @@ def in_run(items: dict, said: dict, student, tokenizer, ecfg, out: Path, progres
     for task, its in items.items():
         said[task].update(answer_all(its, {"student after": (student, tokenizer)}, ecfg.max_new_tokens,
                                      ecfg.batch_size, progress, f"{task}: "))
-        scores, records = score(task, its, said[task])
-        write_records(out / f"tasks-{task}.jsonl", records)
-        found[task] = {"scores": scores, "rows": len(records), "max_new_tokens": ecfg.max_new_tokens,
-                       "answers": f"tasks-{task}.jsonl"}
+        name = f"tasks-{task}.jsonl"   # the report reads it beside the run's other files
+        found[task] = result(task, its, said[task], ecfg.max_new_tokens, out / name, name)
     return found
