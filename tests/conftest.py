@@ -81,6 +81,18 @@ def chat_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory, teacher_dir, chat_file):
+    """A run folder: a 2-layer student distilled from teacher_dir for 2 steps (for the tests of
+    commands that read a trained student: eval's tasks, harness and draft check). Read-only."""
+    out = tmp_path_factory.mktemp("student") / "run"
+    r = run_cli("distill", f"teacher.model={teacher_dir}", f"data.path={chat_file}", f"train.output_dir={out}",
+                "student.num_layers=2", "data.seq_len=64", "train.max_steps=2", "eval.gen_tokens=2",
+                "eval.gen_prompts=1", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def text_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("data") / "corpus.txt"
     p.write_text("\n".join(CORPUS))

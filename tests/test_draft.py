@@ -42,13 +42,8 @@ def test_an_imperfect_draft_keeps_the_teachers_output_and_accounts_for_every_tok
     assert student.generation_config is before and before.num_assistant_tokens != 4   # the student's own, restored
 
 
-def test_eval_draft_from_the_command_line(tmp_path, teacher_dir, chat_file):
-    student = tmp_path / "student"
-    r = run_cli("distill", f"teacher.model={teacher_dir}", f"data.path={chat_file}", f"train.output_dir={student}",
-                "student.num_layers=2", "data.seq_len=64", "train.max_steps=2", "eval.gen_tokens=2",
-                "eval.gen_prompts=1", "--no-progress")
-    assert r.returncode == 0, r.stderr[-2000:]
-    base = ["eval", "--model", student / "final", "--teacher", teacher_dir, "--data", chat_file, "--draft",
+def test_eval_draft_from_the_command_line(teacher_dir, chat_file, tiny_student):
+    base = ["eval", "--model", tiny_student / "final", "--teacher", teacher_dir, "--data", chat_file, "--draft",
             "--gen-tokens", "8", "--gen-prompts", "2", "--no-progress"]
     r = run_cli(*base, "--json")
     assert r.returncode == 0, r.stderr[-2000:]

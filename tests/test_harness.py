@@ -11,13 +11,8 @@ pytest.importorskip("lm_eval")
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def test_the_shipped_task_offline_for_teacher_and_student(tmp_path, teacher_dir, chat_file):
-    student = tmp_path / "student"
-    r = run_cli("distill", f"teacher.model={teacher_dir}", f"data.path={chat_file}", f"train.output_dir={student}",
-                "student.num_layers=2", "data.seq_len=64", "train.max_steps=2", "eval.gen_tokens=2",
-                "eval.gen_prompts=1", "--no-progress")
-    assert r.returncode == 0, r.stderr[-2000:]
-    base = ["eval", "--model", student / "final", "--teacher", teacher_dir, "--data", chat_file, "--no-progress"]
+def test_the_shipped_task_offline_for_teacher_and_student(tmp_path, teacher_dir, chat_file, tiny_student):
+    base = ["eval", "--model", tiny_student / "final", "--teacher", teacher_dir, "--data", chat_file, "--no-progress"]
     r = run_cli(*base, "--lm-eval", "stillroom_facts", "--json", env=OFFLINE)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout)["lm_eval"]

@@ -75,15 +75,10 @@ def test_read_items_takes_the_last_user_turn_and_every_reference(tmp_path):
                                                           {"question": "q", "answer": "three"}])), "exact_match")
 
 
-def test_eval_tasks_from_the_command_line(tmp_path, teacher_dir, chat_file):
-    student = tmp_path / "student"
-    r = run_cli("distill", f"teacher.model={teacher_dir}", f"data.path={chat_file}", f"train.output_dir={student}",
-                "student.num_layers=2", "data.seq_len=64", "train.max_steps=2", "eval.gen_tokens=2",
-                "eval.gen_prompts=1", "--no-progress")
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_eval_tasks_from_the_command_line(tmp_path, teacher_dir, chat_file, tiny_student):
     gsm = _rows(tmp_path, "gsm.jsonl", [{"question": f"What is {i} + {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i:,}"}
                                         for i in (3, 600, 7)])
-    base = ["eval", "--model", student / "final", "--teacher", teacher_dir, "--max-new-tokens", "6", "--no-progress"]
+    base = ["eval", "--model", tiny_student / "final", "--teacher", teacher_dir, "--max-new-tokens", "6", "--no-progress"]
     r = run_cli(*base, "--data", chat_file, "--task", "rouge", "--task-rows", "5", "--json", "--out", tmp_path / "r.json")
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout)["tasks"]["rouge"]
