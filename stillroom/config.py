@@ -297,7 +297,8 @@ class TrainConfig(Section):
     """Steps whose loss or gradient is not finite are skipped (no update) and counted; one more
     than this stops the run with a message (0: stop at the first)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    """auto: bf16 on a GPU that supports it, fp32 on CPU (bf16 autocast is slow on CPU)."""
+    """auto: bf16 autocast (fp32 weights, optimizer state and loss) where the device runs bf16
+    natively (a CUDA GPU with bf16; a CPU with AVX512-BF16 or AMX), fp32 elsewhere."""
     report_to: list[Literal["tensorboard", "trackio", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
                             "swanlab"]] = []
     """Trackers through Accelerate, e.g. [tensorboard] (written under <output_dir>/stillroom): the
@@ -315,6 +316,11 @@ class TrainConfig(Section):
     """Under several processes: none = data-parallel, every process holds the whole student and its
     optimizer state; fsdp = FSDP2 (fully_shard per decoder layer): each holds 1/N of them (see
     README, 'At scale')."""
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no(cls, v):   # YAML 1.1 reads a bare `no` (train.mixed_precision=no) as false
+        return "no" if v is False else v
 
 
 class EvalConfig(Section):

@@ -464,10 +464,20 @@ def output_head(model, width: int | None = None, base: bool = False):
             ids = torch.arange(1, 9, device=p.device).clamp(max=head.weight.shape[0] - 1)[None]
             was = model.training
             model.eval()
-            with torch.no_grad():
-                full = model(input_ids=ids, use_cache=False).logits.float()
-                h = final_hidden(model, input_ids=ids)
-                mine = torch.nn.functional.linear(h, head.weight, head.bias).float()
+            # Under mixed precision Accelerate wraps forward in autocast (its head then runs in bf16,
+            # as the lean loss's head does with its dtype): the structure is checked unwrapped, in
+            # fp32, through the module's call (so FSDP2's hooks still gather a sharded model).
+            wrapped = model.__dict__.get("forward") if "_original_forward" in model.__dict__ else None
+            if wrapped is not None:
+                model.forward = model._original_forward
+            try:
+                with torch.no_grad():
+                    full = model(input_ids=ids, use_cache=False).logits.float()
+                    h = final_hidden(model, input_ids=ids)
+                    mine = torch.nn.functional.linear(h, head.weight, head.bias).float()
+            finally:
+                if wrapped is not None:
+                    model.forward = wrapped
                 try:
                     h_base = base_hidden(model, input_ids=ids)
                     ok_base = torch.allclose(h_base, h, rtol=1e-4, atol=1e-5)

@@ -157,7 +157,10 @@ class Hybrid(Objective):
             with accelerator.autocast():
                 hidden = models.final_hidden(student, **model_inputs(b))
             s_head = models.output_head(student, self.vocab)   # after the forward: a sharded model's head is whole then
-            return linear_mixed_loss(hidden, s_head[0], [(t, w)] if w else [], b.targets, bias=s_head[1], **how), {}
+            # under mixed precision the head's matmuls run in its dtype, as autocast runs them on the plain path
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+            return linear_mixed_loss(hidden, s_head[0], [(t, w)] if w else [], b.targets, bias=s_head[1],
+                                     dtype=dtype, **how), {}
         t = self.teachers[0].targets(b, "logits") if w > 0 else None
         with accelerator.autocast():
             s_logits = student(**model_inputs(b), use_cache=False).logits

@@ -39,6 +39,15 @@ def make_tokenizer(vocab_size=320):
     return tok
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps one process-wide state (the precision among it) that a later
+    Accelerator(cpu=True) would inherit: each test starts from none."""
+    yield
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()
+
+
 def make_model(tok, layers=4, hidden=32, heads=4, kv=2, seed=0, vocab=None, init_range=0.02):
     from transformers import LlamaConfig, LlamaForCausalLM
 

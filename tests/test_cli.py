@@ -86,14 +86,17 @@ def _fingerprint(out: Path) -> dict:
 
 
 def _machine() -> str:
-    """The machine kind weights are reproducible on, bit for bit: torch, its CPU kernels, and the
-    teacher's dtype (teacher.dtype=auto runs bf16 on a CPU with native bf16, fp32 elsewhere)."""
+    """The machine kind weights are reproducible on, bit for bit: torch, its CPU kernels, the
+    teacher's dtype and the student's precision (teacher.dtype=auto and train.mixed_precision=auto
+    run bf16 on a CPU with native bf16, fp32 elsewhere)."""
     import torch
 
     from stillroom.models import teacher_dtype
+    from stillroom.tracking import student_precision
 
     dtype = str(teacher_dtype("auto", "cpu")).removeprefix("torch.")
-    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, teacher {dtype}"
+    return (f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, teacher {dtype}, "
+            f"student {student_precision('auto', 'cpu')}")
 
 
 # On a machine kind with no record the weights can only be compared loosely: between the two kinds
@@ -170,6 +173,13 @@ def test_every_recipe_runs_a_few_steps(tmp_path, teacher_dir, chat_file, recipe)
 ])
 def test_bad_config_values(override, pattern):
     assert_user_error(run_cli("distill", "soft", override), pattern)
+
+
+def test_mixed_precision_no_is_not_read_as_false():
+    from stillroom.config import load_config
+
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
 
 
 def test_missing_config_file_names_the_recipes():

@@ -2,6 +2,7 @@
 (data-parallel, gloo). One process vs two is equal up to fp32 rounding only (the gradient sum runs
 in another order): tests/test_train.py::test_two_process_distill_equals_one_process pins that
 within rtol 1e-4 / atol 1e-5 after 3 AdamW steps."""
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -19,10 +20,12 @@ def same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_one_process_is_deterministic(tmp_path, teacher_dir, chat_file):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_one_process_is_deterministic(tmp_path, teacher_dir, chat_file, precision):
+    extra = [*EXTRA, f"train.mixed_precision={precision}"]
     for name in ("a", "b"):
-        run(teacher_dir, chat_file, tmp_path / name, *EXTRA)
-    run(teacher_dir, chat_file, tmp_path / "other_seed", *EXTRA, "train.seed=1")
+        run(teacher_dir, chat_file, tmp_path / name, *extra)
+    run(teacher_dir, chat_file, tmp_path / "other_seed", *extra, "train.seed=1")
     assert same(weights(tmp_path / "a"), weights(tmp_path / "b"))
     assert not same(weights(tmp_path / "a"), weights(tmp_path / "other_seed"))   # the seed matters
 

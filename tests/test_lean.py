@@ -63,6 +63,46 @@ def test_lean_several_targets_and_fp32():
         torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-6)
 
 
+def test_lean_in_bf16_is_the_plain_path_under_autocast():
+    """dtype=bf16 (mixed precision): the head's matmuls in bf16, as bf16 autocast runs the model's own
+    head on the plain path; the loss is that path's exactly, the hidden states' gradient too, and the
+    head's gradients are within bf16 rounding of autograd's (autograd rounds the whole product to
+    bf16, the lean path each chunk's product, summed in fp32). In fp32 the same loss is measurably
+    different."""
+    h, w, b, ht, wt, labels = setup(2, bias=True)
+    t = ht @ wt.T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = torch.nn.functional.linear(h, w, b)
+    ref = mixed_loss(s, [(t, 0.6)], labels, 0.4, 1.0)
+    got = linear_mixed_loss(h, w, [(t, 0.6)], labels, 0.4, 1.0, chunk=3, bias=b, dtype=torch.bfloat16)
+    f32 = linear_mixed_loss(h, w, [(t, 0.6)], labels, 0.4, 1.0, chunk=3, bias=b)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert abs(f32.item() - ref.item()) > 1e-4
+    g_got, g_ref = grads(got, h, w, b), grads(ref, h, w, b)
+    assert all(g.dtype == torch.float32 for g in g_got)
+    torch.testing.assert_close(g_got[0], g_ref[0], rtol=1e-6, atol=1e-6)
+    for x, y in zip(g_got[1:], g_ref[1:]):
+        torch.testing.assert_close(x, y, rtol=2 ** -8, atol=2 ** -8 * y.abs().max().item())
+
+
+def test_the_lean_head_is_found_under_bf16_mixed_precision(tok, tmp_path):
+    """Accelerate runs a bf16 student's forward under autocast: the check that the logits are a
+    plain linear head of the hidden states must still pass (it did not, and the lean path fell back
+    to the plain one without a word)."""
+    from conftest import make_model
+
+    from stillroom import models
+    from stillroom.config import load_config
+    from stillroom.tracking import make_accelerator
+    acc = make_accelerator(load_config(None, ["train.mixed_precision=bf16"]), tmp_path, threads=False)
+    model = acc.prepare(make_model(tok, layers=1))
+    ids = torch.arange(1, 9)[None]
+    assert model(input_ids=ids).logits.dtype == torch.float32    # Accelerate's outputs come back in fp32 ...
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(input_ids=ids).logits, model._original_forward(input_ids=ids).logits.float())
+    assert models.output_head(model) is not None                  # ... from a bf16 head: still a linear head
+
+
 def test_lean_skips_unlabelled_positions():
     """Positions without a label cost nothing and get no gradient, whatever their hidden state."""
     h, w, _, ht, wt, labels = setup(2)

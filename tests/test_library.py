@@ -59,3 +59,19 @@ def test_bad_input_is_an_ordinary_exception(tok):
         Distiller(t, s, tok, ["text"], trian={"max_steps": 1})
     with pytest.raises(UserError, match="loss.alpha"):
         Distiller(t, s, tok, ["text"], loss={"alpha": 2.0})
+
+
+def test_two_runs_in_one_process_with_different_precisions(tmp_path, teacher_dir, chat_file):
+    """Accelerate keeps one process-wide state that refuses a second precision: a caller's fp32
+    run, then a bf16 one, both run (bench/precision.py does exactly this)."""
+    from conftest import tiny_overrides
+
+    from stillroom.config import load_config
+    from stillroom.train import distill
+    for mp in ("no", "bf16"):
+        cfg = load_config(None, tiny_overrides(teacher_dir, chat_file, tmp_path / mp, **{
+            "train.max_steps": 1, "train.mixed_precision": mp}))
+        distill(cfg, overwrite=True, progress=False)
+    from safetensors.torch import load_file
+    a, b = (load_file(tmp_path / mp / "final" / "model.safetensors") for mp in ("no", "bf16"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)   # each ran in its own precision

@@ -89,14 +89,17 @@ def run(teacher_dir, data, out, *extra, resume=False, overwrite=False):
     return distill(cfg, overwrite=overwrite, resume=resume, progress=False)
 
 
-def test_resume_continues_exactly(tmp_path, teacher_dir, chat_file):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_resume_continues_exactly(tmp_path, teacher_dir, chat_file, precision):
+    """In fp32 and under bf16 autocast (train.mixed_precision=auto's choice on a device with native bf16)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    run(teacher_dir, chat_file, a, "train.max_steps=6", "train.save_every=3", "train.grad_accum=2")
+    mp = f"train.mixed_precision={precision}"
+    run(teacher_dir, chat_file, a, "train.max_steps=6", "train.save_every=3", "train.grad_accum=2", mp)
     assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
     # b: a run "stopped" right after its step-3 checkpoint
     (b / "checkpoints").mkdir(parents=True)
     shutil.copytree(a / "checkpoints" / "step_0000003", b / "checkpoints" / "step_0000003")
-    run(teacher_dir, chat_file, b, "train.max_steps=6", "train.save_every=3", "train.grad_accum=2",
+    run(teacher_dir, chat_file, b, "train.max_steps=6", "train.save_every=3", "train.grad_accum=2", mp,
         resume=True)
     wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
     assert wa.keys() == wb.keys()

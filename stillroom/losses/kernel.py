@@ -186,39 +186,71 @@ class _ChunkedLoss(torch.autograd.Function):
         return _saved_grad(ctx, grad_out), None, None, None, None, None, None, None, None
 
 
+FLUSH = 8   # low-precision head: chunks whose weight-gradient products are summed before the fp32 sum
+
+
 class _LinearChunkedLoss(torch.autograd.Function):
     """The lean path: like _ChunkedLoss, but the student's logits are made chunk by chunk from its
     final hidden states inside the loss (logits = hidden @ weight.T + bias), and so are a `Head`
     target's. The Liger-Kernel fused-linear idea in plain PyTorch: per chunk, the closed-form
     gradient g = d loss / d logits (rows, V) gives d hidden = g @ weight and d weight += g.T @ hidden
-    at once; only (chunk, V) buffers and the (V, H) weight gradient ever exist."""
+    at once; only (chunk, V) buffers and the (V, H) weight gradient ever exist.
+
+    `dtype`: the dtype of the head's three matmuls (None: the hidden states'), as autocast would
+    run the model's own head: bf16 under bf16 mixed precision. The softmax passes and the loss
+    stay fp32 whatever it is; the weight gradient is summed in fp32 (in `dtype` within groups of
+    FLUSH chunks: about FLUSH roundings where autocast's one product has one)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, labels, keep, w_ce, temperature, how, chunk):
+    def forward(ctx, hidden, weight, bias, targets, labels, keep, w_ce, temperature, how, chunk, dtype):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         want_grad = need_h or need_w or need_b
         chunk = chunk or auto_chunk_rows(weight.shape[0])
-        g_h = torch.zeros_like(hidden) if need_h else None
-        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        dtype = dtype or hidden.dtype
+        hc, wc = hidden.to(dtype), weight.to(dtype)          # no copy when they already are
+        bc = None if bias is None else bias.to(dtype)
+        g_h = torch.empty_like(hidden) if need_h else None    # every row is written by its chunk
+        # the fp32 weight gradient; in low precision made by the first flush (no (V, H) zero fill)
+        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w and \
+            dtype == torch.float32 else None
         g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        g_w16, pending = None, 0
         for a in range(0, hidden.shape[0], chunk):
             b = a + chunk
-            h = hidden[a:b]
-            part, g = _chunk_terms(_linear(h, weight, bias), [(_target_chunk(t, a, b), w) for t, w in targets],
+            h = hc[a:b]
+            part, g = _chunk_terms(_linear(h, wc, bc), [(_target_chunk(t, a, b), w) for t, w in targets],
                                    None if labels is None else labels[a:b], keep[a:b],
                                    w_ce, temperature, how, want_grad)
             total += part
             if want_grad:
-                g = g.to(hidden.dtype)
-                if need_h:
-                    torch.mm(g, weight.to(hidden.dtype), out=g_h[a:b])
-                if need_w:
-                    g_w.addmm_(g.t().float(), h.float())
+                g = g.to(dtype)
+                if need_h and g_h.dtype == dtype:
+                    torch.mm(g, wc, out=g_h[a:b])
+                elif need_h:
+                    g_h[a:b] = torch.mm(g, wc)
+                if need_w and dtype == torch.float32:
+                    g_w.addmm_(g.t(), h)
+                elif need_w:
+                    # In low precision a product into the fp32 sum per chunk costs a full (V, H)
+                    # conversion each time: the products are summed in `dtype` over FLUSH chunks
+                    # (fused, as autocast's one product is formed), then added to the fp32 sum.
+                    if g_w16 is None:
+                        g_w16 = torch.mm(g.t(), h)
+                    else:
+                        g_w16.addmm_(g.t(), h)
+                    pending += 1
+                    if pending == FLUSH:
+                        g_w = g_w16.float() if g_w is None else g_w.add_(g_w16)
+                        g_w16, pending = None, 0
                 if need_b:
                     g_b += g.float().sum(0)
             del g
+        if g_w16 is not None:
+            g_w = g_w16.float() if g_w is None else g_w.add_(g_w16)
+        if need_w and g_w is None:   # no rows
+            g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         # Kept on ctx (fresh tensors, not inputs or outputs) rather than saved: backward hands them
         # over and drops its reference, so autograd can take the weight gradient as .grad without a copy.
         ctx.grads = [g_h, None if g_w is None else g_w.to(weight.dtype), None if g_b is None else g_b.to(bias.dtype)]
@@ -231,16 +263,18 @@ class _LinearChunkedLoss(torch.autograd.Function):
         g_h, g_w, g_b = ctx.grads
         ctx.grads = None
         scale = lambda g: None if g is None else g.mul_(grad_out)  # noqa: E731
-        return scale(g_h), scale(g_w), scale(g_b), None, None, None, None, None, None, None
+        return scale(g_h), scale(g_w), scale(g_b), None, None, None, None, None, None, None, None
 
 
 def linear_mixed_loss(hidden, weight, targets, labels, ce_weight=0.0, temperature=1.0, kind="soft",
-                      chunk=None, bias=None, divergence="forward_kl", beta=0.5):
+                      chunk=None, bias=None, divergence="forward_kl", beta=0.5, dtype=None):
     """`mixed_loss` on the lean path: the student given by its final hidden states (..., H) and its
     output head (weight (V, H), bias (V,)) instead of its logits; targets may be logits, TopK or
     Head (a teacher's hidden states and head). Only positions with a label are computed at all, for
     both models: a prompt token costs no head matmul. Same value and gradients as
-    `mixed_loss(hidden @ weight.T + bias, ...)` within fp32 rounding (tests pin it)."""
+    `mixed_loss(hidden @ weight.T + bias, ...)` within fp32 rounding (tests pin it). `dtype`: run
+    the student's head matmuls in it (bf16 under bf16 mixed precision, as autocast runs the
+    model's own head on the plain path); None = the hidden states' dtype."""
     how = _how(kind, divergence, beta, targets)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -264,7 +298,7 @@ def linear_mixed_loss(hidden, weight, targets, labels, ce_weight=0.0, temperatur
                    float(w)))
     keep = torch.ones(idx.shape, dtype=torch.bool, device=hidden.device)
     return _LinearChunkedLoss.apply(h, weight, bias, tuple(tt), y, keep, float(ce_weight), float(temperature),
-                                    how, chunk)
+                                    how, chunk, dtype)
 
 
 def linear_distill_loss(hidden, weight, teacher, labels, alpha=0.5, temperature=1.0, kind="soft",
