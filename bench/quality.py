@@ -88,8 +88,9 @@ def result(metrics: dict, wall: float) -> dict:
     return {"row": row, "teacher": teacher}
 
 
-def prepare(args, work: Path):
-    """The data split, the shared student init, the teacher's answers and the top-64 cache (once)."""
+def prepare(args, work: Path, arms: list[str]):
+    """The data split, the shared student init, and (once, for the arms that read them) the
+    teacher's answers to the training prompts and the top-64 cache."""
     from stillroom import models
     from stillroom.config import Config, StudentConfig, load_config
     from stillroom.generate import LocalTeacher, generate_file, read_prompts
@@ -103,17 +104,19 @@ def prepare(args, work: Path):
     student.save_pretrained(work / "init")
     tok.save_pretrained(work / "init")
     print(f"student: {how}, {models.num_params(student):,} params", flush=True)
-    t0 = time.perf_counter()
-    g = Config().generate.model_copy(update={"max_new_tokens": args.new_tokens, "batch_size": 16})
-    prompts = read_prompts(str(work / "train.jsonl"))
-    generate_file(LocalTeacher(teacher.model, teacher.tokenizer, "smollm2-135m"), prompts, work / "answers.jsonl",
-                  g, progress=False)
-    print(f"teacher answers to {len(prompts)} training prompts: {time.perf_counter() - t0:.0f} s", flush=True)
-    t0 = time.perf_counter()
-    cfg = load_config(None, base(args, work, work / "unused", 0) +
-                      [f"cache.path={work / 'cache'}", "cache.top_k=64"], Config)
-    build_cache(cfg, overwrite=True, progress=False)
-    print(f"top-64 cache of the training data: {time.perf_counter() - t0:.0f} s", flush=True)
+    if "seqkd" in arms:
+        t0 = time.perf_counter()
+        g = Config().generate.model_copy(update={"max_new_tokens": args.new_tokens, "batch_size": 16})
+        prompts = read_prompts(str(work / "train.jsonl"))
+        generate_file(LocalTeacher(teacher.model, teacher.tokenizer, "smollm2-135m"), prompts,
+                      work / "answers.jsonl", g, progress=False)
+        print(f"teacher answers to {len(prompts)} training prompts: {time.perf_counter() - t0:.0f} s", flush=True)
+    if "cache" in arms:
+        t0 = time.perf_counter()
+        cfg = load_config(None, base(args, work, work / "unused", 0) +
+                          [f"cache.path={work / 'cache'}", "cache.top_k=64"], Config)
+        build_cache(cfg, overwrite=True, progress=False)
+        print(f"top-64 cache of the training data: {time.perf_counter() - t0:.0f} s", flush=True)
     from stillroom.train import distill   # an untimed 1-step run first: the first run in a process pays
     distill(load_config(None, base(args, work, work / "warm", 0, 1) + ["loss.alpha=0.0", "eval.tasks=[]"], Config),
             overwrite=True, progress=False)   # lazy initialisation that would count against whichever arm is first
@@ -151,9 +154,28 @@ def run_arm(name: str, args, work: Path, seed: int, walls: dict) -> dict:
     return got
 
 
-def run_peers(args, work: Path, walls: dict) -> dict:
-    """DML: two peers (different layer cuts of the teacher) co-distilled (mutual, alpha 0.5, no
-    teacher) vs the same peers trained alone with CE; then the ensemble control."""
+def dml_variants(spec: str, steps: int) -> dict:
+    """--dml "name:key=value,key=value;name:..." -> {name: codistill overrides}; `S` in a value is
+    --steps (burn_in=S/2)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, body = part.partition(":")
+        over = {}
+        for kv in filter(None, body.split(",")):
+            k, _, v = kv.partition("=")
+            v = v.strip()
+            over[k.strip()] = (v == "true" if v in ("true", "false") else
+                               int(eval(v, {"S": steps})) if "S" in v else float(v) if "." in v else int(v))
+        out[name.strip()] = over
+    return out
+
+
+def run_peers(args, work: Path, walls: dict, ensemble: bool = True) -> dict:
+    """DML: two peers (different layer cuts of the teacher) co-distilled (mutual, alpha 0.5), once
+    per --dml variant (codistill settings: burn_in, ramp, confidence, teacher_weight), vs the same
+    peers trained alone with CE -- and, where a variant gives the teacher a weight, vs the same
+    peers trained alone on that share of the teacher (soft KD, loss.alpha = 0.5 * teacher_weight),
+    so that the peers' own contribution is what is compared; then the ensemble control."""
     from stillroom import models
     from stillroom.codistill import codistill
     from stillroom.config import CodistillRunConfig, Config, load_config
@@ -161,33 +183,49 @@ def run_peers(args, work: Path, walls: dict) -> dict:
 
     n_t = models.load("smollm2-135m").model.config.num_hidden_layers
     cuts = {"a": models.spread_layers(n_t, args.layers), "b": [i + 1 for i in models.spread_layers(n_t - 1, args.layers)]}
+    variants = dml_variants(args.dml, args.steps)
     alone = {}
-    for name, layers in cuts.items():
-        out = work / "runs" / f"alone-{name}"
-        over = [o for o in base(args, work, out, 0) if not o.startswith(("student.", "eval.tasks"))]
-        cfg = load_config(None, over + ["student.init=from_teacher", f"student.layers={layers}", "loss.alpha=0.0"],
-                          Config)
-        t0 = time.perf_counter()
-        alone[name] = result(distill(cfg, overwrite=True, progress=False), time.perf_counter() - t0)
-        alone[name]["final"] = out / "final"
-    cfg = CodistillRunConfig.model_validate({
-        "teacher": {"model": "smollm2-135m"},
-        "peers": [{"name": n, "init": "from_teacher", "layers": layers} for n, layers in cuts.items()],
-        "codistill": {"mode": "mutual"},
-        "data": {"path": str(work / "train.jsonl"), "eval_path": str(work / "held.jsonl"), "pack": True,
-                 "seq_len": args.seq},
-        "loss": {"alpha": 0.5},
-        "train": {"output_dir": str(work / "runs" / "dml"), "max_steps": args.steps, "batch_size": args.batch,
-                  "lr": args.lr, "warmup_steps": 4, "log_every": args.steps, "seed": 0},
-        "eval": {"gen_prompts": 1, "gen_tokens": 4}})
-    t0 = time.perf_counter()
-    m = codistill(cfg, overwrite=True, progress=False)
-    wall = time.perf_counter() - t0
+    kd_shares = sorted({v["teacher_weight"] for v in variants.values() if v.get("teacher_weight")})
+    for share in [0.0] + kd_shares:
+        for name, layers in cuts.items():
+            key = name if share == 0 else f"{name} kd{share:g}"
+            out = work / "runs" / f"alone-{key.replace(' ', '-')}"
+            over = [o for o in base(args, work, out, 0) if not o.startswith(("student.", "eval.tasks"))]
+            cfg = load_config(None, over + ["student.init=from_teacher", f"student.layers={layers}",
+                                            f"loss.alpha={0.5 * share}"], Config)
+            t0 = time.perf_counter()
+            alone[key] = result(distill(cfg, overwrite=True, progress=False), time.perf_counter() - t0)
+            alone[key]["final"] = out / "final"
+            r = alone[key]["row"]
+            print(f"  alone {key}: ppl {r['perplexity']:.2f}, train {r['train_s']:.0f} s", flush=True)
     dml = {}
-    for name in cuts:
-        s = m["eval"][f"{name} after"]
-        dml[name] = {k: s.get(k) for k in ("perplexity", "bits_per_byte", "agreement", "kl_per_token")}
-        dml[name].update(train_s=m["train"].get("elapsed_s"), wall_s=wall)
+    for vname, cc in variants.items():
+        cfg = CodistillRunConfig.model_validate({
+            "teacher": {"model": "smollm2-135m"},
+            "peers": [{"name": n, "init": "from_teacher", "layers": layers} for n, layers in cuts.items()],
+            "codistill": {"mode": "mutual", **cc},
+            "data": {"path": str(work / "train.jsonl"), "eval_path": str(work / "held.jsonl"), "pack": True,
+                     "seq_len": args.seq},
+            "loss": {"alpha": 0.5},
+            "train": {"output_dir": str(work / "runs" / f"dml-{vname}"), "max_steps": args.steps,
+                      "batch_size": args.batch, "lr": args.lr, "warmup_steps": 4, "log_every": args.steps, "seed": 0},
+            "eval": {"gen_prompts": 1, "gen_tokens": 4}})
+        t0 = time.perf_counter()
+        try:
+            m = codistill(cfg, overwrite=True, progress=False)
+        except Exception as e:   # reported, not the end of the bench
+            print(f"  dml {vname}: FAILED ({type(e).__name__}: {e})", flush=True)
+            continue
+        wall = time.perf_counter() - t0
+        for name in cuts:
+            s = m["eval"][f"{name} after"]
+            row = {k: s.get(k) for k in ("perplexity", "bits_per_byte", "agreement", "kl_per_token")}
+            row.update(train_s=m["train"].get("elapsed_s"), wall_s=wall, settings=cc)
+            dml[f"{vname} {name}"] = row
+        print(f"  dml {vname} {cc}: " + ", ".join(f"{n} ppl {dml[f'{vname} {n}']['perplexity']:.2f}" for n in cuts),
+              flush=True)
+    if not ensemble:
+        return {"alone": alone, "dml": dml, "ensemble": None, "cuts": cuts}
     # the control: the two peers trained alone, as an equal mixture teaching a fresh student
     out = work / "runs" / "ensemble"
     cfg = load_config(None, base(args, work, out, 0) + [
@@ -236,6 +274,10 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--dml", default="dml:",
+                    help='DML variants, "name:key=value,...;name:..." of codistill settings (burn_in, ramp, '
+                         'confidence, teacher_weight); S = --steps, e.g. "plain:;burn:burn_in=S/2;'
+                         'conf:confidence=true;teacher:teacher_weight=0.5"')
     args = ap.parse_args()
     if not ALPACA.is_file():
         raise SystemExit(f"bench data not found: {ALPACA} (the bench needs ../shared/data)")
@@ -254,7 +296,7 @@ def main():
     results, walls, teacher = {}, {}, None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        prepare(args, work)
+        prepare(args, work, arms)
         for name in arms:
             if name in ("dml", "ensemble"):
                 continue
@@ -270,27 +312,28 @@ def main():
                 r = got["row"]
                 print(f"  {name} seed {seed}: ppl {r['perplexity']:.2f}, bpb {r['bits_per_byte']:.3f}, "
                       f"ROUGE-L {r['rougeL'] or 0:.3f}, train {r['train_s']:.0f} s ({r['steps']} steps)", flush=True)
-        peers = run_peers(args, work, walls) if {"dml", "ensemble"} & set(arms) else None
+        peers = run_peers(args, work, walls, "ensemble" in arms) if {"dml", "ensemble"} & set(arms) else None
     print(f"\nAlpaca: {args.train_rows} training rows, {args.held} held-out rows ({args.task_rows} answered, "
           f"{args.new_tokens} new tokens); {args.steps} steps x {args.batch} x {args.seq} packed tokens per arm; "
           f"student: {args.layers} of SmolLM2-135M-Instruct's 30 layers; seeds {args.seeds} for {', '.join(SEEDED)}")
-    head = f"{'arm':<15}" + "".join(f"{label[:24]:>26}" for _, label, _ in METRICS) + f"{'train time / CE':>17}"
+    head = f"{'arm':<20}" + "".join(f"{label[:24]:>26}" for _, label, _ in METRICS) + f"{'train time / CE':>17}"
     print(head)
     ce = {k: statistics.mean(v for r in results["ce"] if (v := r[k]) is not None) for k, _, _ in METRICS
           if any(r[k] is not None for r in results["ce"])}
     ce_time = statistics.mean(r["train_s"] for r in results["ce"])
-    print(f"{'teacher':<15}" + "".join(f"{fmt([teacher[k]], pct):>26}" for k, _, pct in METRICS))
+    print(f"{'teacher':<20}" + "".join(f"{fmt([teacher[k]], pct):>26}" for k, _, pct in METRICS))
     rows = dict(results)
     if peers:
-        rows.update({"alone a": [peers["alone"]["a"]["row"]], "alone b": [peers["alone"]["b"]["row"]],
-                     "dml a": [peers["dml"]["a"]], "dml b": [peers["dml"]["b"]],
-                     "ensemble": [peers["ensemble"]["row"]]})
+        rows.update({f"alone {k}": [v["row"]] for k, v in peers["alone"].items()})
+        rows.update({k if k.startswith("dml") else f"dml {k}": [v] for k, v in peers["dml"].items()})
+        if peers["ensemble"]:
+            rows["ensemble"] = [peers["ensemble"]["row"]]
     for name, rs in rows.items():
         cells = "".join(f"{fmt([r.get(k) for r in rs], pct):>26}" for k, _, pct in METRICS)
         t = statistics.mean(r["train_s"] for r in rs if r.get("train_s")) / ce_time
-        print(f"{name:<15}{cells}{t:>16.2f}x")
+        print(f"{name:<20}{cells}{t:>16.2f}x")
     print("\nfraction of the teacher gap closed, (arm - CE) / (teacher - CE), on the means:")
-    print(f"{'arm':<15}" + "".join(f"{label[:24]:>26}" for _, label, _ in METRICS))
+    print(f"{'arm':<20}" + "".join(f"{label[:24]:>26}" for _, label, _ in METRICS))
     for name, rs in rows.items():
         if name == "ce":
             continue
@@ -301,7 +344,7 @@ def main():
                 cells.append(f"{'-':>26}")
                 continue
             cells.append(f"{(statistics.mean(vals) - ce[k]) / (teacher[k] - ce[k]):>26.2f}")
-        print(f"{name:<15}" + "".join(cells))
+        print(f"{name:<20}" + "".join(cells))
     print(f"\n(whole bench: {(time.perf_counter() - t_all) / 60:.0f} min)")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "teacher": teacher,

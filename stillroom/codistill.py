@@ -49,7 +49,7 @@ from . import evaluate, faults, models, shard
 from .config import CodistillRunConfig, to_yaml
 from .data import micro_batch, model_inputs
 from .errors import UserError
-from .losses import IGNORE_INDEX, mixed_loss, mutual_loss, topk_targets
+from .losses import IGNORE_INDEX, general_loss, mixed_loss, mutual_loss, topk_targets
 from .loop import Failure, Run, Trainee, agree, average_grads, fit, lr_lambda, make_optimizer, step_counts, to_batch, window
 from .tracking import make_accelerator
 from .outputs import inputs_of, own_output, publish, record_resume, resume_changes, start_output
@@ -76,14 +76,46 @@ def _targets(n_tokens):
     return max(int(n_tokens), 1)
 
 
-def peer_loss(s, others, labels, t_logits, cfg, peers_on, inplace):
-    """One peer's loss sum on one batch: mutual_loss, or during burn-in only CE (+ teacher)."""
-    lc, tw = cfg.loss, cfg.codistill.teacher_weight
-    if peers_on:
-        return mutual_loss(s, others, labels, lc.alpha, lc.temperature, lc.kind, t_logits, tw,
+def peer_share(step: int, cc) -> float:
+    """The share of the peer terms' full weight at this step: 0 during burn_in, then rising
+    linearly over `ramp` steps (1 at once when ramp is 0). A function of the step: resumes exactly."""
+    if step < cc.burn_in:
+        return 0.0
+    return 1.0 if cc.ramp == 0 else min(1.0, (step - cc.burn_in + 1) / cc.ramp)
+
+
+def term_weights(cfg, share: float, n_peers: int):
+    """(each peer's weight, the teacher's, CE's) at a share of the peer weight. In full:
+    alpha (1 - tw) / n_peers, alpha tw, 1 - alpha (mutual_loss's split); what the peers do not
+    get during burn-in and the ramp goes to CE."""
+    alpha, tw = cfg.loss.alpha, cfg.codistill.teacher_weight
+    if share == 1.0:
+        return alpha * (1 - tw) / max(n_peers, 1), alpha * tw, 1.0 - alpha
+    if share == 0.0:
+        return 0.0, alpha * tw, 1 - alpha * tw
+    w_peers = alpha * (1 - tw) * share
+    return w_peers / max(n_peers, 1), alpha * tw, 1 - alpha * tw - w_peers
+
+
+def peer_loss(s, others, labels, t_logits, cfg, share, inplace):
+    """One peer's loss sum on one batch: mutual_loss's terms at `peer_share`'s share of the peer
+    weight (only CE, + the teacher, during burn-in). With codistill.confidence each peer's term is
+    weighted per position by that peer's top-1 probability (general_loss's token weight)."""
+    lc, cc = cfg.loss, cfg.codistill
+    if share == 1.0 and not cc.confidence:
+        return mutual_loss(s, others, labels, lc.alpha, lc.temperature, lc.kind, t_logits, cc.teacher_weight,
                            lc.chunk_rows, inplace)
-    targets = [(t_logits, lc.alpha * tw)] if tw > 0 else []
-    return mixed_loss(s, targets, labels, 1 - lc.alpha * tw, lc.temperature, lc.kind, lc.chunk_rows, inplace)
+    w_peer, w_t, w_ce = term_weights(cfg, share, len(others))
+    peers = [(o, w_peer) for o in others] if w_peer > 0 else []
+    teacher = [(t_logits, w_t)] if w_t > 0 else []
+    if not (cc.confidence and peers):
+        return mixed_loss(s, peers + teacher, labels, w_ce, lc.temperature, lc.kind, lc.chunk_rows, inplace)
+    loss = mixed_loss(s, teacher, labels, w_ce, lc.temperature, lc.kind, lc.chunk_rows)
+    term = "hard" if lc.kind == "hard" else "forward_kl"
+    for o, w in peers:
+        loss = loss + general_loss(s, [(o, 1.0)], labels, {term: w}, lc.temperature, token_weight="confidence",
+                                   chunk=lc.chunk_rows)
+    return loss
 
 
 def teacher_logits(teacher, b, cfg, accelerator, vocab):
@@ -95,7 +127,7 @@ def teacher_logits(teacher, b, cfg, accelerator, vocab):
 
 # ------------------------------------------------------------------------------------ one step per mode
 
-def step_mutual(peers, teacher, batches, cfg, accelerator, vocab, peers_on, failure=None):
+def step_mutual(peers, teacher, batches, cfg, accelerator, vocab, share, failure=None):
     """All peers on the same micro-batches; gradients normalized like loop.accumulate, and under
     several processes synced as there: the peers run unwrapped between two all-reduces that carry
     a failure flag (`failure`: this process's data failed), their gradients averaged after."""
@@ -117,7 +149,7 @@ def step_mutual(peers, teacher, batches, cfg, accelerator, vocab, peers_on, fail
             for j in range(len(peers)):
                 others = [x.detach() for k, x in enumerate(logits) if k != j]
                 # the last peer's logits are nobody's target any more: its gradient may overwrite them
-                loss = peer_loss(logits[j], others, b.targets, t_logits, cfg, peers_on,
+                loss = peer_loss(logits[j], others, b.targets, t_logits, cfg, share,
                                  inplace=j == len(peers) - 1)
                 accelerator.backward(loss * scale)
                 totals[j] += float(loss.detach())
@@ -145,14 +177,14 @@ def _gather_predictions(s, cfg, accelerator):
     return [full[r * bsz:(r + 1) * bsz] for r in range(world)]
 
 
-def step_predictions(peer, teacher, batches, cfg, accelerator, vocab, peers_on, failure=None):
+def step_predictions(peer, teacher, batches, cfg, accelerator, vocab, share, failure=None):
     """CE on this process's own micro-batches; peer (and teacher) terms on the shared batch.
     A failure on any process stops every one at the next of the step's collectives (a flag
     all-reduce before the gather of predictions, and one at the end), as in loop.accumulate."""
     lc, tw = cfg.loss, cfg.codistill.teacher_weight
     rank, world = accelerator.process_index, accelerator.num_processes
     total, tokens = 0.0, 0
-    w_peer = lc.alpha * (1 - tw) / (world - 1) if peers_on else 0.0
+    w_peer, _, w_ce = term_weights(cfg, share, world - 1)
     s = t_logits = None
     try:
         if failure is None:
@@ -180,7 +212,6 @@ def step_predictions(peer, teacher, batches, cfg, accelerator, vocab, peers_on, 
                 (loss / n_shared).backward()
                 total += float(loss.detach()) / n_shared
             del s, targets
-            w_ce = 1 - lc.alpha if peers_on else 1 - lc.alpha * tw
             for b in own:
                 faults.point("micro_batch")
                 with accelerator.autocast():
@@ -194,7 +225,7 @@ def step_predictions(peer, teacher, batches, cfg, accelerator, vocab, peers_on, 
     return total, tokens
 
 
-def step_weights(peer, stale, teacher, batches, cfg, accelerator, vocab, peers_on, failure=None):
+def step_weights(peer, stale, teacher, batches, cfg, accelerator, vocab, share, failure=None):
     """Own micro-batches; the peer terms come from the stale copies of the others, run here. No
     collective inside: one flag all-reduce at the end tells every process of a failure."""
     total, tokens = 0.0, 0
@@ -207,12 +238,12 @@ def step_weights(peer, stale, teacher, batches, cfg, accelerator, vocab, peers_o
                 faults.point("micro_batch")
                 t_logits = teacher_logits(teacher, b, cfg, accelerator, vocab)
                 others = []
-                if peers_on:
+                if share > 0:
                     with torch.no_grad(), accelerator.autocast():
                         others = [_logits(m, b, vocab) for m in stale]
                 with accelerator.autocast():
                     s = _logits(peer.model, b, vocab)
-                loss = peer_loss(s, others, b.targets, t_logits, cfg, peers_on, inplace=True)
+                loss = peer_loss(s, others, b.targets, t_logits, cfg, share, inplace=True)
                 (loss / n_own).backward()
                 total += float(loss.detach()) / n_own
                 del s, others
@@ -402,20 +433,20 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
         return own, shared
 
     def step_fn(step, batches):
-        peers_on = step >= cc.burn_in and cfg.loss.alpha > 0
+        share = peer_share(step, cc) if cfg.loss.alpha > 0 else 0.0
         failure = batches if isinstance(batches, Failure) else None   # building this process's data failed
         if mode == "mutual":
-            losses, tokens = step_mutual(peers, live, batches, cfg, accelerator, vocab, peers_on, failure)
+            losses, tokens = step_mutual(peers, live, batches, cfg, accelerator, vocab, share, failure)
         elif mode == "predictions":
-            loss, tokens = step_predictions(peers[0], live, batches, cfg, accelerator, vocab, peers_on, failure)
+            loss, tokens = step_predictions(peers[0], live, batches, cfg, accelerator, vocab, share, failure)
             losses = [loss]
         else:
             if step % cc.exchange_every == 0:   # weights are whole even when the data failed: take part
                 peers[0].snapshot = exchange_weights(peers[0].model, copies, rank)
             stale = [m for j, m in enumerate(copies) if j != rank]
-            loss, tokens = step_weights(peers[0], stale, live, batches, cfg, accelerator, vocab, peers_on, failure)
+            loss, tokens = step_weights(peers[0], stale, live, batches, cfg, accelerator, vocab, share, failure)
             losses = [loss]
-        return {"loss": dict(zip([p.name for p in peers], losses)), "tokens": tokens, "peer_terms": peers_on}
+        return {"loss": dict(zip([p.name for p in peers], losses)), "tokens": tokens, "peer_terms": share > 0}
 
     def record(stats, norms, lrs):
         losses, tokens = list(stats["loss"].values()), stats["tokens"]

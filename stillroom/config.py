@@ -365,6 +365,13 @@ class CodistillConfig(Section):
     """weights mode: steps between weight exchanges (K)."""
     burn_in: int = Field(0, ge=0)
     """Steps before the peer terms switch on (their weight goes to CE until then)."""
+    ramp: int = Field(0, ge=0)
+    """Steps after burn_in over which the peer terms' weight rises linearly from 0 to its full
+    share (the rest goes to CE meanwhile); 0 = full at once."""
+    confidence: bool = False
+    """Weight each peer's term at each position by that peer's top-1 probability there (a sure
+    peer teaches more, an unsure one less; the weight it does not get is dropped, not moved to
+    CE). Modes mutual and weights."""
     shared_batch_size: Optional[int] = Field(None, ge=1)
     """predictions mode: examples in the step's shared batch; None = train.batch_size."""
 

@@ -87,6 +87,9 @@ def check_codistill(cfg, default_loss):
                         "with `stillroom eval --model RUN/final/NAME --task ...`")
     if len(cfg.peers) < 2:
         raise UserError("codistill needs at least 2 peers")
+    if cfg.codistill.confidence and cfg.codistill.mode == "predictions":
+        raise UserError("codistill.confidence is built for modes mutual and weights (each peer's own "
+                        "predictions at every position); mode predictions exchanges them on a shared batch")
     if cfg.train.shard == "fsdp" and cfg.codistill.mode != "mutual":
         raise UserError(f"train.shard=fsdp shards the peers of codistill.mode=mutual; mode "
                         f"{cfg.codistill.mode} trains one peer per process (set train.shard=none)")

@@ -55,7 +55,7 @@ if __name__ == "__main__":
     cfg, teacher, built, train = setup(teacher_dir, data, top_k)
     own, shared = step0_batches(cfg, train, rank, world, teacher.tokenizer.pad_token_id)
     peer = Peer(cfg.peers[rank].name, built[rank], None, None)
-    loss, _ = step_predictions(peer, LiveTeacher(teacher.model), (own, shared), cfg, acc, None, peers_on=True)
+    loss, _ = step_predictions(peer, LiveTeacher(teacher.model), (own, shared), cfg, acc, None, share=1.0)
     grads = {n: p.grad.clone() for n, p in built[rank].named_parameters()}
     # weights mode: every process's own peer has moved (differently); after the exchange each
     # process must hold every peer's moved weights

@@ -63,6 +63,46 @@ def test_mutual_loss_matches_reference_and_gradient(T):
     torch.testing.assert_close(g, g_ref.float(), rtol=1e-4, atol=1e-6)
 
 
+def test_peer_share_burn_in_and_ramp():
+    from types import SimpleNamespace
+
+    from stillroom.codistill import peer_share, term_weights
+    cc = SimpleNamespace(burn_in=2, ramp=4)
+    assert [peer_share(i, cc) for i in range(8)] == [0, 0, 0.25, 0.5, 0.75, 1, 1, 1]
+    assert [peer_share(i, SimpleNamespace(burn_in=1, ramp=0)) for i in range(3)] == [0, 1, 1]
+    cfg = SimpleNamespace(loss=SimpleNamespace(alpha=0.6), codistill=SimpleNamespace(teacher_weight=0.25))
+    for scale in (0.0, 0.3, 1.0):    # the weights always sum to 1: what the peers lack goes to CE
+        w_peer, w_t, w_ce = term_weights(cfg, scale, 3)
+        assert 3 * w_peer + w_t + w_ce == pytest.approx(1.0)
+        assert w_t == pytest.approx(0.15) and w_peer == pytest.approx(0.6 * 0.75 * scale / 3)
+
+
+@pytest.mark.parametrize("T, scale", [(1.0, 1.0), (2.0, 0.5)])
+def test_confidence_weighted_peer_loss_matches_reference(T, scale):
+    """codistill.confidence: each peer's KL weighted per position by that peer's top-1 probability
+    at T; the teacher and CE terms as in mutual_loss, at the ramp's share of the peer weight."""
+    from types import SimpleNamespace
+
+    from stillroom.codistill import peer_loss
+    s, b, c, t = (logits(2, 5, 11, seed=i) for i in range(4))
+    y = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(9))
+    y[0, :2] = IGNORE_INDEX
+    keep = (y != IGNORE_INDEX).double()
+    cfg = SimpleNamespace(loss=SimpleNamespace(alpha=0.7, temperature=T, kind="soft", chunk_rows=3),
+                          codistill=SimpleNamespace(teacher_weight=0.4, confidence=True))
+    ours = peer_loss(s, [b.detach(), c.detach()], y, t.detach(), cfg, scale, inplace=False)
+    (g,) = torch.autograd.grad(ours, s)
+    s2 = s.detach().clone().requires_grad_(True)
+    ce = torch.nn.functional.cross_entropy(s2.double().view(-1, 11), y.view(-1), reduction="sum")
+    w_peer = 0.7 * 0.6 * scale / 2
+    conf = lambda x: torch.softmax(x.detach().double() / T, -1).max(-1).values  # noqa: E731
+    ref = (w_peer * (ref_forward_kl(s2, b.detach(), keep * conf(b), T) + ref_forward_kl(s2, c.detach(), keep * conf(c), T))
+           + 0.7 * 0.4 * ref_forward_kl(s2, t.detach(), keep, T) + (1 - 0.7 * 0.4 - 2 * w_peer) * ce)
+    (g_ref,) = torch.autograd.grad(ref, s2)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(g, g_ref.float(), rtol=1e-4, atol=1e-6)
+
+
 def test_peers_targets_carry_no_gradient():
     a, b = logits(2, 4, 9, seed=1), logits(2, 4, 9, seed=2)
     y = torch.randint(0, 9, (2, 4), generator=torch.Generator().manual_seed(0))
@@ -153,3 +193,31 @@ def test_topk_rows_padded_with_no_entry_equal_the_shorter_rows():
     (gb,) = torch.autograd.grad(b, s)
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
     torch.testing.assert_close(ga, gb)
+
+
+def test_a_mutual_step_gives_each_peer_the_full_mutual_loss(tok):
+    """step_mutual's per-peer loss (and gradient) at share 1 is mutual_loss over the step's target
+    tokens (a name clash once passed the gradient's 1/tokens scale on as the peer share)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from conftest import make_model
+
+    from stillroom.codistill import Peer, step_mutual
+    from stillroom.loop import Batch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, len(tok), (2, 9), generator=g)
+    targets = ids.roll(-1, 1)
+    targets[:, -1] = IGNORE_INDEX
+    b = Batch(input_ids=ids, attention_mask=torch.ones_like(ids), targets=targets)
+    models_ = [make_model(tok, layers=1, seed=i) for i in range(2)]
+    peers = [Peer(n, m, None, None) for n, m in zip("ab", models_)]
+    cfg = SimpleNamespace(loss=SimpleNamespace(alpha=0.6, temperature=2.0, kind="soft", chunk_rows=None),
+                          codistill=SimpleNamespace(teacher_weight=0.0, confidence=False))
+    losses, _ = step_mutual(peers, None, [b], cfg, Accelerator(cpu=True), None, 1.0)
+    n = int((targets != IGNORE_INDEX).sum())
+    with torch.no_grad():
+        la, lb = (m(input_ids=ids).logits for m in models_)
+    assert losses[0] == pytest.approx(float(mutual_loss(la, [lb], targets, 0.6, 2.0)) / n, rel=1e-5)
+    assert losses[1] == pytest.approx(float(mutual_loss(lb, [la], targets, 0.6, 2.0)) / n, rel=1e-5)
