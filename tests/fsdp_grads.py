@@ -52,7 +52,8 @@ def main(teacher_dir, data, out_dir, how, grad_accum):
         over = [f"teacher.model={teacher_dir}", f"data.path={data}", f"train.output_dir={out_dir / ('run-' + name)}",
                 "student.num_layers=2", "data.seq_len=64", "train.batch_size=2", f"train.grad_accum={grad_accum}",
                 "data.eval_fraction=0.1", "eval.gen_tokens=2", "eval.gen_prompts=1", f"train.shard={how}",
-                "loss.chunk_rows=7", *extra]
+                "loss.chunk_rows=7", "train.mixed_precision=no", *extra]   # equal to fp32 rounding; under bf16
+        # autocast the sharded and whole models round differently (a sharded bf16 run: test_shard's resume test)
         try:
             train.distill(load_config(None, over), overwrite=True, progress=False)
         except Done:
@@ -85,7 +86,7 @@ def codistill_mutual(teacher_dir, data, out_dir, how, grad_accum):
                   {"name": "b", "init": "config", "num_layers": 2, "hidden_size": 32, "num_heads": 4}],
         "data": {"path": data, "seq_len": 64}, "loss": {"alpha": 0.5}, "codistill": {"teacher_weight": 0.3},
         "train": {"output_dir": str(out_dir / "run-codistill"), "batch_size": 2, "grad_accum": grad_accum,
-                  "shard": how},
+                  "shard": how, "mixed_precision": "no"},
         "eval": {"gen_tokens": 2, "gen_prompts": 1}})
     try:
         codistill.codistill(cfg, overwrite=True, progress=False)
