@@ -88,8 +88,8 @@ def check_codistill(cfg, default_loss):
     if len(cfg.peers) < 2:
         raise UserError("codistill needs at least 2 peers")
     if cfg.codistill.confidence and cfg.codistill.mode == "predictions":
-        raise UserError("codistill.confidence is built for modes mutual and weights (each peer's own "
-                        "predictions at every position); mode predictions exchanges them on a shared batch")
+        raise UserError("codistill.confidence is built for modes mutual and weights (the codistill recipe "
+                        "turns it on): add codistill.confidence=false for mode predictions")
     if cfg.train.shard == "fsdp" and cfg.codistill.mode != "mutual":
         raise UserError(f"train.shard=fsdp shards the peers of codistill.mode=mutual; mode "
                         f"{cfg.codistill.mode} trains one peer per process (set train.shard=none)")

@@ -102,7 +102,7 @@ def test_cli_codistill_errors_are_one_line(tmp_path, teacher_dir, chat_file):
     r = run_cli("codistill", cfg, "peers.5.name=c")
     assert r.returncode == 2 and "peers.5.name=c" in r.stderr
     r = run_cli("codistill", cfg, "codistill.confidence=true", "codistill.mode=predictions")
-    assert r.returncode == 2 and "codistill.confidence is built for modes mutual and weights" in r.stderr, r.stderr
+    assert r.returncode == 2 and "add codistill.confidence=false for mode predictions" in r.stderr, r.stderr
     r = run_cli("codistill", cfg, "eval.tasks=[rouge]")      # refused, not silently skipped
     assert r.returncode == 2 and "eval.tasks is a `stillroom distill` setting" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()

@@ -188,7 +188,10 @@ CASES = [
         *_base(m, d, t / "out")[:3]], "distinct"),
     ("codistill across processes in one", lambda t, m, d: [
         "codistill", "codistill", *_base(m, d, t / "out")[:3], "codistill.mode=predictions",
-        "peers.0.num_layers=2", "peers.1.layers=[0,3]"], "one peer per process"),
+        "codistill.confidence=false", "peers.0.num_layers=2", "peers.1.layers=[0,3]"], "one peer per process"),
+    ("confidence in predictions mode", lambda t, m, d: [
+        "codistill", "codistill", *_base(m, d, t / "out")[:3], "codistill.mode=predictions",
+        "peers.0.num_layers=2", "peers.1.layers=[0,3]"], "add codistill.confidence=false"),
     # ---- other commands and flags
     ("eval of a missing model", lambda t, m, d: ["eval", "--model", str(t / "x"), "--teacher", str(m),
                                                  "--data", str(d)], "not found"),
