@@ -89,6 +89,7 @@ def term_weights(cfg, share: float, n_peers: int):
     alpha (1 - tw) / n_peers, alpha tw, 1 - alpha (mutual_loss's split); what the peers do not
     get during burn-in and the ramp goes to CE."""
     alpha, tw = cfg.loss.alpha, cfg.codistill.teacher_weight
+    # the ends written as mutual_loss and burn-in always did, so their weights stay bit-identical
     if share == 1.0:
         return alpha * (1 - tw) / max(n_peers, 1), alpha * tw, 1.0 - alpha
     if share == 0.0:

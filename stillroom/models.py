@@ -475,14 +475,14 @@ def output_head(model, width: int | None = None, base: bool = False):
                     full = model(input_ids=ids, use_cache=False).logits.float()
                     h = final_hidden(model, input_ids=ids)
                     mine = torch.nn.functional.linear(h, head.weight, head.bias).float()
+                    try:
+                        h_base = base_hidden(model, input_ids=ids)
+                        ok_base = torch.allclose(h_base, h, rtol=1e-4, atol=1e-5)
+                    except Exception:  # no base_model forward of that shape: only the student's way works
+                        ok_base = False
             finally:
                 if wrapped is not None:
                     model.forward = wrapped
-                try:
-                    h_base = base_hidden(model, input_ids=ids)
-                    ok_base = torch.allclose(h_base, h, rtol=1e-4, atol=1e-5)
-                except Exception:  # no base_model forward of that shape: only the student's way works
-                    ok_base = False
             model.train(was)
             ok = torch.allclose(mine, full, rtol=1e-3, atol=1e-3 * float(full.abs().max()) + 1e-6)
         model._stillroom_head = {"head": ok, "base": ok and ok_base}

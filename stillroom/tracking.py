@@ -48,7 +48,7 @@ def student_precision(name: str, device) -> str:
     bf16 autocast (fp32 master weights, optimizer state and loss) where the device runs bf16
     natively -- a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX -- else fp32 (a CPU without
     them emulates bf16, many times slower). On the bundled teacher's 6-layer student, 80 steps in
-    bf16 reached the held-out perplexity of fp32 within 0.1% at about half the time per step
+    bf16 reached the held-out perplexity of fp32 within 0.1% at 0.74x the time per step
     (bench/precision.py on an AVX512-BF16 CPU; README, 'Speed and memory')."""
     if name != "auto":
         return name
@@ -71,14 +71,14 @@ def make_accelerator(cfg, out: Path, threads: bool = True):
         package = TRACKER_PACKAGES[tracker]
         if importlib.util.find_spec(package) is None:
             raise UserError(f"train.report_to=[{tracker}] needs: pip install {package}")
-    # cpu=True on a machine without CUDA: under `accelerate launch --multi_gpu --num_processes N`
-    # that makes Accelerate use gloo (MULTI_CPU) instead of silently running N single processes.
     from accelerate.state import AcceleratorState
 
     # Accelerate keeps one process-wide state and refuses a second Accelerator with another
     # precision: a library caller's second run (fp32, then bf16) starts that state afresh.
     if AcceleratorState._shared_state.get("_mixed_precision", mp) != mp:
         AcceleratorState._reset_state()
+    # cpu=True on a machine without CUDA: under `accelerate launch --multi_gpu --num_processes N`
+    # that makes Accelerate use gloo (MULTI_CPU) instead of silently running N single processes.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,
                               log_with=cfg.train.report_to or None, project_dir=str(out))
     if threads:   # the CLI's process is ours; a library caller's thread count is theirs

@@ -211,9 +211,7 @@ class _LinearChunkedLoss(torch.autograd.Function):
         hc, wc = hidden.to(dtype), weight.to(dtype)          # no copy when they already are
         bc = None if bias is None else bias.to(dtype)
         g_h = torch.empty_like(hidden) if need_h else None    # every row is written by its chunk
-        # the fp32 weight gradient; in low precision made by the first flush (no (V, H) zero fill)
-        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w and \
-            dtype == torch.float32 else None
+        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         g_w16, pending = None, 0
@@ -236,21 +234,14 @@ class _LinearChunkedLoss(torch.autograd.Function):
                     # In low precision a product into the fp32 sum per chunk costs a full (V, H)
                     # conversion each time: the products are summed in `dtype` over FLUSH chunks
                     # (fused, as autocast's one product is formed), then added to the fp32 sum.
-                    if g_w16 is None:
-                        g_w16 = torch.mm(g.t(), h)
-                    else:
-                        g_w16.addmm_(g.t(), h)
+                    g_w16 = torch.mm(g.t(), h) if g_w16 is None else g_w16.addmm_(g.t(), h)
                     pending += 1
-                    if pending == FLUSH:
-                        g_w = g_w16.float() if g_w is None else g_w.add_(g_w16)
+                    if pending == FLUSH or b >= hidden.shape[0]:   # a full group, or the last chunk
+                        g_w.add_(g_w16)
                         g_w16, pending = None, 0
                 if need_b:
                     g_b += g.float().sum(0)
             del g
-        if g_w16 is not None:
-            g_w = g_w16.float() if g_w is None else g_w.add_(g_w16)
-        if need_w and g_w is None:   # no rows
-            g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         # Kept on ctx (fresh tensors, not inputs or outputs) rather than saved: backward hands them
         # over and drops its reference, so autograd can take the weight gradient as .grad without a copy.
         ctx.grads = [g_h, None if g_w is None else g_w.to(weight.dtype), None if g_b is None else g_b.to(bias.dtype)]
