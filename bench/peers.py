@@ -21,6 +21,8 @@ says each row's student precision and teacher dtype.
                          loss.lean=true, mixed_precision=auto): logits made inside the loss from hidden
                          states, chunk by chunk
   stillroom plain/live   the same with loss.lean=false: full logits, stillroom's chunked loss
+  ... eager              lean/live with loss.compile=false: the loss kernel not compiled (auto compiles
+                         it on a CPU, off on a GPU: there the two rows are the same thing)
   stillroom lean/cached  the teacher read from a top-64 cache (`stillroom cache`), lean path
   stillroom plain/cached the same on the plain path
   naive KD               teacher fwd + a textbook full-logit loss (F.kl_div on full log-softmaxes)
@@ -34,7 +36,9 @@ The headline ratio compares TRL at whichever of its two configurations is faster
 with stillroom at its defaults, same teacher dtype. stillroom's rows use its defaults: alpha 0.9
 (KD) + 0.1 CE, T 1. TRL's loss is the KD term alone. A TRL row is one call of the trainer's own
 training_step (its compute_loss and backward, under its precision), its clipping and optimizer step,
-set up by a one-step trainer.train() first. Timings: the median of --rounds interleaved rounds after a
+set up by a one-step trainer.train() first. Every row runs in one process, set up as a stillroom run
+sets up its own (`tracking.keep_cpu_memory`: on a CPU, freed memory is kept for the next step);
+STILLROOM_KEEP_MEMORY=0 runs every row under glibc's defaults instead. Timings: the median of --rounds interleaved rounds after a
 warm-up round, every row in every round. The machine is noisy: compare the ratios, not the seconds.
 
 Memory column ("head+loss extra peak MB"): peak bytes of tensor storage created from the final
@@ -60,7 +64,7 @@ from stillroom.cache import TeacherCache, build
 from stillroom.config import Config, StudentConfig
 from stillroom.store import load_data
 from stillroom.losses import Head, distill_loss, linear_distill_loss
-from stillroom.tracking import student_precision
+from stillroom.tracking import keep_cpu_memory, student_precision
 from stillroom.train import accumulate, to_batch
 
 from kd_step import LiveBytes, naive_kd
@@ -167,6 +171,8 @@ def main():
     ap.add_argument("--skip-gemma", action="store_true")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # As a stillroom run sets up its process; every row below shares it (STILLROOM_KEEP_MEMORY=0 to compare).
+    allocator = keep_cpu_memory()
     tmp = Path(tempfile.mkdtemp(prefix="stillroom-peers-"))
 
     from accelerate import Accelerator
@@ -216,9 +222,9 @@ def main():
         loss.backward()
         finish(s, opt)
 
-    def stillroom_step(lean, source_):
+    def stillroom_step(lean, source_, compiled="auto"):
         c = cfg.model_copy(deep=True)
-        c.loss.lean = lean
+        c.loss.lean, c.loss.compile = lean, compiled
 
         def step(s, opt):
             accumulate(s, source_, [batch], c, acc)
@@ -236,11 +242,13 @@ def main():
     mine = "bf16 autocast" if precision == "bf16" else "fp16 autocast" if precision == "fp16" else "fp32"
     rows = {"teacher fwd": None, "teacher fwd fp32": None, "student CE": ce_step,
             "stillroom lean/live": stillroom_step(True, tm), "stillroom plain/live": stillroom_step(False, tm),
+            "stillroom lean/live eager": stillroom_step(True, tm, False),
             "stillroom lean/cached": stillroom_step(True, cache),
             "stillroom plain/cached": stillroom_step(False, cache), "naive KD": naive_step}
     student_prec = {k: mine for k in rows if rows[k] is not None}
     dt = lambda d: {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(d)[6:], str(d)[6:])  # noqa: E731
     teacher_of = {"teacher fwd": dt(t_dtype), "teacher fwd fp32": "fp32", "student CE": "-", "stillroom lean/live": dt(t_dtype),
+                  "stillroom lean/live eager": dt(t_dtype),
                   "stillroom plain/live": dt(t_dtype), "stillroom lean/cached": "cache", "stillroom plain/cached": "cache",
                   "naive KD": dt(t_dtype)}
     state = {k: fresh() for k in rows if rows[k] is not None}
@@ -297,7 +305,8 @@ def main():
           f"{args.batch} x {args.seq} tokens from {source}; teacher smollm2-135m {models.num_params(tm):,} params "
           f"(stillroom runs it in {str(t_dtype)[6:]}: teacher.dtype=auto); student {models.num_params(student0):,} "
           f"params in {mine} (train.mixed_precision=auto); vocab {tm.config.vocab_size}; cache top-{cache.top_k}; "
-          f"every training row clips at 1.0; median of {args.rounds} interleaved rounds, every row in every round")
+          f"every training row clips at 1.0; median of {args.rounds} interleaved rounds, every row in every round; "
+          f"CPU memory (every row): {allocator}")
     print(f"teacher in {str(t_dtype)[6:]} vs fp32 on this batch: KL(fp32 || {str(t_dtype)[6:]}) {drift:.4f} "
           f"nats/token, top-1 agreement {top1:.1%}")
     for k, v in trl.items():
@@ -314,6 +323,8 @@ def main():
     print(f"  stillroom lean/cached / student CE                = "
           f"{med['stillroom lean/cached'] / med['student CE']:.3f}  [<= 1.0]")
     print(f"  stillroom plain/cached / student CE               = {med['stillroom plain/cached'] / med['student CE']:.3f}")
+    print(f"  stillroom lean/live / lean/live eager             = {lean / med['stillroom lean/live eager']:.3f}"
+          "  (loss.compile's gain)")
     print(f"  naive KD / stillroom lean/live                    = {med['naive KD'] / lean:.3f}")
     if trl:
         same = [k for k in trl if "fp32 teacher" not in k]
@@ -322,7 +333,8 @@ def main():
               f"same teacher dtype]")
         for k in trl:
             print(f"    {k} / stillroom lean/live = {med[k] / lean:.3f}")
-    print(f"\n{'head+loss extra peak MB':<26}{'naive':>9}{'plain':>9}{'lean':>9}{'lean/naive':>12}{'plain/naive':>13}")
+    print("\n(memory: the eager kernel's; a compiled kernel's buffers are not seen by the storage count)")
+    print(f"{'head+loss extra peak MB':<26}{'naive':>9}{'plain':>9}{'lean':>9}{'lean/naive':>12}{'plain/naive':>13}")
     for k, m in mem.items():
         target = "<= 0.15" if "49k" in k else "<= 0.07"
         print(f"{k:<26}{m['naive'] / 2**20:>9.0f}{m['plain'] / 2**20:>9.0f}{m['lean'] / 2**20:>9.0f}"

@@ -568,6 +568,9 @@ def main(argv=None) -> int:
     from .feedback import set_progress
 
     set_progress(not getattr(args, "no_progress", False))
+    from .tracking import keep_cpu_memory
+
+    logging.getLogger("stillroom").debug("CPU memory: %s", keep_cpu_memory())   # the process is ours
     try:
         _quiet_libraries()
         return args.func(args)

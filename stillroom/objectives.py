@@ -31,7 +31,7 @@ import torch
 
 from . import methods, models
 from .data import model_inputs
-from .losses import IGNORE_INDEX, general_loss, linear_mixed_loss, mixed_loss, uld_loss
+from .losses import IGNORE_INDEX, fused, general_loss, linear_mixed_loss, mixed_loss, uld_loss
 from .rules import FEATURE_TERMS, teacher_terms
 from .teachers import route_weights
 
@@ -159,15 +159,17 @@ class Hybrid(Objective):
             s_head = models.output_head(student, self.vocab)   # after the forward: a sharded model's head is whole then
             # under mixed precision the head's matmuls run in its dtype, as autocast runs them on the plain path
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+            compiled = fused.wanted(lc.compile, s_head[0].shape[0], hidden.device)
             return linear_mixed_loss(hidden, s_head[0], [(t, w)] if w else [], b.targets, bias=s_head[1],
-                                     dtype=dtype, **how), {}
+                                     dtype=dtype, compiled=compiled, **how), {}
         t = self.teachers[0].targets(b, "logits") if w > 0 else None
         with accelerator.autocast():
             s_logits = student(**model_inputs(b), use_cache=False).logits
         if self.vocab:
             s_logits = s_logits[..., :self.vocab]
         # inplace_grad: the logits' storage receives their gradient (they are not read again).
-        return mixed_loss(s_logits, [(t, w)] if w else [], b.targets, inplace_grad=True, **how), {}
+        compiled = fused.wanted(lc.compile, s_logits.shape[-1], s_logits.device)
+        return mixed_loss(s_logits, [(t, w)] if w else [], b.targets, inplace_grad=True, compiled=compiled, **how), {}
 
 
 class Terms(Objective):

@@ -8,14 +8,14 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 from .errors import UserError
 
 
 def launch_state():
     """(Accelerate's PartialState, its device) under accelerate launch / torchrun, where cache and
     generate split their batches over the processes; (None, cuda or cpu) in one process."""
+    import torch
+
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None, "cuda" if torch.cuda.is_available() else "cpu"
     from accelerate import PartialState
@@ -26,6 +26,8 @@ def launch_state():
 
 def set_threads(cfg, accelerator):
     """torch's CPU threads for this process (see train.threads); -> the number set."""
+    import torch
+
     n = cfg.train.threads
     if not n and os.environ.get("OMP_NUM_THREADS", "").isdigit():
         n = int(os.environ["OMP_NUM_THREADS"])
@@ -35,6 +37,55 @@ def set_threads(cfg, accelerator):
         n = min(n, torch.get_num_threads()) if local == 1 else n   # alone: torch's default (physical cores)
     torch.set_num_threads(n)
     return n
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+_GLIBC_KNOBS = {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_"}
+
+
+def keep_cpu_memory() -> str:
+    """Keep freed memory in the process for reuse (glibc's malloc) on a machine without a GPU;
+    -> what was done, one phrase for the log.
+
+    A training step on CPU allocates and frees the same large buffers (logits, their softmaxes,
+    gradients: tens to hundreds of MB each) every step. glibc hands every block over 32 MB back to
+    the kernel on free (mmap/munmap) and trims the heap's top, so the next step faults every page
+    in again, each zeroed by the kernel: on an AVX512-BF16 CPU with 2 cores that was over half of a
+    student's CE step (bench/peers.py, student CE: 0.51 s per step under glibc's defaults, 0.24 s
+    with memory kept). What
+    PyTorch's caching allocator does on GPUs, and its CPU tuning guide gets from jemalloc or
+    tcmalloc, glibc does with two settings: no mmap below 2 GB, no trim below 2 GB free at the
+    heap's top. The cost: the process's resident memory stays near its peak between steps.
+
+    Left alone: on a GPU machine (an NVIDIA or AMD driver loaded: the host allocates little), off
+    glibc, under an allocator the user preloaded (LD_PRELOAD), where the user set glibc's own
+    MALLOC_*_ or GLIBC_TUNABLES, or with STILLROOM_KEEP_MEMORY=0. Called for the CLI's process and
+    by a run that owns its process as it owns its threads (`train.distill`), not by the
+    `Distiller`: a library caller may call it."""
+    import platform
+
+    if os.environ.get("STILLROOM_KEEP_MEMORY", "1") == "0":
+        return "glibc defaults (STILLROOM_KEEP_MEMORY=0)"
+    if os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/kfd"):   # without importing torch
+        return "unchanged (a GPU machine)"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "unchanged (not glibc)"
+    preload = os.environ.get("LD_PRELOAD", "")
+    if any(a in preload for a in _ALLOCATORS):
+        return f"the preloaded allocator ({preload})"
+    if _GLIBC_KNOBS & set(os.environ) or any(k in os.environ.get("GLIBC_TUNABLES", "")
+                                             for k in ("mmap_threshold", "trim_threshold")):
+        return "glibc as set in the environment"
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 2**31 - 1) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    except (OSError, AttributeError):
+        ok = False
+    return "freed memory kept for reuse (STILLROOM_KEEP_MEMORY=0: glibc defaults)" if ok else "unchanged"
 
 
 # The trackers Accelerate writes to (train.report_to), and the package each one needs.
@@ -50,6 +101,8 @@ def student_precision(name: str, device) -> str:
     them emulates bf16, many times slower). On the bundled teacher's 6-layer student, 80 steps in
     bf16 reached the held-out perplexity of fp32 within 0.1% at 0.74x the time per step
     (bench/precision.py on an AVX512-BF16 CPU; README, 'Speed and memory')."""
+    import torch
+
     if name != "auto":
         return name
     if torch.device(device).type == "cuda":
@@ -60,6 +113,8 @@ def student_precision(name: str, device) -> str:
 
 
 def make_accelerator(cfg, out: Path, threads: bool = True):
+    import torch
+
     from accelerate import Accelerator
 
     mp = student_precision(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
@@ -81,8 +136,9 @@ def make_accelerator(cfg, out: Path, threads: bool = True):
     # that makes Accelerate use gloo (MULTI_CPU) instead of silently running N single processes.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,
                               log_with=cfg.train.report_to or None, project_dir=str(out))
-    if threads:   # the CLI's process is ours; a library caller's thread count is theirs
+    if threads:   # the CLI's process is ours; a library caller's threads and allocator are theirs
         set_threads(cfg, accelerator)
+        keep_cpu_memory()
     return accelerator
 
 

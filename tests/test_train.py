@@ -53,6 +53,32 @@ def test_lean_step_equals_plain_step(teacher_dir, chat_file, kind):
     assert_same_grads(lean, plain)
 
 
+@pytest.mark.parametrize("lean", [True, False])
+def test_compiled_loss_step_equals_eager_step(teacher_dir, chat_file, lean):
+    """loss.compile=true (auto's choice on a CPU at a real vocabulary; the tiny one here is below
+    it) gives the eager kernel's loss and gradients, on both paths, at T 2 with CE."""
+    from stillroom.losses import fused
+
+    acc = Accelerator(cpu=True)
+    calls, kernel_of = [], fused._kernel
+    fused._kernel = lambda: (calls.append(1), kernel_of())[1]
+    try:
+        compiled, s_c, _ = step_grads(str(teacher_dir), str(chat_file), 2, acc, batch_size=2, lean=lean, compile=True)
+    finally:
+        fused._kernel = kernel_of
+    eager, s_e, _ = step_grads(str(teacher_dir), str(chat_file), 2, acc, batch_size=2, lean=lean, compile=False)
+    assert calls and fused._broken is None
+    assert s_c["loss"] == pytest.approx(s_e["loss"], rel=1e-5)
+    assert_same_grads(compiled, eager)
+
+
+def test_compile_auto_is_on_for_a_real_vocabulary_on_a_cpu():
+    from stillroom.losses.fused import VOCAB_MIN, wanted
+
+    assert wanted("auto", 49152, "cpu") and not wanted("auto", 320, "cpu") and not wanted("auto", 49152, "cuda")
+    assert wanted(True, 320, "cuda") and not wanted(False, 49152, "cpu") and VOCAB_MIN == 8192
+
+
 def launch(n, *args, env=None, check=True, timeout=600):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *map(str, args)]
@@ -89,17 +115,18 @@ def run(teacher_dir, data, out, *extra, resume=False, overwrite=False):
     return distill(cfg, overwrite=overwrite, resume=resume, progress=False)
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_resume_continues_exactly(tmp_path, teacher_dir, chat_file, precision):
-    """In fp32 and under bf16 autocast (train.mixed_precision=auto's choice on a device with native bf16)."""
+@pytest.mark.parametrize("precision, compiled", [("no", False), ("bf16", False), ("bf16", True)])
+def test_resume_continues_exactly(tmp_path, teacher_dir, chat_file, precision, compiled):
+    """In fp32 and under bf16 autocast (train.mixed_precision=auto's choice on a device with native
+    bf16), and with the compiled loss kernel (loss.compile=auto's choice on a CPU at a real vocabulary)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    mp = f"train.mixed_precision={precision}"
-    run(teacher_dir, chat_file, a, "train.max_steps=6", "train.save_every=3", "train.grad_accum=2", mp)
+    mp = f"train.mixed_precision={precision} loss.compile={str(compiled).lower()}".split()
+    run(teacher_dir, chat_file, a, "train.max_steps=6", "train.save_every=3", "train.grad_accum=2", *mp)
     assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
     # b: a run "stopped" right after its step-3 checkpoint
     (b / "checkpoints").mkdir(parents=True)
     shutil.copytree(a / "checkpoints" / "step_0000003", b / "checkpoints" / "step_0000003")
-    run(teacher_dir, chat_file, b, "train.max_steps=6", "train.save_every=3", "train.grad_accum=2", mp,
+    run(teacher_dir, chat_file, b, "train.max_steps=6", "train.save_every=3", "train.grad_accum=2", *mp,
         resume=True)
     wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
     assert wa.keys() == wb.keys()
@@ -172,3 +199,35 @@ def test_threads_are_shared_out_among_processes(monkeypatch):
         assert set_threads(Config.model_validate({"train": {"threads": 1}}), SimpleNamespace(num_processes=2)) == 1
     finally:
         torch.set_num_threads(before)
+
+
+KEPT = """
+import ctypes, sys, torch
+from stillroom.tracking import keep_cpu_memory
+
+print(keep_cpu_memory())
+x = torch.ones(64 << 20)   # 256 MB: glibc alone maps it and hands it back on free
+del x
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+print(libc.mallinfo2().fordblks >> 20)   # MB free but kept in the process
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.path.exists("/proc/driver/nvidia"),
+                    reason="glibc on a machine without a GPU")
+@pytest.mark.parametrize("setting", ["keep", "off", "user"])
+def test_freed_memory_is_kept_for_the_next_step(setting):
+    """keep_cpu_memory: a freed 256 MB block stays in the process (the next step reuses its pages
+    instead of faulting them in again); STILLROOM_KEEP_MEMORY=0 and a user's own glibc settings win."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "STILLROOM_KEEP_MEMORY"}
+    env |= {"off": {"STILLROOM_KEEP_MEMORY": "0"}, "user": {"MALLOC_TRIM_THRESHOLD_": "131072"}}.get(setting, {})
+    r = subprocess.run([sys.executable, "-c", KEPT], env=env, capture_output=True, text=True, check=True)
+    said, kept_mb = r.stdout.split("\n")[:2]
+    assert said.startswith({"keep": "freed memory kept", "off": "glibc defaults", "user": "glibc as set"}[setting])
+    assert (int(kept_mb) >= 256) == (setting == "keep"), r.stdout

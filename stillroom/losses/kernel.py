@@ -7,6 +7,7 @@ import torch
 
 from .core import (IGNORE_INDEX, Head, TopK, _linear, _masked_kl_rows, _nll_terms, _rowdot, _rows, _saved_grad,
                    _target_chunk, _target_rows, _zero_rows, auto_chunk_rows, on_support)
+from . import fused
 from .divergences import _divergence_chunk, _how
 
 
@@ -70,8 +71,10 @@ def _sparse_grad_(q, t: TopK, stats, scale):
     return q.scatter_(-1, t.ids, torch.where(valid, (q_k - p_k) * scale, q.gather(-1, t.ids)))
 
 
-def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad):
+def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_dtype=None):
     """Loss sum and d loss / d s for one chunk of rows, with as few full passes as we can.
+
+    fused_dtype: try the compiled kernel (`fused.py`) first, its gradient in that dtype.
 
     s: (n, V) student logits; targets: [(dense (n, V) logits or TopK rows, weight)];
     y: (n,) labels or None; keep: (n,) bool rows that count for the KD terms (CE rows are
@@ -79,6 +82,10 @@ def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad):
     with q = softmax(s/T), so for a weighted sum of targets it is T (sum_j w_j q - sum_j w_j p_j);
     d/ds CE(y) = softmax(s) - onehot(y). Returns (loss, grad (n, V) fp32 or None).
     """
+    if fused_dtype is not None and want_grad:
+        done = fused.chunk_terms(s, targets, y, keep, w_ce, temperature, how, fused_dtype)
+        if done is not None:
+            return done
     s = s.float()
     loss = s.new_zeros(())
     targets = [(t, w) for t, w in targets if w]
@@ -158,7 +165,7 @@ class _ChunkedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, targets, labels, keep, w_ce, temperature, how, chunk, inplace):
+    def forward(ctx, student, targets, labels, keep, w_ce, temperature, how, chunk, inplace, compiled=False):
         want_grad = ctx.needs_input_grad[0]
         s2 = _rows(student)
         chunk = chunk or auto_chunk_rows(s2.shape[1])
@@ -173,7 +180,7 @@ class _ChunkedLoss(torch.autograd.Function):
             b = a + chunk
             part, g = _chunk_terms(s2[a:b], [(_target_chunk(t, a, b), w) for t, w in t2],
                                    None if y is None else y[a:b], k[a:b],
-                                   w_ce, temperature, how, want_grad)
+                                   w_ce, temperature, how, want_grad, student.dtype if compiled else None)
             total += part
             if want_grad:
                 grad[a:b] = g  # rows a:b of the logits are not read again
@@ -183,7 +190,7 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _saved_grad(ctx, grad_out), None, None, None, None, None, None, None, None
+        return _saved_grad(ctx, grad_out), None, None, None, None, None, None, None, None, None
 
 
 FLUSH = 8   # low-precision head: chunks whose weight-gradient products are summed before the fp32 sum
@@ -202,7 +209,8 @@ class _LinearChunkedLoss(torch.autograd.Function):
     FLUSH chunks: about FLUSH roundings where autocast's one product has one)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, labels, keep, w_ce, temperature, how, chunk, dtype):
+    def forward(ctx, hidden, weight, bias, targets, labels, keep, w_ce, temperature, how, chunk, dtype,
+                compiled=False):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         want_grad = need_h or need_w or need_b
@@ -220,7 +228,7 @@ class _LinearChunkedLoss(torch.autograd.Function):
             h = hc[a:b]
             part, g = _chunk_terms(_linear(h, wc, bc), [(_target_chunk(t, a, b), w) for t, w in targets],
                                    None if labels is None else labels[a:b], keep[a:b],
-                                   w_ce, temperature, how, want_grad)
+                                   w_ce, temperature, how, want_grad, dtype if compiled else None)
             total += part
             if want_grad:
                 g = g.to(dtype)
@@ -254,18 +262,19 @@ class _LinearChunkedLoss(torch.autograd.Function):
         g_h, g_w, g_b = ctx.grads
         ctx.grads = None
         scale = lambda g: None if g is None else g.mul_(grad_out)  # noqa: E731
-        return scale(g_h), scale(g_w), scale(g_b), None, None, None, None, None, None, None, None
+        return scale(g_h), scale(g_w), scale(g_b), None, None, None, None, None, None, None, None, None
 
 
 def linear_mixed_loss(hidden, weight, targets, labels, ce_weight=0.0, temperature=1.0, kind="soft",
-                      chunk=None, bias=None, divergence="forward_kl", beta=0.5, dtype=None):
+                      chunk=None, bias=None, divergence="forward_kl", beta=0.5, dtype=None, compiled=False):
     """`mixed_loss` on the lean path: the student given by its final hidden states (..., H) and its
     output head (weight (V, H), bias (V,)) instead of its logits; targets may be logits, TopK or
     Head (a teacher's hidden states and head). Only positions with a label are computed at all, for
     both models: a prompt token costs no head matmul. Same value and gradients as
     `mixed_loss(hidden @ weight.T + bias, ...)` within fp32 rounding (tests pin it). `dtype`: run
     the student's head matmuls in it (bf16 under bf16 mixed precision, as autocast runs the
-    model's own head on the plain path); None = the hidden states' dtype."""
+    model's own head on the plain path); None = the hidden states' dtype. compiled: run the chunks
+    the compiled kernel covers through it (`losses/fused.py`; the same values within rounding)."""
     how = _how(kind, divergence, beta, targets)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -289,7 +298,7 @@ def linear_mixed_loss(hidden, weight, targets, labels, ce_weight=0.0, temperatur
                    float(w)))
     keep = torch.ones(idx.shape, dtype=torch.bool, device=hidden.device)
     return _LinearChunkedLoss.apply(h, weight, bias, tuple(tt), y, keep, float(ce_weight), float(temperature),
-                                    how, chunk, dtype)
+                                    how, chunk, dtype, bool(compiled))
 
 
 def linear_distill_loss(hidden, weight, teacher, labels, alpha=0.5, temperature=1.0, kind="soft",
@@ -399,12 +408,13 @@ def hard_label_ce(student_logits, teacher_logits, mask=None, chunk=None):
 
 
 def mixed_loss(student_logits, targets, labels, ce_weight=0.0, temperature=1.0, kind="soft",
-               chunk=None, inplace_grad=False, divergence="forward_kl", beta=0.5):
+               chunk=None, inplace_grad=False, divergence="forward_kl", beta=0.5, compiled=False):
     """sum_j w_j * KD(target_j, student) + ce_weight * CE(labels), summed over valid labels.
 
     targets: [(logits or TopK, w_j)], all detached (no gradient ever reaches a target).
     kind="soft": KD = T^2 KL(softmax(target/T) || softmax(student/T)); kind="hard": CE against each
-    target's argmax token. One chunked pass computes every term; see `distill_loss` for inplace_grad.
+    target's argmax token. One chunked pass computes every term; see `distill_loss` for inplace_grad,
+    `linear_mixed_loss` for compiled.
     """
     how = _how(kind, divergence, beta, targets)
     for t, w in targets:
@@ -414,7 +424,7 @@ def mixed_loss(student_logits, targets, labels, ce_weight=0.0, temperature=1.0, 
     keep = labels != IGNORE_INDEX
     tt = tuple((_detach(t), float(w)) for t, w in targets if w > 0)
     return _ChunkedLoss.apply(student_logits, tt, labels, keep, float(ce_weight), float(temperature),
-                              how, chunk, bool(inplace_grad))
+                              how, chunk, bool(inplace_grad), bool(compiled))
 
 
 def distill_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=1.0,

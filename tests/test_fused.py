@@ -1,0 +1,120 @@
+"""The compiled loss kernel (losses/fused.py, loss.compile) against the eager one it replaces."""
+import logging
+
+import pytest
+import torch
+
+from stillroom.losses import IGNORE_INDEX, Head, fused, kernel
+from stillroom.losses.core import topk_targets
+
+
+def _case(V=300, n=37, seed=0, dtype=torch.float32, masked=True):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(n, V, generator=g) * 3).to(dtype)
+    t = (torch.randn(n, V, generator=g) * 3).to(dtype)
+    y = torch.randint(0, V, (n,), generator=g)
+    if masked:
+        y[::5] = IGNORE_INDEX
+    return s, t, y
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """The names of the compiled kernels called (so a comparison cannot pass by running eager twice)."""
+    calls, kernel_of = [], fused._kernel
+
+    def spy():
+        k = kernel_of()
+        return lambda *a, **kw: (calls.append("dense"), k(*a, **kw))[1]
+
+    monkeypatch.setattr(fused, "_kernel", spy)
+    return calls
+
+
+def _run(s, targets, y, w_ce, T, compiled, chunk=8, **kw):
+    x = s.clone().requires_grad_()
+    loss = kernel.mixed_loss(x, targets, y, w_ce, T, chunk=chunk, compiled=compiled, **kw)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("w, w_ce", [(0.9, 0.1), (1.0, 0.0), (0.0, 1.0), (0.3, 0.0)])
+def test_compiled_equals_eager(T, w, w_ce, ran):
+    s, t, y = _case()
+    targets = [(t, w)] if w else []
+    le, ge = _run(s, targets, y, w_ce, T, compiled=False)
+    lc, gc = _run(s, targets, y, w_ce, T, compiled=True)
+    torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6)
+    assert ran == ["dense"] * 5 and fused._broken is None
+
+
+def test_compiled_equals_eager_in_bf16_and_on_the_lean_path(ran):
+    """bf16 logits (the gradient cast once, as the eager kernel casts it); the lean path with a Head
+    target, the head's matmuls in bf16 as under mixed precision."""
+    s, t, y = _case(dtype=torch.bfloat16)
+    le, ge = _run(s, [(t, 0.9)], y, 0.1, 1.0, compiled=False)
+    lc, gc = _run(s, [(t, 0.9)], y, 0.1, 1.0, compiled=True)
+    torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gc.float(), ge.float(), rtol=1e-2, atol=1e-5)   # within a bf16 rounding
+    g = torch.Generator().manual_seed(1)
+    H, V, n = 16, 300, 29
+    h, w_s = torch.randn(n, H, generator=g), torch.randn(V, H, generator=g) * 0.3
+    ht, w_t = torch.randn(n, H, generator=g), torch.randn(V, H, generator=g) * 0.3
+    y = torch.randint(0, V, (n,), generator=g)
+    y[3] = IGNORE_INDEX
+    out = {}
+    for c in (False, True):
+        hh, ww = h.clone().requires_grad_(), w_s.clone().requires_grad_()
+        loss = kernel.linear_mixed_loss(hh, ww, [(Head(ht, w_t), 0.8)], y, 0.2, 1.5, chunk=8,
+                                        dtype=torch.bfloat16, compiled=c)
+        loss.backward()
+        out[c] = loss.detach(), hh.grad, ww.grad
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+    assert ran == ["dense"] * (5 + 4)
+
+
+def test_cases_it_does_not_cover_run_the_eager_kernel_exactly(ran):
+    """A teacher that masks tokens (-inf), a top-k target, two targets, another divergence, hard
+    labels: the compiled call gives way, and the result is the eager kernel's, bit for bit."""
+    s, t, y = _case()
+    t_masked = t.clone()
+    t_masked[:, :40] = float("-inf")
+    cases = [([(t_masked, 0.9)], {}), ([(topk_targets(t, 8), 0.9)], {}), ([(t, 0.5), (t * 0.5, 0.4)], {}),
+             ([(t, 0.9)], {"divergence": "reverse_kl"}), ([(t, 0.9)], {"kind": "hard"})]
+    for targets, kw in cases:
+        le, ge = _run(s, targets, y, 0.1, 1.0, compiled=False, **kw)
+        lc, gc = _run(s, targets, y, 0.1, 1.0, compiled=True, **kw)
+        assert torch.equal(lc, le) and torch.equal(gc, ge), kw
+    assert ran == ["dense"] * 5   # the masked teacher: compiled, found non-finite, then eager
+
+def test_a_schedule_does_not_recompile():
+    """alpha and T that move every step are tensors to the compiled kernel, not constants."""
+    from torch._dynamo.utils import counters
+
+    s, t, y = _case(V=64, n=16)
+    _run(s, [(t, 0.5)], y, 0.5, 2.0, compiled=True)
+    before = counters["stats"]["unique_graphs"]
+    for a, T in [(0.6, 1.5), (0.7, 3.0), (0.2, 1.2)]:
+        _run(s, [(t, a)], y, 1 - a, T, compiled=True)
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_a_failed_compile_says_so_once_and_runs_eager(monkeypatch, caplog):
+    def broken():
+        def f(*a, **kw):
+            raise RuntimeError("no C++ compiler found\nmore lines")
+        return f
+
+    monkeypatch.setattr(fused, "_kernel", broken)
+    monkeypatch.setattr(fused, "_broken", None)
+    s, t, y = _case()
+    le, ge = _run(s, [(t, 0.9)], y, 0.1, 1.0, compiled=False)
+    with caplog.at_level(logging.WARNING, logger="stillroom"):
+        for _ in range(2):
+            lc, gc = _run(s, [(t, 0.9)], y, 0.1, 1.0, compiled=True)
+    assert torch.equal(lc, le) and torch.equal(gc, ge)
+    said = [r.getMessage() for r in caplog.records if "loss.compile" in r.getMessage()]
+    assert len(said) == 1 and "RuntimeError: no C++ compiler found" in said[0] and "more lines" not in said[0]
