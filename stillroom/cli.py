@@ -278,7 +278,7 @@ def cmd_compare(args) -> int:
         check_output_file(args.out, "--out")
     res = compare(args.teacher, args.students, args.data, args.formats, args.seq_len, args.max_examples,
                   args.prefill_tokens, args.new_tokens, args.rounds, args.prompt or None, args.gguf_dir,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, draft_tokens=args.draft_tokens if args.draft else 0)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2) if args.json else render(res))
@@ -492,6 +492,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--new-tokens", type=POSITIVE, default=32, help="tokens generated in the speed test")
     c.add_argument("--rounds", type=POSITIVE, default=3, help="timing rounds (the median is reported)")
     c.add_argument("--prompt", action="append", help="a prompt for the side-by-side generations (repeatable)")
+    c.add_argument("--draft", action="store_true",
+                   help="also each student as the teacher's draft model (speculative decoding) on the prompts: "
+                        "accepted tokens per teacher step, acceptance rate, speed-up, identical output")
+    c.add_argument("--draft-tokens", type=POSITIVE, default=5, help="tokens the student drafts per step (--draft)")
     c.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     c.add_argument("--out", help="also write the JSON results to this file")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")

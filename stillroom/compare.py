@@ -200,22 +200,31 @@ ROWS = [("params", "parameters", "{:,}".format), ("size_mb", "size on disk MB", 
         ("perplexity", "perplexity (held-out)", "{:.3f}".format),
         ("bits_per_byte", "bits per byte (held-out)", "{:.4f}".format),
         ("agreement", "top-1 agreement w/ teacher", "{:.1%}".format),
-        ("kl_per_token", "KL(teacher||model)/token", "{:.4f}".format)]
+        ("kl_per_token", "KL(teacher||model)/token", "{:.4f}".format),
+        ("draft_accepted_per_step", "as draft: accepted/teacher step", "{:.2f}".format),
+        ("draft_acceptance", "as draft: acceptance rate", "{:.1%}".format),
+        ("draft_speedup", "as draft: teacher speed-up", "{:.2f}x".format),
+        ("draft_identical", "as draft: output identical", str)]
+DRAFT_KEYS = {"draft_accepted_per_step", "draft_acceptance", "draft_speedup", "draft_identical"}
 
 
 def table(cols: dict[str, dict]) -> str:
     names = list(cols)
-    lw = max(len(r[1]) for r in ROWS)
+    rows = [r for r in ROWS if r[0] not in DRAFT_KEYS or any(r[0] in c for c in cols.values())]
+    lw = max(len(r[1]) for r in rows)
     cw = [max(11, len(n)) for n in names]
     lines = [" " * lw + "  " + "  ".join(n.rjust(w) for n, w in zip(names, cw))]
-    for key, label, fmt in ROWS:
+    for key, label, fmt in rows:
         lines.append(label.ljust(lw) + "  " + "  ".join(
             ("-" if cols[n].get(key) is None else fmt(cols[n][key])).rjust(w) for n, w in zip(names, cw)))
     return "\n".join(lines)
 
 
 def compare(teacher_spec: str, students: list[str], data: str, formats=(), seq_len=256, max_examples=16,
-            prefill_tokens=128, new_tokens=32, rounds=3, prompts=None, out_dir=None, progress=True) -> dict:
+            prefill_tokens=128, new_tokens=32, rounds=3, prompts=None, out_dir=None, progress=True,
+            draft_tokens=0) -> dict:
+    """draft_tokens > 0: also each student (not its GGUF files) as the teacher's draft model in
+    speculative decoding (`draft.py`), drafting that many tokens per step, on the prompts."""
     from tqdm.auto import tqdm
 
     from . import models
@@ -277,6 +286,8 @@ def compare(teacher_spec: str, students: list[str], data: str, formats=(), seq_l
                             tok)
             col.update({k: q[k] for k in ("perplexity", "bits_per_byte", "agreement", "kl_per_token")})
             teacher_ppl, teacher_bpb, held = q["teacher_perplexity"], q["teacher_bits_per_byte"], q["tokens"]
+            if draft_tokens and kind == "hf":
+                col.update(_as_draft(teacher.model, model, tok, prompts, new_tokens, draft_tokens, label))
         gens[label] = generations(kind, path, tok, prompts, new_tokens)
         cols[label] = col
     cols["teacher"]["perplexity"], cols["teacher"]["bits_per_byte"] = teacher_ppl, teacher_bpb
@@ -284,6 +295,20 @@ def compare(teacher_spec: str, students: list[str], data: str, formats=(), seq_l
               "data": data, "prefill_tokens": prefill_tokens, "new_tokens": new_tokens, "threads": threads,
               "gguf_dir": str(work) if formats else None}
     return result
+
+
+def _as_draft(teacher, student, tok, prompts, new_tokens, draft_tokens, label) -> dict:
+    from . import draft
+
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    d = draft.draft_check(teacher, student, ids, new_tokens, pad, draft_tokens)
+    if not d["all_identical"]:
+        log.warning("%s drafting: the teacher's greedy output differed on %d of %d prompts (float rounding "
+                    "between one-token and many-token passes flips near-ties)", label,
+                    d["prompts"] - d["identical"], d["prompts"])
+    return {"draft_accepted_per_step": d["accepted_per_step"], "draft_acceptance": d["acceptance_rate"],
+            "draft_speedup": d["speedup"], "draft_identical": f"{d['identical']}/{d['prompts']}"}
 
 
 def render(result: dict) -> str:

@@ -28,7 +28,7 @@ def test_compare_numbers_come_from_the_models(setup, teacher_dir):
         formats = []
     r = run_cli("compare", teacher_dir, d / "student", "--data", d / "held.txt", "--formats", *formats,
                 "--gguf-dir", d / "gguf", "--prefill-tokens", "64", "--new-tokens", "8", "--rounds", "2",
-                "--max-examples", "6", "--json", "--no-progress")
+                "--max-examples", "6", "--json", "--no-progress", "--draft", "--draft-tokens", "3")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     cols = res["columns"]
@@ -48,6 +48,18 @@ def test_compare_numbers_come_from_the_models(setup, teacher_dir):
         assert c["prefill_tokens_per_s"] > 0 and c["decode_tokens_per_s"] > 0 and c["latency_s"] > 0
         assert c["peak_mb"] >= 0
     assert len(res["generations"]["student"]) == len(res["generations"]["prompts"])
+    # the student as the teacher's draft model: the same acceptance as draft.py's own check, only on
+    # the student's own column (not the teacher's, not a GGUF file's)
+    from stillroom import draft
+    from stillroom.compare import DEFAULT_PROMPTS
+
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in DEFAULT_PROMPTS]
+    ref = draft.draft_check(models.load(str(teacher_dir)).model, models.load(str(d / "student")).model, ids, 8,
+                            tok.pad_token_id, 3)
+    assert s["draft_acceptance"] == pytest.approx(ref["acceptance_rate"]) and 0 <= s["draft_acceptance"] <= 1
+    assert s["draft_accepted_per_step"] == pytest.approx(ref["accepted_per_step"])
+    assert s["draft_identical"] == f"{ref['identical']}/3" and s["draft_speedup"] > 0
+    assert all("draft_acceptance" not in c for k, c in cols.items() if k != "student")
     if formats:
         f16 = cols["student f16"]
         assert f16["perplexity"] == pytest.approx(s["perplexity"], rel=1e-2)   # llama.cpp runs the f16 file
