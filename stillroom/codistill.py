@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import evaluate, faults, models, shard
+from . import evaluate, faults, models, shard, tasks
 from .config import CodistillRunConfig, to_yaml
 from .data import micro_batch, model_inputs
 from .errors import UserError
@@ -370,6 +370,7 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
                 if specs[i] == specs[j] and cfg.peers[i].init != "config":
                     log.warning("peers %s and %s start identical and see the same batches: they will stay "
                                 "identical (give them different layers or inits)", cfg.peers[i].name, cfg.peers[j].name)
+    task_items = tasks.from_config(cfg)   # on every process, before the data: a refusal stops them all
     cfg, train, held = prepare_data(cfg, teacher, accelerator)
     own_data = train if mode == "mutual" else train[rank::world]
     if len(train) < world:
@@ -396,6 +397,12 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
         before = evaluate.score_peers(peer_models, teacher.model, held, pad_id, cfg.eval.batch_size,
                                         cfg.eval.max_batches, vocab, tokenizer=teacher.tokenizer)
         cols_before = columns_before(before, peer_models)
+    said = {}   # eval.tasks: the teacher's and the untrained peers' answers
+    if main and task_items:
+        asked = {"teacher": (teacher.model, teacher.tokenizer),
+                 **{f"{k} before": (m, teacher.tokenizer) for k, m in peer_models.items()}}
+        said = {t: tasks.answer_all(its, asked, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress, f"{t}: ")
+                for t, its in task_items.items()}
 
     # Who trains what: mutual = every peer here; otherwise peer `rank` only.
     owned_idx = list(range(n)) if mode == "mutual" else [rank]
@@ -530,6 +537,9 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
     metrics = {"mode": mode, "eval": columns, "peer_agreement": {"before": before["pairs"], "after": after["pairs"]},
                "held_out_tokens": after["tokens"], "train": last_log, "train_examples": len(train),
                "held_out_examples": len(held)}
+    if task_items:
+        metrics["tasks"] = tasks.in_run(task_items, said, {k: (m, teacher.tokenizer) for k, m in peer_models.items()},
+                                        cfg.eval, out, progress)
 
     def write(tmp):   # every peer's folder, then the run's records; swapped in atomically
         for name, m in peer_models.items():
@@ -540,7 +550,8 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
         (tmp / "stillroom.yaml").write_text(to_yaml(cfg))
         shutil.copy(out / "metrics.jsonl", tmp / "metrics.jsonl")
     final = publish(out, "final", write, "the final peers")
-    metrics["table"] = table(columns, before["pairs"], after["pairs"], after["tokens"])
+    metrics["table"] = table(columns, before["pairs"], after["pairs"], after["tokens"]) + tasks.tables(
+        metrics.get("tasks", {}))
     metrics["final"] = str(final)
     from .report import write as write_report
     metrics["report"] = str(write_report(out))

@@ -82,9 +82,6 @@ def check_codistill(cfg, default_loss):
     if cfg.teacher.mix or cfg.teacher.route_field:
         raise UserError("teacher.mix / teacher.route_field are `stillroom distill` settings; co-distillation "
                         "takes one teacher")
-    if cfg.eval.tasks:   # not built here yet: refused rather than silently skipped
-        raise UserError("eval.tasks is a `stillroom distill` setting for now; score each co-distilled peer "
-                        "with `stillroom eval --model RUN/final/NAME --task ...`")
     if len(cfg.peers) < 2:
         raise UserError("codistill needs at least 2 peers")
     if cfg.codistill.confidence and cfg.codistill.mode == "predictions":

@@ -192,6 +192,11 @@ LABELS = {"rougeL": "ROUGE-L F1 vs references", "rougeL_vs_teacher": "ROUGE-L F1
           "exact_match_strict": "exact match (strict, '#### n')", "exact_match_flexible": "exact match (flexible, last number)"}
 
 
+def tables(found: dict) -> str:
+    """A run's task results (its metrics' "tasks") as text after its evaluation table."""
+    return "".join(f"\n\ntask {t} ({got['answers']}):\n" + table(got["scores"], got["rows"]) for t, got in found.items())
+
+
 def table(scores: dict, rows: int) -> str:
     """The task scores side by side, one column per model."""
     names = list(scores)
@@ -223,13 +228,13 @@ def from_config(cfg) -> dict[str, list[Item]]:
     return {t: read_items(path, t, e.task_rows, fields) for t in dict.fromkeys(e.tasks)}
 
 
-def in_run(items: dict, said: dict, student, tokenizer, ecfg, out: Path, progress: bool = True) -> dict:
-    """After training: the trained student's answers joined to `said` ({task: {name: answers}},
-    the teacher's and the untrained student's), scored, each row written to <out>/tasks-<task>.jsonl."""
+def in_run(items: dict, said: dict, trained: dict, ecfg, out: Path, progress: bool = True) -> dict:
+    """After training: the trained models' answers (trained: {name: (model, tokenizer)}) joined to
+    `said` ({task: {name: answers}}, the teacher's and the untrained ones'), scored, each row
+    written to <out>/tasks-<task>.jsonl."""
     found = {}
     for task, its in items.items():
-        said[task].update(answer_all(its, {"student after": (student, tokenizer)}, ecfg.max_new_tokens,
-                                     ecfg.batch_size, progress, f"{task}: "))
+        said[task].update(answer_all(its, trained, ecfg.max_new_tokens, ecfg.batch_size, progress, f"{task}: "))
         name = f"tasks-{task}.jsonl"   # the report reads it beside the run's other files
         found[task] = result(task, its, said[task], ecfg.max_new_tokens, out / name, name)
     return found

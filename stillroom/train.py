@@ -300,13 +300,12 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
     metrics = {"eval": columns, "held_out_tokens": held_tokens, "train": last_log,
                "train_examples": len(train), "held_out_examples": len(held)}
     if task_items:
-        metrics["tasks"] = tasks.in_run(task_items, said, student, s_tok, cfg.eval, out, progress)
+        metrics["tasks"] = tasks.in_run(task_items, said, {"student after": (student, s_tok)}, cfg.eval, out, progress)
     final = write_final(out, student, s_tok, cfg, metrics,
                         teacher.model.generation_config if teacher.has_weights and not cross else None,
                         extra=objective.save)
     metrics["table"] = evaluate.table(columns, held_tokens)
-    for t, got in metrics.get("tasks", {}).items():
-        metrics["table"] += f"\n\ntask {t} ({got['answers']}):\n" + tasks.table(got["scores"], got["rows"])
+    metrics["table"] += tasks.tables(metrics.get("tasks", {}))
     if cache:
         kl = ("KL is over its top-k + one tail bucket, a lower bound of the full KL" if cache.temperature == 1.0
               else f"no KL at T=1 from a cache at T={cache.temperature}")

@@ -103,9 +103,27 @@ def test_cli_codistill_errors_are_one_line(tmp_path, teacher_dir, chat_file):
     assert r.returncode == 2 and "peers.5.name=c" in r.stderr
     r = run_cli("codistill", cfg, "codistill.confidence=true", "codistill.mode=predictions")
     assert r.returncode == 2 and "add codistill.confidence=false for mode predictions" in r.stderr, r.stderr
-    r = run_cli("codistill", cfg, "eval.tasks=[rouge]")      # refused, not silently skipped
-    assert r.returncode == 2 and "eval.tasks is a `stillroom distill` setting" in r.stderr, r.stderr
+    r = run_cli("codistill", cfg, "eval.tasks=[rouge]")      # rows to score against, asked for before any writing
+    assert r.returncode == 2 and "eval.tasks needs rows with reference answers" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_codistill_scores_its_tasks_for_every_peer_before_and_after(tmp_path, teacher_dir, chat_file):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"prompt": f"Tell me about the moon {i}.", "response": "The moon is bright."}) + "\n"
+                          for i in range(3)))
+    out = tmp_path / "o"
+    cfg = write_config(tmp_path / "c.yaml", teacher_dir, chat_file, out)
+    r = run_cli("codistill", cfg, "eval.tasks=[rouge]", f"eval.task_data={qa}", "eval.max_new_tokens=4",
+                "train.max_steps=2", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "task rouge (tasks-rouge.jsonl)" in r.stdout and "a before" in r.stdout
+    got = json.loads((out / "final" / "metrics.json").read_text())["tasks"]["rouge"]
+    assert set(got["scores"]) == {"teacher", "a before", "b before", "a", "b"} and got["rows"] == 3
+    assert "rougeL_vs_teacher" in got["scores"]["b"] and "rougeL_vs_teacher" not in got["scores"]["teacher"]
+    rows = [json.loads(x) for x in (out / "tasks-rouge.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(set(r) >= {"teacher", "a", "b before"} for r in rows)
+    assert "Task rouge (3 rows, greedy answers)" in (out / "report.html").read_text()
 
 
 @pytest.mark.parametrize("top_k", [0, 5])
