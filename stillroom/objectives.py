@@ -156,9 +156,12 @@ class Hybrid(Objective):
             t = self.teachers[0].targets(b, "head") if w > 0 else None
             with accelerator.autocast():
                 hidden = models.final_hidden(student, **model_inputs(b))
+                # the head's matmuls in the dtype autocast runs the model's own (on the plain path):
+                # read from autocast itself, not from the process-wide Accelerate state, which another
+                # Accelerator in the process (a second trainer) can reset under this one
+                kind = hidden.device.type
+                dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
             s_head = models.output_head(student, self.vocab)   # after the forward: a sharded model's head is whole then
-            # under mixed precision the head's matmuls run in its dtype, as autocast runs them on the plain path
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
             compiled = fused.wanted(lc.compile, s_head[0].shape[0], hidden.device)
             return linear_mixed_loss(hidden, s_head[0], [(t, w)] if w else [], b.targets, bias=s_head[1],
                                      dtype=dtype, compiled=compiled, **how), {}

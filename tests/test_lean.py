@@ -150,3 +150,24 @@ def test_lean_tied_weight_through_a_model():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(got_g, ref_g):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_lean_head_runs_in_autocasts_dtype_whatever_the_shared_state_says(teacher_dir, chat_file, monkeypatch):
+    """Accelerate keeps one process-wide state: a second Accelerator in the process (an fp32 trainer
+    beside a bf16 run, as in bench/peers.py) resets it, while the first one's autocast still runs
+    bf16. The lean head follows autocast, not the state (it read the state: a bf16 run's head
+    matmuls ran in fp32, 1.3x slower, found in the bench)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    import stillroom.objectives as objectives
+    from ddp_grads import step_grads
+
+    acc = Accelerator(cpu=True, mixed_precision="bf16")
+    AcceleratorState._reset_state()
+    Accelerator(cpu=True, mixed_precision="no")   # the other trainer
+    assert acc.mixed_precision == "no"
+    seen, real = [], objectives.linear_mixed_loss
+    monkeypatch.setattr(objectives, "linear_mixed_loss", lambda *a, **k: (seen.append(k["dtype"]), real(*a, **k))[1])
+    step_grads(str(teacher_dir), str(chat_file), 1, acc)
+    assert seen and set(seen) == {torch.bfloat16}
