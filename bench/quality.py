@@ -2,6 +2,7 @@
 training tokens, with the same optimizer, scored on held-out rows no arm trains on.
 
     python bench/quality.py [--steps 40] [--seeds 3] [--arms ce,soft,...] [--json out.json]
+    python bench/quality.py --arms dml --dml "recipe:teacher_weight=0.5,confidence=true" --dml-seeds 3
 
 Protocol (issue 17):
 - Data: Alpaca instructions from ../shared/data. The last --held rows are the held-out set: held-out
@@ -15,10 +16,14 @@ Protocol (issue 17):
   prompts, generated once), soft (forward KL, alpha 0.9), hard (teacher argmax), reverse_kl,
   jsd (beta 0.5), on_policy (JSD with half the steps on the student's samples), cache (soft KD
   from a top-64 cache built once), hidden (soft KD + hidden-state cosine), dml (two peers cut from
-  the teacher at different layers, co-distilled, against the same two peers trained alone with CE),
-  ensemble (the two CE-alone peers as an equal-weight multi-teacher for a fresh student, Anil et
-  al.'s control for DML; its agreement, KL and ROUGE-L vs the teacher re-measured against SmolLM2), ce_time and ce_time_cache (CE given the wall time of soft KD live and from
-  the cache: more steps, the same batch: does the teacher's cost pay for itself?).
+  the teacher at different layers, co-distilled, against the same two peers trained alone with CE
+  and, where a --dml variant gives the teacher a weight, alone with that share of soft KD;
+  --dml-seeds seeds of it all, compared seed by seed; --arms dml alone runs no ce arm: peer a alone
+  with CE is then the reference), ensemble (the two CE-alone peers of seed 0 as an equal-weight
+  multi-teacher for a fresh student, Anil et al.'s control for DML; its agreement, KL and ROUGE-L
+  vs the teacher re-measured against SmolLM2), ce_time and ce_time_cache (CE given the wall time of
+  soft KD live and from the cache: more steps, the same batch: does the teacher's cost pay for
+  itself?).
 - Printed: mean +/- std over seeds; the fraction of the teacher gap closed per metric,
   (arm - CE) / (teacher - CE); training wall time relative to CE (ratios only: the machine is noisy).
 
@@ -170,35 +175,26 @@ def dml_variants(spec: str, steps: int) -> dict:
     return out
 
 
-def run_peers(args, work: Path, walls: dict, ensemble: bool = True) -> dict:
-    """DML: two peers (different layer cuts of the teacher) co-distilled (mutual, alpha 0.5), once
-    per --dml variant (codistill settings: burn_in, ramp, confidence, teacher_weight), vs the same
-    peers trained alone with CE -- and, where a variant gives the teacher a weight, vs the same
-    peers trained alone on that share of the teacher (soft KD, loss.alpha = 0.5 * teacher_weight),
-    so that the peers' own contribution is what is compared; then the ensemble control."""
-    from stillroom import models
+def run_dml_seed(args, work: Path, seed: int, cuts: dict, variants: dict, kd_shares: list, alone: dict, dml: dict):
+    """One seed of the DML comparison: both peers alone (CE, and KD at each teacher share a variant
+    uses), then each variant co-distilled; rows appended to alone / dml under their keys."""
     from stillroom.codistill import codistill
     from stillroom.config import CodistillRunConfig, Config, load_config
     from stillroom.train import distill
 
-    n_t = models.load("smollm2-135m").model.config.num_hidden_layers
-    cuts = {"a": models.spread_layers(n_t, args.layers), "b": [i + 1 for i in models.spread_layers(n_t - 1, args.layers)]}
-    variants = dml_variants(args.dml, args.steps)
-    alone = {}
-    kd_shares = sorted({v["teacher_weight"] for v in variants.values() if v.get("teacher_weight")})
     for share in [0.0] + kd_shares:
         for name, layers in cuts.items():
             key = name if share == 0 else f"{name} kd{share:g}"
-            out = work / "runs" / f"alone-{key.replace(' ', '-')}"
-            over = [o for o in base(args, work, out, 0) if not o.startswith(("student.", "eval.tasks"))]
+            out = work / "runs" / f"alone-{key.replace(' ', '-')}-{seed}"
+            over = [o for o in base(args, work, out, seed) if not o.startswith(("student.", "eval.tasks"))]
             cfg = load_config(None, over + ["student.init=from_teacher", f"student.layers={layers}",
                                             f"loss.alpha={0.5 * share}"], Config)
             t0 = time.perf_counter()
-            alone[key] = result(distill(cfg, overwrite=True, progress=False), time.perf_counter() - t0)
-            alone[key]["final"] = out / "final"
-            r = alone[key]["row"]
-            print(f"  alone {key}: ppl {r['perplexity']:.2f}, train {r['train_s']:.0f} s", flush=True)
-    dml = {}
+            got = result(distill(cfg, overwrite=True, progress=False), time.perf_counter() - t0)
+            r = got["row"]
+            alone.setdefault(key, []).append(r)
+            alone.setdefault("_teacher", got["teacher"])
+            print(f"  alone {key} seed {seed}: ppl {r['perplexity']:.2f}, train {r['train_s']:.0f} s", flush=True)
     for vname, cc in variants.items():
         cfg = CodistillRunConfig.model_validate({
             "teacher": {"model": "smollm2-135m"},
@@ -207,29 +203,51 @@ def run_peers(args, work: Path, walls: dict, ensemble: bool = True) -> dict:
             "data": {"path": str(work / "train.jsonl"), "eval_path": str(work / "held.jsonl"), "pack": True,
                      "seq_len": args.seq},
             "loss": {"alpha": 0.5},
-            "train": {"output_dir": str(work / "runs" / f"dml-{vname}"), "max_steps": args.steps,
-                      "batch_size": args.batch, "lr": args.lr, "warmup_steps": 4, "log_every": args.steps, "seed": 0},
+            "train": {"output_dir": str(work / "runs" / f"dml-{vname}-{seed}"), "max_steps": args.steps,
+                      "batch_size": args.batch, "lr": args.lr, "warmup_steps": 4, "log_every": args.steps,
+                      "seed": seed},
             "eval": {"gen_prompts": 1, "gen_tokens": 4}})
         t0 = time.perf_counter()
         try:
             m = codistill(cfg, overwrite=True, progress=False)
         except Exception as e:   # reported, not the end of the bench
-            print(f"  dml {vname}: FAILED ({type(e).__name__}: {e})", flush=True)
+            print(f"  dml {vname} seed {seed}: FAILED ({type(e).__name__}: {e})", flush=True)
             continue
         wall = time.perf_counter() - t0
         for name in cuts:
-            s = m["eval"][f"{name} after"]
-            row = {k: s.get(k) for k in ("perplexity", "bits_per_byte", "agreement", "kl_per_token")}
+            got = m["eval"][f"{name} after"]
+            row = {k: got.get(k) for k in ("perplexity", "bits_per_byte", "agreement", "kl_per_token")}
             row.update(train_s=m["train"].get("elapsed_s"), wall_s=wall, settings=cc)
-            dml[f"{vname} {name}"] = row
-        print(f"  dml {vname} {cc}: " + ", ".join(f"{n} ppl {dml[f'{vname} {n}']['perplexity']:.2f}" for n in cuts),
-              flush=True)
+            dml.setdefault(f"{vname} {name}", []).append(row)
+        print(f"  dml {vname} {cc} seed {seed}: " + ", ".join(
+            f"{n} ppl {dml[f'{vname} {n}'][-1]['perplexity']:.2f}" for n in cuts), flush=True)
+
+
+def run_peers(args, work: Path, walls: dict, ensemble: bool = True) -> dict:
+    """DML: two peers (different layer cuts of the teacher) co-distilled (mutual, alpha 0.5), once
+    per --dml variant (codistill settings: burn_in, ramp, confidence, teacher_weight), vs the same
+    peers trained alone with CE -- and, where a variant gives the teacher a weight, vs the same
+    peers trained alone on that share of the teacher (soft KD, loss.alpha = 0.5 * teacher_weight),
+    so that the peers' own contribution is what is compared; then the ensemble control."""
+    from stillroom import models
+    from stillroom.config import Config, load_config
+    from stillroom.train import distill
+
+    n_t = models.load("smollm2-135m").model.config.num_hidden_layers
+    cuts = {"a": models.spread_layers(n_t, args.layers), "b": [i + 1 for i in models.spread_layers(n_t - 1, args.layers)]}
+    variants = dml_variants(args.dml, args.steps)
+    alone, dml = {}, {}   # {key: [row per seed]}
+    kd_shares = sorted({v["teacher_weight"] for v in variants.values() if v.get("teacher_weight")})
+    for seed in range(args.dml_seeds):
+        run_dml_seed(args, work, seed, cuts, variants, kd_shares, alone, dml)
+    teacher = alone.pop("_teacher")
     if not ensemble:
-        return {"alone": alone, "dml": dml, "ensemble": None, "cuts": cuts}
-    # the control: the two peers trained alone, as an equal mixture teaching a fresh student
+        return {"alone": alone, "dml": dml, "ensemble": None, "cuts": cuts, "teacher": teacher}
+    # the control: the two peers trained alone (seed 0), as an equal mixture teaching a fresh student
     out = work / "runs" / "ensemble"
+    finals = {k: work / "runs" / f"alone-{k}-0" / "final" for k in ("a", "b")}
     cfg = load_config(None, base(args, work, out, 0) + [
-        f"teacher.model={alone['a']['final']}", f"teacher.mix=[{{name: b, model: {alone['b']['final']}, weight: 1.0}}]"],
+        f"teacher.model={finals['a']}", f"teacher.mix=[{{name: b, model: {finals['b']}, weight: 1.0}}]"],
         Config)
     t0 = time.perf_counter()
     ens = result(distill(cfg, overwrite=True, progress=False), time.perf_counter() - t0)
@@ -247,7 +265,7 @@ def run_peers(args, work: Path, walls: dict, ensemble: bool = True) -> dict:
     said = walls.get("teacher answers")
     ens["row"]["rougeL_vs_teacher"] = statistics.mean(
         rouge_l(r["student after"]["answer"], [t]) if t else 0.0 for r, t in zip(records, said)) if said else None
-    return {"alone": alone, "dml": dml, "ensemble": ens, "cuts": cuts}
+    return {"alone": alone, "dml": dml, "ensemble": ens, "cuts": cuts, "teacher": teacher}
 
 
 def fmt(vals: list, pct: bool) -> str:
@@ -274,6 +292,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--dml-seeds", type=int, default=1, help="seeds of the DML comparison (peers alone and co-distilled)")
     ap.add_argument("--dml", default="dml:",
                     help='DML variants, "name:key=value,...;name:..." of codistill settings (burn_in, ramp, '
                          'confidence, teacher_weight); S = --steps, e.g. "plain:;burn:burn_in=S/2;'
@@ -282,7 +301,7 @@ def main():
     if not ALPACA.is_file():
         raise SystemExit(f"bench data not found: {ALPACA} (the bench needs ../shared/data)")
     arms = [a for a in ARMS if a in args.arms.split(",")]
-    if "ce" not in arms:
+    if "ce" not in arms and set(arms) - {"dml"}:   # the reference of every arm but DML (which has its own)
         arms.insert(0, "ce")
     for need, by in (("soft", "ce_time"), ("cache", "ce_time_cache")):
         if by in arms and need not in arms:
@@ -315,23 +334,38 @@ def main():
         peers = run_peers(args, work, walls, "ensemble" in arms) if {"dml", "ensemble"} & set(arms) else None
     print(f"\nAlpaca: {args.train_rows} training rows, {args.held} held-out rows ({args.task_rows} answered, "
           f"{args.new_tokens} new tokens); {args.steps} steps x {args.batch} x {args.seq} packed tokens per arm; "
-          f"student: {args.layers} of SmolLM2-135M-Instruct's 30 layers; seeds {args.seeds} for {', '.join(SEEDED)}")
+          f"student: {args.layers} of SmolLM2-135M-Instruct's 30 layers; seeds {args.seeds} for {', '.join(SEEDED)}"
+          + (f"; {args.dml_seeds} for DML and its peers alone" if peers else ""))
     head = f"{'arm':<20}" + "".join(f"{label[:24]:>26}" for _, label, _ in METRICS) + f"{'train time / CE':>17}"
     print(head)
-    ce = {k: statistics.mean(v for r in results["ce"] if (v := r[k]) is not None) for k, _, _ in METRICS
-          if any(r[k] is not None for r in results["ce"])}
-    ce_time = statistics.mean(r["train_s"] for r in results["ce"])
+    ce_rows = results.get("ce") or (peers["alone"]["a"] if peers else [])   # DML alone: peer a with CE
+    ce = {k: statistics.mean(v for r in ce_rows if (v := r[k]) is not None) for k, _, _ in METRICS
+          if any(r.get(k) is not None for r in ce_rows)}
+    ce_time = statistics.mean(r["train_s"] for r in ce_rows)
+    if "ce" not in results:
+        print("(no ce arm: the time column is relative to peer a alone with CE, and the gap table uses it)")
+    if teacher is None and peers:
+        teacher = peers["teacher"]
     print(f"{'teacher':<20}" + "".join(f"{fmt([teacher[k]], pct):>26}" for k, _, pct in METRICS))
     rows = dict(results)
     if peers:
-        rows.update({f"alone {k}": [v["row"]] for k, v in peers["alone"].items()})
-        rows.update({k if k.startswith("dml") else f"dml {k}": [v] for k, v in peers["dml"].items()})
+        rows.update({f"alone {k}": v for k, v in peers["alone"].items()})
+        rows.update({k if k.startswith("dml") else f"dml {k}": v for k, v in peers["dml"].items()})
         if peers["ensemble"]:
             rows["ensemble"] = [peers["ensemble"]["row"]]
     for name, rs in rows.items():
         cells = "".join(f"{fmt([r.get(k) for r in rs], pct):>26}" for k, _, pct in METRICS)
         t = statistics.mean(r["train_s"] for r in rs if r.get("train_s")) / ce_time
         print(f"{name:<20}{cells}{t:>16.2f}x")
+    if peers and peers["dml"]:
+        print("\nDML vs the same peer alone, seed by seed: held-out perplexity DML / alone (< 1: DML better)")
+        for key, rs in peers["dml"].items():
+            peer = key.rsplit(" ", 1)[1]
+            tw = rs[0]["settings"].get("teacher_weight")
+            for ref_key in ([f"{peer} kd{tw:g}"] if tw else []) + [peer]:
+                ratios = [d["perplexity"] / a["perplexity"] for d, a in zip(rs, peers["alone"][ref_key])]
+                print(f"  {key:<28} / alone {ref_key:<10}" + "".join(f"{r:>8.3f}" for r in ratios) +
+                      f"   mean {statistics.mean(ratios):.3f}, better in {sum(r < 1 for r in ratios)}/{len(ratios)}")
     print("\nfraction of the teacher gap closed, (arm - CE) / (teacher - CE), on the means:")
     print(f"{'arm':<20}" + "".join(f"{label[:24]:>26}" for _, label, _ in METRICS))
     for name, rs in rows.items():
