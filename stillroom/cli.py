@@ -171,17 +171,35 @@ def cmd_eval(args) -> int:
     log.debug("student %s, teacher %s", model, teacher_spec)
     student = models.load(model)
     teacher = models.load(teacher_spec)
-    vocab, note = models.check_vocab(teacher.model, teacher.tokenizer, student.model, student.tokenizer)
-    if note:
-        log.warning(note)
+    s_tok, t_tok = student.tokenizer, teacher.tokenizer
+    cross = s_tok is not t_tok and s_tok.get_vocab() != t_tok.get_vocab()
+    if cross and args.draft:
+        raise UserError("--draft needs a student with the teacher's tokenizer (the teacher verifies the "
+                        "student's drafted tokens); this student's tokenizer differs")
+    if cross:   # each model in its own tokens, on the same text: bits per byte compare them
+        vocab = None
+        log.warning("the student's tokenizer differs from the teacher's: each model is measured in its own "
+                    "tokens on the same text; bits per byte compare them (per-token perplexities do not), and "
+                    "agreement and KL do not exist across vocabularies")
+    else:
+        vocab, note = models.check_vocab(teacher.model, t_tok, student.model, s_tok)
+        if note:
+            log.warning(note)
     for who, m in (("teacher", teacher.model), ("student", student.model)):
         models.check_context(args.seq_len, m.config, who, f"--seq-len {args.seq_len}")
-    examples, _ = build_examples(args.data, teacher.tokenizer, dcfg)
-    pad = teacher.tokenizer.pad_token_id
-    cmp = evaluate.score(student.model, teacher.model, examples, pad, ecfg.batch_size, ecfg.max_batches, vocab,
-                         tokenizer=teacher.tokenizer)
+    tok = s_tok if cross else t_tok   # the held-out examples are in the student's tokens
+    examples, _ = build_examples(args.data, tok, dcfg)
+    pad = tok.pad_token_id
+    cmp = evaluate.score(student.model, None if cross else teacher.model, examples, pad, ecfg.batch_size,
+                         ecfg.max_batches, vocab, tokenizer=tok)
     prompts = evaluate.speed_prompts(examples, ecfg.gen_prompts)
-    columns = {"teacher": evaluate.teacher_column(teacher.model, teacher.path, cmp, ecfg, prompts, pad),
+    t_prompts = prompts
+    if cross:
+        cmp["teacher_bits_per_byte"] = evaluate.cross_bits_per_byte(teacher.model, t_tok, s_tok, examples,
+                                                                    ecfg.batch_size, ecfg.max_batches)
+        t_prompts = [t_tok(s_tok.decode(p), add_special_tokens=False)["input_ids"] for p in prompts]
+    columns = {"teacher": evaluate.teacher_column(teacher.model, teacher.path, cmp, ecfg, t_prompts,
+                                                  t_tok.pad_token_id),
                "student": evaluate.student_column(student.model, student.path, cmp, ecfg, prompts, pad)}
     result = {"model": args.model, "teacher": teacher_spec, "data": args.data,
               "held_out_tokens": cmp["tokens"], "eval": columns}

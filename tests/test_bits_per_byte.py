@@ -94,3 +94,38 @@ def test_a_teacher_of_another_tokenizer_is_measured_on_the_same_text(tok, chat_f
         direct = evaluate.score(teacher, teacher, examples, tok.pad_token_id, batch_size=4, tokenizer=tok)
         cross = evaluate.cross_bits_per_byte(teacher, tok, tok, examples, batch_size=4)
         assert math.isclose(cross, direct["teacher_bits_per_byte"], rel_tol=1e-4)
+
+
+def test_stillroom_eval_of_a_student_with_another_tokenizer(tok, teacher_dir, chat_file, tmp_path):
+    """`stillroom eval` of a cross-tokenizer student: each model in its own tokens on the same text,
+    bits per byte side by side (the numbers of score and cross_bits_per_byte), no agreement or KL,
+    generation tasks answered by each model with its own tokenizer; --draft refused in one line."""
+    import json
+
+    from conftest import run_cli, save
+
+    from stillroom import models
+
+    from conftest import make_tokenizer
+
+    s_tok = make_tokenizer(vocab_size=290)   # byte-level BPE with merges of its own
+    assert s_tok.get_vocab() != tok.get_vocab()
+    student = save(make_model(s_tok, layers=2, seed=4, init_range=0.3), s_tok, tmp_path / "student")
+    base = ["eval", "--model", student, "--teacher", teacher_dir, "--data", chat_file, "--seq-len", "64",
+            "--gen-prompts", "1", "--gen-tokens", "2", "--no-progress"]
+    r = run_cli(*base, "--json", "--task", "rouge", "--task-rows", "2", "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "each model is measured in its own tokens" in r.stderr
+    got = json.loads(r.stdout)
+    s, t = got["eval"]["student"], got["eval"]["teacher"]
+    examples, _ = build_examples(str(chat_file), s_tok, DataConfig(path=str(chat_file), seq_len=64))
+    sm, tm = models.load(str(student)).model, models.load(str(teacher_dir)).model
+    own = evaluate.score(sm, None, examples, s_tok.pad_token_id, batch_size=8, tokenizer=s_tok)
+    assert math.isclose(s["bits_per_byte"], own["student_bits_per_byte"], rel_tol=1e-5)
+    assert math.isclose(s["perplexity"], own["student_perplexity"], rel_tol=1e-5)
+    assert math.isclose(t["bits_per_byte"], evaluate.cross_bits_per_byte(tm, tok, s_tok, examples), rel_tol=1e-5)
+    assert s["agreement"] is None and s["kl_per_token"] is None and t["perplexity"] is None
+    assert set(got["tasks"]["rouge"]["scores"]) == {"teacher", "student"}
+    r = run_cli(*base, "--draft")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--draft needs a student with the teacher's tokenizer" \
+        in r.stderr, r.stderr
