@@ -21,8 +21,8 @@ says each row's student precision and teacher dtype.
                          loss.lean=true, mixed_precision=auto): logits made inside the loss from hidden
                          states, chunk by chunk
   stillroom plain/live   the same with loss.lean=false: full logits, stillroom's chunked loss
-  ... eager              lean/live with loss.compile=false: the loss kernel not compiled (auto compiles
-                         it on a CPU, off on a GPU: there the two rows are the same thing)
+  ... eager              lean/live and lean/cached with loss.compile=false: the loss kernel not
+                         compiled (auto compiles it on a CPU, not on a GPU: there the rows are the same)
   stillroom lean/cached  the teacher read from a top-64 cache (`stillroom cache`), lean path
   stillroom plain/cached the same on the plain path
   naive KD               teacher fwd + a textbook full-logit loss (F.kl_div on full log-softmaxes)
@@ -244,11 +244,12 @@ def main():
             "stillroom lean/live": stillroom_step(True, tm), "stillroom plain/live": stillroom_step(False, tm),
             "stillroom lean/live eager": stillroom_step(True, tm, False),
             "stillroom lean/cached": stillroom_step(True, cache),
+            "stillroom lean/cached eager": stillroom_step(True, cache, False),
             "stillroom plain/cached": stillroom_step(False, cache), "naive KD": naive_step}
     student_prec = {k: mine for k in rows if rows[k] is not None}
     dt = lambda d: {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(d)[6:], str(d)[6:])  # noqa: E731
     teacher_of = {"teacher fwd": dt(t_dtype), "teacher fwd fp32": "fp32", "student CE": "-", "stillroom lean/live": dt(t_dtype),
-                  "stillroom lean/live eager": dt(t_dtype),
+                  "stillroom lean/live eager": dt(t_dtype), "stillroom lean/cached eager": "cache",
                   "stillroom plain/live": dt(t_dtype), "stillroom lean/cached": "cache", "stillroom plain/cached": "cache",
                   "naive KD": dt(t_dtype)}
     state = {k: fresh() for k in rows if rows[k] is not None}
@@ -325,6 +326,8 @@ def main():
     print(f"  stillroom plain/cached / student CE               = {med['stillroom plain/cached'] / med['student CE']:.3f}")
     print(f"  stillroom lean/live / lean/live eager             = {lean / med['stillroom lean/live eager']:.3f}"
           "  (loss.compile's gain)")
+    print(f"  stillroom lean/cached / lean/cached eager         = "
+          f"{med['stillroom lean/cached'] / med['stillroom lean/cached eager']:.3f}  (loss.compile's gain)")
     print(f"  naive KD / stillroom lean/live                    = {med['naive KD'] / lean:.3f}")
     if trl:
         same = [k for k in trl if "fp32 teacher" not in k]

@@ -366,18 +366,23 @@ def main():
                 ratios = [d["perplexity"] / a["perplexity"] for d, a in zip(rs, peers["alone"][ref_key])]
                 print(f"  {key:<28} / alone {ref_key:<10}" + "".join(f"{r:>8.3f}" for r in ratios) +
                       f"   mean {statistics.mean(ratios):.3f}, better in {sum(r < 1 for r in ratios)}/{len(ratios)}")
-    print("\nfraction of the teacher gap closed, (arm - CE) / (teacher - CE), on the means:")
+    print("\nfraction of the teacher gap closed, (arm - CE) / (teacher - CE), on the means"
+          + ("" if "ce" in results else " (CE: the same peer alone with CE)") + ":")
     print(f"{'arm':<20}" + "".join(f"{label[:24]:>26}" for _, label, _ in METRICS))
     for name, rs in rows.items():
         if name == "ce":
             continue
+        ref = ce
+        if "ce" not in results:   # a DML-only run: each peer against itself alone with CE
+            peer_rows = peers["alone"][name.split()[-1] if name.startswith("dml") else name.split()[1]]
+            ref = {k: statistics.mean(r[k] for r in peer_rows) for k in ce}
         cells = []
         for k, _, _ in METRICS:
             vals = [r.get(k) for r in rs if r.get(k) is not None]
-            if not vals or k not in ce or teacher.get(k) is None or teacher[k] == ce[k]:
+            if not vals or k not in ref or teacher.get(k) is None or teacher[k] == ref[k]:
                 cells.append(f"{'-':>26}")
                 continue
-            cells.append(f"{(statistics.mean(vals) - ce[k]) / (teacher[k] - ce[k]):>26.2f}")
+            cells.append(f"{(statistics.mean(vals) - ref[k]) / (teacher[k] - ref[k]):>26.2f}")
         print(f"{name:<20}" + "".join(cells))
     print(f"\n(whole bench: {(time.perf_counter() - t_all) / 60:.0f} min)")
     if args.json:

@@ -257,12 +257,12 @@ class LossConfig(Section):
     path on the models' full logits. Models whose logits are not a plain linear head of their
     last hidden state (soft-capping) use the plain path either way."""
     compile: Literal["auto", True, False] = "auto"
-    """Run the loss's hot chunk (one soft forward-KL target and CE, or CE alone) through
-    torch.compile: the whole KD step 0.92x the time on a CPU at 49k vocab (bench/peers.py), the
-    same values within fp32 rounding, a few seconds of compiling at the first step (cached on
-    disk after). auto: on a CPU
-    at a vocabulary of 8192 or more; off on a GPU, where it is not measured yet. It needs a C++
-    compiler on a CPU: without one the eager kernel runs, with one warning."""
+    """Run the loss's hot chunk (one soft forward-KL target, live or cached, and CE, or CE alone)
+    through torch.compile: the whole KD step in 0.92-0.95x the time on a CPU at 49k vocab
+    (bench/peers.py), the same values within fp32 rounding, a few seconds of compiling at the
+    first step (cached on disk after). auto: on a CPU at a vocabulary of 8192 or more; off on a
+    GPU, where it is not measured yet. It needs a C++ compiler on a CPU: without one the eager
+    kernel runs, with one warning."""
 
     @model_validator(mode="after")
     def _terms(self):

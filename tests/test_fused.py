@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-from stillroom.losses import IGNORE_INDEX, Head, fused, kernel
+from stillroom.losses import IGNORE_INDEX, Head, TopK, fused, kernel
 from stillroom.losses.core import topk_targets
 
 
@@ -23,9 +23,9 @@ def ran(monkeypatch):
     """The names of the compiled kernels called (so a comparison cannot pass by running eager twice)."""
     calls, kernel_of = [], fused._kernel
 
-    def spy():
-        k = kernel_of()
-        return lambda *a, **kw: (calls.append("dense"), k(*a, **kw))[1]
+    def spy(name="dense"):
+        k = kernel_of(name)
+        return lambda *a, **kw: (calls.append(name), k(*a, **kw))[1]
 
     monkeypatch.setattr(fused, "_kernel", spy)
     return calls
@@ -73,16 +73,42 @@ def test_compiled_equals_eager_in_bf16_and_on_the_lean_path(ran):
         out[c] = loss.detach(), hh.grad, ww.grad
     for a, b in zip(out[True], out[False]):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
-    assert ran == ["dense"] * (5 + 4)
+    top = topk_targets(ht @ w_t.T, 16)   # the lean path from a cache: bf16 head, compiled top-k chunks
+    for c in (False, True):
+        hh, ww = h.clone().requires_grad_(), w_s.clone().requires_grad_()
+        loss = kernel.linear_mixed_loss(hh, ww, [(top, 0.8)], y, 0.2, 1.0, chunk=8, dtype=torch.bfloat16, compiled=c)
+        loss.backward()
+        out[c] = loss.detach(), hh.grad, ww.grad
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+    assert ran == ["dense"] * (5 + 4) + ["topk"] * 4
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("k", [8, 299, 300])
+def test_compiled_equals_eager_on_a_top_k_target(T, k, ran):
+    """A cache's rows: a few ids; nearly all of them (a tail of almost nothing: the student's tail
+    mass must be summed, not taken as 1 - sum); all of them (no tail); rows with fewer entries."""
+    s, t, y = _case()
+    top = topk_targets(t, k, T)
+    logp = top.logp.clone()
+    logp[::3, k // 2:] = float("-inf")   # "no entry" (an API's shorter list)
+    for target in (top, TopK(top.ids, logp, top.log_tail)):
+        for w, w_ce in [(0.9, 0.1), (1.0, 0.0)]:
+            le, ge = _run(s, [(target, w)], y, w_ce, T, compiled=False)
+            lc, gc = _run(s, [(target, w)], y, w_ce, T, compiled=True)
+            torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6)
+    assert ran == ["topk"] * 20
 
 
 def test_cases_it_does_not_cover_run_the_eager_kernel_exactly(ran):
-    """A teacher that masks tokens (-inf), a top-k target, two targets, another divergence, hard
-    labels: the compiled call gives way, and the result is the eager kernel's, bit for bit."""
+    """A teacher that masks tokens (-inf), two targets, another divergence, hard labels: the
+    compiled call gives way, and the result is the eager kernel's, bit for bit."""
     s, t, y = _case()
     t_masked = t.clone()
     t_masked[:, :40] = float("-inf")
-    cases = [([(t_masked, 0.9)], {}), ([(topk_targets(t, 8), 0.9)], {}), ([(t, 0.5), (t * 0.5, 0.4)], {}),
+    cases = [([(t_masked, 0.9)], {}), ([(t, 0.5), (t * 0.5, 0.4)], {}),
              ([(t, 0.9)], {"divergence": "reverse_kl"}), ([(t, 0.9)], {"kind": "hard"})]
     for targets, kw in cases:
         le, ge = _run(s, targets, y, 0.1, 1.0, compiled=False, **kw)
@@ -108,7 +134,7 @@ def test_a_failed_compile_says_so_once_and_runs_eager(monkeypatch, caplog):
             raise RuntimeError("no C++ compiler found\nmore lines")
         return f
 
-    monkeypatch.setattr(fused, "_kernel", broken)
+    monkeypatch.setattr(fused, "_kernel", lambda name="dense": broken())
     monkeypatch.setattr(fused, "_broken", None)
     s, t, y = _case()
     le, ge = _run(s, [(t, 0.9)], y, 0.1, 1.0, compiled=False)

@@ -1,13 +1,13 @@
-"""The hot chunk of the closed-form loss, compiled: one dense soft target (forward KL at T) and CE,
-or CE alone, with the gradient, as `torch.compile` (Inductor) fuses them: the eager kernel makes
-about ten passes over each (rows, V) chunk (log-softmaxes, exps, the KL's product, the gradient's
-sum, the casts); the compiled one fuses them into a few loops. Measured on an AVX512-BF16 CPU
-(`bench/peers.py`, rows lean/live and lean/live eager): the whole live KD step at 49k vocab in
-0.92x the time (0.78x under glibc's default allocator). Same values as the eager
-kernel within fp32 rounding (tests pin it). Every other case stays on the eager kernel: hard
-labels, other divergences, several targets, a teacher that masks tokens with -inf, and a top-k
-cache's rows (compiled, their scatters made that chunk 2x slower than eager: measured, dropped).
-On when `loss.compile` says so (`wanted`)."""
+"""The hot chunk of the closed-form loss, compiled: one soft target (forward KL at T: logits, or
+a top-k cache's rows) and CE, or CE alone, with the gradient. The eager kernel makes about ten
+passes over each (rows, V) chunk (log-softmaxes, exps, the KL's product, the gradient's sum, the
+casts); `torch.compile` (Inductor) fuses them into a few loops. Measured on an AVX512-BF16 CPU
+(`bench/peers.py`, the lean rows and their eager twins): the whole KD step at 49k vocab in
+0.92-0.94x the time live (0.78x under glibc's default allocator), 0.95x from a top-k cache. Same values as the eager kernel within
+fp32 rounding (tests pin it). Every other case stays on the eager kernel: hard labels, other
+divergences, several targets, a teacher that masks tokens with -inf. On where `loss.compile`
+says so (`wanted`).
+"""
 from __future__ import annotations
 
 import logging
@@ -15,7 +15,7 @@ import logging
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .core import IGNORE_INDEX
+from .core import IGNORE_INDEX, TopK
 
 log = logging.getLogger("stillroom")
 
@@ -41,6 +41,58 @@ def _kd_ce(s, t, y, m, w, w_ce, inv_t, same_t: bool, out_dtype: torch.dtype):
     return kl, nll, (grad * mf).to(out_dtype)
 
 
+def _topk_ce(s, unlisted, y, m, log_tail, w, w_ce, inv_t, same_t: bool, out_dtype: torch.dtype):
+    """The full-width part of a chunk against a top-k target (a cache's rows; TopK's tail-bucket
+    rule): (logsumexp of s, of s/T, log of the student's mass on the unlisted tokens, and the
+    gradient as it is off the listed ids: w_ce (softmax(s) - onehot(y)) + w T (1 - r) q_T, with
+    r = p_tail / q_tail). The listed ids' k entries per row are done by the caller (gathers and one
+    scatter: compiled, those made the chunk 2x slower than eager). unlisted (n, V) bool: the tokens
+    outside the row's valid ids, whose student mass is summed directly (not 1 - sum(listed), which
+    cancels when the listed ids hold nearly all of it)."""
+    s = s.float()
+    mf = m.unsqueeze(-1).float()
+    lse1 = torch.logsumexp(s, dim=-1)
+    lse_t = lse1 if same_t else torch.logsumexp(s * inv_t, dim=-1)
+    q = torch.exp(s * inv_t - lse_t.unsqueeze(-1))
+    log_q_tail = torch.log(torch.where(unlisted, q, 0.0).sum(-1))
+    tail_ok = torch.isfinite(log_tail) & torch.isfinite(log_q_tail)
+    r = torch.where(tail_ok, torch.exp(torch.where(tail_ok, log_tail - log_q_tail, 0.0)), 0.0).unsqueeze(-1)
+    onehot = torch.arange(s.shape[-1], device=s.device) == y.unsqueeze(-1)
+    grad = w_ce * (torch.exp(s - lse1.unsqueeze(-1)) - onehot.float()) + (w / inv_t) * (1.0 - r) * q
+    return lse1, lse_t, log_q_tail, (grad * mf).to(out_dtype)
+
+
+def _topk_terms(s, t: TopK, y, valid, w, w_ce, temperature, out_dtype):
+    """(loss, grad) of a chunk against a top-k target: the compiled full-width part, then the k
+    listed entries per row in eager (n, k) ops, as `_sparse_kl` / `_sparse_grad_` define them."""
+    logp, log_tail = t.logp.float(), t.log_tail.float()
+    ok = torch.isfinite(logp)   # -inf: "no entry" (a shorter list): that token stays in the tail
+    unlisted = torch.ones(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, t.ids, ~ok)
+    f = lambda v: torch.tensor(float(v), dtype=torch.float32, device=s.device)  # noqa: E731
+    out = _call("topk", s, unlisted, torch.where(valid, y, 0), valid, log_tail, f(w), f(w_ce), f(1.0 / temperature),
+                temperature == 1.0, out_dtype)
+    if out is None:
+        return None
+    lse1, lse_t, log_q_tail, grad = out
+    s_k = s.gather(-1, t.ids).float()
+    lq_k = s_k * (1.0 / temperature) - lse_t.unsqueeze(-1)
+    p_k = logp.exp()
+    head = torch.where((p_k > 0) & torch.isfinite(lq_k), p_k * (logp - lq_k), 0.0).sum(-1)
+    tail_ok = torch.isfinite(log_tail) & torch.isfinite(log_q_tail)
+    diff = torch.where(tail_ok, log_tail - log_q_tail, 0.0)
+    kl = torch.where(valid, head + torch.where(tail_ok, log_tail.exp() * diff, 0.0), 0.0)
+    if not torch.isfinite(kl).all():
+        return None
+    y0 = torch.where(valid, y, 0)
+    nll = torch.where(valid, lse1 - s.gather(-1, y0.unsqueeze(-1)).squeeze(-1).float(), 0.0)
+    # on a listed id the KD part is w T (q_k - p_k), not the off-list w T (1 - r) q_k
+    on_y = (t.ids == y0.unsqueeze(-1)).float()
+    fix = w_ce * (torch.exp(s_k - lse1.unsqueeze(-1)) - on_y) + w * temperature * (lq_k.exp() - p_k)
+    keep = ok & valid.unsqueeze(-1)
+    grad.scatter_(-1, t.ids, torch.where(keep, fix.to(grad.dtype), grad.gather(-1, t.ids)))
+    return w_ce * nll.sum() + w * temperature * temperature * kl.sum(), grad
+
+
 VOCAB_MIN = 8192   # auto compiles from this vocabulary up (see `wanted`)
 
 
@@ -54,22 +106,33 @@ def wanted(setting, vocab: int, device) -> bool:
     return torch.device(device).type == "cpu" and vocab >= VOCAB_MIN
 
 
-_compiled = None
+_compiled: dict = {}
 _broken: str | None = None   # why the compiled kernel failed in this process (then it is not tried again)
 
 
-def _kernel():
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_kd_ce, dynamic=True, fullgraph=True)
-    return _compiled
+def _kernel(name: str = "dense"):
+    if name not in _compiled:
+        _compiled[name] = torch.compile({"dense": _kd_ce, "topk": _topk_ce}[name], dynamic=True, fullgraph=True)
+    return _compiled[name]
+
+
+def _call(name: str, *args):
+    """A compiled kernel's outputs; None when compiling failed (no C++ compiler, an Inductor
+    failure): said once, and the eager kernel runs from then on."""
+    global _broken
+    try:
+        return _kernel(name)(*args)
+    except Exception as e:
+        _broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.warning("loss.compile: torch.compile of the loss kernel failed (%s); the eager kernel runs "
+                    "(loss.compile=false hides this)", _broken)
+        return None
 
 
 def chunk_terms(s, targets, y, keep, w_ce, temperature, how, out_dtype):
     """(loss, grad in out_dtype) for a chunk the compiled kernel covers, else None (the caller
-    runs the eager kernel). Covers: CE alone, or one soft forward-KL target given as logits, with
+    runs the eager kernel). Covers: CE alone, or one soft forward-KL target (logits or TopK), with
     or without CE, over the same rows (keep == labelled rows, as in training)."""
-    global _broken
     if _broken is not None or _get_current_dispatch_mode() is not None:   # a mode (a memory count) sees eager ops
         return None
     name, _ = how
@@ -80,17 +143,18 @@ def chunk_terms(s, targets, y, keep, w_ce, temperature, how, out_dtype):
     if not torch.equal(keep, valid):
         return None
     t, w = targets[0] if targets else (None, 0.0)
-    if (not w and not w_ce) or not (t is None or torch.is_tensor(t)):   # a top-k cache's rows: eager
-        return None                          # (compiled, its scatters made the chunk 2x slower: dropped)
+    if not w and not w_ce:
+        return None
     f = lambda v: torch.tensor(float(v), dtype=torch.float32, device=s.device)  # noqa: E731
     rest = (torch.where(valid, y, 0), valid, f(w), f(w_ce), f(1.0 / temperature), temperature == 1.0, out_dtype)
-    try:
-        kl, nll, grad = _kernel()(s, t, *rest)
-    except Exception as e:   # no C++ compiler, an Inductor failure: the eager kernel, said once
-        _broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        log.warning("loss.compile: torch.compile of the loss kernel failed (%s); the eager kernel runs "
-                    "(loss.compile=false hides this)", _broken)
+    if isinstance(t, TopK):
+        return _topk_terms(s, t, y, valid, w, w_ce, temperature, out_dtype)
+    if not (t is None or torch.is_tensor(t)):
         return None
+    out = _call("dense", s, t, *rest)
+    if out is None:
+        return None
+    kl, nll, grad = out
     loss = w_ce * torch.where(valid, nll, 0.0).sum()
     if kl is not None:
         kl = torch.where(valid, kl, 0.0)
