@@ -263,7 +263,11 @@ def resume_changes(out: Path, cfg) -> dict:
     def harmless(k, a, b):
         return k in HARMLESS or (k == "train.max_steps" and isinstance(a, int) and isinstance(b, int) and b >= a)
 
-    refused = [f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items() if not harmless(k, a, b)]
+    def said(k, a, b):   # a key the run's config lacks was added to stillroom after the run began
+        return f"{k} (not in its config.yaml: a setting newer than the run) -> {b!r}" if k not in then \
+            else f"{k} {a!r} -> {b!r}"
+
+    refused = [said(k, a, b) for k, (a, b) in diff.items() if not harmless(k, a, b)]
     if refused:
         raise UserError(f"--resume: {out} was trained with other settings ({'; '.join(refused)}); they change "
                         "what the run computes: resume with the run's values, or start a new run in another "

@@ -270,6 +270,16 @@ def test_resume_refuses_settings_that_change_the_run_and_records_the_ones_that_d
         assert cli.main(["distill", *base, *RUN, *change, "--resume"]) == 2
         assert words in error_line(capsys.readouterr().err)
         assert snapshot(out) == before                       # nothing rewritten
+    # a run written before a setting existed: the setting is named as newer than the run
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    older = dict(saved, loss={k: v for k, v in saved["loss"].items() if k != "compile"})
+    (out / "config.yaml").write_text(yaml.safe_dump(older))
+    capsys.readouterr()
+    assert cli.main(["distill", *base, *RUN, "--resume"]) == 2
+    assert "loss.compile (not in its config.yaml: a setting newer than the run) -> 'auto'" in \
+        error_line(capsys.readouterr().err)
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    before = snapshot(out)
     # raising max_steps and changing how it logs: allowed, and said
     assert cli.main(["distill", *base, *RUN, "train.max_steps=6", "train.log_every=2", "--resume"]) == 0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
