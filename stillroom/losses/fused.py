@@ -3,10 +3,10 @@ a top-k cache's rows) and CE, or CE alone, with the gradient. The eager kernel m
 passes over each (rows, V) chunk (log-softmaxes, exps, the KL's product, the gradient's sum, the
 casts); `torch.compile` (Inductor) fuses them into a few loops. Measured on an AVX512-BF16 CPU
 (`bench/peers.py`, the lean rows and their eager twins): the whole KD step at 49k vocab in
-0.92-0.94x the time live (0.78x under glibc's default allocator), 0.95x from a top-k cache. Same values as the eager kernel within
-fp32 rounding (tests pin it). Every other case stays on the eager kernel: hard labels, other
-divergences, several targets, a teacher that masks tokens with -inf. On where `loss.compile`
-says so (`wanted`).
+0.92-0.94x the time live (0.78x under glibc's default allocator), 0.95x from a top-k cache. Same
+values as the eager kernel within fp32 rounding (tests pin it). Every other case stays on the
+eager kernel: hard labels, other divergences, several targets, a teacher that masks tokens with
+-inf. On where `loss.compile` says so (`wanted`).
 """
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ def _kd_ce(s, t, y, m, w, w_ce, inv_t, same_t: bool, out_dtype: torch.dtype):
 
 def _topk_ce(s, unlisted, y, m, log_tail, w, w_ce, inv_t, same_t: bool, out_dtype: torch.dtype):
     """The full-width part of a chunk against a top-k target (a cache's rows; TopK's tail-bucket
-    rule): (logsumexp of s, of s/T, log of the student's mass on the unlisted tokens, and the
-    gradient as it is off the listed ids: w_ce (softmax(s) - onehot(y)) + w T (1 - r) q_T, with
-    r = p_tail / q_tail). The listed ids' k entries per row are done by the caller (gathers and one
+    rule): (logsumexp of s, of s/T, the KL's tail-bucket term p_tail (log p_tail - log q_tail) per
+    row, and the gradient as it is off the listed ids: w_ce (softmax(s) - onehot(y)) +
+    w T (1 - r) q_T, with r = p_tail / q_tail). The listed ids' k entries per row are done by the caller (gathers and one
     scatter: compiled, those made the chunk 2x slower than eager). unlisted (n, V) bool: the tokens
     outside the row's valid ids, whose student mass is summed directly (not 1 - sum(listed), which
     cancels when the listed ids hold nearly all of it)."""
@@ -56,34 +56,32 @@ def _topk_ce(s, unlisted, y, m, log_tail, w, w_ce, inv_t, same_t: bool, out_dtyp
     q = torch.exp(s * inv_t - lse_t.unsqueeze(-1))
     log_q_tail = torch.log(torch.where(unlisted, q, 0.0).sum(-1))
     tail_ok = torch.isfinite(log_tail) & torch.isfinite(log_q_tail)
-    r = torch.where(tail_ok, torch.exp(torch.where(tail_ok, log_tail - log_q_tail, 0.0)), 0.0).unsqueeze(-1)
+    diff = torch.where(tail_ok, log_tail - log_q_tail, 0.0)
+    tail_kl = torch.where(tail_ok, log_tail.exp() * diff, 0.0)
+    r = torch.where(tail_ok, diff.exp(), 0.0).unsqueeze(-1)
     onehot = torch.arange(s.shape[-1], device=s.device) == y.unsqueeze(-1)
     grad = w_ce * (torch.exp(s - lse1.unsqueeze(-1)) - onehot.float()) + (w / inv_t) * (1.0 - r) * q
-    return lse1, lse_t, log_q_tail, (grad * mf).to(out_dtype)
+    return lse1, lse_t, tail_kl, (grad * mf).to(out_dtype)
 
 
-def _topk_terms(s, t: TopK, y, valid, w, w_ce, temperature, out_dtype):
+def _topk_terms(s, t: TopK, y0, valid, scalars, w, w_ce, temperature, out_dtype):
     """(loss, grad) of a chunk against a top-k target: the compiled full-width part, then the k
-    listed entries per row in eager (n, k) ops, as `_sparse_kl` / `_sparse_grad_` define them."""
-    logp, log_tail = t.logp.float(), t.log_tail.float()
+    listed entries per row in eager (n, k) ops, as `_sparse_kl` / `_sparse_grad_` define them.
+    y0: the labels with 0 where not valid; scalars: w, w_ce, 1/T as the kernel takes them."""
+    logp = t.logp.float()
     ok = torch.isfinite(logp)   # -inf: "no entry" (a shorter list): that token stays in the tail
     unlisted = torch.ones(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, t.ids, ~ok)
-    f = lambda v: torch.tensor(float(v), dtype=torch.float32, device=s.device)  # noqa: E731
-    out = _call("topk", s, unlisted, torch.where(valid, y, 0), valid, log_tail, f(w), f(w_ce), f(1.0 / temperature),
-                temperature == 1.0, out_dtype)
+    out = _call("topk", s, unlisted, y0, valid, t.log_tail.float(), *scalars, temperature == 1.0, out_dtype)
     if out is None:
         return None
-    lse1, lse_t, log_q_tail, grad = out
+    lse1, lse_t, tail_kl, grad = out
     s_k = s.gather(-1, t.ids).float()
     lq_k = s_k * (1.0 / temperature) - lse_t.unsqueeze(-1)
     p_k = logp.exp()
     head = torch.where((p_k > 0) & torch.isfinite(lq_k), p_k * (logp - lq_k), 0.0).sum(-1)
-    tail_ok = torch.isfinite(log_tail) & torch.isfinite(log_q_tail)
-    diff = torch.where(tail_ok, log_tail - log_q_tail, 0.0)
-    kl = torch.where(valid, head + torch.where(tail_ok, log_tail.exp() * diff, 0.0), 0.0)
+    kl = torch.where(valid, head + tail_kl, 0.0)
     if not torch.isfinite(kl).all():
         return None
-    y0 = torch.where(valid, y, 0)
     nll = torch.where(valid, lse1 - s.gather(-1, y0.unsqueeze(-1)).squeeze(-1).float(), 0.0)
     # on a listed id the KD part is w T (q_k - p_k), not the off-list w T (1 - r) q_k
     on_y = (t.ids == y0.unsqueeze(-1)).float()
@@ -143,15 +141,14 @@ def chunk_terms(s, targets, y, keep, w_ce, temperature, how, out_dtype):
     if not torch.equal(keep, valid):
         return None
     t, w = targets[0] if targets else (None, 0.0)
-    if not w and not w_ce:
+    if (not w and not w_ce) or not (t is None or torch.is_tensor(t) or isinstance(t, TopK)):
         return None
-    f = lambda v: torch.tensor(float(v), dtype=torch.float32, device=s.device)  # noqa: E731
-    rest = (torch.where(valid, y, 0), valid, f(w), f(w_ce), f(1.0 / temperature), temperature == 1.0, out_dtype)
+    y0 = torch.where(valid, y, 0)
+    # tensors, not constants: a schedule changes them without a recompile
+    scalars = [torch.tensor(float(v), dtype=torch.float32, device=s.device) for v in (w, w_ce, 1.0 / temperature)]
     if isinstance(t, TopK):
-        return _topk_terms(s, t, y, valid, w, w_ce, temperature, out_dtype)
-    if not (t is None or torch.is_tensor(t)):
-        return None
-    out = _call("dense", s, t, *rest)
+        return _topk_terms(s, t, y0, valid, scalars, w, w_ce, temperature, out_dtype)
+    out = _call("dense", s, t, y0, valid, *scalars, temperature == 1.0, out_dtype)
     if out is None:
         return None
     kl, nll, grad = out
