@@ -377,10 +377,15 @@ def logits_width(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map the same strings to the same ids."""
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
 def check_vocab(teacher, t_tok, student, s_tok) -> tuple[int, str | None]:
     """Check tokenizers agree; return the shared logits width and a note if logits get sliced.
     `teacher` is a model or its logits width (a cached teacher)."""
-    if s_tok is not t_tok and s_tok.get_vocab() != t_tok.get_vocab():
+    if not same_tokenizer(s_tok, t_tok):
         raise UserError(
             f"teacher and student tokenizers differ (teacher vocab {len(t_tok)}, student vocab "
             f"{len(s_tok)}): pick a student that shares the teacher's tokenizer")

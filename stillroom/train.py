@@ -176,7 +176,7 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
     t_width = cache.index["vocab_size"] if cache else teacher.model
     if cross:
         vocab, note = None, None
-        if s_tok.get_vocab() == teacher.tokenizer.get_vocab():
+        if models.same_tokenizer(s_tok, teacher.tokenizer):
             log.warning("loss.cross_tokenizer=uld with a teacher of the student's own tokenizer: the usual "
                         "loss (cross_tokenizer=none) is exact where ULD is an approximation")
     else:
