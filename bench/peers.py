@@ -38,8 +38,9 @@ with stillroom at its defaults, same teacher dtype. stillroom's rows use its def
 training_step (its compute_loss and backward, under its precision), its clipping and optimizer step,
 set up by a one-step trainer.train() first. Every row runs in one process, set up as a stillroom run
 sets up its own (`tracking.keep_cpu_memory`: on a CPU, freed memory is kept for the next step);
-STILLROOM_KEEP_MEMORY=0 runs every row under glibc's defaults instead. Timings: the median of --rounds interleaved rounds after a
-warm-up round, every row in every round. The machine is noisy: compare the ratios, not the seconds.
+STILLROOM_KEEP_MEMORY=0 runs every row under glibc's defaults instead. Timings: the median of
+--rounds interleaved rounds after a warm-up round, every row in every round. The machine is noisy:
+compare the ratios, not the seconds.
 
 Memory column ("head+loss extra peak MB"): peak bytes of tensor storage created from the final
 hidden states on (fp32 models) -- both models' output heads, the loss, and the backward into the student's hidden

@@ -175,9 +175,11 @@ def dml_variants(spec: str, steps: int) -> dict:
     return out
 
 
-def run_dml_seed(args, work: Path, seed: int, cuts: dict, variants: dict, kd_shares: list, alone: dict, dml: dict):
+def run_dml_seed(args, work: Path, seed: int, cuts: dict, variants: dict, kd_shares: list, alone: dict,
+                 dml: dict) -> dict:
     """One seed of the DML comparison: both peers alone (CE, and KD at each teacher share a variant
-    uses), then each variant co-distilled; rows appended to alone / dml under their keys."""
+    uses), then each variant co-distilled; rows appended to alone / dml under their keys. -> the
+    teacher's numbers (from a run alone)."""
     from stillroom.codistill import codistill
     from stillroom.config import CodistillRunConfig, Config, load_config
     from stillroom.train import distill
@@ -193,7 +195,6 @@ def run_dml_seed(args, work: Path, seed: int, cuts: dict, variants: dict, kd_sha
             got = result(distill(cfg, overwrite=True, progress=False), time.perf_counter() - t0)
             r = got["row"]
             alone.setdefault(key, []).append(r)
-            alone.setdefault("_teacher", got["teacher"])
             print(f"  alone {key} seed {seed}: ppl {r['perplexity']:.2f}, train {r['train_s']:.0f} s", flush=True)
     for vname, cc in variants.items():
         cfg = CodistillRunConfig.model_validate({
@@ -221,6 +222,7 @@ def run_dml_seed(args, work: Path, seed: int, cuts: dict, variants: dict, kd_sha
             dml.setdefault(f"{vname} {name}", []).append(row)
         print(f"  dml {vname} {cc} seed {seed}: " + ", ".join(
             f"{n} ppl {dml[f'{vname} {n}'][-1]['perplexity']:.2f}" for n in cuts), flush=True)
+    return got["teacher"]
 
 
 def run_peers(args, work: Path, walls: dict, ensemble: bool = True) -> dict:
@@ -239,8 +241,7 @@ def run_peers(args, work: Path, walls: dict, ensemble: bool = True) -> dict:
     alone, dml = {}, {}   # {key: [row per seed]}
     kd_shares = sorted({v["teacher_weight"] for v in variants.values() if v.get("teacher_weight")})
     for seed in range(args.dml_seeds):
-        run_dml_seed(args, work, seed, cuts, variants, kd_shares, alone, dml)
-    teacher = alone.pop("_teacher")
+        teacher = run_dml_seed(args, work, seed, cuts, variants, kd_shares, alone, dml)
     if not ensemble:
         return {"alone": alone, "dml": dml, "ensemble": None, "cuts": cuts, "teacher": teacher}
     # the control: the two peers trained alone (seed 0), as an equal mixture teaching a fresh student
@@ -343,7 +344,8 @@ def main():
           if any(r.get(k) is not None for r in ce_rows)}
     ce_time = statistics.mean(r["train_s"] for r in ce_rows)
     if "ce" not in results:
-        print("(no ce arm: the time column is relative to peer a alone with CE, and the gap table uses it)")
+        print("(no ce arm: the time column is relative to peer a alone with CE; the gap table puts each peer "
+              "against itself alone with CE)")
     if teacher is None and peers:
         teacher = peers["teacher"]
     print(f"{'teacher':<20}" + "".join(f"{fmt([teacher[k]], pct):>26}" for k, _, pct in METRICS))

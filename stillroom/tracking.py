@@ -54,10 +54,10 @@ def keep_cpu_memory() -> str:
     the kernel on free (mmap/munmap) and trims the heap's top, so the next step faults every page
     in again, each zeroed by the kernel: on an AVX512-BF16 CPU with 2 cores that was over half of a
     student's CE step (bench/peers.py, student CE: 0.51 s per step under glibc's defaults, 0.24 s
-    with memory kept). What
-    PyTorch's caching allocator does on GPUs, and its CPU tuning guide gets from jemalloc or
-    tcmalloc, glibc does with two settings: no mmap below 2 GB, no trim below 2 GB free at the
-    heap's top. The cost: the process's resident memory stays near its peak between steps.
+    with memory kept). What PyTorch's caching allocator does on GPUs, and its CPU tuning guide gets
+    from jemalloc or tcmalloc, glibc does with two settings: no mmap below 2 GB, no trim below 2 GB
+    free at the heap's top. The cost: the process's resident memory stays near its peak between
+    steps.
 
     Left alone: on a GPU machine (an NVIDIA or AMD driver loaded: the host allocates little), off
     glibc, under an allocator the user preloaded (LD_PRELOAD), where the user set glibc's own

@@ -66,6 +66,24 @@ def save(model, tok, path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def ran(monkeypatch):
+    """The names of the compiled loss kernels called in a test (losses/fused.py), so a comparison of
+    compiled and eager cannot pass by running eager twice; a compile failure in the test does not
+    turn compiling off for the tests after it."""
+    from stillroom.losses import fused
+
+    calls, kernel_of = [], fused._kernel
+
+    def spy(name="dense"):
+        k = kernel_of(name)
+        return lambda *a, **kw: (calls.append(name), k(*a, **kw))[1]
+
+    monkeypatch.setattr(fused, "_kernel", spy)
+    monkeypatch.setattr(fused, "_broken", None)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def tok():
     return make_tokenizer()

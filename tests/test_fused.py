@@ -18,19 +18,6 @@ def _case(V=300, n=37, seed=0, dtype=torch.float32, masked=True):
     return s, t, y
 
 
-@pytest.fixture
-def ran(monkeypatch):
-    """The names of the compiled kernels called (so a comparison cannot pass by running eager twice)."""
-    calls, kernel_of = [], fused._kernel
-
-    def spy(name="dense"):
-        k = kernel_of(name)
-        return lambda *a, **kw: (calls.append(name), k(*a, **kw))[1]
-
-    monkeypatch.setattr(fused, "_kernel", spy)
-    return calls
-
-
 def _run(s, targets, y, w_ce, T, compiled, chunk=8, **kw):
     x = s.clone().requires_grad_()
     loss = kernel.mixed_loss(x, targets, y, w_ce, T, chunk=chunk, compiled=compiled, **kw)
