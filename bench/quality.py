@@ -294,10 +294,11 @@ def main():
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--dml-seeds", type=int, default=1, help="seeds of the DML comparison (peers alone and co-distilled)")
-    ap.add_argument("--dml", default="dml:",
+    ap.add_argument("--dml", default="recipe:teacher_weight=0.5,confidence=true",
                     help='DML variants, "name:key=value,...;name:..." of codistill settings (burn_in, ramp, '
                          'confidence, teacher_weight); S = --steps, e.g. "plain:;burn:burn_in=S/2;'
-                         'conf:confidence=true;teacher:teacher_weight=0.5"')
+                         'conf:confidence=true;teacher:teacher_weight=0.5"; the default is the codistill '
+                         'recipe\'s own setting, "plain:" is Zhang et al.\'s DML')
     args = ap.parse_args()
     if not ALPACA.is_file():
         raise SystemExit(f"bench data not found: {ALPACA} (the bench needs ../shared/data)")
