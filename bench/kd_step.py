@@ -93,6 +93,31 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+class AllocatorPeak:
+    """Peak bytes the CPU allocator holds for allocations made inside the block (beyond what
+    existed before it), from torch.profiler's memory timeline: every allocation counts, those of
+    a compiled (Inductor) kernel and an op's own temporaries included, which a dispatch mode
+    (`LiveBytes`) does not see. `_memory_profile` is a private API of torch.profiler (2.13)."""
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                            with_stack=True)
+        self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.prof.__exit__(*exc)
+        live, self.peak = 0, 0
+        for _, action, _, size in self.prof._memory_profile().timeline:
+            if action.name == "CREATE":
+                live += size
+            elif action.name == "DESTROY":
+                live -= size
+            self.peak = max(self.peak, live)
+        return False
+
+
 def loss_peak_bytes(fn, s_logits, t_logits, labels):
     """Peak extra bytes held while `fn` runs forward + backward on given logits. A gradient
     w.r.t. the logits in new memory counts; one written into the logits' storage does not."""

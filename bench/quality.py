@@ -196,6 +196,7 @@ def run_dml_seed(args, work: Path, seed: int, cuts: dict, variants: dict, kd_sha
             r = got["row"]
             alone.setdefault(key, []).append(r)
             print(f"  alone {key} seed {seed}: ppl {r['perplexity']:.2f}, train {r['train_s']:.0f} s", flush=True)
+    teacher = got["teacher"]
     for vname, cc in variants.items():
         cfg = CodistillRunConfig.model_validate({
             "teacher": {"model": "smollm2-135m"},
@@ -216,13 +217,13 @@ def run_dml_seed(args, work: Path, seed: int, cuts: dict, variants: dict, kd_sha
             continue
         wall = time.perf_counter() - t0
         for name in cuts:
-            got = m["eval"][f"{name} after"]
-            row = {k: got.get(k) for k in ("perplexity", "bits_per_byte", "agreement", "kl_per_token")}
+            ev = m["eval"][f"{name} after"]
+            row = {k: ev.get(k) for k in ("perplexity", "bits_per_byte", "agreement", "kl_per_token")}
             row.update(train_s=m["train"].get("elapsed_s"), wall_s=wall, settings=cc)
             dml.setdefault(f"{vname} {name}", []).append(row)
         print(f"  dml {vname} {cc} seed {seed}: " + ", ".join(
             f"{n} ppl {dml[f'{vname} {n}'][-1]['perplexity']:.2f}" for n in cuts), flush=True)
-    return got["teacher"]
+    return teacher
 
 
 def run_peers(args, work: Path, walls: dict, ensemble: bool = True) -> dict:
