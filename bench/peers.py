@@ -42,12 +42,14 @@ STILLROOM_KEEP_MEMORY=0 runs every row under glibc's defaults instead. Timings: 
 --rounds interleaved rounds after a warm-up round, every row in every round. The machine is noisy:
 compare the ratios, not the seconds.
 
-Memory column ("head+loss extra peak MB"): peak bytes of tensor storage created from the final
-hidden states on (fp32 models) -- both models' output heads, the loss, and the backward into the student's hidden
+Memory column ("head+loss extra peak MB"): peak bytes allocated from the final hidden states on
+(fp32 models) -- both models' output heads, the loss, and the backward into the student's hidden
 states and head weight (its gradient included) -- for the naive, plain and lean formulations, at 49k
-(SmolLM2) and at 262k vocab (Gemma 3 270M as the teacher, a student with its vocabulary). Counted on
-CPU by tracking every storage created (a TorchDispatchMode sampled after each op), on GPU with
-torch.cuda.max_memory_allocated.
+(SmolLM2) and at 262k vocab (Gemma 3 270M as the teacher, a student with its vocabulary); plain and
+lean run their loss kernel as training does here (loss.compile=auto: compiled on a CPU), and "lean
+eager" is the lean path with loss.compile=false. Counted on CPU from torch.profiler's memory
+timeline (every allocation, a compiled kernel's and an op's temporaries included: `AllocatorPeak`),
+on GPU with torch.cuda.max_memory_allocated.
 """
 from __future__ import annotations
 
@@ -64,11 +66,11 @@ from stillroom import models
 from stillroom.cache import TeacherCache, build
 from stillroom.config import Config, StudentConfig
 from stillroom.store import load_data
-from stillroom.losses import Head, distill_loss, linear_distill_loss
+from stillroom.losses import Head, fused, linear_mixed_loss, mixed_loss
 from stillroom.tracking import keep_cpu_memory, student_precision
 from stillroom.train import accumulate, to_batch
 
-from kd_step import LiveBytes, naive_kd
+from kd_step import AllocatorPeak, naive_kd
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_valid_head.txt"
 
@@ -92,21 +94,25 @@ def make_student(teacher_model, seed=0):
 
 def head_loss_peak(kind, hs, ws, ht, wt, labels):
     """Peak extra bytes from final hidden states to the gradients of the student's hidden states
-    and head weight, for one formulation of the same KD loss (alpha 0.9, T 1)."""
+    and head weight, for one formulation of the same KD loss (alpha 0.9, T 1); "lean eager": the
+    lean path without the compiled kernel."""
     hs = hs.detach().clone().requires_grad_(True)
     ws = ws.detach().clone().requires_grad_(True)
+    compiled = kind != "lean eager" and fused.wanted("auto", ws.shape[0], hs.device)
 
     def run():
-        if kind == "lean":
-            loss = linear_distill_loss(hs, ws, Head(ht, wt), labels, alpha=0.9)
+        if kind.startswith("lean"):
+            loss = linear_mixed_loss(hs, ws, [(Head(ht, wt), 0.9)], labels, 0.1, compiled=compiled)
         else:
             s = hs @ ws.T
             with torch.no_grad():
                 t = ht @ wt.T
             loss = (naive_kd(s, t, labels, 0.9, 1.0) if kind == "naive"
-                    else distill_loss(s, t, labels, alpha=0.9, inplace_grad=True))
+                    else mixed_loss(s, [(t, 0.9)], labels, 0.1, inplace_grad=True, compiled=compiled))
         loss.backward()
 
+    run()   # a compiled kernel compiles here, not in the count
+    hs.grad = ws.grad = None
     if hs.is_cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -114,20 +120,47 @@ def head_loss_peak(kind, hs, ws, ht, wt, labels):
         run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    with LiveBytes(hs, ws, ht, wt, labels) as mode:
+    with AllocatorPeak() as count:
         run()
-    return mode.peak
+    return count.peak
 
 
 def memory_rows(teacher_model, student, ids, labels):
-    """(naive, plain, lean) head+loss peaks for a teacher and a student sharing its vocabulary."""
+    """(naive, plain, lean, lean eager) head+loss peaks for a teacher and a student sharing its vocabulary."""
     with torch.inference_mode():
         ht = models.base_hidden(teacher_model, input_ids=ids)
         hs = models.base_hidden(student, input_ids=ids)
     ht, hs = ht.clone(), hs.clone()   # ordinary tensors (autograd may use them)
     wt = teacher_model.get_output_embeddings().weight.detach()
     ws = student.get_output_embeddings().weight.detach()
-    return {k: head_loss_peak(k, hs, ws, ht, wt, labels) for k in ("naive", "plain", "lean")}
+    return {k: head_loss_peak(k, hs, ws, ht, wt, labels) for k in ("naive", "plain", "lean", "lean eager")}
+
+
+def memory(args, tm32, student0, ids, labels, path, dev) -> dict:
+    """The memory table's rows: SmolLM2 (49k), and Gemma 3 270M (262k) unless --skip-gemma."""
+    mem = {"smollm2 (49k)": memory_rows(tm32, student0, ids, labels)}
+    if not args.skip_gemma:
+        g = models.load("gemma3-270m")
+        gm = g.model.to(dev).eval()
+        gs = make_student(gm).to(dev)
+        g_ids = g.tokenizer(path.read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        g_ids = g_ids[0, : args.batch * args.seq].view(args.batch, args.seq).to(dev)
+        from stillroom.losses import shift_labels
+        mem[f"gemma3-270m ({gm.config.vocab_size // 1000}k)"] = memory_rows(gm, gs, g_ids, shift_labels(g_ids))
+    return mem
+
+
+def print_memory(mem, tm, dev):
+    """The memory table, with issue 16's targets."""
+    kernel = "compiled" if fused.wanted("auto", tm.config.vocab_size, dev) else "eager"
+    print(f"\n(memory: every allocation; plain and lean with the {kernel} loss kernel, as training runs here)")
+    print(f"{'head+loss extra peak MB':<26}{'naive':>9}{'plain':>9}{'lean':>9}{'lean eager':>11}{'lean/naive':>12}"
+          f"{'eager/naive':>13}{'plain/naive':>13}")
+    for k, m in mem.items():
+        target = "<= 0.15" if "49k" in k else "<= 0.07"
+        print(f"{k:<26}{m['naive'] / 2**20:>9.0f}{m['plain'] / 2**20:>9.0f}{m['lean'] / 2**20:>9.0f}"
+              f"{m['lean eager'] / 2**20:>11.0f}{m['lean'] / m['naive']:>12.3f}{m['lean eager'] / m['naive']:>13.3f}"
+              f"{m['plain'] / m['naive']:>13.3f}   [lean/naive {target}]")
 
 
 def trl_stepper(teacher_model, student, tok, ids, tuned, out):
@@ -170,6 +203,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--skip-gemma", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory table (no timed rounds)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     # As a stillroom run sets up its process; every row below shares it (STILLROOM_KEEP_MEMORY=0 to compare).
@@ -196,6 +230,8 @@ def main():
     assert len(examples) == args.batch and all(len(e.input_ids) == args.seq for e in examples)
     batch = to_batch(examples, tok.pad_token_id, dev)
     ids, labels = batch.input_ids, batch.targets
+    if args.memory_only:
+        return print_memory(memory(args, tm32, student0, ids, labels, path, dev), tm, dev)
     build(cfg, examples, tm, tok, progress=False)
     cache = TeacherCache(cfg.cache.path)
 
@@ -283,15 +319,7 @@ def main():
     med = {k: statistics.median(v) for k, v in times.items()}
     del state
 
-    mem = {"smollm2 (49k)": memory_rows(tm32, student0, ids, labels)}
-    if not args.skip_gemma:
-        g = models.load("gemma3-270m")
-        gm = g.model.to(dev).eval()
-        gs = make_student(gm).to(dev)
-        g_ids = g.tokenizer(path.read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"]
-        g_ids = g_ids[0, : args.batch * args.seq].view(args.batch, args.seq).to(dev)
-        from stillroom.losses import shift_labels
-        mem[f"gemma3-270m ({gm.config.vocab_size // 1000}k)"] = memory_rows(gm, gs, g_ids, shift_labels(g_ids))
+    mem = memory(args, tm32, student0, ids, labels, path, dev)
 
     # What the cheaper teacher dtype costs in fidelity, on this batch (0 when it is fp32 anyway).
     with torch.inference_mode():
@@ -337,13 +365,7 @@ def main():
               f"same teacher dtype]")
         for k in trl:
             print(f"    {k} / stillroom lean/live = {med[k] / lean:.3f}")
-    print("\n(memory: the eager kernel's; a compiled kernel's buffers are not seen by the storage count)")
-    print(f"{'head+loss extra peak MB':<26}{'naive':>9}{'plain':>9}{'lean':>9}{'lean/naive':>12}{'plain/naive':>13}")
-    for k, m in mem.items():
-        target = "<= 0.15" if "49k" in k else "<= 0.07"
-        print(f"{k:<26}{m['naive'] / 2**20:>9.0f}{m['plain'] / 2**20:>9.0f}{m['lean'] / 2**20:>9.0f}"
-              f"{m['lean'] / m['naive']:>12.3f}{m['plain'] / m['naive']:>13.3f}   [lean/naive {target}]")
-
+    print_memory(mem, tm, dev)
 
 if __name__ == "__main__":
     main()
