@@ -103,6 +103,48 @@ def test_cases_it_does_not_cover_run_the_eager_kernel_exactly(ran):
         assert torch.equal(lc, le) and torch.equal(gc, ge), kw
     assert ran == ["dense"] * 5   # the masked teacher: compiled, found non-finite, then eager
 
+def test_compiled_chunks_in_bf16_are_twice_as_thick_and_what_they_give_way_on_runs_eager_at_its_size(
+        monkeypatch, ran):
+    """Automatic chunks: twice the rows where the compiled kernel runs on bf16 logits, the same in
+    fp32; a chunk the kernel gives way on (a masked teacher) runs the eager kernel at the eager
+    size, with its values; a chunk the caller gives is kept; the lean path does the same."""
+    monkeypatch.setattr(kernel, "auto_chunk_rows", lambda V: 8)
+    seen, chunk_terms = [], fused.chunk_terms
+    monkeypatch.setattr(fused, "chunk_terms", lambda s, *a: (seen.append(s.shape[0]), chunk_terms(s, *a))[1])
+    eager, dense_kl = [], kernel._dense_kl
+    monkeypatch.setattr(kernel, "_dense_kl", lambda log_q, *a: (eager.append(log_q.shape[0]), dense_kl(log_q, *a))[1])
+    s, t, y = _case(n=37, dtype=torch.bfloat16)
+    t_masked = t.clone()
+    t_masked[:, :40] = float("-inf")
+    for target in (t, t_masked):
+        le, ge = _run(s, [(target, 0.9)], y, 0.1, 1.0, compiled=False, chunk=None)
+        lc, gc = _run(s, [(target, 0.9)], y, 0.1, 1.0, compiled=True, chunk=None)
+        torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(gc.float(), ge.float(), rtol=1e-2, atol=1e-5)   # within a bf16 rounding
+    assert seen == [16, 16, 5] * 2 and ran == ["dense"] * 6
+    assert eager == [8, 8, 8, 8, 5] * 3   # eager alone, then the masked teacher eager and compiled
+    seen.clear()
+    _run(s.float(), [(t.float(), 0.9)], y, 0.1, 1.0, compiled=True, chunk=None)   # fp32: the eager size
+    _run(s, [(t, 0.9)], y, 0.1, 1.0, compiled=True, chunk=5)                     # given: kept
+    assert seen == [8, 8, 8, 8, 5] + [5] * 7 + [2]
+    seen.clear()
+    g = torch.Generator().manual_seed(1)
+    h, w_s, ht, w_t = (torch.randn(37, 16, generator=g), torch.randn(300, 16, generator=g),
+                       torch.randn(37, 16, generator=g), torch.randn(300, 16, generator=g))
+    out = {}
+    for c in (False, True):
+        hh, ww = h.clone().requires_grad_(), w_s.clone().requires_grad_()
+        loss = kernel.linear_mixed_loss(hh, ww, [(Head(ht, w_t), 0.8)], y, 0.2, 1.0, dtype=torch.bfloat16, compiled=c)
+        loss.backward()
+        out[c] = loss.detach(), hh.grad, ww.grad
+    for a, b in zip(out[True][:2], out[False][:2]):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+    # the weight gradient's bf16 products are summed over other row groups (16 vs 8): a bf16 rounding
+    torch.testing.assert_close(out[True][2], out[False][2], rtol=2e-2, atol=2e-3)
+    labelled = int((y != IGNORE_INDEX).sum())
+    assert seen == [16] * (labelled // 16) + [labelled % 16]
+
+
 def test_a_schedule_does_not_recompile():
     """alpha and T that move every step are tensors to the compiled kernel, not constants."""
     from torch._dynamo.utils import counters

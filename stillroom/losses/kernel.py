@@ -71,10 +71,11 @@ def _sparse_grad_(q, t: TopK, stats, scale):
     return q.scatter_(-1, t.ids, torch.where(valid, (q_k - p_k) * scale, q.gather(-1, t.ids)))
 
 
-def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_dtype=None):
+def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_dtype=None, eager_rows=None):
     """Loss sum and d loss / d s for one chunk of rows, with as few full passes as we can.
 
-    fused_dtype: try the compiled kernel (`fused.py`) first, its gradient in that dtype.
+    fused_dtype: try the compiled kernel (`fused.py`) first, its gradient in that dtype; a chunk
+    it does not take runs eager, at most eager_rows rows at a time (see `_rows_for`).
 
     s: (n, V) student logits; targets: [(dense (n, V) logits or TopK rows, weight)];
     y: (n,) labels or None; keep: (n,) bool rows that count for the KD terms (CE rows are
@@ -82,10 +83,12 @@ def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_d
     with q = softmax(s/T), so for a weighted sum of targets it is T (sum_j w_j q - sum_j w_j p_j);
     d/ds CE(y) = softmax(s) - onehot(y). Returns (loss, grad (n, V) fp32 or None).
     """
-    if fused_dtype is not None and want_grad:
-        done = fused.chunk_terms(s, targets, y, keep, w_ce, temperature, how, fused_dtype)
+    if fused_dtype is not None:
+        done = fused.chunk_terms(s, targets, y, keep, w_ce, temperature, how, fused_dtype) if want_grad else None
         if done is not None:
             return done
+        if eager_rows and s.shape[0] > eager_rows:   # a compiled-size chunk the kernel did not take
+            return _eager_split(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_dtype, eager_rows)
     s = s.float()
     loss = s.new_zeros(())
     targets = [(t, w) for t, w in targets if w]
@@ -154,6 +157,35 @@ def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_d
     return loss, grad
 
 
+def _eager_split(s, targets, y, keep, w_ce, temperature, how, want_grad, dtype, rows):
+    """_chunk_terms in the eager kernel, `rows` rows at a time, for a chunk sized for the compiled
+    one: the eager kernel's fp32 passes stay at their own size; the gradient is gathered in `dtype`."""
+    loss = s.new_zeros((), dtype=torch.float32)
+    grad = torch.empty(s.shape, dtype=dtype, device=s.device) if want_grad else None
+    for a in range(0, s.shape[0], rows):
+        b = a + rows
+        part, g = _chunk_terms(s[a:b], [(_target_chunk(t, a, b), w) for t, w in targets],
+                               None if y is None else y[a:b], keep[a:b], w_ce, temperature, how, want_grad)
+        loss += part
+        if want_grad:
+            grad[a:b] = g
+    return loss, grad
+
+
+def _rows_for(chunk, vocab, compiled, dtype):
+    """(rows per chunk, most rows per eager chunk). A chunk the caller gives is kept. The automatic
+    one (`auto_chunk_rows`) is twice as many rows where the compiled kernel runs on 2-byte logits
+    (bf16/fp16, mixed precision): its buffers per row are then at most half the eager kernel's fp32
+    ones, so twice the rows hold no more memory than the eager chunk (measured: 0.96x at 49k), and
+    the head's matmuls and the kernel run faster on the thicker chunks (a KD step 0.93x from a
+    cache, 0.96x live; `bench/peers.py`). A chunk the compiled kernel gives way on runs eager at
+    the automatic size."""
+    if chunk:
+        return chunk, chunk
+    base = auto_chunk_rows(vocab)
+    return (2 * base, base) if compiled and dtype.itemsize == 2 else (base, base)
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """sum_j w_j KD(student, target_j) + w_ce * CE(student, labels), summed, chunked over rows.
 
@@ -168,7 +200,7 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, student, targets, labels, keep, w_ce, temperature, how, chunk, inplace, compiled=False):
         want_grad = ctx.needs_input_grad[0]
         s2 = _rows(student)
-        chunk = chunk or auto_chunk_rows(s2.shape[1])
+        chunk, eager_rows = _rows_for(chunk, s2.shape[1], compiled, student.dtype)
         t2 = [(_target_rows(t), w) for t, w in targets]
         y = labels.reshape(-1) if labels is not None else None
         k = keep.reshape(-1)
@@ -180,7 +212,8 @@ class _ChunkedLoss(torch.autograd.Function):
             b = a + chunk
             part, g = _chunk_terms(s2[a:b], [(_target_chunk(t, a, b), w) for t, w in t2],
                                    None if y is None else y[a:b], k[a:b],
-                                   w_ce, temperature, how, want_grad, student.dtype if compiled else None)
+                                   w_ce, temperature, how, want_grad, student.dtype if compiled else None,
+                                   eager_rows)
             total += part
             if want_grad:
                 grad[a:b] = g  # rows a:b of the logits are not read again
@@ -214,8 +247,8 @@ class _LinearChunkedLoss(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         want_grad = need_h or need_w or need_b
-        chunk = chunk or auto_chunk_rows(weight.shape[0])
         dtype = dtype or hidden.dtype
+        chunk, eager_rows = _rows_for(chunk, weight.shape[0], compiled, dtype)
         hc, wc = hidden.to(dtype), weight.to(dtype)          # no copy when they already are
         bc = None if bias is None else bias.to(dtype)
         g_h = torch.empty_like(hidden) if need_h else None    # every row is written by its chunk
@@ -228,7 +261,7 @@ class _LinearChunkedLoss(torch.autograd.Function):
             h = hc[a:b]
             part, g = _chunk_terms(_linear(h, wc, bc), [(_target_chunk(t, a, b), w) for t, w in targets],
                                    None if labels is None else labels[a:b], keep[a:b],
-                                   w_ce, temperature, how, want_grad, dtype if compiled else None)
+                                   w_ce, temperature, how, want_grad, dtype if compiled else None, eager_rows)
             total += part
             if want_grad:
                 g = g.to(dtype)
