@@ -47,7 +47,8 @@ Memory column ("head+loss extra peak MB"): peak bytes allocated from the final h
 states and head weight (its gradient included) -- for the naive, plain and lean formulations, at 49k
 (SmolLM2) and at 262k vocab (Gemma 3 270M as the teacher, a student with its vocabulary); plain and
 lean run their loss kernel as training does here (loss.compile=auto: compiled on a CPU), and "lean
-eager" is the lean path with loss.compile=false. Counted on CPU from torch.profiler's memory
+eager" is the lean path with loss.compile=false; a second table gives the lean path with its head
+in bf16 (as mixed precision runs it), compiled vs eager. Counted on CPU from torch.profiler's memory
 timeline (every allocation, a compiled kernel's and an op's temporaries included: `AllocatorPeak`),
 on GPU with torch.cuda.max_memory_allocated.
 """
@@ -55,7 +56,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,14 +99,16 @@ def make_student(teacher_model, seed=0):
 def head_loss_peak(kind, hs, ws, ht, wt, labels):
     """Peak extra bytes from final hidden states to the gradients of the student's hidden states
     and head weight, for one formulation of the same KD loss (alpha 0.9, T 1); "lean eager": the
-    lean path without the compiled kernel."""
+    lean path without the compiled kernel; "... bf16": the lean path as mixed precision runs it
+    (the head's matmuls in bf16, a bf16 teacher: ht / wt given in bf16)."""
     hs = hs.detach().clone().requires_grad_(True)
     ws = ws.detach().clone().requires_grad_(True)
-    compiled = kind != "lean eager" and fused.wanted("auto", ws.shape[0], hs.device)
+    compiled = "eager" not in kind and fused.wanted("auto", ws.shape[0], hs.device)
+    dtype = torch.bfloat16 if kind.endswith("bf16") else None
 
     def run():
         if kind.startswith("lean"):
-            loss = linear_mixed_loss(hs, ws, [(Head(ht, wt), 0.9)], labels, 0.1, compiled=compiled)
+            loss = linear_mixed_loss(hs, ws, [(Head(ht, wt), 0.9)], labels, 0.1, compiled=compiled, dtype=dtype)
         else:
             s = hs @ ws.T
             with torch.no_grad():
@@ -133,7 +139,10 @@ def memory_rows(teacher_model, student, ids, labels):
     ht, hs = ht.clone(), hs.clone()   # ordinary tensors (autograd may use them)
     wt = teacher_model.get_output_embeddings().weight.detach()
     ws = student.get_output_embeddings().weight.detach()
-    return {k: head_loss_peak(k, hs, ws, ht, wt, labels) for k in ("naive", "plain", "lean", "lean eager")}
+    out = {k: head_loss_peak(k, hs, ws, ht, wt, labels) for k in ("naive", "plain", "lean", "lean eager")}
+    ht16, wt16 = ht.bfloat16(), wt.bfloat16()
+    out.update({k: head_loss_peak(k, hs, ws, ht16, wt16, labels) for k in ("lean bf16", "lean eager bf16")})
+    return out
 
 
 def memory(args, tm32, student0, ids, labels, path, dev) -> dict:
@@ -161,6 +170,11 @@ def print_memory(mem, tm, dev):
         print(f"{k:<26}{m['naive'] / 2**20:>9.0f}{m['plain'] / 2**20:>9.0f}{m['lean'] / 2**20:>9.0f}"
               f"{m['lean eager'] / 2**20:>11.0f}{m['lean'] / m['naive']:>12.3f}{m['lean eager'] / m['naive']:>13.3f}"
               f"{m['plain'] / m['naive']:>13.3f}   [lean/naive {target}]")
+    print("the lean path with its head in bf16 (mixed precision; a bf16 teacher; the compiled kernel's chunks "
+          "twice as thick):")
+    for k, m in mem.items():
+        print(f"  {k:<24} lean {m['lean bf16'] / 2**20:.0f} MB, eager {m['lean eager bf16'] / 2**20:.0f} MB: "
+              f"{m['lean bf16'] / m['lean eager bf16']:.3f}x")
 
 
 def trl_stepper(teacher_model, student, tok, ids, tuned, out):
@@ -319,7 +333,6 @@ def main():
     med = {k: statistics.median(v) for k, v in times.items()}
     del state
 
-    mem = memory(args, tm32, student0, ids, labels, path, dev)
 
     # What the cheaper teacher dtype costs in fidelity, on this batch (0 when it is fp32 anyway).
     with torch.inference_mode():
@@ -365,7 +378,12 @@ def main():
               f"same teacher dtype]")
         for k in trl:
             print(f"    {k} / stillroom lean/live = {med[k] / lean:.3f}")
-    print_memory(mem, tm, dev)
+    # The memory table in a process of its own: the naive loss at 262k takes ~7 GB, on top of what
+    # the timed rows (four TRL trainers with their teachers) hold here.
+    sys.stdout.flush()
+    env = {**os.environ, "STILLROOM_KEEP_MEMORY": "0"}   # the counts are the allocator's either way
+    subprocess.run([sys.executable, __file__, "--memory-only", "--batch", str(args.batch), "--seq", str(args.seq)]
+                   + (["--skip-gemma"] if args.skip_gemma else []), env=env, check=True)
 
 if __name__ == "__main__":
     main()

@@ -176,10 +176,10 @@ def _rows_for(chunk, vocab, compiled, dtype):
     """(rows per chunk, most rows per eager chunk). A chunk the caller gives is kept. The automatic
     one (`auto_chunk_rows`) is twice as many rows where the compiled kernel runs on 2-byte logits
     (bf16/fp16, mixed precision): its buffers per row are then at most half the eager kernel's fp32
-    ones, so twice the rows hold no more memory than the eager chunk (measured: 0.96x at 49k), and
-    the head's matmuls and the kernel run faster on the thicker chunks (a KD step 0.93x from a
-    cache, 0.96x live; `bench/peers.py`). A chunk the compiled kernel gives way on runs eager at
-    the automatic size."""
+    ones, so twice the rows hold no more memory than the eager chunk (0.95x at 49k: `bench/peers.py
+    --memory-only`), and the head's matmuls and the kernel run faster on the thicker chunks (a KD
+    step in 0.93-0.98x the time, from a cache and live, in A/B runs on an AVX512-BF16 CPU). A chunk
+    the compiled kernel gives way on runs eager at the automatic size."""
     if chunk:
         return chunk, chunk
     base = auto_chunk_rows(vocab)
