@@ -333,7 +333,6 @@ def main():
     med = {k: statistics.median(v) for k, v in times.items()}
     del state
 
-
     # What the cheaper teacher dtype costs in fidelity, on this batch (0 when it is fp32 anyway).
     with torch.inference_mode():
         lp32 = torch.log_softmax(tm32(input_ids=ids).logits.float(), -1)
@@ -384,6 +383,7 @@ def main():
     env = {**os.environ, "STILLROOM_KEEP_MEMORY": "0"}   # the counts are the allocator's either way
     subprocess.run([sys.executable, __file__, "--memory-only", "--batch", str(args.batch), "--seq", str(args.seq)]
                    + (["--skip-gemma"] if args.skip_gemma else []), env=env, check=True)
+
 
 if __name__ == "__main__":
     main()

@@ -103,6 +103,7 @@ def test_cases_it_does_not_cover_run_the_eager_kernel_exactly(ran):
         assert torch.equal(lc, le) and torch.equal(gc, ge), kw
     assert ran == ["dense"] * 5   # the masked teacher: compiled, found non-finite, then eager
 
+
 def test_compiled_chunks_in_bf16_are_twice_as_thick_and_what_they_give_way_on_runs_eager_at_its_size(
         monkeypatch, ran):
     """Automatic chunks: twice the rows where the compiled kernel runs on bf16 logits, the same in
