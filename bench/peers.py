@@ -1,7 +1,7 @@
 """stillroom's distillation step against the naive one and TRL's GKDTrainer, side by side, in one run.
 
     pip install -e '.[bench]'          # trl (GKDTrainer) and the Gemma 3 270M GGUF, bench-only
-    python bench/peers.py [--batch 4] [--seq 256] [--rounds 3] [--skip-trl] [--skip-gemma]
+    python bench/peers.py [--batch 4] [--seq 256] [--rounds 5] [--skip-trl] [--skip-gemma]
 
 Same models, same batch, same real text for every row. Teacher: the bundled SmolLM2-135M-Instruct
 (vocab 49152). Student: 4 layers, hidden 256, the teacher's vocabulary, random init (15.7M params);
@@ -171,7 +171,7 @@ def print_memory(mem, tm, dev):
               f"{m['lean eager'] / 2**20:>11.0f}{m['lean'] / m['naive']:>12.3f}{m['lean eager'] / m['naive']:>13.3f}"
               f"{m['plain'] / m['naive']:>13.3f}   [lean/naive {target}]")
     print("the lean path with its head in bf16 (mixed precision; a bf16 teacher; the compiled kernel's chunks "
-          "twice as thick):")
+          "four times as thick):")
     for k, m in mem.items():
         print(f"  {k:<24} lean {m['lean bf16'] / 2**20:.0f} MB, eager {m['lean eager bf16'] / 2**20:.0f} MB: "
               f"{m['lean bf16'] / m['lean eager bf16']:.3f}x")
@@ -214,7 +214,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--skip-gemma", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help="only the memory table (no timed rounds)")

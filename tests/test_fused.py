@@ -68,7 +68,8 @@ def test_compiled_equals_eager_in_bf16_and_on_the_lean_path(ran):
         out[c] = loss.detach(), hh.grad, ww.grad
     for a, b in zip(out[True], out[False]):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
-    assert ran == ["dense"] * (5 + 4) + ["topk"] * 4
+    # the lean path's kernels write the gradient over the chunk's logits (made for the call)
+    assert ran == ["dense"] * 5 + ["dense_into"] * 4 + ["topk_into"] * 4
 
 
 @pytest.mark.parametrize("T", [1.0, 2.0])
@@ -89,6 +90,31 @@ def test_compiled_equals_eager_on_a_top_k_target(T, k, ran):
     assert ran == ["topk"] * 20
 
 
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("k", [8, 299, 300])
+def test_compiled_equals_eager_on_a_top_k_target_on_the_lean_path(T, k, ran):
+    """The same rows on the lean path, whose kernel takes the listed ids out of the chunk's logits
+    (-inf) and sums the tail from what is left, writing the gradient over them: the eager values."""
+    g = torch.Generator().manual_seed(2)
+    n, H, V = 37, 16, 300
+    h, w_s = torch.randn(n, H, generator=g), torch.randn(V, H, generator=g)
+    _, t, y = _case(n=n)
+    top = topk_targets(t, k, T)
+    logp = top.logp.clone()
+    logp[::3, k // 2:] = float("-inf")   # "no entry" (an API's shorter list)
+    for target in (top, TopK(top.ids, logp, top.log_tail)):
+        for w, w_ce in [(0.9, 0.1), (1.0, 0.0)]:
+            out = {}
+            for c in (False, True):
+                hh, ww = h.clone().requires_grad_(), w_s.clone().requires_grad_()
+                loss = kernel.linear_mixed_loss(hh, ww, [(target, w)], y, w_ce, T, chunk=8, compiled=c)
+                loss.backward()
+                out[c] = loss.detach(), hh.grad, ww.grad
+            for a, b in zip(out[True], out[False]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert ran == ["topk_into"] * 4 * 4   # 29 labelled rows in chunks of 8
+
+
 def test_cases_it_does_not_cover_run_the_eager_kernel_exactly(ran):
     """A teacher that masks tokens (-inf), two targets, another divergence, hard labels: the
     compiled call gives way, and the result is the eager kernel's, bit for bit."""
@@ -104,12 +130,13 @@ def test_cases_it_does_not_cover_run_the_eager_kernel_exactly(ran):
     assert ran == ["dense"] * 5   # the masked teacher: compiled, found non-finite, then eager
 
 
-def test_compiled_chunks_in_bf16_are_twice_as_thick_and_what_they_give_way_on_runs_eager_at_its_size(
+def test_compiled_chunks_in_bf16_are_four_times_as_thick_and_what_they_give_way_on_runs_eager_at_its_size(
         monkeypatch, ran):
-    """Automatic chunks: twice the rows where the compiled kernel runs on bf16 logits, the same in
-    fp32; a chunk the kernel gives way on (a masked teacher) runs the eager kernel at the eager
-    size, with its values; a chunk the caller gives is kept; the lean path does the same."""
-    monkeypatch.setattr(kernel, "auto_chunk_rows", lambda V: 8)
+    """Automatic chunks: four times the rows where the compiled kernel runs on bf16 logits, the
+    same in fp32; a chunk the kernel gives way on (a masked teacher) runs the eager kernel at the
+    eager size, with its values; a chunk the caller gives is kept; the lean path does the same,
+    and a chunk its kernel gave back after writing over the logits is made again for the eager one."""
+    monkeypatch.setattr(kernel, "auto_chunk_rows", lambda V: 4)
     seen, chunk_terms = [], fused.chunk_terms
     monkeypatch.setattr(fused, "chunk_terms", lambda s, *a: (seen.append(s.shape[0]), chunk_terms(s, *a))[1])
     eager, dense_kl = [], kernel._dense_kl
@@ -123,27 +150,41 @@ def test_compiled_chunks_in_bf16_are_twice_as_thick_and_what_they_give_way_on_ru
         torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(gc.float(), ge.float(), rtol=1e-2, atol=1e-5)   # within a bf16 rounding
     assert seen == [16, 16, 5] * 2 and ran == ["dense"] * 6
-    assert eager == [8, 8, 8, 8, 5] * 3   # eager alone, then the masked teacher eager and compiled
+    assert eager == ([4] * 9 + [1]) * 3   # eager alone, then the masked teacher eager and compiled
     seen.clear()
     _run(s.float(), [(t.float(), 0.9)], y, 0.1, 1.0, compiled=True, chunk=None)   # fp32: the eager size
     _run(s, [(t, 0.9)], y, 0.1, 1.0, compiled=True, chunk=5)                     # given: kept
-    assert seen == [8, 8, 8, 8, 5] + [5] * 7 + [2]
+    assert seen == [4] * 9 + [1] + [5] * 7 + [2]
     seen.clear()
     g = torch.Generator().manual_seed(1)
     h, w_s, ht, w_t = (torch.randn(37, 16, generator=g), torch.randn(300, 16, generator=g),
                        torch.randn(37, 16, generator=g), torch.randn(300, 16, generator=g))
-    out = {}
-    for c in (False, True):
-        hh, ww = h.clone().requires_grad_(), w_s.clone().requires_grad_()
-        loss = kernel.linear_mixed_loss(hh, ww, [(Head(ht, w_t), 0.8)], y, 0.2, 1.0, dtype=torch.bfloat16, compiled=c)
-        loss.backward()
-        out[c] = loss.detach(), hh.grad, ww.grad
-    for a, b in zip(out[True][:2], out[False][:2]):
-        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
-    # the weight gradient's bf16 products are summed over other row groups (16 vs 8): a bf16 rounding
-    torch.testing.assert_close(out[True][2], out[False][2], rtol=2e-2, atol=2e-3)
     labelled = int((y != IGNORE_INDEX).sum())
-    assert seen == [16] * (labelled // 16) + [labelled % 16]
+    t_logits = (ht @ w_t.T)[y != IGNORE_INDEX]
+    t_logits_masked = t_logits.clone()
+    t_logits_masked[:, :40] = float("-inf")
+    for target in (Head(ht, w_t), t_logits_masked):
+        seen.clear(), eager.clear(), ran.clear()
+        out = {}
+        for c in (False, True):
+            hh, ww = h.clone().requires_grad_(), w_s.clone().requires_grad_()
+            if not torch.is_tensor(target):
+                loss = kernel.linear_mixed_loss(hh, ww, [(target, 0.8)], y, 0.2, 1.0, dtype=torch.bfloat16, compiled=c)
+            else:   # logits for the labelled rows only: positions given as one flat row each
+                keep = y != IGNORE_INDEX
+                loss = kernel.linear_mixed_loss(hh[keep], ww, [(target, 0.8)], y[keep], 0.2, 1.0,
+                                                dtype=torch.bfloat16, compiled=c)
+            loss.backward()
+            out[c] = loss.detach(), hh.grad, ww.grad
+        for a, b in zip(out[True][:2], out[False][:2]):
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+        # the weight gradient's bf16 products are summed over other row groups (16 vs 4): a bf16 rounding
+        torch.testing.assert_close(out[True][2], out[False][2], rtol=2e-2, atol=2e-3)
+        assert seen == [16] * (labelled // 16) + [labelled % 16]
+        assert ran == ["dense_into"] * len(seen)
+    # the masked teacher, eager alone, then compiled: each chunk written over by the compiled
+    # kernel, made again, and run eager at the eager size
+    assert eager == ([4] * (labelled // 4) + [labelled % 4] * bool(labelled % 4)) * 2
 
 
 def test_a_schedule_does_not_recompile():

@@ -71,11 +71,15 @@ def _sparse_grad_(q, t: TopK, stats, scale):
     return q.scatter_(-1, t.ids, torch.where(valid, (q_k - p_k) * scale, q.gather(-1, t.ids)))
 
 
-def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_dtype=None, eager_rows=None):
+def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_dtype=None, eager_rows=None,
+                 remake=None):
     """Loss sum and d loss / d s for one chunk of rows, with as few full passes as we can.
 
     fused_dtype: try the compiled kernel (`fused.py`) first, its gradient in that dtype; a chunk
-    it does not take runs eager, at most eager_rows rows at a time (see `_rows_for`).
+    it does not take runs eager, at most eager_rows rows at a time (see `_rows_for`). remake: s is
+    a fresh chunk of logits this function may spend, and remake() makes it again: the compiled
+    kernel then writes the gradient over s (one (rows, V) buffer fewer), and a chunk it gives
+    back after it ran is made again for the eager kernel.
 
     s: (n, V) student logits; targets: [(dense (n, V) logits or TopK rows, weight)];
     y: (n,) labels or None; keep: (n,) bool rows that count for the KD terms (CE rows are
@@ -84,8 +88,11 @@ def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_d
     d/ds CE(y) = softmax(s) - onehot(y). Returns (loss, grad (n, V) fp32 or None).
     """
     if fused_dtype is not None:
-        done = fused.chunk_terms(s, targets, y, keep, w_ce, temperature, how, fused_dtype) if want_grad else None
-        if done is not None:
+        into = remake is not None and s.dtype == fused_dtype and s.is_contiguous()
+        done = fused.chunk_terms(s, targets, y, keep, w_ce, temperature, how, fused_dtype, into) if want_grad else None
+        if done is fused.REDO:
+            s = remake()
+        elif done is not None:
             return done
         if eager_rows and s.shape[0] > eager_rows:   # a compiled-size chunk the kernel did not take
             return _eager_split(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_dtype, eager_rows)
@@ -174,16 +181,19 @@ def _eager_split(s, targets, y, keep, w_ce, temperature, how, want_grad, dtype, 
 
 def _rows_for(chunk, vocab, compiled, dtype):
     """(rows per chunk, most rows per eager chunk). A chunk the caller gives is kept. The automatic
-    one (`auto_chunk_rows`) is twice as many rows where the compiled kernel runs on 2-byte logits
-    (bf16/fp16, mixed precision): its buffers per row are then at most half the eager kernel's fp32
-    ones, so twice the rows hold no more memory than the eager chunk (0.95x at 49k: `bench/peers.py
-    --memory-only`), and the head's matmuls and the kernel run faster on the thicker chunks (a KD
-    step in 0.93-0.98x the time, from a cache and live, in A/B runs on an AVX512-BF16 CPU). A chunk
-    the compiled kernel gives way on runs eager at the automatic size."""
+    one (`auto_chunk_rows`) is four times as many rows where the compiled kernel runs on 2-byte
+    logits (bf16/fp16, mixed precision): per row it holds the logits (the gradient written over
+    them on the lean path) and a teacher's, in that dtype, where the eager kernel holds several
+    fp32 rows, so four times the rows still take less memory than the eager chunk (0.80x on the
+    lean path at 49k: `bench/peers.py --memory-only`), and the head's matmuls run faster on thick
+    chunks (the weight gradient's products most of all): a KD step in 0.95-0.98x the time of
+    twice the rows, live and from a cache, in A/B runs on an AVX512-BF16 CPU. In fp32 the compiled
+    kernel keeps the eager size (twice the rows measured no faster). A chunk the compiled kernel
+    gives way on runs eager at the automatic size."""
     if chunk:
         return chunk, chunk
     base = auto_chunk_rows(vocab)
-    return (2 * base, base) if compiled and dtype.itemsize == 2 else (base, base)
+    return (4 * base, base) if compiled and dtype.itemsize == 2 else (base, base)
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -252,7 +262,7 @@ class _LinearChunkedLoss(torch.autograd.Function):
         hc, wc = hidden.to(dtype), weight.to(dtype)          # no copy when they already are
         bc = None if bias is None else bias.to(dtype)
         g_h = torch.empty_like(hidden) if need_h else None    # every row is written by its chunk
-        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        g_w = None   # the fp32 weight gradient: the first product (or group) starts it, no zero-filled sum
         g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         g_w16, pending = None, 0
@@ -261,7 +271,8 @@ class _LinearChunkedLoss(torch.autograd.Function):
             h = hc[a:b]
             part, g = _chunk_terms(_linear(h, wc, bc), [(_target_chunk(t, a, b), w) for t, w in targets],
                                    None if labels is None else labels[a:b], keep[a:b],
-                                   w_ce, temperature, how, want_grad, dtype if compiled else None, eager_rows)
+                                   w_ce, temperature, how, want_grad, dtype if compiled else None, eager_rows,
+                                   remake=lambda: _linear(h, wc, bc))
             total += part
             if want_grad:
                 g = g.to(dtype)
@@ -270,7 +281,7 @@ class _LinearChunkedLoss(torch.autograd.Function):
                 elif need_h:
                     g_h[a:b] = torch.mm(g, wc)
                 if need_w and dtype == torch.float32:
-                    g_w.addmm_(g.t(), h)
+                    g_w = torch.mm(g.t(), h) if g_w is None else g_w.addmm_(g.t(), h)
                 elif need_w:
                     # In low precision a product into the fp32 sum per chunk costs a full (V, H)
                     # conversion each time: the products are summed in `dtype` over FLUSH chunks
@@ -278,11 +289,13 @@ class _LinearChunkedLoss(torch.autograd.Function):
                     g_w16 = torch.mm(g.t(), h) if g_w16 is None else g_w16.addmm_(g.t(), h)
                     pending += 1
                     if pending == FLUSH or b >= hidden.shape[0]:   # a full group, or the last chunk
-                        g_w.add_(g_w16)
+                        g_w = g_w16.float() if g_w is None else g_w.add_(g_w16)
                         g_w16, pending = None, 0
                 if need_b:
                     g_b += g.float().sum(0)
             del g
+        if need_w and g_w is None:   # no rows with a label
+            g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         # Kept on ctx (fresh tensors, not inputs or outputs) rather than saved: backward hands them
         # over and drops its reference, so autograd can take the weight gradient as .grad without a copy.
         ctx.grads = [g_h, None if g_w is None else g_w.to(weight.dtype), None if g_b is None else g_b.to(bias.dtype)]
