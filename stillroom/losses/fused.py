@@ -1,14 +1,15 @@
 """The hot chunk of the closed-form loss, compiled: one soft target (forward KL at T: logits, or
 a top-k cache's rows) and CE, or CE alone, with the gradient. The eager kernel makes about ten
 passes over each (rows, V) chunk (log-softmaxes, exps, the KL's product, the gradient's sum, the
-casts); `torch.compile` (Inductor) fuses them into a few loops. Measured on an AVX512-BF16 CPU
-(`bench/peers.py`, the lean rows and their eager twins, over several runs): the whole KD step at 49k
-vocab in 0.90-0.96x the time live (0.78x under glibc's default allocator), 0.87-0.95x from a top-k
-cache. Same
-values as the eager kernel within fp32 rounding (tests pin it). Every other case stays on the
-eager kernel: hard labels, other divergences, several targets, a teacher that masks tokens with
--inf. On where `loss.compile` says so (`wanted`). Its chunks are twice as thick as the eager
-kernel's on bf16 logits (`kernel._rows_for`).
+casts); `torch.compile` (Inductor) fuses them into three loops per chunk (the row maxima, the
+row sums, then the loss and the gradient), with no full-width fp32 buffer (see `_kd_ce`). On the
+lean path the chunk's logits are made for the kernel, which writes the gradient over them (the
+`_into` kernels). Measured on an AVX512-BF16 CPU (`bench/peers.py`, the lean rows and their eager
+twins, two runs): the whole KD step at 49k vocab in 0.87-0.89x the time live, 0.72-0.76x from a
+top-k cache. Same values as the eager kernel within fp32 rounding (tests pin it). Every other
+case stays on the eager kernel: hard labels, other divergences, several targets, a teacher that
+masks tokens with -inf. On where `loss.compile` says so (`wanted`). Its chunks are four times as
+thick as the eager kernel's on bf16 logits (`kernel._rows_for`).
 """
 from __future__ import annotations
 
