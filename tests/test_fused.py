@@ -215,3 +215,16 @@ def test_a_failed_compile_says_so_once_and_runs_eager(monkeypatch, caplog):
     assert torch.equal(lc, le) and torch.equal(gc, ge)
     said = [r.getMessage() for r in caplog.records if "loss.compile" in r.getMessage()]
     assert len(said) == 1 and "RuntimeError: no C++ compiler found" in said[0] and "more lines" not in said[0]
+    # the lean path from a cache, whose kernel takes the listed ids out of the logits before it
+    # runs: after a failed call the eager kernel gets the logits made again, and gives its exact values
+    monkeypatch.setattr(fused, "_broken", None)
+    g = torch.Generator().manual_seed(3)
+    h, w_s = torch.randn(37, 16, generator=g), torch.randn(300, 16, generator=g)
+    top = topk_targets(t, 8)
+    out = {}
+    for c in (False, True):
+        hh, ww = h.clone().requires_grad_(), w_s.clone().requires_grad_()
+        loss = kernel.linear_mixed_loss(hh, ww, [(top, 0.9)], y, 0.1, 1.0, chunk=8, compiled=c)
+        loss.backward()
+        out[c] = loss.detach(), hh.grad, ww.grad
+    assert all(torch.equal(a, b) for a, b in zip(out[True], out[False]))

@@ -137,8 +137,8 @@ def _topk_terms(s, t: TopK, y0, valid, scalars, w, w_ce, temperature, out_dtype,
     else:
         unlisted = torch.ones(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, t.ids, ~ok)
         out = _call("topk", s, unlisted, *rest)
-    if out is None:
-        return None
+    if out is None:   # the call failed (a compile): under `into` s has its listed ids at -inf by now
+        return REDO if into else None
     s_k = s_k.float()
     lse1, lse_t, tail_kl = out[:3]
     grad = s if into else out[3]
@@ -213,8 +213,8 @@ def chunk_terms(s, targets, y, keep, w_ce, temperature, how, out_dtype, into=Fal
 
     into=True (s a fresh chunk of logits, made for this call, in out_dtype): the gradient is
     written over s, which is returned as grad. A chunk the kernel gives back after it ran (a
-    teacher that masks tokens with -inf) then returns REDO: s is spent, the caller makes the
-    logits again for the eager kernel."""
+    teacher that masks tokens with -inf), or a failed call, then returns REDO: s is spent, the
+    caller makes the logits again for the eager kernel."""
     if _broken is not None or _get_current_dispatch_mode() is not None:   # a mode (a memory count) sees eager ops
         return None
     name, _ = how
@@ -234,8 +234,8 @@ def chunk_terms(s, targets, y, keep, w_ce, temperature, how, out_dtype, into=Fal
         return _topk_terms(s, t, y0, valid, scalars, w, w_ce, temperature, out_dtype, into)
     args = (t, y0, valid, *scalars, temperature == 1.0, out_dtype)
     out = _call("dense_into", s, *args) if into else _call("dense", s, *args)
-    if out is None:
-        return None
+    if out is None:   # the call failed: under `into`, s is not trusted any more
+        return REDO if into else None
     kl, nll = out[:2]
     grad = s if into else out[2]
     loss = w_ce * torch.where(valid, nll, 0.0).sum()
