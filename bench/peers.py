@@ -1,7 +1,7 @@
 """stillroom's distillation step against the naive one and TRL's GKDTrainer, side by side, in one run.
 
     pip install -e '.[bench]'          # trl (GKDTrainer) and the Gemma 3 270M GGUF, bench-only
-    python bench/peers.py [--batch 4] [--seq 256] [--rounds 5] [--skip-trl] [--skip-gemma]
+    python bench/peers.py [--batch 4] [--seq 256] [--rounds 5] [--repeat 2] [--skip-trl] [--skip-gemma]
 
 Same models, same batch, same real text for every row. Teacher: the bundled SmolLM2-135M-Instruct
 (vocab 49152). Student: 4 layers, hidden 256, the teacher's vocabulary, random init (15.7M params);
@@ -39,7 +39,10 @@ training_step (its compute_loss and backward, under its precision), its clipping
 set up by a one-step trainer.train() first. Every row runs in one process, set up as a stillroom run
 sets up its own (`tracking.keep_cpu_memory`: on a CPU, freed memory is kept for the next step);
 STILLROOM_KEEP_MEMORY=0 runs every row under glibc's defaults instead. Timings: the median of
---rounds interleaved rounds after a warm-up round, every row in every round. The machine is noisy:
+--rounds interleaved rounds after a warm-up round, every row in every round, each round in its own
+(seeded) order; in a round a row runs --repeat steps back to back and the last is timed (its steady
+state, as in a run: the first step after another row pays for that row's use of the heap). The
+machine is noisy:
 compare the ratios, not the seconds.
 
 Memory column ("head+loss extra peak MB"): peak bytes allocated from the final hidden states on
@@ -57,6 +60,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -215,6 +219,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=2, help="steps of a row in a row per round, the last one timed")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--skip-gemma", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help="only the memory table (no timed rounds)")
@@ -317,19 +322,29 @@ def main():
                 # TRL's trainer runs its teacher under its own autocast too
                 teacher_of[name] = dt(t_model.dtype) + (" under bf16 autocast" if trl[name]["bf16"] else "")
     times = {k: [] for k in rows}
+    order = random.Random(0)
     for r in range(args.rounds + 1):  # round 0 is the warm-up
-        for name, fn in rows.items():
-            sync()
-            t0 = time.perf_counter()
-            if fn is None:
-                teacher_fwd(tm32 if name.endswith("fp32") else tm)
-            elif name.startswith("TRL"):
-                fn()
-            else:
-                fn(*state[name])
-            sync()
+        # Every round in its own order (seeded), and each row's step run `--repeat` times in a row,
+        # the last one timed: a training run repeats its own step, while the first step after
+        # another row pays for what that row did to the heap (counted with getrusage: the student
+        # CE step after the teacher's forward row faulted in 100-150k pages, 0.34-0.41 s against
+        # 0.27 s in steady state).
+        names = list(rows) if r == 0 else order.sample(list(rows), len(rows))
+        for name in names:
+            fn = rows[name]
+            for _ in range(args.repeat):
+                sync()
+                t0 = time.perf_counter()
+                if fn is None:
+                    teacher_fwd(tm32 if name.endswith("fp32") else tm)
+                elif name.startswith("TRL"):
+                    fn()
+                else:
+                    fn(*state[name])
+                sync()
+                took = time.perf_counter() - t0
             if r:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(took)
     med = {k: statistics.median(v) for k, v in times.items()}
     del state
 
@@ -347,7 +362,8 @@ def main():
           f"{args.batch} x {args.seq} tokens from {source}; teacher smollm2-135m {models.num_params(tm):,} params "
           f"(stillroom runs it in {str(t_dtype)[6:]}: teacher.dtype=auto); student {models.num_params(student0):,} "
           f"params in {mine} (train.mixed_precision=auto); vocab {tm.config.vocab_size}; cache top-{cache.top_k}; "
-          f"every training row clips at 1.0; median of {args.rounds} interleaved rounds, every row in every round; "
+          f"every training row clips at 1.0; median of {args.rounds} interleaved rounds, every row in every round "
+          f"(each round in its own order, a row's step timed the {args.repeat}th time in a row); "
           f"CPU memory (every row): {allocator}")
     print(f"teacher in {str(t_dtype)[6:]} vs fp32 on this batch: KL(fp32 || {str(t_dtype)[6:]}) {drift:.4f} "
           f"nats/token, top-1 agreement {top1:.1%}")

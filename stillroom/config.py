@@ -258,7 +258,7 @@ class LossConfig(Section):
     last hidden state (soft-capping) use the plain path either way."""
     compile: Literal["auto", True, False] = "auto"
     """Run the loss's hot chunk (one soft forward-KL target, live or cached, and CE, or CE alone)
-    through torch.compile: the whole KD step in 0.87-0.89x the time live and 0.72-0.78x from a cache
+    through torch.compile: the whole KD step in 0.83-0.89x the time live and 0.72-0.83x from a cache
     on a CPU at 49k vocab (bench/peers.py), the same values within fp32 rounding, a few seconds of compiling at the
     first step (cached on disk after). auto: on a CPU at a vocabulary of 8192 or more; off on a
     GPU, where it is not measured yet. It needs a C++ compiler on a CPU: without one the eager
