@@ -42,8 +42,7 @@ STILLROOM_KEEP_MEMORY=0 runs every row under glibc's defaults instead. Timings: 
 --rounds interleaved rounds after a warm-up round, every row in every round, each round in its own
 (seeded) order; in a round a row runs --repeat steps back to back and the last is timed (its steady
 state, as in a run: the first step after another row pays for that row's use of the heap). The
-machine is noisy:
-compare the ratios, not the seconds.
+machine is noisy: compare the ratios, not the seconds.
 
 Memory column ("head+loss extra peak MB"): peak bytes allocated from the final hidden states on
 (fp32 models) -- both models' output heads, the loss, and the backward into the student's hidden
@@ -363,7 +362,7 @@ def main():
           f"(stillroom runs it in {str(t_dtype)[6:]}: teacher.dtype=auto); student {models.num_params(student0):,} "
           f"params in {mine} (train.mixed_precision=auto); vocab {tm.config.vocab_size}; cache top-{cache.top_k}; "
           f"every training row clips at 1.0; median of {args.rounds} interleaved rounds, every row in every round "
-          f"(each round in its own order, a row's step timed the {args.repeat}th time in a row); "
+          f"(each round in its own order, a row's step timed the last of {args.repeat} in a row); "
           f"CPU memory (every row): {allocator}")
     print(f"teacher in {str(t_dtype)[6:]} vs fp32 on this batch: KL(fp32 || {str(t_dtype)[6:]}) {drift:.4f} "
           f"nats/token, top-1 agreement {top1:.1%}")

@@ -186,7 +186,7 @@ def _rows_for(chunk, vocab, compiled, dtype):
     them on the lean path) and a teacher's, in that dtype, where the eager kernel holds several
     fp32 rows, so four times the rows still take less memory than the eager chunk (0.80x on the
     lean path at 49k: `bench/peers.py --memory-only`), and the head's matmuls run faster on thick
-    chunks (the weight gradient's products most of all): a KD step in 0.95-0.98x the time of
+    chunks (the weight gradient's products most of all): a KD step in 0.95-0.99x the time of
     twice the rows, live and from a cache, in A/B runs on an AVX512-BF16 CPU. In fp32 the compiled
     kernel keeps the eager size (twice the rows measured no faster). A chunk the compiled kernel
     gives way on runs eager at the automatic size."""
