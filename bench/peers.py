@@ -15,6 +15,9 @@ says each row's student precision and teacher dtype.
                          CPUs with native bf16 matmuls, else fp32); every other live row, TRL's
                          included, uses that same teacher dtype, so the ratios compare like with like
   teacher fwd fp32       the same in fp32, for reference
+  teacher fwd, sdpa      (only where teacher.attention=auto picks another attention than the model's
+                         own sdpa: eager on a CPU, up to 1024 tokens) the teacher's forward with sdpa, for
+                         reference; every live row, TRL's included, runs the teacher stillroom runs
   student CE             the student's plain CE step (transformers' built-in loss), in the student
                          precision stillroom's train.mixed_precision=auto picks here
   stillroom lean/live    stillroom's training step at its defaults (train.accumulate -> loop.accumulate,
@@ -233,9 +236,12 @@ def main():
     acc = Accelerator(cpu=dev == "cpu", mixed_precision=precision)
     teacher = models.load("smollm2-135m")
     tm32, tok = teacher.model.to(dev).eval(), teacher.tokenizer
+    student0 = make_student(tm32).to(dev)   # before the teacher's attention is set: a student copies its config
     t_dtype = models.teacher_dtype("auto", dev)   # what stillroom runs the teacher in here
+    tm_sdpa = copy.deepcopy(tm32).to(dtype=t_dtype)
+    models.set_teacher_attention(tm32, "auto", dev, args.seq)   # and its attention (teacher.attention=auto)
+    t_attn = tm32.config._attn_implementation
     tm = copy.deepcopy(tm32).to(dtype=t_dtype)
-    student0 = make_student(tm32).to(dev)
     init = copy.deepcopy(student0.state_dict())
 
     # The batch: --batch blocks of --seq tokens of real text, as stillroom's data loader makes them.
@@ -254,7 +260,7 @@ def main():
     cache = TeacherCache(cfg.cache.path)
 
     def fresh():
-        s = make_student(tm32).to(dev)
+        s = copy.deepcopy(student0)   # its own attention (sdpa), not the teacher's
         s.load_state_dict(init)
         return s, torch.optim.AdamW(s.parameters(), lr=1e-5)
 
@@ -295,7 +301,10 @@ def main():
         finish(s, opt)
 
     mine = "bf16 autocast" if precision == "bf16" else "fp16 autocast" if precision == "fp16" else "fp32"
-    rows = {"teacher fwd": None, "teacher fwd fp32": None, "student CE": ce_step,
+    fwd_of = {"teacher fwd": tm, "teacher fwd fp32": tm32}
+    if t_attn != "sdpa":
+        fwd_of["teacher fwd, sdpa"] = tm_sdpa
+    rows = {**{k: None for k in fwd_of}, "student CE": ce_step,
             "stillroom lean/live": stillroom_step(True, tm), "stillroom plain/live": stillroom_step(False, tm),
             "stillroom lean/live eager": stillroom_step(True, tm, False),
             "stillroom lean/cached": stillroom_step(True, cache),
@@ -303,7 +312,8 @@ def main():
             "stillroom plain/cached": stillroom_step(False, cache), "naive KD": naive_step}
     student_prec = {k: mine for k in rows if rows[k] is not None}
     dt = lambda d: {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(d)[6:], str(d)[6:])  # noqa: E731
-    teacher_of = {"teacher fwd": dt(t_dtype), "teacher fwd fp32": "fp32", "student CE": "-", "stillroom lean/live": dt(t_dtype),
+    teacher_of = {"teacher fwd": dt(t_dtype), "teacher fwd fp32": "fp32", "teacher fwd, sdpa": f"{dt(t_dtype)}, sdpa",
+                  "student CE": "-", "stillroom lean/live": dt(t_dtype),
                   "stillroom lean/live eager": dt(t_dtype), "stillroom lean/cached eager": "cache",
                   "stillroom plain/live": dt(t_dtype), "stillroom lean/cached": "cache", "stillroom plain/cached": "cache",
                   "naive KD": dt(t_dtype)}
@@ -335,7 +345,7 @@ def main():
                 sync()
                 t0 = time.perf_counter()
                 if fn is None:
-                    teacher_fwd(tm32 if name.endswith("fp32") else tm)
+                    teacher_fwd(fwd_of[name])
                 elif name.startswith("TRL"):
                     fn()
                 else:
@@ -359,7 +369,7 @@ def main():
     native = models.cpu_has_native_bf16() if dev == "cpu" else torch.cuda.is_bf16_supported()
     print(f"device {dev} ({'runs bf16 natively' if native else 'no native bf16: bf16 is emulated, slower'}); batch "
           f"{args.batch} x {args.seq} tokens from {source}; teacher smollm2-135m {models.num_params(tm):,} params "
-          f"(stillroom runs it in {str(t_dtype)[6:]}: teacher.dtype=auto); student {models.num_params(student0):,} "
+          f"(stillroom runs it in {str(t_dtype)[6:]} with {t_attn} attention: teacher.dtype and .attention auto); student {models.num_params(student0):,} "
           f"params in {mine} (train.mixed_precision=auto); vocab {tm.config.vocab_size}; cache top-{cache.top_k}; "
           f"every training row clips at 1.0; median of {args.rounds} interleaved rounds, every row in every round "
           f"(each round in its own order, a row's step timed the last of {args.repeat} in a row); "

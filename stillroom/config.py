@@ -30,6 +30,8 @@ class MixTeacherConfig(Section):
     kind: Literal["live", "cache"] = "live"
     cache: Optional[str] = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attention: Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"] = "auto"
+    """As teacher.attention."""
     weight: float = Field(1.0, ge=0.0)
     """Its share of the mixture (all teachers' weights are normalized to sum to 1)."""
     offload: bool = False
@@ -55,6 +57,10 @@ class TeacherConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The live teacher's weights: auto = bfloat16 where the device runs it natively (a CUDA GPU
     with bf16, a CPU with AVX512-BF16 or AMX), else float32 (elsewhere bf16 is emulated, slower)."""
+    attention: Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"] = "auto"
+    """The live teacher's attention (transformers' attn_implementation): auto = eager on a CPU for
+    data.seq_len up to 1024 (faster there than PyTorch's CPU flash kernel: the teacher's forward
+    0.81-0.96x sdpa's time, bench/attention.py), else the model's own (sdpa on a GPU)."""
 
     name: str = Field("teacher", pattern=r"^[A-Za-z0-9_.-]+$")
     """This teacher's name in teacher.route_field values."""

@@ -441,6 +441,35 @@ def teacher_dtype(name: str, device) -> torch.dtype:
     return torch.bfloat16 if kind == "cpu" and cpu_has_native_bf16() else torch.float32
 
 
+ATTENTION_AUTO_MAX_LEN = 1024
+
+
+def teacher_attention(name: str, device, seq_len: int) -> str | None:
+    """teacher.attention -> the attention implementation to give the teacher (None: keep the
+    model's own, sdpa for most). auto: on a CPU, eager attention for rows of up to 1024 tokens:
+    PyTorch's CPU flash kernel (which sdpa runs there) is slower than transformers' eager attention
+    (two batched matmuls and a softmax) at these lengths -- the teacher's forward took 0.81-0.96x
+    sdpa's time at 128-1024 tokens (bench/attention.py), 0.97-1.02x at 2048, where eager's
+    (heads, len, len) scores also start to weigh. The teacher only runs forward, so eager keeps no
+    scores for a backward. Elsewhere (a GPU) the model's own."""
+    if name != "auto":
+        return name
+    return "eager" if torch.device(device).type == "cpu" and seq_len <= ATTENTION_AUTO_MAX_LEN else None
+
+
+def set_teacher_attention(model, name: str, device, seq_len: int, what: str = "teacher.attention") -> None:
+    """Give a teacher the attention teacher_attention picks; an implementation this install cannot
+    run (flash_attention_2 without its package) is a UserError."""
+    impl = teacher_attention(name, device, seq_len)
+    if model is None or impl is None or impl == model.config._attn_implementation:
+        return
+    try:
+        model.set_attn_implementation(impl)
+    except (ValueError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what}={impl} cannot run here ({first.rstrip('.')}): set it to auto, sdpa or eager") from None
+
+
 def final_hidden(model, **inputs) -> torch.Tensor:
     """(B, S, H): a causal LM's final hidden states, the input of its output head. Runs the model's
     own forward (so a DDP wrapper syncs gradients as usual) with logits for one position only."""

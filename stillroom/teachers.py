@@ -130,7 +130,8 @@ def route_weights(teachers: list, b, device) -> list:
 
 def load_teachers(cfg, cache, model, vocab, s_tok, accelerator) -> list:
     """The step's teachers, weights normalized: the primary (its cache, or its model, already
-    loaded) and each of teacher.mix (loaded here, checked against the student's tokenizer)."""
+    loaded, its attention set) and each of teacher.mix (loaded here, checked against the student's
+    tokenizer, given its teacher.mix attention)."""
     from .cache import TeacherCache
     from .errors import UserError
 
@@ -153,6 +154,8 @@ def load_teachers(cfg, cache, model, vocab, s_tok, accelerator) -> list:
                 raise UserError(f"teacher.mix '{m.name}' ({m.model}) has {w} logits, fewer than the student's {vocab}")
             dev = "cpu" if m.offload else accelerator.device
             loaded.model.to(dev, dtype=models.teacher_dtype(m.dtype, accelerator.device))
+            models.set_teacher_attention(loaded.model, m.attention, accelerator.device, cfg.data.seq_len,
+                                         f"teacher.mix '{m.name}': attention")
             out.append(LiveTeacher(loaded.model, m.name, m.weight, m.offload, vocab, autocast))
     total = sum(t.weight for t in out) or 1.0
     for t in out:

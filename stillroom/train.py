@@ -190,6 +190,8 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
         raise UserError(f"the cached teacher's logits ({cache.index['vocab_size']}) are wider than the "
                         f"student's ({vocab}): its top-k ids may not exist in the student")
     check_context(cfg, teacher.model_config())
+    # the student is built (a student made from the teacher's config copies its attention)
+    models.set_teacher_attention(teacher.model, cfg.teacher.attention, accelerator.device, cfg.data.seq_len)
     if cache:
         cache.check(cfg, s_tok)  # tokenizer, seq_len, temperature: before reading any data
     if cfg.loss.alpha == 0:
@@ -367,6 +369,7 @@ def build_cache(cfg, overwrite: bool, progress: bool) -> dict | None:
     state, device = launch_state()
     teacher = models.load(cfg.teacher.model, dtype=models.teacher_dtype(cfg.teacher.dtype, device))
     check_context(cfg, teacher.model.config)
+    models.set_teacher_attention(teacher.model, cfg.teacher.attention, device, cfg.data.seq_len)
     if state is None or state.is_main_process:   # before any data work
         existing(cfg, teacher.model, teacher.tokenizer, overwrite, skip=("data",))
     cfg, train, held = prepare_data(cfg, teacher, state or SimpleNamespace(is_main_process=True, num_processes=1))

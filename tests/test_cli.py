@@ -204,6 +204,23 @@ def test_bad_data_leaves_nothing_written(tmp_path, teacher_dir):
         assert not out.exists()
 
 
+def test_a_teacher_attention_this_install_cannot_run_is_one_line(tmp_path, teacher_dir, text_file):
+    """flash_attention_2 without its package: one line, exit 2, no folder -- from distill (the
+    primary teacher and a mix entry) and cache, each of which sets the teacher's attention."""
+    out = tmp_path / "o"
+    want = r"attention=flash_attention_2 cannot run here \(.*not.* installed\): set it to auto, sdpa or eager"
+    tiny = tiny_overrides(teacher_dir, text_file, out)
+    cases = [("distill", *tiny, "teacher.attention=flash_attention_2"),
+             ("distill", *tiny, "teacher.mix=[{name: two, model: " + str(teacher_dir) + ", attention: flash_attention_2}]"),
+             ("cache", f"teacher.model={teacher_dir}", f"data.path={text_file}", "data.seq_len=64",
+              f"cache.path={out}", "teacher.attention=flash_attention_2")]   # codistill: test_codistill.py
+    for args in cases:
+        assert_user_error(run_cli(*args), want)
+        assert not out.exists(), args
+    r = run_cli("distill", *tiny, "teacher.attention=fast")
+    assert_user_error(r, r"teacher.attention.*'auto', 'eager', 'sdpa'")
+
+
 def test_seq_len_beyond_context(tmp_path, teacher_dir, chat_file):
     r = run_cli("distill", *tiny_overrides(teacher_dir, chat_file, tmp_path / "o", **{"data.seq_len": 4096}))
     assert_user_error(r, "beyond the teacher's context of 512")

@@ -103,6 +103,8 @@ def test_cli_codistill_errors_are_one_line(tmp_path, teacher_dir, chat_file):
     assert r.returncode == 2 and "peers.5.name=c" in r.stderr
     r = run_cli("codistill", cfg, "codistill.confidence=true", "codistill.mode=predictions")
     assert r.returncode == 2 and "add codistill.confidence=false for mode predictions" in r.stderr, r.stderr
+    r = run_cli("codistill", cfg, "teacher.attention=flash_attention_2")   # not installed here
+    assert r.returncode == 2 and "teacher.attention=flash_attention_2 cannot run here" in r.stderr, r.stderr
     r = run_cli("codistill", cfg, "eval.tasks=[rouge]")      # rows to score against, asked for before any writing
     assert r.returncode == 2 and "eval.tasks needs rows with reference answers" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()

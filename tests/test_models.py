@@ -114,6 +114,57 @@ def test_teacher_dtype_auto_follows_the_device(monkeypatch):
     assert models.teacher_dtype("float16", "cpu") == torch.float16
 
 
+def test_teacher_attention_auto_is_eager_on_a_cpu_up_to_1024_tokens():
+    from stillroom import models
+    assert models.teacher_attention("auto", "cpu", 256) == "eager"
+    assert models.teacher_attention("auto", "cpu", 1024) == "eager"
+    assert models.teacher_attention("auto", "cpu", 1025) is None     # the model's own (sdpa)
+    assert models.teacher_attention("auto", "cuda", 256) is None
+    assert models.teacher_attention("sdpa", "cpu", 256) == "sdpa"
+    assert models.teacher_attention("eager", "cuda", 4096) == "eager"
+
+
+def test_eager_and_sdpa_teachers_give_the_same_logits(teacher_dir, tok):
+    """teacher.attention changes the speed, not the targets: the same logits (fp32), on a padded
+    batch and a packed one (position_ids restarting per document)."""
+    import torch
+
+    from stillroom import models
+    from stillroom.data import Example, collate, model_inputs
+    m = models.load(str(teacher_dir)).model.eval()
+    a, b = list(range(5, 30)), list(range(40, 49))
+    padded = collate([Example(a, a), Example(b, b)], tok.pad_token_id)
+    packed = collate([Example(a + b, a + b, (len(a), len(b))), Example(b, b)], tok.pad_token_id)
+    out = {}
+    for impl in ("sdpa", "eager"):
+        models.set_teacher_attention(m, impl, "cpu", 64)
+        assert m.config._attn_implementation == impl
+        with torch.inference_mode():
+            out[impl] = [m(**model_inputs(x), use_cache=False).logits for x in (padded, packed)]
+    for s, e in zip(out["sdpa"], out["eager"]):
+        torch.testing.assert_close(e[0], s[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(e[1, :len(b)], s[1, :len(b)], rtol=1e-4, atol=1e-5)   # not the padding
+
+
+def test_load_teachers_gives_a_mix_teacher_its_attention(teacher_dir, tok):
+    """At the defaults on a CPU a teacher.mix entry runs eager attention; a row longer than 1024
+    tokens, or an explicit choice, keeps sdpa (the primary's is set before the data: the CLI test)."""
+    from accelerate import Accelerator
+
+    from stillroom import models
+    from stillroom.config import Config
+    from stillroom.teachers import load_teachers
+    acc = Accelerator(cpu=True)
+    for mix, data, want in (({}, {}, "eager"), ({}, {"seq_len": 2048}, "sdpa"), ({"attention": "sdpa"}, {}, "sdpa")):
+        cfg = Config.model_validate({"teacher": {"model": str(teacher_dir),
+                                                 "mix": [{"name": "two", "model": str(teacher_dir), **mix}]},
+                                     "data": data})
+        primary = models.load(str(teacher_dir)).model
+        assert primary.config._attn_implementation == "sdpa"
+        out = load_teachers(cfg, None, primary, models.logits_width(primary), tok, acc)
+        assert [x.model.config._attn_implementation for x in out] == ["sdpa", want], (mix, data)
+
+
 def test_output_head_refuses_a_soft_capped_head(teacher_dir):
     """The lean path is only taken when logits == hidden @ W.T: a model that rescales its logits
     (here: a hook standing in for soft-capping) falls back to the plain path."""

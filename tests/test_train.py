@@ -226,3 +226,27 @@ def test_freed_memory_is_kept_for_the_next_step(setting):
     said, kept_mb = r.stdout.split("\n")[:2]
     assert said.startswith({"keep": "freed memory kept", "off": "glibc defaults", "user": "glibc as set"}[setting])
     assert (int(kept_mb) >= 256) == (setting == "keep"), r.stdout
+
+
+def test_a_run_gives_the_teacher_eager_attention_on_a_cpu_and_the_student_its_own(tmp_path, teacher_dir, text_file,
+                                                                                 monkeypatch):
+    """teacher.attention=auto on a CPU: the teacher's forward runs eager attention (faster there at
+    these lengths), while the student built from its config keeps sdpa."""
+    from stillroom import models
+    seen = {}
+    load, build = models.load, models.build_student
+
+    def spy_load(*a, **kw):
+        loaded = load(*a, **kw)
+        seen["teacher"] = loaded.model
+        return loaded
+
+    def spy_build(*a, **kw):
+        out = build(*a, **kw)
+        seen["student"] = out[0]
+        return out
+    monkeypatch.setattr(models, "load", spy_load)
+    monkeypatch.setattr(models, "build_student", spy_build)
+    run(teacher_dir, text_file, tmp_path / "o", "train.max_steps=1")
+    assert seen["teacher"].config._attn_implementation == "eager"
+    assert seen["student"].config._attn_implementation == "sdpa"
