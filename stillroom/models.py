@@ -457,12 +457,23 @@ def teacher_attention(name: str, device, seq_len: int) -> str | None:
     return "eager" if torch.device(device).type == "cpu" and seq_len <= ATTENTION_AUTO_MAX_LEN else None
 
 
+def check_attention(name: str, what: str = "teacher.attention") -> None:
+    """Before any data is read: a flash attention whose package this install lacks is a UserError
+    (set_teacher_attention catches the rest when it sets it)."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+    have = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
+    if name in have and not have[name]():
+        raise UserError(f"{what}={name} cannot run here (its package is not installed): set it to auto, sdpa "
+                        "or eager")
+
+
 def set_teacher_attention(model, name: str, device, seq_len: int, what: str = "teacher.attention") -> None:
     """Give a teacher the attention teacher_attention picks; an implementation this install cannot
     run (flash_attention_2 without its package) is a UserError."""
     impl = teacher_attention(name, device, seq_len)
     if model is None or impl is None or impl == model.config._attn_implementation:
         return
+    check_attention(impl, what)
     try:
         model.set_attn_implementation(impl)
     except (ValueError, ImportError) as e:

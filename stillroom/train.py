@@ -192,6 +192,8 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
     check_context(cfg, teacher.model_config())
     # the student is built (a student made from the teacher's config copies its attention)
     models.set_teacher_attention(teacher.model, cfg.teacher.attention, accelerator.device, cfg.data.seq_len)
+    for m in cfg.teacher.mix:   # loaded after the data; refused before it
+        models.check_attention(m.attention, f"teacher.mix '{m.name}': attention")
     if cache:
         cache.check(cfg, s_tok)  # tokenizer, seq_len, temperature: before reading any data
     if cfg.loss.alpha == 0:
