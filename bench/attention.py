@@ -61,9 +61,9 @@ def main():
         with torch.inference_mode():
             return models.base_hidden(model, input_ids=ids)
 
+    picks = models.teacher_attention("auto", dev, 256) or "the model's own"
     print(f"device {dev}; teacher smollm2-135m in {str(dtype)[6:]}; {args.tokens} tokens a step from {source}; "
-          f"median of {args.rounds} interleaved rounds; teacher.attention=auto picks "
-          f"{models.teacher_attention('auto', dev, 256) or "the model's own"} at 256 tokens here")
+          f"median of {args.rounds} interleaved rounds; teacher.attention=auto picks {picks} at 256 tokens here")
     print(f"\n{'rows x length':<16}{'sdpa s':>9}{'eager s':>9}{'eager/sdpa':>12}{'auto picks':>12}")
     first = None
     for n in lengths:

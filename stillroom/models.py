@@ -448,10 +448,11 @@ def teacher_attention(name: str, device, seq_len: int) -> str | None:
     """teacher.attention -> the attention implementation to give the teacher (None: keep the
     model's own, sdpa for most). auto: on a CPU, eager attention for rows of up to 1024 tokens:
     PyTorch's CPU flash kernel (which sdpa runs there) is slower than transformers' eager attention
-    (two batched matmuls and a softmax) at these lengths -- the teacher's forward took 0.81-0.96x
-    sdpa's time at 128-1024 tokens (bench/attention.py), 0.97-1.02x at 2048, where eager's
-    (heads, len, len) scores also start to weigh. The teacher only runs forward, so eager keeps no
-    scores for a backward. Elsewhere (a GPU) the model's own."""
+    (two batched matmuls and a softmax) at these lengths. The bundled teacher's forward, three or
+    four runs a length of bench/attention.py on an AVX512-BF16 CPU: 0.81-0.94x sdpa's time at
+    128-512 tokens; at 1024 0.90-0.96x in three runs, 1.16x in one; 0.97-1.08x at 2048, where
+    eager's (heads, len, len) scores also start to weigh, so auto leaves it there. The teacher only
+    runs forward, so eager keeps no scores for a backward. Elsewhere (a GPU) the model's own."""
     if name != "auto":
         return name
     return "eager" if torch.device(device).type == "cpu" and seq_len <= ATTENTION_AUTO_MAX_LEN else None

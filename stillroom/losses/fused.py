@@ -5,7 +5,7 @@ casts); `torch.compile` (Inductor) fuses them into three loops per chunk (the ro
 row sums, then the loss and the gradient), with no full-width fp32 buffer (see `_kd_ce`). On the
 lean path the chunk's logits are made for the kernel, which writes the gradient over them (the
 `_into` kernels). Measured on an AVX512-BF16 CPU (`bench/peers.py`, the lean rows and their eager
-twins, five runs): the whole KD step at 49k vocab in 0.83-0.89x the time live, 0.72-0.83x from a
+twins, eight runs): the whole KD step at 49k vocab in 0.75-0.93x the time live, 0.70-0.83x from a
 top-k cache. Same values as the eager kernel within fp32 rounding (tests pin it). Every other
 case stays on the eager kernel: hard labels, other divergences, several targets, a teacher that
 masks tokens with -inf. On where `loss.compile` says so (`wanted`). Its chunks are four times as
