@@ -27,7 +27,7 @@ Protocol (issue 17):
 - Printed: mean +/- std over seeds; the fraction of the teacher gap closed per metric,
   (arm - CE) / (teacher - CE); training wall time relative to CE (ratios only: the machine is noisy).
 
-Budget: with the defaults, 28-29 min on a 2-core AVX512-BF16 CPU (19 training runs of 20-120 s plus
+Budget: with the defaults, 28-30 min on a 2-core AVX512-BF16 CPU (19 training runs of 20-120 s plus
 their evaluations, the teacher's answers once (3 min) and the cache once); --steps / --seq /
 --train-rows / --seeds scale it.
 """
