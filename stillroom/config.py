@@ -22,6 +22,10 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+# a live teacher's attention (transformers' attn_implementation): teacher.attention, teacher.mix[].attention
+Attention = Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"]
+
+
 class MixTeacherConfig(Section):
     """One more teacher in a mixture (same tokenizer as the student)."""
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -30,7 +34,7 @@ class MixTeacherConfig(Section):
     kind: Literal["live", "cache"] = "live"
     cache: Optional[str] = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attention: Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"] = "auto"
+    attention: Attention = "auto"
     """As teacher.attention."""
     weight: float = Field(1.0, ge=0.0)
     """Its share of the mixture (all teachers' weights are normalized to sum to 1)."""
@@ -57,7 +61,7 @@ class TeacherConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The live teacher's weights: auto = bfloat16 where the device runs it natively (a CUDA GPU
     with bf16, a CPU with AVX512-BF16 or AMX), else float32 (elsewhere bf16 is emulated, slower)."""
-    attention: Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"] = "auto"
+    attention: Attention = "auto"
     """The live teacher's attention (transformers' attn_implementation): auto = eager on a CPU for
     data.seq_len up to 1024 (faster there than PyTorch's CPU flash kernel: the teacher's forward
     0.81-0.94x sdpa's time at 128-512 tokens, bench/attention.py), else the model's own (sdpa on
