@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from stillroom import models
-from stillroom.tracking import keep_cpu_memory
+from stillroom.models import core as models
+from stillroom.run.tracking import keep_cpu_memory
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_valid_head.txt"
 
@@ -45,7 +45,7 @@ def main():
     if TINY.is_file():
         text, source = TINY.read_text(), "tinystories"
     else:
-        from stillroom.generate import BUNDLED_PROMPTS
+        from stillroom.teachers.generate import BUNDLED_PROMPTS
         text, source = BUNDLED_PROMPTS.read_text() * 40, "the bundled instructions (repeated)"
     lengths = [int(x) for x in args.lengths.split(",")]
     need = max(max(args.tokens, n) for n in lengths)

@@ -6,13 +6,13 @@ Real text: ../shared/data/tinystories, packed into 256-token blocks, tokenized b
 SmolLM2-135M-Instruct teacher (vocab 49,152). Student: 4 layers, hidden 256, random init.
 
 1. Size: bytes per cached position at k = 8, 32, 64 (float16 log-probs, uint16 ids, float32 tail and
-   label log-prob), each cache written by `stillroom.cache.build`, vs the dense fp16 distribution.
+   label log-prob), each cache written by `stillroom.teachers.cache.build`, vs the dense fp16 distribution.
 2. Step time on one 4 x 256 batch (median of interleaved rounds after a warm-up): the student's plain
    CE step; the KD step reading top-64 targets from the cache (the read is timed); the KD step with
    the live teacher's forward. Target: cached KD step <= 1.15x CE step.
 3. Quality: the same student init trained the same steps on the same batches (soft KD at T 1, with
    alpha 0.9 -- the default hybrid with CE on the true tokens -- and alpha 1, KD alone) by
-   `stillroom.train.distill` from the top-64 cache and from the live dense teacher; held-out
+   `stillroom.run.distill.distill` from the top-64 cache and from the live dense teacher; held-out
    perplexity of each. Target: within 2%.
 """
 from __future__ import annotations
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from stillroom import models
-from stillroom.cache import TeacherCache, build, summary
 from stillroom.cli import _quiet_libraries
 from stillroom.config import StudentConfig, load_config
-from stillroom.store import load_data
+from stillroom.data.store import load_data
 from stillroom.losses import distill_loss, shift_labels
-from stillroom.train import distill
+from stillroom.models import core as models
+from stillroom.run.distill import distill
+from stillroom.teachers.cache import TeacherCache, build, summary
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_valid_head.txt"
 

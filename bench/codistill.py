@@ -3,7 +3,7 @@
 Same init (same seeds), same steps, same batches, same real text; the only difference is the
 peer term: `independent` trains each peer with CE alone (loss.alpha=0), `mutual` with
 alpha * KL(other || self) + (1 - alpha) * CE (Zhang et al. 2018). Both arms run through
-`stillroom.codistill` in one process. Printed side by side: held-out perplexity of each peer and
+`stillroom.run.codistill` in one process. Printed side by side: held-out perplexity of each peer and
 of their ensemble (mean of the two distributions), top-1 agreement between the peers, and each
 arm's wall time (ratio only: this machine is noisy).
 
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from stillroom.cli import _quiet_libraries
-from stillroom.codistill import codistill
 from stillroom.config import CodistillRunConfig
+from stillroom.run.codistill import codistill
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "tinystories" / "tinystories_valid_head.txt"

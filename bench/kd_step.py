@@ -33,9 +33,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from stillroom import models
 from stillroom.config import StudentConfig
 from stillroom.losses import distill_loss, shift_labels
+from stillroom.models import core as models
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_valid_head.txt"
 
@@ -44,7 +44,7 @@ def batch_tokens(tok, batch, seq):
     if SHARED.is_file():
         text, source = SHARED.read_text(), str(SHARED)
     else:
-        from stillroom.generate import BUNDLED_PROMPTS
+        from stillroom.teachers.generate import BUNDLED_PROMPTS
         text, source = BUNDLED_PROMPTS.read_text() * 20, "bundled instructions"
     ids = tok(text, add_special_tokens=False)["input_ids"][: batch * seq]
     assert len(ids) == batch * seq, "not enough text for the batch"

@@ -34,10 +34,11 @@ from pathlib import Path
 
 import torch
 
-from stillroom import evaluate, models
 from stillroom.config import load_config
-from stillroom.store import load_data
-from stillroom.train import distill
+from stillroom.data.store import load_data
+from stillroom.eval import evaluate
+from stillroom.models import core as models
+from stillroom.run.distill import distill
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_valid_head.txt"
 

@@ -72,13 +72,14 @@ from pathlib import Path
 
 import torch
 
-from stillroom import models
-from stillroom.cache import TeacherCache, build
 from stillroom.config import Config, StudentConfig
-from stillroom.store import load_data
+from stillroom.data.store import load_data
 from stillroom.losses import Head, fused, linear_mixed_loss, mixed_loss
-from stillroom.tracking import keep_cpu_memory, student_precision
-from stillroom.train import accumulate, to_batch
+from stillroom.models import core as models
+from stillroom.run.distill import accumulate
+from stillroom.run.loop import to_batch
+from stillroom.run.tracking import keep_cpu_memory, student_precision
+from stillroom.teachers.cache import TeacherCache, build
 
 from kd_step import AllocatorPeak, naive_kd
 
@@ -88,7 +89,7 @@ TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" /
 def text_file(tmp: Path, tokens_needed: int, tok) -> tuple[Path, str]:
     if TINY.is_file():
         return TINY, str(TINY)
-    from stillroom.generate import BUNDLED_PROMPTS
+    from stillroom.teachers.generate import BUNDLED_PROMPTS
     text = BUNDLED_PROMPTS.read_text()
     reps = tokens_needed // len(tok(text)["input_ids"]) + 2
     p = tmp / "text.txt"

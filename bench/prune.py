@@ -3,7 +3,7 @@
     python bench/prune.py [--layers 30] [--heads 6] [--mlp 1152] [--calibration 32] [--eval 24]
 
 From the bundled SmolLM2-135M-Instruct: keep --layers layers (from_teacher's even spread), then in
-each layer --heads attention heads and --mlp MLP channels, chosen (a) by stillroom.prune's
+each layer --heads attention heads and --mlp MLP channels, chosen (a) by stillroom.models.prune's
 importance on --calibration TinyStories blocks, (b) at random (seeded), (c) not at all (depth only).
 Each model's held-out perplexity and KL to the teacher on --eval other blocks, before any training:
 what distillation then has to recover. (Measured: on the intact 30 layers the ranking matters a lot;
@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from stillroom import evaluate, models
 from stillroom.config import load_config
-from stillroom.data import collate
-from stillroom.store import load_data
-from stillroom.prune import importance, prune_width
+from stillroom.data.examples import collate
+from stillroom.data.store import load_data
+from stillroom.eval import evaluate
+from stillroom.models import core as models
+from stillroom.models.prune import importance, prune_width
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_valid_head.txt"
 

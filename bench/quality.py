@@ -97,10 +97,10 @@ def result(metrics: dict, wall: float) -> dict:
 def prepare(args, work: Path, arms: list[str]):
     """The data split, the shared student init, and (once, for the arms that read them) the
     teacher's answers to the training prompts and the top-64 cache."""
-    from stillroom import models
     from stillroom.config import Config, StudentConfig, load_config
-    from stillroom.generate import LocalTeacher, generate_file, read_prompts
-    from stillroom.train import build_cache
+    from stillroom.models import core as models
+    from stillroom.run.distill import build_cache
+    from stillroom.teachers.generate import LocalTeacher, generate_file, read_prompts
 
     rows = [json.loads(x) for x in ALPACA.read_text().splitlines() if x.strip()]
     write_rows(work / "train.jsonl", rows[:args.train_rows])
@@ -123,14 +123,14 @@ def prepare(args, work: Path, arms: list[str]):
                           [f"cache.path={work / 'cache'}", "cache.top_k=64"], Config)
         build_cache(cfg, overwrite=True, progress=False)
         print(f"top-64 cache of the training data: {time.perf_counter() - t0:.0f} s", flush=True)
-    from stillroom.train import distill   # an untimed 1-step run first: the first run in a process pays
+    from stillroom.run.distill import distill   # an untimed 1-step run first: the first run in a process pays
     distill(load_config(None, base(args, work, work / "warm", 0, 1) + ["loss.alpha=0.0", "eval.tasks=[]"], Config),
             overwrite=True, progress=False)   # lazy initialisation that would count against whichever arm is first
 
 
 def run_arm(name: str, args, work: Path, seed: int, walls: dict) -> dict:
     from stillroom.config import Config, load_config
-    from stillroom.train import distill
+    from stillroom.run.distill import distill
 
     extra, steps = [], None
     for o in ARMS[name]:
@@ -153,7 +153,7 @@ def run_arm(name: str, args, work: Path, seed: int, walls: dict) -> dict:
     if "teacher" in records[0]:   # greedy, so the same in every arm: kept for the arms without a live teacher
         walls.setdefault("teacher answers", [r["teacher"]["answer"] for r in records])
     elif walls.get("teacher answers"):   # a cache arm: its ROUGE-L against the live arms' teacher answers
-        from stillroom.tasks import rouge_l
+        from stillroom.eval.tasks import rouge_l
         said = walls["teacher answers"]
         got["row"]["rougeL_vs_teacher"] = statistics.mean(
             rouge_l(r["student after"]["answer"], [t]) if t else 0.0 for r, t in zip(records, said))
@@ -181,9 +181,9 @@ def run_dml_seed(args, work: Path, seed: int, cuts: dict, variants: dict, kd_sha
     """One seed of the DML comparison: both peers alone (CE, and KD at each teacher share a variant
     uses), then each variant co-distilled; rows appended to alone / dml under their keys. -> the
     teacher's numbers (from a run alone)."""
-    from stillroom.codistill import codistill
     from stillroom.config import CodistillRunConfig, Config, load_config
-    from stillroom.train import distill
+    from stillroom.run.codistill import codistill
+    from stillroom.run.distill import distill
 
     for share in [0.0] + kd_shares:
         for name, layers in cuts.items():
@@ -233,9 +233,9 @@ def run_peers(args, work: Path, walls: dict, ensemble: bool = True) -> dict:
     peers trained alone with CE -- and, where a variant gives the teacher a weight, vs the same
     peers trained alone on that share of the teacher (soft KD, loss.alpha = 0.5 * teacher_weight),
     so that the peers' own contribution is what is compared; then the ensemble control."""
-    from stillroom import models
     from stillroom.config import Config, load_config
-    from stillroom.train import distill
+    from stillroom.models import core as models
+    from stillroom.run.distill import distill
 
     n_t = models.load("smollm2-135m").model.config.num_hidden_layers
     cuts = {"a": models.spread_layers(n_t, args.layers), "b": [i + 1 for i in models.spread_layers(n_t - 1, args.layers)]}
@@ -256,9 +256,9 @@ def run_peers(args, work: Path, walls: dict, ensemble: bool = True) -> dict:
     ens = result(distill(cfg, overwrite=True, progress=False), time.perf_counter() - t0)
     # that run's "teacher" is peer a: agreement, KL and ROUGE-L vs the teacher are re-measured against
     # SmolLM2, as for every other arm (its perplexity and ROUGE-L vs references need no teacher)
-    from stillroom import evaluate
-    from stillroom.store import load_data
-    from stillroom.tasks import rouge_l
+    from stillroom.data.store import load_data
+    from stillroom.eval import evaluate
+    from stillroom.eval.tasks import rouge_l
     teacher = models.load("smollm2-135m")
     _, held = load_data(cfg, teacher.tokenizer)
     student = models.load(str(out / "final")).model
@@ -312,7 +312,7 @@ def main():
             arms.insert(arms.index(by), need)
     logging.basicConfig(level=logging.ERROR)   # each run's notes on the data, repeated per arm: not the result
     from stillroom.cli import _quiet_libraries
-    from stillroom.feedback import set_progress
+    from stillroom.run.feedback import set_progress
     _quiet_libraries()
     set_progress(False)
     t_all = time.perf_counter()

@@ -62,7 +62,7 @@ def sample():   # anonymous memory (what can run a machine out of memory), every
     while not done.is_set():
         peak_anon[0] = max(peak_anon[0], status("RssAnon:"))
         time.sleep(0.002)
-from stillroom import models
+from stillroom.models import core as models
 start_anon = status("RssAnon:")
 threading.Thread(target=sample, daemon=True).start()
 how, spec = sys.argv[1], sys.argv[2]
@@ -116,8 +116,10 @@ SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 STARTUP = r"""
 import json, os, sys, time
 t0 = time.perf_counter()
-from stillroom import data, models, store
 from stillroom.config import Config, load_config
+from stillroom.data import store
+from stillroom.data import examples as data
+from stillroom.models import core as models
 cfg = load_config(None, [f"data.path={sys.argv[1]}", "data.seq_len=256", "train.batch_size=8"], Config)
 tok = models.load_tokenizer(sys.argv[2])
 train, held = store.load_data(cfg, tok)
@@ -138,8 +140,9 @@ def _run(code: str, *args, env=None) -> dict:
 
 BUILD = r"""
 import json, os, sys, time
-from stillroom import models, store
 from stillroom.config import Config, load_config
+from stillroom.data import store
+from stillroom.models import core as models
 cfg = load_config(None, [f"data.path={sys.argv[1]}", "data.seq_len=2048", f"data.workers={sys.argv[3]}",
                          "data.skip_bad_rows=true"] + ([f"data.store={os.environ['STORE_ROOT']}"]
                                                        if os.environ.get("STORE_ROOT") else []), Config)
@@ -152,8 +155,8 @@ print(json.dumps({"s": time.perf_counter() - t0, "tokens": train.store.index["to
 ENCODE = r"""
 import json, os, sys, time
 os.environ["TOKENIZERS_PARALLELISM"] = "true"
-from stillroom import models
-from stillroom.rows import read_row
+from stillroom.data.rows import read_row
+from stillroom.models import core as models
 tok = models.load_tokenizer(sys.argv[2])
 texts = []
 for line in open(sys.argv[1]):
@@ -230,9 +233,9 @@ def data_bench(model: str, rows: int):
 FSDP_CHILD = r"""
 import json, statistics, sys, time, torch
 from torch.distributed.tensor import DTensor
-from stillroom import train
 from stillroom.config import load_config
-from stillroom.loop import clip
+from stillroom.run import distill as train
+from stillroom.run.loop import clip
 out_file, data, how, teacher_shard, accum = sys.argv[1:6]
 held = {}
 real_load = train.load_teachers
@@ -391,7 +394,7 @@ def main():
           "the load, sampled every 2 ms (what can exhaust a machine); the tokenizer-only row's (the tokenizer "
           "is loaded with the model) is taken off before dividing by the weights.")
     table(a.model, f"{a.model}, its folder as stored (the bundled teacher's: fp32 safetensors)")
-    from stillroom import models
+    from stillroom.models import core as models
     with tempfile.TemporaryDirectory() as d:   # most Hugging Face checkpoints are stored in bf16
         m = models.load(a.model, dtype=torch.bfloat16)
         m.model.save_pretrained(d)

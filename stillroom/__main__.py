@@ -1,3 +1,3 @@
-from .cli import entry
+from stillroom.cli import entry
 
 entry()

@@ -18,7 +18,7 @@ import time
 import sys
 from pathlib import Path
 
-from .errors import Stopped, UserError
+from stillroom.errors import Stopped, UserError
 
 log = logging.getLogger("stillroom")
 
@@ -39,7 +39,7 @@ def _quiet_libraries():
 
 def _run_config(args, cls):
     """[CONFIG] [key=value ...] -> validated config, or None after --print-config."""
-    from .config import is_config_path, load_config, to_yaml
+    from stillroom.config import is_config_path, load_config, to_yaml
 
     config, overrides = None, list(args.args)
     if overrides and is_config_path(overrides[0]):
@@ -55,16 +55,16 @@ def _run_config(args, cls):
 
 def cmd_distill(args) -> int:
     """distill (one student) and codistill (peers): same arguments, same end (the table)."""
-    from .config import CodistillRunConfig, Config
+    from stillroom.config import CodistillRunConfig, Config
 
     codistill = args.command == "codistill"
     cfg = _run_config(args, CodistillRunConfig if codistill else Config)
     if cfg is None:
         return 0
     if codistill:
-        from .codistill import codistill as run
+        from stillroom.run.codistill import codistill as run
     else:
-        from .train import distill as run
+        from stillroom.run.distill import distill as run
     result = run(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
     if result:
         print(result["table"])
@@ -73,10 +73,10 @@ def cmd_distill(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    """Tokenize a config's data into its store ahead of the run (store.py)."""
-    from . import models
-    from .config import CodistillRunConfig, Config
-    from .store import load_data
+    """Tokenize a config's data into its store ahead of the run (data/store.py)."""
+    from stillroom.config import CodistillRunConfig, Config
+    from stillroom.data.store import load_data
+    from stillroom.models import core as models
 
     try:
         cfg = _run_config(args, Config)
@@ -91,7 +91,7 @@ def cmd_prepare(args) -> int:
                         "answers, made by the first run)")
     if cfg.data.store == "off":
         raise UserError("data.store=off keeps no store: nothing to prepare (set data.store=auto or a folder)")
-    from .rows import check_source, detect_format
+    from stillroom.data.rows import check_source, detect_format
     for path in (cfg.data.path, cfg.data.eval_path):
         if path:
             check_source(path, detect_format(path, cfg.data.format))
@@ -100,7 +100,7 @@ def cmd_prepare(args) -> int:
     if getattr(loss, "cross_tokenizer", "none") == "uld" and cfg.student.model:
         tok = models.load_tokenizer(cfg.student.model)   # a cross-tokenizer run reads its data as the student
     elif teacher.kind == "cache":
-        from .cache import TeacherCache
+        from stillroom.teachers.cache import TeacherCache
         tok = TeacherCache(teacher.cache).tokenizer()
     else:
         tok = models.load_tokenizer(teacher.model)
@@ -113,15 +113,15 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from .config import Config
+    from stillroom.config import Config
 
     cfg = _run_config(args, Config)
     if cfg is None:
         return 0
     if cfg.teacher.kind != "live":
         raise UserError("stillroom cache runs the teacher: set teacher.kind=live (and teacher.model)")
-    from .folders import check_replace, claim
-    from .outputs import check_writable, inputs_of
+    from stillroom.run.folders import check_replace, claim
+    from stillroom.run.outputs import check_writable, inputs_of
 
     out = Path(cfg.cache.path)
     check_writable(out, "cache.path")
@@ -132,7 +132,7 @@ def cmd_cache(args) -> int:
 
 
 def _build_cache(cfg, args) -> int:
-    from .train import build_cache
+    from stillroom.run.distill import build_cache
 
     s = build_cache(cfg, args.overwrite, not args.no_progress)
     if s is None:   # another process of a launch: the main one says what was built
@@ -147,9 +147,10 @@ def _build_cache(cfg, args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import evaluate, harness, models, tasks
-    from .config import DataConfig, EvalConfig
-    from .data import build_examples
+    from stillroom.config import DataConfig, EvalConfig
+    from stillroom.data.examples import build_examples
+    from stillroom.eval import evaluate, harness, tasks
+    from stillroom.models import core as models
 
     ecfg = EvalConfig(batch_size=args.batch_size, max_batches=args.max_batches, gen_tokens=args.gen_tokens,
                       gen_prompts=args.gen_prompts)
@@ -205,7 +206,7 @@ def cmd_eval(args) -> int:
               "held_out_tokens": cmp["tokens"], "eval": columns}
     out = Path(args.out) if args.out else None
     if args.draft:
-        from . import draft
+        from stillroom.eval import draft
         result["draft"] = draft.draft_check(teacher.model, student.model, prompts, ecfg.gen_tokens, pad,
                                             args.draft_tokens)
     if items:
@@ -222,7 +223,7 @@ def cmd_eval(args) -> int:
     print(f"student {model} vs teacher {teacher_spec}, on {args.data}")
     print(evaluate.table(columns, cmp["tokens"]))
     if "draft" in result:
-        from . import draft
+        from stillroom.eval import draft
         print(f"\nthe student as the teacher's draft model (speculative decoding, {ecfg.gen_tokens} new tokens "
               f"per prompt):\n{draft.table(result['draft'])}")
     if "lm_eval" in result:
@@ -237,7 +238,7 @@ def cmd_eval(args) -> int:
 def _eval_tasks(args, items: dict, teacher, student, out: Path | None) -> dict:
     """The generation tasks of `stillroom eval --task`: scores per model, each row's answers
     written to <out>.<task>.jsonl beside --out."""
-    from . import tasks
+    from stillroom.eval import tasks
 
     both = {"teacher": (teacher.model, teacher.tokenizer), "student": (student.model, student.tokenizer)}
     found = {}
@@ -253,7 +254,7 @@ def _run_teacher(model_dir: str) -> str | None:
     that is still there (a folder or file) or a bundled one."""
     import yaml
 
-    from .models import BUNDLED
+    from stillroom.models.core import BUNDLED
 
     f = Path(model_dir) / "stillroom.yaml"
     try:
@@ -264,7 +265,7 @@ def _run_teacher(model_dir: str) -> str | None:
 
 
 def cmd_export(args) -> int:
-    from .export import export
+    from stillroom.deploy.export import export
 
     res = export(args.model, args.out, args.type, verify=not args.no_check)
     if args.json:
@@ -286,7 +287,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare, render
+    from stillroom.deploy.compare import compare, render
 
     if args.out:
         check_output_file(args.out, "--out")
@@ -300,15 +301,15 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write
+    from stillroom.eval.report import write
 
     print(f"wrote {write(Path(args.run))}")
     return 0
 
 
 def cmd_generate(args) -> int:
-    from .config import GenerateConfig, validate
-    from .generate import read_prompts
+    from stillroom.config import GenerateConfig, validate
+    from stillroom.teachers.generate import read_prompts
 
     raw = {"prompts": args.prompts, "prompt_field": args.prompt_field, "split": args.split,
            "system": args.system, "num_prompts": args.num_prompts, "dedup": not args.no_dedup,
@@ -325,7 +326,7 @@ def cmd_generate(args) -> int:
     if args.top_logprobs and not args.api:
         raise UserError("--top-logprobs is for --api teachers (a local teacher's full distributions "
                         "are cached with `stillroom cache`)")
-    from .folders import claim
+    from stillroom.run.folders import claim
 
     out = Path(args.out)
     with claim(out.parent, key="--out", name=out.name):   # one writer per answers file, refused at once
@@ -342,13 +343,13 @@ def cmd_generate(args) -> int:
 
 
 def _generate(args, gcfg, prompts, out: Path) -> dict:
-    from . import models
-    from .generate import LocalTeacher, generate_file
-    from .tracking import launch_state
+    from stillroom.models import core as models
+    from stillroom.run.tracking import launch_state
+    from stillroom.teachers.generate import LocalTeacher, generate_file
 
     state, device = launch_state()
     if args.api:
-        from .api import ApiTeacher
+        from stillroom.teachers.api import ApiTeacher
 
         tok = models.load_tokenizer(args.tokenizer) if args.tokenizer else None
         teacher = ApiTeacher(args.api, args.api_model, args.api_key_env, args.concurrency, args.rate_limit,
@@ -382,7 +383,7 @@ POSITIVE = _number(int, low=1)
 
 def check_output_file(path, flag: str):
     """Before any work: a file to write must not be a folder, and its folder must be writable."""
-    from .outputs import check_writable
+    from stillroom.run.outputs import check_writable
 
     p = Path(path)
     if p.is_dir():
@@ -405,7 +406,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from stillroom import __version__
 
     p = _Parser(prog="stillroom", description="Distill large language models into small ones.")
     p.add_argument("--version", action="version", version=f"stillroom {__version__}")
@@ -572,7 +573,7 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from .folders import process_rank
+    from stillroom.run.folders import process_rank
 
     rank = process_rank()
     # Under accelerate launch / torchrun the main process says what happens; the others, which do the
@@ -583,10 +584,10 @@ def main(argv=None) -> int:
         logging.getLogger("stillroom").setLevel(logging.WARNING)
     for noisy in ("accelerate", "httpx", "huggingface_hub", "datasets", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from .feedback import set_progress
+    from stillroom.run.feedback import set_progress
 
     set_progress(not getattr(args, "no_progress", False))
-    from .tracking import keep_cpu_memory
+    from stillroom.run.tracking import keep_cpu_memory
 
     logging.getLogger("stillroom").debug("CPU memory: %s", keep_cpu_memory())   # the process is ours
     try:

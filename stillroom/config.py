@@ -13,7 +13,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from stillroom.errors import UserError
 
 RECIPES = Path(__file__).parent / "configs"
 
@@ -278,7 +278,7 @@ class LossConfig(Section):
     @model_validator(mode="after")
     def _terms(self):
         if self.terms is not None:
-            from .methods import TERM_NAMES
+            from stillroom.objectives.methods import TERM_NAMES
             for k, v in self.terms.items():
                 if k not in TERM_NAMES:
                     close = difflib.get_close_matches(k, TERM_NAMES, n=1)
@@ -425,7 +425,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _across(self):
-        from .rules import check_across
+        from stillroom.objectives.rules import check_across
         check_across(self)
         return self
 
@@ -565,6 +565,6 @@ class CodistillRunConfig(Section):
 
     @model_validator(mode="after")
     def _peers(self):
-        from .rules import check_codistill
+        from stillroom.objectives.rules import check_codistill
         check_codistill(self, LossConfig())
         return self

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import models
-from .config import Config, validate
-from .errors import UserError
+from stillroom.config import Config, validate
+from stillroom.errors import UserError
+from stillroom.models import core as models
 
 
 class Distiller:
@@ -55,15 +55,15 @@ class Distiller:
     def train(self, resume: bool = False) -> dict:
         """Distill; -> the metrics (evaluation before and after, the last log record, final/'s
         path). The trained student replaces `self.student` (also saved in output_dir/final)."""
-        from .outputs import own_output
+        from stillroom.run.outputs import own_output
 
         cfg = self.cfg
         with own_output(self.output_dir, self.overwrite, resume):
             return self._train(cfg, resume)
 
     def _train(self, cfg, resume: bool) -> dict:
-        from .tracking import make_accelerator
-        from .train import run_distill
+        from stillroom.run.distill import run_distill
+        from stillroom.run.tracking import make_accelerator
 
         self.student.train()
         for p in self.student.parameters():

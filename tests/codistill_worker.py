@@ -9,13 +9,13 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from stillroom import models
-from stillroom.codistill import Peer, exchange_weights, step_predictions
 from stillroom.config import CodistillRunConfig
-from stillroom.data import micro_batch
-from stillroom.store import load_data
-from stillroom.teachers import LiveTeacher
-from stillroom.train import to_batch
+from stillroom.data.examples import micro_batch
+from stillroom.data.store import load_data
+from stillroom.models import core as models
+from stillroom.run.codistill import Peer, exchange_weights, step_predictions
+from stillroom.run.loop import to_batch
+from stillroom.teachers.core import LiveTeacher
 
 
 def setup(teacher_dir, data, top_k):

@@ -8,10 +8,11 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from stillroom import models
 from stillroom.config import Config
-from stillroom.store import load_data
-from stillroom.train import accumulate, to_batch, window
+from stillroom.data.store import load_data
+from stillroom.models import core as models
+from stillroom.run.distill import accumulate
+from stillroom.run.loop import to_batch, window
 
 
 def step_grads(teacher_dir, data, grad_accum, accelerator, batch_size=1, **loss):

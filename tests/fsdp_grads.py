@@ -1,7 +1,7 @@
 """Worker for test_shard.py: the gradients of step 1 of real distill runs, one per objective.
 
 Usage: [accelerate launch --num_processes 2] tests/fsdp_grads.py TEACHER_DIR DATA OUT_DIR SHARD GRAD_ACCUM
-Each objective's run goes through `stillroom.train.distill` up to its first step (the loop is
+Each objective's run goes through `stillroom.run.distill.distill` up to its first step (the loop is
 replaced by one step that writes every trained parameter's whole gradient, gathered from the
 shards under FSDP2, to OUT_DIR/<objective>.pt on the main process) and stops there; then a
 co-distillation run in mutual mode does the same (OUT_DIR/codistill.pt, every peer's gradients).
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from stillroom import train
 from stillroom.config import load_config
+from stillroom.run import distill as train
 
 OBJECTIVES = {
     "soft_lean": [],
@@ -64,8 +64,8 @@ def codistill_mutual(teacher_dir, data, out_dir, how, grad_accum):
     """The same for co-distillation's mutual mode: every peer's gradients -> OUT_DIR/codistill.pt."""
     from torch.distributed.tensor import DTensor
 
-    from stillroom import codistill
     from stillroom.config import CodistillRunConfig
+    from stillroom.run import codistill
 
     out_dir = Path(out_dir)
 

@@ -9,13 +9,13 @@ import time
 import pytest
 import torch
 
-from stillroom import models
-from stillroom.api import _pieces, build_from_logprobs
-from stillroom.cache import TeacherCache, positions
 from stillroom.config import load_config
-from stillroom.data import Example
-from stillroom.render import render_chat
+from stillroom.data.examples import Example
+from stillroom.data.render import render_chat
 from stillroom.losses import topk_targets
+from stillroom.models import core as models
+from stillroom.teachers.api import _pieces, build_from_logprobs
+from stillroom.teachers.cache import TeacherCache, positions
 
 from conftest import CORPUS, reply_chat_completion, run_cli, tiny_overrides
 
@@ -148,7 +148,7 @@ def test_api_teacher_against_a_real_server(tmp_path, llama_server):
 
 def test_rate_limit_spaces_request_starts(monkeypatch):
     """--rate-limit R: request starts are at least 1/R s apart (a fake clock: no real waiting)."""
-    from stillroom import api
+    from stillroom.teachers import api
 
     clock, slept = [100.0], []
     monkeypatch.setattr(api.time, "monotonic", lambda: clock[0])
@@ -167,8 +167,8 @@ def test_a_throttled_endpoint_is_retried(tmp_path):
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from stillroom.api import ApiTeacher
     from stillroom.config import GenerateConfig
+    from stillroom.teachers.api import ApiTeacher
 
     seen = []
 

@@ -5,9 +5,9 @@ import math
 
 import torch
 
-from stillroom import evaluate
 from stillroom.config import DataConfig
-from stillroom.data import build_examples
+from stillroom.data.examples import build_examples
+from stillroom.eval import evaluate
 from stillroom.losses import IGNORE_INDEX
 
 from conftest import CORPUS, make_model
@@ -104,7 +104,7 @@ def test_stillroom_eval_of_a_student_with_another_tokenizer(tok, teacher_dir, ch
 
     from conftest import run_cli, save
 
-    from stillroom import models
+    from stillroom.models import core as models
 
     from conftest import make_tokenizer
 

@@ -7,15 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stillroom import cache as cache_mod
-from stillroom import models
-from stillroom.cache import TeacherCache, build, positions
 from stillroom.config import load_config
-from stillroom.data import micro_batch
-from stillroom.store import load_data
+from stillroom.data.examples import micro_batch
+from stillroom.data.store import load_data
 from stillroom.errors import UserError
 from stillroom.losses import distill_loss, topk_targets
-from stillroom.train import distill, to_batch
+from stillroom.models import core as models
+from stillroom.run.distill import distill
+from stillroom.run.loop import to_batch
+from stillroom.teachers import cache as cache_mod
+from stillroom.teachers.cache import TeacherCache, build, positions
 
 from conftest import make_tokenizer, run_cli, tiny_overrides
 from test_cli import assert_user_error

@@ -91,8 +91,8 @@ def _machine() -> str:
     run bf16 on a CPU with native bf16, fp32 elsewhere)."""
     import torch
 
-    from stillroom.models import teacher_dtype
-    from stillroom.tracking import student_precision
+    from stillroom.models.core import teacher_dtype
+    from stillroom.run.tracking import student_precision
 
     dtype = str(teacher_dtype("auto", "cpu")).removeprefix("torch.")
     return (f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, teacher {dtype}, "

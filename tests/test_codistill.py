@@ -9,8 +9,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from stillroom.codistill import codistill
 from stillroom.config import CodistillRunConfig, load_config
+from stillroom.run.codistill import codistill
 
 from conftest import run_cli
 from test_train import launch

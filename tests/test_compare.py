@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from stillroom import evaluate, models
 from stillroom.config import DataConfig
-from stillroom.data import build_examples
+from stillroom.data.examples import build_examples
+from stillroom.eval import evaluate
+from stillroom.models import core as models
 
 from conftest import CORPUS, make_model, run_cli, save
 
@@ -50,8 +51,8 @@ def test_compare_numbers_come_from_the_models(setup, teacher_dir):
     assert len(res["generations"]["student"]) == len(res["generations"]["prompts"])
     # the student as the teacher's draft model: the same acceptance as draft.py's own check, only on
     # the student's own column (not the teacher's, not a GGUF file's)
-    from stillroom import draft
-    from stillroom.compare import DEFAULT_PROMPTS
+    from stillroom.deploy.compare import DEFAULT_PROMPTS
+    from stillroom.eval import draft
 
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in DEFAULT_PROMPTS]
     ref = draft.draft_check(models.load(str(teacher_dir)).model, models.load(str(d / "student")).model, ids, 8,

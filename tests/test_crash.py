@@ -3,7 +3,7 @@ named points -- mid-step, mid-checkpoint, mid-rotation, mid-eval, on the prefetc
 writing the final model or a cache shard -- then resumed with the same command, ends bit-identical
 to an uninterrupted run with the same seed.
 
-The points are failpoints (stillroom/faults.py): `STILLROOM_FAULT=NAME:N` SIGKILLs the process the
+The points are failpoints (stillroom/run/faults.py): `STILLROOM_FAULT=NAME:N` SIGKILLs the process the
 N-th time it reaches NAME, so every run of this test kills at exactly the same place.
 """
 import os
@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stillroom.cache import TeacherCache
-from stillroom.train import checkpoints
+from stillroom.run.outputs import checkpoints
+from stillroom.teachers.cache import TeacherCache
 
 from conftest import stillroom_process, tiny_overrides
 

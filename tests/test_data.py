@@ -3,7 +3,7 @@ import json
 import pytest
 
 from stillroom.config import DataConfig
-from stillroom.data import IGNORE_INDEX, build_examples, collate, micro_batch, split_examples
+from stillroom.data.examples import IGNORE_INDEX, build_examples, collate, micro_batch, split_examples
 from stillroom.errors import UserError
 
 
@@ -95,7 +95,7 @@ def test_split_is_deterministic_and_disjoint(chat_file, tok):
 
 
 def test_collate_pads_right_and_masks_padding(tok):
-    from stillroom.data import Example
+    from stillroom.data.examples import Example
 
     b = collate([Example([1, 2, 3], [1, 2, 3]), Example([4], [IGNORE_INDEX])], pad_id=0)
     assert b["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
@@ -104,7 +104,7 @@ def test_collate_pads_right_and_masks_padding(tok):
 
 
 def test_micro_batches_cover_each_epoch_once():
-    from stillroom.data import Example
+    from stillroom.data.examples import Example
 
     ex = [Example([i], [i]) for i in range(12)]
     epoch0 = [e.input_ids[0] for k in range(3) for e in micro_batch(ex, k, 4, seed=0)]
@@ -114,7 +114,7 @@ def test_micro_batches_cover_each_epoch_once():
 
 def test_a_cut_answer_teaches_no_end_of_turn(tmp_path, tok):
     from stillroom.config import DataConfig
-    from stillroom.data import build_examples
+    from stillroom.data.examples import build_examples
 
     p = tmp_path / "d.jsonl"
     conv = [{"role": "user", "content": "Tell me about the cat."}, {"role": "assistant", "content": "The cat sat on"}]
@@ -134,7 +134,7 @@ def test_the_data_order_is_shuffled_once_per_epoch_and_unchanged():
     shuffles once per epoch instead of once per micro-batch."""
     import random
 
-    from stillroom.data import epoch_order, micro_batch
+    from stillroom.data.examples import epoch_order, micro_batch
 
     examples = list(range(103))
 
@@ -157,8 +157,8 @@ def test_a_huge_row_is_tokenized_only_as_far_as_its_kept_tokens(tmp_path, tok, m
     tokenizing it whole (a 20 MB row took a minute)."""
     import copy
 
-    from stillroom import data
     from stillroom.config import DataConfig
+    from stillroom.data import examples as data
     from conftest import CHATML
     t = copy.copy(tok)
     t.chat_template = CHATML
@@ -182,7 +182,7 @@ def test_a_huge_row_is_tokenized_only_as_far_as_its_kept_tokens(tmp_path, tok, m
     fast, _ = data.build_examples(str(rows), counting, cfg)
     assert max(counting.sizes) < 100_000   # prefixes only, never the 2 MB row
     longest = []
-    from stillroom import render
+    from stillroom.data import render
 
     real = render.encode_head
     monkeypatch.setattr(render, "encode_head", lambda tk, text, limit: (longest.append(len(text)), real(tk, text, None))[1])
@@ -226,8 +226,8 @@ def test_fast_rendering_and_encoding_equal_the_tokenizers_own(tok, name):
     in text), for templates that print contents verbatim and for ones that trim or split them."""
     import copy
 
-    from stillroom.data import IGNORE_INDEX
-    from stillroom.render import _encoder, _labeller, _shapes, _verbatim_content, chat_renderer, render_chat
+    from stillroom.data.examples import IGNORE_INDEX
+    from stillroom.data.render import _encoder, _labeller, _shapes, _verbatim_content, chat_renderer, render_chat
 
     template, verbatim = TEMPLATES[name]
     tok = copy.deepcopy(tok)
@@ -263,7 +263,7 @@ def test_a_shape_the_samples_did_not_show_is_rendered_not_filled(tok):
     and ids and labels equal the tokenizer's own (it raised mid-build before)."""
     import copy
 
-    from stillroom.render import _shapes, chat_renderer, render_chat
+    from stillroom.data.render import _shapes, chat_renderer, render_chat
 
     tok = copy.deepcopy(tok)
     tok.chat_template = ("{% for message in messages %}{% if message['role'] == 'tool' %}{{ '<|im_start|>tool\n' + "

@@ -123,7 +123,7 @@ def test_a_run_with_another_divergence(tmp_path, teacher_dir, chat_file):
     from accelerate import Accelerator
 
     from stillroom.errors import UserError
-    from stillroom.train import distill
+    from stillroom.run.distill import distill
 
     from conftest import tiny_overrides
     from ddp_grads import step_grads

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from stillroom.draft import draft_check
+from stillroom.eval.draft import draft_check
 
 from conftest import make_model, run_cli
 

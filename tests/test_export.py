@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from stillroom import models
-from stillroom.export import check, write_gguf
+from stillroom.deploy.export import check, write_gguf
+from stillroom.models import core as models
 
 from conftest import run_cli
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stillroom import cli, loop, train
-from stillroom.teachers import LiveTeacher
+from stillroom import cli
 from stillroom.config import load_config
 from stillroom.errors import UserError
+from stillroom.run import loop
+from stillroom.run import distill as train
+from stillroom.teachers.core import LiveTeacher
 
 from conftest import reply_chat_completion, tiny_overrides
 
@@ -71,8 +73,8 @@ def failing_on_call(real, n):
 
 
 def codistill_run(teacher_dir, data, out, *extra, resume=False):
-    from stillroom.codistill import codistill
     from stillroom.config import CodistillRunConfig
+    from stillroom.run.codistill import codistill
     over = [o for o in tiny_overrides(teacher_dir, data, out) if not o.startswith("student.")]
     cfg = load_config("codistill", over + ["peers.0.num_layers=2", "peers.1.layers=[0,3]", *extra],
                       CodistillRunConfig)
@@ -82,7 +84,7 @@ def codistill_run(teacher_dir, data, out, *extra, resume=False):
 def test_codistill_skips_a_non_finite_step(tmp_path, teacher_dir, chat_file, monkeypatch):
     """The NaN guard covers co-distillation: a NaN gradient in one peer skips the step for every
     peer, counted; more than train.max_bad_steps stop the run with one line."""
-    from stillroom import codistill
+    from stillroom.run import codistill
     real, seen = codistill.step_mutual, {"n": 0}
 
     def poisoned(peers, *a, **k):
@@ -116,7 +118,7 @@ def test_a_failure_mid_run_saves_state_and_resumes_exactly(command, tmp_path, te
     """A teacher (distill) or a step (codistill, on the same loop) failing mid-run: the traceback
     goes to error.log, the last completed step is checkpointed, one line says so, and --resume
     ends with the uninterrupted run's weights."""
-    from stillroom import codistill
+    from stillroom.run import codistill
     go = run if command == "distill" else codistill_run
     owner, name = (LiveTeacher, "targets") if command == "distill" else (codistill, "step_mutual")
     ref = tmp_path / "ref"

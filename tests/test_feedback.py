@@ -30,7 +30,7 @@ def test_distill_says_what_each_phase_does_and_logs_steps_without_a_bar(tmp_path
 def test_a_phase_says_what_it_does_only_once_it_is_slow(caplog):
     import time
 
-    from stillroom.feedback import phase
+    from stillroom.run.feedback import phase
     with caplog.at_level("INFO", logger="stillroom"):
         with phase("quick work", after=0.5):
             pass
@@ -87,7 +87,7 @@ def test_export_writes_beside_the_folder_it_is_given(tmp_path, teacher_dir):
 def test_training_time_counts_across_resumes_and_short_runs_log_every_step(tmp_path, teacher_dir, chat_file):
     import time
 
-    from stillroom import loop
+    from stillroom.run import loop
     out = tmp_path / "r"
     base = [*tiny_overrides(teacher_dir, chat_file, out), "train.log_every=10", "train.save_every=2"]
     real = loop.accumulate
@@ -109,7 +109,7 @@ def test_training_time_counts_across_resumes_and_short_runs_log_every_step(tmp_p
 
 
 def test_the_report_plots_agreement_in_percent_like_the_table(tmp_path, teacher_dir, chat_file):
-    from stillroom.report import plots, read_run
+    from stillroom.eval.report import plots, read_run
     out = tmp_path / "r"
     assert run_cli("distill", *tiny_overrides(teacher_dir, chat_file, out), "train.max_steps=4",
                    "train.eval_every=2", "--no-progress").returncode == 0

@@ -11,8 +11,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from stillroom import cli, folders
+from stillroom import cli
 from stillroom.errors import UserError
+from stillroom.run import folders
 
 from conftest import tiny_overrides
 
@@ -149,7 +150,7 @@ def test_another_process_checking_it_can_write_is_not_a_foreign_entry(tmp_path):
     """In a launch every process checks the output folder is writable (a passing empty folder)
     while the main one decides whether --overwrite may replace it: the check is bookkeeping, and
     the refusal of a foreign folder names what it holds."""
-    from stillroom.outputs import check_writable, prepare_output
+    from stillroom.run.outputs import check_writable, prepare_output
     out = tmp_path / "run"
     out.mkdir()
     (out / f"{folders.PROBE}x1y2").mkdir()        # another process's check, caught mid-way
@@ -201,7 +202,7 @@ def test_a_refused_command_leaves_no_folder_behind(tmp_path):
 def test_only_the_main_process_judges_whether_the_output_folder_is_taken(tmp_path, monkeypatch):
     """A launch's other processes check the folder after the main one has claimed and begun to
     write it (CI saw process 1 refuse its own run's folder as "already exists")."""
-    from stillroom.outputs import prepare_output
+    from stillroom.run.outputs import prepare_output
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("{}")

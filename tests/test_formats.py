@@ -1,4 +1,4 @@
-"""The row formats users have (stillroom/rows.py): each common instruction format reads as the same
+"""The row formats users have (stillroom/data/rows.py): each common instruction format reads as the same
 conversation in every command; anything else is named with data.fields / --prompt-field; a file whose
 rows are all unreadable says which keys they do have."""
 import json
@@ -6,9 +6,9 @@ import json
 import pytest
 
 from stillroom.config import DataConfig, GenerateConfig
-from stillroom.data import build_examples
+from stillroom.data.examples import build_examples
 from stillroom.errors import UserError
-from stillroom.generate import generate_file, read_prompts
+from stillroom.teachers.generate import generate_file, read_prompts
 
 from conftest import run_cli, tiny_overrides
 from test_cli import assert_user_error

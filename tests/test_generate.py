@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from stillroom import models
 from stillroom.config import GenerateConfig
 from stillroom.errors import UserError
-from stillroom.generate import LocalTeacher, _sha, generate_file, read_prompts
+from stillroom.models import core as models
+from stillroom.teachers.generate import LocalTeacher, _sha, generate_file, read_prompts
 
 from conftest import run_cli
 from test_cli import assert_user_error

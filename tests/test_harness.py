@@ -32,7 +32,7 @@ def test_the_shipped_task_offline_for_teacher_and_student(tmp_path, teacher_dir,
 
 
 def test_a_task_of_ones_own_from_include_path(tmp_path, teacher_dir, chat_file):
-    from stillroom import harness
+    from stillroom.eval import harness
     folder = tmp_path / "mine"
     folder.mkdir()
     rows = folder / "yesno.jsonl"
@@ -42,7 +42,7 @@ def test_a_task_of_ones_own_from_include_path(tmp_path, teacher_dir, chat_file):
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: ['no', 'yes']\n"
         "doc_to_target: '{{a}}'\nmetric_list:\n  - metric: acc\n")
     tasks = harness.task_dict(["my_yesno"], str(folder))
-    from stillroom import models
+    from stillroom.models import core as models
     t = models.load(str(teacher_dir))
     got = harness.run(tasks, {"teacher": (t.model, t.tokenizer)}, batch_size=4)
     assert set(got["teacher"]["my_yesno"]) >= {"acc", "acc_stderr"}

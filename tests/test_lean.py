@@ -91,9 +91,9 @@ def test_the_lean_head_is_found_under_bf16_mixed_precision(tok, tmp_path):
     to the plain one without a word)."""
     from conftest import make_model
 
-    from stillroom import models
     from stillroom.config import load_config
-    from stillroom.tracking import make_accelerator
+    from stillroom.models import core as models
+    from stillroom.run.tracking import make_accelerator
     acc = make_accelerator(load_config(None, ["train.mixed_precision=bf16"]), tmp_path, threads=False)
     model = acc.prepare(make_model(tok, layers=1))
     ids = torch.arange(1, 9)[None]
@@ -160,7 +160,7 @@ def test_the_lean_head_runs_in_autocasts_dtype_whatever_the_shared_state_says(te
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    import stillroom.objectives as objectives
+    import stillroom.objectives.core as objectives
     from ddp_grads import step_grads
 
     acc = Accelerator(cpu=True, mixed_precision="bf16")

@@ -3,8 +3,8 @@ from its layers is still the exact fp32 copy, and a tokenizer-only need reads no
 import pytest
 import torch
 
-from stillroom import models
 from stillroom.config import load_config
+from stillroom.models import core as models
 
 from conftest import tiny_overrides
 
@@ -39,7 +39,7 @@ def test_a_student_cut_from_a_bf16_teacher_is_the_exact_fp32_copy(teacher_dir):
 
 def test_distill_loads_the_teacher_in_its_run_dtype_and_trains_the_student_in_fp32(tmp_path, teacher_dir,
                                                                                    chat_file, monkeypatch):
-    from stillroom import train
+    from stillroom.run import distill as train
     seen = {}
     real = train.run_distill
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from stillroom.evaluate import token_stats
+from stillroom.eval.evaluate import token_stats
 from stillroom.losses import (IGNORE_INDEX, cross_entropy, distill_loss, forward_kl, hard_label_ce, mixed_loss,
                               shift_labels)
 

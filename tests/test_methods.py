@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stillroom import methods
 from stillroom.config import load_config
-from stillroom.data import Example
+from stillroom.data.examples import Example
 from stillroom.errors import UserError
 from stillroom.losses import IGNORE_INDEX
-from stillroom.teachers import LiveTeacher
-from stillroom.train import distill
+from stillroom.objectives import methods
+from stillroom.run.distill import distill
+from stillroom.teachers.core import LiveTeacher
 
 from conftest import CORPUS, make_model, make_tokenizer, save, tiny_overrides
 
@@ -397,7 +397,7 @@ def test_two_stages_in_one_command(tmp_path, teacher_dir, chat_file, text_file):
 
 
 def test_a_cached_teacher_in_the_mix_equals_it_live(tmp_path, teacher_dir, chat_file, second_teacher):
-    from stillroom import models as m
+    from stillroom.models import core as m
     from test_cache import make_cache
     V = m.logits_width(m.load(str(second_teacher)).model)
     make_cache(second_teacher, chat_file, tmp_path / "c2", f"cache.top_k={V}", "cache.dtype=float32",

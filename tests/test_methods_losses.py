@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stillroom.losses import (IGNORE_INDEX, DIVERGENCES, attention_loss, divergence, general_loss, hidden_loss, mixed_loss, mixture_logp, token_weights, topk_targets, uld_loss)
-from stillroom.objectives import balance_scale
+from stillroom.objectives.core import balance_scale
 
 
 def _setup(seed=0, B=2, S=5, V=11):

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from stillroom import models
 from stillroom.config import StudentConfig
 from stillroom.errors import UserError
+from stillroom.models import core as models
 
 from conftest import make_model, make_tokenizer
 
@@ -105,7 +105,7 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
 def test_teacher_dtype_auto_follows_the_device(monkeypatch):
     import torch
 
-    from stillroom import models
+    from stillroom.models import core as models
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
     assert models.teacher_dtype("auto", "cpu") == torch.float32
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
@@ -115,7 +115,7 @@ def test_teacher_dtype_auto_follows_the_device(monkeypatch):
 
 
 def test_teacher_attention_auto_is_eager_on_a_cpu_up_to_1024_tokens():
-    from stillroom import models
+    from stillroom.models import core as models
     assert models.teacher_attention("auto", "cpu", 256) == "eager"
     assert models.teacher_attention("auto", "cpu", 1024) == "eager"
     assert models.teacher_attention("auto", "cpu", 1025) is None     # the model's own (sdpa)
@@ -129,8 +129,8 @@ def test_eager_and_sdpa_teachers_give_the_same_logits(teacher_dir, tok):
     batch and a packed one (position_ids restarting per document)."""
     import torch
 
-    from stillroom import models
-    from stillroom.data import Example, collate, model_inputs
+    from stillroom.data.examples import Example, collate, model_inputs
+    from stillroom.models import core as models
     m = models.load(str(teacher_dir)).model.eval()
     a, b = list(range(5, 30)), list(range(40, 49))
     padded = collate([Example(a, a), Example(b, b)], tok.pad_token_id)
@@ -151,9 +151,9 @@ def test_load_teachers_gives_a_mix_teacher_its_attention(teacher_dir, tok):
     tokens, or an explicit choice, keeps sdpa (the primary's is set before the data: the CLI test)."""
     from accelerate import Accelerator
 
-    from stillroom import models
     from stillroom.config import Config
-    from stillroom.teachers import load_teachers
+    from stillroom.models import core as models
+    from stillroom.teachers.core import load_teachers
     acc = Accelerator(cpu=True)
     for mix, data, want in (({}, {}, "eager"), ({}, {"seq_len": 2048}, "sdpa"), ({"attention": "sdpa"}, {}, "sdpa")):
         cfg = Config.model_validate({"teacher": {"model": str(teacher_dir),
@@ -168,7 +168,7 @@ def test_load_teachers_gives_a_mix_teacher_its_attention(teacher_dir, tok):
 def test_output_head_refuses_a_soft_capped_head(teacher_dir):
     """The lean path is only taken when logits == hidden @ W.T: a model that rescales its logits
     (here: a hook standing in for soft-capping) falls back to the plain path."""
-    from stillroom import models
+    from stillroom.models import core as models
     m = models.load(str(teacher_dir)).model
     m.lm_head.register_forward_hook(lambda mod, inp, out: 30 * (out / 30).tanh())
     assert models.output_head(m) is None

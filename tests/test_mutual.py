@@ -66,7 +66,7 @@ def test_mutual_loss_matches_reference_and_gradient(T):
 def test_peer_share_burn_in_and_ramp():
     from types import SimpleNamespace
 
-    from stillroom.codistill import peer_share, term_weights
+    from stillroom.run.codistill import peer_share, term_weights
     cc = SimpleNamespace(burn_in=2, ramp=4)
     assert [peer_share(i, cc) for i in range(8)] == [0, 0, 0.25, 0.5, 0.75, 1, 1, 1]
     assert [peer_share(i, SimpleNamespace(burn_in=1, ramp=0)) for i in range(3)] == [0, 1, 1]
@@ -83,7 +83,7 @@ def test_confidence_weighted_peer_loss_matches_reference(T, scale):
     at T; the teacher and CE terms as in mutual_loss, at the ramp's share of the peer weight."""
     from types import SimpleNamespace
 
-    from stillroom.codistill import peer_loss
+    from stillroom.run.codistill import peer_loss
     s, b, c, t = (logits(2, 5, 11, seed=i) for i in range(4))
     y = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(9))
     y[0, :2] = IGNORE_INDEX
@@ -203,8 +203,8 @@ def test_a_mutual_step_gives_each_peer_the_full_mutual_loss(tok):
     from accelerate import Accelerator
     from conftest import make_model
 
-    from stillroom.codistill import Peer, step_mutual
-    from stillroom.loop import Batch
+    from stillroom.run.codistill import Peer, step_mutual
+    from stillroom.run.loop import Batch
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, len(tok), (2, 9), generator=g)

@@ -2,12 +2,13 @@
 import torch
 from accelerate import Accelerator
 
-from stillroom import models
 from stillroom.config import Config
-from stillroom.data import Example, collate, model_inputs, pack_documents, pack_examples
-from stillroom.store import load_data
+from stillroom.data.examples import Example, collate, model_inputs, pack_documents, pack_examples
+from stillroom.data.store import load_data
 from stillroom.losses import IGNORE_INDEX
-from stillroom.train import accumulate, to_batch
+from stillroom.models import core as models
+from stillroom.run.distill import accumulate
+from stillroom.run.loop import to_batch
 
 from conftest import make_model
 

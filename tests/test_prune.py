@@ -6,8 +6,8 @@ import torch
 
 from stillroom.config import load_config
 from stillroom.errors import UserError
-from stillroom.prune import importance, prune_width
-from stillroom.train import distill
+from stillroom.models.prune import importance, prune_width
+from stillroom.run.distill import distill
 
 from conftest import make_model, tiny_overrides
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from stillroom import models
 from stillroom.config import load_config
-from stillroom.export import check, write_gguf
-from stillroom.quant import FakeQuant, fake_quant
-from stillroom.train import distill
+from stillroom.deploy.export import check, write_gguf
+from stillroom.deploy.quant import FakeQuant, fake_quant
+from stillroom.models import core as models
+from stillroom.run.distill import distill
 
 from conftest import tiny_overrides
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from stillroom import models
+from stillroom.models import core as models
 
 from conftest import run_cli
 

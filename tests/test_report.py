@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stillroom.config import load_config
-from stillroom.train import distill
+from stillroom.run.distill import distill
 
 from conftest import run_cli, tiny_overrides
 
@@ -35,8 +35,8 @@ def test_every_run_writes_a_self_contained_report(run):
 
 def test_a_codistill_run_writes_its_report_too(tmp_path, teacher_dir, chat_file):
     """Co-distillation ends like distill: report.html with a loss curve per peer and the table."""
-    from stillroom.codistill import codistill
     from stillroom.config import CodistillRunConfig
+    from stillroom.run.codistill import codistill
     out = tmp_path / "co"
     over = [o for o in tiny_overrides(teacher_dir, chat_file, out) if not o.startswith("student.")]
     cfg = load_config("codistill", over + ["peers.0.num_layers=2", "peers.1.layers=[1,3]", "train.eval_every=2",

@@ -6,8 +6,8 @@ import pytest
 
 from stillroom.config import load_config
 from stillroom.errors import UserError
-from stillroom.objectives import scheduled
-from stillroom.train import distill, loss_weights
+from stillroom.objectives.core import scheduled, loss_weights
+from stillroom.run.distill import distill
 
 from conftest import tiny_overrides
 

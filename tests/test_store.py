@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from stillroom import data, store, store_build
 from stillroom.config import Config, load_config
+from stillroom.data import store, store_build
+from stillroom.data import examples as data
 from stillroom.errors import UserError
 
 from conftest import CORPUS, run_cli
@@ -253,7 +254,7 @@ def test_a_second_run_waits_for_the_build_of_the_same_store(sources, tok, tmp_pa
     import threading
     import time
 
-    from stillroom import folders
+    from stillroom.run import folders
     cfg = cfg_for(sources["chat"])
     key, _ = store.store_key(cfg.data, tok, cfg.train.seed)
     base = tmp_path / "cache" / "data"
@@ -274,7 +275,7 @@ def test_another_process_of_a_launch_waits_for_the_build_too(sources, tok, tmp_p
     import threading
     import time
 
-    from stillroom import folders
+    from stillroom.run import folders
     cfg = cfg_for(sources["chat"])
     key, _ = store.store_key(cfg.data, tok, cfg.train.seed)
     base = tmp_path / "cache" / "data"

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from stillroom import tasks
 from stillroom.errors import UserError
+from stillroom.eval import tasks
 
 from conftest import make_model, run_cli
 from test_cli import assert_user_error

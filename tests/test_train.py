@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from stillroom.config import load_config
-from stillroom.train import distill
+from stillroom.run.distill import distill
 
 from conftest import tiny_overrides
 from ddp_grads import step_grads
@@ -43,7 +43,7 @@ def test_four_micro_batches_of_one_equal_one_batch_of_four(teacher_dir, chat_fil
 def test_lean_step_equals_plain_step(teacher_dir, chat_file, kind):
     """The default lean path (logits made in the loss from hidden states, labelled rows only, for
     student and teacher) gives the plain full-logit path's loss and gradients."""
-    from stillroom import models
+    from stillroom.models import core as models
     t = models.load(str(teacher_dir)).model
     assert models.output_head(t) is not None and models.output_head(t, base=True) is not None  # lean path taken
     acc = Accelerator(cpu=True)
@@ -181,7 +181,7 @@ def test_threads_are_shared_out_among_processes(monkeypatch):
     from types import SimpleNamespace
 
     from stillroom.config import Config
-    from stillroom.train import set_threads
+    from stillroom.run.tracking import set_threads
 
     before = torch.get_num_threads()
     try:
@@ -198,7 +198,7 @@ def test_threads_are_shared_out_among_processes(monkeypatch):
 
 KEPT = """
 import ctypes, sys, torch
-from stillroom.tracking import keep_cpu_memory
+from stillroom.run.tracking import keep_cpu_memory
 
 print(keep_cpu_memory())
 x = torch.ones(64 << 20)   # 256 MB: glibc alone maps it and hands it back on free
@@ -232,7 +232,7 @@ def test_a_run_gives_the_teacher_eager_attention_on_a_cpu_and_the_student_its_ow
                                                                                  monkeypatch):
     """teacher.attention=auto on a CPU: the teacher's forward runs eager attention (faster there at
     these lengths), while the student built from its config keeps sdpa."""
-    from stillroom import models
+    from stillroom.models import core as models
     seen = {}
     load, build = models.load, models.build_student
 

@@ -72,7 +72,7 @@ def serve(path: str):
     from transformers import LlamaForCausalLM  # noqa: F401
 
     import stillroom.cli  # noqa: F401
-    import stillroom.train  # noqa: F401
+    import stillroom.run.distill  # noqa: F401
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # handlers are reaped by the system
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -29,12 +29,12 @@ or mask, then the weights (alpha, ce_weight), then temperature, then the diverge
 """
 from __future__ import annotations
 
-from .core import (CHUNK_ELEMENTS, IGNORE_INDEX, Head, TopK, auto_chunk_rows, on_support, shift_labels,
+from stillroom.losses.core import (CHUNK_ELEMENTS, IGNORE_INDEX, Head, TopK, auto_chunk_rows, on_support, shift_labels,
                    support_kl_rows, topk_targets)
-from .divergences import DIVERGENCES
-from .general import (TEACHER_TERMS, TOKEN_WEIGHTS, attention_loss, general_loss, hidden_loss, mixture_logp,
+from stillroom.losses.divergences import DIVERGENCES
+from stillroom.losses.general import (TEACHER_TERMS, TOKEN_WEIGHTS, attention_loss, general_loss, hidden_loss, mixture_logp,
                       token_weights, uld_loss)
-from .kernel import (cross_entropy, distill_loss, divergence, forward_kl, hard_label_ce, jsd, linear_distill_loss,
+from stillroom.losses.kernel import (cross_entropy, distill_loss, divergence, forward_kl, hard_label_ce, jsd, linear_distill_loss,
                      linear_mixed_loss, mixed_loss, mutual_loss, reverse_kl, skew_kl, skew_reverse_kl,
                      total_variation)
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .core import IGNORE_INDEX, TopK, _masked_kl_rows, on_support
+from stillroom.losses.core import IGNORE_INDEX, TopK, _masked_kl_rows, on_support
 
 
 # Rows of D(p, q) from log-probabilities: log_q the student's, log_p the teacher's, both (n, V) at

@@ -18,7 +18,7 @@ import logging
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .core import IGNORE_INDEX, TopK
+from stillroom.losses.core import IGNORE_INDEX, TopK
 
 log = logging.getLogger("stillroom")
 

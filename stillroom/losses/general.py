@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from .core import IGNORE_INDEX, TopK, _rows, _saved_grad, _target_chunk, auto_chunk_rows, on_support
-from .divergences import DIVERGENCES, _kl
+from stillroom.losses.core import IGNORE_INDEX, TopK, _rows, _saved_grad, _target_chunk, auto_chunk_rows, on_support
+from stillroom.losses.divergences import DIVERGENCES, _kl
 
 
 # Everything above is the fast path for the common losses. The methods below (teacher mixtures and

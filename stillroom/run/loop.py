@@ -1,0 +1,530 @@
+"""The training loop, one for every mode, on Accelerate, top to bottom.
+
+One optimizer step: the step's plan (objective.plan: its term weights, temperature, ...) ->
+its micro-batches (a pure function of the step number, so resume is exact; built ahead on a data
+thread) -> the objective's batch transform -> their target tokens counted
+across all processes, once -> per micro-batch: the objective's loss *sum* -> backward of
+sum * num_processes / num_tokens (cancelling DDP's mean over processes) -> clip -> bad-step guard
+-> step -> log / eval / save / stop. So 4 micro-batches x 1 process, 1 x 4 and 2 x 2 processes all
+produce the same gradient. What only one method needs lives in its objective (objectives/core.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from stillroom.data.examples import collate, micro_batch
+from stillroom.errors import Stopped, UserError
+from stillroom.losses import IGNORE_INDEX, shift_labels
+from stillroom.run import faults
+from stillroom.run.outputs import checkpoints, read_state, save_checkpoint, trim_metrics
+from stillroom.run.shard import grad_norm, is_sharded
+from stillroom.run.tracking import hparams, make_accelerator, scalars, set_threads  # noqa: F401 (the loop's setup)
+
+log = logging.getLogger("stillroom")
+
+
+# ------------------------------------------------------------------------------------ pieces
+
+def lr_lambda(cfg):
+    """Linear warmup, then cosine decay to min_lr_ratio of the peak."""
+    t = cfg.train
+
+    def f(step):
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def make_optimizer(model, cfg, lr=None):
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr or cfg.train.lr)
+
+
+def window_indices(step, cfg, rank, world) -> list[int]:
+    """The global indices of this process's micro-batches for optimizer step `step`: global
+    micro-batch j of the step goes to process j % world, so any (processes x grad_accum) split
+    sees the same data."""
+    per_step = cfg.train.grad_accum * world
+    return [step * per_step + i * world + rank for i in range(cfg.train.grad_accum)]
+
+
+def window(examples, step, cfg, rank, world):
+    """This process's micro-batches for optimizer step `step` (see window_indices)."""
+    return [micro_batch(examples, j, cfg.train.batch_size, cfg.train.seed)
+            for j in window_indices(step, cfg, rank, world)]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    targets: torch.Tensor  # labels shifted: targets[i] is the token logits[i] must predict (collate's labels are unshifted)
+    examples: list | None = None  # what the batch was made of (a teacher may look them up)
+    position_ids: torch.Tensor | None = None  # packed examples: positions restart per document
+    ahead: dict | None = None  # teacher name -> its targets for this batch, read ahead on the data thread
+
+
+def to_batch(examples, pad_id, device) -> Batch:
+    b = collate(examples, pad_id)
+    pos = b.get("position_ids")
+    return Batch(b["input_ids"].to(device), b["attention_mask"].to(device),
+                 shift_labels(b["labels"]).to(device), list(examples), None if pos is None else pos.to(device))
+
+
+@dataclass
+class Failure:
+    """An exception caught on one process in the local part of a step (see accumulate)."""
+    exc: BaseException
+    trace: str
+
+    @classmethod
+    def now(cls, e):
+        return cls(e, traceback.format_exc())
+
+
+class StepFailed(Exception):
+    """A step failed on at least one process, and every process knows it (the failure flag rides
+    on the step's own all-reduces), so all of them can save together and stop. `local`: this
+    process's Failure, None where another one failed."""
+
+    def __init__(self, local: Failure | None):
+        super().__init__("a step failed on another process" if local is None else str(local.exc))
+        self.local = local
+
+
+def agree(accelerator, failure: Failure | None, values=()) -> torch.Tensor:
+    """Sum `values` over the processes with each one's failure flag beside them; raises StepFailed
+    on every process when any of them failed (`failure` is this one's). -> the summed values."""
+    t = torch.tensor([*values, float(failure is not None)], dtype=torch.float64, device=accelerator.device)
+    t = accelerator.reduce(t, "sum")
+    if t[-1] > 0:
+        raise StepFailed(failure)
+    return t[:-1]
+
+
+def step_counts(batches, accelerator, failure: Failure | None = None) -> list:
+    """[target tokens, tokens] of the step's micro-batches over all processes, the step's first
+    flagged all-reduce (a failure here, or on another process, raises: StepFailed under several)."""
+    if failure is not None and accelerator.num_processes == 1:
+        raise failure.exc
+    ok = failure is None
+    counts = [sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches) if ok else 0,
+              sum(int(b.attention_mask.sum()) for b in batches) if ok else 0]
+    return agree(accelerator, failure, counts) if accelerator.num_processes > 1 else counts
+
+
+def accumulate(student, objective, batches: list[Batch] | None, plan, accelerator, failure: Failure | None = None) -> dict:
+    """Forward + backward over one optimizer step's micro-batches; leaves the summed, correctly
+    normalized gradient in the student's (and the objective's trained modules') .grad. Returns
+    the step's loss per target token, token counts, and each logged term's raw size per token.
+
+    Under several processes no collective runs between the step's two all-reduces (token counts
+    before, logged sums after): the student's forward and backward run on the unwrapped model and
+    its gradients are averaged after the second one. Each all-reduce carries a failure flag, so an
+    exception on one process (`failure`, from building the step's data, or raised here) reaches
+    every process as StepFailed instead of leaving the others waiting in a collective."""
+    world = accelerator.num_processes
+    shared = world > 1
+    counts = step_counts(batches, accelerator, failure)
+    num_tokens = max(int(counts[0]), 1)
+    scale = world / num_tokens
+    loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    parts: dict = {}
+    sharded = shared and is_sharded(student)   # FSDP2: its forward and backward gather and reduce themselves
+    model = student if sharded or not shared else accelerator.unwrap_model(student)
+    try:
+        for i, b in enumerate(batches):
+            faults.point("micro_batch")
+            last = i == len(batches) - 1
+            if sharded:   # reduce-scatter the gradients once, after the step's last micro-batch
+                student.set_requires_gradient_sync(last)
+            with contextlib.nullcontext() if last or shared else accelerator.no_sync(student):
+                loss_sum, mine = objective.loss(model, b, plan, accelerator)
+                accelerator.backward(loss_sum * scale)
+            loss_total += loss_sum.detach()
+            for k, v in mine.items():
+                parts[k] = parts.get(k, 0.0) + v
+    except Exception as e:
+        if not shared or sharded:   # a sharded model's collectives cannot be left halfway: this process
+            raise                   # stops, and the launcher stops the others (the last checkpoint stays)
+        failure = Failure.now(e)
+    keys = objective.part_keys(plan)
+    raw = torch.tensor([parts.get(k, 0.0) for k in keys] + [float(loss_total)], dtype=torch.float64)
+    if shared:
+        raw = agree(accelerator, failure, raw.tolist())
+        if not sharded:
+            average_grads([p for p in model.parameters() if p.requires_grad], world)
+    out = {"loss": float(raw[-1]) / num_tokens, "target_tokens": int(counts[0]), "tokens": int(counts[1])}
+    if keys:   # each term's raw (unweighted) size per target token
+        out["terms"] = {k: float(v) / num_tokens for k, v in zip(keys, raw[:-1].tolist()) if k in parts}
+    return out
+
+
+def average_grads(params, world: int, bucket: int = 1 << 24):
+    """Mean of the parameters' gradients over the processes, as DDP computes it (each divided by
+    the number of processes, then summed), in flat buckets of up to `bucket` elements. A parameter
+    with no gradient takes part with zeros, as under DDP, so every process runs the same all-reduces."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    todo = [p.grad for p in params]
+    while todo:
+        n, k = 0, 0
+        while k < len(todo) and (k == 0 or n + todo[k].numel() <= bucket):
+            n += todo[k].numel()
+            k += 1
+        group, todo = todo[:k], todo[k:]
+        flat = _flatten_dense_tensors(group).div_(world)
+        torch.distributed.all_reduce(flat)
+        for g, f in zip(group, _unflatten_dense_tensors(flat, group)):
+            g.copy_(f)
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM during training: finish the current step, save a checkpoint, stop (the
+    decision is taken together by all processes at a step boundary, so it is never mid-update).
+    A second Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool = True):
+        self.signum = None
+        self.old = {}
+        self.enabled = enabled
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s: stopping after this step and saving a checkpoint (Ctrl-C again stops now)",
+                    signal.Signals(signum).name)
+
+    def stopped(self, done: int, out: Path) -> Stopped:
+        code = 128 + int(self.signum or signal.SIGINT)
+        return Stopped(f"stopped by {signal.Signals(code - 128).name} after step {done}: checkpoint "
+                       f"{checkpoints(out)[-1]} saved; continue with --resume", code)
+
+    def requested(self, accelerator) -> bool:
+        flag = self.signum is not None
+        if accelerator.num_processes > 1:
+            t = torch.tensor([float(flag)], device=accelerator.device)
+            flag = bool(accelerator.reduce(t, "sum").item() > 0)
+        return flag
+
+
+def prefetched(make, steps, enabled=True):
+    """Yield (step, make(step)) with make(step + 1) already running on a background thread, so the
+    data work of the next step overlaps this one's compute. make must be a pure function of step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    steps = list(steps)
+    if not enabled or not steps:
+        yield from ((s, make(s)) for s in steps)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="stillroom-data") as pool:
+        nxt = pool.submit(make, steps[0])
+        for i, s in enumerate(steps):
+            ready = nxt.result()
+            nxt = pool.submit(make, steps[i + 1]) if i + 1 < len(steps) else None
+            yield s, ready
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+@dataclass
+class Trainee:
+    """A model the loop trains: prepared (DDP-wrapped under several processes), its optimizer and
+    schedule; `extra`: modules trained with it (an objective's own modules), clipped with it."""
+    name: str | None
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    extra: list = ()
+
+    def params(self):
+        return [*self.model.parameters(), *(p for m in self.extra for p in m.parameters())]
+
+
+@dataclass
+class Run:
+    """What the loop trains and how. The step strategy and its companions:
+    make_batches(step) -> the step's data (on the data thread; a pure function of the step);
+    step(step, batches) -> stats with "loss" (a float, or a dict per trainee), gradients in .grad;
+    after_step(stats)   after a good step (an objective's running state);
+    record(stats, norms, lrs) -> (the log record's fields, tokens the step read, over all processes);
+    evaluate(step) -> the mid-run evaluation's log record and a line, on every process (None off
+      the main one); write_checkpoint(tmp) / load_checkpoint(path, state) / state() -> what a
+      checkpoint holds beyond Accelerate's save_state (None: save_state / load_state)."""
+    cfg: object
+    accelerator: object
+    trainees: list
+    out: Path
+    make_batches: Callable
+    step: Callable
+    record: Callable
+    after_step: Callable = lambda stats: None
+    evaluate: Callable | None = None
+    write_checkpoint: Callable | None = None
+    load_checkpoint: Callable | None = None
+    state: Callable = dict
+    desc: str = "distill"
+    progress: bool = True
+    signals: bool = True   # Ctrl-C / SIGTERM stop at a step boundary (the CLI; a library leaves them alone)
+    agrees: bool = False
+    """The step takes a Failure in place of its batches and raises StepFailed on every process when
+    any one fails (accumulate), so a failure under several processes is saved from together."""
+
+
+def clip(accelerator, trainee, max_norm: float) -> float:
+    """Clip a trainee's gradients to max_norm by their total norm; -> that norm."""
+    if is_sharded(trainee.model):
+        return grad_norm(trainee.params(), max_norm)
+    return float(accelerator.clip_grad_norm_(trainee.params(), max_norm))
+
+
+def _finite(loss) -> bool:
+    return all(math.isfinite(x) for x in (loss.values() if isinstance(loss, dict) else [loss]))
+
+
+def fit(run: Run, resume: bool) -> dict:
+    """Train to cfg.train.max_steps (from the last checkpoint with resume); -> the last log
+    record. Ctrl-C / SIGTERM finish the step, checkpoint and raise Stopped; a non-finite loss or
+    gradient skips the step (all processes agree), more than train.max_bad_steps of them stop the
+    run; a failure mid-step keeps the last completed step's state (checkpointed when one process)
+    and raises one line, its traceback in error.log."""
+    cfg, accelerator, out, trainees = run.cfg, run.accelerator, run.out, run.trainees
+    main, t = accelerator.is_main_process, cfg.train
+    start, bad_steps, trained_before = 0, 0, 0.0
+    if resume:
+        last = checkpoints(out)[-1]
+        state = read_state(last)
+        if run.load_checkpoint is None:
+            accelerator.load_state(str(last))
+        else:
+            run.load_checkpoint(last, state)
+        start, bad_steps = state["step"], state.get("bad_steps", 0)
+        trained_before = state.get("elapsed_s", 0.0)   # training time of the sessions before this one
+        if main:
+            trim_metrics(out / "metrics.jsonl", start)
+        log.info("resumed from %s (step %d)", last, start)
+    if t.report_to:
+        accelerator.init_trackers("stillroom", config=hparams(cfg.model_dump()))
+
+    metrics_file = open(out / "metrics.jsonl", "a") if main else None
+    bar = tqdm(total=t.max_steps, initial=start, desc=run.desc, unit="step", disable=not (run.progress and main))
+    t_start, tokens_seen, last_log = time.perf_counter(), 0, {}
+    for tr in trainees:
+        tr.model.train()
+
+    def make_batches(step):
+        try:
+            batches = run.make_batches(step)
+            faults.point("batch")   # on the prefetch thread, while the previous step computes
+        except Exception as e:
+            if not (run.agrees and accelerator.num_processes > 1):
+                raise
+            return Failure.now(e)   # handed to the step, which tells the other processes
+        return batches
+
+    done, saved = start, start if resume else None
+    save = lambda at: save_checkpoint(  # noqa: E731
+        accelerator, out, at, t.keep_checkpoints, run.write_checkpoint,
+        state={"bad_steps": bad_steps, "elapsed_s": round(trained_before + time.perf_counter() - t_start, 1),
+               **run.state()})
+    # A short run logs every step, so its curves have points (train.log_every applies from 50 steps).
+    log_every = t.log_every if t.max_steps >= 50 else 1
+    try:
+        with GracefulStop(run.signals) as stop:
+            for step, batches in prefetched(make_batches, range(start, t.max_steps), t.prefetch):
+                stats = run.step(step, batches)
+                # The norm is taken even without clipping: a non-finite one means a bad step.
+                norms = [clip(accelerator, tr, t.max_grad_norm or float("inf")) for tr in trainees]
+                good = _finite(stats["loss"]) and all(math.isfinite(n) for n in norms)
+                if accelerator.num_processes > 1:   # every process skips the same steps
+                    flag = torch.tensor([float(good)], device=accelerator.device)
+                    good = bool(accelerator.reduce(flag, "sum").item() == accelerator.num_processes)
+                if good:
+                    run.after_step(stats)
+                    for tr in trainees:
+                        tr.optimizer.step()
+                else:
+                    bad_steps += 1
+                    log.warning("step %d: non-finite %s: step skipped (%d so far, train.max_bad_steps=%d)",
+                                step + 1, "loss" if not _finite(stats["loss"]) else "gradient",
+                                bad_steps, t.max_bad_steps)
+                    if bad_steps > t.max_bad_steps:
+                        have = checkpoints(out)
+                        raise UserError(
+                            f"stopping at step {step + 1}: {bad_steps} steps had a non-finite loss or gradient "
+                            f"(more than train.max_bad_steps={t.max_bad_steps}); lower train.lr or check "
+                            "the data" + (f"; the last checkpoint is {have[-1]}" if have else ""))
+                for tr in trainees:
+                    tr.scheduler.step()
+                    tr.optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                faults.point("step")
+                fields, tokens = run.record(stats, norms, [tr.scheduler.get_last_lr()[0] for tr in trainees])
+                tokens_seen += tokens
+                elapsed = time.perf_counter() - t_start
+                record = {"step": done, **fields, "tokens_per_s": round(tokens_seen / elapsed, 1),
+                          "elapsed_s": round(trained_before + elapsed, 1), "bad_steps": bad_steps}
+                if done % log_every == 0 or done == t.max_steps:
+                    last_log = record
+                    if main:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                        faults.point("metrics")
+                        if not run.progress:   # no bar: a plain line at the log cadence instead of silence
+                            left = (t.max_steps - done) * elapsed / max(done - start, 1)
+                            log.info("%s step %d/%d: loss %s, %.0f tokens/s, %.0f s elapsed, ~%.0f s left",
+                                     run.desc, done, t.max_steps, _loss_text(stats["loss"]),
+                                     record["tokens_per_s"], record["elapsed_s"], left)
+                    accelerator.log(scalars(record), step=done)
+                bar.set_postfix(loss=_loss_text(stats["loss"]), tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                if t.eval_every and done % t.eval_every == 0 and done != t.max_steps and run.evaluate:
+                    got = run.evaluate(done)   # on every process: an evaluation may gather
+                    faults.point("eval")
+                    if main and got is not None:
+                        rec, line = got
+                        metrics_file.write(json.dumps({"eval": rec}) + "\n")
+                        metrics_file.flush()
+                        accelerator.log(scalars({k: v for k, v in rec.items() if k != "step"}, "eval/"), step=done)
+                        bar.write(f"step {done}: {line}") if run.progress else log.info("step %d: %s", done, line)
+                if t.save_every and done % t.save_every == 0:
+                    save(done)
+                    saved = done
+                if stop.requested(accelerator):
+                    if saved != done:
+                        save(done)
+                    raise stop.stopped(done, out)
+    except (UserError, Stopped, KeyboardInterrupt):
+        raise
+    except StepFailed as e:
+        # Every process knows (see accumulate): save the last completed step together, then stop
+        # everywhere with the failing process's line.
+        from accelerate.utils import gather_object
+
+        failed = gather_object([(accelerator.process_index, type(e.local.exc).__name__,
+                                 (str(e.local.exc).splitlines() or [""])[0][:200], e.local.trace)]
+                               if e.local is not None else [])
+        for tr in trainees:
+            tr.optimizer.zero_grad(set_to_none=True)
+        if main:
+            (out / "error.log").write_text("".join(f"process {r}:\n{trace}\n" for r, _, _, trace in failed))
+        note = ""
+        if done > start and saved != done:
+            save(done)
+            note = f"; checkpoint of step {done} saved: fix the cause and continue with --resume"
+        elif checkpoints(out):
+            note = f"; continue from {checkpoints(out)[-1].name} with --resume"
+        rank, kind, first, _ = failed[0]
+        raise UserError(f"step {done + 1} failed on process {rank}: {kind}: {first} (traceback in "
+                        f"{out / 'error.log'}){note}") from None
+    except Exception as e:
+        # A failure mid-step (a teacher that breaks, out of memory...): the weights and optimizer
+        # are those of the last completed step; keep them, then stop with one line.
+        if main:
+            (out / "error.log").write_text(traceback.format_exc())
+        note = ""
+        if accelerator.num_processes == 1 and done > start and saved != done:
+            save(done)
+            note = f"; checkpoint of step {done} saved: fix the cause and continue with --resume"
+        elif checkpoints(out):
+            note = f"; continue from {checkpoints(out)[-1].name} with --resume"
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"step {done + 1} failed: {type(e).__name__}: {first} (traceback in "
+                        f"{out / 'error.log'}){note}") from None
+    bar.close()
+    accelerator.wait_for_everyone()
+    if main:
+        metrics_file.close()
+    return last_log   # the caller ends training (accelerator.end_training) after its own collectives
+
+
+def _loss_text(loss) -> str:
+    return f"{loss:.4f}" if not isinstance(loss, dict) else " ".join(f"{k} {x:.3f}" for k, x in loss.items())
+
+
+def objective_run(cfg, accelerator, student, optimizer, scheduler, objective, examples, pad_id, out, **kw) -> Run:
+    """A Run for one student and an objective (distill): its step is plan -> window -> prepare ->
+    accumulate -> the objective's modules synced."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    plans = {}
+
+    def make_batches(step):
+        bs = [to_batch(mb, pad_id, accelerator.device) for mb in window(examples, step, cfg, rank, world)]
+        objective.read_ahead(bs, objective.plan(step))
+        return bs
+
+    def step_fn(step, batches):
+        plan = plans["now"] = objective.plan(step)
+        failure = batches if isinstance(batches, Failure) else None
+        if failure is None:
+            try:
+                batches = objective.prepare(batches, plan, accelerator.unwrap_model(student),
+                                            window_indices(step, cfg, rank, world), to_batch)
+            except Exception as e:
+                if world == 1:
+                    raise
+                failure = Failure.now(e)
+        stats = accumulate(student, objective, None if failure else batches, plan, accelerator, failure)
+        objective.sync_grads(accelerator)
+        return stats
+
+    def record(stats, norms, lrs):
+        norm = norms[0]
+        fields = {"loss": round(stats["loss"], 5), "lr": lrs[0],
+                  "grad_norm": norm if math.isfinite(norm) else str(norm), **objective.log(plans["now"])}
+        if "terms" in stats:
+            fields["terms"] = {k: round(v, 6) for k, v in stats["terms"].items()}
+        return fields, stats["tokens"]
+
+    def load(path, state):
+        accelerator.load_state(str(path))
+        objective.load_state_dict(state)
+
+    write = None
+    if is_sharded(student):   # FSDP2: each process writes its shards (torch.distributed.checkpoint)
+        from stillroom.run import shard
+        modules = torch.nn.ModuleList([student, *objective.trained])   # what the optimizer was made over
+
+        def write(tmp):
+            shard.save(tmp, modules, optimizer, scheduler, accelerator.is_main_process)
+
+        def load(path, state):   # noqa: F811
+            shard.load(path, modules, optimizer, scheduler)
+            objective.load_state_dict(state)
+
+    return Run(cfg, accelerator, [Trainee(None, student, optimizer, scheduler, objective.trained)], out,
+               make_batches, step_fn, record, after_step=lambda stats: objective.after_step(plans["now"], stats),
+               write_checkpoint=write, load_checkpoint=load, state=objective.state_dict, agrees=True, **kw)

@@ -1,0 +1,384 @@
+"""The teacher's outputs, computed once: a sharded top-k cache that trains many students many epochs.
+
+`stillroom cache CONFIG` runs the teacher over the config's data (training and held-out examples)
+and stores, for every position that carries a loss, the teacher's top-k token ids and log-probs
+at the loss temperature, the log of the mass outside them (`losses.TopK`'s tail bucket), and the
+teacher's log-prob of the true next token (exact teacher perplexity in the eval). A run with
+`teacher.kind=cache teacher.cache=DIR` then trains without loading the teacher.
+
+Layout of DIR:
+    index.json                  what the cache is (below) and which samples each shard holds
+    shard-00000.safetensors     ids (R, k) uint16 (int32 past 65,536 tokens), logp (R, k) float16|float32, tail (R,) float32,
+                                label_logp (R,) float32; R = rows of the shard's samples, in order
+    tokenizer/                  the teacher's tokenizer (the student must share it)
+    teacher/config.json         the teacher's model config (students built with init=config)
+
+index.json records the teacher, a hash of its vocabulary, k, the temperature, the sequence
+length, the dtype, the data it was built from, and every shard's samples as (sample id, rows).
+A sample id is a hash of the example's tokens and labels, so lookups are by content: shuffled
+epochs, several students and reordered data all find their rows, and data the cache was not built
+for is refused (never silently misaligned).
+
+Writing streams: rows are buffered up to `cache.shard_rows`, then written to a temporary file
+and renamed, and only then listed in index.json (itself replaced atomically). A killed run loses
+at most the unflushed buffer; running the same command again continues from the listed shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from stillroom.data.examples import Example
+from stillroom.errors import UserError, write_failure
+from stillroom.losses import IGNORE_INDEX, TopK, topk_targets
+from stillroom.run import faults
+from stillroom.run.folders import clear, durable_replace, entries, kind_of
+
+log = logging.getLogger("stillroom")
+
+FORMAT = "stillroom-cache/1"
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def sample_id(e: Example) -> str:
+    h = hashlib.sha1()
+    h.update(torch.tensor(e.input_ids, dtype=torch.int32).numpy().tobytes())
+    h.update(b"|")
+    h.update(torch.tensor(e.labels, dtype=torch.int32).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def positions(e: Example) -> list[int]:
+    """Positions i whose next token i + 1 carries a loss (the rows the cache stores, in order)."""
+    return [i for i in range(len(e.labels) - 1) if e.labels[i + 1] != IGNORE_INDEX]
+
+
+def tokenizer_hash(tok) -> str:
+    vocab = sorted(tok.get_vocab().items())
+    return hashlib.sha1(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    durable_replace(tmp, path)   # fsync'ed, then renamed: a power loss keeps the old index or the new
+
+
+# ------------------------------------------------------------------------------------ writing
+
+def _identity(cfg, teacher, tok, vocab: int) -> dict:
+    c = cfg.cache
+    return {"format": FORMAT, "teacher": cfg.teacher.model, "vocab_size": vocab,
+            "tokenizer_hash": tokenizer_hash(tok), "top_k": min(c.top_k, vocab),
+            "temperature": cfg.loss.temperature, "seq_len": cfg.data.seq_len, "dtype": c.dtype,
+            "data": {"path": cfg.data.path, "eval_path": cfg.data.eval_path}}
+
+
+class ShardWriter:
+    """Buffers samples' rows and writes them as shards of about `shard_rows` rows: each shard
+    under a temporary name, renamed, and only then listed in the index (replaced atomically)."""
+
+    NAMES = ("ids", "logp", "tail", "label_logp")
+
+    def __init__(self, out: Path, index: dict, shard_rows: int, index_file: str = "index.json",
+                 prefix: str = "shard-"):
+        """index_file / prefix: under several processes each lists its shards in its own
+        index.pN.json (folded into index.json at the end) and names them shard-pN-..."""
+        self.out, self.index, self.shard_rows = out, index, shard_rows
+        self.index_file, self.prefix = index_file, prefix
+        self._reset()
+
+    def _reset(self):
+        self.buf, self.samples, self.rows = {k: [] for k in self.NAMES}, [], 0
+
+    def add(self, sid: str, ids, logp, tail, label_logp):
+        for k, v in zip(self.NAMES, (ids, logp, tail, label_logp)):
+            self.buf[k].append(v)
+        self.samples.append([sid, int(tail.shape[0])])
+        self.rows += int(tail.shape[0])
+
+    def flush_if_full(self):
+        """Called between teacher batches: a shard always ends on a batch boundary, so a resumed
+        build runs the teacher on exactly the batches an uninterrupted one would (same padding,
+        bit-identical rows)."""
+        if self.rows >= self.shard_rows:
+            self.flush()
+
+    def flush(self):
+        from safetensors.torch import save_file
+
+        if not self.samples:
+            return
+        name = f"{self.prefix}{len(self.index['shards']):05d}.safetensors"
+        tmp = self.out / (name + ".tmp")
+        try:
+            save_file({k: torch.cat(v) for k, v in self.buf.items()}, str(tmp))
+            faults.point("cache.shard_written")      # in its temporary file, not yet renamed
+            durable_replace(tmp, self.out / name)
+            faults.point("cache.shard_renamed")      # renamed, not yet in the index
+            self.index["shards"].append({"file": name, "rows": self.rows, "samples": self.samples})
+            _write_json(self.out / self.index_file, self.index)
+        except Exception as e:
+            why = write_failure(e, self.out)
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"could not write cache shard {name} in {self.out}: {why}; the "
+                            f"{len(self.index['shards'])} shards written so far are intact: free space and run "
+                            "the same command again to continue") from None
+        self._reset()
+
+
+def existing(cfg, teacher, tok, overwrite=False, skip=()) -> dict | None:
+    """The index of the cache already at cache.path if this config continues it; None for a new
+    cache; an error if the folder holds something else (unless overwrite)."""
+    from stillroom.models.core import logits_width
+
+    out = Path(cfg.cache.path)
+    if overwrite or not entries(out):
+        return None
+    if not (out / "index.json").is_file():
+        kind = kind_of(out)
+        what = f"a stillroom {kind}" if kind else "not a stillroom cache"
+        raise UserError(f"cache.path {out} exists and is {what}: pick another cache.path")
+    index = json.loads((out / "index.json").read_text())
+    ident = {k: v for k, v in _identity(cfg, teacher, tok, logits_width(teacher)).items() if k not in skip}
+    theirs = {k: index.get(k) for k in ident}
+    if theirs != ident:
+        diff = ", ".join(f"{k}: {theirs[k]!r} there, {ident[k]!r} here" for k in ident if theirs[k] != ident[k])
+        raise UserError(f"{out} holds a cache built differently ({diff}); pass --overwrite to replace it "
+                        "or set cache.path to another folder")
+    return index
+
+
+def _fold_partial(out: Path, index: dict):
+    """Shards the processes of a launch listed in their own index.pN.json -> index.json (each is
+    complete once listed: a killed launch's are kept, and a rerun continues after them)."""
+    for part in sorted(out.glob("index.p*.json")):
+        index["shards"] += json.loads(part.read_text())["shards"]
+        _write_json(out / "index.json", index)
+        part.unlink()
+
+
+@torch.inference_mode()
+def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=None) -> dict:
+    """Cache the teacher's top-k for `examples` in cfg.cache.path; continue a partial cache.
+    state: Accelerate's PartialState under a launch of several processes, which split the
+    batches (batch j to process j % N) and write their own shards. The batches are cut from all
+    the examples the same way however many processes run and whatever is already cached (a batch
+    with anything left to do is run whole), so every sample's rows are the same bit for bit.
+    -> the index."""
+    from stillroom.models.core import logits_width
+
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    out = Path(cfg.cache.path)
+    vocab = logits_width(teacher)
+    ident = _identity(cfg, teacher, tok, vocab)
+    if rank == 0:
+        index = existing(cfg, teacher, tok, overwrite)
+        if index is None:
+            clear(out, "cache")
+            tok.save_pretrained(out / "tokenizer")
+            teacher.config.save_pretrained(out / "teacher")
+            from stillroom.models.core import num_params
+            index = {**ident, "teacher_params": num_params(teacher), "shards": [], "complete": False}
+            _write_json(out / "index.json", index)
+        for stale in out.glob("*.tmp"):  # a shard being written when a previous run was killed
+            stale.unlink()
+        _fold_partial(out, index)
+    if world > 1:
+        state.wait_for_everyone()
+        index = json.loads((out / "index.json").read_text())
+    done = {sid for s in index["shards"] for sid, _ in s["samples"]}
+    samples, seen = [], set()
+    for e in examples:
+        sid = sample_id(e)
+        if sid not in seen and positions(e):
+            seen.add(sid)
+            samples.append((sid, e))
+    c, T = cfg.cache, cfg.loss.temperature
+    batches = [samples[a:a + c.batch_size] for a in range(0, len(samples), c.batch_size)]
+    todo = [b for b in batches if any(sid not in done for sid, _ in b)]
+    if not todo and index["complete"]:
+        log.info("cache %s is complete (%d samples)", out, len(done))
+        return index
+    if done and rank == 0:
+        log.info("cache %s: %d samples already cached, %d to go", out, len(done),
+                 sum(sid not in done for b in todo for sid, _ in b))
+    mine = todo[rank::world]
+
+    k, dtype = ident["top_k"], DTYPES[c.dtype]
+    ids_dtype = torch.uint16 if vocab <= 2**16 else torch.int32
+    device = next(teacher.parameters()).device
+    pad = tok.pad_token_id
+    writer = (ShardWriter(out, index, c.shard_rows) if world == 1 else
+              ShardWriter(out, {"shards": []}, c.shard_rows, f"index.p{rank}.json",
+                          f"shard-p{rank}-{len(index['shards']):05d}-"))
+    label = "cache" if world == 1 else f"cache (process 0 of {world})"
+    bar = tqdm(total=sum(len(b) for b in mine), desc=label, unit="sample", disable=not (progress and rank == 0))
+    from stillroom.data.examples import collate, model_inputs
+    for part in mine:
+        b = {kk: v.to(device) for kk, v in collate([e for _, e in part], pad).items()}
+        logits = teacher(**model_inputs(b), use_cache=False).logits
+        for j, (sid, e) in enumerate(part):
+            if sid in done:
+                continue
+            pos = torch.tensor(positions(e), device=device)
+            lg = logits[j, pos]                                    # (n, V): only rows with a loss
+            top = topk_targets(lg, k, T)
+            nxt = torch.tensor(e.labels, device=device)[pos + 1]
+            label_logp = torch.log_softmax(lg.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)
+            writer.add(sid, top.ids.to(ids_dtype).cpu(), top.logp.to(dtype).cpu(), top.log_tail.float().cpu(),
+                       label_logp.float().cpu())
+        del logits
+        writer.flush_if_full()
+        faults.point("cache.batch")
+        bar.update(len(part))
+    writer.flush()
+    bar.close()
+    if world > 1:
+        state.wait_for_everyone()
+        if rank != 0:
+            return index
+        _fold_partial(out, index)
+    index["complete"] = True
+    _write_json(out / "index.json", index)
+    return index
+
+
+def summary(path: Path) -> dict:
+    index = json.loads((Path(path) / "index.json").read_text())
+    rows = sum(s["rows"] for s in index["shards"])
+    size = sum((Path(path) / s["file"]).stat().st_size for s in index["shards"])
+    return {"samples": sum(len(s["samples"]) for s in index["shards"]), "rows": rows, "bytes": size,
+            "bytes_per_token": size / max(rows, 1), "top_k": index["top_k"], "dtype": index["dtype"]}
+
+
+# ------------------------------------------------------------------------------------ reading
+
+@dataclass
+class CachedTargets:
+    """One batch's cached teacher outputs, laid out like its logits (B, S, ...)."""
+    top: TopK                 # (B, S, k) targets; rows without a loss hold a harmless dummy
+    label_logp: torch.Tensor  # (B, S) teacher log-prob of the true next token (0 where no loss)
+
+
+class TeacherCache:
+    """Read side: looks samples up by id, reads their rows from memory-mapped shards."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        f = self.path / "index.json"
+        if not f.is_file():
+            raise UserError(f"teacher.cache={path}: no index.json there; build one with `stillroom cache`")
+        try:
+            self.index = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{f} is not valid JSON: the cache is damaged; rebuild it with `stillroom cache`") from None
+        if self.index.get("format") != FORMAT:
+            raise UserError(f"{path} is not a {FORMAT} cache (format {self.index.get('format')!r})")
+        if not self.index.get("complete"):
+            raise UserError(f"the cache in {path} is incomplete: run the same `stillroom cache` command "
+                            "again to finish it")
+        self.where = {}
+        for n, s in enumerate(self.index["shards"]):
+            start = 0
+            for sid, rows in s["samples"]:
+                self.where[sid] = (n, start, rows)
+                start += rows
+        self._open = {}
+        self._lock = threading.Lock()
+
+    @property
+    def top_k(self) -> int:
+        return self.index["top_k"]
+
+    @property
+    def temperature(self) -> float:
+        return self.index["temperature"]
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.path / "tokenizer")
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def teacher_config(self):
+        from transformers import AutoConfig
+
+        if not (self.path / "teacher" / "config.json").is_file():
+            return None
+        return AutoConfig.from_pretrained(self.path / "teacher")
+
+    def check(self, cfg, tok, examples: dict[str, list[Example]] | None = None):
+        """Refuse a cache built for another tokenizer, sequence length, temperature or data
+        (`examples`: name -> examples that must all be in the cache)."""
+        ix = self.index
+        for n in range(len(ix["shards"])):
+            self._shard_file(n)
+        if tokenizer_hash(tok) != ix["tokenizer_hash"]:
+            raise UserError(f"the cache in {self.path} was built with another tokenizer (teacher "
+                            f"{ix['teacher']}, vocab {ix['vocab_size']}) than this student's (vocab {len(tok)})")
+        if cfg.data.seq_len != ix["seq_len"]:
+            raise UserError(f"the cache in {self.path} was built with data.seq_len={ix['seq_len']}, "
+                            f"this run has {cfg.data.seq_len}: set data.seq_len={ix['seq_len']} or rebuild the cache")
+        if cfg.loss.kind == "soft" and abs(cfg.loss.temperature - ix["temperature"]) > 1e-9:
+            raise UserError(f"the cache in {self.path} holds the teacher at temperature {ix['temperature']}, "
+                            f"this run has loss.temperature={cfg.loss.temperature}: set it to "
+                            f"{ix['temperature']} or build a cache at this temperature")
+        for name, exs in (examples or {}).items():
+            missing = sum(1 for e in exs if positions(e) and sample_id(e) not in self.where)
+            if missing:
+                raise UserError(f"the cache in {self.path} has no entry for {missing} of the {len(exs)} {name} "
+                                f"examples: it was built for other data ({ix['data']['path']}); "
+                                "build a cache for this data")
+
+    def _shard_file(self, n) -> Path:
+        f = self.path / self.index["shards"][n]["file"]
+        if not f.is_file() or f.stat().st_size == 0:
+            raise UserError(f"cache shard {f} is missing or empty: the cache is damaged; rebuild it "
+                            "with `stillroom cache` (it continues from what is intact)")
+        return f
+
+    def _shard(self, n):
+        from safetensors import safe_open
+
+        with self._lock:   # the training loop's prefetch thread reads too
+            if n not in self._open:
+                self._open[n] = safe_open(str(self._shard_file(n)), framework="pt")
+            return self._open[n]
+
+    def rows(self, e: Example):
+        sid = sample_id(e)
+        if sid not in self.where:
+            raise UserError(f"the cache in {self.path} has no entry for an example of this run "
+                            "(built for other data?)")
+        n, start, count = self.where[sid]
+        f = self._shard(n)
+        return tuple(f.get_slice(name)[start:start + count] for name in ("ids", "logp", "tail", "label_logp"))
+
+    def targets(self, examples: list[Example], seq_len: int, device) -> CachedTargets:
+        """Targets for a collated batch of `examples` (right-padded to `seq_len` positions)."""
+        B, k = len(examples), self.top_k
+        ids = torch.zeros(B, seq_len, k, dtype=torch.long)
+        logp = torch.zeros(B, seq_len, k, dtype=torch.float32)      # dummy rows: p = 1 on token 0
+        tail = torch.full((B, seq_len), float("-inf"))
+        label_logp = torch.zeros(B, seq_len)
+        for b, e in enumerate(examples):
+            pos = positions(e)
+            if not pos:
+                continue
+            r_ids, r_logp, r_tail, r_label = self.rows(e)
+            p = torch.tensor(pos)
+            ids[b, p] = r_ids.long()
+            logp[b, p] = r_logp.float()
+            tail[b, p] = r_tail
+            label_logp[b, p] = r_label
+        return CachedTargets(TopK(ids.to(device), logp.to(device), tail.to(device)), label_logp.to(device))

@@ -1,0 +1,166 @@
+"""Where the teacher side of the loss comes from, behind one interface (DistillKit's "a signal
+source is online or offline"): a teacher turns a batch into targets, and the loss never asks
+which kind it holds.
+
+    teacher.targets(batch, need) -> logits (B, S, V) | TopK | Head | the model's output
+
+need:
+  "logits"    full logits, sliced to the student's vocabulary;
+  "head"      the lean path: final hidden states and the output head (the loss makes logits at
+              labelled rows only); a model whose logits are not a linear head gives logits;
+  "features"  the model's output with hidden states (and attention maps with attention=True).
+A cached teacher always answers with its top-k (a `TopK`): what it holds.
+
+Kinds: `LiveTeacher` (a frozen model in its run dtype, optionally offloaded to host memory between
+uses) and `CachedTeacher` (a `stillroom cache` folder, read ahead on the data thread). Several
+teachers make a mixture (`teacher.mix`): a list of them with normalized weights, or per-example
+routing (`route_weights`).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from stillroom.data.examples import model_inputs
+from stillroom.losses import Head
+from stillroom.models import core as models
+
+
+@dataclass
+class LiveTeacher:
+    """A frozen model. Its forward runs in inference mode under the run's autocast; `vocab`: the
+    shared logit width when the student's differs (padded vocabularies), else None."""
+    model: torch.nn.Module
+    name: str = "teacher"
+    weight: float = 1.0
+    offload: bool = False
+    vocab: int | None = None
+    autocast: object = contextlib.nullcontext
+    cached = False
+
+    @contextlib.contextmanager
+    def on(self, device):
+        """The model on `device` for the block; with offload, back to the CPU after it (a teacher
+        that does not fit beside the student on the accelerator lives in host memory between uses)."""
+        if self.offload and torch.device(device).type != "cpu":
+            self.model.to(device)
+            try:
+                yield self.model
+            finally:
+                self.model.to("cpu")
+        else:
+            yield self.model
+
+    def _mode(self):
+        """Inference mode, or no_grad for a sharded teacher: FSDP2 gathers its layers into buffers
+        that the evaluation's (no_grad) forward writes too, and an inference tensor refuses that."""
+        from stillroom.run.shard import is_sharded
+        return torch.no_grad() if is_sharded(self.model) else torch.inference_mode()
+
+    def _slice(self, logits):
+        return logits[..., :self.vocab] if self.vocab else logits
+
+    def targets(self, b, need: str = "logits", attention: bool = False, clone: bool = False):
+        """clone=True: a copy that may enter autograd expressions (inference tensors cannot)."""
+        device = b.input_ids.device
+        with self._mode(), self.autocast(), self.on(device) as m:
+            if need == "head":
+                head = models.output_head(m, self.vocab, base=True)
+                if head is not None:
+                    return Head(models.base_hidden(m, **model_inputs(b)), *head)
+            if need == "features":
+                out = m(**model_inputs(b), use_cache=False, output_hidden_states=True, output_attentions=attention)
+                out.hidden_states = [h.clone() for h in out.hidden_states]
+                if attention:
+                    out.attentions = [a.clone() for a in out.attentions]
+                return out
+            logits = self._slice(m(**model_inputs(b), use_cache=False).logits)
+        return logits.clone() if clone else logits
+
+    def logits_of(self, input_ids, attention_mask):
+        """Its logits on inputs of its own tokenizer (a cross-tokenizer teacher)."""
+        with self._mode(), self.autocast(), self.on(input_ids.device) as m:
+            return m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def read_ahead(self, b):
+        """Nothing to read ahead: a live teacher runs in the step."""
+
+    def eval_source(self):
+        return self.model
+
+
+@dataclass
+class CachedTeacher:
+    """A top-k cache (`stillroom cache`): its targets are the stored rows of the batch's examples,
+    read on the data thread ahead of the step when the loop asks (`read_ahead`)."""
+    cache: object   # a cache.TeacherCache
+    name: str = "teacher"
+    weight: float = 1.0
+    cached = True
+
+    def targets(self, b, need: str = "logits", attention: bool = False, clone: bool = False):
+        ahead = (b.ahead or {}).get(self.name)
+        if ahead is not None:
+            return ahead
+        return self.cache.targets(b.examples, b.input_ids.shape[1], b.input_ids.device).top
+
+    def read_ahead(self, b):
+        b.ahead = {**(b.ahead or {}), self.name: self.cache.targets(b.examples, b.input_ids.shape[1],
+                                                                      b.input_ids.device).top}
+
+    def eval_source(self):
+        return self.cache
+
+
+def route_weights(teachers: list, b, device) -> list:
+    """Per teacher: its weight (mixture) or, with routing, a (B, S) one-hot of the examples routed
+    to it (None where no example of the batch is)."""
+    routes = [getattr(e, "route", None) for e in b.examples or []]
+    if not any(r is not None for r in routes):
+        return [t.weight for t in teachers]
+    out = []
+    S = b.input_ids.shape[1]
+    for t in teachers:
+        m = torch.tensor([r == t.name for r in routes], dtype=torch.float32, device=device)
+        out.append(m[:, None].expand(len(routes), S) if m.any() else None)
+    return out
+
+
+def load_teachers(cfg, cache, model, vocab, s_tok, accelerator) -> list:
+    """The step's teachers, weights normalized: the primary (its cache, or its model, already
+    loaded, its attention set) and each of teacher.mix (loaded here, checked against the student's
+    tokenizer, given its teacher.mix attention)."""
+    from stillroom.errors import UserError
+    from stillroom.teachers.cache import TeacherCache
+
+    tc = cfg.teacher
+    autocast = accelerator.autocast
+    out = [CachedTeacher(cache, tc.name, tc.weight) if cache is not None
+           else LiveTeacher(model, tc.name, tc.weight, tc.offload, vocab, autocast)]
+    for m in tc.mix:
+        if m.kind == "cache":
+            src = TeacherCache(m.cache)
+            src.check(cfg, s_tok)
+            if src.index["vocab_size"] > vocab:
+                raise UserError(f"teacher.mix '{m.name}': its cached logits ({src.index['vocab_size']}) are wider "
+                                f"than the student's ({vocab})")
+            out.append(CachedTeacher(src, m.name, m.weight))
+        else:
+            loaded = models.load(m.model, dtype=models.teacher_dtype(m.dtype, accelerator.device))
+            w, _ = models.check_vocab(loaded.model, loaded.tokenizer, loaded.model, s_tok)
+            if w < vocab:
+                raise UserError(f"teacher.mix '{m.name}' ({m.model}) has {w} logits, fewer than the student's {vocab}")
+            dev = "cpu" if m.offload else accelerator.device
+            loaded.model.to(dev, dtype=models.teacher_dtype(m.dtype, accelerator.device))
+            models.set_teacher_attention(loaded.model, m.attention, accelerator.device, cfg.data.seq_len,
+                                         f"teacher.mix '{m.name}': attention")
+            out.append(LiveTeacher(loaded.model, m.name, m.weight, m.offload, vocab, autocast))
+    total = sum(t.weight for t in out) or 1.0
+    for t in out:
+        t.weight = t.weight / total
+    return out
+
+
+__all__ = ["LiveTeacher", "CachedTeacher", "route_weights", "load_teachers"]
