@@ -149,6 +149,7 @@ def _build_cache(cfg, args) -> int:
 def cmd_eval(args) -> int:
     from stillroom.config import DataConfig, EvalConfig
     from stillroom.data.examples import build_examples
+    from stillroom.teachers.core import LiveTeacher
     from stillroom.eval import evaluate, harness, tasks
     from stillroom.models import core as models
 
@@ -191,19 +192,11 @@ def cmd_eval(args) -> int:
     tok = s_tok if cross else t_tok   # the held-out examples are in the student's tokens
     examples, _ = build_examples(args.data, tok, dcfg)
     pad = tok.pad_token_id
-    cmp = evaluate.score(student.model, None if cross else teacher.model, examples, pad, ecfg.batch_size,
-                         ecfg.max_batches, vocab, tokenizer=tok)
+    columns, tokens = evaluate.columns(student.model, LiveTeacher(teacher.model, path=teacher.path), examples, ecfg,
+                                       vocab, tok, t_tok=t_tok if cross else None, student_path=student.path)
     prompts = evaluate.speed_prompts(examples, ecfg.gen_prompts)
-    t_prompts = prompts
-    if cross:
-        cmp["teacher_bits_per_byte"] = evaluate.cross_bits_per_byte(teacher.model, t_tok, s_tok, examples,
-                                                                    ecfg.batch_size, ecfg.max_batches)
-        t_prompts = [t_tok(s_tok.decode(p), add_special_tokens=False)["input_ids"] for p in prompts]
-    columns = {"teacher": evaluate.teacher_column(teacher.model, teacher.path, cmp, ecfg, t_prompts,
-                                                  t_tok.pad_token_id),
-               "student": evaluate.student_column(student.model, student.path, cmp, ecfg, prompts, pad)}
     result = {"model": args.model, "teacher": teacher_spec, "data": args.data,
-              "held_out_tokens": cmp["tokens"], "eval": columns}
+              "held_out_tokens": tokens, "eval": columns}
     out = Path(args.out) if args.out else None
     if args.draft:
         from stillroom.eval import draft
@@ -221,7 +214,7 @@ def cmd_eval(args) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"student {model} vs teacher {teacher_spec}, on {args.data}")
-    print(evaluate.table(columns, cmp["tokens"]))
+    print(evaluate.table(columns, tokens))
     if "draft" in result:
         from stillroom.eval import draft
         print(f"\nthe student as the teacher's draft model (speculative decoding, {ecfg.gen_tokens} new tokens "

@@ -55,26 +55,23 @@ class Distiller:
     def train(self, resume: bool = False) -> dict:
         """Distill; -> the metrics (evaluation before and after, the last log record, final/'s
         path). The trained student replaces `self.student` (also saved in output_dir/final)."""
-        from stillroom.run.outputs import own_output
+        from stillroom.run.distill import run_distill
+        from stillroom.run.session import Session
+        from stillroom.teachers.core import LiveTeacher
 
         cfg = self.cfg
-        with own_output(self.output_dir, self.overwrite, resume):
-            return self._train(cfg, resume)
-
-    def _train(self, cfg, resume: bool) -> dict:
-        from stillroom.run.distill import run_distill
-        from stillroom.run.tracking import make_accelerator
-
         self.student.train()
         for p in self.student.parameters():
             p.requires_grad_(True)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)
-            accelerator = make_accelerator(cfg, self.output_dir, threads=False)
+        with torch.random.fork_rng(devices=[]), \
+                Session(cfg, overwrite=self.overwrite, resume=resume, progress=False, signals=False,
+                        threads=False, inputs=()) as s:
+            tc = cfg.teacher
+            s.place(self.teacher.model, offload=tc.offload, dtype=models.teacher_dtype(tc.dtype, s.device))
+            teacher = LiveTeacher(self.teacher.model, tc.name, tc.weight, tc.offload, None, s.accelerator.autocast)
             self.metrics, self.student = run_distill(
-                cfg, self.teacher, None, self.student, self.student_tokenizer, "in-memory student", accelerator,
-                rows=self.train_data, eval_rows=self.eval_data, overwrite=self.overwrite,
-                resume=resume, progress=False, signals=False)
+                s, cfg, self.teacher, teacher, s.place(self.student), self.student_tokenizer, "in-memory student",
+                rows=self.train_data, eval_rows=self.eval_data)
         return self.metrics
 
 

@@ -43,10 +43,10 @@ def test_distill_loads_the_teacher_in_its_run_dtype_and_trains_the_student_in_fp
     seen = {}
     real = train.run_distill
 
-    def spy(cfg, teacher, cache, student, *a, **k):
-        seen["teacher"] = {p.dtype for p in teacher.model.parameters()}
+    def spy(s, cfg, loaded, teacher, student, *a, **k):
+        seen["teacher"] = {p.dtype for p in loaded.model.parameters()}
         seen["student"] = {p.dtype for p in student.parameters()}
-        return real(cfg, teacher, cache, student, *a, **k)
+        return real(s, cfg, loaded, teacher, student, *a, **k)
 
     monkeypatch.setattr(train, "run_distill", spy)
     cfg = load_config(None, tiny_overrides(teacher_dir, chat_file, tmp_path / "r") + ["teacher.dtype=bfloat16"])

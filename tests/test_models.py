@@ -153,7 +153,7 @@ def test_load_teachers_gives_a_mix_teacher_its_attention(teacher_dir, tok):
 
     from stillroom.config import Config
     from stillroom.models import core as models
-    from stillroom.teachers.core import load_teachers
+    from stillroom.teachers.core import LiveTeacher, load_teachers
     acc = Accelerator(cpu=True)
     for mix, data, want in (({}, {}, "eager"), ({}, {"seq_len": 2048}, "sdpa"), ({"attention": "sdpa"}, {}, "sdpa")):
         cfg = Config.model_validate({"teacher": {"model": str(teacher_dir),
@@ -161,7 +161,7 @@ def test_load_teachers_gives_a_mix_teacher_its_attention(teacher_dir, tok):
                                      "data": data})
         primary = models.load(str(teacher_dir)).model
         assert primary.config._attn_implementation == "sdpa"
-        out = load_teachers(cfg, None, primary, models.logits_width(primary), tok, acc)
+        out = load_teachers(cfg, LiveTeacher(primary), models.logits_width(primary), tok, acc)
         assert [x.model.config._attn_implementation for x in out] == ["sdpa", want], (mix, data)
 
 

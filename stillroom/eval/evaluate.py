@@ -133,6 +133,12 @@ def _bpb(nll, n_bytes):
     return None if nll is None or not n_bytes else nll / math.log(2) / n_bytes
 
 
+def on_device(batch: dict, model) -> dict:
+    """The batch's tensors on the device of the model that reads them."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def score(student, teacher, examples, pad_id, batch_size=8, max_batches=None, vocab=None, tokenizer=None):
     """Perplexity of both, top-1 agreement and mean KL(teacher || student) on `examples`, and with
@@ -148,7 +154,8 @@ def score(student, teacher, examples, pad_id, batch_size=8, max_batches=None, vo
     n_batches = -(-len(examples) // batch_size)
     for batch in bar(eval_batches(examples, batch_size, max_batches), desc="held-out eval", unit="batch",
                      total=min(n_batches, max_batches or n_batches)):
-        b = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+        host = collate(batch, pad_id)   # sent from here to each model's own device
+        b = on_device(host, student)
         labels = shift_labels(b["labels"])
         s = student(**model_inputs(b), use_cache=False).logits
         if teacher is None:   # a teacher of another tokenizer: the student's own perplexity only
@@ -158,8 +165,8 @@ def score(student, teacher, examples, pad_id, batch_size=8, max_batches=None, vo
             stats = cached_stats(s[..., :vocab] if vocab else s,
                                  teacher.targets(batch, labels.shape[1], device), labels,
                                  with_kl=teacher.temperature == 1.0)
-        else:
-            t = teacher(**model_inputs(b), use_cache=False).logits
+        else:   # the teacher reads its inputs on its own device (offloaded, or placed apart)
+            t = teacher(**model_inputs(on_device(host, teacher)), use_cache=False).logits.to(device)
             if vocab:
                 s, t = s[..., :vocab], t[..., :vocab]
             stats = token_stats(s, t, labels)
@@ -225,22 +232,22 @@ def score_peers(peers: dict, teacher, examples, pad_id, batch_size=8, max_batche
     states = {n: m.training for n, m in peers.items()}
     for m in peers.values():
         m.eval()
-    device = next(teacher.parameters()).device
+    device = next(next(iter(peers.values())).parameters()).device   # the peers read the batches here
     zero = lambda: dict(student_nll=0.0, teacher_nll=0.0, kl=0.0, agree=0, tokens=0)  # noqa: E731
     tot = {n: zero() for n in names + ["ensemble"]}
     pairs = {(a, b): 0 for i, a in enumerate(names) for b in names[i + 1:]}
     count = byte_counter(tokenizer) if tokenizer is not None else None
     n_bytes = 0
     for batch in eval_batches(examples, batch_size, max_batches):
-        b = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-        labels = shift_labels(b["labels"])
+        host = collate(batch, pad_id)   # sent from here to each model's own device
+        labels = shift_labels(host["labels"]).to(device)
         valid = labels != -100
         n_bytes += count(labels) if count is not None else 0
-        t = teacher(**model_inputs(b), use_cache=False).logits
+        t = teacher(**model_inputs(on_device(host, teacher)), use_cache=False).logits.to(device)
         t = t[..., :vocab] if vocab else t
         log_probs, top = {}, {}
         for n in names:
-            s = peers[n](**model_inputs(b), use_cache=False).logits
+            s = peers[n](**model_inputs(on_device(host, peers[n])), use_cache=False).logits.to(device)
             s = s[..., :vocab] if vocab else s
             for k, v in token_stats(s, t, labels).items():
                 tot[n][k] += v
@@ -310,6 +317,33 @@ def student_column(student, path, cmp, ecfg, prompts, pad_id) -> dict:
     return {"perplexity": cmp["student_perplexity"], "bits_per_byte": cmp.get("student_bits_per_byte"),
             "agreement": cmp["agreement"], "kl_per_token": cmp["kl_per_token"], **describe(student, path),
             "gen_tokens_per_s": generation_speed(student, prompts, ecfg.gen_tokens, pad_id)}
+
+
+def columns(student, teacher, held, ecfg, vocab, tok, *, t_tok=None, with_teacher=True, cmp=None,
+            student_path=None) -> tuple[dict, int]:
+    """The evaluation table's columns, {"teacher": ..., "student": ...}, and the held-out target
+    tokens: for `stillroom eval` and before and after training. teacher: a teachers.core teacher
+    (live or cached: it says what the evaluation reads and fills its own column); tok: the
+    tokenizer the held-out examples are in (the student's). t_tok: the teacher's tokenizer when it
+    is another (cross-tokenizer): each model is then measured in its own tokens on the same text,
+    per byte (per-token perplexities, agreement and KL do not compare across vocabularies).
+    cmp: the comparison when taken already (by every process, with a sharded teacher)."""
+    cross = t_tok is not None
+    pad_id = tok.pad_token_id
+    if cmp is None:
+        cmp = score(student, None if cross else teacher.eval_source(), held, pad_id, ecfg.batch_size,
+                    ecfg.max_batches, vocab, tokenizer=tok)
+    prompts = speed_prompts(held, ecfg.gen_prompts)
+    cols = {}
+    if with_teacher and cross:   # the teacher in its own tokens, on the same text: per byte
+        cmp = {**cmp, "teacher_bits_per_byte": cross_bits_per_byte(teacher.model, t_tok, tok, held, ecfg.batch_size,
+                                                                    ecfg.max_batches)}
+        t_prompts = [t_tok(tok.decode(p), add_special_tokens=False)["input_ids"] for p in prompts]
+        cols["teacher"] = teacher.column(cmp, ecfg, t_prompts, t_tok.pad_token_id)
+    elif with_teacher:
+        cols["teacher"] = teacher.column(cmp, ecfg, prompts, pad_id)
+    cols["student"] = student_column(student, student_path, cmp, ecfg, prompts, pad_id)
+    return cols, cmp["tokens"]
 
 
 def _num(v: float) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from stillroom.data.examples import model_inputs
+from stillroom.errors import UserError
 from stillroom.losses import IGNORE_INDEX, fused, general_loss, linear_mixed_loss, mixed_loss, uld_loss
 from stillroom.models import core as models
 from stillroom.objectives import methods
@@ -362,6 +363,35 @@ def is_general(cfg) -> bool:
     return bool(len(teacher_terms(lc.terms or {})) > 1 or names & set(FEATURE_TERMS)
                 or lc.token_weight != "none" or lc.balance or cfg.teacher.mix or cfg.teacher.route_field
                 or lc.cross_tokenizer != "none")
+
+
+def across_tokenizers(cfg) -> bool:
+    """Does the objective distill across tokenizers (loss.cross_tokenizer=uld)? Then the data is
+    read with the student's tokenizer, logits share no width, and the evaluation measures each
+    model in its own tokens."""
+    return cfg.loss.cross_tokenizer == "uld"
+
+
+def data_tokenizer(cfg, s_tok, t_tok):
+    """The tokenizer the run's data is read with: the teacher's, or the student's across tokenizers."""
+    return s_tok if across_tokenizers(cfg) else t_tok
+
+
+def shared_width(cfg, teacher, t_tok, student, s_tok) -> int | None:
+    """The logit width the student and the teacher (`teacher`: its width() answer) share, its
+    notes logged; None across tokenizers. Differing tokenizers are refused with the way out."""
+    if across_tokenizers(cfg):
+        if models.same_tokenizer(s_tok, t_tok):
+            log.warning("loss.cross_tokenizer=uld with a teacher of the student's own tokenizer: the usual "
+                        "loss (cross_tokenizer=none) is exact where ULD is an approximation")
+        return None
+    try:
+        vocab, note = models.check_vocab(teacher, t_tok, student, s_tok)
+    except UserError as e:
+        raise UserError(f"{e} (or set loss.cross_tokenizer=uld to distill across tokenizers)") from None
+    if note:
+        log.warning(note)
+    return vocab
 
 
 def build_objective(cfg, teachers: list, vocab: int | None, *, student=None, teacher_model=None,

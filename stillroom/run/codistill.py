@@ -52,12 +52,12 @@ from stillroom.eval import evaluate, tasks
 from stillroom.losses import IGNORE_INDEX, general_loss, mixed_loss, mutual_loss, topk_targets
 from stillroom.models import core as models
 from stillroom.run import faults, shard
-from stillroom.run.distill import check_context, prepare_data
-from stillroom.run.loop import (Failure, Run, Trainee, agree, average_grads, fit, lr_lambda, make_optimizer,
+from stillroom.run.distill import check_context
+from stillroom.run.loop import (Failure, Run, Trainee, agree, average_grads, lr_lambda, make_optimizer,
                                 step_counts, to_batch, window)
-from stillroom.run.outputs import inputs_of, own_output, publish, record_resume, resume_changes, start_output
+from stillroom.run.outputs import publish
+from stillroom.run.session import Session
 from stillroom.run.shard import is_sharded
-from stillroom.run.tracking import make_accelerator
 from stillroom.teachers.core import LiveTeacher
 
 log = logging.getLogger("stillroom")
@@ -337,14 +337,13 @@ def table(columns: dict, pairs_before: dict, pairs_after: dict, tokens: int) -> 
 # ------------------------------------------------------------------------------------ the run
 
 def codistill(cfg: CodistillRunConfig, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
-    out = Path(cfg.train.output_dir)
-    with own_output(out, overwrite, resume, inputs_of(cfg)):
-        return _codistill(cfg, out, overwrite, resume, progress)
+    with Session(cfg, overwrite=overwrite, resume=resume, progress=progress) as s:
+        return _codistill(s, cfg)
 
 
-def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool, progress: bool) -> dict:
-    accelerator = make_accelerator(cfg, out)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+def _codistill(s: Session, cfg: CodistillRunConfig) -> dict:
+    accelerator, out, progress = s.accelerator, s.out, s.progress
+    rank, world, main = s.rank, s.world, s.main
     mode, cc, n = cfg.codistill.mode, cfg.codistill, len(cfg.peers)
     if mode != "mutual" and world != n:
         raise UserError(f"codistill.mode={mode} trains one peer per process: launch {n} processes for "
@@ -352,9 +351,10 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
                         f"codistill ...); this run has {world}")
     if mode == "mutual" and cc.top_k:
         log.warning("codistill.top_k applies to mode=predictions only; mutual mode uses full distributions")
-    torch.manual_seed(cfg.train.seed)
 
-    teacher = models.load(cfg.teacher.model, dtype=models.teacher_dtype(cfg.teacher.dtype, accelerator.device))
+    dtype = models.teacher_dtype(cfg.teacher.dtype, s.device)
+    teacher = models.load(cfg.teacher.model, dtype=dtype)
+    s.place(teacher.model, dtype=dtype)
     check_context(cfg, teacher.model.config)
     built = [models.build_student(p, teacher, cfg.train.seed + i) for i, p in enumerate(cfg.peers)]
     models.set_teacher_attention(teacher.model, cfg.teacher.attention, accelerator.device, cfg.data.seq_len)
@@ -375,45 +375,36 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
                     log.warning("peers %s and %s start identical and see the same batches: they will stay "
                                 "identical (give them different layers or inits)", cfg.peers[i].name, cfg.peers[j].name)
     task_items = tasks.from_config(cfg)   # on every process, before the data: a refusal stops them all
-    cfg, train, held = prepare_data(cfg, teacher, accelerator)
+    cfg, train, held = s.data(teacher)
     own_data = train if mode == "mutual" else train[rank::world]
     if len(train) < world:
         raise UserError(f"{len(train)} training examples cannot be split into {world} shards")
 
-    changes = resume_changes(out, cfg) if resume else {}   # on every process: a refusal stops them all
-    if main:
-        start_output(out, overwrite, resume)
-        record_resume(out, changes)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+    s.begin(cfg)   # everything is validated: from here on the output folder is written
     for (m, _, how), p in zip(built, cfg.peers):
         log.info("peer %s (%s): %s params", p.name, how, f"{models.num_params(m):,}")
     log.info("mode %s; %d train / %d held-out examples", mode, len(train), len(held))
 
-    device = accelerator.device
-    teacher.model.to(device, dtype=models.teacher_dtype(cfg.teacher.dtype, device))
+    device = s.device
     live = LiveTeacher(teacher.model, vocab=vocab, autocast=accelerator.autocast)
     pad_id = teacher.tokenizer.pad_token_id
     peer_models = {p.name: m for (m, _, _), p in zip(built, cfg.peers)}
     before = None
+    for m in peer_models.values():   # every peer on the device before anything runs on it
+        s.place(m)
     if main:
-        for m in peer_models.values():
-            m.to(device)
         before = evaluate.score_peers(peer_models, teacher.model, held, pad_id, cfg.eval.batch_size,
                                         cfg.eval.max_batches, vocab, tokenizer=teacher.tokenizer)
         cols_before = columns_before(before, peer_models)
-    said = {}   # eval.tasks: the teacher's and the untrained peers' answers
-    if main and task_items:
-        asked = {"teacher": (teacher.model, teacher.tokenizer),
-                 **{f"{k} before": (m, teacher.tokenizer) for k, m in peer_models.items()}}
-        said = {t: tasks.answer_all(its, asked, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress, f"{t}: ")
-                for t, its in task_items.items()}
+    said = s.tasks_before(task_items, {"teacher": (teacher.model, teacher.tokenizer),
+                                       **{f"{k} before": (m, teacher.tokenizer) for k, m in peer_models.items()}})
 
     # Who trains what: mutual = every peer here; otherwise peer `rank` only.
     owned_idx = list(range(n)) if mode == "mutual" else [rank]
     fsdp = shard.active(cfg, accelerator)   # (mutual mode only: the config refuses the others)
     peers = []
     for i in owned_idx:
-        m = built[i][0].to(device)
+        m = built[i][0]
         if fsdp:   # each process keeps 1/N of every peer, its gradients and its optimizer state
             shard.shard(m)
         opt = make_optimizer(m, cfg, cfg.peers[i].lr)
@@ -426,7 +417,7 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
             p.model, p.optimizer = prepared[k], prepared[n + k]
     copies = []
     if mode == "weights":  # copies[j]: stale copy of peer j (copies[rank] is the live own model)
-        copies = [peers[0].model if j == rank else built[j][0].to(device).eval().requires_grad_(False)
+        copies = [peers[0].model if j == rank else s.place(built[j][0]).eval().requires_grad_(False)
                   for j in range(n)]
     del built
     if not main:  # the other peers' initial models are not needed here any more
@@ -513,7 +504,7 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
     run = Run(cfg, accelerator, peers, out, make_batches, step_fn, record, evaluate=mid_eval,
               write_checkpoint=write_checkpoint, load_checkpoint=load_checkpoint, desc=f"codistill ({mode})",
               progress=progress, agrees=True)
-    last_log = fit(run, resume)
+    last_log = s.fit(run)
 
     # Final: the main process gathers every peer's weights, evaluates them together, writes them.
     if fsdp:   # every process takes part in gathering each peer; the main one rebuilds it whole
@@ -541,22 +532,16 @@ def _codistill(cfg: CodistillRunConfig, out: Path, overwrite: bool, resume: bool
     metrics = {"mode": mode, "eval": columns, "peer_agreement": {"before": before["pairs"], "after": after["pairs"]},
                "held_out_tokens": after["tokens"], "train": last_log, "train_examples": len(train),
                "held_out_examples": len(held)}
-    if task_items:
-        metrics["tasks"] = tasks.in_run(task_items, said, {k: (m, teacher.tokenizer) for k, m in peer_models.items()},
-                                        cfg.eval, out, progress)
 
-    def write(tmp):   # every peer's folder, then the run's records; swapped in atomically
-        for name, m in peer_models.items():
-            m.generation_config = teacher.model.generation_config
-            m.save_pretrained(tmp / name)
-            teacher.tokenizer.save_pretrained(tmp / name)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (tmp / "stillroom.yaml").write_text(to_yaml(cfg))
-        shutil.copy(out / "metrics.jsonl", tmp / "metrics.jsonl")
-    final = publish(out, "final", write, "the final peers")
-    metrics["table"] = table(columns, before["pairs"], after["pairs"], after["tokens"]) + tasks.tables(
-        metrics.get("tasks", {}))
-    metrics["final"] = str(final)
-    from stillroom.eval.report import write as write_report
-    metrics["report"] = str(write_report(out))
-    return metrics
+    def write(metrics):   # every peer's folder, then the run's records; swapped in atomically
+        def fill(tmp):
+            for name, m in peer_models.items():
+                m.generation_config = teacher.model.generation_config
+                m.save_pretrained(tmp / name)
+                teacher.tokenizer.save_pretrained(tmp / name)
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            (tmp / "stillroom.yaml").write_text(to_yaml(cfg))
+            shutil.copy(out / "metrics.jsonl", tmp / "metrics.jsonl")
+        return publish(out, "final", fill, "the final peers")
+    return s.finish(metrics, table(columns, before["pairs"], after["pairs"], after["tokens"]), task_items, said,
+                    {k: (m, teacher.tokenizer) for k, m in peer_models.items()}, write)

@@ -1,10 +1,10 @@
-"""The distillation loop, on Accelerate, top to bottom.
+"""distill: one student learns from a teacher, in a run session (run/session.py: the lifecycle
+and the devices) on the one loop (run/loop.py: one optimizer step, its normalization).
 
-One optimizer step: take the step's micro-batches (a pure function of the step number, so resume is
-exact) -> count their valid tokens across all processes, once -> for each micro-batch: teacher
-logits (no autograd) -> student logits -> loss *sum* -> backward of sum * num_processes / num_tokens
-(cancelling DDP's mean over processes) -> clip -> step. So 4 micro-batches x 1 process, 1 x 4 and
-2 x 2 processes all produce the same gradient.
+distill loads the teacher (live or its cache: teachers/core.py, whose objects answer the run's
+questions about themselves) and builds the student; run_distill checks them against each other
+and the data, builds the objective (objectives/core.py), evaluates before, trains (train_student),
+evaluates after and publishes final/. The two-stage fine-tune and `stillroom cache` live here too.
 """
 from __future__ import annotations
 
@@ -15,19 +15,19 @@ from pathlib import Path
 
 import torch
 
-from stillroom.config import Config, to_yaml
+from stillroom.config import Config
 from stillroom.data.store import load_data, uses_store
 from stillroom.errors import UserError
 from stillroom.eval import evaluate, tasks
 from stillroom.models import core as models
-from stillroom.objectives.core import build_objective
+from stillroom.objectives.core import across_tokenizers, build_objective, data_tokenizer, shared_width
 from stillroom.run import loop, shard
 from stillroom.run.feedback import progress_on
-from stillroom.run.loop import Batch, fit, lr_lambda, make_accelerator, make_optimizer, objective_run
-from stillroom.run.outputs import (checkpoints, inputs_of, own_output, record_resume, resume_changes, start_output,
-                                   write_final)
+from stillroom.run.loop import Batch, lr_lambda, make_optimizer, objective_run
+from stillroom.run.outputs import checkpoints, write_final
+from stillroom.run.session import Session
 from stillroom.run.tracking import scalars
-from stillroom.teachers.core import load_teachers
+from stillroom.teachers.core import load_teacher, load_teachers
 
 log = logging.getLogger("stillroom")
 
@@ -103,157 +103,103 @@ def check_context(cfg, teacher_config):
     models.check_context(cfg.data.seq_len, teacher_config, "teacher", f"data.seq_len={cfg.data.seq_len}")
 
 
-def eval_columns(student, student_path, teacher, held, cfg, vocab, pad_id, with_teacher=True, cache=None,
-                 s_tok=None, cmp=None):
-    """s_tok: the student's tokenizer when it differs from the teacher's (cross-tokenizer): the
-    teacher is then timed on the same prompts in its own tokens, and perplexities, being per token
-    of different tokenizers, are not compared (agreement and KL do not exist across vocabularies)."""
-    e = cfg.eval
-    cross = s_tok is not None
-    if cmp is None:   # (given: the comparison was taken already, by every process with a sharded teacher)
-        cmp = evaluate.score(student, None if cross else cache or teacher.model, held, pad_id, e.batch_size,
-                             e.max_batches, vocab, tokenizer=s_tok or teacher.tokenizer)
-    prompts = evaluate.speed_prompts(held, e.gen_prompts)
-    cols = {}
-    if with_teacher and cross:   # the teacher in its own tokens, on the same text: per byte
-        t_prompts = [teacher.tokenizer(s_tok.decode(p), add_special_tokens=False)["input_ids"] for p in prompts]
-        cmp = {**cmp, "teacher_bits_per_byte": evaluate.cross_bits_per_byte(
-            teacher.model, teacher.tokenizer, s_tok, held, e.batch_size, e.max_batches)}
-        cols["teacher"] = evaluate.teacher_column(teacher.model, teacher.path, cmp, e, t_prompts,
-                                                  teacher.tokenizer.pad_token_id)
-    elif with_teacher and cache is not None:  # not loaded: no size or speed to measure
-        cols["teacher"] = {"perplexity": cmp["teacher_perplexity"], "bits_per_byte": cmp["teacher_bits_per_byte"],
-                           "agreement": None, "kl_per_token": None, "params": cache.index.get("teacher_params"),
-                           "size_mb": None, "gen_tokens_per_s": None}
-    elif with_teacher:
-        cols["teacher"] = evaluate.teacher_column(teacher.model, teacher.path, cmp, e, prompts, pad_id)
-    cols["student"] = evaluate.student_column(student, student_path, cmp, e, prompts, pad_id)
-    return cols, cmp["tokens"]
+def kept_layers(cfg, teacher: models.Loaded):
+    """The teacher layers a from_teacher student is cut from (the hidden-state terms' map)."""
+    if cfg.student.init != "from_teacher" or cfg.student.model or not teacher.has_weights:
+        return None
+    n_t = teacher.model.config.num_hidden_layers
+    return cfg.student.layers or models.spread_layers(n_t, cfg.student.num_layers or n_t)
 
 
 def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
-    out = Path(cfg.train.output_dir)
-    with own_output(out, overwrite, resume, inputs_of(cfg)):
-        return _distill(cfg, out, overwrite, resume, progress)
+    with Session(cfg, overwrite=overwrite, resume=resume, progress=progress) as s:
+        loaded, teacher, cfg = load_teacher(cfg, s.device, s.place, s.accelerator.autocast)
+        student, s_tok, how = models.build_student(cfg.student, loaded, cfg.train.seed)
+        metrics, _ = run_distill(s, cfg, loaded, teacher, s.place(student), s_tok, how,
+                                 kept_layers=kept_layers(cfg, loaded))
+        if metrics and cfg.finetune is not None:
+            metrics["finetune"] = finetune_stage(cfg, s.out, Path(metrics["final"]), resume, progress)
+            metrics["table"] += ("\n\nstage 2: fine-tuned on " + cfg.finetune.data + " (CE only)\n"
+                                 + metrics["finetune"]["table"])
+        return metrics
 
 
-def _distill(cfg: Config, out: Path, overwrite: bool, resume: bool, progress: bool) -> dict:
-    accelerator = make_accelerator(cfg, out)
-    torch.manual_seed(cfg.train.seed)
-
-    cache = None
-    if cfg.teacher.kind == "cache":
-        from stillroom.teachers.cache import TeacherCache
-        cache = TeacherCache(cfg.teacher.cache)
-        teacher = models.Loaded.without_weights(cache.tokenizer(), cache.index["teacher"], cache.teacher_config())
-        if cfg.data.path is None:  # the data the cache was built from
-            cfg = cfg.model_copy(deep=True)
-            cfg.data.path = cache.index["data"]["path"]
-            cfg.data.eval_path = cache.index["data"]["eval_path"]
-    else:   # straight into the dtype it runs in
-        teacher = models.load(cfg.teacher.model, dtype=models.teacher_dtype(cfg.teacher.dtype, accelerator.device))
-    student, s_tok, how = models.build_student(cfg.student, teacher, cfg.train.seed)
-    kept = None   # the teacher layers a from_teacher student was cut from (the hidden-state terms' map)
-    if cfg.student.init == "from_teacher" and not cfg.student.model and teacher.has_weights:
-        n_t = teacher.model.config.num_hidden_layers
-        kept = cfg.student.layers or models.spread_layers(n_t, cfg.student.num_layers or n_t)
-    metrics, _ = run_distill(cfg, teacher, cache, student, s_tok, how, accelerator, overwrite=overwrite,
-                             resume=resume, progress=progress, kept_layers=kept)
-    if metrics and cfg.finetune is not None:
-        metrics["finetune"] = finetune_stage(cfg, out, Path(metrics["final"]), resume, progress)
-        metrics["table"] += ("\n\nstage 2: fine-tuned on " + cfg.finetune.data + " (CE only)\n"
-                             + metrics["finetune"]["table"])
-    return metrics
-
-
-def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how: str, accelerator, *,
-                rows=None, eval_rows=None, overwrite: bool = False, resume: bool = False, progress: bool = True,
-                signals: bool = True, kept_layers=None) -> tuple[dict, object]:
-    """Everything after loading: checks, data, objective, the loop, the evaluation and final/.
-    teacher: the loaded teacher (its model None when `cache` holds it); rows / eval_rows: data in
-    memory instead of data.path. -> (metrics, the trained student), metrics {} off the main process."""
-    out = Path(cfg.train.output_dir)
-    main = accelerator.is_main_process
-    cross = cfg.loss.cross_tokenizer == "uld"
-    t_width = cache.index["vocab_size"] if cache else teacher.model
-    if cross:
-        vocab, note = None, None
-        if models.same_tokenizer(s_tok, teacher.tokenizer):
-            log.warning("loss.cross_tokenizer=uld with a teacher of the student's own tokenizer: the usual "
-                        "loss (cross_tokenizer=none) is exact where ULD is an approximation")
-    else:
-        try:
-            vocab, note = models.check_vocab(t_width, teacher.tokenizer, student, s_tok)
-        except UserError as e:
-            raise UserError(f"{e} (or set loss.cross_tokenizer=uld to distill across tokenizers)") from None
-    if note:
-        log.warning(note)
-    if cache and vocab < cache.index["vocab_size"]:
-        raise UserError(f"the cached teacher's logits ({cache.index['vocab_size']}) are wider than the "
-                        f"student's ({vocab}): its top-k ids may not exist in the student")
-    check_context(cfg, teacher.model_config())
+def run_distill(s: Session, cfg: Config, loaded: models.Loaded, teacher, student, s_tok, how: str, *,
+                rows=None, eval_rows=None, kept_layers=None) -> tuple[dict, object]:
+    """Everything after loading, in an open session: checks, data, objective, the loop, the
+    evaluation and final/. loaded: the teacher's tokenizer, config and weights (None from a
+    cache); teacher: the one the step reads (teachers/core.py: it answers for itself);
+    rows / eval_rows: data in memory instead of data.path. -> (metrics, the trained student),
+    metrics {} off the main process."""
+    vocab = shared_width(cfg, teacher.width(), loaded.tokenizer, student, s_tok)
+    check_context(cfg, loaded.model_config())
     # the student is built (a student made from the teacher's config copies its attention)
-    models.set_teacher_attention(teacher.model, cfg.teacher.attention, accelerator.device, cfg.data.seq_len)
+    models.set_teacher_attention(loaded.model, cfg.teacher.attention, s.device, cfg.data.seq_len)
     for m in cfg.teacher.mix:   # loaded after the data; refused before it
         models.check_attention(m.attention, f"teacher.mix '{m.name}': attention")
-    if cache:
-        cache.check(cfg, s_tok)  # tokenizer, seq_len, temperature: before reading any data
+    teacher.check(cfg, s_tok, vocab=vocab)   # before reading any data
     if cfg.loss.alpha == 0:
         log.info("loss.alpha=0: plain CE on the data (sequence-level KD when the data is teacher output)")
-    tok = s_tok if cross else teacher.tokenizer
+    tok = data_tokenizer(cfg, s_tok, loaded.tokenizer)
     task_items = tasks.from_config(cfg)   # on every process, before the data: a refusal stops them all
-    cfg, train, held = prepare_data(cfg, teacher, accelerator, tok, rows, eval_rows)
+    cfg, train, held = s.data(loaded, tok, rows, eval_rows)
     if cfg.student.prune_heads or cfg.student.prune_intermediate:
         from stillroom.models.prune import calibrate_and_prune
         student, pruned = calibrate_and_prune(student, train, tok.pad_token_id, cfg.student)
-        how = f"{how}, {pruned}"
-    if cache:
-        cache.check(cfg, s_tok, {"training": train, "held-out": held})
+        student, how = s.place(student), f"{how}, {pruned}"
+    teacher.check(cfg, s_tok, {"training": train, "held-out": held}, vocab=vocab)
     if len(train) < cfg.train.batch_size:
         log.warning("only %d training examples for train.batch_size=%d", len(train), cfg.train.batch_size)
-
-    pad_id = tok.pad_token_id
-    teachers = load_teachers(cfg, cache, teacher.model, vocab, s_tok, accelerator)
-    objective = build_objective(cfg, teachers, vocab, student=student, teacher_model=teacher.model,
-                                kept_layers=kept_layers, s_tok=s_tok, t_tok=teacher.tokenizer, pad_id=pad_id,
-                                eos_id=tok.eos_token_id, device=accelerator.device)
-    # Everything is validated: from here on the output folder is written.
-    changes = resume_changes(out, cfg) if resume else {}   # on every process: a refusal stops them all
-    if main:
-        start_output(out, overwrite, resume)
-        record_resume(out, changes)
-        (out / "config.yaml").write_text(to_yaml(cfg))
-    n_params = models.num_params(student)
-    t_params = cache.index.get("teacher_params") if cache else models.num_params(teacher.model)
+    teachers = load_teachers(cfg, teacher, vocab, s_tok, s.accelerator)
+    objective = build_objective(cfg, teachers, vocab, student=student, teacher_model=loaded.model,
+                                kept_layers=kept_layers, s_tok=s_tok, t_tok=loaded.tokenizer, pad_id=tok.pad_token_id,
+                                eos_id=tok.eos_token_id, device=s.device)
+    s.begin(cfg)   # everything is validated: from here on the output folder is written
+    t_params = teacher.params()
     log.info("teacher %s%s: %s params; student (%s): %s params; %d train / %d held-out examples",
-             teacher.source, f" (cached top-{cache.top_k} in {cfg.teacher.cache})" if cache else "",
-             f"{t_params:,}" if t_params else "?", how, f"{n_params:,}", len(train), len(held))
-
-    if cache is None:
-        teacher.model.to("cpu" if cfg.teacher.offload else accelerator.device,
-                         dtype=models.teacher_dtype(cfg.teacher.dtype, accelerator.device))
-    source = teachers[0].eval_source()   # what the evaluation reads the teacher from
-    if main:
+             loaded.source, teacher.describe(), f"{t_params:,}" if t_params else "?", how,
+             f"{models.num_params(student):,}", len(train), len(held))
+    t_tok = loaded.tokenizer if across_tokenizers(cfg) else None   # the teacher measured in its own tokens
+    if s.main:
         log.info("evaluating the teacher and the untrained student on %d held-out examples", len(held))
-    before, held_tokens = (eval_columns(student, None, teacher, held, cfg, vocab, pad_id, cache=cache,
-                                        s_tok=s_tok if cross else None) if main else ({}, 0))
-    said = {}   # eval.tasks: the teacher's and the untrained student's answers
-    if main and task_items:
-        before_models = {"teacher": (teacher.model, teacher.tokenizer)} if teacher.has_weights else {}
-        before_models["student before"] = (student, s_tok)
-        said = {t: tasks.answer_all(its, before_models, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress,
-                                    f"{t}: ") for t, its in task_items.items()}
+    before, held_tokens = (evaluate.columns(student, teacher, held, cfg.eval, vocab, tok, t_tok=t_tok)
+                           if s.main else ({}, 0))
+    said = s.tasks_before(task_items, {**({"teacher": (loaded.model, loaded.tokenizer)} if loaded.has_weights else {}),
+                                       "student before": (student, s_tok)})
+    student, cmp = train_student(s, cfg, student, teacher, objective, train, held, vocab, tok)
+    if not s.main:
+        return {}, student
+    log.info("evaluating the trained student; then writing %s", s.out / "final")
+    after, _ = evaluate.columns(student, teacher, held, cfg.eval, vocab, tok, t_tok=t_tok, with_teacher=False, cmp=cmp)
+    columns = {"teacher": before["teacher"], "student before": before["student"], "student after": after["student"]}
+    s.accelerator.log(scalars({"student": after["student"], "teacher": before["teacher"]}, "final/"),
+                      step=cfg.train.max_steps)
+    s.accelerator.end_training()   # the trackers are closed after the final evaluation is in them
+    metrics = {"eval": columns, "held_out_tokens": held_tokens, "train": s.last_log,
+               "train_examples": len(train), "held_out_examples": len(held)}
+    generation = loaded.model.generation_config if loaded.has_weights and t_tok is None else None
+    write = lambda m: write_final(s.out, student, s_tok, cfg, m, generation, extra=objective.save)  # noqa: E731
+    return s.finish(metrics, evaluate.table(columns, held_tokens), task_items, said,
+                    {"student after": (student, s_tok)}, write, note=teacher.note()), student
+
+
+def train_student(s: Session, cfg, student, teacher, objective, train, held, vocab, tok):
+    """The student (and the objective's own modules) trained: sharded over the processes under
+    train.shard=fsdp (the teacher too with teacher.shard), else prepared by Accelerate; the
+    loop; then gathered whole on the main process. -> (the trained student, the final
+    comparison when every process had to take it together, else None)."""
+    acc, pad_id = s.accelerator, tok.pad_token_id
     if cfg.train.qat != "none":
         from stillroom.deploy.quant import enable
         log.info("quantization-aware: %d linear weights trained through %s", enable(student, cfg.train.qat),
                  cfg.train.qat)
-    fsdp = shard.active(cfg, accelerator)
-    t_sharded = fsdp and cfg.teacher.shard and cache is None
+    fsdp = shard.active(cfg, acc)
+    t_sharded = fsdp and cfg.teacher.shard and teacher.shardable
     if fsdp:   # each process keeps 1/N of the student, its gradients and its optimizer state
-        shard.shard(student.to(accelerator.device))
+        shard.shard(student)
         log.info("train.shard=fsdp: the student sharded over %d processes (FSDP2, per decoder layer)%s",
-                 accelerator.num_processes, ", and the teacher" if t_sharded else "")
-    if t_sharded:   # (after the evaluation above, which the main process ran alone)
+                 acc.num_processes, ", and the teacher" if t_sharded else "")
+    if t_sharded:   # (after the evaluation before training, which the main process ran alone)
         shard.shard(teacher.model, frozen=True)
     elif cfg.train.shard == "fsdp":
         log.info("train.shard=fsdp in one process: nothing to shard across (launch several with accelerate launch)")
@@ -262,64 +208,39 @@ def run_distill(cfg: Config, teacher: models.Loaded, cache, student, s_tok, how:
     for m in objective.trained:
         # Not wrapped in DDP: it has no forward of its own for DDP to hook, so its gradients are
         # averaged over the processes once per step (objective.sync_grads) instead.
-        m.to(accelerator.device)
+        s.place(m)
         if not fsdp:
-            accelerator.register_for_checkpointing(m)
+            acc.register_for_checkpointing(m)
     if not fsdp:   # (a sharded run's checkpoints are its own: loop.objective_run)
-        student, optimizer = accelerator.prepare(student, optimizer)
-        accelerator.register_for_checkpointing(scheduler)
+        student, optimizer = acc.prepare(student, optimizer)
+        acc.register_for_checkpointing(scheduler)
+    source, e = teacher.eval_source(), cfg.eval
 
     def mid_eval(step):
-        if not (main or fsdp):   # a sharded student's forward is taken by every process together
+        if not (s.main or fsdp):   # a sharded student's forward is taken by every process together
             return None
-        cmp = evaluate.score(accelerator.unwrap_model(student), source, held, pad_id, cfg.eval.batch_size,
-                               cfg.eval.max_batches, vocab)
-        if not main:
+        cmp = evaluate.score(acc.unwrap_model(student), source, held, pad_id, e.batch_size, e.max_batches, vocab)
+        if not s.main:
             return None
         return {**cmp, "step": step}, (f"held-out perplexity {cmp['student_perplexity']:.3f}, agreement "
                                        f"{cmp['agreement']:.1%}, KL {cmp['kl_per_token']:.4f}")
 
-    run = objective_run(cfg, accelerator, student, optimizer, scheduler, objective, train, pad_id, out,
-                        evaluate=mid_eval, desc="distill", progress=progress, signals=signals)
-    last_log = fit(run, resume)
+    run = objective_run(cfg, acc, student, optimizer, scheduler, objective, train, pad_id, s.out,
+                        evaluate=mid_eval, desc="distill", progress=s.progress, signals=s.signals)
+    s.fit(run)
     cmp = None
     if t_sharded:   # the comparison with a sharded teacher is taken by every process together
-        cmp = evaluate.score(student, None if cross else source, held, pad_id, cfg.eval.batch_size,
-                             cfg.eval.max_batches, vocab, tokenizer=s_tok if cross else teacher.tokenizer)
+        cmp = evaluate.score(student, None if across_tokenizers(cfg) else source, held, pad_id, e.batch_size,
+                             e.max_batches, vocab, tokenizer=tok)
     whole = shard.full_state(student) if fsdp else None   # every process takes part; the main one gets it
-    if not main:
-        accelerator.end_training()
-        return {}, accelerator.unwrap_model(student)
-
-    student = shard.unsharded(student, whole) if fsdp else accelerator.unwrap_model(student)
-    if cfg.train.qat != "none":   # the evaluation below and final/ see the quantized weights
+    if not s.main:
+        acc.end_training()
+        return acc.unwrap_model(student), None
+    student = shard.unsharded(student, whole) if fsdp else acc.unwrap_model(student)
+    if cfg.train.qat != "none":   # the evaluation after training and final/ see the quantized weights
         from stillroom.deploy.quant import bake
         bake(student)
-    log.info("evaluating the trained student; then writing %s", out / "final")
-    after, _ = eval_columns(student, None, teacher, held, cfg, vocab, pad_id, with_teacher=False, cache=cache,
-                            s_tok=s_tok if cross else None, cmp=cmp)
-    columns = {"teacher": before["teacher"], "student before": before["student"],
-               "student after": after["student"]}
-    accelerator.log(scalars({"student": after["student"], "teacher": before["teacher"]}, "final/"),
-                    step=cfg.train.max_steps)
-    accelerator.end_training()   # the trackers are closed after the final evaluation is in them
-    metrics = {"eval": columns, "held_out_tokens": held_tokens, "train": last_log,
-               "train_examples": len(train), "held_out_examples": len(held)}
-    if task_items:
-        metrics["tasks"] = tasks.in_run(task_items, said, {"student after": (student, s_tok)}, cfg.eval, out, progress)
-    final = write_final(out, student, s_tok, cfg, metrics,
-                        teacher.model.generation_config if teacher.has_weights and not cross else None,
-                        extra=objective.save)
-    metrics["table"] = evaluate.table(columns, held_tokens)
-    metrics["table"] += tasks.tables(metrics.get("tasks", {}))
-    if cache:
-        kl = ("KL is over its top-k + one tail bucket, a lower bound of the full KL" if cache.temperature == 1.0
-              else f"no KL at T=1 from a cache at T={cache.temperature}")
-        metrics["table"] += f"\n(teacher read from the top-{cache.top_k} cache {cfg.teacher.cache}: {kl})"
-    metrics["final"] = str(final)
-    from stillroom.eval.report import write as write_report
-    metrics["report"] = str(write_report(out))
-    return metrics, student
+    return student, cmp
 
 
 def finetune_stage(cfg, out: Path, distilled: Path, resume: bool, progress: bool) -> dict:

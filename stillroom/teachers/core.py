@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from stillroom.data.examples import model_inputs
+from stillroom.errors import UserError
 from stillroom.losses import Head
 from stillroom.models import core as models
 
@@ -38,7 +39,9 @@ class LiveTeacher:
     offload: bool = False
     vocab: int | None = None
     autocast: object = contextlib.nullcontext
+    path: str | None = None   # where it was loaded from (its size on disk in the table)
     cached = False
+    shardable = True   # train.shard=fsdp with teacher.shard: its model is sharded with the student
 
     @contextlib.contextmanager
     def on(self, device):
@@ -87,8 +90,34 @@ class LiveTeacher:
     def read_ahead(self, b):
         """Nothing to read ahead: a live teacher runs in the step."""
 
-    def eval_source(self):
+    # What a run asks of its teacher (run/distill.py), answered here rather than by `if` there.
+
+    def width(self):
+        """What models.check_vocab compares the student's vocabulary with: the model itself."""
         return self.model
+
+    def check(self, cfg, s_tok, data: dict | None = None, vocab: int | None = None):
+        """A live model has nothing to check against the run's settings or data."""
+
+    def describe(self) -> str:
+        return ""
+
+    def params(self) -> int:
+        return models.num_params(self.model)
+
+    def eval_source(self):
+        """What the evaluation reads the teacher from (eval/evaluate.py's score)."""
+        return self.model
+
+    def column(self, cmp: dict, ecfg, prompts, pad_id) -> dict:
+        """Its column of the evaluation table: cmp's teacher numbers, its size and speed."""
+        from stillroom.eval.evaluate import teacher_column
+
+        return teacher_column(self.model, self.path, cmp, ecfg, prompts, pad_id)
+
+    def note(self) -> str:
+        """A line under the table (none for a live model)."""
+        return ""
 
 
 @dataclass
@@ -99,6 +128,7 @@ class CachedTeacher:
     name: str = "teacher"
     weight: float = 1.0
     cached = True
+    shardable = False
 
     def targets(self, b, need: str = "logits", attention: bool = False, clone: bool = False):
         ahead = (b.ahead or {}).get(self.name)
@@ -110,8 +140,37 @@ class CachedTeacher:
         b.ahead = {**(b.ahead or {}), self.name: self.cache.targets(b.examples, b.input_ids.shape[1],
                                                                       b.input_ids.device).top}
 
+    def width(self) -> int:
+        """The width of the teacher's logits the cache was written from."""
+        return self.cache.index["vocab_size"]
+
+    def check(self, cfg, s_tok, data: dict | None = None, vocab: int | None = None):
+        """The cache against the run: tokenizer, seq_len, temperature (before any data is read),
+        its examples (`data`: {what: examples}), and its ids against the student's `vocab`."""
+        if vocab is not None and vocab < self.width():
+            raise UserError(f"the cached teacher's logits ({self.width()}) are wider than the "
+                            f"student's ({vocab}): its top-k ids may not exist in the student")
+        self.cache.check(cfg, s_tok, data)
+
+    def describe(self) -> str:
+        return f" (cached top-{self.cache.top_k} in {self.cache.path})"
+
+    def params(self) -> int | None:
+        return self.cache.index.get("teacher_params")
+
     def eval_source(self):
         return self.cache
+
+    def column(self, cmp: dict, ecfg, prompts, pad_id) -> dict:
+        """Not loaded: no size or speed to measure."""
+        return {"perplexity": cmp["teacher_perplexity"], "bits_per_byte": cmp["teacher_bits_per_byte"],
+                "agreement": None, "kl_per_token": None, "params": self.params(), "size_mb": None,
+                "gen_tokens_per_s": None}
+
+    def note(self) -> str:
+        kl = ("KL is over its top-k + one tail bucket, a lower bound of the full KL" if self.cache.temperature == 1.0
+              else f"no KL at T=1 from a cache at T={self.cache.temperature}")
+        return f"\n(teacher read from the top-{self.cache.top_k} cache {self.cache.path}: {kl})"
 
 
 def route_weights(teachers: list, b, device) -> list:
@@ -128,18 +187,38 @@ def route_weights(teachers: list, b, device) -> list:
     return out
 
 
-def load_teachers(cfg, cache, model, vocab, s_tok, accelerator) -> list:
-    """The step's teachers, weights normalized: the primary (its cache, or its model, already
-    loaded, its attention set) and each of teacher.mix (loaded here, checked against the student's
+def load_teacher(cfg, device, place, autocast=contextlib.nullcontext):
+    """The run's own teacher -> (models.Loaded: its tokenizer, config and name, its weights None
+    from a cache; the teacher the step reads; cfg, with the data a cache was built from filled
+    in where data.path is unset). A model is loaded straight into the dtype it runs in and
+    handed to `place` (run/session.py: its device, or host memory with teacher.offload)."""
+    tc = cfg.teacher
+    if tc.kind == "cache":
+        from stillroom.teachers.cache import TeacherCache
+        cache = TeacherCache(tc.cache)
+        loaded = models.Loaded.without_weights(cache.tokenizer(), cache.index["teacher"], cache.teacher_config())
+        if cfg.data.path is None:  # the data the cache was built from
+            cfg = cfg.model_copy(deep=True)
+            cfg.data.path = cache.index["data"]["path"]
+            cfg.data.eval_path = cache.index["data"]["eval_path"]
+        return loaded, CachedTeacher(cache, tc.name, tc.weight), cfg
+    dtype = models.teacher_dtype(tc.dtype, device)
+    loaded = models.load(tc.model, dtype=dtype)
+    place(loaded.model, offload=tc.offload, dtype=dtype)
+    return loaded, LiveTeacher(loaded.model, tc.name, tc.weight, tc.offload, None, autocast, loaded.path), cfg
+
+
+def load_teachers(cfg, primary, vocab, s_tok, accelerator) -> list:
+    """The step's teachers, weights normalized: the primary (load_teacher's, given the shared
+    logit width `vocab`) and each of teacher.mix (loaded here, checked against the student's
     tokenizer, given its teacher.mix attention)."""
-    from stillroom.errors import UserError
     from stillroom.teachers.cache import TeacherCache
 
-    tc = cfg.teacher
     autocast = accelerator.autocast
-    out = [CachedTeacher(cache, tc.name, tc.weight) if cache is not None
-           else LiveTeacher(model, tc.name, tc.weight, tc.offload, vocab, autocast)]
-    for m in tc.mix:
+    if not primary.cached:
+        primary.vocab = vocab
+    out = [primary]
+    for m in cfg.teacher.mix:
         if m.kind == "cache":
             src = TeacherCache(m.cache)
             src.check(cfg, s_tok)
@@ -163,4 +242,4 @@ def load_teachers(cfg, cache, model, vocab, s_tok, accelerator) -> list:
     return out
 
 
-__all__ = ["LiveTeacher", "CachedTeacher", "route_weights", "load_teachers"]
+__all__ = ["LiveTeacher", "CachedTeacher", "route_weights", "load_teacher", "load_teachers"]

@@ -1,0 +1,144 @@
+"""One run's lifecycle, each step written once, for every command that trains: distill, codistill,
+the fine-tune stage and the library's Distiller (torchtune's recipes run setup() once and
+train() once; here the steps are the session's methods, called in this order):
+
+    with Session(cfg, overwrite=..., resume=...) as s:   # the output folder checked and locked,
+                                                          # the accelerator made, the seed set
+        teacher = s.place(model)                          # every model on its device before it runs
+        cfg, train, held = s.data(teacher, tokenizer)     # the data (generated where the teacher runs)
+        s.begin(cfg)                                      # validated: the resume check, the folder,
+                                                          # config.yaml
+        said = s.tasks_before(items, models)              # eval.tasks' answers before training
+        last_log = s.fit(run)                             # the loop (run/loop.py)
+        s.finish(metrics, table)                          # the tasks after, final/'s table, the report
+
+Devices are decided here and nowhere else: `place` puts a model on the run's device (or keeps
+it in host memory when it is offloaded), and the evaluation and the teachers move their inputs
+to the model that reads them, so a teacher and a student on different devices never meet.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("stillroom")
+
+
+class Session:
+    """cfg: the run's config (Config or CodistillRunConfig); inputs: the local paths the run reads
+    (an --overwrite may not delete them; default: the config's). threads=False leaves the
+    process's thread count and allocator alone (a library caller's)."""
+
+    def __init__(self, cfg, *, overwrite: bool = False, resume: bool = False, progress: bool = True,
+                 signals: bool = True, threads: bool = True, inputs=None):
+        from stillroom.run.outputs import inputs_of
+
+        self.cfg, self.out = cfg, Path(cfg.train.output_dir)
+        self.overwrite, self.resume, self.progress, self.signals = overwrite, resume, progress, signals
+        self.threads = threads
+        self.inputs = inputs_of(cfg) if inputs is None else inputs
+        self._stack = contextlib.ExitStack()
+        self.last_log: dict = {}   # the loop's last log record
+
+    # -------------------------------------------------------------------------------- setup
+
+    def __enter__(self) -> "Session":
+        from stillroom.run.outputs import own_output
+        from stillroom.run.tracking import make_accelerator
+
+        self._stack.enter_context(own_output(self.out, self.overwrite, self.resume, self.inputs))
+        try:
+            self.accelerator = make_accelerator(self.cfg, self.out, threads=self.threads)
+        except BaseException:
+            self._stack.close()
+            raise
+        torch.manual_seed(self.cfg.train.seed)
+        return self
+
+    def __exit__(self, *exc):
+        return self._stack.__exit__(*exc)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def place(self, model: torch.nn.Module, *, offload: bool = False, dtype=None) -> torch.nn.Module:
+        """The model on the run's device (host memory when `offload`: a teacher brought to the
+        device only while it runs), in `dtype` when given. Every model the run holds passes here
+        before anything runs on it."""
+        return model.to("cpu" if offload else self.device, **({"dtype": dtype} if dtype is not None else {}))
+
+    def data(self, teacher, tokenizer=None, rows=None, eval_rows=None):
+        """-> (cfg with data.path resolved, train examples, held-out examples): see run/distill.py's
+        prepare_data. teacher: the loaded teacher (models.Loaded), already placed (the default
+        data is its generated answers)."""
+        from stillroom.run.distill import prepare_data
+
+        cfg, train, held = prepare_data(self.cfg, teacher, self.accelerator, tokenizer, rows, eval_rows)
+        self.cfg = cfg
+        return cfg, train, held
+
+    def begin(self, cfg=None):
+        """Everything is validated: from here on the output folder is written. The resume check
+        runs on every process (a refusal stops them all); the main process empties or marks the
+        folder and writes config.yaml."""
+        from stillroom.config import to_yaml
+        from stillroom.run.outputs import record_resume, resume_changes, start_output
+
+        self.cfg = cfg or self.cfg
+        changes = resume_changes(self.out, self.cfg) if self.resume else {}
+        if self.main:
+            start_output(self.out, self.overwrite, self.resume)
+            record_resume(self.out, changes)
+            (self.out / "config.yaml").write_text(to_yaml(self.cfg))
+
+    # -------------------------------------------------------------------------------- around training
+
+    def tasks_before(self, items: dict, models: dict) -> dict:
+        """eval.tasks: the answers of the models before training ({name: (model, tokenizer)}), on
+        the main process; {} without tasks."""
+        from stillroom.eval import tasks
+
+        if not (self.main and items):
+            return {}
+        e = self.cfg.eval
+        return {t: tasks.answer_all(its, models, e.max_new_tokens, e.batch_size, self.progress, f"{t}: ")
+                for t, its in items.items()}
+
+    def fit(self, run) -> dict:
+        """The loop (run/loop.py's fit) from the start, or from the last checkpoint on --resume."""
+        from stillroom.run.loop import fit
+
+        self.last_log = fit(run, self.resume)
+        return self.last_log
+
+    def finish(self, metrics: dict, table: str, items: dict, said: dict, trained: dict, write, note: str = "") -> dict:
+        """After training, on the main process: the tasks' answers of the trained models (beside
+        `said`, the ones before), final/ written by `write(metrics)` (-> its path), the table (and
+        a `note` under it), the report. -> metrics with "table", "final" and "report"."""
+        from stillroom.eval import tasks
+        from stillroom.eval.report import write as write_report
+
+        if items:
+            metrics["tasks"] = tasks.in_run(items, said, trained, self.cfg.eval, self.out, self.progress)
+        final = write(metrics)
+        metrics["table"] = table + tasks.tables(metrics.get("tasks", {})) + note
+        metrics["final"] = str(final)
+        metrics["report"] = str(write_report(self.out))
+        return metrics
+
