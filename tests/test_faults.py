@@ -54,6 +54,29 @@ def test_a_non_finite_step_is_skipped_and_counted(what, tmp_path, teacher_dir, c
     assert all(torch.isfinite(v).all() for v in w2.values())
 
 
+def test_a_non_finite_fp16_step_backs_the_loss_scale_off_and_training_goes_on(tmp_path, teacher_dir, chat_file,
+                                                                           monkeypatch):
+    """fp16 on a GPU: Accelerate scales the loss and unscales the gradients in clip_grad_norm_,
+    and the optimizer's step updates the scaler. A skipped step must update it too, or the next
+    step's unscale_ raises. Emulated on the CPU (where Accelerate makes no scaler) with the GPU's
+    path: a GradScaler("cpu") and native amp."""
+    from stillroom.run import tracking
+    real_make, scalers = tracking.make_accelerator, []
+
+    def make(cfg, out, threads=True):
+        acc = real_make(cfg, out, threads=threads)
+        acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8), True
+        scalers.append(acc.scaler)
+        return acc
+    monkeypatch.setattr(tracking, "make_accelerator", make)
+    poison(monkeypatch, {2}, "grad")
+    # (teacher.dtype=float32: CPU autocast does not cast a bf16 teacher head to fp16 as CUDA autocast does)
+    run(teacher_dir, chat_file, tmp_path / "r", "train.max_steps=3", "train.mixed_precision=fp16", "teacher.dtype=float32")
+    last = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"step"' in x][-1]
+    assert last["step"] == 3 and last["bad_steps"] == 1
+    assert scalers[0].get_scale() < 2.0 ** 8   # backed off at the skipped step
+
+
 def test_too_many_non_finite_steps_stop_the_run(tmp_path, teacher_dir, chat_file, monkeypatch):
     poison(monkeypatch, {2, 3})
     with pytest.raises(UserError, match=r"stopping at step 3: 2 steps had a non-finite.*max_bad_steps=1"):

@@ -288,12 +288,20 @@ def generation_speed(model, prompts_ids: list[list[int]], new_tokens: int, pad_i
     made, spent = 0, 0.0
     for ids in bar(prompts_ids, desc="generation speed", unit="prompt"):
         x = torch.tensor([ids], device=device)
+        synchronize(device)
         t0 = time.perf_counter()
         out = model.generate(x, attention_mask=torch.ones_like(x), **kw)
+        synchronize(device)   # the device's work done, not only queued
         spent += time.perf_counter() - t0
         made += out.shape[1] - x.shape[1]
     model.train(was_training)
     return made / spent
+
+
+def synchronize(device):
+    """Wait for the device's queued work (a timer read after it measures the work, not its launch)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def describe(model, path=None) -> dict:

@@ -55,7 +55,9 @@ def make_optimizer(model, cfg, lr=None):
     other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr or cfg.train.lr)
+    # fused AdamW on CUDA: one kernel for every parameter's update, as the field's trainers use it
+    fused = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
+    return torch.optim.AdamW(groups, lr=lr or cfg.train.lr, **({"fused": True} if fused else {}))
 
 
 def window_indices(step, cfg, rank, world) -> list[int]:
@@ -378,6 +380,8 @@ def fit(run: Run, resume: bool) -> dict:
                         tr.optimizer.step()
                 else:
                     bad_steps += 1
+                    if accelerator.scaler is not None:   # fp16: the skipped step still backs the loss scale off
+                        accelerator.scaler.update()      # (and lets the next step unscale its gradients)
                     log.warning("step %d: non-finite %s: step skipped (%d so far, train.max_bad_steps=%d)",
                                 step + 1, "loss" if not _finite(stats["loss"]) else "gradient",
                                 bad_steps, t.max_bad_steps)

@@ -233,7 +233,8 @@ def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=Non
             top = topk_targets(lg, k, T)
             nxt = torch.tensor(e.labels, device=device)[pos + 1]
             label_logp = torch.log_softmax(lg.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)
-            writer.add(sid, top.ids.to(ids_dtype).cpu(), top.logp.to(dtype).cpu(), top.log_tail.float().cpu(),
+            # ids cast on the host: uint16 has little support on CUDA
+            writer.add(sid, top.ids.cpu().to(ids_dtype), top.logp.to(dtype).cpu(), top.log_tail.float().cpu(),
                        label_logp.float().cpu())
         del logits
         writer.flush_if_full()

@@ -158,7 +158,7 @@ class LocalTeacher:
         stops = self.model.generation_config.eos_token_id
         stops = set(stops if isinstance(stops, list) else [stops] if stops is not None else []) | {tok.eos_token_id}
         # an answer that never reached an end-of-turn token was cut by max_new_tokens
-        cut = [not any(int(t) in stops for t in row) for row in new]
+        cut = [not any(t in stops for t in row) for row in new.tolist()]   # one copy to the host, not one a token
         if self.plain:   # a base model goes on with the next question: keep its answer (not cut, then)
             cut = [c and "\nQ:" not in t for c, t in zip(cut, flat)]
             flat = [t.split("\nQ:")[0].strip() for t in flat]
