@@ -84,6 +84,27 @@ def ran(monkeypatch):
     return calls
 
 
+def test_device() -> str:
+    """The device the device-aware tests build their tensors on: STILLROOM_TEST_DEVICE (cpu, the
+    default; cuda on a machine with a GPU: the device check runs the suite so)."""
+    return os.environ.get("STILLROOM_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture
+def device():
+    """test_device(), skipped where that device is not here."""
+    d = test_device()
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("STILLROOM_TEST_DEVICE=cuda on a machine without CUDA")
+    return torch.device(d)
+
+
+def on_cpu_only(reason: str):
+    """Skip a test whose expectation is a CPU fact (eager teacher attention, bit-exact reruns,
+    the CPU's own kernels) where the suite targets another device."""
+    return pytest.mark.skipif(test_device() != "cpu", reason=f"a CPU expectation: {reason}")
+
+
 @pytest.fixture(scope="session")
 def tok():
     return make_tokenizer()

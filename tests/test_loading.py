@@ -65,3 +65,15 @@ def test_a_tokenizer_alone_reads_no_weights(teacher_dir, monkeypatch):
     assert tok.pad_token is not None and len(tok) > 0
     with pytest.raises(Exception, match="weights were read"):   # (the spy works: load does read them)
         models.load(str(teacher_dir))
+
+
+def test_the_shipped_files_are_where_the_code_looks():
+    """The bundled prompts (the default data), the lm-eval task and the recipes ship inside the
+    package: each path the code names exists (a module moved a folder down once lost two)."""
+    from stillroom.config import RECIPES
+    from stillroom.eval.harness import ASSETS
+    from stillroom.teachers.generate import BUNDLED_PROMPTS
+
+    assert BUNDLED_PROMPTS.is_file() and BUNDLED_PROMPTS.read_text().strip()
+    assert any(ASSETS.glob("*.yaml")), ASSETS
+    assert any(RECIPES.glob("*.yaml")), RECIPES

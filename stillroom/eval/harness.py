@@ -18,7 +18,7 @@ from stillroom.errors import UserError
 
 log = logging.getLogger("stillroom")
 
-ASSETS = Path(__file__).parent / "assets" / "lm_eval"
+ASSETS = Path(__file__).parents[1] / "assets" / "lm_eval"   # stillroom/assets/lm_eval
 LOCAL_TASKS = {p.stem: p for p in ASSETS.glob("*.yaml")}
 
 

@@ -56,24 +56,30 @@ def _rowdot(a, b):
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _zero_rows(g, keep):
-    """Zero the gradient rows not kept; indexes the few dropped rows instead of a full pass."""
-    drop = (~keep).nonzero().view(-1)
-    if drop.numel():
-        g[drop] = 0.0
+def _zero_rows(g, keep, drop=None):
+    """Zero the gradient rows not kept. drop: whether any row is dropped, known to the caller
+    (False: nothing to do; True: one masked pass on the device, no host sync); None asks the
+    device and indexes the few dropped rows."""
+    if drop is None:
+        rows = (~keep).nonzero().view(-1)
+        if rows.numel():
+            g[rows] = 0.0
+    elif drop:
+        g.masked_fill_(~keep.unsqueeze(-1), 0.0)
     return g
 
 
-def _nll_terms(log_q, target, rows, weight, want_grad, consume):
+def _nll_terms(log_q, target, rows, weight, want_grad, consume, drop=None):
     """weight * sum over `rows` of -log_q[target], and its gradient weight * (softmax - onehot).
-    consume=True turns log_q into the gradient in place (its last use)."""
+    consume=True turns log_q into the gradient in place (its last use). drop: whether `rows`
+    leaves any out, when the caller knows (see _zero_rows)."""
     nll = -log_q.gather(-1, target).squeeze(-1)
     loss = weight * torch.where(rows, nll, 0.0).sum()
     if not want_grad:
         return loss, None
     g = (log_q.exp_() if consume else log_q.exp()).mul_(weight)
     g.scatter_add_(-1, target, torch.full_like(nll, -weight).unsqueeze(-1))
-    return loss, _zero_rows(g, rows)
+    return loss, _zero_rows(g, rows, drop)
 
 
 @dataclass

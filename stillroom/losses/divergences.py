@@ -69,22 +69,27 @@ def _how(kind, divergence, beta, targets):
     return (divergence, float(beta))
 
 
-def _divergence_chunk(s, targets, y, keep, w_ce, T, name, param, want_grad):
+def _divergence_chunk(s, targets, y, keep, w_ce, T, name, param, want_grad, masks=None):
     """One chunk of sum_j w_j T^2 D(p_j, q) + w_ce CE for a divergence without a hand-written
     gradient: autograd runs on this chunk alone (recomputed here, nothing kept), so memory stays
     that of one chunk. Returns (loss, grad (n, V) fp32 or None), like _chunk_terms.
 
     Tokens a target masks (-inf logits) are outside its support: the student is compared on the
     rest, renormalized there. Dropping those terms instead (as forward KL may, since they weigh 0
-    under the teacher) would let reverse-direction divergences go negative."""
+    under the teacher) would let reverse-direction divergences go negative. masks: per target,
+    whether it may mask tokens (kernel.Known: decided once per call, no host sync here); None asks
+    the device per chunk."""
     rows_fn = DIVERGENCES[name][0]
     with torch.enable_grad():
         x = s.detach().requires_grad_(want_grad)
         log_q = torch.log_softmax(x * (1.0 / T), dim=-1)
         total = x.new_zeros(())
-        for t, w in targets:
+        for (t, w), m in zip(targets, masks or [None] * len(targets)):
             log_p = torch.log_softmax(t.float() * (1.0 / T), dim=-1)
-            lq = log_q if torch.isfinite(log_p).all() else on_support(x, log_p, 1.0 / T)
+            if m is None:
+                lq = log_q if torch.isfinite(log_p).all() else on_support(x, log_p, 1.0 / T)
+            else:   # the chunk picks the renormalized student on the device where the target masks tokens
+                lq = torch.where(torch.isfinite(log_p).all(), log_q, on_support(x, log_p, 1.0 / T)) if m else log_q
             total = total + w * T * T * torch.where(keep, rows_fn(lq, log_p, param), 0.0).sum()
         if w_ce and y is not None:
             valid = y != IGNORE_INDEX

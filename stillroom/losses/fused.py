@@ -206,7 +206,7 @@ def _call(name: str, *args):
         return None
 
 
-def chunk_terms(s, targets, y, keep, w_ce, temperature, how, out_dtype, into=False):
+def chunk_terms(s, targets, y, keep, w_ce, temperature, how, out_dtype, into=False, known=None):
     """(loss, grad in out_dtype) for a chunk the compiled kernel covers, else None (the caller
     runs the eager kernel). Covers: CE alone, or one soft forward-KL target (logits or TopK), with
     or without CE, over the same rows (keep == labelled rows, as in training).
@@ -222,7 +222,9 @@ def chunk_terms(s, targets, y, keep, w_ce, temperature, how, out_dtype, into=Fal
     if y is None or len(targets) > 1 or (targets and name != "forward_kl"):
         return None
     valid = y != IGNORE_INDEX
-    if not torch.equal(keep, valid):
+    if not (known.same_rows if known is not None else torch.equal(keep, valid)):
+        return None
+    if known is not None and any(known.masks):   # a teacher that masks tokens: the eager kernel's rule
         return None
     t, w = targets[0] if targets else (None, 0.0)
     if (not w and not w_ce) or not (t is None or torch.is_tensor(t) or isinstance(t, TopK)):
@@ -241,7 +243,7 @@ def chunk_terms(s, targets, y, keep, w_ce, temperature, how, out_dtype, into=Fal
     loss = w_ce * torch.where(valid, nll, 0.0).sum()
     if kl is not None:
         kl = torch.where(valid, kl, 0.0)
-        if not torch.isfinite(kl).all():   # a teacher that masks tokens (-inf): the eager kernel's rule
-            return REDO if into else None
+        if known is None and not torch.isfinite(kl).all():   # a teacher that masks tokens (-inf): the eager
+            return REDO if into else None                     # kernel's rule (with `known`: decided before)
         loss = loss + w * temperature * temperature * kl.sum()
     return loss, grad

@@ -3,6 +3,8 @@ divergences in one chunked autograd function whose gradient has a closed form (t
 makes the logits from hidden states inside it), and the public functions built on it."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from stillroom.losses.core import (IGNORE_INDEX, Head, TopK, _linear, _masked_kl_rows, _nll_terms, _rowdot, _rows, _saved_grad,
@@ -11,22 +13,50 @@ from stillroom.losses import fused
 from stillroom.losses.divergences import _divergence_chunk, _how
 
 
-def _dense_kl(log_q, t, T, want_grad):
+def _dense_kl(log_q, t, T, want_grad, masked=None):
     """KL(softmax(t/T) || q) rows, and what the gradient subtracts from q: the target
     probabilities p, or, where the teacher masks tokens (-inf), p + q - q' with q' the student
     renormalized on the teacher's support (`on_support`), so that q - that = q' - p, the gradient of
-    the renormalized KL (the one rule every path follows)."""
+    the renormalized KL (the one rule every path follows). masked: whether this target may mask
+    tokens, decided once per call (`Known`): False skips the masked formula, True computes it and
+    the chunk picks it on the device where its rows are not finite (no host sync); None asks the
+    device here (a direct call)."""
     log_p = torch.log_softmax(t.float() if T == 1.0 else t.float() * (1.0 / T), dim=-1)
     p = log_p.exp()
-    # KL rows = sum_v p (log p - log q); -inf logits give NaN/inf here, caught per row below.
+    # KL rows = sum_v p (log p - log q); -inf logits give NaN/inf here, caught per chunk below.
     kl = _rowdot(p, log_p.sub_(log_q))
-    if not torch.isfinite(kl).all():  # log_p was consumed above: recompute it for the masked path
+    bad = None
+    if masked is None:
+        masked = not torch.isfinite(kl).all()
+    elif masked:
+        bad = ~torch.isfinite(kl).all()   # on the device: the whole chunk takes the masked formula
+    if masked:   # log_p was consumed above: recompute it for the masked path
         log_p = torch.log_softmax(t.float() * (1.0 / T), dim=-1)
         lq = on_support(log_q, log_p)
-        kl = _masked_kl_rows(lq, log_p)
-        if want_grad:
-            p = p.add_(log_q.exp()).sub_(lq.exp())
+        kl_m = _masked_kl_rows(lq, log_p)
+        p_m = (p if bad is None else p.clone()).add_(log_q.exp()).sub_(lq.exp()) if want_grad else p
+        kl, p = (kl_m, p_m) if bad is None else (torch.where(bad, kl_m, kl), torch.where(bad, p_m, p))
     return kl, (p if want_grad else None)
+
+
+class Known(NamedTuple):
+    """What each chunk would otherwise ask the device (a host sync each, on a GPU), decided once
+    per call: same_rows, the KD rows are the labelled rows (CE's gradient folds into the KD one);
+    drop, some rows do not count (their gradient rows are zeroed); masks, per target, whether it
+    may hold -inf logits (a teacher that masks tokens). A `Head` target's logits are made from a
+    linear head, finite: it masks nothing. ce_drop: some rows have no label (CE's rows zeroed)."""
+    same_rows: bool
+    drop: bool
+    masks: tuple
+    ce_drop: bool
+
+
+def _known(targets, y, keep) -> Known:
+    valid = None if y is None else y != IGNORE_INDEX
+    same = valid is not None and torch.equal(keep, valid)
+    drop = not bool(keep.all())
+    return Known(same, drop, tuple(torch.is_tensor(t) and not bool(torch.isfinite(t).all()) for t, _ in targets),
+                 drop if same else valid is not None and not bool(valid.all()))
 
 
 def _sparse_kl(log_q, q, t: TopK):
@@ -72,7 +102,7 @@ def _sparse_grad_(q, t: TopK, stats, scale):
 
 
 def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_dtype=None, eager_rows=None,
-                 remake=None):
+                 remake=None, known: Known | None = None):
     """Loss sum and d loss / d s for one chunk of rows, with as few full passes as we can.
 
     fused_dtype: try the compiled kernel (`fused.py`) first, its gradient in that dtype; a chunk
@@ -86,24 +116,30 @@ def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_d
     y != IGNORE_INDEX). Gradients in closed form: d/ds [T^2 KL(p || softmax(s/T))] = T (q - p)
     with q = softmax(s/T), so for a weighted sum of targets it is T (sum_j w_j q - sum_j w_j p_j);
     d/ds CE(y) = softmax(s) - onehot(y). Returns (loss, grad (n, V) fp32 or None).
+    known: the call's `Known` (the kernels pass it: no host sync inside their chunk loop); None
+    asks the device per chunk.
     """
     if fused_dtype is not None:
         into = remake is not None and s.dtype == fused_dtype and s.is_contiguous()
-        done = fused.chunk_terms(s, targets, y, keep, w_ce, temperature, how, fused_dtype, into) if want_grad else None
+        done = (fused.chunk_terms(s, targets, y, keep, w_ce, temperature, how, fused_dtype, into, known)
+                if want_grad else None)
         if done is fused.REDO:
             s = remake()
         elif done is not None:
             return done
         if eager_rows and s.shape[0] > eager_rows:   # a compiled-size chunk the kernel did not take
-            return _eager_split(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_dtype, eager_rows)
+            return _eager_split(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_dtype, eager_rows,
+                                known)
     s = s.float()
     loss = s.new_zeros(())
+    masks = known.masks if known is not None else (None,) * len(targets)
+    masks = [m for (t, w), m in zip(targets, masks) if w]
     targets = [(t, w) for t, w in targets if w]
     use_ce = bool(w_ce) and y is not None
     name, param = how
     hard = name == "hard"
     if targets and name not in ("hard", "forward_kl"):   # another divergence: autograd per chunk
-        return _divergence_chunk(s, targets, y, keep, w_ce, temperature, name, param, want_grad)
+        return _divergence_chunk(s, targets, y, keep, w_ce, temperature, name, param, want_grad, masks)
     soft = bool(targets) and not hard
     T = temperature if soft else 1.0
     log_q = torch.log_softmax(s if T == 1.0 else s * (1.0 / T), dim=-1)   # log softmax(s / T)
@@ -112,16 +148,17 @@ def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_d
     valid = None if y is None else y != IGNORE_INDEX
     # At T = 1 the CE gradient, softmax(s) - onehot(y), shares q with the KD gradient: fold it in
     # (one exp pass fewer) when both count the same rows, as in training (keep == labelled rows).
-    fuse_ce = (soft and use_ce and want_grad and T == 1.0 and torch.equal(keep, valid)
+    fuse_ce = (soft and use_ce and want_grad and T == 1.0
+               and (known.same_rows if known is not None else torch.equal(keep, valid))
                and not (len(targets) == 1 and isinstance(targets[0][0], TopK)))
 
     if soft:
         single = len(targets) == 1
         q = log_q.exp() if want_grad or any(isinstance(t, TopK) for t, _ in targets) else None
         acc, w_sum = None, 0.0  # acc = sum_j w_j p_j (just p_1 for a single target)
-        for t, w in targets:
+        for (t, w), m in zip(targets, masks):
             sparse = isinstance(t, TopK)
-            kl, p = _sparse_kl(log_q, q, t) if sparse else _dense_kl(log_q, t, T, want_grad)
+            kl, p = _sparse_kl(log_q, q, t) if sparse else _dense_kl(log_q, t, T, want_grad, m)
             loss = loss + w * T * T * torch.where(keep, kl, 0.0).sum()
             w_sum += w
             if want_grad and single and sparse:      # the cached-teacher path: no full-size extras
@@ -139,14 +176,15 @@ def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_d
         elif want_grad and grad is None:
             grad = q.sub_(acc).mul_(targets[0][1] * T) if single else q.mul_(w_sum).sub_(acc).mul_(T)
         if want_grad:
-            grad = _zero_rows(grad, keep)
+            grad = _zero_rows(grad, keep, None if known is None else known.drop)
         del acc, q
     else:
         # Hard labels: CE against each target's argmax token at each position.
         # log_q is still needed by the CE term when both run at T = 1: not consumed here.
         for t, w in targets:
             top = t.argmax() if isinstance(t, TopK) else t.argmax(dim=-1, keepdim=True)
-            part, g = _nll_terms(log_q, top, keep, w, want_grad, consume=False)
+            part, g = _nll_terms(log_q, top, keep, w, want_grad, consume=False,
+                                 drop=None if known is None else known.drop)
             loss = loss + part
             if want_grad:
                 grad = g if grad is None else grad.add_(g)
@@ -155,7 +193,8 @@ def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_d
         y_safe = torch.where(valid, y, 0).unsqueeze(-1)
         if log_q1 is None:
             log_q1 = torch.log_softmax(s, dim=-1)
-        part, g = _nll_terms(log_q1, y_safe, valid, w_ce, want_grad and not fuse_ce, consume=True)
+        part, g = _nll_terms(log_q1, y_safe, valid, w_ce, want_grad and not fuse_ce, consume=True,
+                             drop=None if known is None else known.ce_drop)
         loss = loss + part
         if g is not None:
             grad = g if grad is None else grad.add_(g)
@@ -164,7 +203,7 @@ def _chunk_terms(s, targets, y, keep, w_ce, temperature, how, want_grad, fused_d
     return loss, grad
 
 
-def _eager_split(s, targets, y, keep, w_ce, temperature, how, want_grad, dtype, rows):
+def _eager_split(s, targets, y, keep, w_ce, temperature, how, want_grad, dtype, rows, known=None):
     """_chunk_terms in the eager kernel, `rows` rows at a time, for a chunk sized for the compiled
     one: the eager kernel's fp32 passes stay at their own size; the gradient is gathered in `dtype`."""
     loss = s.new_zeros((), dtype=torch.float32)
@@ -172,7 +211,8 @@ def _eager_split(s, targets, y, keep, w_ce, temperature, how, want_grad, dtype, 
     for a in range(0, s.shape[0], rows):
         b = a + rows
         part, g = _chunk_terms(s[a:b], [(_target_chunk(t, a, b), w) for t, w in targets],
-                               None if y is None else y[a:b], keep[a:b], w_ce, temperature, how, want_grad)
+                               None if y is None else y[a:b], keep[a:b], w_ce, temperature, how, want_grad,
+                               known=known)
         loss += part
         if want_grad:
             grad[a:b] = g
@@ -214,6 +254,7 @@ class _ChunkedLoss(torch.autograd.Function):
         t2 = [(_target_rows(t), w) for t, w in targets]
         y = labels.reshape(-1) if labels is not None else None
         k = keep.reshape(-1)
+        known = _known(t2, y, k)   # the call's few host reads, before the chunk loop (none inside it)
         grad = None
         if want_grad:
             grad = s2 if inplace else torch.empty(s2.shape, dtype=student.dtype, device=student.device)
@@ -223,7 +264,7 @@ class _ChunkedLoss(torch.autograd.Function):
             part, g = _chunk_terms(s2[a:b], [(_target_chunk(t, a, b), w) for t, w in t2],
                                    None if y is None else y[a:b], k[a:b],
                                    w_ce, temperature, how, want_grad, student.dtype if compiled else None,
-                                   eager_rows)
+                                   eager_rows, known=known)
             total += part
             if want_grad:
                 grad[a:b] = g  # rows a:b of the logits are not read again
@@ -266,13 +307,14 @@ class _LinearChunkedLoss(torch.autograd.Function):
         g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         g_w16, pending = None, 0
+        known = _known(targets, labels, keep)   # the call's few host reads, before the chunk loop (none inside it)
         for a in range(0, hidden.shape[0], chunk):
             b = a + chunk
             h = hc[a:b]
             part, g = _chunk_terms(_linear(h, wc, bc), [(_target_chunk(t, a, b), w) for t, w in targets],
                                    None if labels is None else labels[a:b], keep[a:b],
                                    w_ce, temperature, how, want_grad, dtype if compiled else None, eager_rows,
-                                   remake=lambda: _linear(h, wc, bc))
+                                   remake=lambda: _linear(h, wc, bc), known=known)
             total += part
             if want_grad:
                 g = g.to(dtype)

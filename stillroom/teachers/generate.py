@@ -33,7 +33,7 @@ from stillroom.run.folders import fsync_dir
 
 log = logging.getLogger("stillroom")
 
-BUNDLED_PROMPTS = Path(__file__).parent / "assets" / "instructions.txt"
+BUNDLED_PROMPTS = Path(__file__).parents[1] / "assets" / "instructions.txt"   # stillroom/assets/
 
 
 def _prompt_of(row: dict, field: str | None):
