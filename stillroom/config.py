@@ -314,6 +314,12 @@ class TrainConfig(Section):
     max_bad_steps: int = Field(10, ge=0)
     """Steps whose loss or gradient is not finite are skipped (no update) and counted; one more
     than this stops the run with a message (0: stop at the first)."""
+    deterministic: bool = False
+    """Bit-exact reruns on CUDA: PyTorch's deterministic algorithms (an op that has none stops
+    the run with PyTorch's error), cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG=:4096:8), no
+    cuDNN autotuning; slower. Without it a GPU run repeats only to rounding (atomic adds in some
+    backward kernels, the flash attention backward). On a CPU runs are bit-exact either way; two
+    processes differ from one only in the gradient sum's order (rounding)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast (fp32 weights, optimizer state and loss) where the device runs bf16
     natively (a CUDA GPU with bf16; a CPU with AVX512-BF16 or AMX), fp32 elsewhere."""

@@ -12,6 +12,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("STILLROOM_TEST_DEVICE", "cpu") == "cpu":
+    # The suite targets the CPU: runs (in this process and the commands it starts) do not follow a
+    # GPU that happens to be there. STILLROOM_TEST_DEVICE=cuda lets them.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -97,6 +101,20 @@ def device():
     if d.startswith("cuda") and not torch.cuda.is_available():
         pytest.skip("STILLROOM_TEST_DEVICE=cuda on a machine without CUDA")
     return torch.device(d)
+
+
+@pytest.fixture
+def on_device(device, monkeypatch):
+    """The test's tensors on `device`: factory calls (randn, zeros, tensor, ...) and
+    torch.Generator() default to it. Nothing changes on the CPU. A module opts in with
+    `pytestmark = pytest.mark.usefixtures("on_device")`."""
+    if device.type == "cpu":
+        yield device
+        return
+    real = torch.Generator
+    monkeypatch.setattr(torch, "Generator", lambda device_=None, device=device: real(device=device_ or device))
+    with device:
+        yield device
 
 
 def on_cpu_only(reason: str):

@@ -7,6 +7,9 @@ from stillroom.losses import (IGNORE_INDEX, DIVERGENCES, Head, distill_loss, div
                               linear_distill_loss, mixed_loss, reverse_kl, skew_kl, skew_reverse_kl, topk_targets,
                               total_variation)
 
+# every test here builds its tensors on the device the suite targets (conftest: STILLROOM_TEST_DEVICE)
+pytestmark = pytest.mark.usefixtures("on_device")
+
 
 def logits(*shape, seed=0, scale=3.0):
     g = torch.Generator().manual_seed(seed)

@@ -6,6 +6,9 @@ import torch
 from stillroom.losses import (IGNORE_INDEX, Head, linear_distill_loss, linear_mixed_loss, mixed_loss,
                               topk_targets)
 
+# every test here builds its tensors on the device the suite targets (conftest: STILLROOM_TEST_DEVICE)
+pytestmark = pytest.mark.usefixtures("on_device")
+
 B, S, H, HT, V = 2, 7, 12, 10, 33
 
 

@@ -8,6 +8,9 @@ from stillroom.eval.evaluate import token_stats
 from stillroom.losses import (IGNORE_INDEX, cross_entropy, distill_loss, forward_kl, hard_label_ce, mixed_loss,
                               shift_labels)
 
+# every test here builds its tensors on the device the suite targets (conftest: STILLROOM_TEST_DEVICE)
+pytestmark = pytest.mark.usefixtures("on_device")
+
 
 def ref_forward_kl(s, t, mask, T):
     """Plain autograd reference: sum over mask of T^2 * sum_v p (log p - log q)."""

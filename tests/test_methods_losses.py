@@ -8,6 +8,9 @@ import torch
 from stillroom.losses import (IGNORE_INDEX, DIVERGENCES, attention_loss, divergence, general_loss, hidden_loss, mixed_loss, mixture_logp, token_weights, topk_targets, uld_loss)
 from stillroom.objectives.core import balance_scale
 
+# every test here builds its tensors on the device the suite targets (conftest: STILLROOM_TEST_DEVICE)
+pytestmark = pytest.mark.usefixtures("on_device")
+
 
 def _setup(seed=0, B=2, S=5, V=11):
     g = torch.Generator().manual_seed(seed)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from stillroom.config import load_config
 from stillroom.run.distill import distill
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, on_cpu_only
 from ddp_grads import step_grads
 
 HERE = Path(__file__).parent
@@ -77,8 +77,9 @@ def test_compile_auto_is_on_for_a_real_vocabulary_on_a_cpu():
 def launch(n, *args, env=None, check=True, timeout=600):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *map(str, args)]
+    # gloo on the CPU, whatever the suite targets: two processes on one GPU machine would ask for cuda:1
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               **(env or {}))
+               CUDA_VISIBLE_DEVICES="", **(env or {}))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if check:
         assert r.returncode == 0, failure(r.stderr)
@@ -228,6 +229,7 @@ def test_freed_memory_is_kept_for_the_next_step(setting):
     assert (int(kept_mb) >= 256) == (setting == "keep"), r.stdout
 
 
+@on_cpu_only("teacher.attention=auto picks eager attention on a CPU only")
 def test_a_run_gives_the_teacher_eager_attention_on_a_cpu_and_the_student_its_own(tmp_path, teacher_dir, text_file,
                                                                                  monkeypatch):
     """teacher.attention=auto on a CPU: the teacher's forward runs eager attention (faster there at

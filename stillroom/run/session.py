@@ -50,6 +50,8 @@ class Session:
         from stillroom.run.tracking import make_accelerator
 
         self._stack.enter_context(own_output(self.out, self.overwrite, self.resume, self.inputs))
+        if self.cfg.train.deterministic:
+            self._stack.enter_context(deterministic())
         try:
             self.accelerator = make_accelerator(self.cfg, self.out, threads=self.threads)
         except BaseException:
@@ -142,3 +144,18 @@ class Session:
         metrics["report"] = str(write_report(self.out))
         return metrics
 
+
+@contextlib.contextmanager
+def deterministic():
+    """train.deterministic for the run's life, the process's own settings restored after it."""
+    import os
+
+    was = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # before the first cuBLAS call
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0])
+        torch.backends.cudnn.benchmark = was[1]
