@@ -173,6 +173,10 @@ def cmd_eval(args) -> int:
     log.debug("student %s, teacher %s", model, teacher_spec)
     student = models.load(model)
     teacher = models.load(teacher_spec)
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"   # both models where they run fastest
+    student.model.to(device)
+    teacher.model.to(device)
     s_tok, t_tok = student.tokenizer, teacher.tokenizer
     cross = not models.same_tokenizer(s_tok, t_tok)
     if cross and args.draft:

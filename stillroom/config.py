@@ -115,6 +115,11 @@ class StudentConfig(Section):
     calibration data (a multiple of the key/value heads). Combines with from_teacher's depth."""
     prune_intermediate: Optional[int] = Field(None, ge=1)
     """Width pruning: keep this many MLP channels per layer, the most important on calibration data."""
+    attention: Attention = "auto"
+    """The student's attention implementation. auto: the model's own (sdpa for most models).
+    flash_attention_2 / flash_attention_3 (their package installed, on a GPU) keep packed rows
+    (data.pack) on a variable-length flash kernel; eager; flex_attention. An implementation this
+    install cannot run is refused before the data is read."""
     calibration_examples: int = Field(32, ge=1)
     """Training examples whose activations rank the heads and channels."""
 
@@ -314,6 +319,10 @@ class TrainConfig(Section):
     max_bad_steps: int = Field(10, ge=0)
     """Steps whose loss or gradient is not finite are skipped (no update) and counted; one more
     than this stops the run with a message (0: stop at the first)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations during the backward instead of keeping them
+    (transformers' gradient checkpointing, non-reentrant): far less activation memory for a larger
+    batch or a longer data.seq_len, about a third more compute; the same gradients."""
     deterministic: bool = False
     """Bit-exact reruns on CUDA: PyTorch's deterministic algorithms (an op that has none stops
     the run with PyTorch's error), cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG=:4096:8), no

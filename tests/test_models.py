@@ -172,3 +172,19 @@ def test_output_head_refuses_a_soft_capped_head(teacher_dir):
     m = models.load(str(teacher_dir)).model
     m.lm_head.register_forward_hook(lambda mod, inp, out: 30 * (out / 30).tanh())
     assert models.output_head(m) is None
+
+
+def test_final_hidden_is_the_last_hidden_state_and_keeps_no_other_layers(tok, monkeypatch):
+    """The lean path's student side: the base model's output, bit for bit the last of
+    output_hidden_states, without asking the model for every layer's hidden states."""
+    from conftest import make_model
+    from stillroom.models import core as models
+    m = make_model(tok, layers=3)
+    ids = torch.tensor([tok("The cat sat on the mat.")["input_ids"]])
+    want = m(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    asked = []
+    real = type(m).forward
+    monkeypatch.setattr(type(m), "forward", lambda self, *a, **k: (asked.append(k.get("output_hidden_states")),
+                                                                   real(self, *a, **k))[1])
+    got = models.final_hidden(m, input_ids=ids)
+    assert torch.equal(got, want) and asked == [None]

@@ -252,3 +252,45 @@ def test_a_run_gives_the_teacher_eager_attention_on_a_cpu_and_the_student_its_ow
     run(teacher_dir, text_file, tmp_path / "o", "train.max_steps=1")
     assert seen["teacher"].config._attn_implementation == "eager"
     assert seen["student"].config._attn_implementation == "sdpa"
+
+
+def test_student_attention_is_the_students_own_setting(tmp_path, teacher_dir, text_file, monkeypatch):
+    """student.attention sets the student's implementation (auto keeps the model's own); an
+    implementation this install cannot run is one line, exit 2, before anything is written."""
+    from stillroom.models import core as models
+    seen = {}
+    build = models.build_student
+
+    def spy_build(*a, **kw):
+        out = build(*a, **kw)
+        seen["student"] = out[0]
+        return out
+    monkeypatch.setattr(models, "build_student", spy_build)
+    run(teacher_dir, text_file, tmp_path / "o", "train.max_steps=1", "student.attention=eager")
+    assert seen["student"].config._attn_implementation == "eager"
+    from stillroom.errors import UserError
+    with pytest.raises(UserError, match=r"student.attention=flash_attention_2 cannot run here"):
+        run(teacher_dir, text_file, tmp_path / "flash", "train.max_steps=1", "student.attention=flash_attention_2")
+    assert not (tmp_path / "flash").exists()
+
+
+@pytest.mark.parametrize("loss", [[], ["loss.lean=false"], ["loss.terms={ce: 0.5, forward_kl: 0.5, hidden_mse: 0.1}"]],
+                         ids=["lean", "plain", "hidden states"])
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, teacher_dir, chat_file, loss):
+    """train.gradient_checkpointing keeps fewer tensors for the backward (counted: the layers'
+    activations are recomputed instead) and gives the same gradients, so the same weights, bit for
+    bit on a CPU."""
+    saved = {}
+    for name, extra in (("plain", []), ("checkpointed", ["train.gradient_checkpointing=true"])):
+        count = {"n": 0}
+
+        def pack(x, count=count):
+            count["n"] += 1
+            return x
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            run(teacher_dir, chat_file, tmp_path / name, "train.max_steps=2", *loss, *extra)
+        saved[name] = count["n"]
+    assert saved["checkpointed"] < saved["plain"], saved
+    a = load_file(tmp_path / "plain" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "checkpointed" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

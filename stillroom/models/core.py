@@ -471,8 +471,13 @@ def check_attention(name: str, what: str = "teacher.attention") -> None:
 def set_teacher_attention(model, name: str, device, seq_len: int, what: str = "teacher.attention") -> None:
     """Give a teacher the attention teacher_attention picks; an implementation this install cannot
     run (flash_attention_2 without its package) is a UserError."""
-    impl = teacher_attention(name, device, seq_len)
-    if model is None or impl is None or impl == model.config._attn_implementation:
+    set_attention(model, teacher_attention(name, device, seq_len), what)
+
+
+def set_attention(model, impl: str | None, what: str) -> None:
+    """Give a model an attention implementation (None or "auto": keep its own); one this install
+    cannot run is a UserError naming the setting `what`."""
+    if model is None or impl in (None, "auto") or impl == model.config._attn_implementation:
         return
     check_attention(impl, what)
     try:
@@ -484,9 +489,21 @@ def set_teacher_attention(model, name: str, device, seq_len: int, what: str = "t
 
 def final_hidden(model, **inputs) -> torch.Tensor:
     """(B, S, H): a causal LM's final hidden states, the input of its output head. Runs the model's
-    own forward (so a DDP wrapper syncs gradients as usual) with logits for one position only."""
-    out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    return out.hidden_states[-1]
+    own forward (so a DDP wrapper syncs gradients as usual) with logits for one position only, and
+    takes the base model's output on its way out (a hook): no other layer's hidden states are
+    returned and kept, as output_hidden_states would."""
+    inner = getattr(model, "module", model)   # (a DDP wrapper)
+    seen = {}
+
+    def keep(module, args, out):
+        seen["h"] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    handle = inner.base_model.register_forward_hook(keep)
+    try:
+        model(**inputs, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    return seen["h"]
 
 
 def base_hidden(model, **inputs) -> torch.Tensor:

@@ -197,6 +197,7 @@ def align(examples: list[Example], targets: torch.Tensor, s_tok, t_tok, device) 
     then predict what follows the same characters. Only student positions with a target count."""
     t_ids, s_rows, t_rows = [], [], []
     S = targets.shape[1]
+    labelled = (targets != IGNORE_INDEX).tolist()   # one copy to the host, not one read per position
     for bi, e in enumerate(examples):
         text = s_tok.decode(e.input_ids)
         s_end = char_ends(s_tok, e.input_ids, text)
@@ -207,7 +208,7 @@ def align(examples: list[Example], targets: torch.Tensor, s_tok, t_tok, device) 
             if b > 0:
                 last[b] = j
         for i, end in enumerate(s_end):
-            if i < S and targets[bi, i] != IGNORE_INDEX and end > 0 and end in last:
+            if i < S and labelled[bi][i] and end > 0 and end in last:
                 s_rows.append(bi * S + i)
                 t_rows.append((bi, last[end]))
     ids, att = padded(t_ids, t_tok)

@@ -359,7 +359,10 @@ def _codistill(s: Session, cfg: CodistillRunConfig) -> dict:
     built = [models.build_student(p, teacher, cfg.train.seed + i) for i, p in enumerate(cfg.peers)]
     models.set_teacher_attention(teacher.model, cfg.teacher.attention, accelerator.device, cfg.data.seq_len)
     vocabs = []
-    for (m, tok, _), p in zip(built, cfg.peers):
+    for i, ((m, tok, _), p) in enumerate(zip(built, cfg.peers)):
+        models.set_attention(m, p.attention, f"peers.{i}.attention")
+        if cfg.train.gradient_checkpointing:   # activations recomputed in the backward, layer by layer
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         w, note = models.check_vocab(teacher.model, teacher.tokenizer, m, tok)
         if note:
             log.warning("peer %s: %s", p.name, note)

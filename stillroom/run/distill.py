@@ -135,6 +135,7 @@ def run_distill(s: Session, cfg: Config, loaded: models.Loaded, teacher, student
     check_context(cfg, loaded.model_config())
     # the student is built (a student made from the teacher's config copies its attention)
     models.set_teacher_attention(loaded.model, cfg.teacher.attention, s.device, cfg.data.seq_len)
+    models.set_attention(student, cfg.student.attention, "student.attention")
     for m in cfg.teacher.mix:   # loaded after the data; refused before it
         models.check_attention(m.attention, f"teacher.mix '{m.name}': attention")
     teacher.check(cfg, s_tok, vocab=vocab)   # before reading any data
@@ -193,6 +194,8 @@ def train_student(s: Session, cfg, student, teacher, objective, train, held, voc
         from stillroom.deploy.quant import enable
         log.info("quantization-aware: %d linear weights trained through %s", enable(student, cfg.train.qat),
                  cfg.train.qat)
+    if cfg.train.gradient_checkpointing:   # activations recomputed in the backward, layer by layer
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fsdp = shard.active(cfg, acc)
     t_sharded = fsdp and cfg.teacher.shard and teacher.shardable
     if fsdp:   # each process keeps 1/N of the student, its gradients and its optimizer state

@@ -233,7 +233,7 @@ def inputs_of(cfg) -> list[str]:
 HARMLESS = {"train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
             "train.report_to", "train.threads", "train.prefetch", "train.max_bad_steps", "train.output_dir",
             "teacher.offload", "eval.max_batches", "eval.batch_size", "eval.gen_tokens", "eval.gen_prompts",
-            "data.store", "data.workers"}
+            "data.store", "data.workers", "train.gradient_checkpointing"}
 
 
 def flat(d, prefix=""):
