@@ -155,7 +155,7 @@ def test_a_killed_build_is_never_used(sources, tmp_path):
     path = sources["chat"]
     code = ("import sys; sys.path.insert(0, %r)\n"
             "from conftest import make_tokenizer\n"
-            "from stillroom import store\n"
+            "from stillroom.data import store\n"
             "from stillroom.config import Config, load_config\n"
             "cfg = load_config(None, ['data.path=%s', 'data.seq_len=48'], Config)\n"
             "train, held = store.load_data(cfg, make_tokenizer())\n"
@@ -307,3 +307,51 @@ def test_a_hub_dataset_is_streamed_into_the_store(tmp_path, tok, monkeypatch):
     got, want = both("someone/instructions", "data.format=hf", tok=tok)
     assert ("someone/instructions", "train", True) in calls
     assert as_tuples(got[0]) == as_tuples(want[0]) and as_tuples(got[1]) == as_tuples(want[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in state   # a zombie waiting for its reaper is gone
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads worker processes from /proc (Linux)")
+def test_a_killed_build_leaves_no_worker_holding_its_lock(tmp_path):
+    """kill -9 of a store build with worker processes: the workers die with it (they held the
+    build's lock through the fd they inherited, and every later command on that data waited on
+    it for ever), and the next build takes the lock and finishes."""
+    import signal
+    import time
+    rows = [json.dumps({"prompt": CORPUS[i % 6] + str(i), "response": CORPUS[(i + 1) % 6]}) for i in range(300)]
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from conftest import make_tokenizer\n"
+            "from stillroom.data import store, store_build\n"
+            "from stillroom.config import Config, load_config\n"
+            "store_build.SHARD_BYTES = 2500\n"
+            "real = store_build._tokenize_shard\n"
+            "def slow(job):\n"
+            "    time.sleep(float(sys.argv[1]))\n"
+            "    return real(job)\n"
+            "store_build._tokenize_shard = slow\n"
+            "cfg = load_config(None, ['data.path=%s', 'data.seq_len=48', 'data.workers=2'], Config)\n"
+            "train, held = store.load_data(cfg, make_tokenizer())\n"
+            "print(len(train), len(held))\n") % (str(HERE), path)
+    build = subprocess.Popen([sys.executable, "-c", code, "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    workers, until = [], time.time() + 60
+    while len(workers) < 2 and time.time() < until:
+        time.sleep(0.2)
+        found = subprocess.run(["pgrep", "-P", str(build.pid)], capture_output=True, text=True).stdout.split()
+        workers = [int(p) for p in found]
+    assert len(workers) == 2, build.stderr.read().decode()[-2000:] if build.poll() is not None else workers
+    build.send_signal(signal.SIGKILL)
+    build.wait()
+    until = time.time() + 10
+    while any(_alive(p) for p in workers) and time.time() < until:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers), "a worker outlived its killed parent"
+    r = subprocess.run([sys.executable, "-c", code, "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -194,6 +194,7 @@ def _run_parallel(jobs, workers, desc):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    from stillroom.run import folders
     from stillroom.run.feedback import bar
 
     shared = ("tokenizer", "dcfg", "route_field", "routes")
@@ -206,7 +207,7 @@ def _run_parallel(jobs, workers, desc):
     if tok.chat_template:
         _shapes(tok, chat_renderer(tok))
     try:
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool, \
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=folders.forked_worker) as pool, \
                 bar(total=len(jobs), desc=f"{desc} ({min(workers, len(jobs))} processes)", unit="shard") as b:
             futures = [pool.submit(_tokenize_shard, {k: v for k, v in j.items() if k not in shared}) for j in jobs]
             results = []

@@ -122,6 +122,26 @@ def is_main_process() -> bool:
     return process_rank() == 0
 
 
+_HELD: set = set()   # the lock fds this process holds (a forked worker closes its copies: forked_worker)
+
+
+def forked_worker():
+    """In a worker process forked by a lock's holder (the data store's tokenizing pool): close the
+    inherited copies of the holder's lock fds, so that the lock ends with the holder and not with
+    the last worker, and die with the holder (Linux: PR_SET_PDEATHSIG) instead of outliving a
+    kill -9 of it."""
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        if os.getppid() == 1:   # the holder died before the signal was asked for
+            os._exit(1)
+
+
 class Claim:
     """The exclusive lock on one folder (or, with `name`, on one file in it: `.NAME.lock`), held
     from `acquire` to `release`."""
@@ -160,6 +180,7 @@ class Claim:
                 break
             os.close(fd)
         self.fd = fd
+        _HELD.add(fd)
         stale = self.holder()
         if stale and stale.get("pid") != os.getpid():
             log.warning("%s %s: taking over the lock left by %s, which is no longer running",
@@ -180,6 +201,7 @@ class Claim:
         for name in (self.holder_name, self.lock_name):
             with contextlib.suppress(OSError):
                 (self.folder / name).unlink()
+        _HELD.discard(self.fd)
         os.close(self.fd)   # releases the flock
         self.fd = None
         if failed and self.created and not any(self.folder.iterdir()):
