@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from stillroom.errors import Stopped, UserError
+from stillroom.run.folders import write_json
 
 log = logging.getLogger("stillroom")
 
@@ -146,6 +147,10 @@ def _build_cache(cfg, args) -> int:
     return 0
 
 
+EVAL_KEYS = ("model", "teacher", "data", "eval")    # what `eval --out` writes (check_output_file)
+COMPARE_KEYS = ("columns", "generations")           # what `compare --out` writes
+
+
 def cmd_eval(args) -> int:
     from stillroom.config import DataConfig, EvalConfig
     from stillroom.data.examples import build_examples
@@ -162,7 +167,7 @@ def cmd_eval(args) -> int:
     if not Path(args.data).exists():
         raise UserError(f"data file not found: {args.data}")
     if args.out:
-        check_output_file(args.out, "--out")
+        check_output_file(args.out, "--out", [("--data", args.data)], EVAL_KEYS)
     items = {t: tasks.read_items(args.data, t, args.task_rows, fields) for t in dict.fromkeys(args.task or [])}
     harness_tasks = [t.strip() for t in (args.lm_eval or "").split(",") if t.strip()]
     if args.include_path and not harness_tasks:
@@ -213,7 +218,7 @@ def cmd_eval(args) -> int:
                                                         "student": (student.model, student.tokenizer)},
                                         args.batch_size, progress=not args.no_progress)
     if out:
-        out.write_text(json.dumps(result, indent=2))
+        write_json(out, result, indent=2)   # atomic: a reader never sees half of it
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -287,12 +292,12 @@ def cmd_compare(args) -> int:
     from stillroom.deploy.compare import compare, render
 
     if args.out:
-        check_output_file(args.out, "--out")
+        check_output_file(args.out, "--out", [("--data", args.data)], COMPARE_KEYS)
     res = compare(args.teacher, args.students, args.data, args.formats, args.seq_len, args.max_examples,
                   args.prefill_tokens, args.new_tokens, args.rounds, args.prompt or None, args.gguf_dir,
                   progress=not args.no_progress, draft_tokens=args.draft_tokens if args.draft else 0)
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2))
+        write_json(Path(args.out), res, indent=2)   # atomic: a reader never sees half of it
     print(json.dumps(res, indent=2) if args.json else render(res))
     return 0
 
@@ -318,7 +323,7 @@ def cmd_generate(args) -> int:
     except UserError as e:   # the flags the user typed, not the config keys behind them
         raise UserError(_flags(str(e).replace("config key '", "config key 'generate."), raw)
                         .replace("config key --", "--")) from None
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", [("--prompts", args.prompts), ("--tokenizer", args.tokenizer)])
     prompts = read_prompts(gcfg.prompts, gcfg.num_prompts, gcfg.prompt_field, gcfg.split, gcfg.system, gcfg.dedup)
     if args.top_logprobs and not args.api:
         raise UserError("--top-logprobs is for --api teachers (a local teacher's full distributions "
@@ -378,14 +383,33 @@ def _number(kind, low=None, high=None, above=None):
 POSITIVE = _number(int, low=1)
 
 
-def check_output_file(path, flag: str):
-    """Before any work: a file to write must not be a folder, and its folder must be writable."""
+def check_output_file(path, flag: str, inputs=(), keys=None):
+    """Before any work: a file to write must not be a folder, nor one of the command's `inputs`
+    ((flag, path) pairs; paths compared resolved, symlinks included), nor an existing file this
+    command did not write (`keys`: the top-level keys of the JSON it writes; None: not checked);
+    its folder must be writable."""
     from stillroom.run.outputs import check_writable
 
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{flag} {path} is a folder: give a file path (e.g. {p}/NAME)")
+    for what, given in inputs:
+        if given and Path(given).is_file() and Path(given).resolve() == p.resolve():
+            raise UserError(f"{flag} {path} is the {what} file this command reads: writing it would destroy "
+                            f"it; choose another {flag}")
+    if keys is not None and p.is_file() and p.stat().st_size and not _written_by(p, keys):
+        raise UserError(f"{flag} {path} exists and is not a result this command wrote: it would be replaced; "
+                        f"choose another {flag} or remove that file")
     check_writable(p.parent if str(p.parent) else Path("."), f"{flag} {path}: its folder")
+
+
+def _written_by(path: Path, keys) -> bool:
+    """Is the file a JSON object with these top-level keys (a result of the command that writes it)?"""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(obj, dict) and set(keys) <= set(obj)
 
 
 def _flags(message: str, names) -> str:

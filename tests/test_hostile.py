@@ -357,3 +357,66 @@ def test_the_entry_point_prints_one_line(argv, words):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and words in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+# Files a command must never write over: its own inputs (symlinks included) and files it did not make.
+# Each case: (id, make(tmp, teacher, data) -> argv, expected words). Every file in tmp must keep its bytes.
+
+def _alpaca(tmp):
+    p = tmp / "alpaca.jsonl"
+    p.write_text("".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"{i}"}) + "\n"
+                         for i in range(3)))
+    return p
+
+
+def _other(tmp, text, name="other.json"):
+    p = tmp / name
+    p.write_text(text)
+    return p
+
+
+def _link(tmp, target):
+    p = tmp / "link.jsonl"
+    p.symlink_to(target)
+    return p
+
+
+OWN_FILES = [
+    ("generate --out is its --prompts", lambda t, T, d: ["generate", "--teacher", T, "--prompts", _alpaca(t), "--out",
+                                                         t / "alpaca.jsonl"], "--prompts file"),
+    ("generate --out links to its --prompts", lambda t, T, d: ["generate", "--teacher", T, "--prompts", _alpaca(t),
+                                                               "--out", _link(t, t / "alpaca.jsonl")], "--prompts file"),
+    ("generate --out another JSONL", lambda t, T, d: ["generate", "--teacher", T, "--out",
+                                                      _other(t, '{"a": 1}\n{"a": 2}\n', "rows.jsonl")],
+     "not an answers file"),
+    ("generate --out a JSON array", lambda t, T, d: ["generate", "--teacher", T, "--out",
+                                                     _other(t, '[{"prompt": "x"}]', "rows.json")], "not an answers file"),
+    ("eval --out is its --data", lambda t, T, d: ["eval", "--model", T, "--data", _alpaca(t), "--out",
+                                                  t / "alpaca.jsonl"], "--data file"),
+    ("eval --out a file it did not write", lambda t, T, d: ["eval", "--model", T, "--data", d, "--out",
+                                                            _other(t, '{"x": 1}')], "not a result"),
+    ("compare --out is its --data", lambda t, T, d: ["compare", T, T, "--data", _alpaca(t), "--out",
+                                                     t / "alpaca.jsonl"], "--data file"),
+    ("compare --out a file it did not write", lambda t, T, d: ["compare", T, T, "--data", d, "--out",
+                                                               _other(t, "notes, not JSON\n")], "not a result"),
+]
+
+
+def _contents(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", OWN_FILES, ids=[c[0] for c in OWN_FILES])
+def test_no_command_writes_over_its_input_or_a_file_it_did_not_make(case, tmp_path, teacher_dir, chat_file, capsys):
+    name, build, words = case
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = [str(a) for a in build(work, teacher_dir, chat_file)]
+    before = _contents(work)
+    capsys.readouterr()
+    code = cli.main(argv + ["--no-progress"] if argv[0] in ("generate", "eval", "compare") else argv)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("stillroom: error:")]
+    assert code == 2 and len(lines) == 1, f"{name}: exit {code}\n{err[-2000:]}"
+    assert words.lower() in lines[0].lower(), lines[0]
+    assert _contents(work) == before, f"{name}: a file changed"

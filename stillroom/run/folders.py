@@ -55,7 +55,7 @@ def _file_lock(name: str) -> bool:
 
 
 def mark(folder: Path, kind: str):
-    _write_json(folder / MARKER, {"kind": kind, "created": _now()})
+    write_json(folder / MARKER, {"kind": kind, "created": _now()})
 
 
 def kind_of(folder: Path) -> str | None:
@@ -185,7 +185,7 @@ class Claim:
         if stale and stale.get("pid") != os.getpid():
             log.warning("%s %s: taking over the lock left by %s, which is no longer running",
                         self.key, self.what, describe(stale))
-        _write_json(self.folder / self.holder_name, {"pid": os.getpid(), "host": socket.gethostname(),
+        write_json(self.folder / self.holder_name, {"pid": os.getpid(), "host": socket.gethostname(),
                                                      "started": _now()})
         return self
 
@@ -276,13 +276,12 @@ def fsync_dir(path: Path):
         os.close(fd)
 
 
-def _write_json(path: Path, obj):
+def write_json(path: Path, obj, indent=None):
+    """obj as JSON in path, atomically and durably: a temporary file, on the disk, renamed over it
+    (a crash or a power loss leaves the old file or the new one)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp.write_text(json.dumps(obj, indent=indent))
+    durable_replace(tmp, path)
 
 
 def _now() -> str:

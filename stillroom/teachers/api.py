@@ -196,7 +196,7 @@ def build_from_logprobs(cfg, tok, model_config=None, overwrite=False, progress=T
     perplexity in the eval) are exact where the true token is listed, else the tail mass (an
     upper bound)."""
     from stillroom.run.folders import check_replace, clear, entries
-    from stillroom.teachers.cache import FORMAT, ShardWriter, _write_json, positions, sample_id, tokenizer_hash
+    from stillroom.teachers.cache import FORMAT, ShardWriter, write_json, positions, sample_id, tokenizer_hash
 
     out, k = Path(cfg.cache.path), cfg.cache.top_k
     if entries(out):
@@ -213,7 +213,7 @@ def build_from_logprobs(cfg, tok, model_config=None, overwrite=False, progress=T
              "tokenizer_hash": tokenizer_hash(tok), "top_k": k, "temperature": 1.0, "seq_len": cfg.data.seq_len,
              "dtype": "float32", "data": {"path": cfg.data.path, "eval_path": cfg.data.eval_path},
              "teacher_params": None, "shards": [], "complete": False}
-    _write_json(out / "index.json", index)
+    write_json(out / "index.json", index)
     writer, stats, done = ShardWriter(out, index, cfg.cache.shard_rows), {}, set()
     for e, targets, stats in tqdm(rows_from_logprobs(cfg.data.path, tok, cfg.data.seq_len, k),
                                   desc="logprobs -> cache", unit="row", disable=not progress):
@@ -243,7 +243,7 @@ def build_from_logprobs(cfg, tok, model_config=None, overwrite=False, progress=T
         raise UserError(f"no rows with teacher_logprobs in {cfg.data.path}")
     index["complete"] = True
     index["logprobs"] = stats
-    _write_json(out / "index.json", index)
+    write_json(out / "index.json", index)
     log.info("%d rows: %d aligned with the tokenizer; %d positions with soft labels, %d with the true token",
              stats["rows"], stats["aligned"], stats["soft_positions"], stats["hard_positions"])
     return index

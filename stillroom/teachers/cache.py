@@ -39,6 +39,7 @@ from stillroom.data.examples import Example
 from stillroom.errors import UserError, write_failure
 from stillroom.losses import IGNORE_INDEX, TopK, topk_targets
 from stillroom.run import faults
+from stillroom.run import folders
 from stillroom.run.folders import clear, durable_replace, entries, kind_of
 
 log = logging.getLogger("stillroom")
@@ -65,10 +66,9 @@ def tokenizer_hash(tok) -> str:
     return hashlib.sha1(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
-def _write_json(path: Path, obj):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    durable_replace(tmp, path)   # fsync'ed, then renamed: a power loss keeps the old index or the new
+def write_json(path: Path, obj):
+    """An index file (indented by one): written atomically and durably (folders.write_json)."""
+    folders.write_json(path, obj, indent=1)
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -124,7 +124,7 @@ class ShardWriter:
             durable_replace(tmp, self.out / name)
             faults.point("cache.shard_renamed")      # renamed, not yet in the index
             self.index["shards"].append({"file": name, "rows": self.rows, "samples": self.samples})
-            _write_json(self.out / self.index_file, self.index)
+            write_json(self.out / self.index_file, self.index)
         except Exception as e:
             why = write_failure(e, self.out)
             tmp.unlink(missing_ok=True)
@@ -161,7 +161,7 @@ def _fold_partial(out: Path, index: dict):
     complete once listed: a killed launch's are kept, and a rerun continues after them)."""
     for part in sorted(out.glob("index.p*.json")):
         index["shards"] += json.loads(part.read_text())["shards"]
-        _write_json(out / "index.json", index)
+        write_json(out / "index.json", index)
         part.unlink()
 
 
@@ -187,7 +187,7 @@ def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=Non
             teacher.config.save_pretrained(out / "teacher")
             from stillroom.models.core import num_params
             index = {**ident, "teacher_params": num_params(teacher), "shards": [], "complete": False}
-            _write_json(out / "index.json", index)
+            write_json(out / "index.json", index)
         for stale in out.glob("*.tmp"):  # a shard being written when a previous run was killed
             stale.unlink()
         _fold_partial(out, index)
@@ -248,7 +248,7 @@ def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=Non
             return index
         _fold_partial(out, index)
     index["complete"] = True
-    _write_json(out / "index.json", index)
+    write_json(out / "index.json", index)
     return index
 
 

@@ -178,15 +178,38 @@ def _settings(gcfg, source: str) -> str:
     return _sha({"teacher": source, **{k: getattr(gcfg, k) for k in keys}})
 
 
+def _not_ours(out: Path, where: str) -> UserError:
+    return UserError(f"{out} exists and is not an answers file of stillroom generate ({where}); it would be "
+                     "replaced: choose another --out, or remove that file")
+
+
+def _row_messages(line: str):
+    """A generate row's conversation, or None for a line that is JSON of another kind; raises
+    ValueError for a line that is not JSON at all."""
+    try:
+        row = json.loads(line)
+    except RecursionError:
+        return None
+    messages = row.get("messages") if isinstance(row, dict) else None
+    return messages if isinstance(messages, list) and messages else None
+
+
 def _legacy_done(out: Path, prompts: list[list[dict]]) -> int:
-    """A file written without a progress record (one answer per prompt): how many it answers."""
-    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    """A file written without a progress record (one answer per prompt): how many it answers. A
+    file of any other rows is not ours and is refused, never cut: only a last line that is not
+    JSON and has no newline (a write torn by a crash) is dropped."""
+    lines = out.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
     good = []
-    for line in lines:
+    for i, line in enumerate(lines):
         try:
-            good.append(json.loads(line)["messages"][:-1])
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            break
+            messages = _row_messages(line)
+        except ValueError:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                break   # a torn last line
+            raise _not_ours(out, f"line {i + 1} is not JSON") from None
+        if messages is None:
+            raise _not_ours(out, f"line {i + 1} is not a conversation it wrote")
+        good.append(messages[:-1])
     if good != prompts[:len(good)]:
         raise UserError(f"{out} holds answers to other prompts; choose another output file or delete it")
     with open(out, "r+b") as f:  # drop a torn last line
@@ -199,6 +222,14 @@ def _resume(out: Path, progress: Path, prompts, settings: str) -> int:
         return 0
     if not progress.exists():
         return _legacy_done(out, prompts)
+    with open(out, encoding="utf-8", errors="replace") as f:   # replaced by another file since?
+        first = f.readline()
+    try:
+        ours = not first or _row_messages(first) is not None
+    except ValueError:
+        ours = False
+    if not ours:
+        raise _not_ours(out, "its first line is not a conversation it wrote")
     state = json.loads(progress.read_text())
     done = state["done"]
     if done > len(prompts) or _sha(prompts[:done]) != state["prefix"]:
