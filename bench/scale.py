@@ -235,6 +235,7 @@ import json, statistics, sys, time, torch
 from torch.distributed.tensor import DTensor
 from stillroom.config import load_config
 from stillroom.run import distill as train
+from stillroom.run import loop
 from stillroom.run.loop import clip
 out_file, data, how, teacher_shard, accum = sys.argv[1:6]
 held = {}
@@ -270,7 +271,7 @@ def measure(run, resume):
         json.dump({**mem, "step_s": statistics.median(times[2:]), "world": acc.num_processes}, open(out_file, "w"))
     acc.wait_for_everyone()
     raise Done
-train.fit = measure
+loop.fit = measure   # the loop the run session calls
 over = [f"data.path={data}", "data.seq_len=256", "train.batch_size=4", f"train.grad_accum={accum}",
         f"train.shard={how}", f"teacher.shard={teacher_shard}", "student.num_layers=6", "eval.max_batches=1",
         "eval.gen_tokens=2", "eval.gen_prompts=1", "data.max_examples=200", "data.skip_bad_rows=true",

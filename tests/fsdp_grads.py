@@ -1,8 +1,9 @@
 """Worker for test_shard.py: the gradients of step 1 of real distill runs, one per objective.
 
 Usage: [accelerate launch --num_processes 2] tests/fsdp_grads.py TEACHER_DIR DATA OUT_DIR SHARD GRAD_ACCUM
-Each objective's run goes through `stillroom.run.distill.distill` up to its first step (the loop is
-replaced by one step that writes every trained parameter's whole gradient, gathered from the
+Each objective's run goes through `stillroom.run.distill.distill` up to its first step (the loop,
+`stillroom.run.loop.fit`, which the run session calls, is replaced by one step that writes every
+trained parameter's whole gradient, gathered from the
 shards under FSDP2, to OUT_DIR/<objective>.pt on the main process) and stops there; then a
 co-distillation run in mutual mode does the same (OUT_DIR/codistill.pt, every peer's gradients).
 """
@@ -13,6 +14,7 @@ import torch
 
 from stillroom.config import load_config
 from stillroom.run import distill as train
+from stillroom.run import loop
 
 OBJECTIVES = {
     "soft_lean": [],
@@ -48,7 +50,7 @@ def main(teacher_dir, data, out_dir, how, grad_accum):
             run.accelerator.wait_for_everyone()
             raise Done
 
-        train.fit = one_step
+        loop.fit = one_step
         over = [f"teacher.model={teacher_dir}", f"data.path={data}", f"train.output_dir={out_dir / ('run-' + name)}",
                 "student.num_layers=2", "data.seq_len=64", "train.batch_size=2", f"train.grad_accum={grad_accum}",
                 "data.eval_fraction=0.1", "eval.gen_tokens=2", "eval.gen_prompts=1", f"train.shard={how}",
@@ -79,7 +81,7 @@ def codistill_mutual(teacher_dir, data, out_dir, how, grad_accum):
         run.accelerator.wait_for_everyone()
         raise Done
 
-    codistill.fit = one_step
+    loop.fit = one_step
     cfg = CodistillRunConfig.model_validate({
         "teacher": {"model": teacher_dir},
         "peers": [{"name": "a", "init": "from_teacher", "num_layers": 2},
