@@ -305,62 +305,8 @@ def _shard_gone(cache: Path) -> Path:
     return cache
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_hostile_input(case, tmp_path, teacher_dir, chat_file, capsys):
-    name, build, words = case
-    work = tmp_path / "work"
-    work.mkdir()
-    argv = [str(a) for a in build(work, teacher_dir, chat_file)]
-    capsys.readouterr()
-    before = tree(work)
-    try:
-        code = cli.main(argv + (["--no-progress"] if argv[0] in ("distill", "codistill", "cache", "generate")
-                                else []))
-    except SystemExit as e:  # argparse
-        code = e.code
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("stillroom: error:")]
-    assert code == 2, f"{name}: exit {code}\n{err[-2000:]}"
-    assert len(lines) == 1, f"{name}: expected one error line\n{err[-2000:]}"
-    assert words.lower() in lines[0].lower(), f"{name}: {lines[0]!r} does not mention {words!r}"
-    assert "Traceback" not in err
-    assert tree(work) == before, f"{name}: wrote {sorted(tree(work) - before)}"
-
-
-def test_catalog_size():
-    assert len(CASES) >= 40
-
-
-def test_paths_with_spaces_work(tmp_path, teacher_dir, chat_file):
-    """Not hostile at all: spaces in every path (model, data, output) are fine."""
-    import shutil
-    sp = tmp_path / "a folder with spaces"
-    sp.mkdir()
-    shutil.copytree(teacher_dir, sp / "my teacher")
-    shutil.copy(chat_file, sp / "my data.jsonl")
-    r = run_cli("distill", *_base(sp / "my teacher", sp / "my data.jsonl", sp / "my run"), "--no-progress",
-                "eval.gen_tokens=2", "eval.gen_prompts=1")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (sp / "my run" / "final" / "model.safetensors").is_file()
-
-
-@pytest.mark.parametrize("argv,words", [
-    (["distill", "train.max_stepz=3"], "max_steps"),
-    (["distill", "--no-such-flag"], "unrecognized"),
-    (["frobnicate"], "invalid choice"),
-])
-def test_the_entry_point_prints_one_line(argv, words):
-    """As a real process: one line, exit 2, no traceback (argparse's usage errors included)."""
-    r = subprocess.run([sys.executable, "-m", "stillroom", *argv], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ))
-    assert r.returncode == 2
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and words in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
-
-
-# Files a command must never write over: its own inputs (symlinks included) and files it did not make.
-# Each case: (id, make(tmp, teacher, data) -> argv, expected words). Every file in tmp must keep its bytes.
+# Files a command must never write over: its own inputs (symlinks included) and files it did not make
+# (the catalog checks every file's bytes, too).
 
 def _alpaca(tmp):
     p = tmp / "alpaca.jsonl"
@@ -400,23 +346,63 @@ OWN_FILES = [
     ("compare --out a file it did not write", lambda t, T, d: ["compare", T, T, "--data", d, "--out",
                                                                _other(t, "notes, not JSON\n")], "not a result"),
 ]
+CASES += OWN_FILES
 
 
-def _contents(root: Path) -> dict:
+def contents(root: Path) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("case", OWN_FILES, ids=[c[0] for c in OWN_FILES])
-def test_no_command_writes_over_its_input_or_a_file_it_did_not_make(case, tmp_path, teacher_dir, chat_file, capsys):
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_hostile_input(case, tmp_path, teacher_dir, chat_file, capsys):
     name, build, words = case
     work = tmp_path / "work"
     work.mkdir()
     argv = [str(a) for a in build(work, teacher_dir, chat_file)]
-    before = _contents(work)
     capsys.readouterr()
-    code = cli.main(argv + ["--no-progress"] if argv[0] in ("generate", "eval", "compare") else argv)
+    before, held = tree(work), contents(work)
+    try:
+        code = cli.main(argv + (["--no-progress"] if argv[0] in ("distill", "codistill", "cache", "generate",
+                                                                  "eval", "compare") else []))
+    except SystemExit as e:  # argparse
+        code = e.code
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("stillroom: error:")]
-    assert code == 2 and len(lines) == 1, f"{name}: exit {code}\n{err[-2000:]}"
-    assert words.lower() in lines[0].lower(), lines[0]
-    assert _contents(work) == before, f"{name}: a file changed"
+    assert code == 2, f"{name}: exit {code}\n{err[-2000:]}"
+    assert len(lines) == 1, f"{name}: expected one error line\n{err[-2000:]}"
+    assert words.lower() in lines[0].lower(), f"{name}: {lines[0]!r} does not mention {words!r}"
+    assert "Traceback" not in err
+    assert tree(work) == before, f"{name}: wrote {sorted(tree(work) - before)}"
+    assert contents(work) == held, f"{name}: changed {sorted(k for k, v in contents(work).items() if held.get(k) != v)}"
+
+
+def test_catalog_size():
+    assert len(CASES) >= 40
+
+
+def test_paths_with_spaces_work(tmp_path, teacher_dir, chat_file):
+    """Not hostile at all: spaces in every path (model, data, output) are fine."""
+    import shutil
+    sp = tmp_path / "a folder with spaces"
+    sp.mkdir()
+    shutil.copytree(teacher_dir, sp / "my teacher")
+    shutil.copy(chat_file, sp / "my data.jsonl")
+    r = run_cli("distill", *_base(sp / "my teacher", sp / "my data.jsonl", sp / "my run"), "--no-progress",
+                "eval.gen_tokens=2", "eval.gen_prompts=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (sp / "my run" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["distill", "train.max_stepz=3"], "max_steps"),
+    (["distill", "--no-such-flag"], "unrecognized"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_the_entry_point_prints_one_line(argv, words):
+    """As a real process: one line, exit 2, no traceback (argparse's usage errors included)."""
+    r = subprocess.run([sys.executable, "-m", "stillroom", *argv], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ))
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and words in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
