@@ -152,11 +152,30 @@ COMPARE_KEYS = ("columns", "generations")           # what `compare --out` write
 
 
 def cmd_eval(args) -> int:
-    from stillroom.config import DataConfig, EvalConfig
-    from stillroom.data.examples import build_examples
-    from stillroom.teachers.core import LiveTeacher
-    from stillroom.eval import evaluate, harness, tasks
     from stillroom.models import core as models
+
+    dcfg, ecfg, items, harness_tasks = _eval_inputs(args)   # every refusal before a model is loaded
+    model = models.run_model(args.model)
+    teacher_spec = args.teacher or _run_teacher(model) or "smollm2-135m"
+    log.debug("student %s, teacher %s", model, teacher_spec)
+    student, teacher, vocab, cross = _eval_models(args, model, teacher_spec)
+    result = {"model": args.model, "teacher": teacher_spec, "data": args.data,
+              **_eval_measure(args, dcfg, ecfg, items, harness_tasks, student, teacher, vocab, cross)}
+    if args.out:
+        write_json(Path(args.out), result, indent=2)   # atomic: a reader never sees half of it
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"student {model} vs teacher {teacher_spec}, on {args.data}")
+        _print_eval(result, ecfg)
+    return 0
+
+
+def _eval_inputs(args):
+    """`eval`'s flags checked, before any model is loaded -> (data config, eval config, the
+    generation tasks' rows, lm-eval's tasks or None)."""
+    from stillroom.config import DataConfig, EvalConfig
+    from stillroom.eval import harness, tasks
 
     ecfg = EvalConfig(batch_size=args.batch_size, max_batches=args.max_batches, gen_tokens=args.gen_tokens,
                       gen_prompts=args.gen_prompts)
@@ -172,58 +191,68 @@ def cmd_eval(args) -> int:
     harness_tasks = [t.strip() for t in (args.lm_eval or "").split(",") if t.strip()]
     if args.include_path and not harness_tasks:
         raise UserError("--include-path names where --lm-eval finds tasks: pass --lm-eval TASKS too")
-    harness_tasks = harness.task_dict(harness_tasks, args.include_path) if harness_tasks else None  # before any model
-    model = models.run_model(args.model)
-    teacher_spec = args.teacher or _run_teacher(model) or "smollm2-135m"
-    log.debug("student %s, teacher %s", model, teacher_spec)
-    student = models.load(model)
-    teacher = models.load(teacher_spec)
+    return dcfg, ecfg, items, harness.task_dict(harness_tasks, args.include_path) if harness_tasks else None
+
+
+def _eval_models(args, model: str, teacher_spec: str):
+    """The student and the teacher, loaded, on the GPU when there is one, checked against each
+    other -> (student, teacher, their shared logit width (None across tokenizers), across tokenizers?)."""
     import torch
+
+    from stillroom.models import core as models
+
+    student, teacher = models.load(model), models.load(teacher_spec)
     device = "cuda" if torch.cuda.is_available() else "cpu"   # both models where they run fastest
     student.model.to(device)
     teacher.model.to(device)
-    s_tok, t_tok = student.tokenizer, teacher.tokenizer
-    cross = not models.same_tokenizer(s_tok, t_tok)
+    cross = not models.same_tokenizer(student.tokenizer, teacher.tokenizer)
+    vocab = None
     if cross and args.draft:
         raise UserError("--draft needs a student with the teacher's tokenizer (the teacher verifies the "
                         "student's drafted tokens); this student's tokenizer differs")
     if cross:   # each model in its own tokens, on the same text: bits per byte compare them
-        vocab = None
         log.warning("the student's tokenizer differs from the teacher's: each model is measured in its own "
                     "tokens on the same text; bits per byte compare them (per-token perplexities do not), and "
                     "agreement and KL do not exist across vocabularies")
     else:
-        vocab, note = models.check_vocab(teacher.model, t_tok, student.model, s_tok)
+        vocab, note = models.check_vocab(teacher.model, teacher.tokenizer, student.model, student.tokenizer)
         if note:
             log.warning(note)
     for who, m in (("teacher", teacher.model), ("student", student.model)):
         models.check_context(args.seq_len, m.config, who, f"--seq-len {args.seq_len}")
-    tok = s_tok if cross else t_tok   # the held-out examples are in the student's tokens
+    return student, teacher, vocab, cross
+
+
+def _eval_measure(args, dcfg, ecfg, items, harness_tasks, student, teacher, vocab, cross) -> dict:
+    """The evaluation table's columns on the held-out examples (in the student's tokens), and what
+    the flags add: the draft check, the generation tasks, lm-eval."""
+    from stillroom.data.examples import build_examples
+    from stillroom.eval import evaluate, harness
+    from stillroom.teachers.core import LiveTeacher
+
+    tok = student.tokenizer if cross else teacher.tokenizer   # (the same vocabulary unless cross)
     examples, _ = build_examples(args.data, tok, dcfg)
-    pad = tok.pad_token_id
     columns, tokens = evaluate.columns(student.model, LiveTeacher(teacher.model, path=teacher.path), examples, ecfg,
-                                       vocab, tok, t_tok=t_tok if cross else None, student_path=student.path)
-    prompts = evaluate.speed_prompts(examples, ecfg.gen_prompts)
-    result = {"model": args.model, "teacher": teacher_spec, "data": args.data,
-              "held_out_tokens": tokens, "eval": columns}
-    out = Path(args.out) if args.out else None
+                                       vocab, tok, t_tok=teacher.tokenizer if cross else None,
+                                       student_path=student.path)
+    found = {"held_out_tokens": tokens, "eval": columns}
     if args.draft:
         from stillroom.eval import draft
-        result["draft"] = draft.draft_check(teacher.model, student.model, prompts, ecfg.gen_tokens, pad,
-                                            args.draft_tokens)
+        found["draft"] = draft.draft_check(teacher.model, student.model, evaluate.speed_prompts(examples, ecfg.gen_prompts),
+                                           ecfg.gen_tokens, tok.pad_token_id, args.draft_tokens)
     if items:
-        result["tasks"] = _eval_tasks(args, items, teacher, student, out)
+        found["tasks"] = _eval_tasks(args, items, teacher, student, Path(args.out) if args.out else None)
     if harness_tasks:
-        result["lm_eval"] = harness.run(harness_tasks, {"teacher": (teacher.model, teacher.tokenizer),
-                                                        "student": (student.model, student.tokenizer)},
-                                        args.batch_size, progress=not args.no_progress)
-    if out:
-        write_json(out, result, indent=2)   # atomic: a reader never sees half of it
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"student {model} vs teacher {teacher_spec}, on {args.data}")
-    print(evaluate.table(columns, tokens))
+        found["lm_eval"] = harness.run(harness_tasks, {"teacher": (teacher.model, teacher.tokenizer),
+                                                       "student": (student.model, student.tokenizer)},
+                                       args.batch_size, progress=not args.no_progress)
+    return found
+
+
+def _print_eval(result: dict, ecfg):
+    from stillroom.eval import evaluate, harness, tasks
+
+    print(evaluate.table(result["eval"], result["held_out_tokens"]))
     if "draft" in result:
         from stillroom.eval import draft
         print(f"\nthe student as the teacher's draft model (speculative decoding, {ecfg.gen_tokens} new tokens "
@@ -234,7 +263,6 @@ def cmd_eval(args) -> int:
         print(f"\ntask {task}:\n{tasks.table(got['scores'], got['rows'])}")
         print(f"each row's answers: {got['answers']}" if got["answers"] else
               "(pass --out FILE.json to keep each row's answers beside it)")
-    return 0
 
 
 def _eval_tasks(args, items: dict, teacher, student, out: Path | None) -> dict:
