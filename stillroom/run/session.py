@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -54,9 +55,9 @@ class Session:
             self._stack.enter_context(deterministic())
         try:
             self.accelerator = make_accelerator(self.cfg, self.out, threads=self.threads)
-        except BaseException:
-            self._stack.close()
-            raise
+        except BaseException:   # the claim sees the failure (a folder it made for nothing is removed)
+            if not self._stack.__exit__(*sys.exc_info()):
+                raise
         torch.manual_seed(self.cfg.train.seed)
         return self
 
