@@ -55,8 +55,17 @@ def _known(targets, y, keep) -> Known:
     valid = None if y is None else y != IGNORE_INDEX
     same = valid is not None and torch.equal(keep, valid)
     drop = not bool(keep.all())
-    return Known(same, drop, tuple(torch.is_tensor(t) and not bool(torch.isfinite(t).all()) for t, _ in targets),
+    return Known(same, drop, tuple(torch.is_tensor(t) and not _finite(t) for t, _ in targets),
                  drop if same else valid is not None and not bool(valid.all()))
+
+
+def _finite(t) -> bool:
+    """Is every value of t finite? One reduction (min and max: a NaN or an infinity shows in one of
+    them), where isfinite(t).all() would make full-size temporaries of the teacher's logits."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _sparse_kl(log_q, q, t: TopK):
