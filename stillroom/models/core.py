@@ -487,6 +487,16 @@ def set_attention(model, impl: str | None, what: str) -> None:
         raise UserError(f"{what}={impl} cannot run here ({first.rstrip('.')}): set it to auto, sdpa or eager") from None
 
 
+def checkpoint_activations(model) -> None:
+    """train.gradient_checkpointing: each decoder layer recomputed in the backward (non-reentrant),
+    by transformers' own switch (activation_checkpointing_enable; its older name before it)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def final_hidden(model, **inputs) -> torch.Tensor:
     """(B, S, H): a causal LM's final hidden states, the input of its output head. Runs the model's
     own forward (so a DDP wrapper syncs gradients as usual) with logits for one position only, and

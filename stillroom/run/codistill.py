@@ -362,7 +362,7 @@ def _codistill(s: Session, cfg: CodistillRunConfig) -> dict:
     for i, ((m, tok, _), p) in enumerate(zip(built, cfg.peers)):
         models.set_attention(m, p.attention, f"peers.{i}.attention")
         if cfg.train.gradient_checkpointing:   # activations recomputed in the backward, layer by layer
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            models.checkpoint_activations(m)
         w, note = models.check_vocab(teacher.model, teacher.tokenizer, m, tok)
         if note:
             log.warning("peer %s: %s", p.name, note)

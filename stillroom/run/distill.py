@@ -195,7 +195,7 @@ def train_student(s: Session, cfg, student, teacher, objective, train, held, voc
         log.info("quantization-aware: %d linear weights trained through %s", enable(student, cfg.train.qat),
                  cfg.train.qat)
     if cfg.train.gradient_checkpointing:   # activations recomputed in the backward, layer by layer
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.checkpoint_activations(student)
     fsdp = shard.active(cfg, acc)
     t_sharded = fsdp and cfg.teacher.shard and teacher.shardable
     if fsdp:   # each process keeps 1/N of the student, its gradients and its optimizer state
