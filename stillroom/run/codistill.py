@@ -393,8 +393,11 @@ def _codistill(s: Session, cfg: CodistillRunConfig) -> dict:
     pad_id = teacher.tokenizer.pad_token_id
     peer_models = {p.name: m for (m, _, _), p in zip(built, cfg.peers)}
     before = None
-    for m in peer_models.values():   # every peer on the device before anything runs on it
-        s.place(m)
+    # Each model this process runs, on the device before anything runs on it: every peer on the main
+    # process (it evaluates them all, and collects them at the end) and in mutual mode; elsewhere the
+    # process's own peer (weights mode's stale copies are placed where they are made, below).
+    for i in range(n) if main or mode == "mutual" else [rank]:
+        s.place(built[i][0])
     if main:
         before = evaluate.score_peers(peer_models, teacher.model, held, pad_id, cfg.eval.batch_size,
                                         cfg.eval.max_batches, vocab, tokenizer=teacher.tokenizer)
