@@ -10,6 +10,15 @@ class UserError(ValueError):
     ValueError, so library callers catch it as the ordinary exception it is."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (which stops at a step boundary instead): raised like
+    Ctrl-C's KeyboardInterrupt, so everything that cleans up on an interrupt does so; exit 143."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated
+
+
 class Stopped(Exception):
     """A run that stopped cleanly on a signal; `code` is the shell's 128 + signal number."""
 

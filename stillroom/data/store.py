@@ -34,6 +34,10 @@ hash of the function, not of the tokenizer. Hugging Face dataset folders are rea
 (`load_dataset(..., streaming=True)`: read as it downloads, in one process, nothing kept but the
 store).
 
+index.json also holds each file's size and CRC-32 (written at build time): opening a store checks
+them, so a truncated, zeroed or torn array is refused in one line saying how to rebuild it, not
+read as data (a full read of the arrays at each open: about a second for 2 GB here).
+
 A build writes into `store-<key>.tmp-<pid>` and renames it into place once complete and flushed:
 a killed build is never used (the next build removes its leftovers). Two runs that need the same
 store: the second waits for the first (a lock on the store's name) and then reads it. The
@@ -119,13 +123,26 @@ def _load(path: Path, mmap: bool = True):
 class Store:
     """An opened store: its arrays memory-mapped."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, verify: bool = True):
         self.folder = Path(folder)
-        self.index = json.loads((self.folder / "index.json").read_text())
         names = ("tokens", "targets", "docs", "routes", "layout", "segs")
-        self.tokens, self.targets, self.docs, self.routes, self.layout, self.segs = (
-            _load(self.folder / f"{n}.npy", self.index["sizes"][n] > 0) for n in names)
-        self.route_names = self.index["inputs"]["routes"]
+        try:
+            self.index = json.loads((self.folder / "index.json").read_text())
+            why = folders.damage(self.folder, self.index.get("files") or {}) if verify else None
+            if why is None:
+                self.tokens, self.targets, self.docs, self.routes, self.layout, self.segs = (
+                    _load(self.folder / f"{n}.npy", self.index["sizes"][n] > 0) for n in names)
+                self.route_names = self.index["inputs"]["routes"]
+                if any(len(a) != self.index["sizes"][n] for n, a in zip(names, self.arrays())):
+                    why = "an array's length differs from its index"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+        if why is not None:
+            raise UserError(f"the data store {self.folder} is damaged ({why}); remove it and it is built again "
+                            f"from the data at the next run: rm -r {self.folder}")
+
+    def arrays(self):
+        return self.tokens, self.targets, self.docs, self.routes, self.layout, self.segs
 
     def __len__(self):
         return len(self.layout) - 1
@@ -210,7 +227,8 @@ def open_or_build(dcfg, tokenizer, seed: int, route_field=None, routes=None, bui
         base.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"data store folder {base}: cannot create it ({e.strerror}); set data.store to "
-                        "a writable folder (or data.store=off)") from None
+                        "a writable folder (or data.store=off)" +
+                        ("" if dcfg.store != "auto" else ", or STILLROOM_CACHE to a writable cache")) from None
     # every process takes the lock (in a launch the main one builds while the others poll, but a
     # library caller may have every process build: only one may, and none may remove its work)
     with folders.claim(base, key="the data store", name=folder.name, wait=True, every_process=True):
@@ -221,7 +239,7 @@ def open_or_build(dcfg, tokenizer, seed: int, route_field=None, routes=None, bui
         from stillroom.run.feedback import phase
         with phase(f"data: tokenizing once into {folder}"):
             build(folder, dcfg, tokenizer, seed, route_field, routes, inputs, workers_for(dcfg))
-    return Store(folder)
+    return Store(folder, verify=False)   # just written and checked by its build
 
 
 def _reopened(folder: Path, dcfg) -> Store:

@@ -308,7 +308,8 @@ def _build(tmp, folder, dcfg, tokenizer, seed, route_field, routes, inputs, work
     sizes = _write_arrays(tmp, results, lengths, train + held)
     index = {"format": VERSION, "inputs": inputs, "train_examples": len(train), "held_examples": len(held),
              "tokens": int(lengths.sum()), "documents": int(len(lengths)), "sizes": sizes,
-             "reports": [_report_json(r) for r in reports]}
+             "reports": [_report_json(r) for r in reports],
+             "files": folders.checksums(tmp)}   # verified when the store is opened (store.Store)
     (tmp / "index.json").write_text(json.dumps(index, indent=1))
     faults.point("store.written")   # complete under its temporary name, not yet in place
     folders.durable_replace(tmp, folder)

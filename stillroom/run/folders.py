@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import socket
+import zlib
 from pathlib import Path
 
 from stillroom.errors import UserError
@@ -37,7 +38,7 @@ PROBE = ".stillroom-probe-"   # outputs.check_writable's passing folder
 # What a run or a cache writes, for folders made before the marker existed: a folder that holds
 # only these names is recognised as stillroom's own.
 KNOWN = {
-    "run": {"config.yaml", "metrics.jsonl", "checkpoints", "final", "final.tmp", "final.old", "report.html",
+    "run": {"config.yaml", "inputs.json", "inputs.json.tmp", "metrics.jsonl", "checkpoints", "final", "final.tmp", "final.old", "report.html",
             "report.html.tmp", "error.log", "finetune", "stillroom", "trackio"},
     "cache": {"index.json", "index.json.tmp", "tokenizer", "teacher"},
 }
@@ -96,7 +97,8 @@ def check_replace(folder: Path, kind: str, inputs=(), key: str = "train.output_d
         held = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         raise UserError(f"{key} {folder} was not made by stillroom (no {MARKER} in it; it holds {held}); "
                         f"--overwrite only replaces stillroom's own folders: pick another {key} or empty it yourself")
-    if found != kind:
+    legacy = found == "run" and kind == "codistill run" and not (folder / MARKER).is_file()   # made before kinds
+    if found != kind and not legacy:
         raise UserError(f"{key} {folder} is a stillroom {found}, not a {kind}; --overwrite will not replace it: "
                         f"pick another {key}")
 
@@ -251,6 +253,24 @@ def fsync_tree(path: Path):
         _fsync(path)
 
 
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+UMASK = _umask()
+
+
+def usual_mode(path: Path):
+    """Files as readable as any other the user writes (0666 less the umask): safetensors writes its
+    files 0600, so a final model or cache shard was the one file others could not read."""
+    path = Path(path)
+    for f in ([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]):
+        if f.stat().st_mode & 0o777 == 0o600:
+            f.chmod(0o666 & ~UMASK)
+
+
 def durable_replace(src: Path, dst: Path):
     """`os.replace(src, dst)` after src is on the disk, and the rename itself made durable."""
     fsync_tree(src)
@@ -278,10 +298,49 @@ def fsync_dir(path: Path):
 
 def write_json(path: Path, obj, indent=None):
     """obj as JSON in path, atomically and durably: a temporary file, on the disk, renamed over it
-    (a crash or a power loss leaves the old file or the new one)."""
+    (a crash or a power loss leaves the old file or the new one). A missing folder is made (the
+    commands checked before their work that it can be: outputs.check_writable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent))
-    durable_replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=indent))
+        durable_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def checksum(path: Path) -> list[int]:
+    """[size, CRC-32] of a file, read in 16 MB pieces (CRC-32 runs at disk speed; it is there to
+    catch a truncated, zeroed or torn file, not an adversary)."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 24):
+            crc, size = zlib.crc32(piece, crc), size + len(piece)
+    return [size, crc]
+
+
+def checksums(folder: Path, skip=()) -> dict:
+    """{relative path: [size, CRC-32]} of every file under a folder (but the names in `skip`)."""
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): checksum(f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name not in skip}
+
+
+def damage(folder: Path, recorded: dict) -> str | None:
+    """What differs between a folder's files and their `recorded` checksums, in a few words
+    (None: every file is as written). Sizes are compared first, so a truncated file costs no read."""
+    folder = Path(folder)
+    for name, (size, _) in recorded.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size:,} bytes, {size:,} were written"
+    for name, (_, crc) in recorded.items():
+        if checksum(folder / name)[1] != crc:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def _now() -> str:

@@ -33,6 +33,49 @@ def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / "trainer_state.json").read_text())
 
 
+def damage(ckpt: Path) -> str | None:
+    """Why a complete checkpoint cannot be trusted, in a few words (None: it is as written): its
+    trainer_state.json does not parse, or a file differs from the size and CRC-32 recorded in it
+    when the checkpoint was marked complete (checkpoints written before the record was added are
+    checked for the first only)."""
+    try:
+        state = read_state(ckpt)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            return "trainer_state.json holds no step"
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json cannot be read ({type(e).__name__})"
+    try:
+        return folders.damage(ckpt, state.get("files") or {})
+    except OSError as e:
+        return f"a file cannot be read ({e.strerror})"
+
+
+def damaged_checkpoints(out: Path) -> list[tuple[Path, str]]:
+    """--resume, before anything loads (read only): the checkpoints newer than the newest intact
+    one, each with why it cannot be used; none intact is one line."""
+    said = []
+    for ckpt in reversed(checkpoints(out)):
+        why = damage(ckpt)
+        if why is None:
+            return said
+        said.append((ckpt, why))
+    raise UserError(f"--resume: no intact checkpoint in {out}/checkpoints "
+                    f"({'; '.join(f'{c.name}: {why}' for c, why in said)}): start the run again with --overwrite")
+
+
+def set_aside(damaged: list[tuple[Path, str]]):
+    """Rename each damaged checkpoint `step_N.damaged` (kept for inspection, never used or rotated;
+    its step can be written again), with a line saying why (main process, once the run is
+    validated: a refused --resume changes nothing)."""
+    for ckpt, why in damaged:
+        aside, n = ckpt.with_name(ckpt.name + ".damaged"), 1
+        while aside.exists():
+            aside, n = ckpt.with_name(f"{ckpt.name}.damaged{n}"), n + 1
+        os.replace(ckpt, aside)
+        logging.getLogger("stillroom").warning("--resume: checkpoint %s is damaged (%s); set aside as %s, "
+                                               "resuming from an earlier one", ckpt.name, why, aside.name)
+
+
 def save_checkpoint(accelerator, out: Path, step: int, keep: int, write=None, state=None):
     """Atomic: written under a temporary name and renamed when complete, so a crash at any moment
     leaves either the previous checkpoints or those plus this one. Older ones beyond `keep` are
@@ -56,7 +99,9 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int, write=None, st
         accelerator.wait_for_everyone()
         if main:
             faults.point("checkpoint.written")          # files in tmp, not yet marked complete
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(state or {})}))
+            folders.usual_mode(tmp)
+            files = folders.checksums(tmp)              # what --resume verifies before it trusts them
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(state or {}), "files": files}))
             faults.point("checkpoint.complete")         # complete in tmp, not yet renamed
             folders.durable_replace(tmp, final)         # on the disk before it is published
     except Exception as e:
@@ -136,6 +181,7 @@ def publish(out: Path, name: str, write, what: str) -> Path:
                         (f"checkpoint {have[-1].name} is intact: free space and rerun with --resume"
                          if have else "free space and rerun")) from None
     faults.point("final.written")
+    folders.usual_mode(tmp)
     folders.fsync_tree(tmp)              # every file on the disk before the swap publishes it
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -167,8 +213,11 @@ def write_final(out: Path, student, tokenizer, cfg, metrics: dict, generation_co
 def check_writable(out: Path, what="output folder"):
     """The folder can be created and written (checked on its nearest existing ancestor), before
     any heavy work, leaving nothing behind (an empty folders.PROBE* folder for a moment)."""
-    probe = out
+    probe = Path(out)
     while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():   # a link whose target is gone: nothing could be made at its name
+            raise UserError(f"{what} {out}: {probe} is a symlink to {os.readlink(probe)}, which does not exist; "
+                            "create its target or pick another path")
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise UserError(f"{what} {out}: {probe} is a file, not a folder; pick another path")
@@ -179,11 +228,18 @@ def check_writable(out: Path, what="output folder"):
         raise UserError(f"{what} {out}: cannot write in {probe} ({e.strerror}); pick another path") from None
 
 
-def prepare_output(out: Path, overwrite: bool, resume: bool, inputs=()):
+RUN_KINDS = {"run": "distill", "codistill run": "codistill"}   # a run folder's marker kind -> its command
+
+
+def prepare_output(out: Path, overwrite: bool, resume: bool, inputs=(), kind: str = "run"):
     """Refuse to clobber a previous run unless asked, and to let --overwrite delete anything
     stillroom did not make or any of the command's `inputs`; runs before any heavy work."""
     check_writable(out)
     if resume:
+        found = folders.kind_of(out) if (out / folders.MARKER).is_file() else None
+        if found in RUN_KINDS and found != kind:
+            raise UserError(f"--resume: {out} is a {RUN_KINDS[found]} run: resume it with stillroom "
+                            f"{RUN_KINDS[found]}")
         if not checkpoints(out):
             raise UserError(f"--resume: no complete checkpoint in {out}/checkpoints "
                             "(set train.save_every to write some)")
@@ -194,27 +250,27 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, inputs=()):
         raise UserError(f"output folder {out} already exists; pass --overwrite to replace it "
                         "or --resume to continue it")
     if overwrite:
-        folders.check_replace(out, "run", inputs)
+        folders.check_replace(out, kind, inputs)
 
 
 @contextlib.contextmanager
-def own_output(out: Path, overwrite: bool, resume: bool, inputs=()):
+def own_output(out: Path, overwrite: bool, resume: bool, inputs=(), kind: str = "run"):
     """`with own_output(...):` a run's whole life: the folder checked (prepare_output) and
     locked against a second command (folders.claim) until the run ends."""
     check_writable(out)
     with folders.claim(out):
-        prepare_output(out, overwrite, resume, inputs)
+        prepare_output(out, overwrite, resume, inputs, kind)
         yield
 
 
-def start_output(out: Path, overwrite: bool, resume: bool):
+def start_output(out: Path, overwrite: bool, resume: bool, kind: str = "run"):
     """The first write of a validated run (main process): an --overwrite empties the folder
-    (prepare_output allowed it), and the folder is marked as a stillroom run."""
+    (prepare_output allowed it), and the folder is marked as a stillroom run of its `kind`."""
     out.mkdir(parents=True, exist_ok=True)
     if overwrite and not resume:
-        folders.clear(out, "run")
+        folders.clear(out, kind)
     elif not (out / folders.MARKER).exists():
-        folders.mark(out, "run")
+        folders.mark(out, kind)
 
 
 def inputs_of(cfg) -> list[str]:
@@ -273,6 +329,57 @@ def resume_changes(out: Path, cfg) -> dict:
                         "what the run computes: resume with the run's values, or start a new run in another "
                         "train.output_dir")
     return diff
+
+
+DATA_KEYS = (("data", "path"), ("data", "eval_path"), ("finetune", "data"))
+WHOLE = 64 << 20   # files up to this size are hashed whole; larger ones by 64 blocks of 64 KB, evenly spread
+
+
+def content_key(path: Path) -> str:
+    """A hash of a file's content and size: the whole file up to 64 MB; beyond, 64 blocks of 64 KB
+    spread evenly from its first byte to its last (an edit that keeps the size and misses every
+    block is not seen: the cost of not reading a 100 GB corpus at every resume)."""
+    import hashlib
+
+    h, size = hashlib.sha1(), path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= WHOLE:
+            while piece := f.read(1 << 24):
+                h.update(piece)
+        else:
+            for i in range(64):
+                f.seek((size - (1 << 16)) * i // 63)
+                h.update(f.read(1 << 16))
+    return h.hexdigest()[:16]
+
+
+def data_fingerprints(cfg) -> dict:
+    """{config key: content key} of the local data a run trains on (a folder: of every file under
+    it); hub ids and absent keys are left out."""
+    found = {}
+    for section, key in DATA_KEYS:
+        v = getattr(getattr(cfg, section, None), key, None)
+        if not (isinstance(v, str) and v and Path(v).exists()):
+            continue
+        p = Path(v)
+        found[f"{section}.{key}"] = content_key(p) if p.is_file() else \
+            {str(f.relative_to(p)): content_key(f) for f in sorted(p.rglob("*")) if f.is_file()}
+    return found
+
+
+def check_same_data(out: Path, now: dict):
+    """--resume: refuse in one line when a data file at the run's path holds other content than
+    when the run began (recorded in its inputs.json; a run begun before the record is not checked)."""
+    try:
+        then = json.loads((out / "inputs.json").read_text())
+    except (OSError, ValueError):
+        return
+    changed = [k for k in now if k in then and then[k] != now[k]]
+    if changed:
+        raise UserError(f"--resume: the data changed since the run began ({', '.join(changed)}: other content at "
+                        "the same path); resume with the original data, or start a new run in another "
+                        "train.output_dir")
 
 
 def record_resume(out: Path, changes: dict):

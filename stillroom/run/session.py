@@ -41,7 +41,9 @@ class Session:
         self.overwrite, self.resume, self.progress, self.signals = overwrite, resume, progress, signals
         self.threads = threads
         self.inputs = inputs_of(cfg) if inputs is None else inputs
+        self.kind = "codistill run" if hasattr(cfg, "peers") else "run"   # the folder's marker: which command made it
         self._stack = contextlib.ExitStack()
+        self._damaged: list = []   # --resume: checkpoints newer than the newest intact one
         self.last_log: dict = {}   # the loop's last log record
 
     # -------------------------------------------------------------------------------- setup
@@ -50,7 +52,7 @@ class Session:
         from stillroom.run.outputs import own_output
         from stillroom.run.tracking import make_accelerator
 
-        self._stack.enter_context(own_output(self.out, self.overwrite, self.resume, self.inputs))
+        self._stack.enter_context(own_output(self.out, self.overwrite, self.resume, self.inputs, self.kind))
         if self.cfg.train.deterministic:
             self._stack.enter_context(deterministic())
         try:
@@ -59,10 +61,20 @@ class Session:
             if not self._stack.__exit__(*sys.exc_info()):
                 raise
         torch.manual_seed(self.cfg.train.seed)
+        if self.resume and self.main:   # verified before any model loads; set aside once the run is validated
+            from stillroom.run.outputs import damaged_checkpoints
+            try:
+                self._damaged = damaged_checkpoints(self.out)
+            except BaseException:
+                if not self._stack.__exit__(*sys.exc_info()):
+                    raise
         return self
 
-    def __exit__(self, *exc):
-        return self._stack.__exit__(*exc)
+    def __exit__(self, et, e, tb):
+        quiet = self._stack.__exit__(et, e, tb)
+        if self.signals and et is not None and issubclass(et, KeyboardInterrupt) and not quiet:
+            raise interrupted(self.out, et) from None
+        return quiet
 
     @property
     def device(self) -> torch.device:
@@ -101,14 +113,26 @@ class Session:
         runs on every process (a refusal stops them all); the main process empties or marks the
         folder and writes config.yaml."""
         from stillroom.config import to_yaml
-        from stillroom.run.outputs import record_resume, resume_changes, start_output
+        from stillroom.run import folders
+        from stillroom.run.outputs import (check_same_data, data_fingerprints, record_resume, resume_changes,
+                                           set_aside, start_output)
 
         self.cfg = cfg or self.cfg
         changes = resume_changes(self.out, self.cfg) if self.resume else {}
+        data = data_fingerprints(self.cfg)
+        if self.resume:
+            check_same_data(self.out, data)
         if self.main:
-            start_output(self.out, self.overwrite, self.resume)
+            set_aside(self._damaged)
+            start_output(self.out, self.overwrite, self.resume, self.kind)
             record_resume(self.out, changes)
             (self.out / "config.yaml").write_text(to_yaml(self.cfg))
+            if not (self.resume and (self.out / "inputs.json").exists()):
+                folders.write_json(self.out / "inputs.json", data, indent=1)
+        if self.resume and self.world > 1:   # every process loads the checkpoint the main one kept
+            self.accelerator.wait_for_everyone()
+        from stillroom.run import faults
+        faults.point("session.begun")   # the folder written, no step taken
 
     # -------------------------------------------------------------------------------- around training
 
@@ -142,8 +166,27 @@ class Session:
         final = write(metrics)
         metrics["table"] = table + tasks.tables(metrics.get("tasks", {})) + note
         metrics["final"] = str(final)
-        metrics["report"] = str(write_report(self.out))
+        report = write_report(self.out, strict=False)
+        if report is not None:
+            metrics["report"] = str(report)
         return metrics
+
+
+def interrupted(out: Path, et):
+    """Ctrl-C or SIGTERM outside the loop's step boundary (loading, data, the evaluations, a second
+    Ctrl-C): a Stopped that says what to run next, which depends on what the run has written."""
+    from stillroom.errors import Stopped, Terminated
+    from stillroom.run import folders
+    from stillroom.run.outputs import checkpoints
+
+    name, code = ("SIGTERM", 143) if issubclass(et, Terminated) else ("Ctrl-C", 130)
+    have = checkpoints(out) if out.is_dir() else []
+    if have:
+        return Stopped(f"stopped by {name}: continue from {have[-1].name} with --resume", code)
+    if folders.entries(out):
+        return Stopped(f"stopped by {name} before the first checkpoint, so there is nothing to resume: run the "
+                       "same command with --overwrite to start again", code)
+    return Stopped(f"stopped by {name} before the run began: run the same command again", code)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +42,7 @@ from stillroom.errors import UserError, write_failure
 from stillroom.losses import IGNORE_INDEX, TopK, topk_targets
 from stillroom.run import faults
 from stillroom.run import folders
-from stillroom.run.folders import clear, durable_replace, entries, kind_of
+from stillroom.run.folders import clear, durable_replace, entries, kind_of, usual_mode
 
 log = logging.getLogger("stillroom")
 
@@ -116,14 +118,18 @@ class ShardWriter:
 
         if not self.samples:
             return
-        name = f"{self.prefix}{len(self.index['shards']):05d}.safetensors"
+        n, listed = len(self.index["shards"]), {sh["file"] for sh in self.index["shards"]}
+        while (name := f"{self.prefix}{n:05d}.safetensors") in listed or (self.out / name).exists():
+            n += 1   # a shard taken out of the index (damaged) leaves a gap in the numbers
         tmp = self.out / (name + ".tmp")
         try:
             save_file({k: torch.cat(v) for k, v in self.buf.items()}, str(tmp))
+            usual_mode(tmp)
+            crc = folders.checksum(tmp)              # verified when the cache is read or continued
             faults.point("cache.shard_written")      # in its temporary file, not yet renamed
             durable_replace(tmp, self.out / name)
             faults.point("cache.shard_renamed")      # renamed, not yet in the index
-            self.index["shards"].append({"file": name, "rows": self.rows, "samples": self.samples})
+            self.index["shards"].append({"file": name, "rows": self.rows, "samples": self.samples, "crc": crc})
             write_json(self.out / self.index_file, self.index)
         except Exception as e:
             why = write_failure(e, self.out)
@@ -146,7 +152,12 @@ def existing(cfg, teacher, tok, overwrite=False, skip=()) -> dict | None:
         kind = kind_of(out)
         what = f"a stillroom {kind}" if kind else "not a stillroom cache"
         raise UserError(f"cache.path {out} exists and is {what}: pick another cache.path")
-    index = json.loads((out / "index.json").read_text())
+    try:
+        index = json.loads((out / "index.json").read_text())
+        assert isinstance(index, dict) and isinstance(index.get("shards"), list)
+    except (OSError, ValueError, RecursionError, AssertionError):
+        raise UserError(f"{out}/index.json is damaged, so what the cache holds is not known: rebuild it with "
+                        "--overwrite") from None
     ident = {k: v for k, v in _identity(cfg, teacher, tok, logits_width(teacher)).items() if k not in skip}
     theirs = {k: index.get(k) for k in ident}
     if theirs != ident:
@@ -163,6 +174,34 @@ def _fold_partial(out: Path, index: dict):
         index["shards"] += json.loads(part.read_text())["shards"]
         write_json(out / "index.json", index)
         part.unlink()
+
+
+def shard_damage(out: Path, shard: dict) -> str | None:
+    """Why a listed shard cannot be read as written (None: it is whole): missing, another size,
+    or not its checksum (shards written before checksums are checked for presence and size 0)."""
+    f = out / shard["file"]
+    if not f.is_file() or f.stat().st_size == 0:
+        return "missing or empty"
+    return folders.damage(out, {shard["file"]: shard["crc"]}) if "crc" in shard else None
+
+
+def _drop_damaged(out: Path, index: dict):
+    """Continuing a cache: a damaged shard is renamed `.damaged` and taken out of the index, so its
+    samples are cached again (a line says so)."""
+    keep = []
+    for shard in index["shards"]:
+        why = shard_damage(out, shard)
+        if why is None:
+            keep.append(shard)
+            continue
+        f = out / shard["file"]
+        if f.exists():
+            os.replace(f, f.with_name(f.name + ".damaged"))
+        log.warning("cache shard %s is damaged (%s): set aside as %s.damaged; its %d samples are cached again",
+                    f, why, f.name, len(shard["samples"]))
+    if len(keep) != len(index["shards"]):
+        index.update(shards=keep, complete=False)
+        write_json(out / "index.json", index)
 
 
 @torch.inference_mode()
@@ -182,15 +221,28 @@ def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=Non
     if rank == 0:
         index = existing(cfg, teacher, tok, overwrite)
         if index is None:
-            clear(out, "cache")
-            tok.save_pretrained(out / "tokenizer")
-            teacher.config.save_pretrained(out / "teacher")
             from stillroom.models.core import num_params
+            clear(out, "cache")
             index = {**ident, "teacher_params": num_params(teacher), "shards": [], "complete": False}
-            write_json(out / "index.json", index)
+            try:
+                tok.save_pretrained(out / "tokenizer")
+                teacher.config.save_pretrained(out / "teacher")
+                write_json(out / "index.json", index)
+            except OSError as e:   # a full disk before the first shard: the folder is left empty (and ours)
+                why = write_failure(e, out)
+                for name in ("tokenizer", "teacher", "index.json", "index.json.tmp"):
+                    shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else \
+                        (out / name).unlink(missing_ok=True)
+                raise UserError(f"could not start the cache in {out}: {why}; free space and run the same command "
+                                "again") from None
         for stale in out.glob("*.tmp"):  # a shard being written when a previous run was killed
             stale.unlink()
         _fold_partial(out, index)
+        listed = {sh["file"] for sh in index["shards"]}
+        for orphan in out.glob("shard-*.safetensors"):   # renamed in by a run killed before it was listed
+            if orphan.name not in listed:
+                orphan.unlink()
+        _drop_damaged(out, index)
     if world > 1:
         state.wait_for_everyone()
         index = json.loads((out / "index.json").read_text())
@@ -323,7 +375,7 @@ class TeacherCache:
         (`examples`: name -> examples that must all be in the cache)."""
         ix = self.index
         for n in range(len(ix["shards"])):
-            self._shard_file(n)
+            self._shard_file(n, verify=True)
         if tokenizer_hash(tok) != ix["tokenizer_hash"]:
             raise UserError(f"the cache in {self.path} was built with another tokenizer (teacher "
                             f"{ix['teacher']}, vocab {ix['vocab_size']}) than this student's (vocab {len(tok)})")
@@ -341,11 +393,14 @@ class TeacherCache:
                                 f"examples: it was built for other data ({ix['data']['path']}); "
                                 "build a cache for this data")
 
-    def _shard_file(self, n) -> Path:
-        f = self.path / self.index["shards"][n]["file"]
-        if not f.is_file() or f.stat().st_size == 0:
-            raise UserError(f"cache shard {f} is missing or empty: the cache is damaged; rebuild it "
-                            "with `stillroom cache` (it continues from what is intact)")
+    def _shard_file(self, n, verify: bool = False) -> Path:
+        shard = self.index["shards"][n]
+        f = self.path / shard["file"]
+        why = shard_damage(self.path, shard) if verify else \
+            ("missing or empty" if not f.is_file() or f.stat().st_size == 0 else None)
+        if why is not None:
+            raise UserError(f"cache shard {f} is damaged ({why}): run the `stillroom cache` command that built "
+                            "it again, which caches that shard's samples again and keeps the rest")
         return f
 
     def _shard(self, n):
