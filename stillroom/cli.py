@@ -18,7 +18,7 @@ import time
 import sys
 from pathlib import Path
 
-from stillroom.errors import Stopped, UserError
+from stillroom.errors import Stopped, Terminated, UserError, on_sigterm
 from stillroom.run.folders import write_json
 
 log = logging.getLogger("stillroom")
@@ -220,6 +220,7 @@ def _eval_models(args, model: str, teacher_spec: str):
             log.warning(note)
     for who, m in (("teacher", teacher.model), ("student", student.model)):
         models.check_context(args.seq_len, m.config, who, f"--seq-len {args.seq_len}")
+        models.check_context(args.gen_tokens, m.config, who, f"--gen-tokens {args.gen_tokens}")
     return student, teacher, vocab, cross
 
 
@@ -366,7 +367,9 @@ def cmd_generate(args) -> int:
     notes = [f"{r['skipped']} prompts skipped (too long)" if r["skipped"] else "",
              f"{r['empty']} empty answers dropped" if r["empty"] else "",
              f"{r['truncated']} answers cut at --max-new-tokens {gcfg.max_new_tokens} (marked truncated)"
-             if r["truncated"] else ""]
+             if r["truncated"] else "",
+             f"{r['dropped_turns']} follow-up turns not asked (an earlier answer in their conversation was cut, "
+             "empty, or the next turn would not fit)" if r.get("dropped_turns") else ""]
     notes = "; ".join(n for n in notes if n)
     print(f"{r['rows']} conversations for {r['prompts']} prompts in {r['path']}" + (f"; {notes}" if notes else ""))
     return 0
@@ -421,6 +424,8 @@ def check_output_file(path, flag: str, inputs=(), keys=None):
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{flag} {path} is a folder: give a file path (e.g. {p}/NAME)")
+    if p.exists() and not p.is_file():   # a device (/dev/null), a pipe: results are written by renaming a file
+        raise UserError(f"{flag} {path} is not a regular file (a device, pipe or socket): give a file path")
     for what, given in inputs:
         if given and Path(given).is_file() and Path(given).resolve() == p.resolve():
             raise UserError(f"{flag} {path} is the {what} file this command reads: writing it would destroy "
@@ -639,6 +644,11 @@ def main(argv=None) -> int:
     from stillroom.run.tracking import keep_cpu_memory
 
     logging.getLogger("stillroom").debug("CPU memory: %s", keep_cpu_memory())   # the process is ours
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():   # SIGTERM before (or after) the loop:
+        signal.signal(signal.SIGTERM, on_sigterm)                # cleaned up and said, like Ctrl-C
     try:
         _quiet_libraries()
         return args.func(args)
@@ -648,13 +658,12 @@ def main(argv=None) -> int:
     except Stopped as e:
         print(f"stillroom: {e}", file=sys.stderr)
         return e.code
-    except KeyboardInterrupt:
-        # Everything stillroom writes is atomic or resumable: say how to pick it up again.
-        again = ("rerun with --resume to continue from the last checkpoint"
-                 if args.command in ("distill", "codistill")
-                 else "run the same command again to continue where it stopped")
-        print(f"stillroom: interrupted; {again}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # Everything stillroom writes is atomic or resumable: say how to pick it up again (a run
+        # interrupted inside its session is a Stopped that says so, see run/session.py).
+        print(f"stillroom: stopped by {'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'}; run the same "
+              "command again to continue where it stopped", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 def entry():

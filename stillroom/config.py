@@ -21,6 +21,22 @@ RECIPES = Path(__file__).parent / "configs"
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v, info):
+        """pydantic reads true as 1 for a number; train.max_steps=true is a mistake, not one step."""
+        if isinstance(v, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            from pydantic_core import PydanticCustomError
+            raise PydanticCustomError("bool_as_number", "a number is expected, not true/false")
+        return v
+
+
+def _numeric(annotation) -> bool:
+    """Is a field a number (int or float, maybe optional) and never a bool?"""
+    import typing
+    args = set(typing.get_args(annotation)) or {annotation}
+    return bool(args & {int, float}) and bool not in args
+
 
 # a live teacher's attention (transformers' attn_implementation): teacher.attention, teacher.mix[].attention
 Attention = Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"]
@@ -193,7 +209,7 @@ class GenerateConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     """0 = no top-k filter."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
     @model_validator(mode="after")
     def _sampling(self):
@@ -309,7 +325,7 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     max_grad_norm: float = Field(1.0, ge=0.0)
     """0 disables clipping."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)
     """0 = evaluate only before and after training."""

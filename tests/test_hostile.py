@@ -349,6 +349,80 @@ OWN_FILES = [
 CASES += OWN_FILES
 
 
+# Issue 30's second pass: damaged side files, odd paths and values, a folder of the other command.
+
+def _run_folder(tmp, kind="run", compare=None, metrics=None):
+    """A run folder as stillroom leaves it (marker, config, log, a checkpoint), with side files."""
+    run = tmp / "r"
+    (run / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (run / ".stillroom.json").write_text(json.dumps({"kind": kind}))
+    (run / "config.yaml").write_text("train:\n  max_steps: 2\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    (run / "checkpoints" / "step_0000002" / "trainer_state.json").write_text('{"step": 2}')
+    if compare is not None:
+        (run / "compare.json").write_text(compare)
+    if metrics is not None:
+        (run / "final").mkdir()
+        (run / "final" / "metrics.json").write_text(metrics)
+    return run
+
+
+def _deep(tmp, name="deep.jsonl"):
+    return _file(tmp, name, '{"prompt": "a", "response": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+
+
+def _answers_with_damaged_progress(tmp):
+    out = _file(tmp, "a.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                         {"role": "assistant", "content": "hello"}]}) + "\n")
+    _file(tmp, "a.jsonl.progress.json", '{"done": 1, "pre')
+    return out
+
+
+SECOND_PASS = [
+    ("report with a truncated compare.json", lambda t, m, d: ["report", _run_folder(t, compare='{"columns": {"a"')],
+     "compare.json"),
+    ("report with a compare.json of zeros", lambda t, m, d: ["report", _run_folder(t, compare="\0" * 64)],
+     "compare.json"),
+    ("report with a compare.json of another shape", lambda t, m, d: ["report", _run_folder(t, compare="[1, 2]")],
+     "compare.json"),
+    ("report with a garbled final/metrics.json", lambda t, m, d: ["report", _run_folder(t, metrics='{"eval": 5}')],
+     "metrics.json"),
+    ("a dangling symlink as output_dir", lambda t, m, d: ["distill", *_base(m, d, _link(t, t / "gone" / "x"))],
+     "symlink"),
+    ("seed beyond 32 bits", lambda t, m, d: distill(t, m, d, "train.seed=99999999999999999999999"), "train.seed"),
+    ("negative seed", lambda t, m, d: distill(t, m, d, "train.seed=-1"), "train.seed"),
+    ("true as a step count", lambda t, m, d: distill(t, m, d, "train.max_steps=true"), "train.max_steps"),
+    ("false as a batch size", lambda t, m, d: distill(t, m, d, "eval.batch_size=false"), "eval.batch_size"),
+    ("JSON nested 100,000 deep in distill", lambda t, m, d: distill(t, m, _deep(t)), "nested too deep"),
+    ("JSON nested 100,000 deep in prepare", lambda t, m, d: ["prepare", *_base(m, _deep(t), t / "out")],
+     "nested too deep"),
+    ("JSON nested 100,000 deep in generate", lambda t, m, d: ["generate", "--teacher", m, "--prompts", _deep(t),
+                                                               "--out", t / "o.jsonl"], "nested too deep"),
+    ("an image content part", lambda t, m, d: distill(t, m, _file(t, "img.jsonl", json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+        {"role": "assistant", "content": "a cat"}]}) + "\n")), "image_url"),
+    ("distill --resume of a codistill run", lambda t, m, d: ["distill", *_base(m, d, _run_folder(t, "codistill run")),
+                                                             "--resume"], "stillroom codistill"),
+    ("codistill --overwrite of a distill run", lambda t, m, d: [
+        "codistill", "codistill", *_base(m, d, _run_folder(t, "run"))[:3], "--overwrite"], "not a codistill run"),
+    ("generate with a damaged progress record", lambda t, m, d: [
+        "generate", "--teacher", m, "--prompts", _file(t, "p.txt", "hi\n"), "--out", _answers_with_damaged_progress(t)],
+     "damaged"),
+    # found trying it as a new user (issue 30's last item)
+    ("gzip-compressed data", lambda t, m, d: distill(t, m, _file(t, "d.jsonl.gz", __import__("gzip").compress(
+        d.read_bytes()))), "gunzip"),
+    ("generate --out /dev/null", lambda t, m, d: ["generate", "--teacher", m, "--out", "/dev/null"],
+     "not a regular file"),
+    ("eval.gen_tokens beyond the context", lambda t, m, d: distill(t, m, d, "eval.gen_tokens=100000000"),
+     "eval.gen_tokens"),
+    ("eval --gen-tokens beyond the context", lambda t, m, d: ["eval", "--model", m, "--data", d, "--gen-tokens",
+                                                              "100000000"], "--gen-tokens"),
+    ("prompts that fill seq_len", lambda t, m, d: distill(t, m, d, "data.seq_len=8"), "raise data.seq_len"),
+    ("report of a folder that is not a run", lambda t, m, d: ["report", t], "no metrics.jsonl"),
+]
+CASES += SECOND_PASS
+
+
 def contents(root: Path) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
@@ -377,7 +451,7 @@ def test_hostile_input(case, tmp_path, teacher_dir, chat_file, capsys):
 
 
 def test_catalog_size():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 40 + len(SECOND_PASS)
 
 
 def test_paths_with_spaces_work(tmp_path, teacher_dir, chat_file):

@@ -279,7 +279,10 @@ def check_report(report: Report, dcfg, n_examples: int, keys=None):
             raise UserError(report.describe_bad() + "; fix them or set data.skip_bad_rows=true")
     report_notes(report, dcfg)
     if not n_examples:
-        raise UserError(f"no usable examples in {path}")
+        nothing = report.no_target_total or len(report.no_target)
+        why = (f": in all {nothing} rows the prompt fills data.seq_len={dcfg.seq_len} and leaves no answer token to "
+               "learn; raise data.seq_len") if report.rows and nothing >= report.rows else ""
+        raise UserError(f"no usable examples in {path}{why}")
 
 
 def report_notes(report: Report, dcfg):

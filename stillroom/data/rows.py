@@ -56,16 +56,29 @@ def read_row(row: dict, fields: dict | None = None) -> Row | str:
     if isinstance(row.get("turns"), list):
         return _turns(row["turns"])
     for p, r in PAIRS:
-        if isinstance(row.get(p), str) and isinstance(row.get(r), str):
-            return _pair(row[p], row[r])
-    if isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str):
-        return _pair(alpaca_prompt(row), row["output"])
+        if isinstance(row.get(p), str) and _text(row.get(r)) is not None:
+            return _pair(row[p], _text(row[r]))
+    if isinstance(row.get("instruction"), str) and _text(row.get("output")) is not None:
+        return _pair(alpaca_prompt(row), _text(row["output"]))
     if isinstance(row.get("text"), str):
         return Row(text=row["text"])
     for key in ("prompt", "instruction", "question"):   # a prompt with no answer: for generate
         if isinstance(row.get(key), str):
             return _prompt_only(alpaca_prompt(row) if key == "instruction" else row[key])
     return f"needs {KNOWN} (or set data.fields)"
+
+
+def _text(value) -> str | None:
+    """A field's text: a string; a number (an answer of 42) as it is written; OpenAI's content
+    parts ([{type: text, text}, ...]) joined. None for anything else."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, list) and value and all(isinstance(x, dict) and x.get("type") == "text"
+                                                 and isinstance(x.get("text"), str) for x in value):
+        return "".join(x["text"] for x in value)
+    return None
 
 
 def alpaca_prompt(row: dict) -> str:
@@ -106,18 +119,21 @@ def _mapped(row: dict, fields: dict) -> Row | str:
     if "response" not in fields:
         return got
     r, rkey = get("response")
-    if not isinstance(r, str):
+    if _text(r) is None:
         return f"no string '{rkey}'"
     if isinstance(p, list):
         return "a list of prompt turns takes no response field"
-    return _pair(p, r)
+    return _pair(p, _text(r))
 
 
 def _messages(msgs: list) -> Row | str:
     for m in msgs:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and _text(m.get("content")) is not None):
+            if isinstance(m, dict) and isinstance(m.get("content"), list):
+                kinds = sorted({str(x.get("type")) for x in m["content"] if isinstance(x, dict)} - {"text"})
+                return f"message content parts of type {', '.join(kinds) or '?'}: only text parts are read"
             return "each message needs string 'role' and 'content'"
-    return Row(messages=[{"role": m["role"], "content": m["content"]} for m in msgs])
+    return Row(messages=[{"role": m["role"], "content": _text(m["content"])} for m in msgs])
 
 
 def _sharegpt(turns: list) -> Row | str:
@@ -182,12 +198,16 @@ def parse_jsonl(text: str):
             continue
         try:
             row = json.loads(line)
+            broken = isinstance(row, dict) and broken_unicode(row)
         except json.JSONDecodeError as e:
             yield n, f"invalid JSON: {e.msg}"
             continue
+        except RecursionError:
+            yield n, "JSON nested too deep to read"
+            continue
         if not isinstance(row, dict):
             yield n, "not a JSON object"
-        elif broken_unicode(row):
+        elif broken:
             yield n, "invalid Unicode (a lone surrogate escape such as \\ud800)"
         else:
             yield n, row
@@ -263,6 +283,13 @@ def check_source(path: str, fmt: str):
                             "write the data to a file and pass that")
         if p.stat().st_size == 0:
             raise UserError(f"data file {path} is empty")
+        with open(p, "rb") as f:
+            head = f.read(6)
+        for magic, what, undo in ((b"\x1f\x8b", "gzip", "gunzip"), (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"),
+                                  (b"PK\x03\x04", "zip", "unzip"), (b"BZh", "bzip2", "bunzip2"),
+                                  (b"\xfd7zXZ", "xz", "unxz")):
+            if head.startswith(magic):
+                raise UserError(f"data file {path} is {what}-compressed: decompress it first ({undo} {path})")
 
 
 TEXT_PIECE = 16 << 20   # a plain text file bigger than 4 pieces is tokenized piece by piece

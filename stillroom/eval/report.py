@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import logging
 from pathlib import Path
 
 from stillroom.errors import UserError
@@ -36,21 +37,48 @@ def _figure(title):
     return fig, ax
 
 
-def read_run(run: Path) -> dict:
+def _read(path: Path, shape, strict: bool):
+    """A JSON file the report shows (None when absent). One that does not parse or lacks the shape
+    stillroom writes is refused in one line (`stillroom report`), or left out with a warning (the
+    report written at the end of a run, which a damaged side file must not fail)."""
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        if shape(obj):
+            return obj
+        why = "not the shape stillroom writes"
+    except (OSError, ValueError, RecursionError) as e:
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+    what = "rerun `stillroom compare ... --out` to write it again, or remove it" if path.name == "compare.json" \
+        else "remove it, or rerun the command that wrote it"
+    if strict:
+        raise UserError(f"report: {path} is damaged ({why}): {what}")
+    logging.getLogger("stillroom").warning("report: %s is damaged (%s), left out: %s", path, why, what)
+    return None
+
+
+def _columns(key):
+    return lambda d: isinstance(d, dict) and isinstance(d.get(key), dict) and \
+        all(isinstance(c, dict) for c in d[key].values())
+
+
+def read_run(run: Path, strict: bool = True) -> dict:
     log = run / "metrics.jsonl"
     if not log.is_file():
         raise UserError(f"{run}: no metrics.jsonl here (not a stillroom run folder?)")
     steps, evals = [], []
-    for line in log.read_text().splitlines():
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        (evals if "eval" in r else steps).append(r.get("eval", r))
-    final = run / "final" / "metrics.json"
-    metrics = json.loads(final.read_text()) if final.is_file() else None
-    compare = json.loads((run / "compare.json").read_text()) if (run / "compare.json").is_file() else None
-    config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
+        except (ValueError, RecursionError):
+            continue   # a line torn by a crash
+        if isinstance(r, dict) and isinstance(r.get("eval", {}), dict):
+            (evals if "eval" in r else steps).append(r.get("eval", r))
+    metrics = _read(run / "final" / "metrics.json", _columns("eval"), strict)
+    compare = _read(run / "compare.json", _columns("columns"), strict)
+    config = (run / "config.yaml").read_text(encoding="utf-8", errors="replace") \
+        if (run / "config.yaml").is_file() else ""
     return {"steps": steps, "evals": evals, "metrics": metrics, "compare": compare, "config": config}
 
 
@@ -181,9 +209,9 @@ const ok=f.filter(s=>{const b=s.getBoundingClientRect();return b.width>50&&b.hei
 s.querySelectorAll('path,use').length>5});document.body.dataset.plots=ok.length+'/'+f.length;});</script>"""
 
 
-def build(run: Path) -> str:
+def build(run: Path, strict: bool = True) -> str:
     from stillroom.eval.evaluate import ROWS as EVAL_ROWS
-    d = read_run(run)
+    d = read_run(run, strict)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>stillroom: {html.escape(run.name)}</title>"
              f"<style>{CSS}</style></head><body><h1>stillroom run: {html.escape(str(run))}</h1>"]
     if d["metrics"]:
@@ -203,11 +231,22 @@ def build(run: Path) -> str:
     return "".join(parts)
 
 
-def write(run: Path) -> Path:
+def write(run: Path, strict: bool = True) -> Path | None:
+    """<run>/report.html, written atomically. strict=False (the end of a run): a damaged side file
+    is left out with a warning rather than refused (see _read)."""
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"run folder not found: {run}")
-    page = build(run)
+    try:
+        page = build(run, strict)
+    except UserError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as e:
+        why = f"{run}'s files hold values of another shape than stillroom writes ({type(e).__name__}: {e})"
+        if strict:
+            raise UserError(f"report: {why[:300]}") from None
+        logging.getLogger("stillroom").warning("report: not written: %s", why[:300])
+        return None
     out, tmp = run / "report.html", run / "report.html.tmp"
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,21 @@ BUNDLED = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("STILLROOM_CACHE", Path.home() / ".cache" / "stillroom"))
+    """stillroom's cache: $STILLROOM_CACHE (an empty value counts as unset), else ~/.cache/stillroom;
+    absolute, so a command run from another folder finds the same cache."""
+    return Path(os.environ.get("STILLROOM_CACHE") or Path.home() / ".cache" / "stillroom").expanduser().absolute()
+
+
+def cache_folder(*parts: str) -> Path:
+    """A folder of the cache, made if needed; one that cannot be written is one line saying so."""
+    folder = cache_dir().joinpath(*parts)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".stillroom-probe-", dir=folder))
+    except OSError as e:
+        raise UserError(f"the stillroom cache {folder} cannot be written ({e.strerror}): set STILLROOM_CACHE "
+                        "to a writable folder") from None
+    return folder
 
 
 @dataclass
@@ -88,6 +103,7 @@ def convert_gguf(gguf: Path) -> Path:
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    cache_folder("models")   # writable, or one line before the half minute of converting
     log.info("converting %s to a Hugging Face folder (once; cached in %s)", gguf.name, folder)
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 from dataclasses import dataclass
 
@@ -139,10 +140,13 @@ def vocab_match(s_tok, t_tok) -> tuple[torch.Tensor, torch.Tensor]:
     shared = sorted(set(s) & set(t), key=lambda k: s[k])
     pair = (torch.tensor([s[k] for k in shared], dtype=torch.long),
             torch.tensor([t[k] for k in shared], dtype=torch.long))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"student": pair[0], "teacher": pair[1]}, tmp)
-    tmp.replace(path)
+    try:   # a cache that cannot be written costs the mapping's seconds again next time, nothing more
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"student": pair[0], "teacher": pair[1]}, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as e:
+        log.warning("vocab match not cached in %s (%s)", path.parent, e)
     return pair
 
 

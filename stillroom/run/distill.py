@@ -62,7 +62,7 @@ def default_data(cfg: Config, teacher: models.Loaded) -> str:
     key = hashlib.sha1(json.dumps(["answers-2", cfg.teacher.model, str(teacher.model.dtype), prompts, g.model_dump()],
                                   sort_keys=True)
                        .encode()).hexdigest()[:12]
-    path = models.cache_dir() / "data" / f"answers-{key}.jsonl"
+    path = models.cache_folder("data") / f"answers-{key}.jsonl"
     log.info("data: the teacher's answers to %d prompts (%s)", len(prompts), path)
     from stillroom.run.folders import claim
 
@@ -87,6 +87,10 @@ def prepare_data(cfg, teacher: models.Loaded, accelerator, tokenizer=None, rows=
             broadcast_object_list(holder)
             cfg.data.path = holder[0]
     tok = tokenizer or teacher.tokenizer
+    if cfg.data.eval_path and cfg.data.path and Path(cfg.data.eval_path).exists() and \
+            Path(cfg.data.eval_path).resolve() == Path(cfg.data.path).resolve():
+        log.warning("data.eval_path is data.path: the held-out examples are training examples, so the evaluation "
+                    "measures memory, not generalisation")
     if accelerator.num_processes > 1 and uses_store(cfg, rows, eval_rows):
         # the main process builds the store (when it is new); the others open it once it is there
         train, held = load_data(cfg, tok, build=accelerator.is_main_process)
@@ -94,13 +98,16 @@ def prepare_data(cfg, teacher: models.Loaded, accelerator, tokenizer=None, rows=
         train, held = load_data(cfg, tok, rows, eval_rows)
     if not held:
         held = train[: max(1, min(len(train), 8))]
-        log.warning("no held-out examples (data.eval_fraction=0, no data.eval_path): "
-                    "evaluating on training examples")
+        why = "data.eval_fraction=0" if not cfg.data.eval_fraction else \
+            f"a single example cannot be split by data.eval_fraction={cfg.data.eval_fraction}"
+        log.warning("no held-out examples (%s, and no data.eval_path): evaluating on training examples", why)
     return cfg, train, held
 
 
 def check_context(cfg, teacher_config):
     models.check_context(cfg.data.seq_len, teacher_config, "teacher", f"data.seq_len={cfg.data.seq_len}")
+    # the evaluation times generation of eval.gen_tokens new tokens (a prompt's worth more must fit too)
+    models.check_context(cfg.eval.gen_tokens, teacher_config, "teacher", f"eval.gen_tokens={cfg.eval.gen_tokens}")
 
 
 def kept_layers(cfg, teacher: models.Loaded):

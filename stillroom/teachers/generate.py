@@ -230,8 +230,13 @@ def _resume(out: Path, progress: Path, prompts, settings: str) -> int:
         ours = False
     if not ours:
         raise _not_ours(out, "its first line is not a conversation it wrote")
-    state = json.loads(progress.read_text())
-    done = state["done"]
+    try:
+        state = json.loads(progress.read_text())
+        done = state["done"]
+        assert isinstance(done, int) and isinstance(state["prefix"], str) and "settings" in state
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AssertionError):
+        raise UserError(f"{progress} is damaged, so where {out} stopped is not known: remove both to generate "
+                        "again, or choose another --out") from None
     if done > len(prompts) or _sha(prompts[:done]) != state["prefix"]:
         raise UserError(f"{out} holds answers to other prompts; choose another output file or delete it")
     if state["settings"] != settings:
@@ -242,12 +247,14 @@ def _resume(out: Path, progress: Path, prompts, settings: str) -> int:
     return done
 
 
-def _answer_rounds(teacher, keep, gcfg, seed: int, fits) -> list[tuple[list[dict], list]]:
+def _answer_rounds(teacher, keep, gcfg, seed: int, fits) -> tuple[list[tuple[list[dict], list]], int]:
     """Answer conversations (each (head, follow-up user turns), see split_turns) round by round:
     every round answers the heads still open; a head with follow-ups takes its answer and the next
     turn. A conversation ends at its last turn, at an empty or cut answer, or when the next turn
-    would not fit. -> (conversation before its last answer, that answer's candidates) each."""
+    would not fit. -> ((conversation before its last answer, that answer's candidates) each, the
+    number of follow-up turns left unasked)."""
     done: list = [None] * len(keep)
+    dropped = 0
     open_ = list(range(len(keep)))
     heads = [h for h, _ in keep]
     rests = [list(r) for _, r in keep]
@@ -265,18 +272,23 @@ def _answer_rounds(teacher, keep, gcfg, seed: int, fits) -> list[tuple[list[dict
                 still.append(i)
             else:
                 done[i] = (heads[i], answers)
+                dropped += len(rests[i])
         open_, r = still, r + 1
-    return done
+    return done, dropped
+
+
+COUNTS = ("skipped", "empty", "truncated", "dropped_turns")   # what generate_file counts (its result, the progress record)
 
 
 def _answer_batch(teacher, batch, a: int, gcfg, fits) -> tuple[list[str], dict]:
     """One batch of conversations (starting at prompt `a`) -> its JSON lines and counts."""
-    counts = dict.fromkeys(("skipped", "empty", "truncated"), 0)
+    counts = dict.fromkeys(COUNTS, 0)
     keep = [split_turns(c) for c in batch]
     keep = [c for c in keep if fits(c[0])]
     counts["skipped"] += len(batch) - len(keep)
     lines = []
-    for conv, answers in _answer_rounds(teacher, keep, gcfg, a, fits):
+    answered, counts["dropped_turns"] = _answer_rounds(teacher, keep, gcfg, a, fits)
+    for conv, answers in answered:
         seen = set()
         for r in answers:  # a string, or {"content": ..., "truncated"/"teacher_logprobs": ...}
             extra = dict(r) if isinstance(r, dict) else {}
@@ -292,6 +304,36 @@ def _answer_batch(teacher, batch, a: int, gcfg, fits) -> tuple[list[str], dict]:
             row = {"messages": conv + [{"role": "assistant", "content": text}], **extra}
             lines.append(json.dumps(row) + "\n")
     return lines, counts
+
+
+def _record(f, out: Path, progress_file: Path, got, counts: dict, state):
+    """Append a round's answers to the open `out` (unbuffered) and then its progress record, both
+    on the disk before the next round. A failed write (a full disk) cuts `out` back to where the
+    round began, so the file stays whole, and says so in one line; running again continues."""
+    start = os.fstat(f.fileno()).st_size
+    tmp = progress_file.with_name(progress_file.name + ".tmp")
+    try:
+        for _, lines, c in got:
+            data = memoryview("".join(lines).encode("utf-8"))
+            while data:
+                data = data[f.write(data):]
+            for k, v in c.items():
+                counts[k] = counts.get(k, 0) + v
+        os.fsync(f.fileno())
+        with open(tmp, "w") as p:
+            p.write(json.dumps(state(os.fstat(f.fileno()).st_size)))
+            p.flush()
+            os.fsync(p.fileno())
+        os.replace(tmp, progress_file)
+        fsync_dir(progress_file.parent)
+    except OSError as e:
+        from stillroom.errors import write_failure
+
+        why = write_failure(e, out.parent)
+        os.ftruncate(f.fileno(), start)
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {out}: {why}; the answers written before are intact: free space and "
+                        "run the same command again to continue") from None
 
 
 def generate_file(teacher, prompts, out: Path, gcfg, progress: bool = True, state=None) -> dict:
@@ -311,12 +353,12 @@ def generate_file(teacher, prompts, out: Path, gcfg, progress: bool = True, stat
     out = Path(out)
     progress_file = out.with_name(out.name + ".progress.json")
     settings = _settings(gcfg, teacher.source)
-    counts = dict.fromkeys(("skipped", "empty", "truncated"), 0)
+    counts = dict.fromkeys(COUNTS, 0)
     start = 0
     if main:
         out.parent.mkdir(parents=True, exist_ok=True)
         start = _resume(out, progress_file, convs, settings)
-        if progress_file.exists():
+        if start and progress_file.exists():   # read by _resume: it parses
             counts.update(json.loads(progress_file.read_text()).get("counts", {}))
     if world > 1:   # where the file stands, as the main process read it
         from accelerate.utils import broadcast_object_list
@@ -338,7 +380,7 @@ def generate_file(teacher, prompts, out: Path, gcfg, progress: bool = True, stat
     bar = tqdm(total=len(convs), initial=start, desc="teacher answers", unit="prompt",
                disable=not (progress and main))
     starts = list(range(start, len(convs), gcfg.batch_size))
-    with open(out, "ab") if main else contextlib.nullcontext() as f:
+    with open(out, "ab", buffering=0) if main else contextlib.nullcontext() as f:
         for r0 in range(0, len(starts), world):
             round_ = starts[r0:r0 + world]
             a = round_[rank] if rank < len(round_) else None
@@ -347,22 +389,10 @@ def generate_file(teacher, prompts, out: Path, gcfg, progress: bool = True, stat
                 from accelerate.utils import gather_object
                 got = sorted(gather_object(got), key=lambda x: x[0])
             if main:
-                for _, lines, c in got:
-                    f.write("".join(lines).encode("utf-8"))
-                    for k, v in c.items():
-                        counts[k] += v
-                f.flush()
-                os.fsync(f.fileno())
                 done = min(round_[-1] + gcfg.batch_size, len(convs))
-                state_ = {"settings": settings, "done": done, "prefix": _sha(convs[:done]), "bytes": f.tell(),
-                          "counts": counts}
-                tmp = progress_file.with_name(progress_file.name + ".tmp")
-                with open(tmp, "w") as p:
-                    p.write(json.dumps(state_))
-                    p.flush()
-                    os.fsync(p.fileno())
-                os.replace(tmp, progress_file)
-                fsync_dir(progress_file.parent)
+                _record(f, out, progress_file, got, counts,
+                        lambda size: {"settings": settings, "done": done, "prefix": _sha(convs[:done]), "bytes": size,
+                                      "counts": counts})
             faults.point("generate.batch")   # a round of batches and its progress record are on the disk
             bar.update(min(len(convs), round_[-1] + gcfg.batch_size) - round_[0])
     bar.close()
