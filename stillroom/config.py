@@ -19,7 +19,8 @@ RECIPES = Path(__file__).parent / "configs"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)   # a field's docstring is its help (docs, --help)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -47,9 +48,13 @@ class MixTeacherConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     """What teacher.route_field values call it."""
     model: Optional[str] = Field(None, min_length=1)
+    """This teacher's model: a folder, a .gguf file, a hub id or a bundled name."""
     kind: Literal["live", "cache"] = "live"
+    """live: run the model; cache: read its top-k outputs from `cache` (stillroom cache)."""
     cache: Optional[str] = None
+    """The cache folder when kind is cache."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The teacher's weights' dtype (auto: bf16 where the CPU or GPU runs it fast, else fp32)."""
     attention: Attention = "auto"
     """As teacher.attention."""
     weight: float = Field(1.0, ge=0.0)
@@ -67,6 +72,7 @@ class MixTeacherConfig(Section):
 
 
 class TeacherConfig(Section):
+    """The model whose knowledge is distilled: a live model, or its cached top-k outputs."""
     model: str = Field("smollm2-135m", min_length=1)
     """Short name (smollm2-135m), a Hugging Face model folder or hub id, or a .gguf file."""
     kind: Literal["live", "cache"] = "live"
@@ -74,6 +80,7 @@ class TeacherConfig(Section):
     (written by `stillroom cache`); the teacher is then not loaded (except once to copy its layers
     for student.init=from_teacher)."""
     cache: Optional[str] = None
+    """teacher.kind=cache: the folder `stillroom cache` wrote."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The live teacher's weights: auto = bfloat16 where the device runs it natively (a CUDA GPU
     with bf16, a CPU with AVX512-BF16 or AMX), else float32 (elsewhere bf16 is emulated, slower)."""
@@ -112,15 +119,22 @@ class TeacherConfig(Section):
 
 
 class StudentConfig(Section):
+    """The model trained: cut from the teacher's layers, built fresh, or an existing one."""
     init: Literal["from_teacher", "config", "pretrained"] = "from_teacher"
+    """from_teacher: keep some of the teacher's layers (weights copied); config: a fresh model of the
+    teacher's family; pretrained: an existing model (student.model)."""
     num_layers: Optional[int] = Field(6, ge=1)
     """from_teacher: keep this many layers spread evenly, first and last kept; config: depth."""
     layers: Optional[list[int]] = None
     """from_teacher: keep exactly these teacher layers (overrides num_layers)."""
     hidden_size: Optional[int] = Field(None, ge=1)
+    """init=config: the student's width (default: the teacher's)."""
     num_heads: Optional[int] = Field(None, ge=1)
+    """init=config: attention heads (default: the teacher's)."""
     num_kv_heads: Optional[int] = Field(None, ge=1)
+    """init=config: key/value heads (grouped-query attention; default: num_heads or the teacher's ratio)."""
     intermediate_size: Optional[int] = Field(None, ge=1)
+    """init=config: the MLP's width (default: the teacher's ratio to hidden_size)."""
     model: Optional[str] = Field(None, min_length=1)
     """pretrained: folder, hub id or .gguf file of the student. from_teacher / config: the model
     whose layers / config and tokenizer the student starts from (default: the teacher) -- for a
@@ -150,24 +164,29 @@ class StudentConfig(Section):
 
 
 class DataConfig(Section):
+    """What the student trains and is evaluated on (see the data formats), tokenized once into the data store."""
     path: Optional[str] = None
     """Text file, JSONL, HF dataset folder or hub id; None = teacher answers to bundled prompts."""
     format: Literal["auto", "text", "jsonl", "hf"] = "auto"
+    """auto: from the path (.txt text, .jsonl rows, a folder a Hugging Face dataset, else a hub id)."""
     split: str = "train"
     """Split of a Hugging Face dataset."""
     eval_path: Optional[str] = None
     """Held-out file; None = a deterministic eval_fraction of `path`."""
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of the examples held out for evaluation (a deterministic split by train.seed) when no eval_path."""
     seq_len: int = Field(256, ge=8, le=1 << 20)
+    """Tokens per example: longer rows are cut, text is packed into blocks of this length."""
     max_examples: Optional[int] = Field(None, ge=1)
+    """Use at most this many examples (after the split: a quick run on a large file)."""
     skip_bad_rows: bool = False
     """False: a bad row is an error. True: bad rows are skipped and reported (count, which)."""
     fields: Optional[dict[Literal["prompt", "response", "text", "messages"], str]] = None
     """Which keys of the rows hold the prompt and response (or the text, or the messages), for
-    rows in none of the formats stillroom reads by itself (see README, 'Data formats'), e.g.
+    rows in none of the formats stillroom reads by itself (docs/data.md), e.g.
     {prompt: query, response: reply}."""
     store: str = "auto"
-    """Where the tokenized data is kept (see README, 'At scale'): auto = a store under the
+    """Where the tokenized data is kept (docs/scale.md): auto = a store under the
     stillroom cache (~/.cache/stillroom/data), built on first use and reused while the data files,
     tokenizer and data settings are unchanged; a folder = stores there; off = tokenized in memory
     on every run."""
@@ -191,11 +210,13 @@ class GenerateConfig(Section):
     instructions. Rows give the prompt as `prompt_field`, else prompt / instruction (+ input) /
     question / messages (the conversation before its last assistant turn)."""
     prompt_field: Optional[str] = None
+    """The rows' prompt key, for rows in no known format."""
     split: str = "train"
     """Split of a Hugging Face dataset of prompts."""
     system: Optional[str] = None
     """A system message put before every prompt."""
     num_prompts: Optional[int] = Field(None, ge=1)
+    """Answer at most this many prompts (default: all)."""
     dedup: bool = True
     """Drop repeated prompts (after whitespace normalization) and repeated answers to a prompt."""
     max_prompt_tokens: Optional[int] = Field(None, ge=1)
@@ -203,13 +224,17 @@ class GenerateConfig(Section):
     num_answers: int = Field(1, ge=1)
     """Answers per prompt (one output row each); > 1 needs temperature > 0."""
     max_new_tokens: int = Field(64, ge=1)
+    """Answer length limit in tokens (a cut answer is marked truncated)."""
     batch_size: int = Field(32, ge=1, le=65536)
+    """Prompts answered together."""
     temperature: float = Field(0.0, ge=0.0)
     """0 = greedy."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling's probability mass (1 = off)."""
     top_k: int = Field(0, ge=0)
     """0 = no top-k filter."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Sampling seed (each batch's seed derives from it, so a resumed file is the same)."""
 
     @model_validator(mode="after")
     def _sampling(self):
@@ -222,23 +247,29 @@ class GenerateConfig(Section):
 class CacheConfig(Section):
     """`stillroom cache`: the teacher's top-k next-token distributions over the data, stored once."""
     path: str = "runs/cache"
+    """Where the cache is written (a folder)."""
     source: Literal["teacher", "logprobs"] = "teacher"
     """teacher: run teacher.model over the data. logprobs: read the `teacher_logprobs` that
     `stillroom generate --api ... --top-logprobs K` stored in data.path (teacher.model then only
     names the tokenizer, which must be the endpoint's)."""
     top_k: int = Field(64, ge=1)
+    """Log-probs kept per position (plus the tail mass and the true token's log-prob)."""
     dtype: Literal["float16", "float32"] = "float16"
     """Storage of the top-k log-probs (ids are int32, tail and label log-probs float32)."""
     shard_rows: int = Field(65536, ge=1)
     """Positions per shard file: the writer's memory bound, and what a killed run can lose."""
     batch_size: int = Field(8, ge=1, le=65536)
+    """Examples per teacher forward pass."""
 
 
 class LossConfig(Section):
+    """What the student minimizes: CE on the labels plus the teacher's term(s), and how they are weighted."""
     kind: Literal["soft", "hard"] = "soft"
+    """soft: the teacher's distribution (a divergence); hard: its argmax tokens as labels."""
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     """Weight of the KD term; 1 - alpha weighs CE on the true labels."""
     temperature: float = Field(1.0, gt=0.0)
+    """T on both sides of the soft term (the loss is scaled by T^2)."""
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv"] = "forward_kl"
     """The soft KD term D(teacher, student) (see stillroom.losses.DIVERGENCES): forward_kl (Hinton),
     reverse_kl (MiniLLM), jsd (GKD's generalized JSD: beta 0 = forward KL, 1 = reverse KL),
@@ -249,7 +280,9 @@ class LossConfig(Section):
     """How alpha and temperature move from their values at step 0 to alpha_end / temperature_end
     at the last step (each stays constant while its *_end is unset)."""
     alpha_end: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """With a schedule: alpha's value at the last step."""
     temperature_end: Optional[float] = Field(None, gt=0.0)
+    """With a schedule: the temperature at the last step."""
     terms: Optional[dict[str, float]] = None
     """A weighted list of loss terms instead of alpha / kind / divergence, e.g.
     {ce: 0.3, forward_kl: 0.5, hidden_cosine: 0.2}. Names: ce, hard, forward_kl, reverse_kl, jsd,
@@ -280,6 +313,7 @@ class LossConfig(Section):
     Logit Distillation (sorted-probability Wasserstein) at positions where both have read the same
     text, plus match_weight x KL over the tokens both vocabularies share."""
     match_weight: float = Field(1.0, ge=0.0)
+    """loss.cross_tokenizer=uld: weight of the KL over the tokens both vocabularies spell the same."""
     chunk_rows: Optional[int] = Field(None, ge=1)
     """Rows (positions) per chunk of the loss: smaller = less memory, more loop overhead. None =
     about 8M logits per chunk (128 rows at a 49k vocabulary, 32 at 262k)."""
@@ -315,23 +349,35 @@ class LossConfig(Section):
 
 
 class TrainConfig(Section):
+    """The optimizer, the schedule, checkpoints and the run folder."""
     output_dir: str = "runs/demo"
+    """The run folder: config.yaml, metrics.jsonl, checkpoints/, final/, report.html."""
     max_steps: int = Field(120, ge=1)
+    """Optimizer steps."""
     batch_size: int = Field(8, ge=1, le=65536)
+    """Examples per optimizer step (split into grad_accum micro-batches, and over processes)."""
     grad_accum: int = Field(1, ge=1)
+    """Micro-batches per step (the loss is normalized over the step's target tokens either way)."""
     lr: float = Field(1e-3, gt=0.0)
+    """Peak learning rate (AdamW)."""
     weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW's weight decay."""
     warmup_steps: int = Field(10, ge=0)
+    """Linear warm-up steps before the cosine decay."""
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """The cosine schedule ends at lr x this."""
     max_grad_norm: float = Field(1.0, ge=0.0)
     """0 disables clipping."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seeds the student's init, the data order and the held-out split (0 .. 2^32-1)."""
     log_every: int = Field(10, ge=1)
+    """Steps between log lines (metrics.jsonl and the progress bar)."""
     eval_every: int = Field(0, ge=0)
     """0 = evaluate only before and after training."""
     save_every: int = Field(0, ge=0)
     """0 = no intermediate checkpoints (the final student is always written)."""
     keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept (older ones are deleted once a newer one is complete)."""
     max_bad_steps: int = Field(10, ge=0)
     """Steps whose loss or gradient is not finite are skipped (no update) and counted; one more
     than this stops the run with a message (0: stop at the first)."""
@@ -364,7 +410,7 @@ class TrainConfig(Section):
     shard: Literal["none", "fsdp"] = "none"
     """Under several processes: none = data-parallel, every process holds the whole student and its
     optimizer state; fsdp = FSDP2 (fully_shard per decoder layer): each holds 1/N of them (see
-    README, 'At scale')."""
+    docs/scale.md)."""
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -373,14 +419,18 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
+    """The evaluation before and after training (the table), and generation tasks."""
     max_batches: Optional[int] = Field(None, ge=1)
+    """Evaluate on at most this many held-out batches (default: all)."""
     batch_size: int = Field(8, ge=1, le=65536)
+    """Held-out examples per forward pass."""
     gen_tokens: int = Field(32, ge=1)
     """New tokens per prompt when timing generation speed."""
     gen_prompts: int = Field(4, ge=1)
+    """Held-out prompts to time generation on."""
     tasks: list[Literal["rouge", "exact_match"]] = []
-    """Generation tasks scored on the teacher and on the student before and after training (README:
-    Evaluation): rouge (ROUGE-L vs the reference answers, and the student's vs the teacher's) or
+    """Generation tasks scored on the teacher and on the student before and after training (docs/evaluate.md):
+    rouge (ROUGE-L vs the reference answers, and the student's vs the teacher's) or
     exact_match (GSM8K '#### n' answers). Their rows: task_data."""
     task_data: Optional[str] = None
     """Rows with reference answers for eval.tasks (JSONL or a dataset folder); None = data.eval_path.
@@ -400,6 +450,7 @@ class PeerConfig(StudentConfig):
 
 
 class CodistillConfig(Section):
+    """Co-distillation: how the peers exchange what they know (stillroom codistill)."""
     mode: Literal["mutual", "predictions", "weights"] = "mutual"
     """mutual: all peers in each process, same batches (Deep Mutual Learning; data-parallel under
     accelerate launch). predictions: one peer per process, each on its own data shard; every step
@@ -433,7 +484,9 @@ class FinetuneConfig(Section):
     """Labelled data (the same formats as data.path); `facts` = 48 short hand-written question /
     answer pairs shipped with stillroom (stillroom/assets/facts.jsonl), for trying the recipe."""
     max_steps: int = Field(50, ge=1)
+    """Fine-tuning steps."""
     lr: float = Field(2e-4, gt=0.0)
+    """Fine-tuning learning rate."""
 
     @model_validator(mode="after")
     def _bundled(self):
@@ -441,6 +494,7 @@ class FinetuneConfig(Section):
             object.__setattr__(self, "data", str(Path(__file__).parent / "assets" / "facts.jsonl"))
         return self
     batch_size: Optional[int] = Field(None, ge=1, le=65536)
+    """Examples per fine-tuning step (default: train.batch_size)."""
 
 
 class Config(Section):
@@ -453,6 +507,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     cache: CacheConfig = CacheConfig()
     finetune: Optional[FinetuneConfig] = None
+    """Optional second stage: fine-tune the distilled student on labelled data (see finetune.*)."""
 
     @model_validator(mode="after")
     def _across(self):
@@ -587,6 +642,7 @@ class CodistillRunConfig(Section):
     peers: list[PeerConfig] = Field(default_factory=lambda: [
         PeerConfig(name="a", init="from_teacher", num_layers=4),
         PeerConfig(name="b", init="from_teacher", layers=[0, 7, 14, 21, 29])])
+    """The models trained together: each a student spec with a name (its folder under final/)."""
     codistill: CodistillConfig = CodistillConfig()
     data: DataConfig = DataConfig()
     generate: GenerateConfig = GenerateConfig()
