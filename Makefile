@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup demo test test-api bench clean
+.PHONY: setup demo test test-api docs bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(VENV)/bin/stillroom distill --overwrite
+
+# the docs site into site/ (tests/test_docs.py builds it too, strictly); `mkdocs serve` to read it
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 test: setup
 	$(PY) -m pytest -q

@@ -517,7 +517,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=POSITIVE, default=8, help="examples per forward pass")
     e.add_argument("--max-batches", type=POSITIVE, default=None, help="evaluate at most this many batches")
     e.add_argument("--skip-bad-rows", action="store_true", help="skip (and report) rows that cannot be read")
-    e.add_argument("--prompt-field", help="the rows' prompt key, for rows in no known format (README: Data formats)")
+    e.add_argument("--prompt-field", help="the rows' prompt key, for rows in no known format (docs/data.md)")
     e.add_argument("--response-field", help="the rows' response key (with --prompt-field)")
     e.add_argument("--task", action="append", choices=["rouge", "exact_match"],
                    help="also score greedy answers to the rows' prompts: rouge (ROUGE-L vs the reference "

@@ -1,4 +1,4 @@
-"""The library seam: the README's Distiller example runs (a tiny teacher in place of SmolLM2),
+"""The library seam: the Distiller examples of the README and the library guide run (a tiny teacher in place of SmolLM2),
 trains the student in place, and leaves the caller's process as it was."""
 import re
 import signal
@@ -7,17 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-README = Path(__file__).parent.parent / "README.md"
+ROOT = Path(__file__).parent.parent
+EXAMPLES = [("README.md", "### From Python"), ("docs/library.md", "## Distill from Python")]
 
 
-def readme_example() -> str:
-    text = README.read_text()
-    section = text[text.index("## Distill from Python"):]
+def example(path: str, heading: str) -> str:
+    text = (ROOT / path).read_text()
+    section = text[text.index(heading):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_readme_example_runs_and_trains_the_student(tmp_path, teacher_dir):
-    code = readme_example()
+@pytest.mark.parametrize("path,heading", EXAMPLES, ids=[p for p, _ in EXAMPLES])
+def test_the_documented_example_runs_and_trains_the_student(path, heading, tmp_path, teacher_dir):
+    code = example(path, heading)
     for old, new in [('load("smollm2-135m")', f'load({str(teacher_dir)!r})'), ("num_layers=6", "num_layers=2"),
                      ('"runs/lib"', repr(str(tmp_path / "lib"))), ('"max_steps": 20', '"max_steps": 3')]:
         assert old in code, old
@@ -35,7 +37,7 @@ def test_the_readme_example_runs_and_trains_the_student(tmp_path, teacher_dir):
     Distiller.train = train
     try:
         env: dict = {}
-        exec(compile(code, "README.md", "exec"), env)
+        exec(compile(code, path, "exec"), env)
     finally:
         Distiller.train = real
     d, metrics, student = env["result"]

@@ -274,7 +274,7 @@ def check_report(report: Report, dcfg, n_examples: int, keys=None):
             have = f"its rows have the keys {', '.join(names[:12])}" if names else "no row is a JSON object"
             raise UserError(f"no row of {path} is usable (row {report.bad[0][0]}: {report.bad[0][1]}); {have}: "
                             "name the prompt and response with data.fields={prompt: KEY, response: KEY} "
-                            "(formats: README, 'Data formats')")
+                            "(formats: docs/data.md)")
         if not dcfg.skip_bad_rows:
             raise UserError(report.describe_bad() + "; fix them or set data.skip_bad_rows=true")
     report_notes(report, dcfg)

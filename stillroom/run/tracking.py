@@ -100,7 +100,7 @@ def student_precision(name: str, device) -> str:
     natively -- a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX -- else fp32 (a CPU without
     them emulates bf16, many times slower). On the bundled teacher's 6-layer student, 80 steps in
     bf16 reached the held-out perplexity of fp32 within 0.1% at 0.74x the time per step
-    (bench/precision.py on an AVX512-BF16 CPU; README, 'Speed and memory')."""
+    (bench/precision.py on an AVX512-BF16 CPU; docs/distill.md, 'Speed and memory')."""
     import torch
 
     if name != "auto":
