@@ -342,11 +342,7 @@ def cmd_generate(args) -> int:
     from stillroom.config import GenerateConfig, validate
     from stillroom.teachers.generate import read_prompts
 
-    raw = {"prompts": args.prompts, "prompt_field": args.prompt_field, "split": args.split,
-           "system": args.system, "num_prompts": args.num_prompts, "dedup": not args.no_dedup,
-           "max_prompt_tokens": args.max_prompt_tokens, "num_answers": args.num_answers,
-           "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-           "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+    raw = {k: getattr(args, k) for k in GenerateConfig.model_fields}   # its flags: config_flags
     try:
         gcfg = validate(raw, GenerateConfig)
     except UserError as e:   # the flags the user typed, not the config keys behind them
@@ -450,6 +446,35 @@ def _flags(message: str, names) -> str:
     for n in sorted(names, key=len, reverse=True):
         message = message.replace(f"generate.{n}", "--" + n.replace("_", "-"))
     return message
+
+
+def config_flags(group, section, defaults=None, skip=()):
+    """A flag per field of a config section (`--kebab-name`, dest the field's name): its type,
+    choices and help come from the field (its docstring), so a flag-style verb and the config say
+    the same in one place; values are validated by the section itself (validate(), with _flags()
+    naming the flag in the message). A bool field that defaults to true is `--no-NAME`.
+    defaults: the verb's own defaults where they differ from the config's."""
+    import typing
+
+    for name, f in section.model_fields.items():
+        if name in skip:
+            continue
+        args = [a for a in (f.annotation, *typing.get_args(f.annotation)) if a is not type(None)]
+        literal = next((a for a in args if typing.get_origin(a) is typing.Literal), None)
+        kind = next((a for a in args if a in (bool, int, float, str)), str)
+        default = (defaults or {}).get(name, f.default)
+        text = " ".join((f.description or "").split())
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            if default:
+                group.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false",
+                                   help=f"off: {text[0].lower() + text[1:]}" if text else None)
+            else:
+                group.add_argument(flag, dest=name, action="store_true", help=text)
+            group.set_defaults(**{name: default})
+        else:
+            group.add_argument(flag, dest=name, type=kind, default=default, help=text,
+                               **({"choices": typing.get_args(literal)} if literal else {}))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -576,23 +601,11 @@ def parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="have the teacher answer prompts (JSONL conversations out, resumable)")
     g.add_argument("--out", required=True, help="output JSONL; an existing file is continued")
-    g.add_argument("--prompts", help="prompts: .txt (one per line), JSONL, or a Hugging Face dataset "
-                                     "folder / hub id; default: the bundled instructions")
+    from stillroom.config import GenerateConfig
+    # the answering settings are GenerateConfig's (`generate.*` in a run's config), with generate's
+    # own longer default answer
+    config_flags(g, GenerateConfig, defaults={"max_new_tokens": 128})
     g.add_argument("--teacher", default="smollm2-135m", help="smollm2-135m (default), a folder, .gguf or hub id")
-    g.add_argument("--prompt-field", help="the rows' prompt field (default: prompt / instruction+input / "
-                                          "question / messages)")
-    g.add_argument("--split", default="train", help="split of a Hugging Face dataset of prompts")
-    g.add_argument("--system", help="a system message before every prompt")
-    g.add_argument("--num-prompts", type=POSITIVE, default=None, help="answer only the first N prompts")
-    g.add_argument("--no-dedup", action="store_true", help="keep repeated prompts and answers")
-    g.add_argument("--max-prompt-tokens", type=POSITIVE, default=None, help="skip longer prompts (reported)")
-    g.add_argument("--num-answers", type=POSITIVE, default=1, help="answers per prompt (needs --temperature > 0)")
-    g.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="longest answer, in tokens (longer ones are cut and marked truncated)")
-    g.add_argument("--batch-size", type=_number(int, low=1, high=65536), default=32, help="prompts answered at once")
-    g.add_argument("--temperature", type=_number(float, low=0.0), default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=_number(float, above=0.0, high=1.0), default=1.0, help="nucleus sampling (with --temperature > 0)")
-    g.add_argument("--top-k", type=_number(int, low=0), default=0, help="0 = off")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the teacher's weights (auto: bf16 where the device runs it natively, else fp32)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

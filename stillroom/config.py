@@ -206,7 +206,7 @@ class DataConfig(Section):
 class GenerateConfig(Section):
     """How the teacher answers prompts (`stillroom generate`, and the embedded default data)."""
     prompts: Optional[str] = None
-    """.txt (one per line), JSONL, or a Hugging Face dataset folder / hub id; None = the bundled
+    """.txt (one per line), JSONL, or a Hugging Face dataset folder / hub id; unset: the bundled
     instructions. Rows give the prompt as `prompt_field`, else prompt / instruction (+ input) /
     question / messages (the conversation before its last assistant turn)."""
     prompt_field: Optional[str] = None
