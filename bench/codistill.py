@@ -7,7 +7,11 @@ alpha * KL(other || self) + (1 - alpha) * CE (Zhang et al. 2018). Both arms run 
 of their ensemble (mean of the two distributions), top-1 agreement between the peers, and each
 arm's wall time (ratio only: this machine is noisy).
 
-    .venv/bin/python bench/codistill.py [--steps 300] [--data ../shared/data/tinystories/...]
+    .venv/bin/python bench/codistill.py [--steps 300] [--seeds 3] [--data ../shared/data/tinystories/...]
+
+Per seed (3 by default: the peers' init and the data order), each peer co-distilled against the
+same peer trained alone on the same loss minus the peer term (here CE alone): the ratios, and in how
+many seeds mutual learning won.
 
 Peers are trained from scratch (random init, as in the paper) with the bundled SmolLM2 tokenizer;
 the bundled teacher is loaded only as the eval's reference (teacher_weight = 0: it never teaches).
@@ -29,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "tinystories" / "tinystories_valid_head.txt"
 
 
-def run(arm: str, alpha: float, args, out: Path) -> dict:
+def run(arm: str, alpha: float, args, out: Path, seed: int = 0) -> dict:
     cfg = CodistillRunConfig.model_validate({
         "teacher": {"model": "smollm2-135m"},
         "peers": [{"name": "a", "init": "config", "num_layers": 4, "hidden_size": 256, "num_heads": 4},
@@ -37,14 +41,14 @@ def run(arm: str, alpha: float, args, out: Path) -> dict:
         "codistill": {"mode": "mutual"},
         "data": {"path": str(args.data), "seq_len": args.seq_len, "eval_fraction": 0.05},
         "loss": {"kind": "soft", "alpha": alpha, "temperature": 1.0},
-        "train": {"output_dir": str(out / arm), "max_steps": args.steps, "batch_size": args.batch_size,
-                  "lr": args.lr, "warmup_steps": 20, "log_every": 25, "seed": 0},
+        "train": {"output_dir": str(out / f"{arm}-{seed}"), "max_steps": args.steps, "batch_size": args.batch_size,
+                  "lr": args.lr, "warmup_steps": 20, "log_every": 25, "seed": seed},
         "eval": {"batch_size": 8, "gen_prompts": 1, "gen_tokens": 8},
     })
     t0 = time.perf_counter()
     result = codistill(cfg, overwrite=True, progress=False)
     result["wall_s"] = time.perf_counter() - t0
-    print(f"{arm}: done", flush=True)
+    print(f"{arm} seed {seed}: done", flush=True)
     return result
 
 
@@ -56,30 +60,40 @@ def main():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--seeds", type=int, default=3, help="seeds (each: both peers' init and the data order)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     _quiet_libraries()
+    runs = []   # per seed: {"independent": result, "mutual": result}
     with tempfile.TemporaryDirectory() as tmp:
-        arms = {"independent": run("independent", 0.0, args, Path(tmp)),
-                "mutual": run("mutual", args.alpha, args, Path(tmp))}
-    rows = []
-    for key, label in (("a after", "peer a (4 layers) perplexity"), ("b after", "peer b (2 layers) perplexity"),
-                       ("ensemble after", "ensemble perplexity")):
-        rows.append((label, [arms[k]["eval"][key]["perplexity"] for k in arms]))
-    rows.append(("top-1 agreement a/b", [arms[k]["peer_agreement"]["after"]["a/b"] for k in arms]))
-    rows.append(("KL(teacher||ensemble)/token", [arms[k]["eval"]["ensemble after"]["kl_per_token"] for k in arms]))
-    held = arms["mutual"]["held_out_tokens"]
+        for seed in range(args.seeds):
+            runs.append({"independent": run("independent", 0.0, args, Path(tmp), seed),
+                         "mutual": run("mutual", args.alpha, args, Path(tmp), seed)})
+    # The fair control of mutual learning without a teacher is the same peer trained alone on the same
+    # loss minus the peer term: CE alone (loss.alpha=0), same init, data order and steps.
+    rows = [("peer a (4 layers) perplexity", "a after"), ("peer b (2 layers) perplexity", "b after"),
+            ("ensemble perplexity", "ensemble after")]
+    held = runs[0]["mutual"]["held_out_tokens"]
     print(f"\ndata {args.data.name}; {args.steps} steps x {args.batch_size} x {args.seq_len} tokens; "
-          f"alpha {args.alpha}, T 1; held-out {held:,} tokens; peers from scratch, same init and batches")
-    print(f"{'':32}{'independent':>14}{'mutual':>14}{'mutual/indep':>14}")
-    for label, (ind, mut) in rows:
-        fmt = "{:.1%}" if "agreement" in label else "{:.3f}"
-        print(f"{label:32}{fmt.format(ind):>14}{fmt.format(mut):>14}{mut / ind:>14.3f}")
-    print(f"{'wall time ratio':32}{'':>14}{'':>14}{arms['mutual']['wall_s'] / arms['independent']['wall_s']:>14.3f}")
+          f"alpha {args.alpha}, T 1; held-out {held:,} tokens; peers from scratch, same init and batches per seed")
+    print(f"{'':32}{'seed':>6}{'independent':>14}{'mutual':>14}{'mutual/indep':>14}")
+    for label, key in rows:
+        for seed, arms in enumerate(runs):
+            ind, mut = (arms[k]["eval"][key]["perplexity"] for k in ("independent", "mutual"))
+            print(f"{label if seed == 0 else '':32}{seed:>6}{ind:>14.3f}{mut:>14.3f}{mut / ind:>14.3f}")
+    for seed, arms in enumerate(runs):
+        ind, mut = (arms[k]["peer_agreement"]["after"]["a/b"] for k in ("independent", "mutual"))
+        print(f"{'top-1 agreement a/b' if seed == 0 else '':32}{seed:>6}{ind:>14.1%}{mut:>14.1%}{mut / ind:>14.3f}")
+    walls = [arms["mutual"]["wall_s"] / arms["independent"]["wall_s"] for arms in runs]
+    print(f"{'wall time ratio':32}{'':>6}{'':>14}{'':>14}{sum(walls) / len(walls):>14.3f}")
+    wins = {p: sum(arms["mutual"]["eval"][f"{p} after"]["perplexity"] < arms["independent"]["eval"][f"{p} after"]
+                   ["perplexity"] for arms in runs) for p in ("a", "b")}
+    print(f"mutual beats its fair control (CE alone) in {wins['a']}/{len(runs)} seeds for a, "
+          f"{wins['b']}/{len(runs)} for b")
     if args.json:
-        args.json.write_text(json.dumps({k: {kk: v[kk] for kk in ("eval", "peer_agreement", "wall_s")}
-                                         for k, v in arms.items()}, indent=2))
+        args.json.write_text(json.dumps([{k: {kk: v[kk] for kk in ("eval", "peer_agreement", "wall_s")}
+                                          for k, v in arms.items()} for arms in runs], indent=2))
 
 
 if __name__ == "__main__":

@@ -190,8 +190,10 @@ def run_dml_seed(args, work: Path, seed: int, cuts: dict, variants: dict, kd_sha
             key = name if share == 0 else f"{name} kd{share:g}"
             out = work / "runs" / f"alone-{key.replace(' ', '-')}-{seed}"
             over = [o for o in base(args, work, out, seed) if not o.startswith(("student.", "eval.tasks"))]
+            # the fair control: the co-distilled loss minus the peer term, i.e. the teacher's term and CE
+            # in the recipe's ratio (teacher 0.5 * share : CE 0.5, so alpha = share / (share + 1))
             cfg = load_config(None, over + ["student.init=from_teacher", f"student.layers={layers}",
-                                            f"loss.alpha={0.5 * share}"], Config)
+                                            f"loss.alpha={share / (share + 1)}"], Config)
             t0 = time.perf_counter()
             got = result(distill(cfg, overwrite=True, progress=False), time.perf_counter() - t0)
             r = got["row"]
@@ -231,8 +233,9 @@ def run_peers(args, work: Path, walls: dict, ensemble: bool = True) -> dict:
     """DML: two peers (different layer cuts of the teacher) co-distilled (mutual, alpha 0.5), once
     per --dml variant (codistill settings: burn_in, ramp, confidence, teacher_weight), vs the same
     peers trained alone with CE -- and, where a variant gives the teacher a weight, vs the same
-    peers trained alone on that share of the teacher (soft KD, loss.alpha = 0.5 * teacher_weight),
-    so that the peers' own contribution is what is compared; then the ensemble control."""
+    peers trained alone on the same loss minus the peer term (the teacher's term and CE in the
+    co-distilled loss's ratio: loss.alpha = tw / (tw + 1) at alpha 0.5), so that the peers' own
+    contribution is what is compared; then the ensemble control."""
     from stillroom.config import Config, load_config
     from stillroom.models import core as models
     from stillroom.run.distill import distill
