@@ -28,16 +28,16 @@ def one_line(r) -> str:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 40 KB tmpfs (root only: skipped elsewhere)."""
+    """A 16 KB tmpfs (root only: skipped elsewhere)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     yield mnt
     subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
-PROMPTS = [f"Tell me a long story about the number {i}, with many words in it." for i in range(120)]
+PROMPTS = [f"Tell me a long story about the number {i}, with many words in it." for i in range(64)]
 
 
 def test_generate_on_a_full_disk_stops_in_one_line_and_continues_identically(tmp_path, small_disk, teacher_dir):
@@ -45,7 +45,8 @@ def test_generate_on_a_full_disk_stops_in_one_line_and_continues_identically(tmp
     to a roomy disk, the same command finishes it byte-identical to an uninterrupted run."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    args = ["generate", "--teacher", teacher_dir, "--prompts", prompts, "--max-new-tokens", "48", "--no-progress"]
+    args = ["generate", "--teacher", teacher_dir, "--prompts", prompts, "--max-new-tokens", "32", "--batch-size", "8",
+            "--no-progress"]
     ref = tmp_path / "ref.jsonl"
     assert run_cli(*args, "--out", ref).returncode == 0
     line = one_line(run_cli(*args, "--out", small_disk / "a.jsonl"))
@@ -131,8 +132,9 @@ def test_a_signal_before_the_first_step_says_what_to_run(sig, code, tmp_path, te
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert "before the first checkpoint" in last and "--overwrite" in last and "--resume" not in last, last
-    r = run_cli("distill", *tiny_overrides(teacher_dir, chat_file, out), "--overwrite", "--no-progress")
-    assert r.returncode == 0, r.stderr[-3000:]
+    if sig == signal.SIGTERM:   # what it said to run, runs
+        r = run_cli("distill", *tiny_overrides(teacher_dir, chat_file, out), "--overwrite", "--no-progress")
+        assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_follow_up_turns_left_unasked_are_counted(tmp_path):
