@@ -118,15 +118,6 @@ def config_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
-def cli_flags() -> dict[str, list[argparse.Action]]:
-    """{verb: its arguments} from the CLI's parser."""
-    from stillroom.cli import parser
-
-    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return {name: [a for a in p._actions if not isinstance(a, argparse._HelpAction)]
-            for name, p in sub.choices.items()}
-
-
 def cli_markdown() -> str:
     from stillroom.cli import parser
 

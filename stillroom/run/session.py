@@ -119,7 +119,7 @@ class Session:
 
         self.cfg = cfg or self.cfg
         changes = resume_changes(self.out, self.cfg) if self.resume else {}
-        data = data_fingerprints(self.cfg)
+        data = data_fingerprints(self.cfg) if self.main or self.resume else {}   # written by the main one
         if self.resume:
             check_same_data(self.out, data)
         if self.main:

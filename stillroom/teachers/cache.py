@@ -176,13 +176,13 @@ def _fold_partial(out: Path, index: dict):
         part.unlink()
 
 
-def shard_damage(out: Path, shard: dict) -> str | None:
-    """Why a listed shard cannot be read as written (None: it is whole): missing, another size,
-    or not its checksum (shards written before checksums are checked for presence and size 0)."""
+def shard_damage(out: Path, shard: dict, checksum: bool = True) -> str | None:
+    """Why a listed shard cannot be read as written (None: it is whole): missing, empty, or (with
+    `checksum`) another size or not its checksum (shards written before checksums: the first two)."""
     f = out / shard["file"]
     if not f.is_file() or f.stat().st_size == 0:
         return "missing or empty"
-    return folders.damage(out, {shard["file"]: shard["crc"]}) if "crc" in shard else None
+    return folders.damage(out, {shard["file"]: shard["crc"]}) if checksum and "crc" in shard else None
 
 
 def _drop_damaged(out: Path, index: dict):
@@ -396,8 +396,7 @@ class TeacherCache:
     def _shard_file(self, n, verify: bool = False) -> Path:
         shard = self.index["shards"][n]
         f = self.path / shard["file"]
-        why = shard_damage(self.path, shard) if verify else \
-            ("missing or empty" if not f.is_file() or f.stat().st_size == 0 else None)
+        why = shard_damage(self.path, shard, checksum=verify)
         if why is not None:
             raise UserError(f"cache shard {f} is damaged ({why}): run the `stillroom cache` command that built "
                             "it again, which caches that shard's samples again and keeps the rest")
