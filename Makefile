@@ -33,8 +33,11 @@ test: setup
 
 # The API-teacher test against a real OpenAI-compatible server: llama.cpp's, from llama-cpp-python,
 # which compiles llama.cpp from source (about 10-20 min on 2 cores), so it is its own step.
+# GGML_NATIVE=OFF builds for any x86-64 with AVX2 rather than for this CPU, and --no-cache-dir never takes
+# a wheel pip built earlier: a wheel built natively on a machine with AVX-512 (pip caches it) dies with
+# "Illegal instruction" on one without.
 $(VENV)/.api-server: $(VENV)/.installed
-	$(PIP) install -q 'llama-cpp-python[server]==0.3.36'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q --no-cache-dir 'llama-cpp-python[server]==0.3.36'
 	touch $@
 
 test-api: $(VENV)/.api-server
