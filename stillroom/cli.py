@@ -119,8 +119,9 @@ def cmd_cache(args) -> int:
     cfg = _run_config(args, Config)
     if cfg is None:
         return 0
-    if cfg.teacher.kind != "live":
-        raise UserError("stillroom cache runs the teacher: set teacher.kind=live (and teacher.model)")
+    if cfg.teacher.kind == "cache":
+        raise UserError("stillroom cache runs the teacher: set teacher.kind=live (and teacher.model), or "
+                        "teacher.kind=served (and teacher.served.url)")
     from stillroom.run.folders import check_replace, claim
     from stillroom.run.outputs import check_writable, inputs_of
 

@@ -71,16 +71,41 @@ class MixTeacherConfig(Section):
         return self
 
 
+class ServedConfig(Section):
+    """teacher.kind=served: an OpenAI-compatible server that scores the training text (vLLM, llama.cpp's
+    server), so the teacher stays out of training memory (docs/cache.md#a-served-teacher)."""
+    url: Optional[str] = Field(None, min_length=1)
+    """The server's base URL, e.g. http://127.0.0.1:8000/v1."""
+    model: Optional[str] = Field(None, min_length=1)
+    """The model name the server serves (default: teacher.model)."""
+    api: Literal["auto", "prompt_logprobs", "echo"] = "auto"
+    """The request's shape: prompt_logprobs (vLLM: token ids in, top-k per prompt token out), echo
+    (the legacy completions API: echo + logprobs, llama.cpp's server), auto: the first that answers."""
+    top_k: int = Field(20, ge=1, le=1000)
+    """Log-probs per position asked of the server (vLLM's default --max-logprobs is 20)."""
+    concurrency: int = Field(8, ge=1, le=256)
+    """Requests in flight at once (one per example)."""
+    retries: int = Field(6, ge=0, le=50)
+    """Retries of a failed request (connection errors, 408/409/429/5xx; exponential backoff)."""
+    timeout: float = Field(120.0, gt=0)
+    """Seconds before a request is given up (and retried)."""
+    api_key_env: str = Field("OPENAI_API_KEY", min_length=1)
+    """The environment variable holding the server's API key, if it wants one."""
+
+
 class TeacherConfig(Section):
-    """The model whose knowledge is distilled: a live model, or its cached top-k outputs."""
+    """The model whose knowledge is distilled: a live model, its cached top-k outputs, or a server
+    that scores the text."""
     model: str = Field("smollm2-135m", min_length=1)
     """Short name (smollm2-135m), a Hugging Face model folder or hub id, or a .gguf file."""
-    kind: Literal["live", "cache"] = "live"
+    kind: Literal["live", "cache", "served"] = "live"
     """live: run the teacher beside the student. cache: read its top-k outputs from teacher.cache
-    (written by `stillroom cache`); the teacher is then not loaded (except once to copy its layers
-    for student.init=from_teacher)."""
+    (written by `stillroom cache`). served: a server scores the text (teacher.served); teacher.model
+    then names its tokenizer and config. With cache or served the teacher is not loaded (except once
+    to copy its layers for student.init=from_teacher)."""
     cache: Optional[str] = None
     """teacher.kind=cache: the folder `stillroom cache` wrote."""
+    served: ServedConfig = ServedConfig()
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The live teacher's weights: auto = bfloat16 where the device runs it natively (a CUDA GPU
     with bf16, a CPU with AVX512-BF16 or AMX), else float32 (elsewhere bf16 is emulated, slower)."""
@@ -110,6 +135,9 @@ class TeacherConfig(Section):
     def _needs(self):
         if self.kind == "cache" and not self.cache:
             raise ValueError("teacher.kind=cache needs teacher.cache (a folder written by `stillroom cache`)")
+        if self.kind == "served" and not self.served.url:
+            raise ValueError("teacher.kind=served needs teacher.served.url (the server's base URL, e.g. "
+                             "http://127.0.0.1:8000/v1)")
         names = [self.name] + [m.name for m in self.mix]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must be distinct, got {names}")

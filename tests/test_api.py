@@ -196,3 +196,37 @@ def test_a_throttled_endpoint_is_retried(tmp_path):
     finally:
         server.shutdown()
     assert got == [["Blue."]] and len(seen) == 2
+
+
+@pytest.mark.real
+def test_a_served_teacher_scores_text_as_the_local_one(tmp_path, llama_server):
+    """teacher.kind=served against llama.cpp's server serving the bundled GGUF (the echo + logprobs
+    shape; `auto` finds it): a cache built from the server against one built from the same model
+    loaded locally. llama.cpp runs the quantized weights with its own kernels, transformers the
+    dequantized ones, so they agree closely, not bit for bit."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "d.txt"
+    data.write_text("\n\n".join(CORPUS[:12]))
+    base = ["teacher.model=smollm2-135m", f"data.path={data}", "data.seq_len=48", "loss.temperature=1.0",
+            "cache.dtype=float32", "--no-progress"]
+    r = run_cli("cache", *base, "teacher.dtype=float32", f"cache.path={tmp_path / 'local'}", "cache.top_k=8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("cache", *base, "teacher.kind=served", f"teacher.served.url={llama_server}",
+                "teacher.served.model=teacher", "teacher.served.top_k=8", f"cache.path={tmp_path / 'served'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {}
+    for name in ("local", "served"):
+        shards = json.loads((tmp_path / name / "index.json").read_text())["shards"]
+        t = [load_file(str(tmp_path / name / sh["file"])) for sh in shards]
+        got[name] = {k: torch.cat([x[k] for x in t]) for k in ("ids", "logp", "label_logp")}
+        got[name]["samples"] = [sid for sh in shards for sid, _ in sh["samples"]]
+    a, b = got["local"], got["served"]
+    assert a["samples"] == b["samples"] and len(a["ids"]) == len(b["ids"]) > 50
+    top1 = float((a["ids"][:, 0].long() == b["ids"][:, 0].long()).float().mean())
+    # the true token's log-prob is exact where the server listed it (else the tail's mass bounds it)
+    listed = (b["logp"] == b["label_logp"][:, None]).any(-1)
+    diff = (a["label_logp"] - b["label_logp"])[listed].abs()
+    print(f"served vs local: top-1 agreement {top1:.3f} over {len(a['ids'])} positions; the true token's "
+          f"log-prob (listed at {int(listed.sum())}) differs by {float(diff.mean()):.4f} nats on average")
+    assert top1 > 0.9 and listed.float().mean() > 0.5 and float(diff.mean()) < 0.1

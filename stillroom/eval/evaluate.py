@@ -142,10 +142,9 @@ def on_device(batch: dict, model) -> dict:
 @torch.no_grad()
 def score(student, teacher, examples, pad_id, batch_size=8, max_batches=None, vocab=None, tokenizer=None):
     """Perplexity of both, top-1 agreement and mean KL(teacher || student) on `examples`, and with
-    the student's `tokenizer` bits per byte. `teacher` is a model or a cache.TeacherCache."""
-    from stillroom.teachers.cache import TeacherCache
-
-    cached = isinstance(teacher, TeacherCache)
+    the student's `tokenizer` bits per byte. `teacher` is a model, or what reads top-k targets for
+    a batch (a cache.TeacherCache, a served.ServedScorer)."""
+    cached = teacher is not None and not isinstance(teacher, torch.nn.Module)
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device

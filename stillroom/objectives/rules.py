@@ -22,16 +22,23 @@ def check_across(cfg):
     read (so `--print-config` refuses what `distill` would), before anything is loaded."""
     lc, tc = cfg.loss, cfg.teacher
     terms = lc.terms or {("hard" if lc.kind == "hard" else lc.divergence): lc.alpha}
-    cached = tc.kind == "cache" or any(m.kind == "cache" for m in tc.mix)
+    cached = tc.kind in ("cache", "served") or any(m.kind == "cache" for m in tc.mix)
+    if tc.kind == "served" and not cfg.data.path:
+        raise UserError("teacher.kind=served scores your text: set data.path (the default data is the teacher's "
+                        "own answers, which need a local teacher to write)")
+    if tc.kind == "served" and (lc.temperature != 1.0 or lc.temperature_end not in (None, 1.0)):
+        raise UserError("loss.temperature: a served teacher's log-probs are at T=1 and the mass outside its "
+                        "top-k at another T cannot be known: set loss.temperature=1 (or cache a live teacher "
+                        "at that T)")
     if cached and lc.temperature_end not in (None, lc.temperature):
         raise UserError("loss.temperature_end: a top-k cache holds the teacher at one temperature; "
                         "schedule the temperature with a live teacher (alpha may still be scheduled)")
     full = [k for k, v in teacher_terms(terms).items() if v and k not in ("forward_kl", "hard")]
     if cached and full and (lc.terms or lc.kind == "soft"):
-        raise UserError(f"loss {full[0]} needs the teacher's full distribution; a top-k cache "
-                        "(teacher.kind=cache) supports forward_kl and hard only: use a live teacher")
+        raise UserError(f"loss {full[0]} needs the teacher's full distribution; a top-k cache or a served "
+                        "teacher supports forward_kl and hard only: use a live teacher")
     feats = [k for k in terms if k in FEATURE_TERMS and terms[k]]
-    if feats and tc.kind == "cache":
+    if feats and tc.kind in ("cache", "served"):
         raise UserError(f"loss.terms.{feats[0]} needs the teacher's hidden states: use a live teacher")
     if lc.on_policy and cached:
         raise UserError("loss.on_policy: the teacher must score the student's own continuations, which no "
@@ -49,9 +56,11 @@ def check_across(cfg):
     if tc.shard:
         if cfg.train.shard != "fsdp":
             raise UserError("teacher.shard=true shards the teacher beside a sharded student: set train.shard=fsdp")
-        if tc.kind == "cache" or tc.offload or tc.route_field:
+        if tc.kind != "live" or tc.offload or tc.route_field:
             raise UserError("teacher.shard=true runs the live teacher on every process at every step: not with "
-                            "teacher.kind=cache, teacher.offload or teacher.route_field")
+                            f"teacher.kind={tc.kind}, teacher.offload or teacher.route_field"
+                            if tc.kind != "live" else "teacher.shard=true runs the live teacher on every process "
+                            "at every step: not with teacher.offload or teacher.route_field")
     if cfg.train.shard == "fsdp":
         if cfg.train.qat != "none":
             raise UserError("train.shard=fsdp does not run train.qat yet (its fake-quantized weights are "
@@ -82,6 +91,9 @@ def check_codistill(cfg, default_loss):
     if cfg.teacher.mix or cfg.teacher.route_field:
         raise UserError("teacher.mix / teacher.route_field are `stillroom distill` settings; co-distillation "
                         "takes one teacher")
+    if cfg.teacher.kind != "live":   # (its fixed teacher term runs the model; a cache or a server: not yet)
+        raise UserError(f"teacher.kind={cfg.teacher.kind} is a `stillroom distill` setting for now; co-distillation "
+                        "loads its teacher: set teacher.kind=live")
     if len(cfg.peers) < 2:
         raise UserError("codistill needs at least 2 peers")
     if cfg.codistill.confidence and cfg.codistill.mode == "predictions":

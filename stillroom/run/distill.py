@@ -302,6 +302,21 @@ def build_cache(cfg, overwrite: bool, progress: bool) -> dict | None:
                             overwrite, progress)
         return summary(cfg.cache.path)
     state, device = launch_state()
+    if cfg.teacher.kind == "served":   # the server scores the text: only the tokenizer and config here
+        from stillroom.teachers.core import served_teacher
+
+        loaded, scorer = served_teacher(cfg.teacher)
+        check_context(cfg, loaded.config)
+        if state is None or state.is_main_process:
+            scorer.check(loaded.tokenizer, scorer.width)
+            existing(cfg, scorer, loaded.tokenizer, overwrite, skip=("data",))
+        cfg, train, held = prepare_data(cfg, loaded, state or SimpleNamespace(is_main_process=True, num_processes=1))
+        try:
+            build(cfg, train + held, scorer, loaded.tokenizer, overwrite=overwrite, progress=progress, state=state,
+                  config=loaded.config)
+        finally:
+            scorer.close()
+        return summary(cfg.cache.path) if state is None or state.is_main_process else None
     teacher = models.load(cfg.teacher.model, dtype=models.teacher_dtype(cfg.teacher.dtype, device))
     check_context(cfg, teacher.model.config)
     models.set_teacher_attention(teacher.model, cfg.teacher.attention, device, cfg.data.seq_len)

@@ -243,9 +243,10 @@ class GracefulStop:
         return flag
 
 
-def prefetched(make, steps, enabled=True):
+def prefetched(make, steps, enabled=True, waited=None):
     """Yield (step, make(step)) with make(step + 1) already running on a background thread, so the
-    data work of the next step overlaps this one's compute. make must be a pure function of step."""
+    data work of the next step overlaps this one's compute. make must be a pure function of step.
+    waited: a one-element list that adds up the seconds the steps after the first waited for it."""
     from concurrent.futures import ThreadPoolExecutor
 
     steps = list(steps)
@@ -255,7 +256,10 @@ def prefetched(make, steps, enabled=True):
     with ThreadPoolExecutor(1, thread_name_prefix="stillroom-data") as pool:
         nxt = pool.submit(make, steps[0])
         for i, s in enumerate(steps):
+            t0 = time.perf_counter()
             ready = nxt.result()
+            if waited is not None and i:
+                waited[0] += time.perf_counter() - t0
             nxt = pool.submit(make, steps[i + 1]) if i + 1 < len(steps) else None
             yield s, ready
 
@@ -364,9 +368,10 @@ def fit(run: Run, resume: bool) -> dict:
                **run.state()})
     # A short run logs every step, so its curves have points (train.log_every applies from 50 steps).
     log_every = t.log_every if t.max_steps >= 50 else 1
+    waited, waited_then, since, slow_said = [0.0], 0.0, time.perf_counter(), False
     try:
         with GracefulStop(run.signals) as stop:
-            for step, batches in prefetched(make_batches, range(start, t.max_steps), t.prefetch):
+            for step, batches in prefetched(make_batches, range(start, t.max_steps), t.prefetch, waited):
                 stats = run.step(step, batches)
                 # The norm is taken even without clipping: a non-finite one means a bad step.
                 norms = [clip(accelerator, tr, t.max_grad_norm or float("inf")) for tr in trainees]
@@ -413,6 +418,15 @@ def fit(run: Run, resume: bool) -> dict:
                                      run.desc, done, t.max_steps, _loss_text(stats["loss"]),
                                      record["tokens_per_s"], record["elapsed_s"], left)
                     accelerator.log(scalars(record), step=done)
+                    now = time.perf_counter()
+                    if main and not slow_said and waited[0] - waited_then > 0.2 * (now - since) and done - start > 1:
+                        slow_said = True   # once: the data thread (a served teacher's requests) falls behind
+                        log.warning("steps %d-%d waited %.0f%% of their time for their batches (read ahead on the "
+                                    "data thread: a served teacher's requests, a cache's rows, the data): a served "
+                                    "teacher does not keep up; raise teacher.served.concurrency or its server's "
+                                    "throughput", done - log_every + 1 if done > log_every else start + 1, done,
+                                    100 * (waited[0] - waited_then) / max(now - since, 1e-9))
+                    waited_then, since = waited[0], now
                 bar.set_postfix(loss=_loss_text(stats["loss"]), tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
                 if t.eval_every and done % t.eval_every == 0 and done != t.max_steps and run.evaluate:

@@ -75,10 +75,11 @@ def write_json(path: Path, obj):
 
 # ------------------------------------------------------------------------------------ writing
 
-def _identity(cfg, teacher, tok, vocab: int) -> dict:
+def _identity(cfg, tok, vocab: int) -> dict:
     c = cfg.cache
+    k = cfg.teacher.served.top_k if cfg.teacher.kind == "served" else c.top_k
     return {"format": FORMAT, "teacher": cfg.teacher.model, "vocab_size": vocab,
-            "tokenizer_hash": tokenizer_hash(tok), "top_k": min(c.top_k, vocab),
+            "tokenizer_hash": tokenizer_hash(tok), "top_k": min(k, vocab),
             "temperature": cfg.loss.temperature, "seq_len": cfg.data.seq_len, "dtype": c.dtype,
             "data": {"path": cfg.data.path, "eval_path": cfg.data.eval_path}}
 
@@ -142,8 +143,8 @@ class ShardWriter:
 
 def existing(cfg, teacher, tok, overwrite=False, skip=()) -> dict | None:
     """The index of the cache already at cache.path if this config continues it; None for a new
-    cache; an error if the folder holds something else (unless overwrite)."""
-    from stillroom.models.core import logits_width
+    cache; an error if the folder holds something else (unless overwrite). teacher: the model, or
+    a served.ServedScorer."""
 
     out = Path(cfg.cache.path)
     if overwrite or not entries(out):
@@ -158,13 +159,20 @@ def existing(cfg, teacher, tok, overwrite=False, skip=()) -> dict | None:
     except (OSError, ValueError, RecursionError, AssertionError):
         raise UserError(f"{out}/index.json is damaged, so what the cache holds is not known: rebuild it with "
                         "--overwrite") from None
-    ident = {k: v for k, v in _identity(cfg, teacher, tok, logits_width(teacher)).items() if k not in skip}
+    ident = {k: v for k, v in _identity(cfg, tok, _width(teacher)).items() if k not in skip}
     theirs = {k: index.get(k) for k in ident}
     if theirs != ident:
         diff = ", ".join(f"{k}: {theirs[k]!r} there, {ident[k]!r} here" for k in ident if theirs[k] != ident[k])
         raise UserError(f"{out} holds a cache built differently ({diff}); pass --overwrite to replace it "
                         "or set cache.path to another folder")
     return index
+
+
+def _width(teacher) -> int:
+    """The width of the teacher's logits: a model's head, or what a served teacher's config says."""
+    from stillroom.models.core import logits_width
+
+    return teacher.width if not isinstance(teacher, torch.nn.Module) else logits_width(teacher)
 
 
 def _fold_partial(out: Path, index: dict):
@@ -205,28 +213,32 @@ def _drop_damaged(out: Path, index: dict):
 
 
 @torch.inference_mode()
-def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=None) -> dict:
+def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=None, config=None) -> dict:
     """Cache the teacher's top-k for `examples` in cfg.cache.path; continue a partial cache.
     state: Accelerate's PartialState under a launch of several processes, which split the
     batches (batch j to process j % N) and write their own shards. The batches are cut from all
     the examples the same way however many processes run and whatever is already cached (a batch
     with anything left to do is run whole), so every sample's rows are the same bit for bit.
+    teacher: the model, or a served.ServedScorer (then `config` is the teacher's model config).
     -> the index."""
-    from stillroom.models.core import logits_width
-
+    served = not isinstance(teacher, torch.nn.Module)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     out = Path(cfg.cache.path)
-    vocab = logits_width(teacher)
-    ident = _identity(cfg, teacher, tok, vocab)
+    vocab = _width(teacher)
+    ident = _identity(cfg, tok, vocab)
     if rank == 0:
         index = existing(cfg, teacher, tok, overwrite)
         if index is None:
             from stillroom.models.core import num_params
             clear(out, "cache")
-            index = {**ident, "teacher_params": num_params(teacher), "shards": [], "complete": False}
+            index = {**ident, "teacher_params": None if served else num_params(teacher), "shards": [],
+                     "complete": False}
+            if served:
+                index["source"] = f"served: {teacher.model} at {teacher.url} ({teacher.api})"
             try:
                 tok.save_pretrained(out / "tokenizer")
-                teacher.config.save_pretrained(out / "teacher")
+                if config or not served:
+                    (config or teacher.config).save_pretrained(out / "teacher")
                 write_json(out / "index.json", index)
             except OSError as e:   # a full disk before the first shard: the folder is left empty (and ours)
                 why = write_failure(e, out)
@@ -266,7 +278,7 @@ def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=Non
 
     k, dtype = ident["top_k"], DTYPES[c.dtype]
     ids_dtype = torch.uint16 if vocab <= 2**16 else torch.int32
-    device = next(teacher.parameters()).device
+    device = "cpu" if served else next(teacher.parameters()).device
     pad = tok.pad_token_id
     writer = (ShardWriter(out, index, c.shard_rows) if world == 1 else
               ShardWriter(out, {"shards": []}, c.shard_rows, f"index.p{rank}.json",
@@ -275,6 +287,14 @@ def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=Non
     bar = tqdm(total=sum(len(b) for b in mine), desc=label, unit="sample", disable=not (progress and rank == 0))
     from stillroom.data.examples import collate, model_inputs
     for part in mine:
+        if served:   # the server scores the samples not yet cached, `concurrency` at a time
+            left = [(sid, e) for sid, e in part if sid not in done]
+            for (sid, e), (ids, logp, tail, label_logp) in zip(left, teacher.many([e for _, e in left])):
+                writer.add(sid, ids.to(ids_dtype), logp.to(dtype), tail.float(), label_logp.float())
+            writer.flush_if_full()
+            faults.point("cache.batch")
+            bar.update(len(part))
+            continue
         b = {kk: v.to(device) for kk, v in collate([e for _, e in part], pad).items()}
         logits = teacher(**model_inputs(b), use_cache=False).logits
         for j, (sid, e) in enumerate(part):

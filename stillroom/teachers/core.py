@@ -173,6 +173,42 @@ class CachedTeacher:
         return f"\n(teacher read from the top-{self.cache.top_k} cache {self.cache.path}: {kl})"
 
 
+class ServedTeacher(CachedTeacher):
+    """A server that scores the text (teachers/served.py): its targets are the batch's top-k from
+    the server, requested on the data thread ahead of the step (`read_ahead`), like a cache's rows."""
+
+    def width(self) -> int:
+        return self.cache.width
+
+    def check(self, cfg, s_tok, data: dict | None = None, vocab: int | None = None):
+        self.cache.check(s_tok, vocab)
+
+    def describe(self) -> str:
+        return f" (served at {self.cache.url}, top-{self.cache.top_k} per position)"
+
+    def params(self) -> int | None:
+        return None
+
+    def note(self) -> str:
+        return (f"\n(teacher scored by the server at {self.cache.url}: KL is over its top-{self.cache.top_k} + one "
+                "tail bucket, a lower bound of the full KL)")
+
+
+def served_teacher(tc, tok_source: str | None = None):
+    """(models.Loaded without weights: teacher.model's tokenizer and config; the ServedScorer)."""
+    from transformers import AutoConfig
+
+    from stillroom.teachers.served import ServedScorer
+
+    name = tok_source or tc.model
+    _, where = models.resolve(name)
+    tok = models.load_tokenizer(name)
+    config = AutoConfig.from_pretrained(where)
+    scorer = ServedScorer(tc.served, tok, tc.model)
+    scorer.width = getattr(config, "vocab_size", None) or len(tok)
+    return models.Loaded.without_weights(tok, tc.model, config), scorer
+
+
 def route_weights(teachers: list, b, device) -> list:
     """Per teacher: its weight (mixture) or, with routing, a (B, S) one-hot of the examples routed
     to it (None where no example of the batch is)."""
@@ -202,6 +238,9 @@ def load_teacher(cfg, device, place, autocast=contextlib.nullcontext):
             cfg.data.path = cache.index["data"]["path"]
             cfg.data.eval_path = cache.index["data"]["eval_path"]
         return loaded, CachedTeacher(cache, tc.name, tc.weight), cfg
+    if tc.kind == "served":
+        loaded, scorer = served_teacher(tc)
+        return loaded, ServedTeacher(scorer, tc.name, tc.weight), cfg
     dtype = models.teacher_dtype(tc.dtype, device)
     loaded = models.load(tc.model, dtype=dtype)
     place(loaded.model, offload=tc.offload, dtype=dtype)
@@ -242,4 +281,4 @@ def load_teachers(cfg, primary, vocab, s_tok, accelerator) -> list:
     return out
 
 
-__all__ = ["LiveTeacher", "CachedTeacher", "route_weights", "load_teacher", "load_teachers"]
+__all__ = ["LiveTeacher", "CachedTeacher", "ServedTeacher", "served_teacher", "route_weights", "load_teacher", "load_teachers"]

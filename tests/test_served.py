@@ -1,0 +1,226 @@
+"""A served teacher (teacher.kind=served): a fake vLLM server backed by the tiny teacher answers
+/v1/completions with prompt_logprobs (and the legacy echo + logprobs shape) as vLLM and llama.cpp
+do; the targets it gives must be the local teacher's, in `stillroom cache` and in a live run."""
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stillroom.models import core as models
+
+from conftest import run_cli, tiny_overrides
+
+K = 6
+
+
+class Fake:
+    """What the fake server does: `shape` (prompt_logprobs | echo), and failures to play."""
+
+    def __init__(self, model, tok):
+        self.model, self.tok = model, tok
+        self.shape, self.fail, self.status, self.requests = "prompt_logprobs", 0, 500, 0
+        self.garble, self.shift, self.delay = False, 0, 0.0
+        self.lock = threading.Lock()
+
+    def logp(self, ids):
+        with self.lock, torch.no_grad():
+            return torch.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+
+    def answer(self, req):
+        if self.shape == "prompt_logprobs":
+            ids, k = req["prompt"], req.get("prompt_logprobs")
+            if not isinstance(ids, list) or k is None:
+                return {"choices": [{"index": 0, "text": "", "finish_reason": "length", "logprobs": None}]}
+            lp, entries = self.logp(ids), [None]
+            for i in range(1, len(ids)):
+                v, t = lp[i - 1].topk(k)
+                e = {str(int(a)): {"logprob": float(b), "rank": r + 1, "decoded_token": "x"}
+                     for r, (b, a) in enumerate(zip(v, t))}
+                if str(ids[i]) not in e:   # vLLM adds the realized token with its own rank
+                    e[str(ids[i])] = {"logprob": float(lp[i - 1, ids[i]]), "rank": int((lp[i - 1] > lp[i - 1, ids[i]]).sum()) + 1,
+                                      "decoded_token": "x"}
+                entries.append(e)
+            return {"choices": [{"index": 0, "text": "", "finish_reason": "length", "logprobs": None,
+                                 "prompt_logprobs": None if self.garble else entries}]}
+        text, k = req["prompt"], req["logprobs"]
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        lp = self.logp(ids)
+        tokens = [self.tok.decode([t]) for t in ids]
+        own, tops = [None], [None]
+        for i in range(1, len(ids)):
+            v, t = lp[i - 1].topk(k)
+            tops.append({self.tok.decode([int(a)]): float(b) for b, a in zip(v, t)})
+            own.append(float(lp[i - 1, ids[i]]))
+        return {"choices": [{"index": 0, "text": text, "finish_reason": "length",
+                             "logprobs": {"tokens": tokens, "token_logprobs": own, "top_logprobs": tops,
+                                          "text_offset": [0] * len(ids)}}]}
+
+
+@pytest.fixture(scope="module")
+def server(teacher_dir):
+    t = models.load(str(teacher_dir), dtype=torch.float32)
+    fake = Fake(t.model, t.tokenizer)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/tokenize":   # vLLM's: the server's own tokens for a text
+                ids = fake.tok(req["prompt"], add_special_tokens=False)["input_ids"]
+                return self.reply({"tokens": [(t + fake.shift) % len(fake.tok) for t in ids]})
+            time.sleep(fake.delay)
+            with fake.lock:
+                fake.requests += 1
+                failing = fake.fail > 0
+                fake.fail -= failing
+            if failing:
+                self.send_response(fake.status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+                return
+            self.reply({"id": "c", "object": "text_completion", "created": 0, "model": req["model"],
+                        **fake.answer(req)})
+
+        def reply(self, obj):
+            body = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    fake.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    yield fake
+    httpd.shutdown()
+
+
+@pytest.fixture
+def fresh(server):
+    server.shape, server.fail, server.status, server.garble, server.shift = "prompt_logprobs", 0, 500, False, 0
+    server.delay = 0.0
+    return server
+
+
+def served(server, *more):
+    return ["teacher.kind=served", f"teacher.served.url={server.url}", f"teacher.served.top_k={K}",
+            "teacher.served.retries=0", *more]
+
+
+def cache_rows(path):
+    index = json.loads((path / "index.json").read_text())
+    out = {}
+    for sh in index["shards"]:
+        t = load_file(str(path / sh["file"]))
+        row = 0
+        for sid, n in sh["samples"]:
+            out[sid] = {k: t[k][row:row + n] for k in ("ids", "logp", "tail", "label_logp")}
+            row += n
+    return index, out
+
+
+@pytest.mark.parametrize("shape", ["prompt_logprobs", "echo"])
+def test_a_cache_from_a_served_teacher_equals_the_local_teachers(tmp_path, teacher_dir, chat_file, fresh, shape):
+    fresh.shape = shape
+    base = tiny_overrides(teacher_dir, chat_file, tmp_path / "unused") + ["teacher.dtype=float32",
+                                                                          "cache.dtype=float32"]
+    r = run_cli("cache", *base, f"cache.path={tmp_path / 'local'}", f"cache.top_k={K}")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("cache", *base, *served(fresh, f"teacher.served.api={shape}"), f"cache.path={tmp_path / 'served'}")
+    assert r.returncode == 0, r.stderr
+    (_, a), (ib, b) = cache_rows(tmp_path / "local"), cache_rows(tmp_path / "served")
+    assert ib["complete"] and ib["top_k"] == K and "served" in ib["source"]
+    assert set(a) == set(b) and len(a) > 10
+    matched = total = 0
+    for sid in a:
+        x, y = a[sid], b[sid]
+        if shape == "prompt_logprobs":   # ids by rank: the same, in the same order
+            assert torch.equal(x["ids"].long(), y["ids"].long()), sid
+            torch.testing.assert_close(x["logp"], y["logp"], atol=2e-5, rtol=0)
+            torch.testing.assert_close(x["tail"].exp(), y["tail"].exp(), atol=2e-5, rtol=0)
+        else:   # ids read back from their text: those whose text is one id's (the rest is tail mass),
+            for r in range(len(x["ids"])):   # plus the true token, each with the local log-prob
+                mine = {int(i): float(v) for i, v in zip(x["ids"][r], x["logp"][r])}
+                got = {int(i): float(v) for i, v in zip(y["ids"][r], y["logp"][r]) if v > float("-inf")}
+                extra = [i for i in got if i not in mine]
+                assert len(extra) <= 1 and all(abs(mine[i] - v) < 2e-5 for i, v in got.items() if i in mine)
+                if extra:
+                    assert abs(got[extra[0]] - float(x["label_logp"][r])) < 2e-5
+                mass = sum(torch.tensor(list(got.values())).exp()) + y["tail"][r].exp()
+                assert abs(float(mass) - 1) < 1e-4
+                matched += sum(i in mine for i in got)
+                total += len(mine)
+        torch.testing.assert_close(x["label_logp"], y["label_logp"], atol=2e-5, rtol=0)
+    if shape == "echo":
+        assert matched > 0.3 * total, (matched, total)   # the tiny byte-level vocabulary: many pieces shared
+
+
+def test_a_live_run_with_a_served_teacher_equals_one_from_its_cache(tmp_path, teacher_dir, chat_file, fresh):
+    """The served teacher's targets in a live run are exactly the rows `stillroom cache` stores from
+    the same server (float32), so the two runs end with the same weights, bit for bit."""
+    base = tiny_overrides(teacher_dir, chat_file, tmp_path / "x") + ["loss.temperature=1.0", "cache.dtype=float32"]
+    r = run_cli("cache", *base, *served(fresh), f"cache.path={tmp_path / 'c'}")
+    assert r.returncode == 0, r.stderr
+    runs = {}
+    for name, more in (("served", served(fresh)), ("cache", ["teacher.kind=cache", f"teacher.cache={tmp_path / 'c'}"])):
+        out = tmp_path / name
+        r = run_cli("distill", *tiny_overrides(teacher_dir, chat_file, out), "loss.temperature=1.0", *more)
+        assert r.returncode == 0, r.stderr
+        runs[name] = load_file(str(out / "final" / "model.safetensors"))
+        if name == "served":
+            assert "served at" in r.stderr and "scored by the server" in r.stdout
+    assert runs["served"].keys() == runs["cache"].keys()
+    for k in runs["served"]:
+        assert torch.equal(runs["served"][k], runs["cache"][k]), k
+
+
+def test_a_failing_request_is_retried(tmp_path, teacher_dir, chat_file, fresh):
+    fresh.fail, fresh.status = 2, 503
+    r = run_cli("cache", *tiny_overrides(teacher_dir, chat_file, tmp_path / "x"), "data.max_examples=4",
+                *served(fresh)[:-1], "teacher.served.retries=3", f"cache.path={tmp_path / 'c'}")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("case", ["down", "500", "garbled", "other tokenizer", "temperature", "no url"])
+def test_a_served_teacher_that_cannot_serve_is_one_line(tmp_path, teacher_dir, chat_file, fresh, case):
+    more = served(fresh)
+    if case == "down":
+        more = ["teacher.kind=served", "teacher.served.url=http://127.0.0.1:9/v1", "teacher.served.retries=0",
+                "teacher.served.timeout=5"]
+    elif case == "500":
+        fresh.fail = 10**6
+    elif case == "garbled":
+        fresh.garble = True
+        more.append("teacher.served.api=prompt_logprobs")
+    elif case == "other tokenizer":
+        fresh.shift = 7   # its /tokenize says another tokenizer
+    elif case == "temperature":
+        more.append("loss.temperature=2.0")
+    elif case == "no url":
+        more = ["teacher.kind=served"]
+    out = tmp_path / "run"
+    r = run_cli("distill", *tiny_overrides(teacher_dir, chat_file, out), *more)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("stillroom: error")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    expect = {"down": "cannot reach the served teacher", "500": "answered 500", "garbled": "prompt_logprobs",
+              "other tokenizer": "tokeniz", "temperature": "loss.temperature", "no url": "teacher.served.url"}[case]
+    assert expect in lines[0], lines[0]
+    assert not (out / "final").exists()
+
+
+def test_a_server_that_does_not_keep_up_is_said_in_the_log(tmp_path, teacher_dir, chat_file, fresh):
+    fresh.delay = 0.15   # one request at a time: each step waits for its batch
+    r = run_cli("distill", *tiny_overrides(teacher_dir, chat_file, tmp_path / "run"), "loss.temperature=1.0",
+                *served(fresh), "teacher.served.concurrency=1", "train.max_steps=4")
+    assert r.returncode == 0, r.stderr
+    assert "a served teacher does not keep up" in r.stderr
+
