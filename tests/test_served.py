@@ -224,3 +224,23 @@ def test_a_server_that_does_not_keep_up_is_said_in_the_log(tmp_path, teacher_dir
     assert r.returncode == 0, r.stderr
     assert "a served teacher does not keep up" in r.stderr
 
+
+
+def test_a_cache_from_a_server_killed_midway_continues(tmp_path, teacher_dir, chat_file, fresh):
+    import signal
+
+    def args(path):
+        return ["cache", *tiny_overrides(teacher_dir, chat_file, tmp_path / "unused"), *served(fresh),
+                f"cache.path={path}", "cache.shard_rows=30", "cache.batch_size=4", "cache.dtype=float32"]
+    assert run_cli(*args(tmp_path / "ref")).returncode == 0
+    r = run_cli(*args(tmp_path / "c"), env={"STILLROOM_FAULT": "cache.batch:3"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    asked, kept = fresh.requests, len(cache_rows(tmp_path / "c")[1])
+    assert kept > 0
+    r = run_cli(*args(tmp_path / "c"))   # the same command continues where it stopped
+    assert r.returncode == 0, r.stderr[-2000:]
+    (_, ref), (index, got) = cache_rows(tmp_path / "ref"), cache_rows(tmp_path / "c")
+    assert index["complete"] and ref.keys() == got.keys()
+    for sid in ref:
+        assert all(torch.equal(ref[sid][k], got[sid][k]) for k in ref[sid]), sid
+    assert fresh.requests - asked == 1 + len(ref) - kept   # the probe, and the samples not yet listed
