@@ -339,6 +339,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_served_check(args) -> int:
+    from stillroom.teachers.served import check_against_local, check_table
+
+    got = check_against_local(args.url, args.teacher, args.data, args.served_model, args.rows, args.top_k,
+                              args.seq_len, args.api, progress=not args.no_progress)
+    print(json.dumps(got, indent=1) if args.json else check_table(got))
+    return 0
+
+
 def cmd_generate(args) -> int:
     from stillroom.config import GenerateConfig, validate
     from stillroom.teachers.generate import read_prompts
@@ -599,6 +608,21 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="write <RUN_DIR>/report.html: plots, tables and config of a run")
     r.add_argument("run", help="a distill output folder")
     r.set_defaults(func=cmd_report)
+
+    v = sub.add_parser("served-check", help="a served teacher against the same model loaded here, on held-out rows")
+    v.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000/v1")
+    v.add_argument("--teacher", default="smollm2-135m", help="the same model, loaded here: folder, .gguf, hub id "
+                                                             "or smollm2-135m")
+    v.add_argument("--served-model", help="the model name the server serves (default: --teacher)")
+    v.add_argument("--data", required=True, help="held-out text or JSONL file")
+    v.add_argument("--rows", type=POSITIVE, default=16, help="rows to score")
+    v.add_argument("--top-k", type=_number(int, low=1, high=1000), default=20, help="log-probs per position asked")
+    v.add_argument("--seq-len", type=_number(int, low=8), default=256, help="tokens per row")
+    v.add_argument("--api", choices=["auto", "prompt_logprobs", "echo"], default="auto",
+                   help="the request's shape (as teacher.served.api)")
+    v.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    v.add_argument("--no-progress", action="store_true", help="no progress bars")
+    v.set_defaults(func=cmd_served_check)
 
     g = sub.add_parser("generate", help="have the teacher answer prompts (JSONL conversations out, resumable)")
     g.add_argument("--out", required=True, help="output JSONL; an existing file is continued")

@@ -230,3 +230,7 @@ def test_a_served_teacher_scores_text_as_the_local_one(tmp_path, llama_server):
     print(f"served vs local: top-1 agreement {top1:.3f} over {len(a['ids'])} positions; the true token's "
           f"log-prob (listed at {int(listed.sum())}) differs by {float(diff.mean()):.4f} nats on average")
     assert top1 > 0.9 and listed.float().mean() > 0.5 and float(diff.mean()) < 0.1
+    r = run_cli("served-check", "--url", llama_server, "--served-model", "teacher", "--data", data, "--rows", "8",
+                "--top-k", "8", "--seq-len", "48", "--no-progress")
+    assert r.returncode == 0 and "the same model within numeric tolerance" in r.stdout, r.stdout + r.stderr[-2000:]
+    print(r.stdout)

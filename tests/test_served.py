@@ -23,12 +23,12 @@ class Fake:
     def __init__(self, model, tok):
         self.model, self.tok = model, tok
         self.shape, self.fail, self.status, self.requests = "prompt_logprobs", 0, 500, 0
-        self.garble, self.shift, self.delay = False, 0, 0.0
+        self.garble, self.shift, self.delay, self.temp = False, 0, 0.0, 1.0
         self.lock = threading.Lock()
 
     def logp(self, ids):
         with self.lock, torch.no_grad():
-            return torch.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            return torch.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0].float() / self.temp, -1)
 
     def answer(self, req):
         if self.shape == "prompt_logprobs":
@@ -106,7 +106,7 @@ def server(teacher_dir):
 @pytest.fixture
 def fresh(server):
     server.shape, server.fail, server.status, server.garble, server.shift = "prompt_logprobs", 0, 500, False, 0
-    server.delay = 0.0
+    server.delay, server.temp = 0.0, 1.0
     return server
 
 
@@ -244,3 +244,23 @@ def test_a_cache_from_a_server_killed_midway_continues(tmp_path, teacher_dir, ch
     for sid in ref:
         assert all(torch.equal(ref[sid][k], got[sid][k]) for k in ref[sid]), sid
     assert fresh.requests - asked == 1 + len(ref) - kept   # the probe, and the samples not yet listed
+
+
+@pytest.mark.parametrize("temp", [1.0, 1.5])
+def test_served_check_says_whether_the_server_serves_the_same_model(tmp_path, teacher_dir, chat_file, fresh, temp):
+    """`stillroom served-check` against the local teacher: the same model (exactly: the fake server
+    runs it) and one served at another temperature (a silent mismatch, as a wrong dtype or template)."""
+    fresh.temp = temp
+    r = run_cli("served-check", "--url", fresh.url, "--teacher", teacher_dir, "--data", chat_file, "--rows", "5",
+                "--top-k", str(K), "--seq-len", "64", "--no-progress", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["rows"] == 5 and got["positions"] > 20 and not got["rows_tokenized_otherwise"]
+    if temp == 1.0:
+        assert got["top1_agreement"] == 1.0 and got["kl_per_position"] < 1e-5
+        assert got["max_logprob_diff"]["value"] < 1e-4 and got["true_token_logprob_diff"] < 1e-4
+    else:
+        assert got["kl_per_position"] > 0.05 and got["max_logprob_diff"]["value"] > 0.1
+    r = run_cli("served-check", "--url", fresh.url, "--teacher", teacher_dir, "--data", chat_file, "--rows", "5",
+                "--top-k", str(K), "--seq-len", "64", "--no-progress")
+    assert ("the same model" if temp == 1.0 else "they differ") in r.stdout, r.stdout

@@ -308,4 +308,100 @@ class ServedScorer:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["ServedScorer", "PROBE"]
+# ------------------------------------------------------------------------------------ served vs local
+
+@torch.no_grad()
+def check_against_local(url: str, teacher: str, data: str, served_model: str | None = None, rows: int = 16,
+                        top_k: int = 20, seq_len: int = 256, api: str = "auto", progress: bool = True) -> dict:
+    """`stillroom served-check`: the served teacher and the same model loaded here score the same
+    held-out rows; -> per-position top-1 agreement, KL(served || local) over the served top-k + one
+    tail bucket (the loss's own comparison), the largest log-prob difference of a listed token and
+    where, the true token's log-prob difference where listed, and the rows the server could not
+    score as the local tokenizer reads them (tokenized otherwise)."""
+    from tqdm.auto import tqdm
+
+    from stillroom.config import DataConfig, ServedConfig
+    from stillroom.data.examples import build_examples
+    from stillroom.models import core as models
+    from stillroom.teachers.cache import positions
+
+    local = models.load(teacher, dtype=torch.float32)
+    tok = local.tokenizer
+    scorer = ServedScorer(ServedConfig(url=url, model=served_model, top_k=top_k, api=api), tok, teacher)
+    scorer.width = models.logits_width(local.model)
+    try:
+        scorer.check(tok, scorer.width)
+        examples, _ = build_examples(data, tok, DataConfig(seq_len=seq_len))
+        examples = [e for e in examples if positions(e)][:rows]
+        if not examples:
+            raise UserError(f"{data} has no rows with a position to score (seq_len {seq_len})")
+        n = agree = 0
+        kl, label_diff, worst, kl_worst, refused = [], [], (-1.0, None), (-1.0, None), []
+        for r, e in enumerate(tqdm(examples, desc="served vs local", unit="row", disable=not progress)):
+            try:
+                ids, logp, tail, label = scorer.rows(e)
+            except UserError as err:   # this row tokenized otherwise there, say
+                refused.append((r, str(err)))
+                continue
+            pos = torch.tensor(positions(e))
+            L = torch.log_softmax(local.model(input_ids=torch.tensor([e.input_ids])).logits[0, pos].float(), -1)
+            listed = torch.isfinite(logp)
+            q = L.gather(-1, ids)                                   # local log-probs of the served ids
+            agree += int((ids[:, 0] == L.argmax(-1)).sum())
+            n += len(pos)
+            p_tail, q_tail = tail.exp(), (1 - q.exp().masked_fill(~listed, 0).sum(-1)).clamp_min(1e-12)
+            row_kl = (logp.exp() * (logp - q)).masked_fill(~listed, 0).sum(-1) + torch.where(
+                p_tail > 0, p_tail * (tail - q_tail.log()), torch.zeros_like(p_tail))
+            kl.append(row_kl)
+            d = (logp - q).abs().masked_fill(~listed, 0)
+            at = int(d.max(-1).values.argmax())
+            if float(d[at].max()) > worst[0]:
+                j = int(d[at].argmax())
+                worst = (float(d[at, j]), (r, int(pos[at]) + 1, tok.decode([int(ids[at, j])])))
+            if float(row_kl.max()) > kl_worst[0]:
+                kl_worst = (float(row_kl.max()), (r, int(pos[int(row_kl.argmax())]) + 1))
+            true = torch.tensor(e.labels)[pos + 1]
+            exact = (ids == true[:, None]) & listed
+            label_diff.append((label - L.gather(-1, true[:, None]).squeeze(-1))[exact.any(-1)].abs())
+    finally:
+        scorer.close()
+    kl_all = torch.cat(kl) if kl else torch.zeros(0)
+    diffs = torch.cat(label_diff) if label_diff else torch.zeros(0)
+    return {"url": url, "served_model": scorer.model, "teacher": teacher, "api": scorer.api, "top_k": top_k,
+            "rows": len(examples), "positions": n, "top1_agreement": agree / n if n else None,
+            "kl_per_position": float(kl_all.mean()) if n else None,
+            "kl_max": {"value": kl_worst[0], "row": kl_worst[1][0], "position": kl_worst[1][1]} if kl_worst[1] else None,
+            "max_logprob_diff": ({"value": worst[0], "row": worst[1][0], "position": worst[1][1], "token": worst[1][2]}
+                                 if worst[1] else None),
+            "true_token_logprob_diff": float(diffs.mean()) if len(diffs) else None,
+            "true_token_listed": len(diffs), "rows_tokenized_otherwise": [{"row": r, "why": w} for r, w in refused]}
+
+
+def check_table(got: dict) -> str:
+    """The served-check report as a person reads it."""
+    def num(v, f):
+        return "-" if v is None else f.format(v)
+    lines = [f"served teacher {got['served_model']} at {got['url']} ({got['api']}, top-{got['top_k']}) vs "
+             f"{got['teacher']} loaded here: {got['rows']} rows, {got['positions']:,} positions",
+             f"  top-1 agreement                       {num(got['top1_agreement'], '{:.4f}')}",
+             f"  KL(served || local), top-k + tail     {num(got['kl_per_position'], '{:.5f}')} nats/position"]
+    if got["kl_max"]:
+        k = got["kl_max"]
+        lines.append(f"    largest                             {k['value']:.4f} (row {k['row']}, token {k['position']})")
+    if got["max_logprob_diff"]:
+        w = got["max_logprob_diff"]
+        lines.append(f"  largest |log-prob difference|         {w['value']:.4f} (row {w['row']}, token {w['position']}, "
+                     f"{w['token']!r})")
+    lines.append(f"  the true token's |log-prob diff|      {num(got['true_token_logprob_diff'], '{:.4f}')} on average "
+                 f"({got['true_token_listed']:,} positions where the server listed it)")
+    bad = got["rows_tokenized_otherwise"]
+    lines.append(f"  rows the server read otherwise        {len(bad)}")
+    lines += [f"    row {b['row']}: {b['why']}" for b in bad[:3]]
+    same = (not bad and got["top1_agreement"] is not None and got["top1_agreement"] >= 0.9
+            and got["kl_per_position"] < 0.05)
+    lines.append("verdict: " + ("the same model within numeric tolerance" if same else
+                                "they differ: check the served model, its tokenizer, chat template and dtype"))
+    return "\n".join(lines)
+
+
+__all__ = ["ServedScorer", "PROBE", "check_against_local", "check_table"]
