@@ -13,6 +13,7 @@ Fidelity: KL(fp32 sdpa || this) of the full next-token distributions, per token,
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import copy
 import statistics
@@ -95,4 +96,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import results
+    results.main(main, "attention", "The teacher's attention: sdpa vs eager (bench/attention.py)")

@@ -17,6 +17,7 @@ SmolLM2-135M-Instruct teacher (vocab 49,152). Student: 4 layers, hidden 256, ran
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import logging
 import statistics
@@ -168,4 +169,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import results
+    results.main(main, "cache", "Cache bytes and quality (bench/cache.py)")

@@ -18,6 +18,7 @@ the bundled teacher is loaded only as the eval's reference (teacher_weight = 0: 
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import json
 import logging
@@ -97,4 +98,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import results
+    results.main(main, "codistill", "Co-distillation against the fair control (bench/codistill.py)")

@@ -22,6 +22,7 @@ torch.cuda.max_memory_allocated.
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import statistics
 import time
@@ -219,4 +220,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import results
+    results.main(main, "kd_step", "A KD step: CE vs stillroom vs naive (bench/kd_step.py)")

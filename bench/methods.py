@@ -26,6 +26,7 @@ The machine is noisy: compare within the table, not against absolute seconds.
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import json
 import tempfile
@@ -135,4 +136,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import results
+    results.main(main, "methods", "Every method on TinyStories (bench/methods.py)")

@@ -412,4 +412,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import results
+    results.main(main, "peers", "stillroom's step against its floor and its peers (bench/peers.py)")

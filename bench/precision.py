@@ -16,6 +16,7 @@ AVX512-BF16 or AMX): elsewhere bf16 is emulated and slower. Quality does not dep
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import tempfile
 import time
@@ -82,4 +83,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import results
+    results.main(main, "precision", "fp32 vs bf16 autocast (bench/precision.py)")

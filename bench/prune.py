@@ -11,6 +11,7 @@ after a deep depth cut, e.g. --layers 12, the model is already broken and the wi
 """
 from __future__ import annotations
 
+import sys
 import argparse
 from pathlib import Path
 
@@ -63,4 +64,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import results
+    results.main(main, "prune", "Width pruning: activations vs random (bench/prune.py)")

@@ -33,6 +33,7 @@ their evaluations, the teacher's answers once (3 min) and the cache once); --ste
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import json
 import logging
@@ -399,4 +400,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import results
+    results.main(main, "quality", "Methods on one fair protocol (bench/quality.py)")

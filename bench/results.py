@@ -4,6 +4,9 @@
     with recorded("laptop", args.write, title="The laptop hour"):
         ...   # everything printed inside goes into the section, as printed
 
+or, for a bench whose main() parses its own flags, `results.main(main, "kd_step", "A KD step")` in
+place of `main()`: it takes `--write` off the command line first.
+
 The section sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in docs/results.md; running
 the bench again with `--write` replaces it (a new one is added before "## The benches"). Its header
 says the date, the commit (with "+ local changes" when the tree is dirty), the machine (CPU model,
@@ -61,11 +64,14 @@ def commit() -> str:
     return rev + (" + local changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+ARGV = list(sys.argv)   # the command as given (main() below takes --write off sys.argv)
+
+
 def update(name: str, title: str, body: str, path: Path = RESULTS, rev: str | None = None) -> None:
     """Put `body` under a header in the section `name` of `path`, replacing the one there. rev: the
     commit the bench ran (default: the checkout's now)."""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(ARGV[0], ROOT), *ARGV[1:]])
     section = (f"{start}\n## {title}\n\n{datetime.date.today().isoformat()}, commit {commit()}, `{command}`.\n"
                f"Machine: {machine()}.\n\n<!-- not run: a bench's output -->\n```\n{body.rstrip()}\n```\n{end}")
     text = path.read_text()
@@ -104,3 +110,15 @@ def recorded(name: str, write: bool, title: str):
     with contextlib.redirect_stdout(tee):
         yield
     update(name, title, tee.kept.getvalue(), rev=rev)
+
+
+def main(bench_main, name: str, title: str):
+    """Run a bench's own main(); with --write on the command line (taken off before main parses
+    its flags), what it printed becomes its section of docs/results.md."""
+    write = "--write" in sys.argv[1:]
+    if write:
+        sys.argv.remove("--write")
+    if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
+        print("(bench/results.py: add --write to put what this bench prints into docs/results.md)")
+    with recorded(name, write, title):
+        bench_main()
