@@ -264,3 +264,83 @@ def test_served_check_says_whether_the_server_serves_the_same_model(tmp_path, te
     r = run_cli("served-check", "--url", fresh.url, "--teacher", teacher_dir, "--data", chat_file, "--rows", "5",
                 "--top-k", str(K), "--seq-len", "64", "--no-progress")
     assert ("the same model" if temp == 1.0 else "they differ") in r.stdout, r.stdout
+
+
+def vllm_capture(model, tok, path, k=K, rows=12):
+    """A vLLM prompt_logprobs capture written here from the tiny teacher, as vLLM lays it out (token
+    ids as string keys, ranks 1..k, the realized token added with its own rank): not the importer's
+    code run backwards."""
+    from conftest import CORPUS
+
+    out = []
+    for i in range(rows):
+        ids = tok(CORPUS[i % len(CORPUS)] + f" {i}", add_special_tokens=False)["input_ids"][:40]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        entries = [None]
+        for j in range(1, len(ids)):
+            order = lp[j - 1].argsort(descending=True)
+            rank = {int(t): r + 1 for r, t in enumerate(order)}
+            e = {str(int(t)): {"logprob": float(lp[j - 1, t]), "rank": r + 1, "decoded_token": tok.decode([int(t)])}
+                 for r, t in enumerate(order[:k])}
+            e.setdefault(str(ids[j]), {"logprob": float(lp[j - 1, ids[j]]), "rank": rank[ids[j]],
+                                       "decoded_token": tok.decode([ids[j]])})
+            entries.append(e)
+        out.append({"prompt_token_ids": ids, "prompt_logprobs": entries})
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return path
+
+
+def test_a_vllm_capture_trains_the_student_its_teacher_would(tmp_path, teacher_dir, fresh):
+    """cache.source=vllm reads a capture into a cache whose rows are the local teacher's own cache
+    of the same pre-tokenized rows, and a student trained from it ends where one trained from the
+    teacher's own cache does (to rounding: the tail is 1 - the listed mass there, a logsumexp here)."""
+    t = models.load(str(teacher_dir), dtype=torch.float32)
+    cap = vllm_capture(t.model, t.tokenizer, tmp_path / "capture.jsonl")
+    base = [f"teacher.model={teacher_dir}", f"data.path={cap}", "data.seq_len=64", "loss.temperature=1.0",
+            "cache.dtype=float32", f"cache.top_k={K}", "teacher.dtype=float32", "--no-progress"]
+    r = run_cli("cache", *base, "cache.source=vllm", f"cache.path={tmp_path / 'imported'}")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("cache", *base, f"cache.path={tmp_path / 'own'}")   # the live teacher on the same rows
+    assert r.returncode == 0, r.stderr
+    (_, a), (index, b) = cache_rows(tmp_path / "own"), cache_rows(tmp_path / "imported")
+    assert a.keys() == b.keys() and len(a) == 12 and "vllm" in index["source"]
+    for sid in a:
+        assert torch.equal(a[sid]["ids"].long(), b[sid]["ids"].long())
+        for key in ("logp", "tail", "label_logp"):
+            torch.testing.assert_close(a[sid][key].exp(), b[sid][key].exp(), atol=2e-5, rtol=0)
+    final = {}
+    for name in ("own", "imported"):
+        out = tmp_path / f"run-{name}"
+        r = run_cli("distill", f"teacher.model={teacher_dir}", "teacher.kind=cache", f"teacher.cache={tmp_path / name}",
+                    "data.seq_len=64", "loss.temperature=1.0", "student.num_layers=2", "train.max_steps=3",
+                    "train.batch_size=2", "eval.gen_prompts=1", "eval.gen_tokens=2", f"train.output_dir={out}",
+                    "--no-progress")
+        assert r.returncode == 0, r.stderr
+        final[name] = load_file(str(out / "final" / "model.safetensors"))
+    for k in final["own"]:
+        torch.testing.assert_close(final["own"][k], final["imported"][k], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["no logprobs", "other tokenizer", "short", "pack"])
+def test_a_capture_that_cannot_be_read_is_one_line(tmp_path, teacher_dir, case):
+    t = models.load(str(teacher_dir), dtype=torch.float32)
+    cap = vllm_capture(t.model, t.tokenizer, tmp_path / "capture.jsonl", rows=3)
+    rows = [json.loads(x) for x in cap.read_text().splitlines()]
+    more = []
+    if case == "no logprobs":
+        del rows[1]["prompt_logprobs"]
+    elif case == "other tokenizer":
+        rows[2]["prompt_token_ids"][3] = 10**6
+    elif case == "short":
+        rows[0]["prompt_logprobs"] = rows[0]["prompt_logprobs"][:4]
+    else:
+        more = ["data.pack=true"]
+    cap.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_cli("cache", f"teacher.model={teacher_dir}", f"data.path={cap}", "cache.source=vllm",
+                f"cache.path={tmp_path / 'c'}", "--no-progress", *more)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line = [x for x in r.stderr.splitlines() if x.startswith("stillroom: error")]
+    assert len(line) == 1, r.stderr
+    assert {"no logprobs": "prompt_logprobs", "other tokenizer": "vocabulary", "short": "prompt_logprobs for 4",
+            "pack": "data.pack=false"}[case] in line[0], line[0]

@@ -153,6 +153,9 @@ def row_doc(row: dict, tokenizer, dcfg, route_field: str | None = None, routes: 
     """One row -> ("bad", why) | ("text", ids): a document to pack | ("example", ids, labels,
     route, truncated) | ("no_target", truncated): nothing to learn within seq_len. A text row
     routed to a teacher is one example of its own (cut to seq_len), so it keeps its teacher."""
+    ids = row.get("input_ids", row.get("prompt_token_ids")) if isinstance(row, dict) else None
+    if ids is not None:   # already tokenized (a logit capture's rows): used as they are
+        return _token_row(row, ids, tokenizer, dcfg)
     got = read_row(row, dcfg.fields)
     if isinstance(got, str):
         return "bad", got
@@ -186,6 +189,22 @@ def row_doc(row: dict, tokenizer, dcfg, route_field: str | None = None, routes: 
     if labels[1:].count(IGNORE_INDEX) == max(0, len(labels) - 1):   # nothing to learn (list.count: C speed)
         return "no_target", truncated
     return "example", ids, labels, route, truncated
+
+
+def _token_row(row: dict, ids, tokenizer, dcfg) -> tuple:
+    """A pre-tokenized row: `input_ids` (or vLLM's `prompt_token_ids`), and `labels` (-100 where no
+    loss) or every token a target. Its ids must be the tokenizer's."""
+    labels = row.get("labels", ids)
+    ok = lambda v: isinstance(v, list) and all(type(x) is int for x in v)   # noqa: E731
+    if not ok(ids) or not ok(labels) or len(labels) != len(ids):
+        return "bad", "input_ids / labels must be lists of integers of one length"
+    if any(not 0 <= x < len(tokenizer) for x in ids):
+        return "bad", f"a token id outside the tokenizer's vocabulary (0..{len(tokenizer) - 1})"
+    truncated = len(ids) > dcfg.seq_len
+    ids, labels = ids[:dcfg.seq_len], labels[:dcfg.seq_len]
+    if labels[1:].count(IGNORE_INDEX) == max(0, len(labels) - 1):
+        return "no_target", truncated
+    return "example", list(ids), list(labels), None, truncated
 
 
 def tokenize_rows(rows, tokenizer, dcfg, report: Report, add, route_field: str | None = None,

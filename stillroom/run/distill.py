@@ -121,6 +121,7 @@ def kept_layers(cfg, teacher: models.Loaded):
 def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
     with Session(cfg, overwrite=overwrite, resume=resume, progress=progress) as s:
         loaded, teacher, cfg = load_teacher(cfg, s.device, s.place, s.accelerator.autocast)
+        s.cfg = cfg   # a cache fills in the data it was built from where data.path is unset
         student, s_tok, how = models.build_student(cfg.student, loaded, cfg.train.seed)
         metrics, _ = run_distill(s, cfg, loaded, teacher, s.place(student), s_tok, how,
                                  kept_layers=kept_layers(cfg, loaded))
@@ -286,20 +287,22 @@ def build_cache(cfg, overwrite: bool, progress: bool) -> dict | None:
     from stillroom.run.tracking import launch_state
     from stillroom.teachers.cache import build, existing, summary
 
-    if cfg.cache.source == "logprobs":   # the teacher's tokenizer and config only: no weights are read
+    if cfg.cache.source in ("logprobs", "vllm"):   # the teacher's tokenizer and config only: no weights are read
         from transformers import AutoConfig
 
         from stillroom.teachers.api import build_from_logprobs
+        from stillroom.teachers.captures import import_vllm
 
         if not cfg.data.path:
-            raise UserError("cache.source=logprobs reads data.path: the JSONL that `stillroom generate --api "
-                            "... --top-logprobs K` wrote")
+            raise UserError(f"cache.source={cfg.cache.source} reads data.path: " + (
+                "the JSONL that `stillroom generate --api ... --top-logprobs K` wrote" if cfg.cache.source == "logprobs"
+                else "a vLLM capture (JSONL rows of prompt_token_ids and prompt_logprobs)"))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UserError("cache.source=logprobs only reads a file (no teacher runs): run it as one process, "
-                            "without accelerate launch")
+            raise UserError(f"cache.source={cfg.cache.source} only reads a file (no teacher runs): run it as one "
+                            "process, without accelerate launch")
         kind, where = models.resolve(cfg.teacher.model)
-        build_from_logprobs(cfg, models.load_tokenizer(cfg.teacher.model), AutoConfig.from_pretrained(where),
-                            overwrite, progress)
+        build = build_from_logprobs if cfg.cache.source == "logprobs" else import_vllm
+        build(cfg, models.load_tokenizer(cfg.teacher.model), AutoConfig.from_pretrained(where), overwrite, progress)
         return summary(cfg.cache.path)
     state, device = launch_state()
     if cfg.teacher.kind == "served":   # the server scores the text: only the tokenizer and config here

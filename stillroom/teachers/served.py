@@ -45,6 +45,57 @@ log = logging.getLogger("stillroom")
 PROBE = "The quick brown fox jumps over the lazy dog. 1234 + 5678 = 6912; naïve café, 東京."
 
 
+def prompt_logprobs_entries(raw, n: int, fail) -> list[dict | None]:
+    """vLLM's `prompt_logprobs` for n prompt tokens -> per token {id: log-prob}, by rank (the
+    realized token, listed past the top-k with its own rank, last); None for token 0. fail(what)
+    makes the exception for a list that cannot be read."""
+    if not isinstance(raw, list) or len(raw) < n:
+        raise fail("no prompt_logprobs" if raw is None else
+                   f"prompt_logprobs for {len(raw) if isinstance(raw, list) else 0} of {n} prompt tokens")
+    out = [None]
+    for i in range(1, n):
+        entry = raw[i]
+        if not isinstance(entry, dict) or not entry:
+            raise fail(f"an empty prompt_logprobs entry at token {i}")
+        ranked = []
+        try:
+            for tid, v in entry.items():
+                v = v if isinstance(v, dict) else {"logprob": v}
+                ranked.append((v.get("rank") or 0, int(tid), float(v["logprob"])))
+        except (KeyError, TypeError, ValueError):
+            raise fail(f"a prompt_logprobs entry it cannot read at token {i}") from None
+        ranked.sort(key=lambda x: (x[0] or math.inf, -x[2]))   # by rank; the realized token's is past k
+        out.append({tid: lp for _, tid, lp in ranked})
+    return out
+
+
+def target_rows(e, raw, k: int, fail):
+    """A cache's four rows for example e (over cache.positions(e)) from per-token entries
+    {id: log-prob} (entry i: the distribution of token i): the first k listed ids and their
+    log-probs, the log of the mass outside them, and the true token's log-prob (exact where listed,
+    else the tail's log-mass, an upper bound)."""
+    from stillroom.teachers.cache import positions
+
+    pos = positions(e)
+    ids = torch.zeros(len(pos), k, dtype=torch.long)
+    logp = torch.full((len(pos), k), float("-inf"))
+    tail = torch.full((len(pos),), float("-inf"))
+    label_logp = torch.zeros(len(pos))
+    for r, p in enumerate(pos):
+        entry, true = raw[p + 1], e.labels[p + 1]
+        listed = [(t, v) for t, v in entry.items() if not math.isnan(v)][:k]
+        if not listed:
+            raise fail(f"no finite log-prob at position {p + 1}")
+        used = {t for t, _ in listed}
+        spare = [t for t in range(k + len(used)) if t not in used][:k - len(listed)]
+        ids[r] = torch.tensor([t for t, _ in listed] + spare)
+        logp[r, :len(listed)] = torch.tensor([v for _, v in listed])
+        mass = math.fsum(math.exp(v) for _, v in listed)
+        tail[r] = math.log1p(-mass) if mass < 1 - 1e-6 else float("-inf")
+        label_logp[r] = entry.get(true, tail[r].item() if mass < 1 - 1e-6 else math.log(1e-12))
+    return ids, logp, tail, label_logp
+
+
 class ServedScorer:
     """The read side of a served teacher, shaped like a cache.TeacherCache: `rows(e)` for one
     example, `many(examples)` for several at once, `targets(examples, seq_len, device)` for a batch."""
@@ -108,26 +159,7 @@ class ServedScorer:
             raw = (choice.model_extra or {}).get("prompt_logprobs")
         if raw is None:
             raw = (getattr(r, "model_extra", None) or {}).get("prompt_logprobs")
-        if not isinstance(raw, list) or len(raw) < len(ids):
-            raise self._malformed("no prompt_logprobs" if raw is None else
-                                  f"prompt_logprobs for {len(raw) if isinstance(raw, list) else 0} of "
-                                  f"{len(ids)} prompt tokens")
-        out = [None]
-        for i in range(1, len(ids)):
-            entry = raw[i]
-            if not isinstance(entry, dict) or not entry:
-                raise self._malformed(f"an empty prompt_logprobs entry at token {i}")
-            ranked = []
-            try:
-                for tid, v in entry.items():
-                    v = v if isinstance(v, dict) else {"logprob": v}
-                    lp = float(v["logprob"])
-                    ranked.append((v.get("rank") or 0, int(tid), lp))
-            except (KeyError, TypeError, ValueError):
-                raise self._malformed(f"a prompt_logprobs entry it cannot read at token {i}") from None
-            ranked.sort(key=lambda x: (x[0] or math.inf, -x[2]))   # by rank; the realized token's is past k
-            out.append({tid: lp for _, tid, lp in ranked})
-        return out
+        return prompt_logprobs_entries(raw, len(ids), self._malformed)
 
     def _from_echo(self, r, ids):
         choice = r.choices[0] if getattr(r, "choices", None) else None
@@ -196,28 +228,7 @@ class ServedScorer:
     # -------------------------------------------------------------------------- targets
 
     def _rows_of(self, e, raw):
-        """A cache's four rows for example e (over cache.positions(e)) from the per-token entries."""
-        from stillroom.teachers.cache import positions
-
-        pos = positions(e)
-        k = self.top_k
-        ids = torch.zeros(len(pos), k, dtype=torch.long)
-        logp = torch.full((len(pos), k), float("-inf"))
-        tail = torch.full((len(pos),), float("-inf"))
-        label_logp = torch.zeros(len(pos))
-        for r, p in enumerate(pos):
-            entry, true = raw[p + 1], e.labels[p + 1]
-            listed = [(t, v) for t, v in entry.items() if not math.isnan(v)][:k]
-            if not listed:
-                raise self._malformed(f"no finite log-prob at position {p + 1}")
-            used = {t for t, _ in listed}
-            spare = [t for t in range(k + len(used)) if t not in used][:k - len(listed)]
-            ids[r] = torch.tensor([t for t, _ in listed] + spare)
-            logp[r, :len(listed)] = torch.tensor([v for _, v in listed])
-            mass = math.fsum(math.exp(v) for _, v in listed)
-            tail[r] = math.log1p(-mass) if mass < 1 - 1e-6 else float("-inf")
-            label_logp[r] = entry.get(true, tail[r].item() if mass < 1 - 1e-6 else math.log(1e-12))
-        return ids, logp, tail, label_logp
+        return target_rows(e, raw, self.top_k, self._malformed)
 
     def _one(self, e):
         t0 = time.perf_counter()
