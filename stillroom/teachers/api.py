@@ -195,25 +195,10 @@ def build_from_logprobs(cfg, tok, model_config=None, overwrite=False, progress=T
     tokenizer of cfg.teacher.model (which must be the endpoint's). Label log-probs (the teacher's
     perplexity in the eval) are exact where the true token is listed, else the tail mass (an
     upper bound)."""
-    from stillroom.run.folders import check_replace, clear, entries
-    from stillroom.teachers.cache import FORMAT, ShardWriter, write_json, positions, sample_id, tokenizer_hash
+    from stillroom.teachers.cache import ShardWriter, positions, sample_id, start_import, write_json
 
     out, k = Path(cfg.cache.path), cfg.cache.top_k
-    if entries(out):
-        if not overwrite:
-            raise UserError(f"cache.path {out} exists; pass --overwrite to replace it (a stillroom cache only) "
-                            "or set cache.path to another folder")
-        check_replace(out, "cache", [cfg.data.path, cfg.data.eval_path], key="cache.path")
-    clear(out, "cache")
-    tok.save_pretrained(out / "tokenizer")
-    if model_config is not None:
-        model_config.save_pretrained(out / "teacher")
-    index = {"format": FORMAT, "teacher": cfg.teacher.model, "source": f"logprobs in {cfg.data.path}",
-             "vocab_size": len(tok),
-             "tokenizer_hash": tokenizer_hash(tok), "top_k": k, "temperature": 1.0, "seq_len": cfg.data.seq_len,
-             "dtype": "float32", "data": {"path": cfg.data.path, "eval_path": cfg.data.eval_path},
-             "teacher_params": None, "shards": [], "complete": False}
-    write_json(out / "index.json", index)
+    index = start_import(cfg, tok, model_config, overwrite, f"logprobs in {cfg.data.path}", "float32")
     writer, stats, done = ShardWriter(out, index, cfg.cache.shard_rows), {}, set()
     for e, targets, stats in tqdm(rows_from_logprobs(cfg.data.path, tok, cfg.data.seq_len, k),
                                   desc="logprobs -> cache", unit="row", disable=not progress):

@@ -324,6 +324,30 @@ def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=Non
     return index
 
 
+def start_import(cfg, tok, model_config, overwrite: bool, source: str, dtype: str) -> dict:
+    """A new cache at cache.path for targets read from a file (no teacher runs): the folder
+    claimed (--overwrite replaces only a stillroom cache), the tokenizer and model config saved,
+    and the index started. -> the index (its shards to come, `complete` False)."""
+    from stillroom.run.folders import check_replace
+
+    out = Path(cfg.cache.path)
+    if entries(out):
+        if not overwrite:
+            raise UserError(f"cache.path {out} exists; pass --overwrite to replace it (a stillroom cache only) "
+                            "or set cache.path to another folder")
+        check_replace(out, "cache", [cfg.data.path, cfg.data.eval_path], key="cache.path")
+    clear(out, "cache")
+    tok.save_pretrained(out / "tokenizer")
+    if model_config is not None:
+        model_config.save_pretrained(out / "teacher")
+    index = {"format": FORMAT, "teacher": cfg.teacher.model, "source": source, "vocab_size": len(tok),
+             "tokenizer_hash": tokenizer_hash(tok), "top_k": cfg.cache.top_k, "temperature": 1.0,
+             "seq_len": cfg.data.seq_len, "dtype": dtype, "data": {"path": cfg.data.path, "eval_path": cfg.data.eval_path},
+             "teacher_params": None, "shards": [], "complete": False}
+    write_json(out / "index.json", index)
+    return index
+
+
 def summary(path: Path) -> dict:
     index = json.loads((Path(path) / "index.json").read_text())
     rows = sum(s["rows"] for s in index["shards"])

@@ -32,8 +32,7 @@ def import_vllm(cfg, tok, model_config=None, overwrite=False, progress=True) -> 
     cfg.data.path, on teacher.model's tokenizer (which must be the one the capture was made with)."""
     from stillroom.data.examples import Example, row_doc
     from stillroom.data.rows import read_jsonl
-    from stillroom.run.folders import check_replace, clear, entries
-    from stillroom.teachers.cache import FORMAT, ShardWriter, sample_id, tokenizer_hash, write_json
+    from stillroom.teachers.cache import ShardWriter, sample_id, start_import, write_json
     from stillroom.teachers.served import prompt_logprobs_entries, target_rows
 
     path, out, k = Path(cfg.data.path), Path(cfg.cache.path), cfg.cache.top_k
@@ -43,21 +42,7 @@ def import_vllm(cfg, tok, model_config=None, overwrite=False, progress=True) -> 
     rows, bad = read_jsonl(path)
     if bad:
         raise UserError(f"{path} line {bad[0][0]}: {bad[0][1]}")
-    if entries(out):
-        if not overwrite:
-            raise UserError(f"cache.path {out} exists; pass --overwrite to replace it (a stillroom cache only) "
-                            "or set cache.path to another folder")
-        check_replace(out, "cache", [cfg.data.path, cfg.data.eval_path], key="cache.path")
-    clear(out, "cache")
-    tok.save_pretrained(out / "tokenizer")
-    if model_config is not None:
-        model_config.save_pretrained(out / "teacher")
-    index = {"format": FORMAT, "teacher": cfg.teacher.model, "source": f"vllm prompt_logprobs in {path}",
-             "vocab_size": len(tok), "tokenizer_hash": tokenizer_hash(tok), "top_k": k, "temperature": 1.0,
-             "seq_len": cfg.data.seq_len, "dtype": cfg.cache.dtype,
-             "data": {"path": cfg.data.path, "eval_path": cfg.data.eval_path}, "teacher_params": None,
-             "shards": [], "complete": False}
-    write_json(out / "index.json", index)
+    index = start_import(cfg, tok, model_config, overwrite, f"vllm prompt_logprobs in {path}", cfg.cache.dtype)
     writer, done, used = ShardWriter(out, index, cfg.cache.shard_rows), set(), 0
     dtype = {"float16": torch.float16, "float32": torch.float32}[cfg.cache.dtype]
     for n, row in tqdm(rows, desc="vllm capture -> cache", unit="row", disable=not progress):
