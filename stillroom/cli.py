@@ -119,6 +119,8 @@ def cmd_cache(args) -> int:
     cfg = _run_config(args, Config)
     if cfg is None:
         return 0
+    if args.export_vllm:
+        return _export_vllm(cfg, args)
     if cfg.teacher.kind == "cache":
         raise UserError("stillroom cache runs the teacher: set teacher.kind=live (and teacher.model), or "
                         "teacher.kind=served (and teacher.served.url)")
@@ -131,6 +133,20 @@ def cmd_cache(args) -> int:
         if args.overwrite:
             check_replace(out, "cache", inputs_of(cfg), key="cache.path")
         return _build_cache(cfg, args)
+
+
+def _export_vllm(cfg, args) -> int:
+    from stillroom.teachers.captures import export_vllm
+
+    if cfg.teacher.kind != "cache":
+        raise UserError("--export-vllm writes the cache at teacher.cache: set teacher.kind=cache teacher.cache=DIR")
+    out = Path(args.export_vllm)
+    check_output_file(out, "--export-vllm", [("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)])
+    if out.is_file() and out.stat().st_size and not args.overwrite:
+        raise UserError(f"--export-vllm {out} exists: pass --overwrite to replace it, or choose another file")
+    n = export_vllm(cfg, out, not args.no_progress)
+    print(f"{n:,} rows of {cfg.teacher.cache} written to {out} (vLLM prompt_logprobs)")
+    return 0
 
 
 def _build_cache(cfg, args) -> int:
@@ -534,12 +550,16 @@ def parser() -> argparse.ArgumentParser:
                    "settings are the same.",
                    "a YAML file or bundled recipe (distill or codistill), then overrides like data.path=FILE "
                    "data.workers=8", None).set_defaults(func=cmd_prepare, resume=False, overwrite=False)
-    config_command("cache", "run the teacher once over the data and store its top-k outputs",
+    ca = config_command("cache", "run the teacher once over the data and store its top-k outputs",
                    "Cache the teacher's top-k next-token distributions (at loss.temperature) over the config's "
                    "data; train from it with teacher.kind=cache teacher.cache=DIR. Running it again continues "
                    "an interrupted cache.",
                    "a YAML file or bundled recipe, then overrides like cache.path=runs/cache cache.top_k=64",
-                   "replace a cache built differently").set_defaults(func=cmd_cache, resume=False)
+                   "replace a cache built differently (or the --export-vllm file)")
+    ca.set_defaults(func=cmd_cache, resume=False)
+    ca.add_argument("--export-vllm", metavar="FILE",
+                   help="write the cache at teacher.cache (teacher.kind=cache) as a vLLM prompt_logprobs capture "
+                        "(JSONL) instead of building one")
 
     e = sub.add_parser("eval", help="compare a student with its teacher on held-out data")
     e.add_argument("--model", required=True, help="student: a run folder (its final/), a model folder, .gguf or hub id")

@@ -344,3 +344,30 @@ def test_a_capture_that_cannot_be_read_is_one_line(tmp_path, teacher_dir, case):
     assert len(line) == 1, r.stderr
     assert {"no logprobs": "prompt_logprobs", "other tokenizer": "vocabulary", "short": "prompt_logprobs for 4",
             "pack": "data.pack=false"}[case] in line[0], line[0]
+
+
+def test_a_cache_exported_as_a_vllm_capture_reads_back_the_same(tmp_path, teacher_dir, chat_file):
+    """stillroom's own cache -> a vLLM capture -> a cache again: the same targets (the tail recomputed
+    from the listed mass, to rounding); exported again, the same file byte for byte."""
+    base = tiny_overrides(teacher_dir, chat_file, tmp_path / "unused") + [
+        "loss.temperature=1.0", "cache.dtype=float32", f"cache.top_k={K}", "teacher.dtype=float32"]
+    assert run_cli("cache", *base, f"cache.path={tmp_path / 'own'}").returncode == 0
+    own = ["teacher.kind=cache", f"teacher.cache={tmp_path / 'own'}"]
+    r = run_cli("cache", *base, *own, "--export-vllm", tmp_path / "capture.jsonl")
+    assert r.returncode == 0 and "vLLM prompt_logprobs" in r.stdout, r.stderr
+    r = run_cli("cache", f"teacher.model={teacher_dir}", f"data.path={tmp_path / 'capture.jsonl'}", "data.seq_len=64",
+                "cache.source=vllm", "cache.dtype=float32", f"cache.top_k={K}", f"cache.path={tmp_path / 'back'}",
+                "--no-progress")
+    assert r.returncode == 0, r.stderr
+    (_, a), (_, b) = cache_rows(tmp_path / "own"), cache_rows(tmp_path / "back")
+    assert a.keys() == b.keys() and len(a) > 10
+    for sid in a:
+        assert torch.equal(a[sid]["ids"].long(), b[sid]["ids"].long())
+        assert torch.equal(a[sid]["logp"], b[sid]["logp"]) and torch.equal(a[sid]["label_logp"], b[sid]["label_logp"])
+        torch.testing.assert_close(a[sid]["tail"].exp(), b[sid]["tail"].exp(), atol=2e-6, rtol=0)
+    r = run_cli("cache", f"teacher.model={teacher_dir}", "teacher.kind=cache", f"teacher.cache={tmp_path / 'back'}",
+                "data.seq_len=64", "--export-vllm", tmp_path / "again.jsonl", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "capture.jsonl").read_bytes()
+    r = run_cli("cache", *base, *own, "--export-vllm", tmp_path / "capture.jsonl")   # exists: refused
+    assert r.returncode == 2 and "--overwrite" in r.stderr

@@ -79,4 +79,48 @@ def import_vllm(cfg, tok, model_config=None, overwrite=False, progress=True) -> 
     return index
 
 
-__all__ = ["import_vllm"]
+def export_vllm(cfg, out: Path, progress=True) -> int:
+    """The cache at teacher.cache as a vLLM capture: one JSONL row per example of its data (the
+    config's, or what the cache was built from), `prompt_token_ids`, `labels` and `prompt_logprobs`
+    (entry i + 1 holds position i's stored top-k with ranks 1..k, and the true token's log-prob
+    when it is not among them, its rank unknown: null; tokens without a loss: an empty entry).
+    -> rows written. Written under a temporary name and renamed."""
+    import json
+
+    from stillroom.data.examples import build_examples
+    from stillroom.run.folders import durable_replace
+    from stillroom.teachers.cache import TeacherCache, positions, sample_id
+
+    cache = TeacherCache(cfg.teacher.cache)
+    if cache.temperature != 1.0:
+        raise UserError(f"the cache in {cache.path} holds the teacher at temperature {cache.temperature}; a vLLM "
+                        "capture holds log-probs at T=1")
+    tok = cache.tokenizer()
+    cache.check(cfg, tok)
+    paths = [cfg.data.path or cache.index["data"]["path"], cfg.data.eval_path or cache.index["data"]["eval_path"]]
+    seen, n = set(), 0
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w") as f:
+        for path in [p for p in paths if p]:
+            examples, _ = build_examples(path, tok, cfg.data)
+            for e in tqdm(examples, desc=f"cache -> vllm ({Path(path).name})", unit="row", disable=not progress):
+                sid = sample_id(e)
+                if sid in seen or not positions(e):
+                    continue
+                seen.add(sid)
+                ids, logp, tail, label = cache.rows(e)
+                entries = [None] + [{} for _ in range(len(e.input_ids) - 1)]
+                for r, p in enumerate(positions(e)):
+                    entry = {str(int(t)): {"logprob": float(v), "rank": j + 1}
+                             for j, (t, v) in enumerate(zip(ids[r], logp[r].float())) if v > float("-inf")}
+                    true = str(e.labels[p + 1])
+                    entry.setdefault(true, {"logprob": float(label[r]), "rank": None})
+                    entries[p + 1] = entry
+                f.write(json.dumps({"prompt_token_ids": list(e.input_ids), "labels": list(e.labels),
+                                    "prompt_logprobs": entries}) + "\n")
+                n += 1
+    durable_replace(tmp, out)
+    return n
+
+
+__all__ = ["import_vllm", "export_vllm"]

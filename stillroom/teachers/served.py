@@ -55,8 +55,11 @@ def prompt_logprobs_entries(raw, n: int, fail) -> list[dict | None]:
     out = [None]
     for i in range(1, n):
         entry = raw[i]
-        if not isinstance(entry, dict) or not entry:
-            raise fail(f"an empty prompt_logprobs entry at token {i}")
+        if entry is None or entry == {}:   # nothing there (a position without a loss, in an export): an
+            out.append({})                 # error only where a target is read (target_rows)
+            continue
+        if not isinstance(entry, dict):
+            raise fail(f"a prompt_logprobs entry it cannot read at token {i}")
         ranked = []
         try:
             for tid, v in entry.items():
