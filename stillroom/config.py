@@ -111,9 +111,9 @@ class TeacherConfig(Section):
     with bf16, a CPU with AVX512-BF16 or AMX), else float32 (elsewhere bf16 is emulated, slower)."""
     attention: Attention = "auto"
     """The live teacher's attention (transformers' attn_implementation): auto = eager on a CPU for
-    data.seq_len up to 1024 (faster there than PyTorch's CPU flash kernel: the teacher's forward
-    0.81-0.94x sdpa's time at 128-512 tokens, bench/attention.py), else the model's own (sdpa on
-    a GPU). The student keeps its own."""
+    data.seq_len up to 1024 (faster there than PyTorch's CPU flash kernel, measured by
+    bench/attention.py: docs/results.md), else the model's own (sdpa on a GPU). The student keeps
+    its own."""
 
     name: str = Field("teacher", pattern=r"^[A-Za-z0-9_.-]+$")
     """This teacher's name in teacher.route_field values."""
@@ -354,9 +354,8 @@ class LossConfig(Section):
     last hidden state (soft-capping) use the plain path either way."""
     compile: Literal["auto", True, False] = "auto"
     """Run the loss's hot chunk (one soft forward-KL target, live or cached, and CE, or CE alone)
-    through torch.compile: the whole KD step in 0.75-0.93x the time live and 0.70-0.83x from a cache
-    on a CPU at 49k vocab (bench/peers.py), the same values within fp32 rounding, a few seconds of compiling at the
-    first step (cached on disk after). auto: on a CPU at a vocabulary of 8192 or more; off on a
+    through torch.compile: a faster KD step on a CPU (bench/peers.py: docs/results.md), the same
+    values within fp32 rounding, a few seconds of compiling at the first step (cached on disk after). auto: on a CPU at a vocabulary of 8192 or more; off on a
     GPU, where it is not measured yet. It needs a C++ compiler on a CPU: without one the eager
     kernel runs, with one warning."""
 
