@@ -85,7 +85,7 @@ def main():
         (work / "train.jsonl").write_text("\n".join(rows[:-args.held][:args.train_rows]) + "\n")
         (work / "held.jsonl").write_text("\n".join(rows[-args.held:]) + "\n")
         data = [f"data.path={work / 'train.jsonl'}", f"data.eval_path={work / 'held.jsonl'}",
-                "data.pack=true", f"student.num_layers={args.layers}", "eval.max_batches=1", "eval.gen_prompts=1",
+                "data.pack=true", "data.skip_bad_rows=true", f"student.num_layers={args.layers}", "eval.max_batches=1", "eval.gen_prompts=1",
                 "eval.gen_tokens=4"]   # the runs' own evaluation kept short: step 4 measures both students alike
         kd = ["teacher.kind=cache", f"teacher.cache={work / 'cache'}"]
         ce = ["loss.alpha=0"]
