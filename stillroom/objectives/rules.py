@@ -58,9 +58,7 @@ def check_across(cfg):
             raise UserError("teacher.shard=true shards the teacher beside a sharded student: set train.shard=fsdp")
         if tc.kind != "live" or tc.offload or tc.route_field:
             raise UserError("teacher.shard=true runs the live teacher on every process at every step: not with "
-                            f"teacher.kind={tc.kind}, teacher.offload or teacher.route_field"
-                            if tc.kind != "live" else "teacher.shard=true runs the live teacher on every process "
-                            "at every step: not with teacher.offload or teacher.route_field")
+                            "teacher.kind=cache, teacher.offload or teacher.route_field, nor a served teacher")
     if cfg.train.shard == "fsdp":
         if cfg.train.qat != "none":
             raise UserError("train.shard=fsdp does not run train.qat yet (its fake-quantized weights are "
