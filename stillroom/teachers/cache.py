@@ -365,6 +365,22 @@ class CachedTargets:
     label_logp: torch.Tensor  # (B, S) teacher log-prob of the true next token (0 where no loss)
 
 
+def batch_targets(examples: list[Example], rows: list, seq_len: int, k: int, device) -> CachedTargets:
+    """A batch's targets laid out like its logits (B, seq_len, ...), from each example's four rows
+    over positions(e) (None for an example without any); the other positions hold a harmless dummy."""
+    B = len(examples)
+    ids = torch.zeros(B, seq_len, k, dtype=torch.long)
+    logp = torch.zeros(B, seq_len, k, dtype=torch.float32)      # dummy rows: p = 1 on token 0
+    tail = torch.full((B, seq_len), float("-inf"))
+    label_logp = torch.zeros(B, seq_len)
+    for b, (e, r) in enumerate(zip(examples, rows)):
+        if r is None:
+            continue
+        p = torch.tensor(positions(e))
+        ids[b, p], logp[b, p], tail[b, p], label_logp[b, p] = r[0].long(), r[1].float(), r[2], r[3]
+    return CachedTargets(TopK(ids.to(device), logp.to(device), tail.to(device)), label_logp.to(device))
+
+
 class TeacherCache:
     """Read side: looks samples up by id, reads their rows from memory-mapped shards."""
 
@@ -465,19 +481,5 @@ class TeacherCache:
 
     def targets(self, examples: list[Example], seq_len: int, device) -> CachedTargets:
         """Targets for a collated batch of `examples` (right-padded to `seq_len` positions)."""
-        B, k = len(examples), self.top_k
-        ids = torch.zeros(B, seq_len, k, dtype=torch.long)
-        logp = torch.zeros(B, seq_len, k, dtype=torch.float32)      # dummy rows: p = 1 on token 0
-        tail = torch.full((B, seq_len), float("-inf"))
-        label_logp = torch.zeros(B, seq_len)
-        for b, e in enumerate(examples):
-            pos = positions(e)
-            if not pos:
-                continue
-            r_ids, r_logp, r_tail, r_label = self.rows(e)
-            p = torch.tensor(pos)
-            ids[b, p] = r_ids.long()
-            logp[b, p] = r_logp.float()
-            tail[b, p] = r_tail
-            label_logp[b, p] = r_label
-        return CachedTargets(TopK(ids.to(device), logp.to(device), tail.to(device)), label_logp.to(device))
+        return batch_targets(examples, [self.rows(e) if positions(e) else None for e in examples], seq_len,
+                             self.top_k, device)

@@ -32,8 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -103,8 +101,6 @@ class ServedScorer:
     """The read side of a served teacher, shaped like a cache.TeacherCache: `rows(e)` for one
     example, `many(examples)` for several at once, `targets(examples, seq_len, device)` for a batch."""
 
-    cached_temperature = 1.0
-
     def __init__(self, scfg, tok, name: str):
         try:
             import openai
@@ -118,10 +114,7 @@ class ServedScorer:
         self.api = scfg.api
         self._pieces, self.echo_shift, self.last_status = None, None, None
         self._pool = ThreadPoolExecutor(max(1, scfg.concurrency), thread_name_prefix="served")
-        self._lock = threading.Lock()
-        self.waited_s, self.requests = 0.0, 0
-        self.path = scfg.url        # what the evaluation's note names
-        self.temperature = 1.0
+        self.temperature = 1.0   # a server's log-probs (what the evaluation asks of a cache)
 
     # -------------------------------------------------------------------------- requests
 
@@ -188,13 +181,7 @@ class ServedScorer:
             raise UserError(f"the served teacher at {self.url} tokenizes the text differently from "
                             f"{self.name}'s tokenizer (token {i}: {tokens[i:i + 3]!r} there, {mine[i:i + 3]!r} "
                             "here): serve the same model, or set teacher.model to the served model's tokenizer")
-        rows = [None] * (len(tokens) - start)
-        for j in range(start + 1, len(tokens)):   # each listed token by its id, where its text is one id's
-            row = {}
-            for text, v in (tops[j] or {}).items():
-                if text in self._pieces and v is not None and math.isfinite(v):
-                    row[self._pieces[text]] = float(v)
-            rows[j - start] = dict(sorted(row.items(), key=lambda x: -x[1])[:self.top_k])
+        rows = [None] + [self._by_id(tops[j]) for j in range(start + 1, len(tokens))]
         if self.echo_shift is None:   # decided once, on the probe
             self.echo_shift = self._shifted(rows, ids)
         out = [None]
@@ -202,10 +189,7 @@ class ServedScorer:
             first = self._call(prompt=self.tok.decode(ids[:1], clean_up_tokenization_spaces=False), max_tokens=1,
                                temperature=0.0, logprobs=self.top_k)
             lp = getattr(first.choices[0], "logprobs", None) if getattr(first, "choices", None) else None
-            top0 = (getattr(lp, "top_logprobs", None) or [None])[-1] or {}
-            out.append(dict(sorted(((self._pieces[t], float(v)) for t, v in top0.items()
-                                    if t in self._pieces and v is not None and math.isfinite(v)),
-                                   key=lambda x: -x[1])[:self.top_k]))
+            out.append(self._by_id((getattr(lp, "top_logprobs", None) or [None])[-1]))
             out += rows[1:len(ids) - 1]
             return out
         for i in range(1, len(ids)):
@@ -215,6 +199,13 @@ class ServedScorer:
                 row.setdefault(ids[i], float(own[j]))
             out.append(row)
         return out
+
+    def _by_id(self, top: dict | None) -> dict:
+        """An echoed {token text: log-prob} as {id: log-prob}, most likely first, at most top_k: a
+        text that no single id has is left out (its mass goes to the tail)."""
+        row = {self._pieces[t]: float(v) for t, v in (top or {}).items()
+               if t in self._pieces and v is not None and math.isfinite(v)}
+        return dict(sorted(row.items(), key=lambda x: -x[1])[:self.top_k])
 
     @staticmethod
     def _shifted(rows, ids) -> bool:
@@ -234,33 +225,22 @@ class ServedScorer:
         return target_rows(e, raw, self.top_k, self._malformed)
 
     def _one(self, e):
-        t0 = time.perf_counter()
-        raw = self._raw(list(e.input_ids))
-        with self._lock:
-            self.requests += 1
-        return self._rows_of(e, raw), time.perf_counter() - t0
+        return self._rows_of(e, self._raw(list(e.input_ids)))
 
     def many(self, examples) -> list[tuple]:
         """The rows of each example, `concurrency` requests in flight."""
-        return [rows for rows, _ in self._pool.map(self._one, examples)]
+        return list(self._pool.map(self._one, examples))
 
     def rows(self, e):
         return self.many([e])[0]
 
     def targets(self, examples, seq_len: int, device):
-        from stillroom.losses import TopK
-        from stillroom.teachers.cache import CachedTargets, positions
+        from stillroom.teachers.cache import batch_targets, positions
 
-        B, k = len(examples), self.top_k
-        ids = torch.zeros(B, seq_len, k, dtype=torch.long)
-        logp = torch.zeros(B, seq_len, k, dtype=torch.float32)      # dummy rows: p = 1 on token 0
-        tail = torch.full((B, seq_len), float("-inf"))
-        label_logp = torch.zeros(B, seq_len)
-        todo = [(b, e) for b, e in enumerate(examples) if positions(e)]
-        for (b, e), (r_ids, r_logp, r_tail, r_label) in zip(todo, self.many([e for _, e in todo])):
-            p = torch.tensor(positions(e))
-            ids[b, p], logp[b, p], tail[b, p], label_logp[b, p] = r_ids, r_logp, r_tail, r_label
-        return CachedTargets(TopK(ids.to(device), logp.to(device), tail.to(device)), label_logp.to(device))
+        todo = [e for e in examples if positions(e)]
+        got = iter(self.many(todo))
+        return batch_targets(examples, [next(got) if positions(e) else None for e in examples], seq_len,
+                             self.top_k, device)
 
     # -------------------------------------------------------------------------- checks
 
