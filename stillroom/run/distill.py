@@ -288,21 +288,22 @@ def build_cache(cfg, overwrite: bool, progress: bool) -> dict | None:
     from stillroom.run.tracking import launch_state
     from stillroom.teachers.cache import build, existing, summary
 
-    if cfg.cache.source in ("logprobs", "vllm"):   # the teacher's tokenizer and config only: no weights are read
+    if cfg.cache.source in ("logprobs", "vllm", "axolotl"):   # the teacher's tokenizer and config only: no weights are read
         from transformers import AutoConfig
 
         from stillroom.teachers.api import build_from_logprobs
-        from stillroom.teachers.captures import import_vllm
+        from stillroom.teachers.captures import import_capture
 
         if not cfg.data.path:
             raise UserError(f"cache.source={cfg.cache.source} reads data.path: " + (
                 "the JSONL that `stillroom generate --api ... --top-logprobs K` wrote" if cfg.cache.source == "logprobs"
-                else "a vLLM capture (JSONL rows of prompt_token_ids and prompt_logprobs)"))
+                else "a vLLM capture (JSONL rows of prompt_token_ids and prompt_logprobs)" if cfg.cache.source == "vllm"
+                else "an axolotl KD dataset (JSONL rows of input_ids and logprobs)"))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError(f"cache.source={cfg.cache.source} only reads a file (no teacher runs): run it as one "
                             "process, without accelerate launch")
         kind, where = models.resolve(cfg.teacher.model)
-        build = build_from_logprobs if cfg.cache.source == "logprobs" else import_vllm
+        build = build_from_logprobs if cfg.cache.source == "logprobs" else import_capture
         build(cfg, models.load_tokenizer(cfg.teacher.model), AutoConfig.from_pretrained(where), overwrite, progress)
         return summary(cfg.cache.path)
     state, device = launch_state()
