@@ -11,7 +11,7 @@ instead of replicated: the same math, 1/N of each peer's weights and optimizer s
 The cross-process modes run one peer per process (launch as many processes as there are peers);
 transport is torch.distributed as set up by Accelerate (gloo on CPU, NCCL on GPU).
 
-Checkpoints (loop.save_trainees): <out>/checkpoints/step_N/<peer>.pt (weights, optimizer,
+Checkpoints (outputs.save_trainees): <out>/checkpoints/step_N/<peer>.pt (weights, optimizer,
 schedule, and in weights mode the peer's weights at the last exchange -- what the others hold of
 it), so every peer resumes exactly. Final: <out>/final/<peer>/ (Hugging Face folders) plus
 metrics.json and stillroom.yaml, swapped in atomically.

@@ -224,7 +224,7 @@ def train_student(s: Session, cfg, student, teacher, objective, train, held, voc
         s.place(m)
         if not fsdp:
             acc.register_for_checkpointing(m)
-    if not fsdp:   # (a sharded run's checkpoints are its own: loop.save_trainees)
+    if not fsdp:   # (a sharded run's checkpoints are its own: outputs.save_trainees)
         student, optimizer = acc.prepare(student, optimizer)
         acc.register_for_checkpointing(scheduler)
     source, e = teacher.eval_source(), cfg.eval
