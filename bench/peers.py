@@ -77,7 +77,7 @@ from stillroom.data.store import load_data
 from stillroom.losses import Head, fused, linear_mixed_loss, mixed_loss
 from stillroom.models import core as models
 from stillroom.run.distill import accumulate
-from stillroom.run.loop import to_batch
+from stillroom.data.examples import to_batch
 from stillroom.run.tracking import keep_cpu_memory, student_precision
 from stillroom.teachers.cache import TeacherCache, build
 

@@ -250,13 +250,14 @@ def nbytes(ts):
     return sum(local(t).numel() * local(t).element_size() for t in ts if t is not None)
 class Done(BaseException):
     pass
-def measure(run, resume):
-    tr, acc = run.trainees[0], run.accelerator
+def measure(trainees, objective, batches, *, cfg, accelerator, **kw):
+    tr, acc = trainees[0], accelerator
     times, mem = [], {}
     for step in range(6):
-        b = run.make_batches(step)
+        b = batches(step)
+        objective.read_ahead(b, objective.plan(step))
         t0 = time.perf_counter()
-        run.step(step, b)
+        loop.train_step(step, b, trainees, objective, cfg, acc)
         clip(acc, tr, 1.0)
         tr.optimizer.step()
         if step == 1:

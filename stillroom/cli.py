@@ -119,8 +119,8 @@ def cmd_cache(args) -> int:
     cfg = _run_config(args, Config)
     if cfg is None:
         return 0
-    if args.export_vllm:
-        return _export_vllm(cfg, args)
+    if args.export_vllm or args.export_axolotl:
+        return _export_capture(cfg, args)
     if cfg.teacher.kind == "cache":
         raise UserError("stillroom cache runs the teacher: set teacher.kind=live (and teacher.model), or "
                         "teacher.kind=served (and teacher.served.url)")
@@ -135,17 +135,22 @@ def cmd_cache(args) -> int:
         return _build_cache(cfg, args)
 
 
-def _export_vllm(cfg, args) -> int:
-    from stillroom.teachers.captures import export_vllm
+def _export_capture(cfg, args) -> int:
+    from stillroom.teachers.captures import export_capture
 
+    fmt = "vllm" if args.export_vllm else "axolotl"
+    flag = f"--export-{fmt}"
+    if args.export_vllm and args.export_axolotl:
+        raise UserError("--export-vllm and --export-axolotl: one capture at a time")
     if cfg.teacher.kind != "cache":
-        raise UserError("--export-vllm writes the cache at teacher.cache: set teacher.kind=cache teacher.cache=DIR")
-    out = Path(args.export_vllm)
-    check_output_file(out, "--export-vllm", [("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)])
+        raise UserError(f"{flag} writes the cache at teacher.cache: set teacher.kind=cache teacher.cache=DIR")
+    out = Path(args.export_vllm or args.export_axolotl)
+    check_output_file(out, flag, [("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)])
     if out.is_file() and out.stat().st_size and not args.overwrite:
-        raise UserError(f"--export-vllm {out} exists: pass --overwrite to replace it, or choose another file")
-    n = export_vllm(cfg, out, not args.no_progress)
-    print(f"{n:,} rows of {cfg.teacher.cache} written to {out} (vLLM prompt_logprobs)")
+        raise UserError(f"{flag} {out} exists: pass --overwrite to replace it, or choose another file")
+    n = export_capture(cfg, out, fmt, not args.no_progress)
+    print(f"{n:,} rows of {cfg.teacher.cache} written to {out} "
+          f"({'vLLM prompt_logprobs' if fmt == 'vllm' else 'axolotl KD: target_token_ids + logprobs'})")
     return 0
 
 
@@ -555,11 +560,14 @@ def parser() -> argparse.ArgumentParser:
                    "data; train from it with teacher.kind=cache teacher.cache=DIR. Running it again continues "
                    "an interrupted cache.",
                    "a YAML file or bundled recipe, then overrides like cache.path=runs/cache cache.top_k=64",
-                   "replace a cache built differently (or the --export-vllm file)")
+                   "replace a cache built differently (or the --export-vllm / --export-axolotl file)")
     ca.set_defaults(func=cmd_cache, resume=False)
     ca.add_argument("--export-vllm", metavar="FILE",
                    help="write the cache at teacher.cache (teacher.kind=cache) as a vLLM prompt_logprobs capture "
                         "(JSONL) instead of building one")
+    ca.add_argument("--export-axolotl", metavar="FILE",
+                   help="write the cache at teacher.cache (teacher.kind=cache) as an axolotl KD dataset "
+                        "(JSONL: input_ids, labels, target_token_ids, logprobs) instead of building one")
 
     e = sub.add_parser("eval", help="compare a student with its teacher on held-out data")
     e.add_argument("--model", required=True, help="student: a run folder (its final/), a model folder, .gguf or hub id")

@@ -13,8 +13,9 @@ from stillroom.config import CodistillRunConfig
 from stillroom.data.examples import micro_batch
 from stillroom.data.store import load_data
 from stillroom.models import core as models
-from stillroom.run.codistill import Peer, exchange_weights, step_predictions
-from stillroom.run.loop import to_batch
+from stillroom.objectives.peers import PeerPlan, Predictions, exchange_weights
+from stillroom.run.loop import Step, Trainee, accumulate
+from stillroom.data.examples import to_batch
 from stillroom.teachers.core import LiveTeacher
 
 
@@ -54,8 +55,11 @@ if __name__ == "__main__":
     rank, world = acc.process_index, acc.num_processes
     cfg, teacher, built, train = setup(teacher_dir, data, top_k)
     own, shared = step0_batches(cfg, train, rank, world, teacher.tokenizer.pad_token_id)
-    peer = Peer(cfg.peers[rank].name, built[rank], None, None)
-    loss, _ = step_predictions(peer, LiveTeacher(teacher.model), (own, shared), cfg, acc, None, share=1.0)
+    name, plan = cfg.peers[rank].name, PeerPlan(0, 1.0)
+    objective = Predictions(cfg, LiveTeacher(teacher.model), None, [p.name for p in cfg.peers], rank, world)
+    batches = objective.prepare([shared, *own], plan, Step(0, {name: built[rank]}, [], acc))
+    loss = accumulate([Trainee(name, built[rank], None, None, replicated=False)], objective, batches, plan,
+                      acc)["loss"][name]
     grads = {n: p.grad.clone() for n, p in built[rank].named_parameters()}
     # weights mode: every process's own peer has moved (differently); after the exchange each
     # process must hold every peer's moved weights

@@ -12,7 +12,8 @@ from stillroom.config import Config
 from stillroom.data.store import load_data
 from stillroom.models import core as models
 from stillroom.run.distill import accumulate
-from stillroom.run.loop import to_batch, window
+from stillroom.data.examples import to_batch
+from stillroom.run.loop import window
 
 
 def step_grads(teacher_dir, data, grad_accum, accelerator, batch_size=1, **loss):

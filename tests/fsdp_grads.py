@@ -38,16 +38,18 @@ def main(teacher_dir, data, out_dir, how, grad_accum):
 
     out_dir = Path(out_dir)
     for name, extra in OBJECTIVES.items():
-        def one_step(run, resume):
-            stats = run.step(0, run.make_batches(0))
-            tr = run.trainees[0]
+        def one_step(trainees, objective, batches, *, cfg, accelerator, **kw):
+            bs = batches(0)
+            objective.read_ahead(bs, objective.plan(0))
+            _, stats = loop.train_step(0, bs, trainees, objective, cfg, accelerator)
+            tr = trainees[0]
             modules = {"student": tr.model, **{f"extra{i}": m for i, m in enumerate(tr.extra)}}
             grads = {f"{k}.{n}": (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
                      for k, m in modules.items() for n, p in m.named_parameters() if p.grad is not None}
-            if run.accelerator.is_main_process:
-                torch.save({"grads": grads, "loss": stats["loss"], "world": run.accelerator.num_processes,
+            if accelerator.is_main_process:
+                torch.save({"grads": grads, "loss": stats["loss"], "world": accelerator.num_processes,
                             "sharded": type(tr.model).__name__}, out_dir / f"{name}.pt")
-            run.accelerator.wait_for_everyone()
+            accelerator.wait_for_everyone()
             raise Done
 
         loop.fit = one_step
@@ -71,14 +73,14 @@ def codistill_mutual(teacher_dir, data, out_dir, how, grad_accum):
 
     out_dir = Path(out_dir)
 
-    def one_step(run, resume):
-        stats = run.step(0, run.make_batches(0))
+    def one_step(trainees, objective, batches, *, cfg, accelerator, **kw):
+        _, stats = loop.train_step(0, batches(0), trainees, objective, cfg, accelerator)
         grads = {f"{tr.name}.{n}": (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
-                 for tr in run.trainees for n, p in tr.model.named_parameters() if p.grad is not None}
-        if run.accelerator.is_main_process:
-            torch.save({"grads": grads, "loss": stats["loss"], "world": run.accelerator.num_processes,
-                        "sharded": type(run.trainees[0].model).__name__}, out_dir / "codistill.pt")
-        run.accelerator.wait_for_everyone()
+                 for tr in trainees for n, p in tr.model.named_parameters() if p.grad is not None}
+        if accelerator.is_main_process:
+            torch.save({"grads": grads, "loss": stats["loss"], "world": accelerator.num_processes,
+                        "sharded": type(trainees[0].model).__name__}, out_dir / "codistill.pt")
+        accelerator.wait_for_everyone()
         raise Done
 
     loop.fit = one_step

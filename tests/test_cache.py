@@ -14,7 +14,7 @@ from stillroom.errors import UserError
 from stillroom.losses import distill_loss, topk_targets
 from stillroom.models import core as models
 from stillroom.run.distill import distill
-from stillroom.run.loop import to_batch
+from stillroom.data.examples import to_batch
 from stillroom.teachers import cache as cache_mod
 from stillroom.teachers.cache import TeacherCache, build, positions
 

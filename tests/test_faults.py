@@ -28,12 +28,12 @@ def poison(monkeypatch, steps, what="grad"):
     """Make the given (1-based) optimizer steps non-finite: a NaN in a gradient, or the loss."""
     real, seen = loop.accumulate, {"n": 0}
 
-    def accumulate(student, *a, **k):
-        stats = real(student, *a, **k)
+    def accumulate(trainees, *a, **k):
+        stats = real(trainees, *a, **k)
         seen["n"] += 1
         if seen["n"] in steps:
             if what == "grad":
-                p = next(p for p in student.parameters() if p.grad is not None)
+                p = next(p for p in trainees[0].model.parameters() if p.grad is not None)
                 p.grad.view(-1)[0] = float("nan")
             else:
                 stats["loss"] = float("inf")
@@ -107,8 +107,7 @@ def codistill_run(teacher_dir, data, out, *extra, resume=False):
 def test_codistill_skips_a_non_finite_step(tmp_path, teacher_dir, chat_file, monkeypatch):
     """The NaN guard covers co-distillation: a NaN gradient in one peer skips the step for every
     peer, counted; more than train.max_bad_steps stop the run with one line."""
-    from stillroom.run import codistill
-    real, seen = codistill.step_mutual, {"n": 0}
+    real, seen = loop.accumulate, {"n": 0}
 
     def poisoned(peers, *a, **k):
         out = real(peers, *a, **k)
@@ -117,7 +116,7 @@ def test_codistill_skips_a_non_finite_step(tmp_path, teacher_dir, chat_file, mon
             p = next(p for p in peers[1].model.parameters() if p.grad is not None)
             p.grad.view(-1)[0] = float("nan")
         return out
-    monkeypatch.setattr(codistill, "step_mutual", poisoned)
+    monkeypatch.setattr(loop, "accumulate", poisoned)
     out = tmp_path / "r"
     codistill_run(teacher_dir, chat_file, out, "train.max_steps=2", "train.save_every=1", "train.keep_checkpoints=3")
     last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in x][-1]
@@ -127,7 +126,8 @@ def test_codistill_skips_a_non_finite_step(tmp_path, teacher_dir, chat_file, mon
         w2 = load_file(out / "final" / name / "model.safetensors")
         assert all(torch.equal(w1[k], w2[k]) for k in w2), name
     # every step's loss non-finite
-    monkeypatch.setattr(codistill, "step_mutual", lambda peers, *a, **k: ([float("nan")] * len(peers), 1))
+    monkeypatch.setattr(loop, "accumulate", lambda peers, *a, **k: {
+        "loss": {p.name: float("nan") for p in peers}, "target_tokens": 1, "tokens": 1})
     with pytest.raises(UserError, match=r"stopping at step 2: 2 steps had a non-finite.*max_bad_steps=1"):
         codistill_run(teacher_dir, chat_file, tmp_path / "s", "train.max_steps=4", "train.max_bad_steps=1")
 
@@ -141,9 +141,8 @@ def test_a_failure_mid_run_saves_state_and_resumes_exactly(command, tmp_path, te
     """A teacher (distill) or a step (codistill, on the same loop) failing mid-run: the traceback
     goes to error.log, the last completed step is checkpointed, one line says so, and --resume
     ends with the uninterrupted run's weights."""
-    from stillroom.run import codistill
     go = run if command == "distill" else codistill_run
-    owner, name = (LiveTeacher, "targets") if command == "distill" else (codistill, "step_mutual")
+    owner, name = (LiveTeacher, "targets") if command == "distill" else (loop, "accumulate")
     ref = tmp_path / "ref"
     go(teacher_dir, chat_file, ref, "train.max_steps=5")
     real = getattr(owner, name)
@@ -241,14 +240,14 @@ def test_a_failure_on_one_of_two_processes_saves_and_stops_both(tmp_path, teache
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
-@pytest.mark.parametrize("mode,where", [("mutual", "micro_batch:3"), ("predictions", "micro_batch:3"),
-                                        ("predictions", "micro_batch:4"), ("weights", "batch:3")])
+@pytest.mark.parametrize("mode,where", [("mutual", "micro_batch:3"), ("predictions", "micro_batch:4"),
+                                        ("predictions", "micro_batch:6"), ("weights", "batch:3")])
 def test_a_codistill_failure_on_one_of_two_processes_saves_and_stops_both(mode, where, tmp_path, teacher_dir,
                                                                            chat_file):
     """Co-distillation's cross-process steps have collectives of their own (the gather of
-    predictions, the weight exchange): process 1 failing in step 2 or 3 -- predictions: before the
-    gather (micro_batch:3, the shared batch of step 2) and after it (micro_batch:4, step 2's own
-    batch) -- stops both processes with the one line, the last completed step saved together, and
+    predictions, the weight exchange): process 1 failing in step 2 or 3 -- predictions, three points
+    a step (the shared batch's forward, its loss, the own batch's): before the gather (micro_batch:4,
+    step 2's shared forward) and after it (micro_batch:6, step 2's own batch) -- stops both processes with the one line, the last completed step saved together, and
     --resume ends with the weights of a run that never failed."""
     from test_codistill import peer_weights, write_config
     from test_train import launch
@@ -267,7 +266,7 @@ def test_a_codistill_failure_on_one_of_two_processes_saves_and_stops_both(mode, 
     done = int(lines[0].split("step ")[1].split()[0]) - 1
     assert done in (1, 2) and f"checkpoint of step {done} saved" in lines[0], lines[0]
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{done:07d}"]
-    if (mode, where) not in {("predictions", "micro_batch:3"), ("weights", "batch:3")}:
+    if (mode, where) not in {("predictions", "micro_batch:4"), ("weights", "batch:3")}:
         return   # (resuming is the same after a failure anywhere in a step: checked twice, to save time)
     launch(2, "-m", "stillroom", "codistill", config(clean), "--no-progress")
     launch(2, "-m", "stillroom", "codistill", config(out), "--resume", "--no-progress")

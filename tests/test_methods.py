@@ -227,9 +227,8 @@ def test_on_policy_micro_batches_never_share_a_seed(tok):
     cfg = load_config(None, ["loss.on_policy=1.0", "loss.on_policy_tokens=8", "loss.on_policy_temperature=1.0"])
     ids = tok("The cat sat on the mat and looked at the moon.")["input_ids"]
     b = SimpleNamespace(examples=[Example(ids, list(ids))] * 4)
-    out = methods.on_policy_batches(student, [b, b], cfg, tok.pad_token_id, tok.eos_token_id, [0, 1],
-                                    lambda ex, pad, dev: ex, "cpu")
-    assert [e.input_ids for e in out[0]] != [e.input_ids for e in out[1]]
+    out = methods.on_policy_batches(student, [b, b], cfg, tok.pad_token_id, tok.eos_token_id, [0, 1], "cpu")
+    assert [e.input_ids for e in out[0].examples] != [e.input_ids for e in out[1].examples]
 
 
 def test_on_policy_needs_a_live_teacher(tmp_path, teacher_dir, chat_file):

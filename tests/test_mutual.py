@@ -66,7 +66,7 @@ def test_mutual_loss_matches_reference_and_gradient(T):
 def test_peer_share_burn_in_and_ramp():
     from types import SimpleNamespace
 
-    from stillroom.run.codistill import peer_share, term_weights
+    from stillroom.objectives.peers import peer_share, term_weights
     cc = SimpleNamespace(burn_in=2, ramp=4)
     assert [peer_share(i, cc) for i in range(8)] == [0, 0, 0.25, 0.5, 0.75, 1, 1, 1]
     assert [peer_share(i, SimpleNamespace(burn_in=1, ramp=0)) for i in range(3)] == [0, 1, 1]
@@ -83,7 +83,7 @@ def test_confidence_weighted_peer_loss_matches_reference(T, scale):
     at T; the teacher and CE terms as in mutual_loss, at the ramp's share of the peer weight."""
     from types import SimpleNamespace
 
-    from stillroom.run.codistill import peer_loss
+    from stillroom.objectives.peers import peer_loss
     s, b, c, t = (logits(2, 5, 11, seed=i) for i in range(4))
     y = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(9))
     y[0, :2] = IGNORE_INDEX
@@ -196,15 +196,16 @@ def test_topk_rows_padded_with_no_entry_equal_the_shorter_rows():
 
 
 def test_a_mutual_step_gives_each_peer_the_full_mutual_loss(tok):
-    """step_mutual's per-peer loss (and gradient) at share 1 is mutual_loss over the step's target
+    """The mutual objective's per-peer loss (and gradient) at share 1 is mutual_loss over the step's target
     tokens (a name clash once passed the gradient's 1/tokens scale on as the peer share)."""
     from types import SimpleNamespace
 
     from accelerate import Accelerator
     from conftest import make_model
 
-    from stillroom.run.codistill import Peer, step_mutual
-    from stillroom.run.loop import Batch
+    from stillroom.data.examples import Batch
+    from stillroom.objectives.peers import Mutual
+    from stillroom.run.loop import Trainee, accumulate
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, len(tok), (2, 9), generator=g)
@@ -212,10 +213,11 @@ def test_a_mutual_step_gives_each_peer_the_full_mutual_loss(tok):
     targets[:, -1] = IGNORE_INDEX
     b = Batch(input_ids=ids, attention_mask=torch.ones_like(ids), targets=targets)
     models_ = [make_model(tok, layers=1, seed=i) for i in range(2)]
-    peers = [Peer(n, m, None, None) for n, m in zip("ab", models_)]
+    peers = [Trainee(n, m, None, None) for n, m in zip("ab", models_)]
     cfg = SimpleNamespace(loss=SimpleNamespace(alpha=0.6, temperature=2.0, kind="soft", chunk_rows=None),
-                          codistill=SimpleNamespace(teacher_weight=0.0, confidence=False))
-    losses, _ = step_mutual(peers, None, [b], cfg, Accelerator(cpu=True), None, 1.0)
+                          codistill=SimpleNamespace(teacher_weight=0.0, confidence=False, burn_in=0, ramp=0))
+    objective = Mutual(cfg, None, None, ["a", "b"])
+    losses = list(accumulate(peers, objective, [b], objective.plan(0), Accelerator(cpu=True))["loss"].values())
     n = int((targets != IGNORE_INDEX).sum())
     with torch.no_grad():
         la, lb = (m(input_ids=ids).logits for m in models_)

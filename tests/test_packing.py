@@ -8,7 +8,7 @@ from stillroom.data.store import load_data
 from stillroom.losses import IGNORE_INDEX
 from stillroom.models import core as models
 from stillroom.run.distill import accumulate
-from stillroom.run.loop import to_batch
+from stillroom.data.examples import to_batch
 
 from conftest import make_model
 

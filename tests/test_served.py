@@ -322,6 +322,66 @@ def test_a_vllm_capture_trains_the_student_its_teacher_would(tmp_path, teacher_d
         torch.testing.assert_close(final["own"][k], final["imported"][k], atol=1e-4, rtol=1e-4)
 
 
+def axolotl_capture(vllm_path, path, layout):
+    """The same capture in axolotl's KD layouts, written from the vLLM rows: the top-k only (axolotl
+    does not add the realized token), right-aligned to the end of input_ids. v2: rows for tokens
+    1..n-1 (target_token_ids + float logprobs); legacy: rows for tokens 0..n-1 (row 0 describes
+    nothing a student predicts), {"token": "token_id:<id>", "logprob"} entries."""
+    out = []
+    for row in map(json.loads, vllm_path.read_text().splitlines()):
+        top = [sorted(((int(t), v["logprob"]) for t, v in e.items() if v["rank"] <= K), key=lambda x: -x[1])
+               for e in row["prompt_logprobs"][1:]]
+        if layout == "v2":
+            out.append({"input_ids": row["prompt_token_ids"], "target_token_ids": [[t for t, _ in r] for r in top],
+                        "logprobs": [[v for _, v in r] for r in top]})
+        else:
+            rows = [[{"token": "token_id:0", "logprob": 0.0}]] + [[{"token": f"token_id:{t}", "logprob": v}
+                                                                     for t, v in r] for r in top]
+            out.append({"input_ids": row["prompt_token_ids"], "logprobs": rows})
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["v2", "legacy"])
+def test_an_axolotl_kd_dataset_imports_to_the_vllm_captures_cache(tmp_path, teacher_dir, layout):
+    """cache.source=axolotl reads axolotl's KD rows (both layouts) into the cache the same capture
+    gives as vLLM rows: the same ids, log-probs and tail; the true token's log-prob where the top-k
+    lists it, else no more than the tail's mass (axolotl's rows do not carry it)."""
+    t = models.load(str(teacher_dir), dtype=torch.float32)
+    cap = vllm_capture(t.model, t.tokenizer, tmp_path / "capture.jsonl")
+    axo = axolotl_capture(cap, tmp_path / "axolotl.jsonl", layout)
+    base = [f"teacher.model={teacher_dir}", "data.seq_len=64", "cache.dtype=float32", f"cache.top_k={K}",
+            "--no-progress"]
+    for src, path in (("vllm", cap), ("axolotl", axo)):
+        r = run_cli("cache", *base, f"data.path={path}", f"cache.source={src}", f"cache.path={tmp_path / src}")
+        assert r.returncode == 0, r.stderr
+    (_, a), (index, b) = cache_rows(tmp_path / "vllm"), cache_rows(tmp_path / "axolotl")
+    assert a.keys() == b.keys() and len(a) == 12 and "axolotl" in index["source"]
+    listed = 0
+    for sid in a:
+        assert torch.equal(a[sid]["ids"], b[sid]["ids"]) and torch.equal(a[sid]["logp"], b[sid]["logp"])
+        assert torch.equal(a[sid]["tail"], b[sid]["tail"])
+        inside = (a[sid]["label_logp"] >= a[sid]["logp"][:, -1])   # the true token is among the top K
+        assert torch.equal(a[sid]["label_logp"][inside], b[sid]["label_logp"][inside])
+        assert (b[sid]["label_logp"][~inside] >= a[sid]["label_logp"][~inside]).all()
+        listed += int(inside.sum())
+    assert 0 < listed < sum(len(v["ids"]) for v in a.values())   # both cases occur
+
+
+def test_an_axolotl_row_it_cannot_read_is_one_line(tmp_path, teacher_dir):
+    t = models.load(str(teacher_dir), dtype=torch.float32)
+    axo = axolotl_capture(vllm_capture(t.model, t.tokenizer, tmp_path / "capture.jsonl", rows=3),
+                          tmp_path / "axolotl.jsonl", "v2")
+    rows = [json.loads(x) for x in axo.read_text().splitlines()]
+    rows[1]["target_token_ids"] = rows[1]["target_token_ids"][:-2]   # the file's row 2
+    axo.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_cli("cache", f"teacher.model={teacher_dir}", f"data.path={axo}", "cache.source=axolotl",
+                f"cache.path={tmp_path / 'c'}", "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line = [x for x in r.stderr.splitlines() if x.startswith("stillroom: error")]
+    assert len(line) == 1 and "row 2: target_token_ids has" in line[0], r.stderr
+
+
 @pytest.mark.parametrize("case", ["no logprobs", "other tokenizer", "short", "pack"])
 def test_a_capture_that_cannot_be_read_is_one_line(tmp_path, teacher_dir, case):
     t = models.load(str(teacher_dir), dtype=torch.float32)
@@ -346,28 +406,35 @@ def test_a_capture_that_cannot_be_read_is_one_line(tmp_path, teacher_dir, case):
             "pack": "data.pack=false"}[case] in line[0], line[0]
 
 
-def test_a_cache_exported_as_a_vllm_capture_reads_back_the_same(tmp_path, teacher_dir, chat_file):
-    """stillroom's own cache -> a vLLM capture -> a cache again: the same targets (the tail recomputed
-    from the listed mass, to rounding); exported again, the same file byte for byte."""
+@pytest.mark.parametrize("fmt", ["vllm", "axolotl"])
+def test_a_cache_exported_as_a_capture_reads_back_the_same(tmp_path, teacher_dir, chat_file, fmt):
+    """stillroom's own cache -> a vLLM capture (or axolotl's KD layout) -> a cache again: the same
+    ids and log-probs bit for bit, the tail recomputed from the listed mass (to rounding), the true
+    token's log-prob (axolotl: where the top-k lists it; its rows do not carry it elsewhere);
+    exported again, the same file byte for byte; an existing file is not replaced."""
     base = tiny_overrides(teacher_dir, chat_file, tmp_path / "unused") + [
         "loss.temperature=1.0", "cache.dtype=float32", f"cache.top_k={K}", "teacher.dtype=float32"]
     assert run_cli("cache", *base, f"cache.path={tmp_path / 'own'}").returncode == 0
     own = ["teacher.kind=cache", f"teacher.cache={tmp_path / 'own'}"]
-    r = run_cli("cache", *base, *own, "--export-vllm", tmp_path / "capture.jsonl")
-    assert r.returncode == 0 and "vLLM prompt_logprobs" in r.stdout, r.stderr
+    r = run_cli("cache", *base, *own, f"--export-{fmt}", tmp_path / "capture.jsonl")
+    assert r.returncode == 0 and {"vllm": "vLLM prompt_logprobs", "axolotl": "axolotl KD"}[fmt] in r.stdout, r.stderr
+    if fmt == "axolotl":   # a row per token 1..n-1, right-aligned
+        row = json.loads((tmp_path / "capture.jsonl").read_text().splitlines()[0])
+        assert len(row["logprobs"]) == len(row["target_token_ids"]) == len(row["input_ids"]) - 1
     r = run_cli("cache", f"teacher.model={teacher_dir}", f"data.path={tmp_path / 'capture.jsonl'}", "data.seq_len=64",
-                "cache.source=vllm", "cache.dtype=float32", f"cache.top_k={K}", f"cache.path={tmp_path / 'back'}",
+                f"cache.source={fmt}", "cache.dtype=float32", f"cache.top_k={K}", f"cache.path={tmp_path / 'back'}",
                 "--no-progress")
     assert r.returncode == 0, r.stderr
     (_, a), (_, b) = cache_rows(tmp_path / "own"), cache_rows(tmp_path / "back")
     assert a.keys() == b.keys() and len(a) > 10
     for sid in a:
-        assert torch.equal(a[sid]["ids"].long(), b[sid]["ids"].long())
-        assert torch.equal(a[sid]["logp"], b[sid]["logp"]) and torch.equal(a[sid]["label_logp"], b[sid]["label_logp"])
+        assert torch.equal(a[sid]["ids"].long(), b[sid]["ids"].long()) and torch.equal(a[sid]["logp"], b[sid]["logp"])
         torch.testing.assert_close(a[sid]["tail"].exp(), b[sid]["tail"].exp(), atol=2e-6, rtol=0)
+        inside = a[sid]["label_logp"] >= a[sid]["logp"][:, -1] if fmt == "axolotl" else slice(None)
+        assert torch.equal(a[sid]["label_logp"][inside], b[sid]["label_logp"][inside])
     r = run_cli("cache", f"teacher.model={teacher_dir}", "teacher.kind=cache", f"teacher.cache={tmp_path / 'back'}",
-                "data.seq_len=64", "--export-vllm", tmp_path / "again.jsonl", "--no-progress")
+                "data.seq_len=64", f"--export-{fmt}", tmp_path / "again.jsonl", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "capture.jsonl").read_bytes()
-    r = run_cli("cache", *base, *own, "--export-vllm", tmp_path / "capture.jsonl")   # exists: refused
+    r = run_cli("cache", *base, *own, f"--export-{fmt}", tmp_path / "capture.jsonl")   # exists: refused
     assert r.returncode == 2 and "--overwrite" in r.stderr

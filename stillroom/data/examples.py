@@ -18,7 +18,7 @@ import torch
 from stillroom.data.render import render_chat, render_pair
 from stillroom.data.rows import check_source, detect_format, read_hf, read_jsonl, read_row, row_keys, text_ids
 from stillroom.errors import UserError
-from stillroom.losses import IGNORE_INDEX
+from stillroom.losses import IGNORE_INDEX, shift_labels
 from stillroom.run.feedback import bar
 
 log = logging.getLogger("stillroom")
@@ -392,3 +392,21 @@ def eval_batches(examples: list[Example], batch_size: int, max_batches=None):
         if max_batches and n >= max_batches:
             return
         yield examples[a:a + batch_size]
+
+
+@dataclass
+class Batch:
+    """One micro-batch on its device, as the loop and the objectives read it."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    targets: torch.Tensor  # labels shifted: targets[i] is the token logits[i] must predict (collate's labels are unshifted)
+    examples: list | None = None  # what the batch was made of (a teacher may look them up)
+    position_ids: torch.Tensor | None = None  # packed examples: positions restart per document
+    ahead: dict | None = None  # teacher name -> its targets for this batch, read ahead on the data thread
+
+
+def to_batch(examples, pad_id, device) -> Batch:
+    b = collate(examples, pad_id)
+    pos = b.get("position_ids")
+    return Batch(b["input_ids"].to(device), b["attention_mask"].to(device),
+                 shift_labels(b["labels"]).to(device), list(examples), None if pos is None else pos.to(device))

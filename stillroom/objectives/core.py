@@ -5,12 +5,16 @@ one micro-batch (a *sum* over target tokens, plus the raw sums of the terms it l
 for checkpoints. The loop (`run/loop.py`) only calls these:
 
     plan(step)                  -> Plan: the step's term weights, temperature, ...
-    prepare(batches, plan, ...) -> the step's batches (on-policy: the student's rollouts)
     read_ahead(batches, plan)   on the data thread: a cached teacher's rows
-    loss(student, b, plan)      -> (loss sum, {term: raw sum})
+    prepare(batches, plan, step)-> the step's batches (on-policy: the student's rollouts)
+    losses(models, b, plan)     -> per trainee: (its name, loss sum, {term: raw sum}); one
+                                   student here: loss(student, b, plan)
+    scaled(loss, b, counts, n)  -> what the loop backwards (the normalization)
     after_step(plan, stats)     after a good optimizer step (balancing's running means)
-    log(plan)                   -> fields for the step's log record
-    trained, sync_grads, state_dict / load_state_dict, save(folder)
+    record(plan, stats, ...)    -> the step's log record (log(plan): this objective's fields)
+    trained, state_dict / load_state_dict, save(folder)
+
+Co-distillation's objectives (several trainees) are in objectives/peers.py.
 
 The objectives: `Hybrid` (CE + one teacher term of one teacher: the fast closed-form kernel, lean
 or plain chosen inside), `Terms` (any weighted list of terms over a mixture of teachers, per-token
@@ -101,7 +105,9 @@ class Objective:
     def plan(self, step: int) -> Plan:
         return Plan(step, loss_terms(self.lc, step, self.cfg.train.max_steps), *loss_weights(self.cfg, step))
 
-    def prepare(self, batches, plan: Plan, student, indices, to_batch):
+    def prepare(self, batches, plan: Plan, step):
+        """The step's batches before its losses (a loop.Failure where this process's data failed:
+        passed on); step: a loop.Step (its number, the unwrapped models, the micro-batch indices)."""
         return batches
 
     def read_ahead(self, batches, plan: Plan):
@@ -114,6 +120,15 @@ class Objective:
     def loss(self, student, b, plan: Plan, accelerator) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
+    def losses(self, models: dict, b, plan: Plan, accelerator):
+        """One student: the loop's trainee None."""
+        yield None, *self.loss(models[None], b, plan, accelerator)
+
+    def scaled(self, loss_sum, b, counts, world: int):
+        """The step's loss is its sum over all micro-batches and processes divided once by their
+        target tokens (counts[0]); times the processes, as their gradients are averaged."""
+        return loss_sum * (world / max(int(counts[0]), 1))
+
     def part_keys(self, plan: Plan) -> list[str]:
         """The raw terms the loss may report (summed over micro-batches and processes)."""
         return []
@@ -124,9 +139,13 @@ class Objective:
     def log(self, plan: Plan) -> dict:
         return {"alpha": round(plan.alpha, 6), "temperature": round(plan.temperature, 6)}
 
-    def sync_grads(self, accelerator):
-        for m in self.trained:
-            methods.sync_grads(m, accelerator)
+    def record(self, plan: Plan, stats: dict, norms: list, lrs: list, accelerator) -> dict:
+        norm = norms[0]
+        fields = {"loss": round(stats["loss"], 5), "lr": lrs[0],
+                  "grad_norm": norm if math.isfinite(norm) else str(norm), **self.log(plan)}
+        if "terms" in stats:
+            fields["terms"] = {k: round(v, 6) for k, v in stats["terms"].items()}
+        return fields
 
     def state_dict(self) -> dict:
         return {}
@@ -294,6 +313,9 @@ class Wrapper:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    def record(self, plan, stats, norms, lrs, accelerator):   # with this wrapper's log fields
+        return Objective.record(self, plan, stats, norms, lrs, accelerator)
+
 
 class OnPolicy(Wrapper):
     """GKD: on a fraction loss.on_policy of steps (chosen by seed and step, so resume is exact) the
@@ -309,11 +331,11 @@ class OnPolicy(Wrapper):
             return p
         return replace(p, on_policy=True, terms={k: v for k, v in p.terms.items() if k != "ce"})
 
-    def prepare(self, batches, plan, student, indices, to_batch):
-        if plan.on_policy:
-            batches = methods.on_policy_batches(student, batches, self.cfg, self.pad_id, self.eos_id, indices,
-                                                to_batch, batches[0].input_ids.device)
-        return self.inner.prepare(batches, plan, student, indices, to_batch)
+    def prepare(self, batches, plan, step):
+        if plan.on_policy and isinstance(batches, list):
+            batches = methods.on_policy_batches(step.models[None], batches, self.cfg, self.pad_id, self.eos_id,
+                                                step.indices, batches[0].input_ids.device)
+        return self.inner.prepare(batches, plan, step)
 
     def log(self, plan):
         return {**self.inner.log(plan), "on_policy": plan.on_policy}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stillroom.data.examples import Example
+from stillroom.data.examples import Example, to_batch
 from stillroom.errors import UserError
 from stillroom.models import core as models
 from stillroom.objectives.rules import FEATURE_TERMS
@@ -253,18 +253,6 @@ class Projections(torch.nn.Module):
                 torch.nn.init.eye_(m.weight)
 
 
-def sync_grads(module, accelerator):
-    """Average a module's gradients over the processes, as DDP does for the student (the loss is
-    scaled so that this mean is the global gradient). For modules DDP does not wrap."""
-    if accelerator.num_processes == 1:
-        return
-    for p in module.parameters():
-        if p.grad is None:   # every process must take part in every all-reduce
-            p.grad = torch.zeros_like(p)
-        torch.distributed.all_reduce(p.grad)
-        p.grad.div_(accelerator.num_processes)
-
-
 def use_eager_attention(model):
     """Attention maps need the eager implementation (sdpa and flash never form them)."""
     model = getattr(model, "module", model)
@@ -293,7 +281,7 @@ def feature_loss(terms, s_out, t_out, proj, pairs, mask, parts: dict) -> torch.T
     return total
 
 
-def on_policy_batches(student, batches, cfg, pad_id, eos_id, indices, to_batch, device):
+def on_policy_batches(student, batches, cfg, pad_id, eos_id, indices, device):
     """The step's batches replaced by the student's own continuations of their prompts. Each
     micro-batch samples with a seed of its *global* index (`indices`, train.window_indices), so a
     micro-batch rolls out the same wherever it runs: any (processes x grad_accum) split of a
@@ -306,4 +294,4 @@ def on_policy_batches(student, batches, cfg, pad_id, eos_id, indices, to_batch, 
 
 
 __all__ = ["TERM_NAMES", "FEATURE_TERMS", "on_policy_step", "rollout", "on_policy_batches", "align", "char_ends",
-           "vocab_match", "layer_map", "Projections", "feature_loss", "sync_grads"]
+           "vocab_match", "layer_map", "Projections", "feature_loss"]

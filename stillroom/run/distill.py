@@ -23,7 +23,8 @@ from stillroom.models import core as models
 from stillroom.objectives.core import across_tokenizers, build_objective, data_tokenizer, shared_width
 from stillroom.run import loop, shard
 from stillroom.run.feedback import progress_on
-from stillroom.run.loop import Batch, lr_lambda, make_optimizer, objective_run
+from stillroom.data.examples import Batch
+from stillroom.run.loop import Trainee, lr_lambda, make_optimizer, windows
 from stillroom.run.outputs import checkpoints, write_final
 from stillroom.run.session import Session
 from stillroom.run.tracking import scalars
@@ -46,7 +47,8 @@ def accumulate(student, teacher, batches: list[Batch], cfg, accelerator, vocab=N
          else LiveTeacher(teacher, vocab=vocab, autocast=accelerator.autocast))
     objective = build_objective(cfg, [t], vocab)
     plan = objective.plan(step)
-    return {**loop.accumulate(student, objective, batches, plan, accelerator), "alpha": plan.alpha,
+    trainee = Trainee(None, student, None, None, objective.trained)
+    return {**loop.accumulate([trainee], objective, batches, plan, accelerator), "alpha": plan.alpha,
             "temperature": plan.temperature}
 
 
@@ -218,11 +220,11 @@ def train_student(s: Session, cfg, student, teacher, objective, train, held, voc
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     for m in objective.trained:
         # Not wrapped in DDP: it has no forward of its own for DDP to hook, so its gradients are
-        # averaged over the processes once per step (objective.sync_grads) instead.
+        # averaged over the processes once per step (loop.accumulate, with the student's) instead.
         s.place(m)
         if not fsdp:
             acc.register_for_checkpointing(m)
-    if not fsdp:   # (a sharded run's checkpoints are its own: loop.objective_run)
+    if not fsdp:   # (a sharded run's checkpoints are its own: outputs.save_trainees)
         student, optimizer = acc.prepare(student, optimizer)
         acc.register_for_checkpointing(scheduler)
     source, e = teacher.eval_source(), cfg.eval
@@ -236,9 +238,8 @@ def train_student(s: Session, cfg, student, teacher, objective, train, held, voc
         return {**cmp, "step": step}, (f"held-out perplexity {cmp['student_perplexity']:.3f}, agreement "
                                        f"{cmp['agreement']:.1%}, KL {cmp['kl_per_token']:.4f}")
 
-    run = objective_run(cfg, acc, student, optimizer, scheduler, objective, train, pad_id, s.out,
-                        evaluate=mid_eval, desc="distill", progress=s.progress, signals=s.signals)
-    s.fit(run)
+    s.fit(cfg, [Trainee(None, student, optimizer, scheduler, objective.trained)], objective,
+          windows(train, cfg, acc, pad_id), evaluate=mid_eval, desc="distill")
     cmp = None
     if t_sharded:   # the comparison with a sharded teacher is taken by every process together
         cmp = evaluate.score(student, None if across_tokenizers(cfg) else source, held, pad_id, e.batch_size,
@@ -287,21 +288,22 @@ def build_cache(cfg, overwrite: bool, progress: bool) -> dict | None:
     from stillroom.run.tracking import launch_state
     from stillroom.teachers.cache import build, existing, summary
 
-    if cfg.cache.source in ("logprobs", "vllm"):   # the teacher's tokenizer and config only: no weights are read
+    if cfg.cache.source in ("logprobs", "vllm", "axolotl"):   # the teacher's tokenizer and config only: no weights are read
         from transformers import AutoConfig
 
         from stillroom.teachers.api import build_from_logprobs
-        from stillroom.teachers.captures import import_vllm
+        from stillroom.teachers.captures import import_capture
 
         if not cfg.data.path:
             raise UserError(f"cache.source={cfg.cache.source} reads data.path: " + (
                 "the JSONL that `stillroom generate --api ... --top-logprobs K` wrote" if cfg.cache.source == "logprobs"
-                else "a vLLM capture (JSONL rows of prompt_token_ids and prompt_logprobs)"))
+                else "a vLLM capture (JSONL rows of prompt_token_ids and prompt_logprobs)" if cfg.cache.source == "vllm"
+                else "an axolotl KD dataset (JSONL rows of input_ids and logprobs)"))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError(f"cache.source={cfg.cache.source} only reads a file (no teacher runs): run it as one "
                             "process, without accelerate launch")
         kind, where = models.resolve(cfg.teacher.model)
-        build = build_from_logprobs if cfg.cache.source == "logprobs" else import_vllm
+        build = build_from_logprobs if cfg.cache.source == "logprobs" else import_capture
         build(cfg, models.load_tokenizer(cfg.teacher.model), AutoConfig.from_pretrained(where), overwrite, progress)
         return summary(cfg.cache.path)
     state, device = launch_state()

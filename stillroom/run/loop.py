@@ -10,7 +10,6 @@ produce the same gradient. What only one method needs lives in its objective (ob
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -25,11 +24,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from stillroom.data.examples import collate, micro_batch
+from stillroom.data.examples import Batch, micro_batch, to_batch
 from stillroom.errors import Stopped, UserError
-from stillroom.losses import IGNORE_INDEX, shift_labels
+from stillroom.losses import IGNORE_INDEX
 from stillroom.run import faults
-from stillroom.run.outputs import checkpoints, read_state, save_checkpoint, trim_metrics
+from stillroom.run.outputs import checkpoints, load_trainees, read_state, save_checkpoint, save_trainees, trim_metrics
 from stillroom.run.shard import grad_norm, is_sharded
 from stillroom.run.tracking import hparams, make_accelerator, scalars, set_threads  # noqa: F401 (the loop's setup)
 
@@ -75,23 +74,6 @@ def window(examples, step, cfg, rank, world):
 
 
 @dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    targets: torch.Tensor  # labels shifted: targets[i] is the token logits[i] must predict (collate's labels are unshifted)
-    examples: list | None = None  # what the batch was made of (a teacher may look them up)
-    position_ids: torch.Tensor | None = None  # packed examples: positions restart per document
-    ahead: dict | None = None  # teacher name -> its targets for this batch, read ahead on the data thread
-
-
-def to_batch(examples, pad_id, device) -> Batch:
-    b = collate(examples, pad_id)
-    pos = b.get("position_ids")
-    return Batch(b["input_ids"].to(device), b["attention_mask"].to(device),
-                 shift_labels(b["labels"]).to(device), list(examples), None if pos is None else pos.to(device))
-
-
-@dataclass
 class Failure:
     """An exception caught on one process in the local part of a step (see accumulate)."""
     exc: BaseException
@@ -133,50 +115,57 @@ def step_counts(batches, accelerator, failure: Failure | None = None) -> list:
     return agree(accelerator, failure, counts) if accelerator.num_processes > 1 else counts
 
 
-def accumulate(student, objective, batches: list[Batch] | None, plan, accelerator, failure: Failure | None = None) -> dict:
+def accumulate(trainees, objective, batches: list[Batch] | None, plan, accelerator, failure: Failure | None = None) -> dict:
     """Forward + backward over one optimizer step's micro-batches; leaves the summed, correctly
-    normalized gradient in the student's (and the objective's trained modules') .grad. Returns
-    the step's loss per target token, token counts, and each logged term's raw size per token.
+    normalized gradient in every trainee's .grad (its model's and its extra modules'). The
+    objective yields each trainee's loss *sum* on a micro-batch (one trainee: distill; every peer:
+    mutual learning) and says how it is normalized (objective.scaled: by default times
+    num_processes / the step's target tokens over all processes, cancelling the mean over
+    processes). Returns the step's loss per trainee, token counts, and each logged term's raw size
+    per target token.
 
     Under several processes no collective runs between the step's two all-reduces (token counts
-    before, logged sums after): the student's forward and backward run on the unwrapped model and
-    its gradients are averaged after the second one. Each all-reduce carries a failure flag, so an
-    exception on one process (`failure`, from building the step's data, or raised here) reaches
-    every process as StepFailed instead of leaving the others waiting in a collective."""
+    before, logged sums after): the trainees' forward and backward run on the unwrapped models and
+    a replicated trainee's gradients are averaged after the second one (a trainee owned by one
+    process, as in co-distillation's cross-process modes, keeps its own). Each all-reduce carries a
+    failure flag, so an exception on one process (`failure`, from building the step's data, or
+    raised here) reaches every process as StepFailed instead of leaving the others waiting."""
     world = accelerator.num_processes
     shared = world > 1
     counts = step_counts(batches, accelerator, failure)
     num_tokens = max(int(counts[0]), 1)
-    scale = world / num_tokens
-    loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    parts: dict = {}
-    sharded = shared and is_sharded(student)   # FSDP2: its forward and backward gather and reduce themselves
-    model = student if sharded or not shared else accelerator.unwrap_model(student)
+    totals, parts = {tr.name: 0.0 for tr in trainees}, {}
+    replicated = {tr.name: tr.replicated for tr in trainees}
+    sharded = shared and is_sharded(trainees[0].model)   # FSDP2: its forward and backward gather and reduce themselves
+    models = {tr.name: tr.model if sharded or not shared else accelerator.unwrap_model(tr.model) for tr in trainees}
     try:
-        for i, b in enumerate(batches):
+        for i, b in enumerate(batches or []):
             faults.point("micro_batch")
-            last = i == len(batches) - 1
-            if sharded:   # reduce-scatter the gradients once, after the step's last micro-batch
-                student.set_requires_gradient_sync(last)
-            with contextlib.nullcontext() if last or shared else accelerator.no_sync(student):
-                loss_sum, mine = objective.loss(model, b, plan, accelerator)
-                accelerator.backward(loss_sum * scale)
-            loss_total += loss_sum.detach()
-            for k, v in mine.items():
-                parts[k] = parts.get(k, 0.0) + v
+            for m in models.values() if sharded else []:   # one reduce-scatter per step, after the last micro-batch
+                m.set_requires_gradient_sync(i == len(batches) - 1)
+            for name, loss_sum, mine in objective.losses(models, b, plan, accelerator):
+                scaled = objective.scaled(loss_sum, b, counts, world)
+                accelerator.backward(scaled)
+                totals[name] += float((loss_sum if replicated[name] else scaled).detach())
+                for k, v in mine.items():
+                    parts[k] = parts.get(k, 0.0) + v
     except Exception as e:
         if not shared or sharded:   # a sharded model's collectives cannot be left halfway: this process
             raise                   # stops, and the launcher stops the others (the last checkpoint stays)
         failure = Failure.now(e)
     keys = objective.part_keys(plan)
-    raw = torch.tensor([parts.get(k, 0.0) for k in keys] + [float(loss_total)], dtype=torch.float64)
+    summed = [n for n in totals if replicated[n]]   # an owned trainee's loss is its process's own
+    raw = [parts.get(k, 0.0) for k in keys] + [totals[n] for n in summed]
     if shared:
-        raw = agree(accelerator, failure, raw.tolist())
-        if not sharded:
-            average_grads([p for p in model.parameters() if p.requires_grad], world)
-    out = {"loss": float(raw[-1]) / num_tokens, "target_tokens": int(counts[0]), "tokens": int(counts[1])}
+        raw = agree(accelerator, failure, raw).tolist()
+        for tr in (tr for tr in trainees if tr.replicated):
+            # a sharded model reduced its own gradients; its extra modules are averaged here
+            average_grads([p for p in (tr.extra_params() if sharded else tr.params()) if p.requires_grad], world)
+    totals.update({n: float(v) / num_tokens for n, v in zip(summed, raw[len(keys):])})
+    out = {"loss": totals[None] if list(totals) == [None] else totals,
+           "target_tokens": int(counts[0]), "tokens": int(counts[1])}
     if keys:   # each term's raw (unweighted) size per target token
-        out["terms"] = {k: float(v) / num_tokens for k, v in zip(keys, raw[:-1].tolist()) if k in parts}
+        out["terms"] = {k: float(v) / num_tokens for k, v in zip(keys, raw[:len(keys)]) if k in parts}
     return out
 
 
@@ -268,46 +257,25 @@ def prefetched(make, steps, enabled=True, waited=None):
 
 @dataclass
 class Trainee:
-    """A model the loop trains: prepared (DDP-wrapped under several processes), its optimizer and
-    schedule; `extra`: modules trained with it (an objective's own modules), clipped with it."""
+    """A model the loop trains: prepared (DDP-wrapped under several processes) or sharded, its
+    optimizer and schedule. name: None for distill's one student, the peer's name in
+    co-distillation. extra: modules trained with it (an objective's projections), clipped and
+    averaged with it. replicated: every process trains it on its part of the data (its gradients
+    are averaged); False: this process's own (co-distillation's cross-process modes).
+    snapshot: weights its checkpoint keeps beside its state (weights mode: its last exchange)."""
     name: str | None
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
     extra: list = ()
+    replicated: bool = True
+    snapshot: dict | None = None
+
+    def extra_params(self):
+        return [p for m in self.extra for p in m.parameters()]
 
     def params(self):
-        return [*self.model.parameters(), *(p for m in self.extra for p in m.parameters())]
-
-
-@dataclass
-class Run:
-    """What the loop trains and how. The step strategy and its companions:
-    make_batches(step) -> the step's data (on the data thread; a pure function of the step);
-    step(step, batches) -> stats with "loss" (a float, or a dict per trainee), gradients in .grad;
-    after_step(stats)   after a good step (an objective's running state);
-    record(stats, norms, lrs) -> (the log record's fields, tokens the step read, over all processes);
-    evaluate(step) -> the mid-run evaluation's log record and a line, on every process (None off
-      the main one); write_checkpoint(tmp) / load_checkpoint(path, state) / state() -> what a
-      checkpoint holds beyond Accelerate's save_state (None: save_state / load_state)."""
-    cfg: object
-    accelerator: object
-    trainees: list
-    out: Path
-    make_batches: Callable
-    step: Callable
-    record: Callable
-    after_step: Callable = lambda stats: None
-    evaluate: Callable | None = None
-    write_checkpoint: Callable | None = None
-    load_checkpoint: Callable | None = None
-    state: Callable = dict
-    desc: str = "distill"
-    progress: bool = True
-    signals: bool = True   # Ctrl-C / SIGTERM stop at a step boundary (the CLI; a library leaves them alone)
-    agrees: bool = False
-    """The step takes a Failure in place of its batches and raises StepFailed on every process when
-    any one fails (accumulate), so a failure under several processes is saved from together."""
+        return [*self.model.parameters(), *self.extra_params()]
 
 
 def clip(accelerator, trainee, max_norm: float) -> float:
@@ -321,22 +289,59 @@ def _finite(loss) -> bool:
     return all(math.isfinite(x) for x in (loss.values() if isinstance(loss, dict) else [loss]))
 
 
-def fit(run: Run, resume: bool) -> dict:
-    """Train to cfg.train.max_steps (from the last checkpoint with resume); -> the last log
-    record. Ctrl-C / SIGTERM finish the step, checkpoint and raise Stopped; a non-finite loss or
-    gradient skips the step (all processes agree), more than train.max_bad_steps of them stop the
-    run; a failure mid-step keeps the last completed step's state (checkpointed when one process)
-    and raises one line, its traceback in error.log."""
-    cfg, accelerator, out, trainees = run.cfg, run.accelerator, run.out, run.trainees
-    main, t = accelerator.is_main_process, cfg.train
+def windows(examples, cfg, accelerator, pad_id) -> Callable:
+    """step -> this process's micro-batches of the step (see window), on its device."""
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    return lambda step: [to_batch(mb, pad_id, device) for mb in window(examples, step, cfg, rank, world)]
+
+
+@dataclass
+class Step:
+    """What an objective's prepare sees of the step beside its batches."""
+    number: int
+    models: dict          # trainee name -> its model, unwrapped
+    indices: list         # the global indices of this process's micro-batches (window_indices)
+    accelerator: object
+
+
+def train_step(step: int, bs, trainees, objective, cfg, accelerator):
+    """One optimizer step's gradients: the plan, objective.prepare, accumulate -> (plan, stats).
+    bs: the step's batches, or the Failure of building them here."""
+    plan, world = objective.plan(step), accelerator.num_processes
+    models = {tr.name: accelerator.unwrap_model(tr.model) for tr in trainees}
+    try:   # on every process, also where the data failed (bs is then its Failure): it may exchange
+        bs = objective.prepare(bs, plan, Step(step, models, window_indices(step, cfg, accelerator.process_index, world),
+                                              accelerator))
+    except StepFailed:
+        raise
+    except Exception as e:
+        if world == 1:
+            raise
+        bs = Failure.now(e)
+    failure = bs if isinstance(bs, Failure) else None
+    return plan, accumulate(trainees, objective, None if failure else bs, plan, accelerator, failure)
+
+
+def fit(trainees: list[Trainee], objective, batches: Callable, *, cfg, accelerator, out: Path, resume: bool,
+        evaluate: Callable | None = None, desc: str = "distill", progress: bool = True, signals: bool = True) -> dict:
+    """Train the trainees under the objective to cfg.train.max_steps (from the last checkpoint with
+    resume); -> the last log record. One step: objective.plan -> its micro-batches (batches(step),
+    a pure function of the step, built ahead on the data thread, where the objective reads its
+    cached targets) -> objective.prepare (rollouts; co-distillation's exchanges) -> accumulate ->
+    clip -> bad-step guard -> step -> log / eval / save / stop. evaluate(step): the mid-run
+    evaluation, on every process (-> its log record and a line on the main one, else None).
+
+    Ctrl-C / SIGTERM finish the step, checkpoint and raise Stopped (signals=False: a library leaves
+    them alone); a non-finite loss or gradient skips the step (all processes agree), more than
+    train.max_bad_steps of them stop the run; a failure mid-step keeps the last completed step's
+    state (checkpointed) and raises one line, its traceback in error.log."""
+    main, t, world = accelerator.is_main_process, cfg.train, accelerator.num_processes
     start, bad_steps, trained_before = 0, 0, 0.0
     if resume:
         last = checkpoints(out)[-1]
         state = read_state(last)
-        if run.load_checkpoint is None:
-            accelerator.load_state(str(last))
-        else:
-            run.load_checkpoint(last, state)
+        load_trainees(last, trainees, accelerator)
+        objective.load_state_dict(state)
         start, bad_steps = state["step"], state.get("bad_steps", 0)
         trained_before = state.get("elapsed_s", 0.0)   # training time of the sessions before this one
         if main:
@@ -346,33 +351,34 @@ def fit(run: Run, resume: bool) -> dict:
         accelerator.init_trackers("stillroom", config=hparams(cfg.model_dump()))
 
     metrics_file = open(out / "metrics.jsonl", "a") if main else None
-    bar = tqdm(total=t.max_steps, initial=start, desc=run.desc, unit="step", disable=not (run.progress and main))
+    bar = tqdm(total=t.max_steps, initial=start, desc=desc, unit="step", disable=not (progress and main))
     t_start, tokens_seen, last_log = time.perf_counter(), 0, {}
     for tr in trainees:
         tr.model.train()
 
     def make_batches(step):
         try:
-            batches = run.make_batches(step)
+            bs = batches(step)
+            objective.read_ahead(bs, objective.plan(step))
             faults.point("batch")   # on the prefetch thread, while the previous step computes
         except Exception as e:
-            if not (run.agrees and accelerator.num_processes > 1):
+            if world == 1:
                 raise
             return Failure.now(e)   # handed to the step, which tells the other processes
-        return batches
+        return bs
 
     done, saved = start, start if resume else None
     save = lambda at: save_checkpoint(  # noqa: E731
-        accelerator, out, at, t.keep_checkpoints, run.write_checkpoint,
+        accelerator, out, at, t.keep_checkpoints, lambda tmp: save_trainees(tmp, trainees, accelerator),
         state={"bad_steps": bad_steps, "elapsed_s": round(trained_before + time.perf_counter() - t_start, 1),
-               **run.state()})
+               **objective.state_dict()})
     # A short run logs every step, so its curves have points (train.log_every applies from 50 steps).
     log_every = t.log_every if t.max_steps >= 50 else 1
     waited, waited_then, since, slow_said = [0.0], 0.0, time.perf_counter(), False
     try:
-        with GracefulStop(run.signals) as stop:
-            for step, batches in prefetched(make_batches, range(start, t.max_steps), t.prefetch, waited):
-                stats = run.step(step, batches)
+        with GracefulStop(signals) as stop:
+            for step, bs in prefetched(make_batches, range(start, t.max_steps), t.prefetch, waited):
+                plan, stats = train_step(step, bs, trainees, objective, cfg, accelerator)
                 # The norm is taken even without clipping: a non-finite one means a bad step.
                 norms = [clip(accelerator, tr, t.max_grad_norm or float("inf")) for tr in trainees]
                 good = _finite(stats["loss"]) and all(math.isfinite(n) for n in norms)
@@ -380,7 +386,7 @@ def fit(run: Run, resume: bool) -> dict:
                     flag = torch.tensor([float(good)], device=accelerator.device)
                     good = bool(accelerator.reduce(flag, "sum").item() == accelerator.num_processes)
                 if good:
-                    run.after_step(stats)
+                    objective.after_step(plan, stats)
                     for tr in trainees:
                         tr.optimizer.step()
                 else:
@@ -401,8 +407,8 @@ def fit(run: Run, resume: bool) -> dict:
                     tr.optimizer.zero_grad(set_to_none=True)
                 done = step + 1
                 faults.point("step")
-                fields, tokens = run.record(stats, norms, [tr.scheduler.get_last_lr()[0] for tr in trainees])
-                tokens_seen += tokens
+                fields = objective.record(plan, stats, norms, [tr.scheduler.get_last_lr()[0] for tr in trainees], accelerator)
+                tokens_seen += stats["tokens"]
                 elapsed = time.perf_counter() - t_start
                 record = {"step": done, **fields, "tokens_per_s": round(tokens_seen / elapsed, 1),
                           "elapsed_s": round(trained_before + elapsed, 1), "bad_steps": bad_steps}
@@ -412,10 +418,10 @@ def fit(run: Run, resume: bool) -> dict:
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
                         faults.point("metrics")
-                        if not run.progress:   # no bar: a plain line at the log cadence instead of silence
+                        if not progress:   # no bar: a plain line at the log cadence instead of silence
                             left = (t.max_steps - done) * elapsed / max(done - start, 1)
                             log.info("%s step %d/%d: loss %s, %.0f tokens/s, %.0f s elapsed, ~%.0f s left",
-                                     run.desc, done, t.max_steps, _loss_text(stats["loss"]),
+                                     desc, done, t.max_steps, _loss_text(stats["loss"]),
                                      record["tokens_per_s"], record["elapsed_s"], left)
                     accelerator.log(scalars(record), step=done)
                     now = time.perf_counter()
@@ -429,15 +435,15 @@ def fit(run: Run, resume: bool) -> dict:
                     waited_then, since = waited[0], now
                 bar.set_postfix(loss=_loss_text(stats["loss"]), tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
-                if t.eval_every and done % t.eval_every == 0 and done != t.max_steps and run.evaluate:
-                    got = run.evaluate(done)   # on every process: an evaluation may gather
+                if t.eval_every and done % t.eval_every == 0 and done != t.max_steps and evaluate:
+                    got = evaluate(done)   # on every process: an evaluation may gather
                     faults.point("eval")
                     if main and got is not None:
                         rec, line = got
                         metrics_file.write(json.dumps({"eval": rec}) + "\n")
                         metrics_file.flush()
                         accelerator.log(scalars({k: v for k, v in rec.items() if k != "step"}, "eval/"), step=done)
-                        bar.write(f"step {done}: {line}") if run.progress else log.info("step %d: %s", done, line)
+                        bar.write(f"step {done}: {line}") if progress else log.info("step %d: %s", done, line)
                 if t.save_every and done % t.save_every == 0:
                     save(done)
                     saved = done
@@ -491,58 +497,3 @@ def fit(run: Run, resume: bool) -> dict:
 
 def _loss_text(loss) -> str:
     return f"{loss:.4f}" if not isinstance(loss, dict) else " ".join(f"{k} {x:.3f}" for k, x in loss.items())
-
-
-def objective_run(cfg, accelerator, student, optimizer, scheduler, objective, examples, pad_id, out, **kw) -> Run:
-    """A Run for one student and an objective (distill): its step is plan -> window -> prepare ->
-    accumulate -> the objective's modules synced."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    plans = {}
-
-    def make_batches(step):
-        bs = [to_batch(mb, pad_id, accelerator.device) for mb in window(examples, step, cfg, rank, world)]
-        objective.read_ahead(bs, objective.plan(step))
-        return bs
-
-    def step_fn(step, batches):
-        plan = plans["now"] = objective.plan(step)
-        failure = batches if isinstance(batches, Failure) else None
-        if failure is None:
-            try:
-                batches = objective.prepare(batches, plan, accelerator.unwrap_model(student),
-                                            window_indices(step, cfg, rank, world), to_batch)
-            except Exception as e:
-                if world == 1:
-                    raise
-                failure = Failure.now(e)
-        stats = accumulate(student, objective, None if failure else batches, plan, accelerator, failure)
-        objective.sync_grads(accelerator)
-        return stats
-
-    def record(stats, norms, lrs):
-        norm = norms[0]
-        fields = {"loss": round(stats["loss"], 5), "lr": lrs[0],
-                  "grad_norm": norm if math.isfinite(norm) else str(norm), **objective.log(plans["now"])}
-        if "terms" in stats:
-            fields["terms"] = {k: round(v, 6) for k, v in stats["terms"].items()}
-        return fields, stats["tokens"]
-
-    def load(path, state):
-        accelerator.load_state(str(path))
-        objective.load_state_dict(state)
-
-    write = None
-    if is_sharded(student):   # FSDP2: each process writes its shards (torch.distributed.checkpoint)
-        from stillroom.run import shard
-        modules = torch.nn.ModuleList([student, *objective.trained])   # what the optimizer was made over
-
-        def write(tmp):
-            shard.save(tmp, modules, optimizer, scheduler, accelerator.is_main_process)
-
-        def load(path, state):   # noqa: F811
-            shard.load(path, modules, optimizer, scheduler)
-            objective.load_state_dict(state)
-
-    return Run(cfg, accelerator, [Trainee(None, student, optimizer, scheduler, objective.trained)], out,
-               make_batches, step_fn, record, after_step=lambda stats: objective.after_step(plans["now"], stats),
-               write_checkpoint=write, load_checkpoint=load, state=objective.state_dict, agrees=True, **kw)

@@ -12,9 +12,11 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
+
 from stillroom.config import to_yaml
 from stillroom.errors import UserError, write_failure
-from stillroom.run import faults, folders
+from stillroom.run import faults, folders, shard
 
 STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -127,6 +129,53 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int, write=None, st
 class _SharedTensorNote(logging.Filter):
     def filter(self, record):
         return "Removed shared tensor" not in str(record.msg)
+
+
+def save_trainees(tmp: Path, trainees, accelerator):
+    """What a checkpoint holds of the trainees, on every process. Sharded (FSDP2): each process
+    writes its shards of each trainee (torch.distributed.checkpoint), under <name>/ for a peer.
+    Distill's one student: Accelerate's save_state (its model, optimizer, the objective's modules,
+    the schedule and the random states). Peers: <name>.pt (weights, optimizer, schedule, snapshot),
+    written by the main process for replicated peers and by its owner for the others."""
+    for tr in trainees:
+        if shard.is_sharded(tr.model):
+            shard.save(tmp / (tr.name or ""), _modules(tr), tr.optimizer, tr.scheduler, accelerator.is_main_process)
+        elif tr.name is None:
+            with tied_weights_quiet():
+                accelerator.save_state(str(tmp))
+        elif accelerator.is_main_process or not tr.replicated:
+            torch.save({"model": accelerator.unwrap_model(tr.model).state_dict(), "optimizer": tr.optimizer.state_dict(),
+                        "scheduler": tr.scheduler.state_dict(), "snapshot": tr.snapshot}, tmp / f"{tr.name}.pt")
+
+
+def load_trainees(path: Path, trainees, accelerator):
+    """The trainees' state from a checkpoint save_trainees wrote."""
+    for tr in trainees:
+        if shard.is_sharded(tr.model):
+            where = path / (tr.name or "")
+            if not (where / "sharded").is_dir():
+                raise UserError(f"--resume: checkpoint {path} has no sharded state" + (
+                    f" for peer '{tr.name}'" if tr.name else "") + " (was it written without train.shard=fsdp"
+                    + (", or were the peers renamed?)" if tr.name else "?)"))
+            shard.load(where, _modules(tr), tr.optimizer, tr.scheduler)
+        elif tr.name is None:
+            accelerator.load_state(str(path))
+        else:
+            f = path / f"{tr.name}.pt"
+            if not f.is_file():
+                raise UserError(f"--resume: checkpoint {path} has no state for peer '{tr.name}' (were the peers renamed?)")
+            state = torch.load(f, map_location="cpu", weights_only=False)  # load_state_dict moves it
+            accelerator.unwrap_model(tr.model).load_state_dict(state["model"])
+            tr.optimizer.load_state_dict(state["optimizer"])
+            tr.scheduler.load_state_dict(state["scheduler"])
+            tr.snapshot = ({k: v.to(accelerator.device) for k, v in state["snapshot"].items()}
+                           if state["snapshot"] is not None else None)
+
+
+def _modules(tr):
+    """What a sharded trainee's optimizer was made over: distill's student with the objective's
+    modules, or a peer alone."""
+    return torch.nn.ModuleList([tr.model, *tr.extra]) if tr.name is None else tr.model
 
 
 @contextlib.contextmanager

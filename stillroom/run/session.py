@@ -147,11 +147,13 @@ class Session:
         return {t: tasks.answer_all(its, models, e.max_new_tokens, e.batch_size, self.progress, f"{t}: ")
                 for t, its in items.items()}
 
-    def fit(self, run) -> dict:
+    def fit(self, cfg, trainees: list, objective, batches, evaluate=None, desc: str = "distill") -> dict:
         """The loop (run/loop.py's fit) from the start, or from the last checkpoint on --resume."""
-        from stillroom.run.loop import fit
+        from stillroom.run import loop
 
-        self.last_log = fit(run, self.resume)
+        self.last_log = loop.fit(trainees, objective, batches, cfg=cfg, accelerator=self.accelerator, out=self.out,
+                                 resume=self.resume, evaluate=evaluate, desc=desc, progress=self.progress,
+                                 signals=self.signals)
         return self.last_log
 
     def finish(self, metrics: dict, table: str, items: dict, said: dict, trained: dict, write, note: str = "") -> dict:
