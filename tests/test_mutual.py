@@ -223,3 +223,21 @@ def test_a_mutual_step_gives_each_peer_the_full_mutual_loss(tok):
         la, lb = (m(input_ids=ids).logits for m in models_)
     assert losses[0] == pytest.approx(float(mutual_loss(la, [lb], targets, 0.6, 2.0)) / n, rel=1e-5)
     assert losses[1] == pytest.approx(float(mutual_loss(lb, [la], targets, 0.6, 2.0)) / n, rel=1e-5)
+
+
+def test_weights_mode_trains_on_its_own_batches_only(tok):
+    """weights mode's step is this process's grad_accum micro-batches of its shard; predictions mode
+    adds the shared batch in front (a weights step once trained on the shared batch too)."""
+    from types import SimpleNamespace
+
+    from stillroom.data.examples import Example
+    from stillroom.objectives.peers import Predictions, Weights
+
+    cfg = SimpleNamespace(train=SimpleNamespace(grad_accum=2, batch_size=2, seed=0),
+                          codistill=SimpleNamespace(shared_batch_size=3))
+    rows = [Example(ids, list(ids)) for ids in (tok(f"row {i} of the data")["input_ids"] for i in range(8))]
+    own = Weights(cfg, None, None, ["a", "b"], 0, None, []).batches(rows[0::2], rows, "cpu", tok.pad_token_id)(0)
+    both = Predictions(cfg, None, None, ["a", "b"], 0, 2).batches(rows[0::2], rows, "cpu", tok.pad_token_id)(0)
+    assert [len(b.examples) for b in own] == [2, 2]
+    assert [len(b.examples) for b in both] == [3, 2, 2]
+    assert all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(own, both[1:]))

@@ -76,9 +76,9 @@ def logits(model, b, vocab):
     return out[..., :vocab] if vocab else out
 
 
-def targets(b) -> int:
-    """A micro-batch's target tokens (at least 1: a divisor)."""
-    return max(int((b.targets != IGNORE_INDEX).sum()), 1)
+def targets(batches) -> int:
+    """Micro-batches' target tokens (at least 1: a divisor)."""
+    return max(sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches), 1)
 
 
 @dataclass
@@ -99,6 +99,12 @@ class Peers:
 
     def read_ahead(self, batches, plan):
         pass
+
+    def batches(self, own_data, train, device, pad_id):
+        """step -> this process's own micro-batches of its shard (a pure function of the step)."""
+        t = self.cfg.train
+        return lambda step: [to_batch(micro_batch(own_data, step * t.grad_accum + i, t.batch_size, t.seed), pad_id,
+                                      device) for i in range(t.grad_accum)]
 
     def prepare(self, batches, plan, step):
         return batches
@@ -163,13 +169,9 @@ class Predictions(Peers):
 
     def batches(self, own_data, train, device, pad_id):
         """step -> [the shared batch, *this process's own micro-batches] (a pure function of the step)."""
-        t, cc = self.cfg.train, self.cfg.codistill
-
-        def make(step):
-            shared = to_batch(micro_batch(train, step, cc.shared_batch_size or t.batch_size, t.seed + 1), pad_id, device)
-            return [shared, *(to_batch(micro_batch(own_data, step * t.grad_accum + i, t.batch_size, t.seed), pad_id,
-                                       device) for i in range(t.grad_accum))]
-        return make
+        t, cc, own = self.cfg.train, self.cfg.codistill, super().batches(own_data, train, device, pad_id)
+        return lambda step: [to_batch(micro_batch(train, step, cc.shared_batch_size or t.batch_size, t.seed + 1),
+                                      pad_id, device), *own(step)]
 
     def prepare(self, batches, plan, step):
         from stillroom.run import faults
@@ -182,8 +184,7 @@ class Predictions(Peers):
         try:
             if failure is None:
                 self.shared, *own = batches
-                self.n_shared = targets(self.shared)
-                self.n_own = max(sum(int((b.targets != IGNORE_INDEX).sum()) for b in own), 1)
+                self.n_shared, self.n_own = targets([self.shared]), targets(own)
                 if w_peer or (tw and lc.alpha):
                     faults.point("micro_batch")
                     t_logits = self.teacher_logits(self.shared)
@@ -238,7 +239,7 @@ class Weights(Peers):
         if plan.step % self.cfg.codistill.exchange_every == 0:
             self.peer.snapshot = exchange_weights(self.peer.model, self.copies, self.rank)
         if isinstance(batches, list):
-            self.n_own = max(sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches), 1)
+            self.n_own = targets(batches)
         return batches
 
     def losses(self, models, b, plan, accelerator):

@@ -133,7 +133,7 @@ def _codistill(s: Session, cfg: CodistillRunConfig) -> dict:
     else:   # copies[j]: the stale copy of peer j (copies[rank] is the live own model)
         copies = [peers[0].model if j == rank else s.place(built[j][0]).eval().requires_grad_(False) for j in range(n)]
         objective = Weights(cfg, live, vocab, names, rank, peers[0], copies)
-        batches = Predictions.batches(objective, train[rank::world], train, s.device, pad_id)
+        batches = objective.batches(train[rank::world], train, s.device, pad_id)
     del built
     mid_eval = lambda step: mid_run_eval(s, cfg, peers, score, fsdp, step, held, teacher, vocab)  # noqa: E731
     last_log = s.fit(cfg, peers, objective, batches, evaluate=mid_eval, desc=f"codistill ({mode})")
