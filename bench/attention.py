@@ -41,7 +41,7 @@ def main():
     dtype = models.teacher_dtype("auto", dev)
     impls = {}
     for name in ("sdpa", "eager"):
-        impls[name] = copy.deepcopy(m32).to(dtype=dtype)
+        impls[name] = models.cast_parameters(copy.deepcopy(m32), dtype)
         impls[name].set_attn_implementation(name)
     if TINY.is_file():
         text, source = TINY.read_text(), "tinystories"

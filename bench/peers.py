@@ -239,10 +239,10 @@ def main():
     tm32, tok = teacher.model.to(dev).eval(), teacher.tokenizer
     student0 = make_student(tm32).to(dev)   # before the teacher's attention is set: a student copies its config
     t_dtype = models.teacher_dtype("auto", dev)   # what stillroom runs the teacher in here
-    tm_sdpa = copy.deepcopy(tm32).to(dtype=t_dtype)
+    tm_sdpa = models.cast_parameters(copy.deepcopy(tm32), t_dtype)   # (rotary frequencies kept fp32, as a run)
     models.set_teacher_attention(tm32, "auto", dev, args.seq)   # and its attention (teacher.attention=auto)
     t_attn = tm32.config._attn_implementation
-    tm = copy.deepcopy(tm32).to(dtype=t_dtype)
+    tm = models.cast_parameters(copy.deepcopy(tm32), t_dtype)
     init = copy.deepcopy(student0.state_dict())
 
     # The batch: --batch blocks of --seq tokens of real text, as stillroom's data loader makes them.

@@ -249,6 +249,20 @@ def _mismatch(folder: Path) -> str:
         return "tensor sizes differ"
 
 
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """The model's floating-point parameters in `dtype` (None: as they are), its buffers left as
+    the model made them: `model.to(dtype)` would cast the rotary frequencies too, which transformers
+    keeps in fp32 (in bf16 they are off by up to 2^-9 of themselves, so the angle at position p is off
+    by up to p/512 radians: a bf16 teacher's positions blur as rows grow)."""
+    if dtype is None:
+        return model
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    return model
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Teachers are frozen and in eval mode; callers run them under torch.no_grad()."""
     model.eval()

@@ -94,9 +94,11 @@ class Session:
 
     def place(self, model: torch.nn.Module, *, offload: bool = False, dtype=None) -> torch.nn.Module:
         """The model on the run's device (host memory when `offload`: a teacher brought to the
-        device only while it runs), in `dtype` when given. Every model the run holds passes here
-        before anything runs on it."""
-        return model.to("cpu" if offload else self.device, **({"dtype": dtype} if dtype is not None else {}))
+        device only while it runs), its parameters in `dtype` when given. Every model the run holds
+        passes here before anything runs on it."""
+        from stillroom.models.core import cast_parameters
+
+        return cast_parameters(model.to("cpu" if offload else self.device), dtype)
 
     def data(self, teacher, tokenizer=None, rows=None, eval_rows=None):
         """-> (cfg with data.path resolved, train examples, held-out examples): see run/distill.py's

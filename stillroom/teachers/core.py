@@ -271,7 +271,7 @@ def load_teachers(cfg, primary, vocab, s_tok, accelerator) -> list:
             if w < vocab:
                 raise UserError(f"teacher.mix '{m.name}' ({m.model}) has {w} logits, fewer than the student's {vocab}")
             dev = "cpu" if m.offload else accelerator.device
-            loaded.model.to(dev, dtype=models.teacher_dtype(m.dtype, accelerator.device))
+            models.cast_parameters(loaded.model.to(dev), models.teacher_dtype(m.dtype, accelerator.device))
             models.set_teacher_attention(loaded.model, m.attention, accelerator.device, cfg.data.seq_len,
                                          f"teacher.mix '{m.name}': attention")
             out.append(LiveTeacher(loaded.model, m.name, m.weight, m.offload, vocab, autocast))
