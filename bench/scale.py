@@ -326,6 +326,152 @@ def fsdp_bench():
           f"{f_s['step_s'] / rows['DDP, 2 processes']['step_s']:.2f}")
 
 
+SHARD_LOAD_CHILD = r"""
+import contextlib, json, sys, threading, time, torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+def status(key):
+    return [int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith(key)][0]
+from stillroom.models import core as models
+from stillroom.run import shard
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+class Launch:   # what shard.load_teacher asks of the run's accelerator
+    is_main_process, num_processes = rank == 0, dist.get_world_size()
+    @contextlib.contextmanager
+    def main_process_first(self):
+        if rank:
+            dist.barrier()
+        yield
+        if not rank:
+            dist.barrier()
+how, spec, out = sys.argv[1:4]
+models.load_tokenizer(spec)   # (any GGUF conversion before the count starts)
+dist.barrier()
+peak, done = [status("RssAnon:")], threading.Event()
+start = peak[0]
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], status("RssAnon:"))
+        time.sleep(0.001)
+threading.Thread(target=sample, daemon=True).start()
+from torch.distributed.fsdp import FSDPModule
+real_unshard, at_gather = FSDPModule.unshard, {}
+def unshard(self, *a, **k):   # the weights are read; the root group is gathered next
+    time.sleep(0.01)
+    at_gather.update(peak=max(peak[0], status("RssAnon:")) - start, now=status("RssAnon:") - start)
+    return real_unshard(self, *a, **k)
+FSDPModule.unshard = unshard
+if how == "baseline":   # what either load does besides the weights: the tokenizer (again) and the config
+    from transformers import AutoConfig
+    models.load_tokenizer(spec)
+    AutoConfig.from_pretrained(models.resolve(spec)[1])
+    time.sleep(0.01)
+    json.dump({"peak": max(peak[0], status("RssAnon:")) - start}, open(f"{out}.{rank}", "w"))
+    dist.barrier()
+    sys.exit(0)
+if how == "machinery":   # the sharded load with no weight read or sent (its shards' memory never written)
+    shard._scatter = lambda *a, **k: None
+if how in ("sharded", "machinery"):
+    model = shard.load_teacher(spec, torch.bfloat16, torch.device("cpu"), Launch()).model
+else:   # the path before: every process loads the whole teacher, then it is sharded
+    model = models.load(spec, dtype=torch.bfloat16).model
+    shard.shard(model, frozen=True)
+done.set()
+time.sleep(0.01)
+peak[0] = max(peak[0], status("RssAnon:"))
+full = lambda ps: sum(p.numel() * p.element_size() for p in ps)   # a DTensor's numel is the whole tensor's
+layers = [full(layer.parameters()) for layer in shard.decoder_layers(model)]
+world = dist.get_world_size()
+shards = full(model.parameters()) / world   # this process's shards of every weight
+root = full(model.parameters()) - sum(layers)   # embeddings, final norm, head: kept gathered besides
+torch.manual_seed(0)
+x = torch.randint(0, model.config.vocab_size, (2, 64))
+with torch.no_grad():
+    got = model(input_ids=x).logits
+same = None
+if rank == 0 and how != "machinery":   # the same teacher loaded whole in one process (after the measurement)
+    ref = models.load(spec, dtype=torch.bfloat16).model
+    with torch.no_grad():
+        same = bool(torch.equal(ref(input_ids=x).logits, got))
+json.dump({"growth": peak[0] - start, "read_peak": at_gather["peak"], "shards": shards, "root": root,
+           "layer": max(layers), "whole": full(model.parameters()),
+           "tensor": max(p.numel() * p.element_size() for p in model.parameters()), "same": same},
+          open(f"{out}.{rank}", "w"))
+dist.barrier()
+"""
+
+
+def shard_load_bench(spec: str):
+    """teacher.shard=true: what loading the teacher costs each of 2 gloo processes in anonymous
+    memory, loaded whole and then sharded (the path before) and sharded as it loads (now): the
+    bundled teacher, then a random 4-layer Llama of wide layers (75 MB each in bf16), where one
+    layer stands well above the measurement's noise (about 15 MB between repeats)."""
+    import tempfile
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stillroom.models import core as models
+
+    shard_load_table(spec, spec)
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        wide = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=1536, intermediate_size=6144,
+                                            num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=12,
+                                            tie_word_embeddings=True))
+        wide.save_pretrained(d)   # fp32 safetensors
+        models.load_tokenizer(spec).save_pretrained(d)
+        del wide
+        shard_load_table(d, "a random Llama of 4 wide layers (hidden 1536, MLP 6144, vocab 4096)")
+
+
+def shard_load_table(spec: str, title: str):
+    import os
+    import tempfile
+
+    mb = 2 ** 20
+    rows = {}
+    with tempfile.TemporaryDirectory() as d:
+        child = Path(d) / "child.py"
+        child.write_text(SHARD_LOAD_CHILD)
+        for how, name in (("baseline", "baseline"), ("machinery", "machinery"),
+                          ("whole", "whole on every process, then sharded (before)"),
+                          ("sharded", "sharded as it loads (now)")):
+            out = Path(d) / how
+            r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(child),
+                                how, spec, str(out)], capture_output=True, text=True, timeout=3600,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+            if r.returncode != 0:
+                raise SystemExit(f"{how}: {r.stderr[-3000:]}")
+            rows[name] = [json.loads(Path(f"{out}.{i}").read_text()) for i in range(2)]
+    base, machinery = rows.pop("baseline"), rows.pop("machinery")
+    first = next(iter(rows.values()))[0]
+    print(f"\nteacher.shard=true: loading {title} in bf16 over 2 gloo processes ({first['whole'] / mb:.0f} MB of "
+          f"weights; its largest decoder layer {first['layer'] / mb:.1f} MB, its largest tensor "
+          f"{first['tensor'] / mb:.1f} MB)")
+    print("per process, the anonymous memory the load added at its peak (sampled every 1 ms): while the weights "
+          "are read (up to the root group's gather), its excess over the process's shards of every weight and over "
+          f"what the load does besides the weights (before: a tokenizer and the config, {base[0]['peak'] / mb:.0f} MB; "
+          f"now: the same sharded load with nothing read or sent, {machinery[0]['read_peak'] / mb:.0f} MB on "
+          f"the main process: FSDP2's and gloo's own), and "
+          "at the end (the root group, embeddings and head, which a sharded teacher keeps gathered beside its shards, "
+          "and FSDP2's buffer for that gather)")
+    print(f"{'':<48}{'rank':>5}{'shards MB':>10}{'reading: peak':>14}{'excess':>8}{'excess / layer':>16}"
+          f"{'end: peak MB':>14}{'logits == 1 process':>21}")
+    for name, per in rows.items():
+        for i, r in enumerate(per):
+            ex = r["read_peak"] - (machinery[i]["read_peak"] if "now" in name else base[i]["peak"]) - r["shards"]
+            print(f"{name:<48}{i:>5}{r['shards'] / mb:>10.0f}{r['read_peak'] / mb:>14.0f}{ex / mb:>8.0f}"
+                  f"{ex / r['layer']:>16.2f}{r['growth'] / mb:>14.0f}{'' if r['same'] is None else str(r['same']):>21}")
+    now = rows["sharded as it loads (now)"]
+    before = rows["whole on every process, then sharded (before)"]
+    print("sharded as it loads / whole then sharded, peak per process: "
+          + ", ".join(f"rank {i} {a['growth'] / b['growth']:.2f}" for i, (a, b) in enumerate(zip(now, before))))
+    print(f"the root group gathered: {first['root'] / mb:.0f} MB per process, in both")
+    print("target (issue 29): while reading, at most one decoder layer's full weights beyond the shards "
+          "(excess / layer <= 1)")
+
+
 def lean_bench():
     import statistics
     import time
@@ -377,7 +523,7 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--only", choices=["loading", "data", "fsdp", "lean"])
+    ap.add_argument("--only", choices=["loading", "data", "fsdp", "shard-load", "lean"])
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the large data set (startup, RSS)")
     a = ap.parse_args()
     import transformers
@@ -386,9 +532,11 @@ def main():
         data_bench(a.model, a.rows)
     if a.only in (None, "fsdp"):
         fsdp_bench()
+    if a.only in (None, "shard-load"):
+        shard_load_bench(a.model)
     if a.only in (None, "lean"):
         lean_bench()
-    if a.only in ("data", "fsdp", "lean"):
+    if a.only in ("data", "fsdp", "shard-load", "lean"):
         return
     measure("tokenizer", a.model)   # converts a GGUF teacher once, so no row pays for it
     print("RSS growth: peak RSS (VmHWM) less the tokenizer-only process's; it counts the weight files' pages "

@@ -64,10 +64,54 @@ def test_a_sharded_run_fails_together_and_resumes_exactly(tmp_path, teacher_dir,
     assert [x["step"] for x in log if "step" in x] == [1, 2, 3, 4] and any("eval" in x for x in log)
 
 
+@pytest.mark.parametrize("stored,block", [("safetensors", None), ("safetensors", 100), ("bin", None)])
+def test_a_sharded_teacher_is_never_loaded_whole(tmp_path, teacher_dir, stored, block):
+    """teacher.shard=true over 2 processes: the teacher is built on the meta device and sharded, and
+    the main process reads its safetensors a process's rows at a time (in blocks of at most
+    shard.BLOCK elements), each sent to its process: no process loads it whole (a folder without
+    safetensors is loaded whole on the main process alone). Every parameter arrives (the tied head too) and its logits equal the whole teacher's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = teacher_dir
+    if stored == "bin":
+        src = tmp_path / "bin"
+        model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+        model.config.save_pretrained(src)
+        torch.save(model.state_dict(), src / "pytorch_model.bin")
+        AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(src)
+        assert not list(src.glob("*.safetensors"))
+    out = tmp_path / "load.json"
+    launch(2, HERE / "shard_load.py", src, out, *([block] if block else []))
+    r = json.loads(out.read_text())
+    nothing = {"elements_read": 0, "largest_read": 0, "whole_tensors_read": 0, "whole_loads": 0}
+    if stored == "safetensors":   # every weight read once, a process's rows at a time
+        largest = r["half_of_largest"] if block is None else r["counts"][0]["largest_read"]
+        assert block is None or 32 <= largest <= block   # (a row of the tiny teacher: 32 elements)
+        assert r["counts"][0] == {**nothing, "elements_read": r["elements"], "largest_read": largest}
+    else:
+        assert r["counts"][0] == {**nothing, "whole_loads": 1}
+    assert r["counts"][1] == nothing
+    assert r["tied"] and r["layers_sharded"] and r["equal"] and r["same_logits"]
+
+
+def test_a_sharded_teacher_needs_its_data_given(tmp_path, teacher_dir, chat_file):
+    """The sharded teacher does not generate the default data (one line, before any loading)."""
+    over = [o for o in tiny_overrides(teacher_dir, chat_file, tmp_path / "o") if not o.startswith("data.path")]
+    r = launch(2, "-m", "stillroom", "distill", *over, "train.shard=fsdp", "teacher.shard=true", "--no-progress",
+               check=False)
+    errors = [ln for ln in r.stderr.splitlines() if "stillroom: error:" in ln]
+    assert r.returncode != 0 and "(exitcode: 2)" in r.stderr, r.stderr[-3000:]   # (the launcher's own is 1)
+    assert len(errors) == 2 and all("the sharded teacher does not generate the default data; set data.path" in e
+                                    for e in errors), errors
+    assert "Traceback" not in r.stderr.split("(exitcode: 2)")[0]   # (the launcher's traceback of its own follows)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("extra,why", [
     (["train.shard=fsdp", "train.qat=q8_0"], "does not run train.qat yet"),
     (["teacher.shard=true"], "set train.shard=fsdp"),
     (["train.shard=fsdp", "teacher.shard=true", "teacher.offload=true"], "not with teacher.kind=cache, teacher.offload"),
+    (["train.shard=fsdp", "teacher.shard=true", "loss.cross_tokenizer=uld"], "not built for loss.cross_tokenizer"),
 ])
 def test_what_sharding_does_not_run_yet_is_refused_in_one_line(tmp_path, teacher_dir, chat_file, extra, why):
     from test_cli import assert_user_error

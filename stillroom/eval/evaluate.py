@@ -314,10 +314,11 @@ def speed_prompts(examples, n: int, length: int = 32) -> list[list[int]]:
     return [e.input_ids[:length] for e in examples[:n]]
 
 
-def teacher_column(teacher, path, cmp, ecfg, prompts, pad_id) -> dict:
+def teacher_column(teacher, path, cmp, ecfg, prompts, pad_id, speed: bool = True) -> dict:
+    """speed=False: no generation speed (a sharded teacher generates only with every process)."""
     return {"perplexity": cmp["teacher_perplexity"], "bits_per_byte": cmp.get("teacher_bits_per_byte"),
             "agreement": None, "kl_per_token": None, **describe(teacher, path),
-            "gen_tokens_per_s": generation_speed(teacher, prompts, ecfg.gen_tokens, pad_id)}
+            "gen_tokens_per_s": generation_speed(teacher, prompts, ecfg.gen_tokens, pad_id) if speed else None}
 
 
 def student_column(student, path, cmp, ecfg, prompts, pad_id) -> dict:

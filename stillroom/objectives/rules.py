@@ -59,6 +59,9 @@ def check_across(cfg):
         if tc.kind != "live" or tc.offload or tc.route_field:
             raise UserError("teacher.shard=true runs the live teacher on every process at every step: not with "
                             "teacher.kind=cache, teacher.offload or teacher.route_field, nor a served teacher")
+        if lc.cross_tokenizer != "none":
+            raise UserError("teacher.shard=true is not built for loss.cross_tokenizer (the evaluation measures that "
+                            "teacher in its own tokens on one process): set teacher.shard=false")
     if cfg.train.shard == "fsdp":
         if cfg.train.qat != "none":
             raise UserError("train.shard=fsdp does not run train.qat yet (its fake-quantized weights are "

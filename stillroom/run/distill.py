@@ -122,7 +122,11 @@ def kept_layers(cfg, teacher: models.Loaded):
 
 def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
     with Session(cfg, overwrite=overwrite, resume=resume, progress=progress) as s:
-        loaded, teacher, cfg = load_teacher(cfg, s.device, s.place, s.accelerator.autocast)
+        sharded = s.accelerator if shard.active(cfg, s.accelerator) and cfg.teacher.shard else None
+        if sharded is not None and cfg.data.path is None:
+            raise UserError("teacher.shard=true over several processes: the sharded teacher does not generate the "
+                            "default data; set data.path (for example to the answers `stillroom generate` wrote)")
+        loaded, teacher, cfg = load_teacher(cfg, s.device, s.place, s.accelerator.autocast, sharded)
         s.cfg = cfg   # a cache fills in the data it was built from where data.path is unset
         student, s_tok, how = models.build_student(cfg.student, loaded, cfg.train.seed)
         metrics, _ = run_distill(s, cfg, loaded, teacher, s.place(student), s_tok, how,
@@ -171,12 +175,17 @@ def run_distill(s: Session, cfg: Config, loaded: models.Loaded, teacher, student
              loaded.source, teacher.describe(), f"{t_params:,}" if t_params else "?", how,
              f"{models.num_params(student):,}", len(train), len(held))
     t_tok = loaded.tokenizer if across_tokenizers(cfg) else None   # the teacher measured in its own tokens
+    t_sharded = loaded.has_weights and shard.is_sharded(loaded.model)   # its forward: every process together
     if s.main:
         log.info("evaluating the teacher and the untrained student on %d held-out examples", len(held))
-    before, held_tokens = (evaluate.columns(student, teacher, held, cfg.eval, vocab, tok, t_tok=t_tok)
+    e = cfg.eval
+    cmp = evaluate.score(student, teacher.eval_source(), held, tok.pad_token_id, e.batch_size, e.max_batches, vocab,
+                         tokenizer=tok) if t_sharded else None
+    before, held_tokens = (evaluate.columns(student, teacher, held, e, vocab, tok, t_tok=t_tok, cmp=cmp)
                            if s.main else ({}, 0))
-    said = s.tasks_before(task_items, {**({"teacher": (loaded.model, loaded.tokenizer)} if loaded.has_weights else {}),
-                                       "student before": (student, s_tok)})
+    # (a sharded teacher answers no tasks: its generation would need every process)
+    asked = {"teacher": (loaded.model, loaded.tokenizer)} if loaded.has_weights and not t_sharded else {}
+    said = s.tasks_before(task_items, {**asked, "student before": (student, s_tok)})
     student, cmp = train_student(s, cfg, student, teacher, objective, train, held, vocab, tok)
     if not s.main:
         return {}, student
@@ -212,7 +221,7 @@ def train_student(s: Session, cfg, student, teacher, objective, train, held, voc
         shard.shard(student)
         log.info("train.shard=fsdp: the student sharded over %d processes (FSDP2, per decoder layer)%s",
                  acc.num_processes, ", and the teacher" if t_sharded else "")
-    if t_sharded:   # (after the evaluation before training, which the main process ran alone)
+    if t_sharded and not shard.is_sharded(teacher.model):   # a Distiller's teacher, given whole
         shard.shard(teacher.model, frozen=True)
     elif cfg.train.shard == "fsdp":
         log.info("train.shard=fsdp in one process: nothing to shard across (launch several with accelerate launch)")

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from stillroom.errors import UserError
+
 log = logging.getLogger("stillroom")
 
 # Our forwards never modify a model's outputs in place (a gradient written into the logits'
@@ -44,8 +46,6 @@ def is_sharded(model) -> bool:
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The model's list of decoder blocks: its base model's ModuleList of num_hidden_layers modules
     (`layers` in Llama, Qwen, Gemma...; `h` in GPT-2)."""
-    from stillroom.errors import UserError
-
     base = getattr(model, "base_model", model)
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for _, mod in base.named_modules():
@@ -55,9 +55,10 @@ def decoder_layers(model) -> list[torch.nn.Module]:
                     "(set train.shard=none)")
 
 
-def shard(model: torch.nn.Module, frozen: bool = False) -> torch.nn.Module:
+def shard(model: torch.nn.Module, frozen: bool = False, gather_root: bool = True) -> torch.nn.Module:
     """fully_shard each decoder layer, then the model (in place; -> the model). frozen: a teacher,
-    run forward only (its weights gathered per layer and freed after)."""
+    run forward only (its weights gathered per layer and freed after); gather_root=False leaves
+    its root group sharded (a model on the meta device, whose weights come after: load_teacher)."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in decoder_layers(model):
@@ -65,8 +66,119 @@ def shard(model: torch.nn.Module, frozen: bool = False) -> torch.nn.Module:
     fully_shard(model)
     if frozen:   # the root group (embeddings, final norm, output head) gathered once and kept so:
         model.requires_grad_(False)   # the lean loss reads the head, base_model runs without the root's forward
-        model.unshard()
+        if gather_root:
+            model.unshard()
     return model
+
+
+def load_teacher(spec: str, dtype: torch.dtype, device, accelerator):
+    """teacher.shard=true under several processes: the teacher sharded as it loads, as torchtitan
+    and torchtune load a model too large for one device -> models.Loaded. Every process builds
+    it on the meta device (no storage), shards it per decoder layer, and only then gives storage
+    to its own shards; the main process reads each tensor from the weight files, one process's
+    rows at a time (in blocks) and sends them straight into that process's shard. No process holds
+    the whole teacher, on the device or in host memory: each holds its shards and the root group
+    (which a frozen teacher keeps gathered), the main process one block more while it reads.
+    Non-persistent buffers (rotary frequencies) are computed on the host by the model's own code.
+    A folder without safetensors files, a hub model or files whose tensors are named otherwise
+    are loaded whole on the main process (said in the log) and sent the same way."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stillroom.models import core as models
+    from stillroom.run.feedback import phase
+
+    with accelerator.main_process_first():   # a GGUF is converted once, by the main process
+        kind, where = models.resolve(spec)
+    tok = models.load_tokenizer(str(where))
+    try:
+        config = AutoConfig.from_pretrained(where)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the config of '{spec}': {(str(e).splitlines() or [''])[0][:200]}") from None
+    with init_empty_weights(include_buffers=False):   # parameters on meta, buffers computed on the host
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()   # (tied inside init_empty_weights, the output head got a meta copy of its own)
+    models.freeze(model)
+    shard(model, frozen=True, gather_root=False)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}   # a tied output head once, as its input's
+    model.to_empty(device=device)   # storage for this process's shards only
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
+    main = accelerator.is_main_process
+    read, how = _weights(where, kind, shapes, dtype) if main else (None, None)
+    how = _broadcast(how)
+    if how.startswith("error: "):
+        raise UserError(how[len("error: "):])
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with phase(f"loading {spec} sharded over {accelerator.num_processes} processes ({how})"), torch.no_grad():
+        for name in shapes:
+            _scatter(params[name], read(name) if main else None, main, dtype)
+    model.unshard()   # the root group gathered, as shard(frozen=True) leaves a teacher
+    return models.Loaded(model, tok, spec, Path(where) if kind == "folder" else None)
+
+
+BLOCK = 1 << 20   # elements the main process reads and sends at once (4 MB of fp32)
+
+
+def _scatter(p, read, main: bool, dtype):
+    """One sharded parameter filled from the main process's `read`: each process's rows (FSDP2
+    shards dim 0 as torch.chunk does) are read on the main process in blocks of at most BLOCK
+    elements and sent straight into that process's shard, so no other process ever holds more
+    than its own rows, and the main process one block more."""
+    import torch.distributed as dist
+
+    local, world, rank = p.to_local(), dist.get_world_size(), dist.get_rank()
+    n = p.shape[0]
+    per, row = -(-n // world), max(1, p.numel() // max(n, 1))
+    block = max(1, BLOCK // row)   # rows at a time
+    for r in range(world):
+        first, end = min(r * per, n), min((r + 1) * per, n)
+        for a in range(first, end, block):
+            b = min(a + block, end)
+            mine = local[a - first:b - first] if r == rank else None
+            if main:
+                rows = read(a, b).to(local.device, dtype)
+                if r == 0:
+                    mine.copy_(rows)
+                else:
+                    dist.send(rows.contiguous(), dst=r)
+            elif r == rank:
+                got = mine if mine.is_contiguous() else torch.empty_like(mine)
+                dist.recv(got, src=0)
+                if got is not mine:
+                    mine.copy_(got)
+
+
+def _weights(where, kind: str, shapes: dict, dtype):
+    """On the main process: (name -> reader of its rows start:stop, how they are read); how is
+    "error: ..." when the weights cannot be read. From the folder's safetensors files a slice at a
+    time when they hold every parameter by its name and shape, else from the model loaded whole."""
+    files = sorted(Path(where).glob("*.safetensors")) if kind == "folder" else []
+    if files:
+        from safetensors import safe_open
+        try:
+            handles = {k: h for h in (safe_open(str(f), "pt") for f in files) for k in h.keys()}
+            found = {n: tuple(handles[n].get_slice(n).get_shape()) for n in shapes if n in handles}
+        except Exception as e:   # a damaged file: said in one line by every process
+            return None, f"error: could not read the weights in {where}: {type(e).__name__}: {str(e)[:200]}"
+        if found == shapes:
+            return (lambda n: lambda a, b: handles[n].get_slice(n)[a:b]), "read in blocks from its safetensors files"
+    from stillroom.models import core as models
+    try:
+        whole = models.load(str(where), dtype=dtype).model.state_dict()
+    except UserError as e:
+        return None, f"error: {e}"
+    return (lambda n: lambda a, b: whole[n][a:b]), "loaded whole on the main process: its files cannot be read in blocks"
+
+
+def _broadcast(value):
+    """The main process's `value` on every process."""
+    import torch.distributed as dist
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def grad_norm(params, max_norm: float) -> float:

@@ -112,12 +112,16 @@ class LiveTeacher:
     def column(self, cmp: dict, ecfg, prompts, pad_id) -> dict:
         """Its column of the evaluation table: cmp's teacher numbers, its size and speed."""
         from stillroom.eval.evaluate import teacher_column
+        from stillroom.run.shard import is_sharded
 
-        return teacher_column(self.model, self.path, cmp, ecfg, prompts, pad_id)
+        return teacher_column(self.model, self.path, cmp, ecfg, prompts, pad_id, speed=not is_sharded(self.model))
 
     def note(self) -> str:
-        """A line under the table (none for a live model)."""
-        return ""
+        """A line under the table (a sharded teacher's missing speed, else none)."""
+        from stillroom.run.shard import is_sharded
+
+        return ("\n(the teacher ran sharded over the processes: its generation speed is not measured)"
+                if is_sharded(self.model) else "")
 
 
 @dataclass
@@ -223,11 +227,13 @@ def route_weights(teachers: list, b, device) -> list:
     return out
 
 
-def load_teacher(cfg, device, place, autocast=contextlib.nullcontext):
+def load_teacher(cfg, device, place, autocast=contextlib.nullcontext, sharded=None):
     """The run's own teacher -> (models.Loaded: its tokenizer, config and name, its weights None
     from a cache; the teacher the step reads; cfg, with the data a cache was built from filled
     in where data.path is unset). A model is loaded straight into the dtype it runs in and
-    handed to `place` (run/session.py: its device, or host memory with teacher.offload)."""
+    handed to `place` (run/session.py: its device, or host memory with teacher.offload).
+    sharded: the accelerator of a launch whose processes shard the teacher (teacher.shard under
+    train.shard=fsdp): it is sharded as it loads (run/shard.py's load_teacher), never whole."""
     tc = cfg.teacher
     if tc.kind == "cache":
         from stillroom.teachers.cache import TeacherCache
@@ -242,6 +248,10 @@ def load_teacher(cfg, device, place, autocast=contextlib.nullcontext):
         loaded, scorer = served_teacher(tc)
         return loaded, ServedTeacher(scorer, tc.name, tc.weight), cfg
     dtype = models.teacher_dtype(tc.dtype, device)
+    if sharded is not None:
+        from stillroom.run import shard
+        loaded = shard.load_teacher(tc.model, dtype, device, sharded)
+        return loaded, LiveTeacher(loaded.model, tc.name, tc.weight, False, None, autocast, loaded.path), cfg
     loaded = models.load(tc.model, dtype=dtype)
     place(loaded.model, offload=tc.offload, dtype=dtype)
     return loaded, LiveTeacher(loaded.model, tc.name, tc.weight, tc.offload, None, autocast, loaded.path), cfg
