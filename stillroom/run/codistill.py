@@ -201,7 +201,7 @@ def trainees(s: Session, cfg, built, fsdp: bool) -> list[Trainee]:
     for i in range(n) if mutual else [s.rank]:
         m = built[i][0]
         if fsdp:   # each process keeps 1/N of every peer, its gradients and its optimizer state
-            shard.shard(m)
+            shard.shard(m, precision=s.accelerator.mixed_precision)
         opt = make_optimizer(m, cfg, cfg.peers[i].lr)
         peers.append(Trainee(cfg.peers[i].name, m, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
                              replicated=mutual))

@@ -218,9 +218,10 @@ def train_student(s: Session, cfg, student, teacher, objective, train, held, voc
     fsdp = shard.active(cfg, acc)
     t_sharded = fsdp and cfg.teacher.shard and teacher.shardable
     if fsdp:   # each process keeps 1/N of the student, its gradients and its optimizer state
-        shard.shard(student)
-        log.info("train.shard=fsdp: the student sharded over %d processes (FSDP2, per decoder layer)%s",
-                 acc.num_processes, ", and the teacher" if t_sharded else "")
+        shard.shard(student, precision=acc.mixed_precision)
+        log.info("train.shard=fsdp: the student sharded over %d processes (FSDP2, per decoder layer%s)%s",
+                 acc.num_processes, "; gathered in bf16, gradients reduced in fp32" if acc.mixed_precision == "bf16"
+                 else "", ", and the teacher" if t_sharded else "")
     if t_sharded and not shard.is_sharded(teacher.model):   # a Distiller's teacher, given whole
         shard.shard(teacher.model, frozen=True)
     elif cfg.train.shard == "fsdp":

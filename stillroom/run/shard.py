@@ -55,15 +55,23 @@ def decoder_layers(model) -> list[torch.nn.Module]:
                     "(set train.shard=none)")
 
 
-def shard(model: torch.nn.Module, frozen: bool = False, gather_root: bool = True) -> torch.nn.Module:
+def shard(model: torch.nn.Module, frozen: bool = False, gather_root: bool = True,
+          precision: str = "no") -> torch.nn.Module:
     """fully_shard each decoder layer, then the model (in place; -> the model). frozen: a teacher,
     run forward only (its weights gathered per layer and freed after); gather_root=False leaves
-    its root group sharded (a model on the meta device, whose weights come after: load_teacher)."""
-    from torch.distributed.fsdp import fully_shard
+    its root group sharded (a model on the meta device, whose weights come after: load_teacher).
+    precision: the run's mixed precision (its accelerator's); under bf16 a trained model's
+    weights are gathered and run in bf16 and its gradients reduced in fp32 (FSDP2's
+    MixedPrecisionPolicy, as torchtitan trains), so the gathers move half the bytes; its shards,
+    their gradients and the optimizer stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kw = {}
+    if precision == "bf16" and not frozen:   # (a teacher's weights are in the dtype it runs in already)
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
     if frozen:   # the root group (embeddings, final norm, output head) gathered once and kept so:
         model.requires_grad_(False)   # the lean loss reads the head, base_model runs without the root's forward
         if gather_root:
