@@ -60,7 +60,7 @@ class MixTeacherConfig(Section):
     weight: float = Field(1.0, ge=0.0)
     """Its share of the mixture (all teachers' weights are normalized to sum to 1)."""
     offload: bool = False
-    """Keep it in host memory and move it to the accelerator only for its forward pass."""
+    """As teacher.offload: its decoder layers in host memory, each on the accelerator only for its own forward."""
 
     @model_validator(mode="after")
     def _needs(self):
@@ -120,7 +120,9 @@ class TeacherConfig(Section):
     weight: float = Field(1.0, ge=0.0)
     """Its share of the mixture when teacher.mix lists more teachers (weights are normalized)."""
     offload: bool = False
-    """Keep the live teacher in host memory; move it to the accelerator only for its forward pass."""
+    """Keep the live teacher's decoder layers in host memory (pinned on CUDA) and copy each to the
+    accelerator only for its own forward: the device holds its embeddings, head and one layer at a
+    time. Nothing to offload on a CPU."""
     shard: bool = False
     """With train.shard=fsdp: shard this teacher too (its decoder layers across the processes,
     gathered one at a time for its forward), so a teacher larger than one device fits."""

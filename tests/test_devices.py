@@ -65,3 +65,37 @@ def test_every_forward_reads_its_inputs_on_its_own_device(tmp_path, teacher_dir,
     assert "meta" in str(got.value), got.value
     assert len(meta_run) >= 2, meta_run   # the student's and the teacher's forwards ran
     assert not _misplaced(meta_run), _misplaced(meta_run)
+
+
+def test_an_offloaded_teacher_holds_one_layer_on_the_device_at_a_time(teacher_dir):
+    """teacher.offload (models/offload.py): everything but the decoder layers is placed; each layer's
+    weights stay in host memory and are copied to the device for that layer's forward alone, then
+    dropped. Run on the CPU (the copies are made all the same): during layer i's forward only layer
+    i's weights are copies, after it every layer is back on its host weights, and the logits equal
+    the model's own, under inference mode and no_grad alike."""
+    from stillroom.models import core as models
+    from stillroom.models.offload import offload_layers, offloaded
+    from stillroom.run.shard import decoder_layers
+
+    plain = models.load(str(teacher_dir)).model
+    model = offload_layers(models.load(str(teacher_dir)).model, "cpu")
+    assert offloaded(model) and not offloaded(plain)
+    layers = decoder_layers(model)
+    host = [[p.data_ptr() for p in layer.parameters()] for layer in layers]
+    seen = []
+
+    def watch(i):
+        def hook(module, args):   # registered after offload's own: sees what the layer runs with
+            seen.append([[p.data_ptr() for p in layer.parameters()] != host[j] for j, layer in enumerate(layers)])
+        return hook
+
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(watch(i))
+    x = torch.randint(0, plain.config.vocab_size, (2, 12))
+    for mode in (torch.inference_mode, torch.no_grad):
+        seen.clear()
+        with mode():
+            got, want = model(input_ids=x).logits, plain(input_ids=x).logits
+        assert torch.equal(got, want)
+        assert seen == [[j == i for j in range(len(layers))] for i in range(len(layers))]   # one layer at a time
+        assert [[p.data_ptr() for p in layer.parameters()] for layer in layers] == host   # all back on the host

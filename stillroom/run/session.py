@@ -12,9 +12,10 @@ train() once; here the steps are the session's methods, called in this order):
         last_log = s.fit(run)                             # the loop (run/loop.py)
         s.finish(metrics, table)                          # the tasks after, final/'s table, the report
 
-Devices are decided here and nowhere else: `place` puts a model on the run's device (or keeps
-it in host memory when it is offloaded), and the evaluation and the teachers move their inputs
-to the model that reads them, so a teacher and a student on different devices never meet.
+Devices are decided here and nowhere else: `place` puts a model on the run's device (an
+offloaded teacher's decoder layers in host memory, each brought to the device for its own
+forward), and the evaluation and the teachers move their inputs to the model that reads them, so
+a teacher and a student on different devices never meet.
 """
 from __future__ import annotations
 
@@ -93,12 +94,16 @@ class Session:
         return self.accelerator.num_processes
 
     def place(self, model: torch.nn.Module, *, offload: bool = False, dtype=None) -> torch.nn.Module:
-        """The model on the run's device (host memory when `offload`: a teacher brought to the
-        device only while it runs), its parameters in `dtype` when given. Every model the run holds
-        passes here before anything runs on it."""
+        """The model on the run's device, its parameters in `dtype` when given. offload: a teacher
+        whose decoder layers stay in host memory, each brought to the device for its own forward
+        (models/offload.py; on a CPU there is nothing to offload). Every model the run holds passes
+        here before anything runs on it."""
         from stillroom.models.core import cast_parameters
 
-        return cast_parameters(model.to("cpu" if offload else self.device), dtype)
+        if offload and self.device.type != "cpu":
+            from stillroom.models.offload import offload_layers
+            return offload_layers(cast_parameters(model.to("cpu"), dtype), self.device)
+        return cast_parameters(model.to(self.device), dtype)
 
     def data(self, teacher, tokenizer=None, rows=None, eval_rows=None):
         """-> (cfg with data.path resolved, train examples, held-out examples): see run/distill.py's

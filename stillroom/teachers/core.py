@@ -11,7 +11,7 @@ need:
   "features"  the model's output with hidden states (and attention maps with attention=True).
 A cached teacher always answers with its top-k (a `TopK`): what it holds.
 
-Kinds: `LiveTeacher` (a frozen model in its run dtype, optionally offloaded to host memory between
+Kinds: `LiveTeacher` (a frozen model in its run dtype, its layers optionally in host memory between
 uses) and `CachedTeacher` (a `stillroom cache` folder, read ahead on the data thread). Several
 teachers make a mixture (`teacher.mix`): a list of them with normalized weights, or per-example
 routing (`route_weights`).
@@ -43,19 +43,6 @@ class LiveTeacher:
     cached = False
     shardable = True   # train.shard=fsdp with teacher.shard: its model is sharded with the student
 
-    @contextlib.contextmanager
-    def on(self, device):
-        """The model on `device` for the block; with offload, back to the CPU after it (a teacher
-        that does not fit beside the student on the accelerator lives in host memory between uses)."""
-        if self.offload and torch.device(device).type != "cpu":
-            self.model.to(device)
-            try:
-                yield self.model
-            finally:
-                self.model.to("cpu")
-        else:
-            yield self.model
-
     def _mode(self):
         """Inference mode, or no_grad for a sharded teacher: FSDP2 gathers its layers into buffers
         that the evaluation's (no_grad) forward writes too, and an inference tensor refuses that."""
@@ -67,8 +54,8 @@ class LiveTeacher:
 
     def targets(self, b, need: str = "logits", attention: bool = False, clone: bool = False):
         """clone=True: a copy that may enter autograd expressions (inference tensors cannot)."""
-        device = b.input_ids.device
-        with self._mode(), self.autocast(), self.on(device) as m:
+        m = self.model   # (on the batch's device; an offloaded one brings each layer there itself)
+        with self._mode(), self.autocast():
             if need == "head":
                 head = models.output_head(m, self.vocab, base=True)
                 if head is not None:
@@ -84,8 +71,8 @@ class LiveTeacher:
 
     def logits_of(self, input_ids, attention_mask):
         """Its logits on inputs of its own tokenizer (a cross-tokenizer teacher)."""
-        with self._mode(), self.autocast(), self.on(input_ids.device) as m:
-            return m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        with self._mode(), self.autocast():
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def read_ahead(self, b):
         """Nothing to read ahead: a live teacher runs in the step."""
@@ -280,8 +267,12 @@ def load_teachers(cfg, primary, vocab, s_tok, accelerator) -> list:
             w, _ = models.check_vocab(loaded.model, loaded.tokenizer, loaded.model, s_tok)
             if w < vocab:
                 raise UserError(f"teacher.mix '{m.name}' ({m.model}) has {w} logits, fewer than the student's {vocab}")
-            dev = "cpu" if m.offload else accelerator.device
-            models.cast_parameters(loaded.model.to(dev), models.teacher_dtype(m.dtype, accelerator.device))
+            dtype = models.teacher_dtype(m.dtype, accelerator.device)
+            if m.offload and accelerator.device.type != "cpu":   # (as run/session.py's place)
+                from stillroom.models.offload import offload_layers
+                offload_layers(models.cast_parameters(loaded.model, dtype), accelerator.device)
+            else:
+                models.cast_parameters(loaded.model.to(accelerator.device), dtype)
             models.set_teacher_attention(loaded.model, m.attention, accelerator.device, cfg.data.seq_len,
                                          f"teacher.mix '{m.name}': attention")
             out.append(LiveTeacher(loaded.model, m.name, m.weight, m.offload, vocab, autocast))
