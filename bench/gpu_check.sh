@@ -116,7 +116,7 @@ from stillroom.run import tracking
 from stillroom.losses import auto_chunk_rows, fused
 picks = (f"teacher.dtype={models.teacher_dtype('auto', dev)}; mixed_precision={tracking.student_precision('auto', dev)};"
          f" teacher.attention={models.teacher_attention('auto', dev, 256) or 'model default'};"
-         f" loss.compile={fused.wanted('auto', 49152, dev)}; chunk rows at 49k={auto_chunk_rows(49152)};"
+         f" loss.compile={fused.wanted('auto', 49152, dev)}; chunk rows at 49k={auto_chunk_rows(49152, dev)};"
          f" glibc malloc: {tracking.keep_cpu_memory()}")
 print("stillroom auto on", dev, ":", picks)
 print("RESULT[env]: auto ->", picks)

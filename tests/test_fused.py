@@ -137,7 +137,7 @@ def test_compiled_chunks_in_bf16_are_four_times_as_thick_and_what_they_give_way_
     same in fp32; a chunk the kernel gives way on (a masked teacher) runs the eager kernel at the
     eager size, with its values (known before the chunk loop: the compiled kernel does not run
     on it); a chunk the caller gives is kept; the lean path does the same."""
-    monkeypatch.setattr(kernel, "auto_chunk_rows", lambda V: 4)
+    monkeypatch.setattr(kernel, "auto_chunk_rows", lambda V, device=None: 4)
     seen, chunk_terms = [], fused.chunk_terms
     monkeypatch.setattr(fused, "chunk_terms", lambda s, *a: (seen.append(s.shape[0]), chunk_terms(s, *a))[1])
     eager, dense_kl = [], kernel._dense_kl

@@ -174,3 +174,12 @@ def test_the_lean_head_runs_in_autocasts_dtype_whatever_the_shared_state_says(te
     monkeypatch.setattr(objectives, "linear_mixed_loss", lambda *a, **k: (seen.append(k["dtype"]), real(*a, **k))[1])
     step_grads(str(teacher_dir), str(chat_file), 1, acc)
     assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_the_automatic_chunk_is_thicker_on_cuda():
+    """auto_chunk_rows: the CPU's chunk (sized to the caches) as before; on CUDA eight times the rows
+    (launch-bound thin chunks); powers of two, capped. A device type is all it reads (no GPU needed)."""
+    from stillroom.losses import auto_chunk_rows
+    assert [auto_chunk_rows(v) for v in (49152, 262144, 32)] == [128, 32, 1024]
+    assert [auto_chunk_rows(v, "cpu") for v in (49152, 262144)] == [128, 32]
+    assert [auto_chunk_rows(v, torch.device("cuda")) for v in (49152, 262144, 32)] == [1024, 256, 4096]

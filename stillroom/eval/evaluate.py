@@ -25,7 +25,7 @@ def token_stats(student_logits, teacher_logits, labels, chunk=None):
     """No-grad sums over valid labels: student NLL, teacher NLL, KL(teacher || student) at T=1,
     and top-1 agreement count. Used by evaluation; chunked like the losses."""
     s2, t2 = _rows(student_logits), _rows(teacher_logits)
-    chunk = chunk or auto_chunk_rows(s2.shape[1])
+    chunk = chunk or auto_chunk_rows(s2.shape[1], s2.device)
     y = labels.reshape(-1)
     out = dict(student_nll=0.0, teacher_nll=0.0, kl=0.0, agree=0, tokens=0)
     with torch.no_grad():

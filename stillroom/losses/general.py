@@ -25,7 +25,7 @@ class _AutogradChunked(torch.autograd.Function):
     def forward(ctx, student, fn, chunk):
         want = ctx.needs_input_grad[0]
         s2 = _rows(student)
-        chunk = chunk or auto_chunk_rows(s2.shape[1])
+        chunk = chunk or auto_chunk_rows(s2.shape[1], student.device)
         grad = torch.empty(s2.shape, dtype=student.dtype, device=student.device) if want else None
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for a in range(0, s2.shape[0], chunk):
@@ -262,4 +262,4 @@ def uld_loss(student_rows, teacher_rows, temperature=1.0, match=None, match_weig
             total = total + match_weight * T * T * _kl(lp, lq).sum()
         return total
 
-    return _AutogradChunked.apply(student_rows, fn, chunk or max(1, auto_chunk_rows(max(Vs, Vt)) // 2))
+    return _AutogradChunked.apply(student_rows, fn, chunk or max(1, auto_chunk_rows(max(Vs, Vt), student_rows.device) // 2))

@@ -228,7 +228,7 @@ def _eager_split(s, targets, y, keep, w_ce, temperature, how, want_grad, dtype, 
     return loss, grad
 
 
-def _rows_for(chunk, vocab, compiled, dtype):
+def _rows_for(chunk, vocab, compiled, dtype, device=None):
     """(rows per chunk, most rows per eager chunk). A chunk the caller gives is kept. The automatic
     one (`auto_chunk_rows`) is four times as many rows where the compiled kernel runs on 2-byte
     logits (bf16/fp16, mixed precision): per row it holds the logits (the gradient written over
@@ -241,7 +241,7 @@ def _rows_for(chunk, vocab, compiled, dtype):
     gives way on runs eager at the automatic size."""
     if chunk:
         return chunk, chunk
-    base = auto_chunk_rows(vocab)
+    base = auto_chunk_rows(vocab, device)
     return (4 * base, base) if compiled and dtype.itemsize == 2 else (base, base)
 
 
@@ -259,7 +259,7 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, student, targets, labels, keep, w_ce, temperature, how, chunk, inplace, compiled=False):
         want_grad = ctx.needs_input_grad[0]
         s2 = _rows(student)
-        chunk, eager_rows = _rows_for(chunk, s2.shape[1], compiled, student.dtype)
+        chunk, eager_rows = _rows_for(chunk, s2.shape[1], compiled, student.dtype, student.device)
         t2 = [(_target_rows(t), w) for t, w in targets]
         y = labels.reshape(-1) if labels is not None else None
         k = keep.reshape(-1)
@@ -308,7 +308,7 @@ class _LinearChunkedLoss(torch.autograd.Function):
         need_b = bias is not None and ctx.needs_input_grad[2]
         want_grad = need_h or need_w or need_b
         dtype = dtype or hidden.dtype
-        chunk, eager_rows = _rows_for(chunk, weight.shape[0], compiled, dtype)
+        chunk, eager_rows = _rows_for(chunk, weight.shape[0], compiled, dtype, hidden.device)
         hc, wc = hidden.to(dtype), weight.to(dtype)          # no copy when they already are
         bc = None if bias is None else bias.to(dtype)
         g_h = torch.empty_like(hidden) if need_h else None    # every row is written by its chunk
