@@ -3,6 +3,7 @@ computations where one exists)."""
 import json
 
 import pytest
+import torch
 
 from stillroom.config import DataConfig
 from stillroom.data.examples import build_examples
@@ -45,9 +46,13 @@ def test_compare_numbers_come_from_the_models(setup, teacher_dir):
     assert cols["teacher"]["perplexity"] == pytest.approx(ref["teacher_perplexity"], rel=1e-4)
     assert s["params"] == models.num_params(models.load(str(d / "student")).model)
     assert s["size_mb"] * 2**20 == pytest.approx((d / "student" / "model.safetensors").stat().st_size, rel=1e-6)
-    for c in cols.values():
+    for name, c in cols.items():
         assert c["prefill_tokens_per_s"] > 0 and c["decode_tokens_per_s"] > 0 and c["latency_s"] > 0
         assert c["peak_mb"] >= 0
+        on_gpu = torch.cuda.is_available() and " " not in name   # (GGUF columns, "student q8_0", run on the CPU)
+        assert c["device_peak_mb"] > 0 if on_gpu else c["device_peak_mb"] is None
+    from stillroom.deploy.compare import table
+    assert ("peak GPU memory MB" in table(cols)) == torch.cuda.is_available()   # (the row only where a GPU ran)
     assert len(res["generations"]["student"]) == len(res["generations"]["prompts"])
     # the student as the teacher's draft model: the same acceptance as draft.py's own check, only on
     # the student's own column (not the teacher's, not a GGUF file's)

@@ -11,6 +11,8 @@ llama.cpp), on the same held-out data and the same prompts:
 
 Speed and memory are measured in a separate process per model, one after another, so one model's
 memory never counts against another's. The machine is noisy: read the columns side by side.
+Transformers models run on the GPU when there is one (timed after a synchronize; the peak of the
+device memory too), in fp32 everywhere; GGUF files on the CPU, as llama.cpp's CPU build runs them.
 """
 from __future__ import annotations
 
@@ -46,29 +48,34 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def device() -> torch.device:
+    """Where the transformers models run: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _measure_hf(path, prompt, gen_prompt, new_tokens, rounds):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    x, g = torch.tensor([prompt]), torch.tensor([gen_prompt])
+    from stillroom.eval.evaluate import synchronize
+
+    dev = device()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(dev)
+    x, g = torch.tensor([prompt], device=dev), torch.tensor([gen_prompt], device=dev)
+
+    def timed(run):   # the device's work done before the clock is read, not only queued
+        synchronize(dev)
+        t = time.perf_counter()
+        run()
+        synchronize(dev)
+        return time.perf_counter() - t
+
     with torch.inference_mode():
         model(input_ids=x)  # warm-up
-        pre = []
-        for _ in range(rounds):
-            t = time.perf_counter()
-            model(input_ids=x)
-            pre.append(time.perf_counter() - t)
-        short = []
-        for _ in range(rounds):
-            t = time.perf_counter()
-            model(input_ids=g)
-            short.append(time.perf_counter() - t)
-        runs = []
-        for _ in range(rounds):
-            t = time.perf_counter()
-            model.generate(input_ids=g, attention_mask=torch.ones_like(g), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-            runs.append(time.perf_counter() - t)
+        pre = [timed(lambda: model(input_ids=x)) for _ in range(rounds)]
+        short = [timed(lambda: model(input_ids=g)) for _ in range(rounds)]
+        runs = [timed(lambda: model.generate(input_ids=g, attention_mask=torch.ones_like(g), max_new_tokens=new_tokens,
+                                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0))
+                for _ in range(rounds)]
     return pre, short, runs
 
 
@@ -112,9 +119,11 @@ def worker(spec: dict) -> dict:
     pre, short, runs = fn(spec["path"], spec["prompt"], spec["gen_prompt"], spec["new_tokens"], spec["rounds"])
     n, m = len(spec["prompt"]), spec["new_tokens"]
     med = statistics.median
+    on_gpu = spec["kind"] != "gguf" and device().type == "cuda"
     return {"prefill_tokens_per_s": n / med(pre),
             "decode_tokens_per_s": m / max(med(runs) - med(short), 1e-9),
-            "latency_s": med(runs), "peak_mb": (_rss_bytes() - before) / 2**20}
+            "latency_s": med(runs), "peak_mb": (_rss_bytes() - before) / 2**20,
+            "device_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None}
 
 
 def measure(kind: str, path, prompt, gen_prompt, new_tokens: int, rounds: int, threads: int) -> dict:
@@ -149,7 +158,7 @@ def gguf_logits(path, examples) -> list[torch.Tensor]:
 def quality(teacher, examples, logits_of, tokenizer) -> dict:
     """Perplexity, bits per byte, agreement and KL to the teacher, example by example (batch 1: no
     padding, the same for every model kind). logits_of(i, example) -> (S, V) logits of the compared
-    model."""
+    model (moved to the teacher's device here)."""
     from stillroom.eval.evaluate import byte_counter, token_stats
     from stillroom.losses import IGNORE_INDEX
 
@@ -157,10 +166,11 @@ def quality(teacher, examples, logits_of, tokenizer) -> dict:
     tot = dict(student_nll=0.0, teacher_nll=0.0, kl=0.0, agree=0, tokens=0)
     n_bytes = 0
     for i, e in enumerate(examples):
-        ids = torch.tensor([e.input_ids])
-        labels = torch.tensor([e.labels[1:] + [IGNORE_INDEX]])
+        dev = next(teacher.parameters()).device
+        ids = torch.tensor([e.input_ids], device=dev)
+        labels = torch.tensor([e.labels[1:] + [IGNORE_INDEX]], device=dev)
         t = teacher(input_ids=ids).logits
-        s = logits_of(i, e).reshape(1, len(e.input_ids), -1)
+        s = logits_of(i, e).to(dev).reshape(1, len(e.input_ids), -1)
         w = min(t.shape[-1], s.shape[-1])
         for k, v in token_stats(s[..., :w], t[..., :w], labels).items():
             tot[k] += v
@@ -179,10 +189,10 @@ def generations(kind, path, tok, prompts, new_tokens) -> list[str]:
         return [llm.create_completion(p, max_tokens=new_tokens, temperature=0.0)["choices"][0]["text"].strip()
                 for p in prompts]
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(device())
     out = []
     for p in prompts:
-        ids = tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
         with torch.no_grad():
             g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                do_sample=False, pad_token_id=tok.pad_token_id)
@@ -194,6 +204,7 @@ def generations(kind, path, tok, prompts, new_tokens) -> list[str]:
 
 ROWS = [("params", "parameters", "{:,}".format), ("size_mb", "size on disk MB", "{:.2f}".format),
         ("peak_mb", "peak memory MB (RSS over runtime)", "{:.0f}".format),
+        ("device_peak_mb", "peak GPU memory MB", "{:.0f}".format),
         ("prefill_tokens_per_s", "prefill tokens/s", "{:.0f}".format),
         ("decode_tokens_per_s", "decode tokens/s", "{:.1f}".format),
         ("latency_s", "latency s (fixed prompt)", "{:.2f}".format),
@@ -210,7 +221,8 @@ DRAFT_KEYS = {"draft_accepted_per_step", "draft_acceptance", "draft_speedup", "d
 
 def table(cols: dict[str, dict]) -> str:
     names = list(cols)
-    rows = [r for r in ROWS if r[0] not in DRAFT_KEYS or any(r[0] in c for c in cols.values())]
+    rows = [r for r in ROWS if r[0] not in {*DRAFT_KEYS, "device_peak_mb"}
+            or any(c.get(r[0]) is not None for c in cols.values())]
     lw = max(len(r[1]) for r in rows)
     cw = [max(11, len(n)) for n in names]
     lines = [" " * lw + "  " + "  ".join(n.rjust(w) for n, w in zip(names, cw))]
@@ -251,6 +263,8 @@ def compare(teacher_spec: str, students: list[str], data: str, formats=(), seq_l
         st = models.load(p)
         models.check_vocab(teacher.model, teacher.tokenizer, st.model, st.tokenizer)
         loaded.append((s, st))
+    for m in [teacher, *(st for _, st in loaded)]:   # the quality numbers on the GPU when there is one
+        m.model.to(device())
     tok = teacher.tokenizer
     examples, _ = build_examples(data, tok, DataConfig(path=data, seq_len=seq_len))
     examples = examples[:max_examples]
@@ -282,8 +296,8 @@ def compare(teacher_spec: str, students: list[str], data: str, formats=(), seq_l
                 got = gguf_logits(path, examples)
                 q = quality(teacher.model, examples, lambda i, e: got[i], tok)
             else:
-                q = quality(teacher.model, examples, lambda i, e: model(input_ids=torch.tensor([e.input_ids])).logits,
-                            tok)
+                q = quality(teacher.model, examples,
+                            lambda i, e: model(input_ids=torch.tensor([e.input_ids], device=model.device)).logits, tok)
             col.update({k: q[k] for k in ("perplexity", "bits_per_byte", "agreement", "kl_per_token")})
             teacher_ppl, teacher_bpb, held = q["teacher_perplexity"], q["teacher_bits_per_byte"], q["tokens"]
             if draft_tokens and kind == "hf":
