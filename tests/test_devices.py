@@ -67,18 +67,19 @@ def test_every_forward_reads_its_inputs_on_its_own_device(tmp_path, teacher_dir,
     assert not _misplaced(meta_run), _misplaced(meta_run)
 
 
-def test_an_offloaded_teacher_holds_one_layer_on_the_device_at_a_time(teacher_dir):
+def test_an_offloaded_teacher_holds_one_layer_on_the_device_at_a_time(teacher_dir, device):
     """teacher.offload (models/offload.py): everything but the decoder layers is placed; each layer's
     weights stay in host memory and are copied to the device for that layer's forward alone, then
-    dropped. Run on the CPU (the copies are made all the same): during layer i's forward only layer
-    i's weights are copies, after it every layer is back on its host weights, and the logits equal
-    the model's own, under inference mode and no_grad alike."""
+    dropped. On the suite's device (on the CPU the copies are made all the same; on CUDA the host
+    weights are pinned): during layer i's forward only layer i's weights are device copies, after
+    it every layer is back on its host weights, and the logits equal the model's own on the device,
+    under inference mode and no_grad alike."""
     from stillroom.models import core as models
     from stillroom.models.offload import offload_layers, offloaded
     from stillroom.run.shard import decoder_layers
 
-    plain = models.load(str(teacher_dir)).model
-    model = offload_layers(models.load(str(teacher_dir)).model, "cpu")
+    plain = models.load(str(teacher_dir)).model.to(device)
+    model = offload_layers(models.load(str(teacher_dir)).model, device)
     assert offloaded(model) and not offloaded(plain)
     layers = decoder_layers(model)
     host = [[p.data_ptr() for p in layer.parameters()] for layer in layers]
@@ -91,7 +92,9 @@ def test_an_offloaded_teacher_holds_one_layer_on_the_device_at_a_time(teacher_di
 
     for i, layer in enumerate(layers):
         layer.register_forward_pre_hook(watch(i))
-    x = torch.randint(0, plain.config.vocab_size, (2, 12))
+    x = torch.randint(0, plain.config.vocab_size, (2, 12), device=device)
+    assert next(model.parameters()).device.type == device.type and all(
+        p.device.type == "cpu" and p.is_pinned() == (device.type == "cuda") for layer in layers for p in layer.parameters())
     for mode in (torch.inference_mode, torch.no_grad):
         seen.clear()
         with mode():
