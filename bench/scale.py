@@ -231,13 +231,16 @@ def data_bench(model: str, rows: int):
 
 
 FSDP_CHILD = r"""
-import json, statistics, sys, time, torch
+import json, os, statistics, sys, time, torch
 from torch.distributed.tensor import DTensor
 from stillroom.config import load_config
 from stillroom.run import distill as train
 from stillroom.run import loop
 from stillroom.run.loop import clip
 out_file, data, how, teacher_shard, accum = sys.argv[1:6]
+if os.environ.get("BENCH_NO_OVERLAP"):   # DDP's gradients all-reduced after the backward, as before run/grads.py
+    from stillroom.run import grads
+    grads.Reducer.arm = lambda self: None
 held = {}
 real_load = train.load_teachers
 def load_teachers(*a, **k):
@@ -282,6 +285,40 @@ try:
 except Done:
     pass
 """
+
+
+def overlap_bench():
+    """Data-parallel step time with the gradients all-reduced during the last backward (run/grads.py)
+    against after it, 2 gloo processes, the same runs as the FSDP bench's DDP row, alternated."""
+    import os
+    import statistics
+    import tempfile
+
+    data = SHARED / "alpaca_subset" / "alpaca_4500.jsonl"
+    if not data.is_file():
+        raise SystemExit(f"the overlap bench trains on {data}, which is not here")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    times = {"during the backward": [], "after the backward": []}
+    with tempfile.TemporaryDirectory() as d:
+        child = Path(d) / "child.py"
+        child.write_text(FSDP_CHILD)
+        for i in range(3):
+            for name in times:
+                out = Path(d) / f"{i}-{len(times[name])}-{name[:5]}.json"
+                env = dict(os.environ, OMP_NUM_THREADS="1", **({"BENCH_NO_OVERLAP": "1"} if "after" in name else {}))
+                r = subprocess.run([*launch, str(child), str(out), str(data), "none", "false", "1"],
+                                   capture_output=True, text=True, timeout=3600, env=env)
+                if r.returncode != 0:
+                    raise SystemExit(f"{name}: {r.stderr[-3000:]}")
+                times[name].append(json.loads(out.read_text())["step_s"])
+    print("\nDDP over 2 gloo processes (a 6-layer student of the bundled teacher, 4 x 256 tokens a process): median "
+          "step time (steps 3-6) of 3 runs each, alternated, with the gradients all-reduced bucket by bucket during "
+          "the last backward, and after it")
+    for name, ts in times.items():
+        print(f"  {name:<22} " + "  ".join(f"{t:.3f}" for t in ts) + f"   median {statistics.median(ts):.3f} s")
+    a, b = (statistics.median(t) for t in times.values())
+    print(f"during / after the backward: {a / b:.3f}")
 
 
 def fsdp_bench():
@@ -523,7 +560,7 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--only", choices=["loading", "data", "fsdp", "shard-load", "lean"])
+    ap.add_argument("--only", choices=["loading", "data", "fsdp", "overlap", "shard-load", "lean"])
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the large data set (startup, RSS)")
     a = ap.parse_args()
     import transformers
@@ -532,11 +569,13 @@ def main():
         data_bench(a.model, a.rows)
     if a.only in (None, "fsdp"):
         fsdp_bench()
+    if a.only in (None, "overlap"):
+        overlap_bench()
     if a.only in (None, "shard-load"):
         shard_load_bench(a.model)
     if a.only in (None, "lean"):
         lean_bench()
-    if a.only in ("data", "fsdp", "shard-load", "lean"):
+    if a.only in ("data", "fsdp", "overlap", "shard-load", "lean"):
         return
     measure("tokenizer", a.model)   # converts a GGUF teacher once, so no row pays for it
     print("RSS growth: peak RSS (VmHWM) less the tokenizer-only process's; it counts the weight files' pages "

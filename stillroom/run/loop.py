@@ -28,6 +28,7 @@ from stillroom.data.examples import Batch, micro_batch, to_batch
 from stillroom.errors import Stopped, UserError
 from stillroom.losses import IGNORE_INDEX
 from stillroom.run import faults
+from stillroom.run.grads import Reducer, average_grads
 from stillroom.run.outputs import checkpoints, load_trainees, read_state, save_checkpoint, save_trainees, trim_metrics
 from stillroom.run.shard import grad_norm, is_sharded
 from stillroom.run.tracking import hparams, make_accelerator, scalars, set_threads  # noqa: F401 (the loop's setup)
@@ -124,12 +125,14 @@ def accumulate(trainees, objective, batches: list[Batch] | None, plan, accelerat
     processes). Returns the step's loss per trainee, token counts, and each logged term's raw size
     per target token.
 
-    Under several processes no collective runs between the step's two all-reduces (token counts
-    before, logged sums after): the trainees' forward and backward run on the unwrapped models and
-    a replicated trainee's gradients are averaged after the second one (a trainee owned by one
-    process, as in co-distillation's cross-process modes, keeps its own). Each all-reduce carries a
-    failure flag, so an exception on one process (`failure`, from building the step's data, or
-    raised here) reaches every process as StepFailed instead of leaving the others waiting."""
+    Under several processes the trainees' forward and backward run on the unwrapped models; a
+    replicated trainee's gradients are averaged as the step's last backward finishes them, bucket
+    by bucket (run/grads.py's Reducer; a trainee owned by one process, as in co-distillation's
+    cross-process modes, keeps its own). Every process runs the same collectives in the same
+    order: the token counts, the gradient buckets (a process whose step failed takes part all the
+    same), then the logged sums. The first and last carry a failure flag, so an exception on one
+    process (`failure`, from building the step's data, or raised here) reaches every process as
+    StepFailed instead of leaving the others waiting."""
     world = accelerator.num_processes
     shared = world > 1
     counts = step_counts(batches, accelerator, failure)
@@ -138,11 +141,16 @@ def accumulate(trainees, objective, batches: list[Batch] | None, plan, accelerat
     replicated = {tr.name: tr.replicated for tr in trainees}
     sharded = shared and is_sharded(trainees[0].model)   # FSDP2: its forward and backward gather and reduce themselves
     models = {tr.name: tr.model if sharded or not shared else accelerator.unwrap_model(tr.model) for tr in trainees}
+    # a replicated trainee's gradients are averaged as the last backward finishes them (run/grads.py)
+    reducers = [Reducer([p for p in tr.params() if p.requires_grad], world) for tr in trainees
+                if tr.replicated and shared and not sharded]
     try:
         for i, b in enumerate(batches or []):
             faults.point("micro_batch")
             for m in models.values() if sharded else []:   # one reduce-scatter per step, after the last micro-batch
                 m.set_requires_gradient_sync(i == len(batches) - 1)
+            for r in reducers if i == len(batches) - 1 else []:
+                r.arm()
             for name, loss_sum, mine in objective.losses(models, b, plan, accelerator):
                 scaled = objective.scaled(loss_sum, b, counts, world)
                 accelerator.backward(scaled)
@@ -153,42 +161,25 @@ def accumulate(trainees, objective, batches: list[Batch] | None, plan, accelerat
         if not shared or sharded:   # a sharded model's collectives cannot be left halfway: this process
             raise                   # stops, and the launcher stops the others (the last checkpoint stays)
         failure = Failure.now(e)
+    finally:
+        for r in reducers:   # every bucket, in order, on every process (a failed one too), before the flag
+            r.close()
+    for r in reducers:
+        r.finish()
     keys = objective.part_keys(plan)
     summed = [n for n in totals if replicated[n]]   # an owned trainee's loss is its process's own
     raw = [parts.get(k, 0.0) for k in keys] + [totals[n] for n in summed]
     if shared:
         raw = agree(accelerator, failure, raw).tolist()
-        for tr in (tr for tr in trainees if tr.replicated):
+        for tr in (tr for tr in trainees if tr.replicated and sharded):
             # a sharded model reduced its own gradients; its extra modules are averaged here
-            average_grads([p for p in (tr.extra_params() if sharded else tr.params()) if p.requires_grad], world)
+            average_grads([p for p in tr.extra_params() if p.requires_grad], world)
     totals.update({n: float(v) / num_tokens for n, v in zip(summed, raw[len(keys):])})
     out = {"loss": totals[None] if list(totals) == [None] else totals,
            "target_tokens": int(counts[0]), "tokens": int(counts[1])}
     if keys:   # each term's raw (unweighted) size per target token
         out["terms"] = {k: float(v) / num_tokens for k, v in zip(keys, raw[:len(keys)]) if k in parts}
     return out
-
-
-def average_grads(params, world: int, bucket: int = 1 << 24):
-    """Mean of the parameters' gradients over the processes, as DDP computes it (each divided by
-    the number of processes, then summed), in flat buckets of up to `bucket` elements. A parameter
-    with no gradient takes part with zeros, as under DDP, so every process runs the same all-reduces."""
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    todo = [p.grad for p in params]
-    while todo:
-        n, k = 0, 0
-        while k < len(todo) and (k == 0 or n + todo[k].numel() <= bucket):
-            n += todo[k].numel()
-            k += 1
-        group, todo = todo[:k], todo[k:]
-        flat = _flatten_dense_tensors(group).div_(world)
-        torch.distributed.all_reduce(flat)
-        for g, f in zip(group, _unflatten_dense_tensors(flat, group)):
-            g.copy_(f)
 
 
 class GracefulStop:
