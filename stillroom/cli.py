@@ -119,7 +119,7 @@ def cmd_cache(args) -> int:
     cfg = _run_config(args, Config)
     if cfg is None:
         return 0
-    if args.export_vllm or args.export_axolotl:
+    if args.export_vllm or args.export_axolotl or args.export_distillkit:
         return _export_capture(cfg, args)
     if cfg.teacher.kind == "cache":
         raise UserError("stillroom cache runs the teacher: set teacher.kind=live (and teacher.model), or "
@@ -138,19 +138,33 @@ def cmd_cache(args) -> int:
 def _export_capture(cfg, args) -> int:
     from stillroom.teachers.captures import export_capture
 
-    fmt = "vllm" if args.export_vllm else "axolotl"
-    flag = f"--export-{fmt}"
-    if args.export_vllm and args.export_axolotl:
-        raise UserError("--export-vllm and --export-axolotl: one capture at a time")
+    asked = {f: v for f, v in (("vllm", args.export_vllm), ("axolotl", args.export_axolotl),
+                                ("distillkit", args.export_distillkit)) if v}
+    if len(asked) > 1:
+        raise UserError(f"{', '.join('--export-' + f for f in asked)}: one capture at a time")
+    (fmt, out), = asked.items()
+    flag, out = f"--export-{fmt}", Path(out)
     if cfg.teacher.kind != "cache":
         raise UserError(f"{flag} writes the cache at teacher.cache: set teacher.kind=cache teacher.cache=DIR")
-    out = Path(args.export_vllm or args.export_axolotl)
-    check_output_file(out, flag, [("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)])
-    if out.is_file() and out.stat().st_size and not args.overwrite:
-        raise UserError(f"{flag} {out} exists: pass --overwrite to replace it, or choose another file")
+    if fmt == "distillkit":   # a folder
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{flag} {out} is a file: DistillKit's capture is a folder; choose a folder")
+        if out.is_dir() and any(out.iterdir()):
+            if not args.overwrite:
+                raise UserError(f"{flag} {out} is not empty: pass --overwrite to replace a DistillKit capture there, "
+                                "or choose another folder")
+            if {p.name for p in out.iterdir()} - {"compression_config.yaml"} - {p.name for p in out.glob("data_*.parquet")}:
+                raise UserError(f"{flag} {out} holds files that are not a DistillKit capture's: choose another folder")
+            for p in out.glob("data_*.parquet"):
+                p.unlink()
+    else:
+        check_output_file(out, flag, [("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)])
+        if out.is_file() and out.stat().st_size and not args.overwrite:
+            raise UserError(f"{flag} {out} exists: pass --overwrite to replace it, or choose another file")
     n = export_capture(cfg, out, fmt, not args.no_progress)
-    print(f"{n:,} rows of {cfg.teacher.cache} written to {out} "
-          f"({'vLLM prompt_logprobs' if fmt == 'vllm' else 'axolotl KD: target_token_ids + logprobs'})")
+    what = {"vllm": "vLLM prompt_logprobs", "axolotl": "axolotl KD: target_token_ids + logprobs",
+            "distillkit": "DistillKit: data_*.parquet + compression_config.yaml, every log-prob exact"}[fmt]
+    print(f"{n:,} rows of {cfg.teacher.cache} written to {out} ({what})")
     return 0
 
 
@@ -560,7 +574,8 @@ def parser() -> argparse.ArgumentParser:
                    "data; train from it with teacher.kind=cache teacher.cache=DIR. Running it again continues "
                    "an interrupted cache.",
                    "a YAML file or bundled recipe, then overrides like cache.path=runs/cache cache.top_k=64",
-                   "replace a cache built differently (or the --export-vllm / --export-axolotl file)")
+                   "replace a cache built differently (or the --export-vllm / --export-axolotl file, or the "
+                   "--export-distillkit folder's capture)")
     ca.set_defaults(func=cmd_cache, resume=False)
     ca.add_argument("--export-vllm", metavar="FILE",
                    help="write the cache at teacher.cache (teacher.kind=cache) as a vLLM prompt_logprobs capture "
@@ -568,6 +583,10 @@ def parser() -> argparse.ArgumentParser:
     ca.add_argument("--export-axolotl", metavar="FILE",
                    help="write the cache at teacher.cache (teacher.kind=cache) as an axolotl KD dataset "
                         "(JSONL: input_ids, labels, target_token_ids, logprobs) instead of building one")
+    ca.add_argument("--export-distillkit", metavar="DIR",
+                   help="write the cache at teacher.cache (teacher.kind=cache) as a DistillKit / open-instruct "
+                        "capture (DIR/data_*.parquet + compression_config.yaml, every log-prob exact) instead of "
+                        "building one")
 
     e = sub.add_parser("eval", help="compare a student with its teacher on held-out data")
     e.add_argument("--model", required=True, help="student: a run folder (its final/), a model folder, .gguf or hub id")

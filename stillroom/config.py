@@ -278,13 +278,15 @@ class CacheConfig(Section):
     """`stillroom cache`: the teacher's top-k next-token distributions over the data, stored once."""
     path: str = "runs/cache"
     """Where the cache is written (a folder)."""
-    source: Literal["teacher", "logprobs", "vllm", "axolotl"] = "teacher"
+    source: Literal["teacher", "logprobs", "vllm", "axolotl", "distillkit"] = "teacher"
     """teacher: run the teacher over the data (teacher.kind live or served). logprobs: read the
     `teacher_logprobs` that `stillroom generate --api ... --top-logprobs K` stored in data.path.
     vllm: read a vLLM prompt_logprobs capture at data.path (rows of prompt_token_ids and
     prompt_logprobs; docs/cache.md#captures-from-other-tools). axolotl: read an axolotl KD dataset
-    at data.path (rows of input_ids and top-k logprobs). With logprobs, vllm and axolotl no teacher
-    runs: teacher.model only names the tokenizer, which must be the one the capture used."""
+    at data.path (rows of input_ids and top-k logprobs). distillkit: read a DistillKit or
+    open-instruct capture, the folder at data.path (data_*.parquet and compression_config.yaml).
+    With logprobs, vllm, axolotl and distillkit no teacher runs: teacher.model only names the
+    tokenizer, which must be the one the capture used."""
     top_k: int = Field(64, ge=1)
     """Log-probs kept per position (plus the tail mass and the true token's log-prob)."""
     dtype: Literal["float16", "float32"] = "float16"

@@ -406,22 +406,33 @@ def test_a_capture_that_cannot_be_read_is_one_line(tmp_path, teacher_dir, case):
             "pack": "data.pack=false"}[case] in line[0], line[0]
 
 
-@pytest.mark.parametrize("fmt", ["vllm", "axolotl"])
+@pytest.mark.parametrize("fmt", ["vllm", "axolotl", "distillkit"])
 def test_a_cache_exported_as_a_capture_reads_back_the_same(tmp_path, teacher_dir, chat_file, fmt):
-    """stillroom's own cache -> a vLLM capture (or axolotl's KD layout) -> a cache again: the same
-    ids and log-probs bit for bit, the tail recomputed from the listed mass (to rounding), the true
-    token's log-prob (axolotl: where the top-k lists it; its rows do not carry it elsewhere);
-    exported again, the same file byte for byte; an existing file is not replaced."""
+    """stillroom's own cache -> a vLLM capture (or axolotl's KD layout, or DistillKit's parquet) -> a
+    cache again: the same ids and log-probs bit for bit, the tail recomputed from the listed mass
+    (to rounding), the true token's log-prob (axolotl, DistillKit: where the top-k lists it; their
+    rows do not carry it elsewhere); exported again, the same files byte for byte; an existing
+    capture is not replaced."""
     base = tiny_overrides(teacher_dir, chat_file, tmp_path / "unused") + [
         "loss.temperature=1.0", "cache.dtype=float32", f"cache.top_k={K}", "teacher.dtype=float32"]
     assert run_cli("cache", *base, f"cache.path={tmp_path / 'own'}").returncode == 0
     own = ["teacher.kind=cache", f"teacher.cache={tmp_path / 'own'}"]
-    r = run_cli("cache", *base, *own, f"--export-{fmt}", tmp_path / "capture.jsonl")
-    assert r.returncode == 0 and {"vllm": "vLLM prompt_logprobs", "axolotl": "axolotl KD"}[fmt] in r.stdout, r.stderr
+    capture, again = (tmp_path / "capture", tmp_path / "again") if fmt == "distillkit" else \
+        (tmp_path / "capture.jsonl", tmp_path / "again.jsonl")
+    r = run_cli("cache", *base, *own, f"--export-{fmt}", capture)
+    assert r.returncode == 0 and {"vllm": "vLLM prompt_logprobs", "axolotl": "axolotl KD",
+                                  "distillkit": "DistillKit"}[fmt] in r.stdout, r.stderr
     if fmt == "axolotl":   # a row per token 1..n-1, right-aligned
-        row = json.loads((tmp_path / "capture.jsonl").read_text().splitlines()[0])
+        row = json.loads(capture.read_text().splitlines()[0])
         assert len(row["logprobs"]) == len(row["target_token_ids"]) == len(row["input_ids"]) - 1
-    r = run_cli("cache", f"teacher.model={teacher_dir}", f"data.path={tmp_path / 'capture.jsonl'}", "data.seq_len=64",
+    if fmt == "distillkit":   # parquet as DistillKit writes it: L - 1 byte rows a sequence
+        import pyarrow.parquet as pq
+        t = pq.read_table(capture / "data_0.parquet")
+        assert t.column_names == ["input_ids", "compressed_logprobs", "bytepacked_indices"]
+        row = t.slice(0, 1).to_pylist()[0]
+        assert len(row["compressed_logprobs"]) == len(row["bytepacked_indices"]) == len(row["input_ids"]) - 1
+        assert (capture / "compression_config.yaml").is_file()
+    r = run_cli("cache", f"teacher.model={teacher_dir}", f"data.path={capture}", "data.seq_len=64",
                 f"cache.source={fmt}", "cache.dtype=float32", f"cache.top_k={K}", f"cache.path={tmp_path / 'back'}",
                 "--no-progress")
     assert r.returncode == 0, r.stderr
@@ -430,11 +441,15 @@ def test_a_cache_exported_as_a_capture_reads_back_the_same(tmp_path, teacher_dir
     for sid in a:
         assert torch.equal(a[sid]["ids"].long(), b[sid]["ids"].long()) and torch.equal(a[sid]["logp"], b[sid]["logp"])
         torch.testing.assert_close(a[sid]["tail"].exp(), b[sid]["tail"].exp(), atol=2e-6, rtol=0)
-        inside = a[sid]["label_logp"] >= a[sid]["logp"][:, -1] if fmt == "axolotl" else slice(None)
+        inside = a[sid]["label_logp"] >= a[sid]["logp"][:, -1] if fmt != "vllm" else slice(None)
         assert torch.equal(a[sid]["label_logp"][inside], b[sid]["label_logp"][inside])
     r = run_cli("cache", f"teacher.model={teacher_dir}", "teacher.kind=cache", f"teacher.cache={tmp_path / 'back'}",
-                "data.seq_len=64", f"--export-{fmt}", tmp_path / "again.jsonl", "--no-progress")
+                "data.seq_len=64", f"--export-{fmt}", again, "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "capture.jsonl").read_bytes()
-    r = run_cli("cache", *base, *own, f"--export-{fmt}", tmp_path / "capture.jsonl")   # exists: refused
+    if fmt == "distillkit":
+        assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in capture.iterdir())
+        assert all((again / p.name).read_bytes() == p.read_bytes() for p in capture.iterdir())
+    else:
+        assert again.read_bytes() == capture.read_bytes()
+    r = run_cli("cache", *base, *own, f"--export-{fmt}", capture)   # exists: refused
     assert r.returncode == 2 and "--overwrite" in r.stderr

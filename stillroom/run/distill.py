@@ -298,7 +298,7 @@ def build_cache(cfg, overwrite: bool, progress: bool) -> dict | None:
     from stillroom.run.tracking import launch_state
     from stillroom.teachers.cache import build, existing, summary
 
-    if cfg.cache.source in ("logprobs", "vllm", "axolotl"):   # the teacher's tokenizer and config only: no weights are read
+    if cfg.cache.source in ("logprobs", "vllm", "axolotl", "distillkit"):   # the teacher's tokenizer and config only
         from transformers import AutoConfig
 
         from stillroom.teachers.api import build_from_logprobs
@@ -308,7 +308,8 @@ def build_cache(cfg, overwrite: bool, progress: bool) -> dict | None:
             raise UserError(f"cache.source={cfg.cache.source} reads data.path: " + (
                 "the JSONL that `stillroom generate --api ... --top-logprobs K` wrote" if cfg.cache.source == "logprobs"
                 else "a vLLM capture (JSONL rows of prompt_token_ids and prompt_logprobs)" if cfg.cache.source == "vllm"
-                else "an axolotl KD dataset (JSONL rows of input_ids and logprobs)"))
+                else "an axolotl KD dataset (JSONL rows of input_ids and logprobs)" if cfg.cache.source == "axolotl"
+                else "a DistillKit capture (a folder of data_*.parquet and compression_config.yaml)"))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError(f"cache.source={cfg.cache.source} only reads a file (no teacher runs): run it as one "
                             "process, without accelerate launch")

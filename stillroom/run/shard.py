@@ -127,7 +127,7 @@ def load_teacher(spec: str, dtype: torch.dtype, device, accelerator):
     return models.Loaded(model, tok, spec, Path(where) if kind == "folder" else None)
 
 
-BLOCK = 1 << 20   # elements the main process reads and sends at once (4 MB of fp32)
+BLOCK = 1 << 18   # elements the main process reads and sends at once (1 MB of fp32)
 
 
 def _scatter(p, read, main: bool, dtype):
