@@ -119,6 +119,8 @@ def cmd_cache(args) -> int:
     cfg = _run_config(args, Config)
     if cfg is None:
         return 0
+    if args.distillkit_layout and not args.export_distillkit:
+        raise UserError("--distillkit-layout is the layout of --export-distillkit DIR")
     if args.export_vllm or args.export_axolotl or args.export_distillkit:
         return _export_capture(cfg, args)
     if cfg.teacher.kind == "cache":
@@ -144,6 +146,12 @@ def _export_capture(cfg, args) -> int:
         raise UserError(f"{', '.join('--export-' + f for f in asked)}: one capture at a time")
     (fmt, out), = asked.items()
     flag, out = f"--export-{fmt}", Path(out)
+    layout = None
+    if args.distillkit_layout:
+        from stillroom.teachers import distillkit
+        if fmt != "distillkit":
+            raise UserError("--distillkit-layout is the layout of --export-distillkit")
+        layout = distillkit.read_config(Path(args.distillkit_layout))
     if cfg.teacher.kind != "cache":
         raise UserError(f"{flag} writes the cache at teacher.cache: set teacher.kind=cache teacher.cache=DIR")
     if fmt == "distillkit":   # a folder
@@ -161,9 +169,10 @@ def _export_capture(cfg, args) -> int:
         check_output_file(out, flag, [("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)])
         if out.is_file() and out.stat().st_size and not args.overwrite:
             raise UserError(f"{flag} {out} exists: pass --overwrite to replace it, or choose another file")
-    n = export_capture(cfg, out, fmt, not args.no_progress)
+    n = export_capture(cfg, out, fmt, not args.no_progress, layout)
     what = {"vllm": "vLLM prompt_logprobs", "axolotl": "axolotl KD: target_token_ids + logprobs",
-            "distillkit": "DistillKit: data_*.parquet + compression_config.yaml, every log-prob exact"}[fmt]
+            "distillkit": "DistillKit: data_*.parquet + compression_config.yaml, "
+                          + ("every log-prob exact" if layout is None else f"compressed as {args.distillkit_layout}")}[fmt]
     print(f"{n:,} rows of {cfg.teacher.cache} written to {out} ({what})")
     return 0
 
@@ -587,6 +596,9 @@ def parser() -> argparse.ArgumentParser:
                    help="write the cache at teacher.cache (teacher.kind=cache) as a DistillKit / open-instruct "
                         "capture (DIR/data_*.parquet + compression_config.yaml, every log-prob exact) instead of "
                         "building one")
+    ca.add_argument("--distillkit-layout", metavar="YAML",
+                   help="with --export-distillkit: compress as this DistillKit compression_config.yaml says "
+                        "(exact values, a polynomial fit, residual bins) instead of keeping every log-prob exact")
 
     e = sub.add_parser("eval", help="compare a student with its teacher on held-out data")
     e.add_argument("--model", required=True, help="student: a run folder (its final/), a model folder, .gguf or hub id")

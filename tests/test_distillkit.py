@@ -194,3 +194,67 @@ def test_a_capture_it_cannot_read_is_one_line(tmp_path, teacher_dir, case):
                 "cache.top_k=8", f"cache.path={tmp_path / 'c'}", "data.seq_len=64", "--no-progress")
     assert_user_error(r, why)
     assert not (tmp_path / "c").exists() or case in ("no column", "short row", "not parquet")
+
+
+def test_a_cache_exports_in_a_compressed_layout(tmp_path, teacher_dir, chat_file):
+    """--export-distillkit DIR --distillkit-layout YAML: the cache compressed as DistillKit's budget
+    pick says (k 8 of the cache's 16, 1 exact bf16 value, a fit of 1, t, sqrt t); its rows are that
+    layout's size, and read back they give the cache's top-8 ids exactly and its log-probs to the
+    fit's error; positions without a loss still read as no targets (the same examples come back)."""
+    import torch
+
+    from conftest import tiny_overrides
+    from stillroom.teachers.cache import TeacherCache
+
+    base = tiny_overrides(teacher_dir, chat_file, tmp_path / "unused") + [
+        "loss.temperature=1.0", "cache.dtype=float32", "cache.top_k=16", "teacher.dtype=float32"]
+    assert run_cli("cache", *base, f"cache.path={tmp_path / 'own'}").returncode == 0
+    layout = {"d": 320, "k": 8, "exact_k": 1, "exact_dtype": "bfloat16", "polynomial_terms": [0, 1, "sqrt"],
+              "term_dtype": "float32", "residual_bins": [], "delta_encoding": False, "error_diffusion": False,
+              "normalize_t": False}
+    (tmp_path / "budget.yaml").write_text(yaml.safe_dump(layout))
+    r = run_cli("cache", *base, "teacher.kind=cache", f"teacher.cache={tmp_path / 'own'}", "--export-distillkit",
+                tmp_path / "dk", "--distillkit-layout", tmp_path / "budget.yaml")
+    assert r.returncode == 0 and "compressed as" in r.stdout, r.stderr[-2000:]
+    import pyarrow.parquet as pq
+    row = pq.read_table(tmp_path / "dk" / "data_0.parquet").slice(0, 1).to_pylist()[0]
+    assert {len(x) for x in row["compressed_logprobs"]} == {2 + 3 * 4}   # bf16 + 3 fp32 coefficients
+    assert {len(x) for x in row["bytepacked_indices"]} == {-(-8 * 9 // 8)}   # 8 ids of 9 bits (d 320)
+    r = run_cli("cache", f"teacher.model={teacher_dir}", f"data.path={tmp_path / 'dk'}", "data.seq_len=64",
+                "cache.source=distillkit", "cache.dtype=float32", "cache.top_k=8", f"cache.path={tmp_path / 'back'}",
+                "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    own, back = TeacherCache(tmp_path / "own"), TeacherCache(tmp_path / "back")
+    own_ids = {s for sh in own.index["shards"] for s, _ in sh["samples"]}
+    back_ids = {s for sh in back.index["shards"] for s, _ in sh["samples"]}
+    assert own_ids == back_ids and len(own_ids) > 10
+    from stillroom.data.examples import Example
+    for d in [json.loads(x) for x in (tmp_path / "back" / "data.jsonl").read_text().splitlines()][:5]:
+        e = Example(d["input_ids"], d["labels"])
+        (i0, l0, _, _), (i1, l1, _, _) = own.rows(e), back.rows(e)
+        # what the layout keeps of the cache's top-8, through the format's own encode and decode
+        kept = distillkit.decode_logprobs(distillkit.encode_logprobs(l0[:, :8].double().numpy(), layout), layout)
+        for r in range(len(i0)):   # the same 8 ids (a fitted tail may reorder close ones), those values
+            want = dict(zip(i0[r, :8].tolist(), kept[r].tolist()))
+            got = dict(zip(i1[r].tolist(), l1[r].tolist()))
+            assert want.keys() == got.keys()
+            assert max(abs(want[t] - got[t]) for t in want) < 1e-5
+            assert abs(got[int(i0[r, 0])] - float(l0[r, 0])) < 0.02   # the exact one, in bf16
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_encoder_gives_back_what_each_layout_can_hold(case):
+    """encode_logprobs, read by decode_logprobs: a row the layout holds exactly (exact values it can
+    store, the rest on its polynomial, residuals on its bins' grid) comes back as it was; a row of
+    -inf (no targets) comes back listing nothing."""
+    extra = CASES[case][0]
+    values = {"plain": [-0.5, -1.25, -2.0, -2.5, -3.0, -3.5],   # the rest on the line, residuals 0
+              "delta": list(np.cumsum([-0.5, -1.25, -2.0, -2.5, -3.0, -3.5])),   # its deltas so
+              "bits": [-0.5, -1.25, 0.75, -0.75, -3.0, 1.5],    # +-mean on the 1-bit bin, the 2-bit grid
+              "terms": CASES["terms"][2]}[case]
+    cfg = {"d": 300, "k": 6, "exact_k": 2, "term_dtype": "float32", "error_diffusion": False, "normalize_t": False,
+           **extra}
+    x = np.array([values, [-np.inf] * 6])
+    back = distillkit.decode_logprobs(distillkit.encode_logprobs(x, cfg), cfg)
+    np.testing.assert_allclose(back[0], values, rtol=0, atol=1e-6)
+    assert not np.isfinite(back[1]).any()

@@ -180,7 +180,7 @@ def _cut(row: dict, n: int) -> dict:
     return {**row, "top": (ids[:n - 1 + extra], logp[:n - 1 + extra])}
 
 
-def export_capture(cfg, out: Path, fmt: str, progress=True) -> int:
+def export_capture(cfg, out: Path, fmt: str, progress=True, layout: dict | None = None) -> int:
     """The cache at teacher.cache as another tool's capture, one row per example of its data (the
     config's, or what the cache was built from). fmt vllm: JSONL of `prompt_token_ids`, `labels`
     and `prompt_logprobs` (entry i + 1 holds position i's stored top-k with ranks 1..k, and the
@@ -189,8 +189,9 @@ def export_capture(cfg, out: Path, fmt: str, progress=True) -> int:
     `logprobs` (axolotl's KD layout: a row per token 1..n-1, right-aligned; [] for tokens without
     a loss; the true token is not added). fmt distillkit: a folder of data_{i}.parquet and
     compression_config.yaml (teachers/distillkit.py) in its lossless layout (every log-prob exact,
-    in the cache's dtype; tokens without a loss: -inf rows). -> rows written. Written under
-    temporary names and renamed."""
+    in the cache's dtype; tokens without a loss: -inf rows), or in `layout` (a DistillKit
+    compression config: its compressed layouts). -> rows written. Written under temporary names
+    and renamed."""
     from stillroom.run.folders import durable_replace
     from stillroom.teachers.cache import TeacherCache
 
@@ -211,7 +212,8 @@ def export_capture(cfg, out: Path, fmt: str, progress=True) -> int:
             for e, top, _ in _stored(cfg, cache, tok, fmt, progress):
                 got[id(e)] = top
                 yield e
-        return distillkit.write(out, examples(), top_of, cache.top_k, len(tok), cache.index["dtype"], progress=False)
+        return distillkit.write(out, examples(), top_of, cache.top_k, len(tok), cache.index["dtype"], progress=False,
+                                layout=layout)
     n, tmp = 0, out.with_name(out.name + ".tmp")
     with open(tmp, "w") as f:
         for e, top, label in _stored(cfg, cache, tok, fmt, progress):

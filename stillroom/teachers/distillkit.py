@@ -38,10 +38,11 @@ WIDTH = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 
 def read_config(folder: Path) -> dict:
-    """compression_config.yaml, checked (its legacy `legacy_logit_compression` form is refused)."""
+    """compression_config.yaml in `folder` (or the file itself), checked (its legacy
+    `legacy_logit_compression` form is refused)."""
     import yaml
 
-    path = Path(folder) / CONFIG
+    path = Path(folder) if Path(folder).is_file() else Path(folder) / CONFIG
     if not path.is_file():
         raise UserError(f"{folder} has no {CONFIG}: a DistillKit capture is a folder of data_*.parquet files "
                         f"and their {CONFIG}")
@@ -138,6 +139,52 @@ def decode_logprobs(data: np.ndarray, cfg: dict) -> np.ndarray:
     return np.cumsum(values, axis=-1) if cfg["delta_encoding"] else values
 
 
+def _as_bytes(values: np.ndarray, dtype: str) -> np.ndarray:
+    """(R, n) float64 -> (R, n * width) uint8 little-endian in dtype (bf16: rounded to nearest even)."""
+    if dtype == "bfloat16":
+        u = np.ascontiguousarray(values.astype("<f4")).view("<u4").astype(np.uint64)
+        u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
+        return u.view(np.uint8).reshape(values.shape[0], -1)
+    dt = {"float16": "<f2", "float32": "<f4", "float64": "<f8"}[dtype]
+    return np.ascontiguousarray(values.astype(dt)).view(np.uint8).reshape(values.shape[0], -1)
+
+
+def encode_logprobs(logprobs: np.ndarray, cfg: dict) -> np.ndarray:
+    """(R, k) log-probs, highest first -> (R, B) uint8 in the config's layout (the module's text): the
+    exact values, a least-squares fit of the rest stored in term_dtype (the residuals taken from the
+    stored coefficients), each residual bin scaled by its largest magnitude and rounded to its bits.
+    A row with any non-finite value (a position without targets) is written with NaN coefficients,
+    so it reads back as listing nothing."""
+    k, exact = cfg["k"], cfg["exact_k"]
+    bad = ~np.isfinite(logprobs).all(-1)
+    v = np.where(bad[:, None], 0.0, logprobs.astype(np.float64))
+    if cfg["delta_encoding"]:
+        v = np.concatenate([v[:, :1], np.diff(v, axis=-1)], -1)
+    parts = [_as_bytes(np.where(bad[:, None], -np.inf, v[:, :exact]), cfg["exact_dtype"])] if exact else []
+    rest, terms = v[:, exact:k], cfg["polynomial_terms"] or []
+    if terms:
+        X = _terms(terms, k - exact, cfg["normalize_t"])
+        coef = np.linalg.lstsq(X, rest.T, rcond=None)[0].T
+        stored = _floats(_as_bytes(coef, cfg["term_dtype"]), cfg["term_dtype"], len(terms))
+        rest = rest - stored @ X.T
+        parts.append(_as_bytes(np.where(bad[:, None], np.nan, coef), cfg["term_dtype"]))
+    i = 0
+    for b in cfg["residual_bins"] or []:
+        bits, m = int(b["element_bits"]), int(b["num_elements"])
+        r = rest[:, i:i + m]
+        if bits == 1:   # sign times the mean magnitude (what minimizes the squared error of +-scale)
+            scale = np.abs(r).mean(-1, keepdims=True)
+            q = (r > 0).astype(np.int64)
+        else:
+            scale = np.abs(r).max(-1, keepdims=True) / 2 ** (bits - 1)
+        scale = _floats(_as_bytes(np.where(scale == 0, 1.0, scale), b["scale_dtype"]), b["scale_dtype"], 1)
+        if bits > 1:
+            q = (np.clip(np.round(r / scale), -2 ** (bits - 1), 2 ** (bits - 1) - 1) + 2 ** (bits - 1)).astype(np.int64)
+        parts += [_as_bytes(np.where(bad[:, None], np.nan, scale), b["scale_dtype"]), pack(q, bits)]
+        i += m
+    return np.concatenate(parts, axis=-1)
+
+
 def encode_exact(logprobs: np.ndarray, cfg: dict) -> np.ndarray:
     """(R, k) log-probs, highest first -> (R, k * width) uint8: the lossless layout (exact_k = k, no
     polynomial, no bins, no delta encoding) that export writes."""
@@ -226,11 +273,14 @@ def entries(row: dict, n: int, fail) -> list[dict | None]:
     return out
 
 
-def write(out: Path, examples, top_of, k: int, d: int, dtype: str = "float32", file_rows: int = 10_000, progress=True) -> int:
+def write(out: Path, examples, top_of, k: int, d: int, dtype: str = "float32", file_rows: int = 10_000, progress=True,
+          layout: dict | None = None) -> int:
     """A DistillKit capture in folder `out` (made; its files written under temporary names and renamed):
     one parquet row per example, L - 1 byte rows each, in the lossless layout (exact_k = k in `dtype`:
-    float32 keeps a float32 cache bit for bit). top_of(example) -> {position: [(id, log-prob), ...]},
-    highest first; a position without any (no loss there) is k slots of -inf. -> rows written."""
+    float32 keeps a float32 cache bit for bit), or in `layout` (a read_config dict: its k first
+    entries of each position, compressed by encode_logprobs). top_of(example) -> {position: [(id,
+    log-prob), ...]}, highest first; a position without any (no loss there) reads back as listing
+    nothing. -> rows written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import yaml
@@ -240,11 +290,16 @@ def write(out: Path, examples, top_of, k: int, d: int, dtype: str = "float32", f
 
     cfg = {"d": d, "k": k, "exact_k": k, "exact_dtype": dtype, "polynomial_terms": None, "term_dtype": "float32",
            "residual_bins": [], "delta_encoding": False, "error_diffusion": False, "normalize_t": False}
+    if layout is not None:
+        if layout["k"] > k:
+            raise UserError(f"the DistillKit layout keeps k = {layout['k']} entries a position; the cache holds {k}")
+        cfg, k = {**layout, "d": max(layout["d"], d)}, layout["k"]
+    encode = encode_exact if layout is None else encode_logprobs
     schema = pa.schema([pa.field("input_ids", pa.list_(pa.uint64())),
                         pa.field("compressed_logprobs", pa.list_(pa.list_(pa.uint8()))),
                         pa.field("bytepacked_indices", pa.list_(pa.list_(pa.uint8())))])
     out.mkdir(parents=True, exist_ok=True)
-    bits, n, index, batch, writer, tmp = index_bits(d), 0, 0, [], None, None
+    bits, n, index, batch, writer, tmp = index_bits(cfg["d"]), 0, 0, [], None, None
 
     def flush():
         nonlocal batch, writer, tmp, index
@@ -266,7 +321,7 @@ def write(out: Path, examples, top_of, k: int, d: int, dtype: str = "float32", f
         for p, pairs in top.items():
             for j, (t, v) in enumerate(pairs[:k]):
                 ids[p, j], logp[p, j] = t, v
-        batch.append({"input_ids": list(e.input_ids), "compressed_logprobs": encode_exact(logp, cfg).tolist(),
+        batch.append({"input_ids": list(e.input_ids), "compressed_logprobs": encode(logp, cfg).tolist(),
                       "bytepacked_indices": pack(ids, bits).tolist()})
         n += 1
         if n % file_rows == 0:
