@@ -364,7 +364,7 @@ def fsdp_bench():
 
 
 SHARD_LOAD_CHILD = r"""
-import contextlib, json, sys, threading, time, torch, torch.distributed as dist
+import json, sys, threading, time, torch, torch.distributed as dist
 from torch.distributed.tensor import DTensor
 def status(key):
     return [int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith(key)][0]
@@ -372,15 +372,6 @@ from stillroom.models import core as models
 from stillroom.run import shard
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-class Launch:   # what shard.load_teacher asks of the run's accelerator
-    is_main_process, num_processes = rank == 0, dist.get_world_size()
-    @contextlib.contextmanager
-    def main_process_first(self):
-        if rank:
-            dist.barrier()
-        yield
-        if not rank:
-            dist.barrier()
 how, spec, out = sys.argv[1:4]
 models.load_tokenizer(spec)   # (any GGUF conversion before the count starts)
 dist.barrier()
@@ -409,7 +400,7 @@ if how == "baseline":   # what either load does besides the weights: the tokeniz
 if how == "machinery":   # the sharded load with no weight read or sent (its shards' memory never written)
     shard._scatter = lambda *a, **k: None
 if how in ("sharded", "machinery"):
-    model = shard.load_teacher(spec, torch.bfloat16, torch.device("cpu"), Launch()).model
+    model = shard.load_teacher(spec, torch.bfloat16, torch.device("cpu")).model
 else:   # the path before: every process loads the whole teacher, then it is sharded
     model = models.load(spec, dtype=torch.bfloat16).model
     shard.shard(model, frozen=True)

@@ -9,7 +9,6 @@ the largest single read, whole tensors), how many times a whole model was loaded
 every parameter arrived (the process's shard of each equals the whole teacher's, the tied head is
 its input embedding) and whether the sharded teacher's logits equal the whole teacher's.
 """
-import contextlib
 import json
 import sys
 
@@ -23,18 +22,6 @@ from stillroom.run import shard
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-
-
-class Launch:   # what load_teacher asks of the run's accelerator
-    is_main_process, num_processes = rank == 0, dist.get_world_size()
-
-    @contextlib.contextmanager
-    def main_process_first(self):
-        if rank:
-            dist.barrier()
-        yield
-        if not rank:
-            dist.barrier()
 
 
 seen = {"elements_read": 0, "largest_read": 0, "whole_tensors_read": 0, "whole_loads": 0}
@@ -83,7 +70,7 @@ teacher_dir, out = sys.argv[1:3]
 if len(sys.argv) > 3:
     shard.BLOCK = int(sys.argv[3])
 dtype = torch.float32
-model = shard.load_teacher(teacher_dir, dtype, torch.device("cpu"), Launch()).model
+model = shard.load_teacher(teacher_dir, dtype, torch.device("cpu")).model
 counts = [None, None]
 dist.all_gather_object(counts, seen)
 AutoModelForCausalLM.from_pretrained = real_load

@@ -201,8 +201,6 @@ def test_a_cache_exports_in_a_compressed_layout(tmp_path, teacher_dir, chat_file
     pick says (k 8 of the cache's 16, 1 exact bf16 value, a fit of 1, t, sqrt t); its rows are that
     layout's size, and read back they give the cache's top-8 ids exactly and its log-probs to the
     fit's error; positions without a loss still read as no targets (the same examples come back)."""
-    import torch
-
     from conftest import tiny_overrides
     from stillroom.teachers.cache import TeacherCache
 

@@ -122,8 +122,8 @@ def kept_layers(cfg, teacher: models.Loaded):
 
 def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
     with Session(cfg, overwrite=overwrite, resume=resume, progress=progress) as s:
-        sharded = s.accelerator if shard.active(cfg, s.accelerator) and cfg.teacher.shard else None
-        if sharded is not None and cfg.data.path is None:
+        sharded = shard.active(cfg, s.accelerator) and cfg.teacher.shard
+        if sharded and cfg.data.path is None:
             raise UserError("teacher.shard=true over several processes: the sharded teacher does not generate the "
                             "default data; set data.path (for example to the answers `stillroom generate` wrote)")
         loaded, teacher, cfg = load_teacher(cfg, s.device, s.place, s.accelerator.autocast, sharded)

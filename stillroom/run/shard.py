@@ -79,7 +79,7 @@ def shard(model: torch.nn.Module, frozen: bool = False, gather_root: bool = True
     return model
 
 
-def load_teacher(spec: str, dtype: torch.dtype, device, accelerator):
+def load_teacher(spec: str, dtype: torch.dtype, device):
     """teacher.shard=true under several processes: the teacher sharded as it loads, as torchtitan
     and torchtune load a model too large for one device -> models.Loaded. Every process builds
     it on the meta device (no storage), shards it per decoder layer, and only then gives storage
@@ -89,15 +89,27 @@ def load_teacher(spec: str, dtype: torch.dtype, device, accelerator):
     (which a frozen teacher keeps gathered), the main process one block more while it reads.
     Non-persistent buffers (rotary frequencies) are computed on the host by the model's own code.
     A folder without safetensors files, a hub model or files whose tensors are named otherwise
-    are loaded whole on the main process (said in the log) and sent the same way."""
+    are loaded whole on the main process (said in the log) and sent the same way. Every process of
+    the launch's process group calls it; process 0 is the main one."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from stillroom.models import core as models
     from stillroom.run.feedback import phase
 
-    with accelerator.main_process_first():   # a GGUF is converted once, by the main process
-        kind, where = models.resolve(spec)
+    import torch.distributed as dist
+
+    main, world = dist.get_rank() == 0, dist.get_world_size()
+    found = None
+    if main:   # (a GGUF converted once, by the main process; a refusal reaches every process)
+        try:
+            kind, where = models.resolve(spec)
+            found = (kind, str(where))
+        except UserError as e:
+            found = ("error", str(e))
+    kind, where = _broadcast(found)
+    if kind == "error":
+        raise UserError(where)
     tok = models.load_tokenizer(str(where))
     try:
         config = AutoConfig.from_pretrained(where)
@@ -114,13 +126,12 @@ def load_teacher(spec: str, dtype: torch.dtype, device, accelerator):
     with torch.no_grad():
         for n, b in model.named_buffers():
             b.copy_(buffers[n])
-    main = accelerator.is_main_process
     read, how = _weights(where, kind, shapes, dtype) if main else (None, None)
     how = _broadcast(how)
     if how.startswith("error: "):
         raise UserError(how[len("error: "):])
     params = dict(model.named_parameters(remove_duplicate=False))
-    with phase(f"loading {spec} sharded over {accelerator.num_processes} processes ({how})"), torch.no_grad():
+    with phase(f"loading {spec} sharded over {world} processes ({how})"), torch.no_grad():
         for name in shapes:
             _scatter(params[name], read(name) if main else None, main, dtype)
     model.unshard()   # the root group gathered, as shard(frozen=True) leaves a teacher

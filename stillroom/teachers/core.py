@@ -214,13 +214,13 @@ def route_weights(teachers: list, b, device) -> list:
     return out
 
 
-def load_teacher(cfg, device, place, autocast=contextlib.nullcontext, sharded=None):
+def load_teacher(cfg, device, place, autocast=contextlib.nullcontext, sharded: bool = False):
     """The run's own teacher -> (models.Loaded: its tokenizer, config and name, its weights None
     from a cache; the teacher the step reads; cfg, with the data a cache was built from filled
     in where data.path is unset). A model is loaded straight into the dtype it runs in and
     handed to `place` (run/session.py: its device, or host memory with teacher.offload).
-    sharded: the accelerator of a launch whose processes shard the teacher (teacher.shard under
-    train.shard=fsdp): it is sharded as it loads (run/shard.py's load_teacher), never whole."""
+    sharded: the launch's processes shard the teacher (teacher.shard under train.shard=fsdp): it
+    is sharded as it loads (run/shard.py's load_teacher), never whole."""
     tc = cfg.teacher
     if tc.kind == "cache":
         from stillroom.teachers.cache import TeacherCache
@@ -235,9 +235,9 @@ def load_teacher(cfg, device, place, autocast=contextlib.nullcontext, sharded=No
         loaded, scorer = served_teacher(tc)
         return loaded, ServedTeacher(scorer, tc.name, tc.weight), cfg
     dtype = models.teacher_dtype(tc.dtype, device)
-    if sharded is not None:
+    if sharded:
         from stillroom.run import shard
-        loaded = shard.load_teacher(tc.model, dtype, device, sharded)
+        loaded = shard.load_teacher(tc.model, dtype, device)
         return loaded, LiveTeacher(loaded.model, tc.name, tc.weight, False, None, autocast, loaded.path), cfg
     loaded = models.load(tc.model, dtype=dtype)
     place(loaded.model, offload=tc.offload, dtype=dtype)
