@@ -85,6 +85,7 @@ with torch.no_grad():
 if rank == 0:
     unique = dict(model.named_parameters())
     json.dump({"counts": counts, "equal": equal, "same_logits": same,
+               "params": [models.num_params(model), models.num_params(ref)],   # (as the run's log and table say)
                "elements": sum(p.numel() for p in unique.values()),
                "half_of_largest": max(-(-p.shape[0] // 2) * (p.numel() // p.shape[0]) for p in unique.values()),
                "layers_sharded": all(isinstance(p, DTensor) for n, p in model.named_parameters() if ".layers." in n),

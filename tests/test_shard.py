@@ -112,6 +112,7 @@ def test_a_sharded_teacher_is_never_loaded_whole(tmp_path, teacher_dir, stored, 
         assert r["counts"][0] == {**nothing, "whole_loads": 1}
     assert r["counts"][1] == nothing
     assert r["tied"] and r["layers_sharded"] and r["equal"] and r["same_logits"]
+    assert r["params"][0] == r["params"][1]   # counted whole, though each process holds its shards
 
 
 def test_a_sharded_teacher_needs_its_data_given(tmp_path, teacher_dir, chat_file):

@@ -431,11 +431,17 @@ def check_vocab(teacher, t_tok, student, s_tok) -> tuple[int, str | None]:
                    f"(the tokenizer has {n} tokens)")
 
 
+def _storage_key(t):
+    """What identifies a tensor's memory, so weights tied by storage count once. A sharded
+    parameter (a DTensor: no storage of its own) is itself; its numel is the whole tensor's."""
+    return ("dtensor", id(t)) if hasattr(t, "_local_tensor") else t.data_ptr()
+
+
 def num_params(model) -> int:
     seen, total = set(), 0
     for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
+        if _storage_key(p) not in seen:
+            seen.add(_storage_key(p))
             total += p.numel()
     return total
 
@@ -443,8 +449,8 @@ def num_params(model) -> int:
 def weights_bytes(model) -> int:
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        if _storage_key(t) not in seen:
+            seen.add(_storage_key(t))
             total += t.numel() * t.element_size()
     return total
 

@@ -224,7 +224,7 @@ def train_student(s: Session, cfg, student, teacher, objective, train, held, voc
                  else "", ", and the teacher" if t_sharded else "")
     if t_sharded and not shard.is_sharded(teacher.model):   # a Distiller's teacher, given whole
         shard.shard(teacher.model, frozen=True)
-    elif cfg.train.shard == "fsdp":
+    if cfg.train.shard == "fsdp" and not fsdp:
         log.info("train.shard=fsdp in one process: nothing to shard across (launch several with accelerate launch)")
     optimizer = make_optimizer(torch.nn.ModuleList([student, *objective.trained]), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
