@@ -136,6 +136,7 @@ def _fill(cfg, tok, rows, index, where, what: str, progress: bool) -> int:
     field = {"vllm": "prompt_logprobs", "axolotl": "logprobs", "distillkit": "top"}[fmt]
     writer, done, used = ShardWriter(out, index, cfg.cache.shard_rows), set(), 0
     dtype = {"float16": torch.float16, "float32": torch.float32}[cfg.cache.dtype]
+    ids_dtype = torch.uint16 if len(tok) <= 2**16 else torch.int32   # (as a cache the teacher builds)
     data = open(out / "data.jsonl", "w") if fmt == "distillkit" else None
     try:
         for n, row in tqdm(rows, desc=f"{fmt} capture -> cache", unit="row", disable=not progress):
@@ -163,7 +164,7 @@ def _fill(cfg, tok, rows, index, where, what: str, progress: bool) -> int:
             if int(ids.max()) >= len(tok):
                 raise fail(f"token id {int(ids.max())} is outside {cfg.teacher.model}'s vocabulary ({len(tok)}): "
                            "the capture was made with another tokenizer")
-            writer.add(sid, ids.to(torch.int32), logp.to(dtype), tail.float(), label_logp.float())
+            writer.add(sid, ids.to(ids_dtype), logp.to(dtype), tail.float(), label_logp.float())
             writer.flush_if_full()
             used += 1
         writer.flush()
