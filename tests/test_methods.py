@@ -13,7 +13,6 @@ from stillroom.errors import UserError
 from stillroom.losses import IGNORE_INDEX
 from stillroom.objectives import methods
 from stillroom.run.distill import distill
-from stillroom.teachers.core import LiveTeacher
 
 from conftest import CORPUS, make_model, make_tokenizer, save, tiny_overrides
 
@@ -407,24 +406,6 @@ def test_a_cached_teacher_in_the_mix_equals_it_live(tmp_path, teacher_dir, chat_
          f"teacher.mix=[{{name: b, kind: cache, cache: {tmp_path / 'c2'}}}]")
     a, b = _weights(tmp_path / "live"), _weights(tmp_path / "cached")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-
-
-def test_offload_moves_a_teacher_only_around_its_use():
-    moves = []
-
-    class Fake(torch.nn.Module):
-        def to(self, *a, **k):
-            moves.append(str(a[0]))
-            return self
-    t = LiveTeacher(Fake(), "b", offload=True)
-    with t.on("cuda") as model:
-        assert moves == ["cuda"] and model is t.model
-    assert moves == ["cuda", "cpu"]
-    with LiveTeacher(Fake(), "c", offload=False).on("cuda"):
-        pass
-    with t.on("cpu"):            # already where it lives
-        pass
-    assert moves == ["cuda", "cpu"]
 
 
 def test_logged_terms_sum_over_micro_batches(tmp_path, teacher_dir, other_tok_teacher, chat_file):
