@@ -110,6 +110,8 @@ def load_teacher(spec: str, dtype: torch.dtype, device):
     kind, where = _broadcast(found)
     if kind == "error":
         raise UserError(where)
+    if kind == "folder" and not Path(where).is_dir():   # another machine of the launch: its own copy
+        kind, where = models.resolve(spec)
     tok = models.load_tokenizer(str(where))
     try:
         config = AutoConfig.from_pretrained(where)
