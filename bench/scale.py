@@ -238,8 +238,8 @@ from stillroom.run import distill as train
 from stillroom.run import loop
 from stillroom.run.loop import clip
 out_file, data, how, teacher_shard, accum = sys.argv[1:6]
-if os.environ.get("BENCH_NO_OVERLAP"):   # DDP's gradients all-reduced after the backward, as before run/grads.py
-    from stillroom.run import grads
+if os.environ.get("BENCH_OVERLAP") == "0":   # the overlap bench's other arm: every bucket out after the
+    from stillroom.run import grads          # backward, in the same order (as before run/grads.py)
     grads.Reducer.arm = lambda self: None
 held = {}
 real_load = train.load_teachers
@@ -306,7 +306,7 @@ def overlap_bench():
         for i in range(3):
             for name in times:
                 out = Path(d) / f"{i}-{len(times[name])}-{name[:5]}.json"
-                env = dict(os.environ, OMP_NUM_THREADS="1", **({"BENCH_NO_OVERLAP": "1"} if "after" in name else {}))
+                env = dict(os.environ, OMP_NUM_THREADS="1", BENCH_OVERLAP="0" if "after" in name else "1")
                 r = subprocess.run([*launch, str(child), str(out), str(data), "none", "false", "1"],
                                    capture_output=True, text=True, timeout=3600, env=env)
                 if r.returncode != 0:
