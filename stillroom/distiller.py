@@ -68,7 +68,7 @@ class Distiller:
                         threads=False, inputs=()) as s:
             tc = cfg.teacher
             s.place(self.teacher.model, offload=tc.offload, dtype=models.teacher_dtype(tc.dtype, s.device))
-            teacher = LiveTeacher(self.teacher.model, tc.name, tc.weight, tc.offload, None, s.accelerator.autocast)
+            teacher = LiveTeacher(self.teacher.model, tc.name, tc.weight, None, s.accelerator.autocast)
             self.metrics, self.student = run_distill(
                 s, cfg, self.teacher, teacher, s.place(self.student), self.student_tokenizer, "in-memory student",
                 rows=self.train_data, eval_rows=self.eval_data)

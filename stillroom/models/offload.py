@@ -10,6 +10,17 @@ from __future__ import annotations
 import torch
 
 
+def place(model: torch.nn.Module, device, offload: bool = False, dtype=None) -> torch.nn.Module:
+    """The model on `device`, its parameters in `dtype` when given (models.cast_parameters: its
+    buffers as the model made them). offload: its decoder layers in host memory, each brought to
+    the device for its own forward (offload_layers; on a CPU there is nothing to offload)."""
+    from stillroom.models.core import cast_parameters
+
+    if offload and torch.device(device).type != "cpu":
+        return offload_layers(cast_parameters(model.to("cpu"), dtype), device)
+    return cast_parameters(model.to(device), dtype)
+
+
 def offload_layers(model: torch.nn.Module, device, pin: bool | None = None) -> torch.nn.Module:
     """In place: everything but the decoder layers on `device`; each layer's parameters in host
     memory, brought to `device` for the layer's own forward (-> the model). pin: page-locked host

@@ -94,16 +94,12 @@ class Session:
         return self.accelerator.num_processes
 
     def place(self, model: torch.nn.Module, *, offload: bool = False, dtype=None) -> torch.nn.Module:
-        """The model on the run's device, its parameters in `dtype` when given. offload: a teacher
-        whose decoder layers stay in host memory, each brought to the device for its own forward
-        (models/offload.py; on a CPU there is nothing to offload). Every model the run holds passes
-        here before anything runs on it."""
-        from stillroom.models.core import cast_parameters
+        """The model on the run's device (models/offload.py's place: its parameters in `dtype` when
+        given; offload: a teacher's decoder layers in host memory, each brought to the device for
+        its own forward). Every model the run holds passes here before anything runs on it."""
+        from stillroom.models.offload import place
 
-        if offload and self.device.type != "cpu":
-            from stillroom.models.offload import offload_layers
-            return offload_layers(cast_parameters(model.to("cpu"), dtype), self.device)
-        return cast_parameters(model.to(self.device), dtype)
+        return place(model, self.device, offload, dtype)
 
     def data(self, teacher, tokenizer=None, rows=None, eval_rows=None):
         """-> (cfg with data.path resolved, train examples, held-out examples): see run/distill.py's

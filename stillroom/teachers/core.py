@@ -36,7 +36,6 @@ class LiveTeacher:
     model: torch.nn.Module
     name: str = "teacher"
     weight: float = 1.0
-    offload: bool = False
     vocab: int | None = None
     autocast: object = contextlib.nullcontext
     path: str | None = None   # where it was loaded from (its size on disk in the table)
@@ -238,10 +237,10 @@ def load_teacher(cfg, device, place, autocast=contextlib.nullcontext, sharded: b
     if sharded:
         from stillroom.run import shard
         loaded = shard.load_teacher(tc.model, dtype, device)
-        return loaded, LiveTeacher(loaded.model, tc.name, tc.weight, False, None, autocast, loaded.path), cfg
+        return loaded, LiveTeacher(loaded.model, tc.name, tc.weight, None, autocast, loaded.path), cfg
     loaded = models.load(tc.model, dtype=dtype)
     place(loaded.model, offload=tc.offload, dtype=dtype)
-    return loaded, LiveTeacher(loaded.model, tc.name, tc.weight, tc.offload, None, autocast, loaded.path), cfg
+    return loaded, LiveTeacher(loaded.model, tc.name, tc.weight, None, autocast, loaded.path), cfg
 
 
 def load_teachers(cfg, primary, vocab, s_tok, accelerator) -> list:
@@ -267,15 +266,11 @@ def load_teachers(cfg, primary, vocab, s_tok, accelerator) -> list:
             w, _ = models.check_vocab(loaded.model, loaded.tokenizer, loaded.model, s_tok)
             if w < vocab:
                 raise UserError(f"teacher.mix '{m.name}' ({m.model}) has {w} logits, fewer than the student's {vocab}")
-            dtype = models.teacher_dtype(m.dtype, accelerator.device)
-            if m.offload and accelerator.device.type != "cpu":   # (as run/session.py's place)
-                from stillroom.models.offload import offload_layers
-                offload_layers(models.cast_parameters(loaded.model, dtype), accelerator.device)
-            else:
-                models.cast_parameters(loaded.model.to(accelerator.device), dtype)
+            from stillroom.models.offload import place   # (as run/session.py places the primary)
+            place(loaded.model, accelerator.device, m.offload, models.teacher_dtype(m.dtype, accelerator.device))
             models.set_teacher_attention(loaded.model, m.attention, accelerator.device, cfg.data.seq_len,
                                          f"teacher.mix '{m.name}': attention")
-            out.append(LiveTeacher(loaded.model, m.name, m.weight, m.offload, vocab, autocast))
+            out.append(LiveTeacher(loaded.model, m.name, m.weight, vocab, autocast))
     total = sum(t.weight for t in out) or 1.0
     for t in out:
         t.weight = t.weight / total
