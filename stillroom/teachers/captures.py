@@ -158,7 +158,7 @@ def _fill(cfg, tok, rows, index, where, what: str, progress: bool) -> int:
             done.add(sid)
             n_tok = len(e.input_ids)
             raw = (prompt_logprobs_entries(row["prompt_logprobs"], n_tok, fail) if fmt == "vllm"
-                   else distillkit.entries(_cut(row, n_tok), n_tok, fail) if fmt == "distillkit"
+                   else distillkit.entries(row, n_tok) if fmt == "distillkit"
                    else axolotl_entries(row, n_tok, fail))
             ids, logp, tail, label_logp = target_rows(e, raw, k, fail)
             if int(ids.max()) >= len(tok):
@@ -172,13 +172,6 @@ def _fill(cfg, tok, rows, index, where, what: str, progress: bool) -> int:
         if data is not None:
             data.close()
     return used
-
-
-def _cut(row: dict, n: int) -> dict:
-    """A decoded DistillKit row for its first n tokens (data.seq_len cuts longer sequences)."""
-    ids, logp = row["top"]
-    extra = len(ids) - (len(row["input_ids"]) - 1)   # 1 where the empty first entry was kept
-    return {**row, "top": (ids[:n - 1 + extra], logp[:n - 1 + extra])}
 
 
 def export_capture(cfg, out: Path, fmt: str, progress=True, layout: dict | None = None) -> int:

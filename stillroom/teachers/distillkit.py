@@ -187,11 +187,10 @@ def encode_logprobs(logprobs: np.ndarray, cfg: dict) -> np.ndarray:
 
 def encode_exact(logprobs: np.ndarray, cfg: dict) -> np.ndarray:
     """(R, k) log-probs, highest first -> (R, k * width) uint8: the lossless layout (exact_k = k, no
-    polynomial, no bins, no delta encoding) that export writes."""
+    polynomial, no bins, no delta encoding) that export writes; a partly listed row keeps its values."""
     assert cfg["exact_k"] == cfg["k"] and not cfg["polynomial_terms"] and not cfg["residual_bins"] \
         and not cfg["delta_encoding"]
-    dt = {"float16": "<f2", "float32": "<f4", "float64": "<f8"}[cfg["exact_dtype"]]
-    return np.ascontiguousarray(logprobs.astype(dt)).view(np.uint8).reshape(logprobs.shape[0], -1)
+    return _as_bytes(logprobs, cfg["exact_dtype"])
 
 
 def files(folder: Path) -> list[Path]:
@@ -222,8 +221,8 @@ def check(folder: Path) -> dict:
 
 
 def rows(folder: Path):
-    """-> (row number, {"input_ids": [...], "labels": [...], "top": (ids (R, k), log-probs (R, k))})
-    for every sequence, file after file, a record batch at a time (a capture is never read whole).
+    """-> (row number, {"input_ids": [...], "labels": [...], "top": (ids (L-1, k), log-probs (L-1, k))},
+    row j for token j + 1, an empty first row of L dropped) for every sequence, file after file, a record batch at a time (a capture is never read whole).
     labels: each token whose row lists something, -100 for token 0 and where a row is empty (no
     loss there: how stillroom's export marks them)."""
     import pyarrow.parquet as pq
@@ -251,25 +250,25 @@ def rows(folder: Path):
                 except ValueError:   # ragged byte rows
                     raise UserError(f"{f} row {n}: its byte rows differ in length") from None
                 ids_in = row["input_ids"]
-                first = len(logp) - (len(ids_in) - 1)   # 1: row 0 is token 0's empty entry
-                listed = np.isfinite(logp).any(axis=-1)
-                labels = [-100] + [t if 0 <= p - 1 + first < len(listed) and listed[p - 1 + first] else -100
-                                   for p, t in enumerate(ids_in) if p]
+                if len(logp) == len(ids_in):   # open-instruct's L rows: row 0 is token 0's empty entry
+                    ids, logp = ids[1:], logp[1:]
+                elif len(logp) != len(ids_in) - 1:
+                    raise UserError(f"{f} row {n}: {len(logp)} rows of log-probs for {len(ids_in)} tokens (need "
+                                    f"{len(ids_in) - 1}, or {len(ids_in)} with the empty first)")
+                listed = np.isfinite(logp).any(axis=-1)   # row j: token j + 1
+                labels = [-100] + [t if listed[p - 1] else -100 for p, t in enumerate(ids_in) if p]
                 yield n, {"input_ids": ids_in, "labels": labels, "top": (ids, logp)}
 
 
-def entries(row: dict, n: int, fail) -> list[dict | None]:
-    """A decoded row's top-k for its n tokens -> per token {id: log-prob}, highest first (as
-    served.prompt_logprobs_entries gives vLLM's); {} where nothing is listed, None for token 0."""
+def entries(row: dict, n: int) -> list[dict | None]:
+    """A decoded row's top-k (rows' row j: token j + 1) for its first n tokens (data.seq_len may cut
+    it) -> per token {id: log-prob}, highest first (as served.prompt_logprobs_entries gives vLLM's);
+    {} where nothing is listed, None for token 0."""
     ids, logp = row["top"]
-    if len(ids) not in (n - 1, n) and n > 1:
-        raise fail(f"{len(ids)} rows of log-probs for {n} tokens (need {n - 1}, or {n} with the empty first)")
-    first = len(ids) - (n - 1)   # 1: row 0 is token 0's empty entry
     out = [None] + [{} for _ in range(n - 1)]
     for p in range(1, n):
-        r = p - 1 + first
-        keep = np.isfinite(logp[r])
-        out[p] = {int(t): float(v) for t, v in sorted(zip(ids[r][keep], logp[r][keep]), key=lambda x: -x[1])}
+        keep = np.isfinite(logp[p - 1])
+        out[p] = {int(t): float(v) for t, v in sorted(zip(ids[p - 1][keep], logp[p - 1][keep]), key=lambda x: -x[1])}
     return out
 
 
@@ -301,14 +300,18 @@ def write(out: Path, examples, top_of, k: int, d: int, dtype: str = "float32", f
     out.mkdir(parents=True, exist_ok=True)
     bits, n, index, batch, writer, tmp = index_bits(cfg["d"]), 0, 0, [], None, None
 
-    def flush():
-        nonlocal batch, writer, tmp, index
+    def put():   # the batch into the open data file (opened when none is)
+        nonlocal batch, writer, tmp
         if batch:
             if writer is None:
                 tmp = out / f".data_{index}.parquet.tmp"
                 writer = pq.ParquetWriter(tmp, schema)
             writer.write_table(pa.Table.from_pylist(batch, schema=schema))
             batch = []
+
+    def flush():   # ... and that file closed and published
+        nonlocal writer, index
+        put()
         if writer is not None:
             writer.close()
             durable_replace(tmp, out / f"data_{index}.parquet")
@@ -327,11 +330,7 @@ def write(out: Path, examples, top_of, k: int, d: int, dtype: str = "float32", f
         if n % file_rows == 0:
             flush()
         elif len(batch) >= 256:
-            if writer is None:
-                tmp = out / f".data_{index}.parquet.tmp"
-                writer = pq.ParquetWriter(tmp, schema)
-            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-            batch = []
+            put()
     flush()
     tmp_cfg = out / f".{CONFIG}.tmp"
     tmp_cfg.write_text(yaml.safe_dump(cfg))
