@@ -197,17 +197,8 @@ def export_capture(cfg, out: Path, fmt: str, progress=True, layout: dict | None 
     cache.check(cfg, tok)
     if fmt == "distillkit":
         from stillroom.teachers import distillkit
-        got = {}
-
-        def top_of(e):
-            return got.pop(id(e))
-
-        def examples():
-            for e, top, _ in _stored(cfg, cache, tok, fmt, progress):
-                got[id(e)] = top
-                yield e
-        return distillkit.write(out, examples(), top_of, cache.top_k, len(tok), cache.index["dtype"], progress=False,
-                                layout=layout)
+        stored = ((e, top) for e, top, _ in _stored(cfg, cache, tok, fmt, progress))
+        return distillkit.write(out, stored, cache.top_k, len(tok), cache.index["dtype"], progress=False, layout=layout)
     n, tmp = 0, out.with_name(out.name + ".tmp")
     with open(tmp, "w") as f:
         for e, top, label in _stored(cfg, cache, tok, fmt, progress):

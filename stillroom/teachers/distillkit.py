@@ -272,13 +272,13 @@ def entries(row: dict, n: int) -> list[dict | None]:
     return out
 
 
-def write(out: Path, examples, top_of, k: int, d: int, dtype: str = "float32", file_rows: int = 10_000, progress=True,
+def write(out: Path, stored, k: int, d: int, dtype: str = "float32", file_rows: int = 10_000, progress=True,
           layout: dict | None = None) -> int:
     """A DistillKit capture in folder `out` (made; its files written under temporary names and renamed):
     one parquet row per example, L - 1 byte rows each, in the lossless layout (exact_k = k in `dtype`:
     float32 keeps a float32 cache bit for bit), or in `layout` (a read_config dict: its k first
-    entries of each position, compressed by encode_logprobs). top_of(example) -> {position: [(id,
-    log-prob), ...]}, highest first; a position without any (no loss there) reads back as listing
+    entries of each position, compressed by encode_logprobs). stored: (example, {position: [(id,
+    log-prob), ...]}, highest first) pairs; a position without any (no loss there) reads back as listing
     nothing. -> rows written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -317,8 +317,8 @@ def write(out: Path, examples, top_of, k: int, d: int, dtype: str = "float32", f
             durable_replace(tmp, out / f"data_{index}.parquet")
             writer, index = None, index + 1
 
-    for e in tqdm(examples, desc="cache -> distillkit", unit="row", disable=not progress):
-        top, L = top_of(e), len(e.input_ids)
+    for e, top in tqdm(stored, desc="cache -> distillkit", unit="row", disable=not progress):
+        L = len(e.input_ids)
         ids = np.zeros((L - 1, k), dtype=np.int64)
         logp = np.full((L - 1, k), -np.inf)
         for p, pairs in top.items():
