@@ -151,6 +151,9 @@ def _export_capture(cfg, args) -> int:
         from stillroom.teachers import distillkit
         if fmt != "distillkit":
             raise UserError("--distillkit-layout is the layout of --export-distillkit")
+        if not Path(args.distillkit_layout).is_file():
+            raise UserError(f"--distillkit-layout {args.distillkit_layout}: no such file (a DistillKit "
+                            "compression_config.yaml)")
         layout = distillkit.read_config(Path(args.distillkit_layout))
     if cfg.teacher.kind != "cache":
         raise UserError(f"{flag} writes the cache at teacher.cache: set teacher.kind=cache teacher.cache=DIR")

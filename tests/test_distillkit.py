@@ -214,6 +214,10 @@ def test_a_cache_exports_in_a_compressed_layout(tmp_path, teacher_dir, chat_file
     r = run_cli("cache", *base, "teacher.kind=cache", f"teacher.cache={tmp_path / 'own'}", "--export-distillkit",
                 tmp_path / "dk", "--distillkit-layout", tmp_path / "budget.yaml")
     assert r.returncode == 0 and "compressed as" in r.stdout, r.stderr[-2000:]
+    r = run_cli("cache", *base, "teacher.kind=cache", f"teacher.cache={tmp_path / 'own'}", "--export-distillkit",
+                tmp_path / "dk2", "--distillkit-layout", tmp_path / "none.yaml")
+    assert_user_error(r, "--distillkit-layout .*none.yaml: no such file")
+    assert not (tmp_path / "dk2").exists()
     import pyarrow.parquet as pq
     row = pq.read_table(tmp_path / "dk" / "data_0.parquet").slice(0, 1).to_pylist()[0]
     assert {len(x) for x in row["compressed_logprobs"]} == {2 + 3 * 4}   # bf16 + 3 fp32 coefficients
