@@ -41,6 +41,23 @@ def test_a_phase_says_what_it_does_only_once_it_is_slow(caplog):
     assert "slow work ..." in said and any(m.startswith("slow work: done in") for m in said)
 
 
+def test_a_library_run_with_progress_false_shows_no_bar(tmp_path, teacher_dir, chat_file, monkeypatch):
+    """distill(progress=False) turns every bar off for the run (the held-out evaluation's too)
+    and leaves the switch as it was."""
+    from stillroom.config import load_config
+    from stillroom.eval import evaluate
+    from stillroom.run import feedback
+    from stillroom.run.distill import distill
+
+    shown = []
+    real = feedback.bar
+    monkeypatch.setattr(evaluate, "bar", lambda *a, **k: (shown.append(feedback.progress_on()), real(*a, **k))[1])
+    distill(load_config(None, tiny_overrides(teacher_dir, chat_file, tmp_path / "r") + ["train.max_steps=1"]),
+            progress=False)
+    assert shown and not any(shown)
+    assert feedback.progress_on()
+
+
 def test_eval_names_the_models_it_compares(tmp_path, teacher_dir, chat_file):
     r = run_cli("eval", "--model", teacher_dir, "--teacher", teacher_dir, "--data", chat_file, "--seq-len", "64")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -21,6 +21,18 @@ def set_progress(on: bool):
     _progress = bool(on)
 
 
+@contextlib.contextmanager
+def progress(on: bool):
+    """Bars off inside the block when `on` is False (a library call with progress=False); the
+    switch as it was afterwards."""
+    global _progress
+    was, _progress = _progress, _progress and bool(on)
+    try:
+        yield
+    finally:
+        _progress = was
+
+
 def progress_on() -> bool:
     return _progress and int(os.environ.get("RANK", "0")) == 0
 

@@ -53,6 +53,9 @@ class Session:
         from stillroom.run.outputs import own_output
         from stillroom.run.tracking import make_accelerator
 
+        from stillroom.run.feedback import progress
+
+        self._stack.enter_context(progress(self.progress))
         self._stack.enter_context(own_output(self.out, self.overwrite, self.resume, self.inputs, self.kind))
         if self.cfg.train.deterministic:
             self._stack.enter_context(deterministic())
