@@ -148,7 +148,7 @@ def test_cache_build_killed_anywhere_continues_bit_identical(point, tmp_path, te
 
 
 def _rows(cache, sid):
-    n, start, count = cache.where[sid]
+    n, start, count, _ = cache.where[sid]
     f = cache._shard(n)
     return [f.get_slice(k)[start:start + count] for k in ("ids", "logp", "tail", "label_logp")]
 

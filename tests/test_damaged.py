@@ -134,7 +134,7 @@ def test_a_damaged_data_store_is_refused_with_how_to_rebuild(name, how, tmp_path
 def _sample_rows(cache) -> dict:
     """{sample id: its (ids, logp, tail, label_logp) rows} of a cache, whatever its shard layout."""
     out = {}
-    for sid, (n, start, count) in cache.where.items():
+    for sid, (n, start, count, _) in cache.where.items():
         f = cache._shard(n)
         out[sid] = [f.get_slice(k)[start:start + count] for k in ("ids", "logp", "tail", "label_logp")]
     return out

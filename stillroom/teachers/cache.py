@@ -43,11 +43,11 @@ from stillroom.losses import IGNORE_INDEX, TopK, topk_targets
 from stillroom.run import faults
 from stillroom.run import folders
 from stillroom.run.folders import clear, durable_replace, entries, kind_of, usual_mode
+from stillroom.teachers.packing import Layout
 
 log = logging.getLogger("stillroom")
 
 FORMAT = "stillroom-cache/1"
-DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def sample_id(e: Example) -> str:
@@ -88,21 +88,21 @@ class ShardWriter:
     """Buffers samples' rows and writes them as shards of about `shard_rows` rows: each shard
     under a temporary name, renamed, and only then listed in the index (replaced atomically)."""
 
-    NAMES = ("ids", "logp", "tail", "label_logp")
-
-    def __init__(self, out: Path, index: dict, shard_rows: int, index_file: str = "index.json",
+    def __init__(self, out: Path, index: dict, layout: Layout, shard_rows: int, index_file: str = "index.json",
                  prefix: str = "shard-"):
-        """index_file / prefix: under several processes each lists its shards in its own
-        index.pN.json (folded into index.json at the end) and names them shard-pN-..."""
-        self.out, self.index, self.shard_rows = out, index, shard_rows
+        """layout: how rows are stored (packing.Layout.of the cache's index). index_file / prefix:
+        under several processes each lists its shards in its own index.pN.json (folded into
+        index.json at the end) and names them shard-pN-..."""
+        self.out, self.index, self.layout, self.shard_rows = out, index, layout, shard_rows
         self.index_file, self.prefix = index_file, prefix
         self._reset()
 
     def _reset(self):
-        self.buf, self.samples, self.rows = {k: [] for k in self.NAMES}, [], 0
+        self.buf, self.samples, self.rows = {k: [] for k in self.layout.names}, [], 0
 
     def add(self, sid: str, ids, logp, tail, label_logp):
-        for k, v in zip(self.NAMES, (ids, logp, tail, label_logp)):
+        """One sample's rows, on the host, in any dtype: stored as the layout says."""
+        for k, v in self.layout.encode(ids, logp, tail, label_logp).items():
             self.buf[k].append(v)
         self.samples.append([sid, int(tail.shape[0])])
         self.rows += int(tail.shape[0])
@@ -276,12 +276,11 @@ def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=Non
                  sum(sid not in done for b in todo for sid, _ in b))
     mine = todo[rank::world]
 
-    k, dtype = ident["top_k"], DTYPES[c.dtype]
-    ids_dtype = torch.uint16 if vocab <= 2**16 else torch.int32
+    k, layout = ident["top_k"], Layout(c.dtype, vocab, ident["top_k"])
     device = "cpu" if served else next(teacher.parameters()).device
     pad = tok.pad_token_id
-    writer = (ShardWriter(out, index, c.shard_rows) if world == 1 else
-              ShardWriter(out, {"shards": []}, c.shard_rows, f"index.p{rank}.json",
+    writer = (ShardWriter(out, index, layout, c.shard_rows) if world == 1 else
+              ShardWriter(out, {"shards": []}, layout, c.shard_rows, f"index.p{rank}.json",
                           f"shard-p{rank}-{len(index['shards']):05d}-"))
     label = "cache" if world == 1 else f"cache (process 0 of {world})"
     bar = tqdm(total=sum(len(b) for b in mine), desc=label, unit="sample", disable=not (progress and rank == 0))
@@ -290,7 +289,7 @@ def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=Non
         if served:   # the server scores the samples not yet cached, `concurrency` at a time
             left = [(sid, e) for sid, e in part if sid not in done]
             for (sid, e), (ids, logp, tail, label_logp) in zip(left, teacher.many([e for _, e in left])):
-                writer.add(sid, ids.to(ids_dtype), logp.to(dtype), tail.float(), label_logp.float())
+                writer.add(sid, ids, logp, tail, label_logp)
             writer.flush_if_full()
             faults.point("cache.batch")
             bar.update(len(part))
@@ -305,9 +304,8 @@ def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=Non
             top = topk_targets(lg, k, T)
             nxt = torch.tensor(e.labels, device=device)[pos + 1]
             label_logp = torch.log_softmax(lg.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)
-            # ids cast on the host: uint16 has little support on CUDA
-            writer.add(sid, top.ids.cpu().to(ids_dtype), top.logp.to(dtype).cpu(), top.log_tail.float().cpu(),
-                       label_logp.float().cpu())
+            # stored from the host: uint16 has little support on CUDA
+            writer.add(sid, top.ids.cpu(), top.logp.float().cpu(), top.log_tail.float().cpu(), label_logp.float().cpu())
         del logits
         writer.flush_if_full()
         faults.point("cache.batch")
@@ -401,10 +399,11 @@ class TeacherCache:
         self.where = {}
         for n, s in enumerate(self.index["shards"]):
             start = 0
-            for sid, rows in s["samples"]:
-                self.where[sid] = (n, start, rows)
+            for j, (sid, rows) in enumerate(s["samples"]):
+                self.where[sid] = (n, start, rows, j)
                 start += rows
-        self._open = {}
+        self.layout = Layout.of(self.index)
+        self._open, self._code_at = {}, {}
         self._lock = threading.Lock()
 
     @property
@@ -471,13 +470,26 @@ class TeacherCache:
             return self._open[n]
 
     def rows(self, e: Example):
+        """(ids, log-probs, tail, true-token log-probs) at the example's positions with a loss."""
         sid = sample_id(e)
         if sid not in self.where:
             raise UserError(f"the cache in {self.path} has no entry for an example of this run "
                             "(built for other data?)")
-        n, start, count = self.where[sid]
+        return self.read(sid)
+
+    def read(self, sid: str):
+        """rows() of the sample with id `sid` (one the index lists)."""
+        n, start, count, j = self.where[sid]
         f = self._shard(n)
-        return tuple(f.get_slice(name)[start:start + count] for name in ("ids", "logp", "tail", "label_logp"))
+        t = {name: f.get_slice(name)[start:start + count] for name in self.layout.names
+             if name not in ("code", "code_bytes")}
+        if self.layout.packed:
+            with self._lock:
+                if n not in self._code_at:    # where each sample's ids begin in the shard's bit streams
+                    self._code_at[n] = [0] + f.get_tensor("code_bytes").cumsum(0).tolist()
+                at = self._code_at[n]
+            t["code"] = f.get_slice("code")[at[j]:at[j + 1]]
+        return self.layout.decode(t)
 
     def targets(self, examples: list[Example], seq_len: int, device) -> CachedTargets:
         """Targets for a collated batch of `examples` (right-padded to `seq_len` positions)."""

@@ -36,7 +36,6 @@ import math
 import shutil
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from stillroom.errors import UserError
@@ -130,13 +129,12 @@ def _fill(cfg, tok, rows, index, where, what: str, progress: bool) -> int:
     from stillroom.data.examples import Example, row_doc
     from stillroom.teachers import distillkit
     from stillroom.teachers.cache import ShardWriter, sample_id
+    from stillroom.teachers.packing import Layout
     from stillroom.teachers.served import prompt_logprobs_entries, target_rows
 
     out, k, fmt = Path(cfg.cache.path), cfg.cache.top_k, cfg.cache.source
     field = {"vllm": "prompt_logprobs", "axolotl": "logprobs", "distillkit": "top"}[fmt]
-    writer, done, used = ShardWriter(out, index, cfg.cache.shard_rows), set(), 0
-    dtype = {"float16": torch.float16, "float32": torch.float32}[cfg.cache.dtype]
-    ids_dtype = torch.uint16 if len(tok) <= 2**16 else torch.int32   # (as a cache the teacher builds)
+    writer, done, used = ShardWriter(out, index, Layout.of(index), cfg.cache.shard_rows), set(), 0
     data = open(out / "data.jsonl", "w") if fmt == "distillkit" else None
     try:
         for n, row in tqdm(rows, desc=f"{fmt} capture -> cache", unit="row", disable=not progress):
@@ -164,7 +162,7 @@ def _fill(cfg, tok, rows, index, where, what: str, progress: bool) -> int:
             if int(ids.max()) >= len(tok):
                 raise fail(f"token id {int(ids.max())} is outside {cfg.teacher.model}'s vocabulary ({len(tok)}): "
                            "the capture was made with another tokenizer")
-            writer.add(sid, ids.to(ids_dtype), logp.to(dtype), tail.float(), label_logp.float())
+            writer.add(sid, ids, logp, tail, label_logp)
             writer.flush_if_full()
             used += 1
         writer.flush()
@@ -198,7 +196,8 @@ def export_capture(cfg, out: Path, fmt: str, progress=True, layout: dict | None 
     if fmt == "distillkit":
         from stillroom.teachers import distillkit
         stored = ((e, top) for e, top, _ in _stored(cfg, cache, tok, fmt, progress))
-        return distillkit.write(out, stored, cache.top_k, len(tok), cache.index["dtype"], progress=False, layout=layout)
+        dtype = cache.index["dtype"] if cache.index["dtype"] != "packed" else "float32"   # (as it reads back)
+        return distillkit.write(out, stored, cache.top_k, len(tok), dtype, progress=False, layout=layout)
     n, tmp = 0, out.with_name(out.name + ".tmp")
     with open(tmp, "w") as f:
         for e, top, label in _stored(cfg, cache, tok, fmt, progress):
