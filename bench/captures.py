@@ -1,27 +1,37 @@
-"""Offline teacher targets, byte for byte: stillroom's cache against DistillKit's compressed layouts
-and top-k renormalized without a tail (issue 31 item 4, first part: bytes and reconstruction).
+"""Offline teacher targets, byte for byte: stillroom's cache (plain and packed) against DistillKit's
+compressed layouts and top-k renormalized without a tail (issue 31 item 4).
 
-    .venv/bin/python bench/captures.py [--examples 24] [--write]
+    .venv/bin/python bench/captures.py [--examples 24] [--train [--steps 60] [--seeds 0,1,2]] [--write]
 
-The bundled teacher (SmolLM2-135M-Instruct, fp32, vocab 49,152) over held-out Alpaca rows from
-../shared/data (the last --examples rows, chat-rendered, 256 tokens at most), every position with a
-loss. For each layout, per position:
+Part 1, reconstruction. The bundled teacher (SmolLM2-135M-Instruct, fp32, vocab 49,152) over
+held-out Alpaca rows from ../shared/data (the last --examples rows, chat-rendered, 256 tokens at
+most), every position with a loss. For each layout, per position:
 
-  bytes       what one position costs on disk: stillroom's cache k x (2-byte id + the log-prob dtype)
-              + 8 (the tail's log-mass and the true token's log-prob, float32); DistillKit's
-              compressed_logprobs row (teachers/distillkit.py's encoder, from the format's spec) +
-              its ids bit-packed in ceil(log2 49152) = 16 bits;
+  bytes       what one position costs: stillroom's float16/float32 cache k x (2-byte id + the
+              log-prob dtype) + 8 (the tail's log-mass and the true token's log-prob, float32); its
+              packed cache, the tensors teachers/packing.py writes for these rows (ids, log-prob
+              grid, range, tail and true token); DistillKit's compressed_logprobs row
+              (teachers/distillkit.py's encoder, from the format's spec) + its ids bit-packed in
+              ceil(log2 49152) = 16 bits;
   KL          KL(teacher || reconstruction), nats, over the whole vocabulary: the reconstruction is
               the stored top-k probabilities and the rest of the mass spread evenly over the other
               tokens (stillroom stores that mass; DistillKit's import takes 1 - sum(top-k), as
-              stillroom's importer does); top-k renormalized puts nothing outside the top-k, so its
-              KL is infinite: the mass it drops is printed instead;
+              stillroom's importer does), normalized to sum to 1 (so errors of opposite sign do not
+              cancel); top-k renormalized puts nothing outside the top-k, so its KL is infinite:
+              the mass it drops is printed instead;
   top-1       the reconstruction's most likely token is the teacher's;
   |dlogp|     mean absolute error of the stored top-k log-probs against the teacher's.
 
 DistillKit's layouts are its README's: "default" (k 128, 16 exact bf16, a fit of t^0..t^4 and
-sqrt t in fp32) and "budget" (k 50, 1 exact bf16, a fit of 1, t, sqrt t). Not measured here yet: a
-student trained from each at equal steps, and a compressed stillroom cache.
+sqrt t in fp32) and "budget" (k 50, 1 exact bf16, a fit of 1, t, sqrt t).
+
+Part 2 (--train), training. A float32 top-160 cache of the teacher over TinyStories blocks
+(../shared/data/tinystories, 256 tokens, --train-examples, 10% held out), turned into each layout's
+targets (stillroom's caches written by its own writer; DistillKit's by its encoder and decoder, the
+tail as its importer sets it; top-64 renormalized with no tail), then the same student (4 layers,
+hidden 256, random init) trained --steps steps x 4 x 256 tokens by KD alone (alpha 1, T 1) from
+each, by stillroom.run.distill: held-out perplexity on the true tokens, per seed (a seed gives every
+layout the same init, split and batches), and its ratio to the default cache's.
 """
 from __future__ import annotations
 
