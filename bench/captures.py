@@ -146,7 +146,46 @@ def derive(src, dst: Path, examples, k: int, dtype: str, fn):
     return dst
 
 
-def train_part(args):
+@torch.no_grad()
+def sampled_cache(model, examples, dst: Path, src, n: int, seed: int):
+    """Sparse logit sampling (Anshumann et al., ACL 2025, its unbiased form): n tokens drawn from
+    the teacher's full distribution at each position, stored as the distinct ids with log(count / n)
+    and no tail. The target is the empirical distribution of the draws, whose expectation is the
+    teacher's, so the KD gradient (linear in the target) is unbiased."""
+    import shutil
+
+    from stillroom.teachers.cache import ShardWriter, positions, sample_id, write_json
+    from stillroom.teachers.packing import Layout
+
+    dst.mkdir(parents=True)
+    for sub in ("tokenizer", "teacher"):
+        shutil.copytree(src.path / sub, dst / sub)
+    index = {**src.index, "top_k": n, "dtype": "float16", "shards": [], "complete": False}
+    writer, done, g = ShardWriter(dst, index, Layout.of(index), 1 << 20), set(), torch.Generator().manual_seed(seed)
+    for e in examples:
+        sid = sample_id(e)
+        if sid in done or not positions(e):
+            continue
+        done.add(sid)
+        pos = positions(e)
+        lp = model(input_ids=torch.tensor([e.input_ids])).logits[0, pos].float().log_softmax(-1)
+        draws = torch.multinomial(lp.exp(), n, replacement=True, generator=g)            # (P, n)
+        ids = torch.zeros(len(pos), n, dtype=torch.long)
+        logp = torch.full((len(pos), n), -math.inf)
+        for r, row in enumerate(draws):
+            u, c = row.unique(return_counts=True)
+            spare = [i for i in range(n + len(u)) if i not in set(u.tolist())][:n - len(u)]   # distinct, unused
+            ids[r] = torch.cat([u, torch.tensor(spare, dtype=torch.long)])
+            logp[r, :len(u)] = (c.double() / n).log()
+        label = lp.gather(1, torch.tensor(e.labels)[torch.tensor(pos) + 1][:, None]).squeeze(1)
+        writer.add(sid, ids, logp, torch.full((len(pos),), -math.inf), label)
+    writer.flush()
+    index["complete"] = True
+    write_json(dst / "index.json", index)
+    return dst
+
+
+def train_part(args, sizes: dict):
     """The same student trained from each layout at equal steps: held-out perplexity."""
     import tempfile
 
@@ -182,23 +221,28 @@ def train_part(args):
         teacher = models.load("smollm2-135m")
         train, held = load_data(cfg, teacher.tokenizer)
         build(cfg, train + held, teacher.model, teacher.tokenizer, progress=False)
-        del teacher
         full = TeacherCache(tmp / "full")
+        samples = sampled_cache(teacher.model, train + held, tmp / "sampled", full, args.samples, 0)
+        del teacher
         print(f"\nthe same student (4 layers, hidden 256, random init) trained {args.steps} steps x 4 x "
               f"256 tokens by KD alone (alpha 1, T 1) from each layout's targets; {len(train)} training / {len(held)} "
               f"held-out blocks of {args.train_data.name}")
-        print(f"{'':40}" + "".join(f"{'seed ' + str(sd):>12}" for sd in args.seeds) + f"{'ratio to the default':>22}")
+        print(f"{'':40}{'bytes':>7}" + "".join(f"{'seed ' + str(sd):>12}" for sd in args.seeds) +
+              f"{'ratio to the default':>22}")
         got = {}
+        arms.append((f"{args.samples} tokens sampled from the teacher", None, None, None))
         for name, k, dtype, fn in arms:
-            path = derive(full, tmp / name.split(" (")[0].replace(" ", "_"), train + held, k, dtype, fn)
+            path = (samples if k is None else
+                    derive(full, tmp / name.split(" (")[0].replace(" ", "_"), train + held, k, dtype, fn))
             got[name] = [distill(load_config(None, base + ["teacher.kind=cache", f"teacher.cache={path}",
                                                            f"train.seed={sd}", f"train.output_dir={tmp / 'run'}"]),
                                  overwrite=True, progress=False)["eval"]["student after"]["perplexity"]
                          for sd in args.seeds]
             ratios = [p / d for p, d in zip(got[name], got[arms[0][0]])]
-            print(f"{name:<40}" + "".join(f"{p:>12.3f}" for p in got[name]) +
+            print(f"{name:<40}{sizes[name if k else 'sampled']:>7}" + "".join(f"{p:>12.3f}" for p in got[name]) +
                   f"{'  ' + ' '.join(f'{r:.4f}' for r in ratios):>22}")
-        print("(held-out perplexity on the true tokens; each seed gives every arm the same init and batches)")
+        print("(held-out perplexity on the true tokens; each seed gives every arm the same init and batches; bytes a "
+              f"position as in the table above, the sampled targets as a float16 cache of k {args.samples})")
 
 
 def main():
@@ -215,7 +259,8 @@ def main():
     ap.add_argument("--train-data", type=Path, default=TRAIN_DATA)
     ap.add_argument("--train-examples", type=int, default=300)
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--seeds", type=lambda x: [int(a) for a in x.split(",")], default=[0, 1])
+    ap.add_argument("--seeds", type=lambda x: [int(a) for a in x.split(",")], default=[0, 1, 2])
+    ap.add_argument("--samples", type=int, default=12, help="tokens drawn a position for the sampling arm")
     args = ap.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"this bench reads {args.data}, which is not here")
@@ -254,7 +299,13 @@ def main():
         print(f"{name:<40}{b:>7}{kl:>19}{m['top1']:>8.1%}{m['dlogp']:>10.5f}{m['dropped']:>14.4f}")
     print(f"(dense fp16: {V * 2:,} bytes a position)")
     if args.train:
-        train_part(args)
+        sizes = {name: b for name, b, _ in rows}
+        train_part(args, {"stillroom top-64 float16 (the default)": sizes["stillroom cache, top-64 float16"],
+                          "stillroom top-160 packed": sizes["stillroom cache, top-160 packed"],
+                          "DistillKit default (k 128)": sizes["DistillKit default (k 128)"],
+                          "DistillKit budget (k 50)": sizes["DistillKit budget (k 50)"],
+                          "top-64 renormalized, no tail": sizes["top-64 fp16 renormalized, no tail"],
+                          "sampled": args.samples * 4 + 8})
 
 
 if __name__ == "__main__":
