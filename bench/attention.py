@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from stillroom.models import core as models
+from stillroom.models import running
 from stillroom.run.tracking import keep_cpu_memory
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_valid_head.txt"
@@ -38,7 +39,7 @@ def main():
     keep_cpu_memory()
     loaded = models.load("smollm2-135m")
     m32 = loaded.model.to(dev).eval()
-    dtype = models.teacher_dtype("auto", dev)
+    dtype = running.teacher_dtype("auto", dev)
     impls = {}
     for name in ("sdpa", "eager"):
         impls[name] = models.cast_parameters(copy.deepcopy(m32), dtype)
@@ -60,9 +61,9 @@ def main():
 
     def body(model, ids):
         with torch.inference_mode():
-            return models.base_hidden(model, input_ids=ids)
+            return running.base_hidden(model, input_ids=ids)
 
-    picks = models.teacher_attention("auto", dev, 256) or "the model's own"
+    picks = running.teacher_attention("auto", dev, 256) or "the model's own"
     print(f"device {dev}; teacher smollm2-135m in {str(dtype)[6:]}; {args.tokens} tokens a step from {source}; "
           f"median of {args.rounds} interleaved rounds; teacher.attention=auto picks {picks} at 256 tokens here")
     print(f"\n{'rows x length':<16}{'sdpa s':>9}{'eager s':>9}{'eager/sdpa':>12}{'auto picks':>12}")
@@ -82,7 +83,7 @@ def main():
                 if r:
                     times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
-        pick = models.teacher_attention("auto", dev, n) or "own"
+        pick = running.teacher_attention("auto", dev, n) or "own"
         print(f"{f'{b} x {n}':<16}{med['sdpa']:>9.3f}{med['eager']:>9.3f}{med['eager'] / med['sdpa']:>12.3f}"
               f"{pick:>12}", flush=True)
     with torch.inference_mode():

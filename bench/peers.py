@@ -76,6 +76,7 @@ from stillroom.config import Config, StudentConfig
 from stillroom.data.store import load_data
 from stillroom.losses import Head, fused, linear_mixed_loss, mixed_loss
 from stillroom.models import core as models
+from stillroom.models import running
 from stillroom.run.distill import accumulate
 from stillroom.data.examples import to_batch
 from stillroom.run.tracking import keep_cpu_memory, student_precision
@@ -141,8 +142,8 @@ def head_loss_peak(kind, hs, ws, ht, wt, labels):
 def memory_rows(teacher_model, student, ids, labels):
     """(naive, plain, lean, lean eager) head+loss peaks for a teacher and a student sharing its vocabulary."""
     with torch.inference_mode():
-        ht = models.base_hidden(teacher_model, input_ids=ids)
-        hs = models.base_hidden(student, input_ids=ids)
+        ht = running.base_hidden(teacher_model, input_ids=ids)
+        hs = running.base_hidden(student, input_ids=ids)
     ht, hs = ht.clone(), hs.clone()   # ordinary tensors (autograd may use them)
     wt = teacher_model.get_output_embeddings().weight.detach()
     ws = student.get_output_embeddings().weight.detach()
@@ -238,9 +239,9 @@ def main():
     teacher = models.load("smollm2-135m")
     tm32, tok = teacher.model.to(dev).eval(), teacher.tokenizer
     student0 = make_student(tm32).to(dev)   # before the teacher's attention is set: a student copies its config
-    t_dtype = models.teacher_dtype("auto", dev)   # what stillroom runs the teacher in here
+    t_dtype = running.teacher_dtype("auto", dev)   # what stillroom runs the teacher in here
     tm_sdpa = models.cast_parameters(copy.deepcopy(tm32), t_dtype)   # (rotary frequencies kept fp32, as a run)
-    models.set_teacher_attention(tm32, "auto", dev, args.seq)   # and its attention (teacher.attention=auto)
+    running.set_teacher_attention(tm32, "auto", dev, args.seq)   # and its attention (teacher.attention=auto)
     t_attn = tm32.config._attn_implementation
     tm = models.cast_parameters(copy.deepcopy(tm32), t_dtype)
     init = copy.deepcopy(student0.state_dict())
@@ -367,7 +368,7 @@ def main():
         del lp32, lp
 
     tokens = ids.numel()
-    native = models.cpu_has_native_bf16() if dev == "cpu" else torch.cuda.is_bf16_supported()
+    native = running.cpu_has_native_bf16() if dev == "cpu" else torch.cuda.is_bf16_supported()
     print(f"device {dev} ({'runs bf16 natively' if native else 'no native bf16: bf16 is emulated, slower'}); batch "
           f"{args.batch} x {args.seq} tokens from {source}; teacher smollm2-135m {models.num_params(tm):,} params "
           f"(stillroom runs it in {str(t_dtype)[6:]} with {t_attn} attention: teacher.dtype and .attention auto); student {models.num_params(student0):,} "

@@ -28,6 +28,7 @@ from stillroom.config import load_config
 from stillroom.data.store import load_data
 from stillroom.eval import evaluate
 from stillroom.models import core as models
+from stillroom.models import running
 from stillroom.run.distill import distill
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_valid_head.txt"
@@ -50,7 +51,7 @@ def main():
     args = ap.parse_args()
     if not DATA.is_file():
         raise SystemExit(f"bench data not found: {DATA} (the bench needs ../shared/data)")
-    native = torch.cuda.is_available() and torch.cuda.is_bf16_supported() or models.cpu_has_native_bf16()
+    native = torch.cuda.is_available() and torch.cuda.is_bf16_supported() or running.cpu_has_native_bf16()
     teacher = models.load("smollm2-135m")
     _, held = load_data(load_config(None, base(args, "unused")), teacher.tokenizer)
     held = held[: args.eval_batches * 8]

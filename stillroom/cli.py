@@ -245,12 +245,12 @@ def _eval_inputs(args):
 def _eval_models(args, model: str, teacher_spec: str):
     """The student and the teacher, loaded, on the GPU when there is one, checked against each
     other -> (student, teacher, their shared logit width (None across tokenizers), across tokenizers?)."""
-    import torch
 
     from stillroom.models import core as models
+    from stillroom.models import running
 
     student, teacher = models.load(model), models.load(teacher_spec)
-    device = "cuda" if torch.cuda.is_available() else "cpu"   # both models where they run fastest
+    device = running.best_device()   # both models where they run fastest
     student.model.to(device)
     teacher.model.to(device)
     cross = not models.same_tokenizer(student.tokenizer, teacher.tokenizer)
@@ -430,6 +430,7 @@ def cmd_generate(args) -> int:
 
 def _generate(args, gcfg, prompts, out: Path) -> dict:
     from stillroom.models import core as models
+    from stillroom.models import running
     from stillroom.run.tracking import launch_state
     from stillroom.teachers.generate import LocalTeacher, generate_file
 
@@ -441,7 +442,7 @@ def _generate(args, gcfg, prompts, out: Path) -> dict:
         teacher = ApiTeacher(args.api, args.api_model, args.api_key_env, args.concurrency, args.rate_limit,
                              args.top_logprobs, max_retries=args.max_retries, tokenizer=tok)
     else:
-        loaded = models.load(args.teacher, dtype=models.teacher_dtype(args.dtype, device))
+        loaded = models.load(args.teacher, dtype=running.teacher_dtype(args.dtype, device))
         loaded.model.to(device)
         teacher = LocalTeacher(loaded.model, loaded.tokenizer, args.teacher)
     return generate_file(teacher, prompts, out, gcfg, progress=not args.no_progress, state=state)

@@ -22,6 +22,7 @@ from stillroom.errors import UserError
 from stillroom.models import core as models
 
 
+from stillroom.models import running
 class Distiller:
     """teacher, student: causal LMs (transformers models); tokenizer: the teacher's (and the
     student's, unless `student_tokenizer` is given: then set loss.cross_tokenizer=uld).
@@ -67,7 +68,7 @@ class Distiller:
                 Session(cfg, overwrite=self.overwrite, resume=resume, progress=False, signals=False,
                         threads=False, inputs=()) as s:
             tc = cfg.teacher
-            s.place(self.teacher.model, offload=tc.offload, dtype=models.teacher_dtype(tc.dtype, s.device))
+            s.place(self.teacher.model, offload=tc.offload, dtype=running.teacher_dtype(tc.dtype, s.device))
             teacher = LiveTeacher(self.teacher.model, tc.name, tc.weight, None, s.accelerator.autocast)
             self.metrics, self.student = run_distill(
                 s, cfg, self.teacher, teacher, s.place(self.student), self.student_tokenizer, "in-memory student",

@@ -91,7 +91,7 @@ def _machine() -> str:
     run bf16 on a CPU with native bf16, fp32 elsewhere)."""
     import torch
 
-    from stillroom.models.core import teacher_dtype
+    from stillroom.models.running import teacher_dtype
     from stillroom.run.tracking import student_precision
 
     dtype = str(teacher_dtype("auto", "cpu")).removeprefix("torch.")

@@ -95,7 +95,7 @@ def test_the_lean_head_is_found_under_bf16_mixed_precision(tok, tmp_path):
     from conftest import make_model
 
     from stillroom.config import load_config
-    from stillroom.models import core as models
+    from stillroom.models import running
     from stillroom.run.tracking import make_accelerator
     acc = make_accelerator(load_config(None, ["train.mixed_precision=bf16"]), tmp_path, threads=False)
     model = acc.prepare(make_model(tok, layers=1))
@@ -103,7 +103,7 @@ def test_the_lean_head_is_found_under_bf16_mixed_precision(tok, tmp_path):
     assert model(input_ids=ids).logits.dtype == torch.float32    # Accelerate's outputs come back in fp32 ...
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model(input_ids=ids).logits, model._original_forward(input_ids=ids).logits.float())
-    assert models.output_head(model) is not None                  # ... from a bf16 head: still a linear head
+    assert running.output_head(model) is not None                  # ... from a bf16 head: still a linear head
 
 
 def test_lean_skips_unlabelled_positions():

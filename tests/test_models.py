@@ -5,6 +5,7 @@ from stillroom.config import StudentConfig
 from stillroom.errors import UserError
 from stillroom.models import core as models
 
+from stillroom.models import running
 from conftest import make_model, make_tokenizer
 
 
@@ -106,22 +107,21 @@ def test_teacher_dtype_auto_follows_the_device(monkeypatch):
     import torch
 
     from stillroom.models import core as models
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
-    assert models.teacher_dtype("auto", "cpu") == torch.float32
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
-    assert models.teacher_dtype("auto", "cpu") == torch.bfloat16
-    assert models.teacher_dtype("float32", "cpu") == torch.float32
-    assert models.teacher_dtype("float16", "cpu") == torch.float16
+    monkeypatch.setattr(running, "cpu_has_native_bf16", lambda: False)
+    assert running.teacher_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(running, "cpu_has_native_bf16", lambda: True)
+    assert running.teacher_dtype("auto", "cpu") == torch.bfloat16
+    assert running.teacher_dtype("float32", "cpu") == torch.float32
+    assert running.teacher_dtype("float16", "cpu") == torch.float16
 
 
 def test_teacher_attention_auto_is_eager_on_a_cpu_up_to_1024_tokens():
-    from stillroom.models import core as models
-    assert models.teacher_attention("auto", "cpu", 256) == "eager"
-    assert models.teacher_attention("auto", "cpu", 1024) == "eager"
-    assert models.teacher_attention("auto", "cpu", 1025) is None     # the model's own (sdpa)
-    assert models.teacher_attention("auto", "cuda", 256) is None
-    assert models.teacher_attention("sdpa", "cpu", 256) == "sdpa"
-    assert models.teacher_attention("eager", "cuda", 4096) == "eager"
+    assert running.teacher_attention("auto", "cpu", 256) == "eager"
+    assert running.teacher_attention("auto", "cpu", 1024) == "eager"
+    assert running.teacher_attention("auto", "cpu", 1025) is None     # the model's own (sdpa)
+    assert running.teacher_attention("auto", "cuda", 256) is None
+    assert running.teacher_attention("sdpa", "cpu", 256) == "sdpa"
+    assert running.teacher_attention("eager", "cuda", 4096) == "eager"
 
 
 def test_eager_and_sdpa_teachers_give_the_same_logits(teacher_dir, tok):
@@ -137,7 +137,7 @@ def test_eager_and_sdpa_teachers_give_the_same_logits(teacher_dir, tok):
     packed = collate([Example(a + b, a + b, (len(a), len(b))), Example(b, b)], tok.pad_token_id)
     out = {}
     for impl in ("sdpa", "eager"):
-        models.set_teacher_attention(m, impl, "cpu", 64)
+        running.set_teacher_attention(m, impl, "cpu", 64)
         assert m.config._attn_implementation == impl
         with torch.inference_mode():
             out[impl] = [m(**model_inputs(x), use_cache=False).logits for x in (padded, packed)]
@@ -171,14 +171,13 @@ def test_output_head_refuses_a_soft_capped_head(teacher_dir):
     from stillroom.models import core as models
     m = models.load(str(teacher_dir)).model
     m.lm_head.register_forward_hook(lambda mod, inp, out: 30 * (out / 30).tanh())
-    assert models.output_head(m) is None
+    assert running.output_head(m) is None
 
 
 def test_final_hidden_is_the_last_hidden_state_and_keeps_no_other_layers(tok, monkeypatch):
     """The lean path's student side: the base model's output, bit for bit the last of
     output_hidden_states, without asking the model for every layer's hidden states."""
     from conftest import make_model
-    from stillroom.models import core as models
     m = make_model(tok, layers=3)
     ids = torch.tensor([tok("The cat sat on the mat.")["input_ids"]])
     want = m(input_ids=ids, output_hidden_states=True).hidden_states[-1]
@@ -186,5 +185,5 @@ def test_final_hidden_is_the_last_hidden_state_and_keeps_no_other_layers(tok, mo
     real = type(m).forward
     monkeypatch.setattr(type(m), "forward", lambda self, *a, **k: (asked.append(k.get("output_hidden_states")),
                                                                    real(self, *a, **k))[1])
-    got = models.final_hidden(m, input_ids=ids)
+    got = running.final_hidden(m, input_ids=ids)
     assert torch.equal(got, want) and asked == [None]

@@ -44,8 +44,9 @@ def test_lean_step_equals_plain_step(teacher_dir, chat_file, kind):
     """The default lean path (logits made in the loss from hidden states, labelled rows only, for
     student and teacher) gives the plain full-logit path's loss and gradients."""
     from stillroom.models import core as models
+    from stillroom.models import running
     t = models.load(str(teacher_dir)).model
-    assert models.output_head(t) is not None and models.output_head(t, base=True) is not None  # lean path taken
+    assert running.output_head(t) is not None and running.output_head(t, base=True) is not None  # lean path taken
     acc = Accelerator(cpu=True)
     lean, s_lean, _ = step_grads(str(teacher_dir), str(chat_file), 2, acc, batch_size=2, kind=kind, lean=True)
     plain, s_plain, _ = step_grads(str(teacher_dir), str(chat_file), 2, acc, batch_size=2, kind=kind, lean=False)

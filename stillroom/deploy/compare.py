@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from stillroom.errors import UserError
+from stillroom.models.running import best_device
 
 log = logging.getLogger("stillroom")
 
@@ -48,17 +49,12 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def device() -> torch.device:
-    """Where the transformers models run: the GPU when there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _measure_hf(path, prompt, gen_prompt, new_tokens, rounds):
     from transformers import AutoModelForCausalLM
 
     from stillroom.eval.evaluate import synchronize
 
-    dev = device()
+    dev = best_device()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(dev)
     x, g = torch.tensor([prompt], device=dev), torch.tensor([gen_prompt], device=dev)
 
@@ -119,7 +115,7 @@ def worker(spec: dict) -> dict:
     pre, short, runs = fn(spec["path"], spec["prompt"], spec["gen_prompt"], spec["new_tokens"], spec["rounds"])
     n, m = len(spec["prompt"]), spec["new_tokens"]
     med = statistics.median
-    on_gpu = spec["kind"] != "gguf" and device().type == "cuda"
+    on_gpu = spec["kind"] != "gguf" and best_device().type == "cuda"
     return {"prefill_tokens_per_s": n / med(pre),
             "decode_tokens_per_s": m / max(med(runs) - med(short), 1e-9),
             "latency_s": med(runs), "peak_mb": (_rss_bytes() - before) / 2**20,
@@ -189,7 +185,7 @@ def generations(kind, path, tok, prompts, new_tokens) -> list[str]:
         return [llm.create_completion(p, max_tokens=new_tokens, temperature=0.0)["choices"][0]["text"].strip()
                 for p in prompts]
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(device())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(best_device())
     out = []
     for p in prompts:
         ids = tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
@@ -264,7 +260,7 @@ def compare(teacher_spec: str, students: list[str], data: str, formats=(), seq_l
         models.check_vocab(teacher.model, teacher.tokenizer, st.model, st.tokenizer)
         loaded.append((s, st))
     for m in [teacher, *(st for _, st in loaded)]:   # the quality numbers on the GPU when there is one
-        m.model.to(device())
+        m.model.to(best_device())
     tok = teacher.tokenizer
     examples, _ = build_examples(data, tok, DataConfig(path=data, seq_len=seq_len))
     examples = examples[:max_examples]

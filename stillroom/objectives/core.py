@@ -37,6 +37,7 @@ from stillroom.data.examples import model_inputs
 from stillroom.errors import UserError
 from stillroom.losses import IGNORE_INDEX, fused, general_loss, linear_mixed_loss, mixed_loss, uld_loss
 from stillroom.models import core as models
+from stillroom.models import running
 from stillroom.objectives import methods
 from stillroom.objectives.rules import FEATURE_TERMS, teacher_terms
 from stillroom.teachers.core import route_weights
@@ -172,17 +173,17 @@ class Hybrid(Objective):
         kind, ce_w = ("hard" if name == "hard" else "soft"), terms.get("ce", 0.0)
         how = dict(ce_weight=ce_w, temperature=plan.temperature, kind=kind, chunk=lc.chunk_rows,
                    divergence=name if kind == "soft" else "forward_kl", beta=lc.beta)
-        s_head = models.output_head(student, self.vocab) if self.lean else None
+        s_head = running.output_head(student, self.vocab) if self.lean else None
         if s_head is not None:
             t = self.teachers[0].targets(b, "head") if w > 0 else None
             with accelerator.autocast():
-                hidden = models.final_hidden(student, **model_inputs(b))
+                hidden = running.final_hidden(student, **model_inputs(b))
                 # the head's matmuls in the dtype autocast runs the model's own (on the plain path):
                 # read from autocast itself, not from the process-wide Accelerate state, which another
                 # Accelerator in the process (a second trainer) can reset under this one
                 kind = hidden.device.type
                 dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-            s_head = models.output_head(student, self.vocab)   # after the forward: a sharded model's head is whole then
+            s_head = running.output_head(student, self.vocab)   # after the forward: a sharded model's head is whole then
             compiled = fused.wanted(lc.compile, s_head[0].shape[0], hidden.device)
             return linear_mixed_loss(hidden, s_head[0], [(t, w)] if w else [], b.targets, bias=s_head[1],
                                      dtype=dtype, compiled=compiled, **how), {}

@@ -29,6 +29,7 @@ from stillroom.config import CodistillRunConfig, to_yaml
 from stillroom.errors import UserError
 from stillroom.eval import evaluate, tasks
 from stillroom.models import core as models
+from stillroom.models import running
 from stillroom.objectives.peers import Mutual, Predictions, Weights
 from stillroom.run import shard
 from stillroom.run.distill import check_context
@@ -166,17 +167,17 @@ def _codistill(s: Session, cfg: CodistillRunConfig) -> dict:
 def build_peers(s: Session, cfg):
     """The teacher (on its device) and every peer built, each checked against the teacher's
     vocabulary -> (teacher, [(model, tokenizer, how)], the logits width every model is cut to or None)."""
-    dtype = models.teacher_dtype(cfg.teacher.dtype, s.device)
+    dtype = running.teacher_dtype(cfg.teacher.dtype, s.device)
     teacher = models.load(cfg.teacher.model, dtype=dtype)
     s.place(teacher.model, dtype=dtype)
     check_context(cfg, teacher.model.config)
     built = [models.build_student(p, teacher, cfg.train.seed + i) for i, p in enumerate(cfg.peers)]
-    models.set_teacher_attention(teacher.model, cfg.teacher.attention, s.device, cfg.data.seq_len)
+    running.set_teacher_attention(teacher.model, cfg.teacher.attention, s.device, cfg.data.seq_len)
     widths = []
     for i, ((m, tok, _), p) in enumerate(zip(built, cfg.peers)):
-        models.set_attention(m, p.attention, f"peers.{i}.attention")
+        running.set_attention(m, p.attention, f"peers.{i}.attention")
         if cfg.train.gradient_checkpointing:   # activations recomputed in the backward, layer by layer
-            models.checkpoint_activations(m)
+            running.checkpoint_activations(m)
         w, note = models.check_vocab(teacher.model, teacher.tokenizer, m, tok)
         if note:
             log.warning("peer %s: %s", p.name, note)

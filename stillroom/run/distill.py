@@ -20,6 +20,7 @@ from stillroom.data.store import load_data, uses_store
 from stillroom.errors import UserError
 from stillroom.eval import evaluate, tasks
 from stillroom.models import core as models
+from stillroom.models import running
 from stillroom.objectives.core import across_tokenizers, build_objective, data_tokenizer, shared_width
 from stillroom.run import loop, shard
 from stillroom.run.feedback import progress_on
@@ -148,10 +149,10 @@ def run_distill(s: Session, cfg: Config, loaded: models.Loaded, teacher, student
     vocab = shared_width(cfg, teacher.width(), loaded.tokenizer, student, s_tok)
     check_context(cfg, loaded.model_config())
     # the student is built (a student made from the teacher's config copies its attention)
-    models.set_teacher_attention(loaded.model, cfg.teacher.attention, s.device, cfg.data.seq_len)
-    models.set_attention(student, cfg.student.attention, "student.attention")
+    running.set_teacher_attention(loaded.model, cfg.teacher.attention, s.device, cfg.data.seq_len)
+    running.set_attention(student, cfg.student.attention, "student.attention")
     for m in cfg.teacher.mix:   # loaded after the data; refused before it
-        models.check_attention(m.attention, f"teacher.mix '{m.name}': attention")
+        running.check_attention(m.attention, f"teacher.mix '{m.name}': attention")
     teacher.check(cfg, s_tok, vocab=vocab)   # before reading any data
     if cfg.loss.alpha == 0:
         log.info("loss.alpha=0: plain CE on the data (sequence-level KD when the data is teacher output)")
@@ -214,7 +215,7 @@ def train_student(s: Session, cfg, student, teacher, objective, train, held, voc
         log.info("quantization-aware: %d linear weights trained through %s", enable(student, cfg.train.qat),
                  cfg.train.qat)
     if cfg.train.gradient_checkpointing:   # activations recomputed in the backward, layer by layer
-        models.checkpoint_activations(student)
+        running.checkpoint_activations(student)
     fsdp = shard.active(cfg, acc)
     t_sharded = fsdp and cfg.teacher.shard and teacher.shardable
     if fsdp:   # each process keeps 1/N of the student, its gradients and its optimizer state
@@ -333,9 +334,9 @@ def build_cache(cfg, overwrite: bool, progress: bool) -> dict | None:
         finally:
             scorer.close()
         return summary(cfg.cache.path) if state is None or state.is_main_process else None
-    teacher = models.load(cfg.teacher.model, dtype=models.teacher_dtype(cfg.teacher.dtype, device))
+    teacher = models.load(cfg.teacher.model, dtype=running.teacher_dtype(cfg.teacher.dtype, device))
     check_context(cfg, teacher.model.config)
-    models.set_teacher_attention(teacher.model, cfg.teacher.attention, device, cfg.data.seq_len)
+    running.set_teacher_attention(teacher.model, cfg.teacher.attention, device, cfg.data.seq_len)
     if state is None or state.is_main_process:   # before any data work
         existing(cfg, teacher.model, teacher.tokenizer, overwrite, skip=("data",))
     cfg, train, held = prepare_data(cfg, teacher, state or SimpleNamespace(is_main_process=True, num_processes=1))

@@ -14,13 +14,13 @@ from stillroom.errors import UserError
 def launch_state():
     """(Accelerate's PartialState, its device) under accelerate launch / torchrun, where cache and
     generate split their batches over the processes; (None, cuda or cpu) in one process."""
-    import torch
+    from stillroom.models.running import best_device
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None, "cuda" if torch.cuda.is_available() else "cpu"
+        return None, best_device().type
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())   # cpu: gloo, not N lone processes
+    state = PartialState(cpu=best_device().type == "cpu")   # cpu: gloo, not N lone processes
     return state, state.device
 
 
@@ -107,17 +107,19 @@ def student_precision(name: str, device) -> str:
         return name
     if torch.device(device).type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    from stillroom.models.core import cpu_has_native_bf16
+    from stillroom.models.running import cpu_has_native_bf16
 
     return "bf16" if cpu_has_native_bf16() else "no"
 
 
 def make_accelerator(cfg, out: Path, threads: bool = True):
-    import torch
 
     from accelerate import Accelerator
 
-    mp = student_precision(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
+    from stillroom.models.running import best_device
+
+    device = best_device().type
+    mp = student_precision(cfg.train.mixed_precision, device)
     import importlib.util
 
     if "trackio" in cfg.train.report_to:   # its local database lives with the run, as tensorboard's files do
@@ -134,7 +136,7 @@ def make_accelerator(cfg, out: Path, threads: bool = True):
         AcceleratorState._reset_state()
     # cpu=True on a machine without CUDA: under `accelerate launch --multi_gpu --num_processes N`
     # that makes Accelerate use gloo (MULTI_CPU) instead of silently running N single processes.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mp,
                               log_with=cfg.train.report_to or None, project_dir=str(out))
     if threads:   # the CLI's process is ours; a library caller's threads and allocator are theirs
         set_threads(cfg, accelerator)

@@ -29,6 +29,7 @@ from stillroom.losses import Head
 from stillroom.models import core as models
 
 
+from stillroom.models import running
 @dataclass
 class LiveTeacher:
     """A frozen model. Its forward runs in inference mode under the run's autocast; `vocab`: the
@@ -56,9 +57,9 @@ class LiveTeacher:
         m = self.model   # (on the batch's device; an offloaded one brings each layer there itself)
         with self._mode(), self.autocast():
             if need == "head":
-                head = models.output_head(m, self.vocab, base=True)
+                head = running.output_head(m, self.vocab, base=True)
                 if head is not None:
-                    return Head(models.base_hidden(m, **model_inputs(b)), *head)
+                    return Head(running.base_hidden(m, **model_inputs(b)), *head)
             if need == "features":
                 out = m(**model_inputs(b), use_cache=False, output_hidden_states=True, output_attentions=attention)
                 out.hidden_states = [h.clone() for h in out.hidden_states]
@@ -233,7 +234,7 @@ def load_teacher(cfg, device, place, autocast=contextlib.nullcontext, sharded: b
     if tc.kind == "served":
         loaded, scorer = served_teacher(tc)
         return loaded, ServedTeacher(scorer, tc.name, tc.weight), cfg
-    dtype = models.teacher_dtype(tc.dtype, device)
+    dtype = running.teacher_dtype(tc.dtype, device)
     if sharded:
         from stillroom.run import shard
         loaded = shard.load_teacher(tc.model, dtype, device)
@@ -262,13 +263,13 @@ def load_teachers(cfg, primary, vocab, s_tok, accelerator) -> list:
                                 f"than the student's ({vocab})")
             out.append(CachedTeacher(src, m.name, m.weight))
         else:
-            loaded = models.load(m.model, dtype=models.teacher_dtype(m.dtype, accelerator.device))
+            loaded = models.load(m.model, dtype=running.teacher_dtype(m.dtype, accelerator.device))
             w, _ = models.check_vocab(loaded.model, loaded.tokenizer, loaded.model, s_tok)
             if w < vocab:
                 raise UserError(f"teacher.mix '{m.name}' ({m.model}) has {w} logits, fewer than the student's {vocab}")
             from stillroom.models.offload import place   # (as run/session.py places the primary)
-            place(loaded.model, accelerator.device, m.offload, models.teacher_dtype(m.dtype, accelerator.device))
-            models.set_teacher_attention(loaded.model, m.attention, accelerator.device, cfg.data.seq_len,
+            place(loaded.model, accelerator.device, m.offload, running.teacher_dtype(m.dtype, accelerator.device))
+            running.set_teacher_attention(loaded.model, m.attention, accelerator.device, cfg.data.seq_len,
                                          f"teacher.mix '{m.name}': attention")
             out.append(LiveTeacher(loaded.model, m.name, m.weight, vocab, autocast))
     total = sum(t.weight for t in out) or 1.0
