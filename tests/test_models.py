@@ -106,7 +106,6 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
 def test_teacher_dtype_auto_follows_the_device(monkeypatch):
     import torch
 
-    from stillroom.models import core as models
     monkeypatch.setattr(running, "cpu_has_native_bf16", lambda: False)
     assert running.teacher_dtype("auto", "cpu") == torch.float32
     monkeypatch.setattr(running, "cpu_has_native_bf16", lambda: True)
