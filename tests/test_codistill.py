@@ -173,11 +173,18 @@ def test_predictions_mode_gradients_and_weight_exchange_across_two_processes(tmp
         assert_identical(got[j]["snapshot"], moved)
 
 
-def test_predictions_mode_run_under_two_processes(tmp_path, teacher_dir, chat_file):
-    out = tmp_path / "pred"
+@pytest.mark.parametrize("teacher", ["live", "cache"])
+def test_predictions_mode_run_under_two_processes(tmp_path, teacher_dir, chat_file, teacher):
+    """cache: the teacher term (on the shared batch) read from a cache on each process."""
+    out, more = tmp_path / "pred", []
+    if teacher == "cache":
+        r = run_cli("cache", f"teacher.model={teacher_dir}", f"data.path={chat_file}", "data.seq_len=64",
+                    "cache.top_k=16", f"cache.path={tmp_path / 'c'}", "--no-progress")
+        assert r.returncode == 0, r.stderr
+        more = ["teacher.kind=cache", f"teacher.cache={tmp_path / 'c'}", "codistill.teacher_weight=0.5"]
     cfg = write_config(tmp_path / "c.yaml", teacher_dir, chat_file, out,
                        codistill={"mode": "predictions", "top_k": 8, "burn_in": 1})
-    launch(2, "-m", "stillroom", "codistill", cfg, "--no-progress")
+    launch(2, "-m", "stillroom", "codistill", cfg, *more, "--no-progress")
     metrics = json.loads((out / "final" / "metrics.json").read_text())
     assert metrics["mode"] == "predictions"
     assert set(metrics["eval"]) == {"teacher", "a before", "b before", "a after", "b after", "ensemble after"}
@@ -228,3 +235,29 @@ def test_mutual_mode_two_processes_equal_one(tmp_path, teacher_dir, chat_file):
         w2, w1 = peer_weights(two, name), peer_weights(one, name)
         for k in w1:
             torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_cached_teacher_term_trains_the_peers_the_live_teacher_does(tmp_path, teacher_dir, chat_file):
+    """teacher.kind=cache in co-distillation: with k = the vocabulary in float32 its teacher term is
+    the dense one, so the peers end as with the live teacher (to rounding); the table says where
+    the teacher was read from, and the teacher's perplexity is the same."""
+    from stillroom.models import core as models
+
+    V = models.logits_width(models.load(str(teacher_dir)).model)
+    r = run_cli("cache", f"teacher.model={teacher_dir}", f"data.path={chat_file}", "data.seq_len=64",
+                f"cache.top_k={V}", "cache.dtype=float32", "teacher.dtype=float32", f"cache.path={tmp_path / 'c'}",
+                "--no-progress")
+    assert r.returncode == 0, r.stderr
+    over = ["codistill.teacher_weight=0.5", "teacher.dtype=float32", "train.mixed_precision=no"]
+    live = codistill(load(write_config(tmp_path / "l.yaml", teacher_dir, chat_file, tmp_path / "live"), over),
+                     progress=False)
+    cached = codistill(load(write_config(tmp_path / "c.yaml", teacher_dir, chat_file, tmp_path / "cached"),
+                            over + ["teacher.kind=cache", f"teacher.cache={tmp_path / 'c'}"]), progress=False)
+    for name in ("a", "b"):
+        a, b = peer_weights(tmp_path / "live", name), peer_weights(tmp_path / "cached", name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert cached["eval"]["teacher"]["perplexity"] == pytest.approx(live["eval"]["teacher"]["perplexity"], rel=1e-5)
+    assert f"read from the top-{V} cache" in cached["table"]
+    assert cached["eval"]["a after"]["perplexity"] == pytest.approx(live["eval"]["a after"]["perplexity"], rel=1e-3)

@@ -226,7 +226,9 @@ def cross_bits_per_byte(teacher, t_tok, s_tok, examples, batch_size=8, max_batch
 def score_peers(peers: dict, teacher, examples, pad_id, batch_size=8, max_batches=None, vocab=None, tokenizer=None):
     """Co-distillation's eval in one pass: for each peer and for the ensemble (the mean of the
     peers' probabilities) perplexity, agreement and KL to the teacher; top-1 agreement of each
-    pair of peers. -> {"peers": {name: {...}}, "ensemble": {...}, "pairs": {"a/b": frac}, ...}"""
+    pair of peers. `teacher`: a model, or what reads top-k targets (as in score).
+    -> {"peers": {name: {...}}, "ensemble": {...}, "pairs": {"a/b": frac}, ...}"""
+    cached = not isinstance(teacher, torch.nn.Module)
     names = list(peers)
     states = {n: m.training for n, m in peers.items()}
     for m in peers.values():
@@ -242,13 +244,18 @@ def score_peers(peers: dict, teacher, examples, pad_id, batch_size=8, max_batche
         labels = shift_labels(host["labels"]).to(device)
         valid = labels != -100
         n_bytes += count(labels) if count is not None else 0
-        t = teacher(**model_inputs(on_device(host, teacher)), use_cache=False).logits.to(device)
-        t = t[..., :vocab] if vocab else t
+        if cached:
+            t = teacher.targets(batch, labels.shape[1], device)
+            stats = lambda s: cached_stats(s, t, labels, with_kl=teacher.temperature == 1.0)  # noqa: E731
+        else:
+            t = teacher(**model_inputs(on_device(host, teacher)), use_cache=False).logits.to(device)
+            t = t[..., :vocab] if vocab else t
+            stats = lambda s: token_stats(s, t, labels)  # noqa: E731
         log_probs, top = {}, {}
         for n in names:
             s = peers[n](**model_inputs(on_device(host, peers[n])), use_cache=False).logits.to(device)
             s = s[..., :vocab] if vocab else s
-            for k, v in token_stats(s, t, labels).items():
+            for k, v in stats(s).items():
                 tot[n][k] += v
             log_probs[n] = torch.log_softmax(s.float(), -1)
             top[n] = s.argmax(-1)
@@ -256,7 +263,7 @@ def score_peers(peers: dict, teacher, examples, pad_id, batch_size=8, max_batche
         # log of the mean probability: a valid logits tensor for the ensemble
         ens = torch.logsumexp(torch.stack([log_probs[n] for n in names]), 0) - math.log(len(names))
         del log_probs
-        for k, v in token_stats(ens, t, labels).items():
+        for k, v in stats(ens).items():
             tot["ensemble"][k] += v
         for a, c in pairs:
             pairs[(a, c)] += int(((top[a] == top[c]) & valid).sum())

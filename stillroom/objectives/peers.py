@@ -98,7 +98,13 @@ class Peers:
         return PeerPlan(step, peer_share(step, self.cfg.codistill) if self.cfg.loss.alpha > 0 else 0.0)
 
     def read_ahead(self, batches, plan):
-        pass
+        """A cached or served teacher's targets for the batches its term reads, on the data thread."""
+        if self.cfg.codistill.teacher_weight and self.cfg.loss.alpha:
+            for b in self.teacher_batches(batches):
+                self.teacher.read_ahead(b)
+
+    def teacher_batches(self, batches):
+        return batches
 
     def batches(self, own_data, train, device, pad_id):
         """step -> this process's own micro-batches of its shard (a pure function of the step)."""
@@ -110,7 +116,8 @@ class Peers:
         return batches
 
     def teacher_logits(self, b):
-        """The fixed teacher's logits (a teachers.LiveTeacher), only when it has a weight (the hybrid)."""
+        """The fixed teacher's targets (teachers/core.py's: a live model's logits, a cache's or a
+        server's top-k), only when it has a weight (the hybrid)."""
         if self.cfg.codistill.teacher_weight == 0 or self.cfg.loss.alpha == 0:
             return None
         return self.teacher.targets(b, "logits")
@@ -197,6 +204,9 @@ class Predictions(Peers):
             agree(acc, failure)
             self.terms += [(x, w_peer) for r, x in enumerate(self.gather(self.s, acc)) if r != self.rank]
         return failure or batches
+
+    def teacher_batches(self, batches):
+        return batches[:1]   # the teacher's term is on the shared batch
 
     def gather(self, s, accelerator):
         """All processes' predictions on the shared batch -> a list indexed by process."""

@@ -17,19 +17,27 @@ def teacher_terms(terms: dict) -> dict:
     return {k: v for k, v in terms.items() if k != "ce" and k not in FEATURE_TERMS}
 
 
+def check_served(cfg):
+    """A served teacher scores the run's own text at T = 1 (distill and codistill alike)."""
+    lc = cfg.loss
+    if cfg.teacher.kind != "served":
+        return
+    if not cfg.data.path:
+        raise UserError("teacher.kind=served scores your text: set data.path (the default data is the teacher's "
+                        "own answers, which need a local teacher to write)")
+    if lc.temperature != 1.0 or lc.temperature_end not in (None, 1.0):
+        raise UserError("loss.temperature: a served teacher's log-probs are at T=1 and the mass outside its "
+                        "top-k at another T cannot be known: set loss.temperature=1 (or cache a live teacher "
+                        "at that T)")
+
+
 def check_across(cfg):
     """Rules across sections: combinations of methods that cannot work, refused when the config is
     read (so `--print-config` refuses what `distill` would), before anything is loaded."""
     lc, tc = cfg.loss, cfg.teacher
     terms = lc.terms or {("hard" if lc.kind == "hard" else lc.divergence): lc.alpha}
     cached = tc.kind in ("cache", "served") or any(m.kind == "cache" for m in tc.mix)
-    if tc.kind == "served" and not cfg.data.path:
-        raise UserError("teacher.kind=served scores your text: set data.path (the default data is the teacher's "
-                        "own answers, which need a local teacher to write)")
-    if tc.kind == "served" and (lc.temperature != 1.0 or lc.temperature_end not in (None, 1.0)):
-        raise UserError("loss.temperature: a served teacher's log-probs are at T=1 and the mass outside its "
-                        "top-k at another T cannot be known: set loss.temperature=1 (or cache a live teacher "
-                        "at that T)")
+    check_served(cfg)
     if cached and lc.temperature_end not in (None, lc.temperature):
         raise UserError("loss.temperature_end: a top-k cache holds the teacher at one temperature; "
                         "schedule the temperature with a live teacher (alpha may still be scheduled)")
@@ -92,9 +100,7 @@ def check_codistill(cfg, default_loss):
     if cfg.teacher.mix or cfg.teacher.route_field:
         raise UserError("teacher.mix / teacher.route_field are `stillroom distill` settings; co-distillation "
                         "takes one teacher")
-    if cfg.teacher.kind != "live":   # (its fixed teacher term runs the model; a cache or a server: not yet)
-        raise UserError(f"teacher.kind={cfg.teacher.kind} is a `stillroom distill` setting for now; co-distillation "
-                        "loads its teacher: set teacher.kind=live")
+    check_served(cfg)
     if len(cfg.peers) < 2:
         raise UserError("codistill needs at least 2 peers")
     if cfg.codistill.confidence and cfg.codistill.mode == "predictions":

@@ -36,7 +36,7 @@ from stillroom.run.distill import check_context
 from stillroom.run.loop import Trainee, lr_lambda, make_optimizer, windows
 from stillroom.run.outputs import publish
 from stillroom.run.session import Session
-from stillroom.teachers.core import LiveTeacher
+from stillroom.teachers.core import load_teacher
 
 log = logging.getLogger("stillroom")
 
@@ -61,12 +61,12 @@ def columns_before(before: dict, peer_models: dict) -> dict:
 
 
 def final_columns(before: dict, cols_before: dict, after: dict, peer_models, teacher, held, cfg, pad_id) -> dict:
-    """The table's columns: the teacher, each peer before and after, and the peers' ensemble."""
+    """The table's columns: the teacher (teachers/core.py's: it describes itself), each peer
+    before and after, and the peers' ensemble."""
     e = cfg.eval
     prompts = evaluate.speed_prompts(held, e.gen_prompts)
     speed = lambda m: evaluate.generation_speed(m, prompts, e.gen_tokens, pad_id)  # noqa: E731
-    cols = {"teacher": {"perplexity": before["teacher_perplexity"], "bits_per_byte": before["teacher_bits_per_byte"],
-                        **evaluate.describe(teacher.model, teacher.path), "gen_tokens_per_s": speed(teacher.model)}}
+    cols = {"teacher": teacher.column(before, e, prompts, pad_id)}
     cols.update({f"{name} before": cols_before[f"{name} before"] for name in peer_models})
     for name, m in peer_models.items():
         cols[f"{name} after"] = {**after["peers"][name], **evaluate.describe(m), "gen_tokens_per_s": speed(m)}
@@ -99,9 +99,10 @@ def _codistill(s: Session, cfg: CodistillRunConfig) -> dict:
                         f"codistill ...); this run has {world}")
     if mode == "mutual" and cfg.codistill.top_k:
         log.warning("codistill.top_k applies to mode=predictions only; mutual mode uses full distributions")
-    teacher, built, vocab = build_peers(s, cfg)
+    loaded, teacher, cfg, built, vocab = build_peers(s, cfg)
     task_items = tasks.from_config(cfg)   # on every process, before the data: a refusal stops them all
-    cfg, train, held = s.data(teacher)
+    cfg, train, held = s.data(loaded)
+    teacher.check(cfg, loaded.tokenizer, {"training": train, "held-out": held}, vocab=vocab)
     if len(train) < world:
         raise UserError(f"{len(train)} training examples cannot be split into {world} shards")
 
@@ -109,34 +110,35 @@ def _codistill(s: Session, cfg: CodistillRunConfig) -> dict:
     for (m, _, how), p in zip(built, cfg.peers):
         log.info("peer %s (%s): %s params", p.name, how, f"{models.num_params(m):,}")
     log.info("mode %s; %d train / %d held-out examples", mode, len(train), len(held))
-    pad_id, e = teacher.tokenizer.pad_token_id, cfg.eval
+    pad_id, e, tok = loaded.tokenizer.pad_token_id, cfg.eval, loaded.tokenizer
     peer_models = {p.name: m for (m, _, _), p in zip(built, cfg.peers)}
     # Each model this process runs, on the device before anything runs on it: every peer on the main
     # process (it evaluates them all, and collects them at the end) and in mutual mode; elsewhere the
     # process's own peer (weights mode's stale copies are placed where they are made).
     for i in range(n) if main or mode == "mutual" else [rank]:
         s.place(built[i][0])
-    score = lambda ms: evaluate.score_peers(ms, teacher.model, held, pad_id, e.batch_size, e.max_batches,  # noqa: E731
-                                            vocab, tokenizer=teacher.tokenizer)
+    score = lambda ms: evaluate.score_peers(ms, teacher.eval_source(), held, pad_id, e.batch_size,  # noqa: E731
+                                            e.max_batches, vocab, tokenizer=tok)
     before = score(peer_models) if main else None
     cols_before = columns_before(before, peer_models) if main else None
-    said = s.tasks_before(task_items, {"teacher": (teacher.model, teacher.tokenizer),
-                                       **{f"{k} before": (m, teacher.tokenizer) for k, m in peer_models.items()}})
+    asked = {"teacher": (loaded.model, tok)} if loaded.has_weights else {}
+    said = s.tasks_before(task_items, {**asked, **{f"{k} before": (m, tok) for k, m in peer_models.items()}})
     fsdp = shard.active(cfg, accelerator)   # (mutual mode only: the config refuses the others)
     peers = trainees(s, cfg, built, fsdp)
-    live = LiveTeacher(teacher.model, vocab=vocab, autocast=accelerator.autocast)
+    if not teacher.cached:
+        teacher.vocab = vocab
     names = [p.name for p in cfg.peers]
     if mode == "mutual":
-        objective, batches = Mutual(cfg, live, vocab, names), windows(train, cfg, accelerator, pad_id)
+        objective, batches = Mutual(cfg, teacher, vocab, names), windows(train, cfg, accelerator, pad_id)
     elif mode == "predictions":
-        objective = Predictions(cfg, live, vocab, names, rank, world)
+        objective = Predictions(cfg, teacher, vocab, names, rank, world)
         batches = objective.batches(train[rank::world], train, s.device, pad_id)
     else:   # copies[j]: the stale copy of peer j (copies[rank] is the live own model)
         copies = [peers[0].model if j == rank else s.place(built[j][0]).eval().requires_grad_(False) for j in range(n)]
-        objective = Weights(cfg, live, vocab, names, rank, peers[0], copies)
+        objective = Weights(cfg, teacher, vocab, names, rank, peers[0], copies)
         batches = objective.batches(train[rank::world], train, s.device, pad_id)
     del built
-    mid_eval = lambda step: mid_run_eval(s, cfg, peers, score, fsdp, step, held, teacher, vocab)  # noqa: E731
+    mid_eval = lambda step: mid_run_eval(s, cfg, peers, score, fsdp, step, held, teacher, tok, vocab)  # noqa: E731
     last_log = s.fit(cfg, peers, objective, batches, evaluate=mid_eval, desc=f"codistill ({mode})")
 
     peer_models = collect(s, cfg, peers, peer_models, fsdp)
@@ -153,45 +155,49 @@ def _codistill(s: Session, cfg: CodistillRunConfig) -> dict:
     def write(metrics):   # every peer's folder, then the run's records; swapped in atomically
         def fill(tmp):
             for name, m in peer_models.items():
-                m.generation_config = teacher.model.generation_config
+                if loaded.has_weights:
+                    m.generation_config = loaded.model.generation_config
                 m.save_pretrained(tmp / name)
-                teacher.tokenizer.save_pretrained(tmp / name)
+                tok.save_pretrained(tmp / name)
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
             (tmp / "stillroom.yaml").write_text(to_yaml(cfg))
             shutil.copy(s.out / "metrics.jsonl", tmp / "metrics.jsonl")
         return publish(s.out, "final", fill, "the final peers")
     return s.finish(metrics, table(columns, before["pairs"], after["pairs"], after["tokens"]), task_items, said,
-                    {k: (m, teacher.tokenizer) for k, m in peer_models.items()}, write)
+                    {k: (m, tok) for k, m in peer_models.items()}, write, note=teacher.note())
 
 
 def build_peers(s: Session, cfg):
-    """The teacher (on its device) and every peer built, each checked against the teacher's
-    vocabulary -> (teacher, [(model, tokenizer, how)], the logits width every model is cut to or None)."""
-    dtype = running.teacher_dtype(cfg.teacher.dtype, s.device)
-    teacher = models.load(cfg.teacher.model, dtype=dtype)
-    s.place(teacher.model, dtype=dtype)
-    check_context(cfg, teacher.model.config)
-    built = [models.build_student(p, teacher, cfg.train.seed + i) for i, p in enumerate(cfg.peers)]
-    running.set_teacher_attention(teacher.model, cfg.teacher.attention, s.device, cfg.data.seq_len)
+    """The teacher (live on its device, a cache, or a server: teachers/core.py's load_teacher)
+    and every peer built, each checked against the teacher's vocabulary -> (models.Loaded, the
+    teacher the step reads, cfg with a cache's data filled in, [(model, tokenizer, how)], the
+    logits width every model is cut to or None)."""
+    loaded, teacher, cfg = load_teacher(cfg, s.device, s.place, s.accelerator.autocast)
+    s.cfg = cfg   # a cache fills in the data it was built from where data.path is unset
+    check_context(cfg, loaded.model_config())
+    built = [models.build_student(p, loaded, cfg.train.seed + i) for i, p in enumerate(cfg.peers)]
+    running.set_teacher_attention(loaded.model, cfg.teacher.attention, s.device, cfg.data.seq_len)
     widths = []
     for i, ((m, tok, _), p) in enumerate(zip(built, cfg.peers)):
         running.set_attention(m, p.attention, f"peers.{i}.attention")
         if cfg.train.gradient_checkpointing:   # activations recomputed in the backward, layer by layer
             running.checkpoint_activations(m)
-        w, note = models.check_vocab(teacher.model, teacher.tokenizer, m, tok)
+        w, note = models.check_vocab(teacher.width(), loaded.tokenizer, m, tok)
         if note:
             log.warning("peer %s: %s", p.name, note)
         widths.append(w)
     vocab = min(widths)
-    if all(models.logits_width(m) == vocab for m, _, _ in built) and models.logits_width(teacher.model) == vocab:
+    t_width = teacher.width() if teacher.cached else models.logits_width(loaded.model)
+    if all(models.logits_width(m) == vocab for m, _, _ in built) and t_width == vocab:
         vocab = None
+    teacher.check(cfg, loaded.tokenizer, vocab=vocab or t_width)   # before reading any data
     if cfg.codistill.mode == "mutual":
         specs = [json.dumps(p.model_dump(exclude={"name", "lr"}), sort_keys=True) for p in cfg.peers]
         for i, j in ((i, j) for i in range(len(specs)) for j in range(i + 1, len(specs))):
             if specs[i] == specs[j] and cfg.peers[i].init != "config":
                 log.warning("peers %s and %s start identical and see the same batches: they will stay "
                             "identical (give them different layers or inits)", cfg.peers[i].name, cfg.peers[j].name)
-    return teacher, built, vocab
+    return loaded, teacher, cfg, built, vocab
 
 
 def trainees(s: Session, cfg, built, fsdp: bool) -> list[Trainee]:
@@ -215,7 +221,7 @@ def trainees(s: Session, cfg, built, fsdp: bool) -> list[Trainee]:
     return peers
 
 
-def mid_run_eval(s: Session, cfg, peers, score, fsdp, step, held, teacher, vocab):
+def mid_run_eval(s: Session, cfg, peers, score, fsdp, step, held, teacher, tok, vocab):
     """Every peer's held-out scores, on every process (the main one's record and line, else None)."""
     acc, e = s.accelerator, cfg.eval
     if cfg.codistill.mode == "mutual":
@@ -224,8 +230,8 @@ def mid_run_eval(s: Session, cfg, peers, score, fsdp, step, held, teacher, vocab
         mid = score({p.name: acc.unwrap_model(p.model) for p in peers})["peers"]
     else:   # every process evaluates its own peer; the main one gathers them
         from accelerate.utils import gather_object
-        mine = evaluate.score(peers[0].model, teacher.model, held, teacher.tokenizer.pad_token_id, e.batch_size,
-                              e.max_batches, vocab, tokenizer=teacher.tokenizer)
+        mine = evaluate.score(peers[0].model, teacher.eval_source(), held, tok.pad_token_id, e.batch_size,
+                              e.max_batches, vocab, tokenizer=tok)
         mid = dict(gather_object([(peers[0].name, mine)]))
     line = ", ".join(f"{k} perplexity {v.get('perplexity', v.get('student_perplexity')):.3f}"  # peers' / compare's
                      for k, v in mid.items())
