@@ -737,7 +737,7 @@ def main(argv=None) -> int:
                         else f"stillroom [process {rank}]: %(message)s")
     if rank:
         logging.getLogger("stillroom").setLevel(logging.WARNING)
-    for noisy in ("accelerate", "httpx", "huggingface_hub", "datasets", "openai"):
+    for noisy in ("accelerate", "httpx", "httpx2", "huggingface_hub", "datasets", "openai"):   # httpx2: openai's client
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from stillroom.run.feedback import set_progress
 

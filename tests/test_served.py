@@ -177,9 +177,34 @@ def test_a_live_run_with_a_served_teacher_equals_one_from_its_cache(tmp_path, te
         runs[name] = load_file(str(out / "final" / "model.safetensors"))
         if name == "served":
             assert "served at" in r.stderr and "scored by the server" in r.stdout
+            assert "HTTP Request" not in r.stderr   # not a line per request
     assert runs["served"].keys() == runs["cache"].keys()
     for k in runs["served"]:
         assert torch.equal(runs["served"][k], runs["cache"][k]), k
+
+
+def test_a_codistill_with_a_served_teacher_equals_one_from_its_cache(tmp_path, teacher_dir, chat_file, fresh):
+    """Co-distillation's teacher term from the server: the same peers, bit for bit, as from the
+    cache `stillroom cache` stores from the same server; a served teacher without data.path, or at
+    another temperature, is refused in one line."""
+    from test_codistill import peer_weights, write_config
+
+    base = tiny_overrides(teacher_dir, chat_file, tmp_path / "x") + ["loss.temperature=1.0", "cache.dtype=float32"]
+    assert run_cli("cache", *base, *served(fresh), f"cache.path={tmp_path / 'c'}").returncode == 0
+    for name, more in (("served", served(fresh)), ("cache", ["teacher.kind=cache", f"teacher.cache={tmp_path / 'c'}"])):
+        cfg = write_config(tmp_path / f"{name}.yaml", teacher_dir, chat_file, tmp_path / name)
+        r = run_cli("codistill", cfg, "codistill.teacher_weight=0.5", "train.max_steps=2", *more, "--no-progress")
+        assert r.returncode == 0, r.stderr
+        if name == "served":
+            assert "scored by the server" in r.stdout
+    for peer in ("a", "b"):
+        a, b = peer_weights(tmp_path / "served", peer), peer_weights(tmp_path / "cache", peer)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = write_config(tmp_path / "bad.yaml", teacher_dir, chat_file, tmp_path / "bad")
+    for more, says in ((["data.path=null"], "set data.path"), (["loss.temperature=2.0"], "set loss.temperature=1")):
+        r = run_cli("codistill", cfg, *served(fresh), *more)
+        assert r.returncode == 2 and says in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_failing_request_is_retried(tmp_path, teacher_dir, chat_file, fresh):
@@ -244,6 +269,27 @@ def test_a_cache_from_a_server_killed_midway_continues(tmp_path, teacher_dir, ch
     for sid in ref:
         assert all(torch.equal(ref[sid][k], got[sid][k]) for k in ref[sid]), sid
     assert fresh.requests - asked == 1 + len(ref) - kept   # the probe, and the samples not yet listed
+
+
+def test_a_cache_from_a_server_split_over_two_processes_equals_one_process(tmp_path, teacher_dir, chat_file, fresh):
+    """`accelerate launch ... stillroom cache` with a served teacher: each process sends its own
+    batches' requests and writes its own shards; the folded cache holds every sample's rows as the
+    one-process cache does, bit for bit, and each sample was asked for once."""
+    from test_train import launch
+
+    def args(path):
+        return ["cache", *tiny_overrides(teacher_dir, chat_file, tmp_path / "unused"), *served(fresh),
+                f"cache.path={path}", "cache.shard_rows=30", "cache.batch_size=4", "cache.dtype=float32", "--no-progress"]
+    assert run_cli(*args(tmp_path / "one")).returncode == 0
+    asked = fresh.requests
+    r = launch(2, "-m", "stillroom", *args(tmp_path / "two"))
+    assert "HTTP Request" not in r.stderr   # the client's own request lines stay quiet
+    (_, one), (index, two) = cache_rows(tmp_path / "one"), cache_rows(tmp_path / "two")
+    assert index["complete"] and one.keys() == two.keys() and len(one) > 10
+    assert {sh["file"].split("-")[1] for sh in index["shards"]} == {"p0", "p1"}
+    for sid in one:
+        assert all(torch.equal(one[sid][k], two[sid][k]) for k in one[sid]), sid
+    assert fresh.requests - asked - len(one) <= 2   # every sample once, plus each process's probe
 
 
 @pytest.mark.parametrize("temp", [1.0, 1.5])

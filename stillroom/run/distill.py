@@ -324,8 +324,8 @@ def build_cache(cfg, overwrite: bool, progress: bool) -> dict | None:
 
         loaded, scorer = served_teacher(cfg.teacher)
         check_context(cfg, loaded.config)
+        scorer.check(loaded.tokenizer, scorer.width)   # every process: each settles the shape it speaks
         if state is None or state.is_main_process:
-            scorer.check(loaded.tokenizer, scorer.width)
             existing(cfg, scorer, loaded.tokenizer, overwrite, skip=("data",))
         cfg, train, held = prepare_data(cfg, loaded, state or SimpleNamespace(is_main_process=True, num_processes=1))
         try:
