@@ -7,7 +7,7 @@ alpha * KL(other || self) + (1 - alpha) * CE (Zhang et al. 2018). Both arms run 
 of their ensemble (mean of the two distributions), top-1 agreement between the peers, and each
 arm's wall time (ratio only: this machine is noisy).
 
-    .venv/bin/python bench/codistill.py [--steps 300] [--seeds 3] [--data ../shared/data/tinystories/...]
+    .venv/bin/python bench/codistill.py [--steps 300] [--seeds 3] [--knobs burn_in=150,confidence=true]
 
 Per seed (3 by default: the peers' init and the data order), each peer co-distilled against the
 same peer trained alone on the same loss minus the peer term (here CE alone): the ratios, and in how
@@ -22,6 +22,8 @@ import sys
 import argparse
 import json
 import logging
+
+import yaml
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +41,7 @@ def run(arm: str, alpha: float, args, out: Path, seed: int = 0) -> dict:
         "teacher": {"model": "smollm2-135m"},
         "peers": [{"name": "a", "init": "config", "num_layers": 4, "hidden_size": 256, "num_heads": 4},
                   {"name": "b", "init": "config", "num_layers": 2, "hidden_size": 256, "num_heads": 4}],
-        "codistill": {"mode": "mutual"},
+        "codistill": {"mode": "mutual", **(args.knobs if arm == "mutual" else {})},
         "data": {"path": str(args.data), "seq_len": args.seq_len, "eval_fraction": 0.05},
         "loss": {"kind": "soft", "alpha": alpha, "temperature": 1.0},
         "train": {"output_dir": str(out / f"{arm}-{seed}"), "max_steps": args.steps, "batch_size": args.batch_size,
@@ -63,6 +65,9 @@ def main():
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seeds", type=int, default=3, help="seeds (each: both peers' init and the data order)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--knobs", default="", type=lambda x: {k: yaml.safe_load(v) for k, v in
+                                                         (kv.split("=", 1) for kv in x.split(",") if kv)},
+                   help="codistill settings of the mutual arm, e.g. burn_in=150,confidence=true")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     _quiet_libraries()
@@ -77,7 +82,8 @@ def main():
             ("ensemble perplexity", "ensemble after")]
     held = runs[0]["mutual"]["held_out_tokens"]
     print(f"\ndata {args.data.name}; {args.steps} steps x {args.batch_size} x {args.seq_len} tokens; "
-          f"alpha {args.alpha}, T 1; held-out {held:,} tokens; peers from scratch, same init and batches per seed")
+          f"alpha {args.alpha}, T 1; held-out {held:,} tokens; peers from scratch, same init and batches per seed; "
+          f"mutual arm's codistill settings: {args.knobs or 'the defaults'}")
     print(f"{'':32}{'seed':>6}{'independent':>14}{'mutual':>14}{'mutual/indep':>14}")
     for label, key in rows:
         for seed, arms in enumerate(runs):

@@ -212,6 +212,41 @@ def _drop_damaged(out: Path, index: dict):
         write_json(out / "index.json", index)
 
 
+def _open(cfg, teacher, tok, out: Path, ident: dict, served: bool, config, overwrite: bool) -> dict:
+    """The main process's start of a build: the index of the cache to continue (or a new one,
+    its folder claimed and the tokenizer, model config and index written), with what a killed run
+    left (temporary files, shards renamed in but not listed, damaged shards) cleaned up."""
+    index = existing(cfg, teacher, tok, overwrite)
+    if index is None:
+        from stillroom.models.core import num_params
+        clear(out, "cache")
+        index = {**ident, "teacher_params": None if served else num_params(teacher), "shards": [],
+                 "complete": False}
+        if served:
+            index["source"] = f"served: {teacher.model} at {teacher.url} ({teacher.api})"
+        try:
+            tok.save_pretrained(out / "tokenizer")
+            if config or not served:
+                (config or teacher.config).save_pretrained(out / "teacher")
+            write_json(out / "index.json", index)
+        except OSError as e:   # a full disk before the first shard: the folder is left empty (and ours)
+            why = write_failure(e, out)
+            for name in ("tokenizer", "teacher", "index.json", "index.json.tmp"):
+                shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else \
+                    (out / name).unlink(missing_ok=True)
+            raise UserError(f"could not start the cache in {out}: {why}; free space and run the same command "
+                            "again") from None
+    for stale in out.glob("*.tmp"):  # a shard being written when a previous run was killed
+        stale.unlink()
+    _fold_partial(out, index)
+    listed = {sh["file"] for sh in index["shards"]}
+    for orphan in out.glob("shard-*.safetensors"):   # renamed in by a run killed before it was listed
+        if orphan.name not in listed:
+            orphan.unlink()
+    _drop_damaged(out, index)
+    return index
+
+
 @torch.inference_mode()
 def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=None, config=None) -> dict:
     """Cache the teacher's top-k for `examples` in cfg.cache.path; continue a partial cache.
@@ -227,34 +262,7 @@ def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=Non
     vocab = _width(teacher)
     ident = _identity(cfg, tok, vocab)
     if rank == 0:
-        index = existing(cfg, teacher, tok, overwrite)
-        if index is None:
-            from stillroom.models.core import num_params
-            clear(out, "cache")
-            index = {**ident, "teacher_params": None if served else num_params(teacher), "shards": [],
-                     "complete": False}
-            if served:
-                index["source"] = f"served: {teacher.model} at {teacher.url} ({teacher.api})"
-            try:
-                tok.save_pretrained(out / "tokenizer")
-                if config or not served:
-                    (config or teacher.config).save_pretrained(out / "teacher")
-                write_json(out / "index.json", index)
-            except OSError as e:   # a full disk before the first shard: the folder is left empty (and ours)
-                why = write_failure(e, out)
-                for name in ("tokenizer", "teacher", "index.json", "index.json.tmp"):
-                    shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else \
-                        (out / name).unlink(missing_ok=True)
-                raise UserError(f"could not start the cache in {out}: {why}; free space and run the same command "
-                                "again") from None
-        for stale in out.glob("*.tmp"):  # a shard being written when a previous run was killed
-            stale.unlink()
-        _fold_partial(out, index)
-        listed = {sh["file"] for sh in index["shards"]}
-        for orphan in out.glob("shard-*.safetensors"):   # renamed in by a run killed before it was listed
-            if orphan.name not in listed:
-                orphan.unlink()
-        _drop_damaged(out, index)
+        index = _open(cfg, teacher, tok, out, ident, served, config, overwrite)
     if world > 1:
         state.wait_for_everyone()
         index = json.loads((out / "index.json").read_text())
