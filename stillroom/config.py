@@ -293,7 +293,7 @@ class CacheConfig(Section):
     """Storage of the top-k log-probs. float16 / float32: ids as uint16 (int32 past 65,536 tokens),
     tail and true-token log-probs float32. packed: ids delta-coded (about 9 bits each) and log-probs
     on a 6-bit grid per position, the top-1 kept exact; top_k 160 packed takes fewer bytes than
-    DistillKit's default layout and reconstructs the teacher better (docs/cache.md#packed)."""
+    DistillKit's default layout and reconstructs the teacher better (docs/cache.md#packed-caches)."""
     shard_rows: int = Field(65536, ge=1)
     """Positions per shard file: the writer's memory bound, and what a killed run can lose."""
     batch_size: int = Field(8, ge=1, le=65536)
