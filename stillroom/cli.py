@@ -387,24 +387,22 @@ def cmd_report(args) -> int:
 
 
 def cmd_served_check(args) -> int:
+    from stillroom.config import ServedConfig
     from stillroom.teachers.served import check_against_local, check_table
 
-    got = check_against_local(args.url, args.teacher, args.data, args.served_model, args.rows, args.top_k,
-                              args.seq_len, args.api, progress=not args.no_progress)
+    if not args.url:
+        raise UserError("served-check needs --url: the server's base URL, e.g. http://127.0.0.1:8000/v1")
+    scfg = flag_section(args, ServedConfig, "served", model=args.served_model)   # its flags: config_flags
+    got = check_against_local(scfg, args.teacher, args.data, args.rows, args.seq_len, progress=not args.no_progress)
     print(json.dumps(got, indent=1) if args.json else check_table(got))
     return 0
 
 
 def cmd_generate(args) -> int:
-    from stillroom.config import GenerateConfig, validate
+    from stillroom.config import GenerateConfig
     from stillroom.teachers.generate import read_prompts
 
-    raw = {k: getattr(args, k) for k in GenerateConfig.model_fields}   # its flags: config_flags
-    try:
-        gcfg = validate(raw, GenerateConfig)
-    except UserError as e:   # the flags the user typed, not the config keys behind them
-        raise UserError(_flags(str(e).replace("config key '", "config key 'generate."), raw)
-                        .replace("config key --", "--")) from None
+    gcfg = flag_section(args, GenerateConfig, "generate")   # its flags: config_flags
     check_output_file(args.out, "--out", [("--prompts", args.prompts), ("--tokenizer", args.tokenizer)])
     prompts = read_prompts(gcfg.prompts, gcfg.num_prompts, gcfg.prompt_field, gcfg.split, gcfg.system, gcfg.dedup)
     if args.top_logprobs and not args.api:
@@ -499,18 +497,28 @@ def _written_by(path: Path, keys) -> bool:
     return isinstance(obj, dict) and set(keys) <= set(obj)
 
 
-def _flags(message: str, names) -> str:
-    """A config validator's message with generate.<key> written as the flag the user typed."""
-    for n in sorted(names, key=len, reverse=True):
-        message = message.replace(f"generate.{n}", "--" + n.replace("_", "-"))
-    return message
+def flag_section(args, cls, section: str, **given):
+    """The config section a verb's flags fill (config_flags), validated by the section itself; an
+    error names the flag the user typed (`--top-k: ...`, where a validator says `<section>.top_k`).
+    given: fields set otherwise (a flag of another name)."""
+    from stillroom.config import validate
+
+    raw = {**{k: getattr(args, k) for k in cls.model_fields if hasattr(args, k)}, **given}
+    try:
+        return validate(raw, cls)
+    except UserError as e:
+        msg = str(e)
+        for n in sorted(raw, key=len, reverse=True):
+            flag = "--" + n.replace("_", "-")
+            msg = msg.replace(f"config key '{n}'", flag).replace(f"{section}.{n}", flag)
+        raise UserError(msg) from None
 
 
 def config_flags(group, section, defaults=None, skip=()):
     """A flag per field of a config section (`--kebab-name`, dest the field's name): its type,
     choices and help come from the field (its docstring), so a flag-style verb and the config say
-    the same in one place; values are validated by the section itself (validate(), with _flags()
-    naming the flag in the message). A bool field that defaults to true is `--no-NAME`.
+    the same in one place; values are validated by the section itself (flag_section, naming the
+    flag in the message). A bool field that defaults to true is `--no-NAME`.
     defaults: the verb's own defaults where they differ from the config's."""
     import typing
 
@@ -673,16 +681,14 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     v = sub.add_parser("served-check", help="a served teacher against the same model loaded here, on held-out rows")
-    v.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000/v1")
+    from stillroom.config import ServedConfig
+    config_flags(v, ServedConfig, skip=("model",))   # --url, --api, --top-k, ...: teacher.served's own keys
+    v.add_argument("--served-model", help="the model name the server serves (default: --teacher)")
     v.add_argument("--teacher", default="smollm2-135m", help="the same model, loaded here: folder, .gguf, hub id "
                                                              "or smollm2-135m")
-    v.add_argument("--served-model", help="the model name the server serves (default: --teacher)")
     v.add_argument("--data", required=True, help="held-out text or JSONL file")
     v.add_argument("--rows", type=POSITIVE, default=16, help="rows to score")
-    v.add_argument("--top-k", type=_number(int, low=1, high=1000), default=20, help="log-probs per position asked")
     v.add_argument("--seq-len", type=_number(int, low=8), default=256, help="tokens per row")
-    v.add_argument("--api", choices=["auto", "prompt_logprobs", "echo"], default="auto",
-                   help="the request's shape (as teacher.served.api)")
     v.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
     v.set_defaults(func=cmd_served_check)

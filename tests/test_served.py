@@ -312,6 +312,20 @@ def test_served_check_says_whether_the_server_serves_the_same_model(tmp_path, te
     assert ("the same model" if temp == 1.0 else "they differ") in r.stdout, r.stdout
 
 
+def test_served_check_flags_are_teacher_served_keys(tmp_path, teacher_dir, chat_file, fresh):
+    """served-check's server flags come from teacher.served (help and checks in one place): a bad
+    value names the flag, in one line; the retry and concurrency knobs are there too."""
+    base = ["served-check", "--teacher", teacher_dir, "--data", chat_file, "--rows", "2", "--seq-len", "64",
+            "--no-progress"]
+    for more, says in ((["--url", fresh.url, "--top-k", "0"], "--top-k"), ([], "needs --url"),
+                       (["--url", fresh.url, "--timeout", "-1"], "--timeout")):
+        r = run_cli(*base, *more)
+        assert r.returncode == 2 and says in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    r = run_cli(*base, "--url", fresh.url, "--top-k", str(K), "--concurrency", "2", "--retries", "1", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["rows"] == 2, r.stderr
+    assert "Greater than or equal" not in run_cli("served-check", "--help").stdout   # help is the key's doc
+
+
 def vllm_capture(model, tok, path, k=K, rows=12):
     """A vLLM prompt_logprobs capture written here from the tiny teacher, as vLLM lays it out (token
     ids as string keys, ranks 1..k, the realized token added with its own rank): not the importer's

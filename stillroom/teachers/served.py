@@ -305,8 +305,8 @@ class ServedScorer:
 # ------------------------------------------------------------------------------------ served vs local
 
 @torch.no_grad()
-def check_against_local(url: str, teacher: str, data: str, served_model: str | None = None, rows: int = 16,
-                        top_k: int = 20, seq_len: int = 256, api: str = "auto", progress: bool = True) -> dict:
+def check_against_local(scfg, teacher: str, data: str, rows: int = 16, seq_len: int = 256,
+                        progress: bool = True) -> dict:
     """`stillroom served-check`: the served teacher and the same model loaded here score the same
     held-out rows; -> per-position top-1 agreement, KL(served || local) over the served top-k + one
     tail bucket (the loss's own comparison), the largest log-prob difference of a listed token and
@@ -314,14 +314,14 @@ def check_against_local(url: str, teacher: str, data: str, served_model: str | N
     score as the local tokenizer reads them (tokenized otherwise)."""
     from tqdm.auto import tqdm
 
-    from stillroom.config import DataConfig, ServedConfig
+    from stillroom.config import DataConfig
     from stillroom.data.examples import build_examples
     from stillroom.models import core as models
     from stillroom.teachers.cache import positions
 
     local = models.load(teacher, dtype=torch.float32)
     tok = local.tokenizer
-    scorer = ServedScorer(ServedConfig(url=url, model=served_model, top_k=top_k, api=api), tok, teacher)
+    scorer = ServedScorer(scfg, tok, teacher)   # scfg: a config.ServedConfig (teacher.served's keys)
     scorer.width = models.logits_width(local.model)
     try:
         scorer.check(tok, scorer.width)
@@ -361,7 +361,7 @@ def check_against_local(url: str, teacher: str, data: str, served_model: str | N
         scorer.close()
     kl_all = torch.cat(kl) if kl else torch.zeros(0)
     diffs = torch.cat(label_diff) if label_diff else torch.zeros(0)
-    return {"url": url, "served_model": scorer.model, "teacher": teacher, "api": scorer.api, "top_k": top_k,
+    return {"url": scfg.url, "served_model": scorer.model, "teacher": teacher, "api": scorer.api, "top_k": scfg.top_k,
             "rows": len(examples), "positions": n, "top1_agreement": agree / n if n else None,
             "kl_per_position": float(kl_all.mean()) if n else None,
             "kl_max": {"value": kl_worst[0], "row": kl_worst[1][0], "position": kl_worst[1][1]} if kl_worst[1] else None,
