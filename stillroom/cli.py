@@ -550,53 +550,49 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"stillroom: error: {message} (see `{self.prog} --help`)\n")
 
 
-def parser() -> argparse.ArgumentParser:
-    from stillroom import __version__
+def _config_command(sub, name, help, description, args_help, overwrite_help, resume_help=None):
+    """A subcommand driven by a config: [CONFIG] [key=value ...] and the common flags."""
+    c = sub.add_parser(name, help=help, description=description)
+    c.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]", help=args_help)
+    if overwrite_help:
+        c.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    if resume_help:
+        c.add_argument("--resume", action="store_true", help=resume_help)
+    c.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return c
 
-    p = _Parser(prog="stillroom", description="Distill large language models into small ones.")
-    p.add_argument("--version", action="version", version=f"stillroom {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
 
-    def config_command(name, help, description, args_help, overwrite_help, resume_help=None):
-        """A subcommand driven by a config: [CONFIG] [key=value ...] and the common flags."""
-        c = sub.add_parser(name, help=help, description=description)
-        c.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]", help=args_help)
-        if overwrite_help:
-            c.add_argument("--overwrite", action="store_true", help=overwrite_help)
-        if resume_help:
-            c.add_argument("--resume", action="store_true", help=resume_help)
-        c.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-        c.add_argument("--no-progress", action="store_true", help="no progress bar")
-        return c
-
-    config_command("distill", "train a student from a teacher",
-                   "Train a student to match a teacher. With no config: the embedded default (bundled "
-                   "SmolLM2-135M teacher, 6-layer student, soft labels).",
-                   "a YAML file or bundled recipe (soft, hard, jsd, on_policy, hidden, multi_teacher, adaptive, "
-                   "cross_tokenizer, two_stage, pruned: see configs/), then dotted overrides like train.lr=1e-4",
-                   "replace an existing output folder", "continue from the last checkpoint in the output folder"
-                   ).set_defaults(func=cmd_distill)
-    config_command("codistill", "train two or more models that teach each other",
-                   "Co-distillation: peers learn from the labels and from each other (codistill.mode: mutual "
-                   "in one process; predictions or weights with one peer per process under accelerate launch).",
-                   "a YAML file or bundled recipe (codistill, codistill_distributed), then dotted overrides "
-                   "like peers.1.num_layers=4 or codistill.mode=weights",
-                   "replace an existing output folder", "continue every peer from the last checkpoint"
-                   ).set_defaults(func=cmd_distill)
-    config_command("prepare", "tokenize a config's data once, into the store runs read it from",
-                   "Build the data store of a config ahead of its run (distill, codistill and cache build "
-                   "it on first use otherwise): the data tokenized once, on every core, kept under the "
-                   "stillroom cache (or data.store=FOLDER) and reused while the files, tokenizer and data "
-                   "settings are the same.",
-                   "a YAML file or bundled recipe (distill or codistill), then overrides like data.path=FILE "
-                   "data.workers=8", None).set_defaults(func=cmd_prepare, resume=False, overwrite=False)
-    ca = config_command("cache", "run the teacher once over the data and store its top-k outputs",
-                   "Cache the teacher's top-k next-token distributions (at loss.temperature) over the config's "
-                   "data; train from it with teacher.kind=cache teacher.cache=DIR. Running it again continues "
-                   "an interrupted cache.",
-                   "a YAML file or bundled recipe, then overrides like cache.path=runs/cache cache.top_k=64",
-                   "replace a cache built differently (or the --export-vllm / --export-axolotl file, or the "
-                   "--export-distillkit folder's capture)")
+def _config_verbs(sub):
+    """distill, codistill, prepare and cache: a config (a file or a recipe) and overrides."""
+    _config_command(sub, "distill", "train a student from a teacher",
+                         "Train a student to match a teacher. With no config: the embedded default (bundled "
+                         "SmolLM2-135M teacher, 6-layer student, soft labels).",
+                         "a YAML file or bundled recipe (soft, hard, jsd, on_policy, hidden, multi_teacher, adaptive, "
+                         "cross_tokenizer, two_stage, pruned: see configs/), then dotted overrides like train.lr=1e-4",
+                         "replace an existing output folder", "continue from the last checkpoint in the output folder"
+                         ).set_defaults(func=cmd_distill)
+    _config_command(sub, "codistill", "train two or more models that teach each other",
+                         "Co-distillation: peers learn from the labels and from each other (codistill.mode: mutual "
+                         "in one process; predictions or weights with one peer per process under accelerate launch).",
+                         "a YAML file or bundled recipe (codistill, codistill_distributed), then dotted overrides "
+                         "like peers.1.num_layers=4 or codistill.mode=weights",
+                         "replace an existing output folder", "continue every peer from the last checkpoint"
+                         ).set_defaults(func=cmd_distill)
+    _config_command(sub, "prepare", "tokenize a config's data once, into the store runs read it from",
+                         "Build the data store of a config ahead of its run (distill, codistill and cache build "
+                         "it on first use otherwise): the data tokenized once, on every core, kept under the "
+                         "stillroom cache (or data.store=FOLDER) and reused while the files, tokenizer and data "
+                         "settings are the same.",
+                         "a YAML file or bundled recipe (distill or codistill), then overrides like data.path=FILE "
+                         "data.workers=8", None).set_defaults(func=cmd_prepare, resume=False, overwrite=False)
+    ca = _config_command(sub, "cache", "run the teacher once over the data and store its top-k outputs",
+                         "Cache the teacher's top-k next-token distributions (at loss.temperature) over the config's "
+                         "data; train from it with teacher.kind=cache teacher.cache=DIR. Running it again continues "
+                         "an interrupted cache.",
+                         "a YAML file or bundled recipe, then overrides like cache.path=runs/cache cache.top_k=64",
+                         "replace a cache built differently (or the --export-vllm / --export-axolotl file, or the "
+                         "--export-distillkit folder's capture)")
     ca.set_defaults(func=cmd_cache, resume=False)
     ca.add_argument("--export-vllm", metavar="FILE",
                    help="write the cache at teacher.cache (teacher.kind=cache) as a vLLM prompt_logprobs capture "
@@ -612,6 +608,9 @@ def parser() -> argparse.ArgumentParser:
                    help="with --export-distillkit: compress as this DistillKit compression_config.yaml says "
                         "(exact values, a polynomial fit, residual bins) instead of keeping every log-prob exact")
 
+
+def _eval_verb(sub):
+    """eval: a student against its teacher on held-out data."""
     e = sub.add_parser("eval", help="compare a student with its teacher on held-out data")
     e.add_argument("--model", required=True, help="student: a run folder (its final/), a model folder, .gguf or hub id")
     e.add_argument("--teacher", help="teacher: smollm2-135m, folder, .gguf or hub id (default: the teacher the "
@@ -645,6 +644,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
 
+
+def _export_verb(sub):
+    """export: a GGUF file."""
     x = sub.add_parser("export", help="write a student as a GGUF file (f16, q8_0, q4_0) for llama.cpp / Ollama")
     x.add_argument("model", help="a run folder (its final/) or a model folder")
     x.add_argument("--type", default="q8_0", choices=["f16", "q8_0", "q4_0"], help="weight type (default q8_0)")
@@ -654,6 +656,9 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true", help="print the result as JSON")
     x.set_defaults(func=cmd_export)
 
+
+def _compare_verb(sub):
+    """compare: the teacher, students and their GGUF exports side by side."""
     c = sub.add_parser("compare", help="teacher vs students (and their GGUF exports): size, memory, speed, quality")
     c.add_argument("teacher", help="smollm2-135m, a folder, .gguf or hub id")
     c.add_argument("students", nargs="+", help="run folders (their final/) or model folders")
@@ -676,10 +681,16 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
 
+
+def _report_verb(sub):
+    """report: a run's HTML page."""
     r = sub.add_parser("report", help="write <RUN_DIR>/report.html: plots, tables and config of a run")
     r.add_argument("run", help="a distill output folder")
     r.set_defaults(func=cmd_report)
 
+
+def _served_check_verb(sub):
+    """served-check: a served teacher against the same model loaded here."""
     v = sub.add_parser("served-check", help="a served teacher against the same model loaded here, on held-out rows")
     from stillroom.config import ServedConfig
     config_flags(v, ServedConfig, skip=("model",))   # --url, --api, --top-k, ...: teacher.served's own keys
@@ -693,6 +704,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
     v.set_defaults(func=cmd_served_check)
 
+
+def _generate_verb(sub):
+    """generate: the teacher's answers to prompts."""
     g = sub.add_parser("generate", help="have the teacher answer prompts (JSONL conversations out, resumable)")
     g.add_argument("--out", required=True, help="output JSONL; an existing file is continued")
     from stillroom.config import GenerateConfig
@@ -716,6 +730,17 @@ def parser() -> argparse.ArgumentParser:
                    help="retries of a failed request (exponential backoff, Retry-After honoured)")
     a.add_argument("--tokenizer", help="a model whose tokenizer counts prompt tokens (--max-prompt-tokens)")
     g.set_defaults(func=cmd_generate)
+
+
+def parser() -> argparse.ArgumentParser:
+    from stillroom import __version__
+
+    p = _Parser(prog="stillroom", description="Distill large language models into small ones.")
+    p.add_argument("--version", action="version", version=f"stillroom {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for verbs in (_config_verbs, _eval_verb, _export_verb, _compare_verb, _report_verb, _served_check_verb,
+                  _generate_verb):
+        verbs(sub)
     return p
 
 
