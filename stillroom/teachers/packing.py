@@ -79,10 +79,11 @@ class Layout:
         R, k = t["q"].shape[0], self.k
         gaps = _eg_decode(t["code"].numpy(), R * k, self.order).reshape(R, k)
         ids = np.cumsum(gaps + 1, axis=1) - 1
-        logp = _dequantize(_unpack(t["q"].numpy(), BITS, k), t["range"].numpy().astype(np.float64))
-        ids, logp = torch.from_numpy(ids), torch.from_numpy(logp).float()
-        logp, order_ = logp.sort(dim=1, descending=True, stable=True)
-        return ids.gather(1, order_), logp, t["tail"].float(), t["label_logp"].float()
+        q = _unpack(t["q"].numpy(), BITS, k)
+        by_value = np.argsort(-q, axis=1, kind="stable")   # the codes order the values (one row, one grid)
+        q, ids = np.take_along_axis(q, by_value, 1), np.take_along_axis(ids, by_value, 1)
+        logp = _dequantize(q, t["range"].numpy().astype(np.float64)).astype(np.float32)
+        return torch.from_numpy(ids), torch.from_numpy(logp), t["tail"].float(), t["label_logp"].float()
 
 
 # ------------------------------------------------------------------ log-probs on a grid per row
@@ -167,9 +168,9 @@ def _eg_decode(code: np.ndarray, n: int, r: int) -> np.ndarray:
     start = ends[-1] + 1 + np.cumsum(width) - width
     if len(width) and start[-1] + width[-1] > len(bits):
         raise ValueError("packed ids: the stream ends early")
-    w = np.ones(n, dtype=np.int64)                           # the leading one of w
-    for j in range(int(width.max(initial=0))):
-        take = j < width
-        bit = bits[np.where(take, start + j, 0)].astype(np.int64)
-        w = np.where(take, (w << 1) | bit, w)
+    w = np.empty(n, dtype=np.int64)
+    for size in np.unique(width):                            # the codes of one width at a time
+        sel = np.flatnonzero(width == size)
+        body = bits[start[sel, None] + np.arange(size)].astype(np.int64) @ (1 << np.arange(size - 1, -1, -1))
+        w[sel] = (1 << size) | body                          # the leading one of w, then its bits
     return w - (1 << r)
