@@ -174,6 +174,7 @@ def build_peers(s: Session, cfg):
     logits width every model is cut to or None)."""
     loaded, teacher, cfg = load_teacher(cfg, s.device, s.place, s.accelerator.autocast)
     s.cfg = cfg   # a cache fills in the data it was built from where data.path is unset
+    teacher.check(cfg, loaded.tokenizer)   # a cache or a server against the run, before any peer is built
     check_context(cfg, loaded.model_config())
     built = [models.build_student(p, loaded, cfg.train.seed + i) for i, p in enumerate(cfg.peers)]
     running.set_teacher_attention(loaded.model, cfg.teacher.attention, s.device, cfg.data.seq_len)
@@ -190,7 +191,6 @@ def build_peers(s: Session, cfg):
     t_width = teacher.width() if teacher.cached else models.logits_width(loaded.model)
     if all(models.logits_width(m) == vocab for m, _, _ in built) and t_width == vocab:
         vocab = None
-    teacher.check(cfg, loaded.tokenizer, vocab=vocab or t_width)   # before reading any data
     if cfg.codistill.mode == "mutual":
         specs = [json.dumps(p.model_dump(exclude={"name", "lr"}), sort_keys=True) for p in cfg.peers]
         for i, j in ((i, j) for i in range(len(specs)) for j in range(i + 1, len(specs))):

@@ -129,6 +129,7 @@ def distill(cfg: Config, overwrite: bool = False, resume: bool = False, progress
                             "default data; set data.path (for example to the answers `stillroom generate` wrote)")
         loaded, teacher, cfg = load_teacher(cfg, s.device, s.place, s.accelerator.autocast, sharded)
         s.cfg = cfg   # a cache fills in the data it was built from where data.path is unset
+        teacher.check(cfg, loaded.tokenizer)   # a cache or a server against the run, before the student is built
         student, s_tok, how = models.build_student(cfg.student, loaded, cfg.train.seed)
         metrics, _ = run_distill(s, cfg, loaded, teacher, s.place(student), s_tok, how,
                                  kept_layers=kept_layers(cfg, loaded))
