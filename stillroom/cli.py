@@ -565,20 +565,21 @@ def _config_command(sub, name, help, description, args_help, overwrite_help, res
 
 def _config_verbs(sub):
     """distill, codistill, prepare and cache: a config (a file or a recipe) and overrides."""
-    _config_command(sub, "distill", "train a student from a teacher",
-                         "Train a student to match a teacher. With no config: the embedded default (bundled "
-                         "SmolLM2-135M teacher, 6-layer student, soft labels).",
-                         "a YAML file or bundled recipe (soft, hard, jsd, on_policy, hidden, multi_teacher, adaptive, "
-                         "cross_tokenizer, two_stage, pruned: see configs/), then dotted overrides like train.lr=1e-4",
-                         "replace an existing output folder", "continue from the last checkpoint in the output folder"
-                         ).set_defaults(func=cmd_distill)
-    _config_command(sub, "codistill", "train two or more models that teach each other",
-                         "Co-distillation: peers learn from the labels and from each other (codistill.mode: mutual "
-                         "in one process; predictions or weights with one peer per process under accelerate launch).",
-                         "a YAML file or bundled recipe (codistill, codistill_distributed), then dotted overrides "
-                         "like peers.1.num_layers=4 or codistill.mode=weights",
-                         "replace an existing output folder", "continue every peer from the last checkpoint"
-                         ).set_defaults(func=cmd_distill)
+    runs = (("distill", "train a student from a teacher",
+             "Train a student to match a teacher. With no config: the embedded default (bundled SmolLM2-135M "
+             "teacher, 6-layer student, soft labels).",
+             "a YAML file or bundled recipe (soft, hard, jsd, on_policy, hidden, multi_teacher, adaptive, "
+             "cross_tokenizer, two_stage, pruned: see configs/), then dotted overrides like train.lr=1e-4",
+             "continue from the last checkpoint in the output folder"),
+            ("codistill", "train two or more models that teach each other",
+             "Co-distillation: peers learn from the labels and from each other (codistill.mode: mutual in one "
+             "process; predictions or weights with one peer per process under accelerate launch).",
+             "a YAML file or bundled recipe (codistill, codistill_distributed), then dotted overrides like "
+             "peers.1.num_layers=4 or codistill.mode=weights",
+             "continue every peer from the last checkpoint"))
+    for name, help, description, args_help, resume_help in runs:
+        _config_command(sub, name, help, description, args_help, "replace an existing output folder",
+                        resume_help).set_defaults(func=cmd_distill)
     _config_command(sub, "prepare", "tokenize a config's data once, into the store runs read it from",
                          "Build the data store of a config ahead of its run (distill, codistill and cache build "
                          "it on first use otherwise): the data tokenized once, on every core, kept under the "
