@@ -49,6 +49,7 @@ def test_a_library_run_with_progress_false_shows_no_bar(tmp_path, teacher_dir, c
     from stillroom.run import feedback
     from stillroom.run.distill import distill
 
+    monkeypatch.setattr(feedback, "_progress", True)   # bars on, whatever an earlier test left
     shown = []
     real = feedback.bar
     monkeypatch.setattr(evaluate, "bar", lambda *a, **k: (shown.append(feedback.progress_on()), real(*a, **k))[1])
