@@ -178,6 +178,7 @@ def test_a_live_run_with_a_served_teacher_equals_one_from_its_cache(tmp_path, te
         if name == "served":
             assert "served at" in r.stderr and "scored by the server" in r.stdout
             assert "HTTP Request" not in r.stderr   # not a line per request
+            assert r.stderr.count("probe scored") == 1, r.stderr   # checked early and again: probed once
     assert runs["served"].keys() == runs["cache"].keys()
     for k in runs["served"]:
         assert torch.equal(runs["served"][k], runs["cache"][k]), k

@@ -112,6 +112,7 @@ class ServedScorer:
         self.client = openai.OpenAI(base_url=scfg.url, api_key=os.environ.get(scfg.api_key_env) or "none",
                                     max_retries=scfg.retries, timeout=scfg.timeout)
         self.api = scfg.api
+        self._probed, self._probe_max = None, 0   # the probe scored (its ids) and its largest listed id
         self._pieces, self.echo_shift, self.last_status = None, None, None
         self._pool = ThreadPoolExecutor(max(1, scfg.concurrency), thread_name_prefix="served")
         self.temperature = 1.0   # a server's log-probs (what the evaluation asks of a cache)
@@ -246,8 +247,11 @@ class ServedScorer:
 
     def check(self, s_tok, vocab: int | None = None):
         """Before anything trains: the server answers in the configured shape (`auto`: the first
-        that does), tokenizes a probe as the student's tokenizer does, and its ids fit the student."""
+        that does), tokenizes a probe as the student's tokenizer does, and its ids fit the student.
+        A probe of the same ids already scored is not sent again (a run checks early and again)."""
         ids = s_tok(PROBE, add_special_tokens=False)["input_ids"]
+        if ids == self._probed:
+            return self._fits(self._probe_max, vocab)
         if self.api == "auto":
             self.api, client = "prompt_logprobs", self.client
             self.client = client.with_options(max_retries=0)   # a server that cannot take ids says so at once
@@ -266,10 +270,8 @@ class ServedScorer:
             self.client = client
         else:
             raw = self._raw(ids)
-        top = [t for entry in raw[1:] for t in entry]
-        if vocab is not None and max(top, default=0) >= vocab:
-            raise UserError(f"the served teacher at {self.url} returned token id {max(top)}, outside the "
-                            f"student's vocabulary ({vocab}): it is not the same tokenizer")
+        top = max((t for entry in raw[1:] for t in entry), default=0)
+        self._fits(top, vocab)
         if self.api == "prompt_logprobs":   # ids go out as they are: the server must read them as we do
             theirs = self._tokenize(PROBE)
             if theirs is None:
@@ -281,6 +283,12 @@ class ServedScorer:
                                 "model, or set teacher.model to the served model's tokenizer")
         log.info("served teacher %s at %s: probe scored (%d tokens, top-%d per position, %s)", self.model,
                  self.url, len(ids), self.top_k, self.api)
+        self._probed, self._probe_max = ids, top
+
+    def _fits(self, top: int, vocab: int | None):
+        if vocab is not None and top >= vocab:
+            raise UserError(f"the served teacher at {self.url} returned token id {top}, outside the "
+                            f"student's vocabulary ({vocab}): it is not the same tokenizer")
 
     def _tokenize(self, text: str) -> list[int] | None:
         """The server's tokens for `text` from its /tokenize endpoint (vLLM's and llama.cpp's), or
