@@ -124,13 +124,12 @@ def derive(src, dst: Path, examples, k: int, dtype: str, fn):
     import shutil
 
     from stillroom.teachers.cache import ShardWriter, positions, sample_id, write_json
-    from stillroom.teachers.packing import Layout
 
     dst.mkdir(parents=True)
     for sub in ("tokenizer", "teacher"):
         shutil.copytree(src.path / sub, dst / sub)
     index = {**src.index, "top_k": k, "dtype": dtype, "shards": [], "complete": False}
-    writer, done = ShardWriter(dst, index, Layout.of(index), 1 << 20), set()
+    writer, done = ShardWriter(dst, index, 1 << 20), set()
     for e in examples:
         sid = sample_id(e)
         if sid in done or not positions(e):
@@ -155,13 +154,12 @@ def sampled_cache(model, examples, dst: Path, src, n: int, seed: int):
     import shutil
 
     from stillroom.teachers.cache import ShardWriter, positions, sample_id, write_json
-    from stillroom.teachers.packing import Layout
 
     dst.mkdir(parents=True)
     for sub in ("tokenizer", "teacher"):
         shutil.copytree(src.path / sub, dst / sub)
     index = {**src.index, "top_k": n, "dtype": "float16", "shards": [], "complete": False}
-    writer, done, g = ShardWriter(dst, index, Layout.of(index), 1 << 20), set(), torch.Generator().manual_seed(seed)
+    writer, done, g = ShardWriter(dst, index, 1 << 20), set(), torch.Generator().manual_seed(seed)
     for e in examples:
         sid = sample_id(e)
         if sid in done or not positions(e):

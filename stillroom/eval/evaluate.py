@@ -139,12 +139,23 @@ def on_device(batch: dict, model) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _versus(teacher, batch, host, labels, device, vocab):
+    """The teacher's side of one held-out batch -> stats(student logits, cut to `vocab`): token_stats
+    against a model's logits (it reads its inputs on its own device: offloaded, or placed apart),
+    cached_stats against what reads top-k targets (a cache, a server)."""
+    if not isinstance(teacher, torch.nn.Module):
+        t = teacher.targets(batch, labels.shape[1], device)
+        return lambda s: cached_stats(s, t, labels, with_kl=teacher.temperature == 1.0)
+    t = teacher(**model_inputs(on_device(host, teacher)), use_cache=False).logits.to(device)
+    t = t[..., :vocab] if vocab else t
+    return lambda s: token_stats(s, t, labels)
+
+
 @torch.no_grad()
 def score(student, teacher, examples, pad_id, batch_size=8, max_batches=None, vocab=None, tokenizer=None):
     """Perplexity of both, top-1 agreement and mean KL(teacher || student) on `examples`, and with
     the student's `tokenizer` bits per byte. `teacher` is a model, or what reads top-k targets for
     a batch (a cache.TeacherCache, a served.ServedScorer)."""
-    cached = teacher is not None and not isinstance(teacher, torch.nn.Module)
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
@@ -160,15 +171,8 @@ def score(student, teacher, examples, pad_id, batch_size=8, max_batches=None, vo
         if teacher is None:   # a teacher of another tokenizer: the student's own perplexity only
             stats = token_stats(s, s.detach(), labels)
             stats.update(teacher_nll=None, kl=None, agree=None)
-        elif cached:
-            stats = cached_stats(s[..., :vocab] if vocab else s,
-                                 teacher.targets(batch, labels.shape[1], device), labels,
-                                 with_kl=teacher.temperature == 1.0)
-        else:   # the teacher reads its inputs on its own device (offloaded, or placed apart)
-            t = teacher(**model_inputs(on_device(host, teacher)), use_cache=False).logits.to(device)
-            if vocab:
-                s, t = s[..., :vocab], t[..., :vocab]
-            stats = token_stats(s, t, labels)
+        else:
+            stats = _versus(teacher, batch, host, labels, device, vocab)(s[..., :vocab] if vocab else s)
         if count is not None:
             stats["bytes"] = count(labels)
         for k, v in stats.items():
@@ -228,7 +232,6 @@ def score_peers(peers: dict, teacher, examples, pad_id, batch_size=8, max_batche
     peers' probabilities) perplexity, agreement and KL to the teacher; top-1 agreement of each
     pair of peers. `teacher`: a model, or what reads top-k targets (as in score).
     -> {"peers": {name: {...}}, "ensemble": {...}, "pairs": {"a/b": frac}, ...}"""
-    cached = not isinstance(teacher, torch.nn.Module)
     names = list(peers)
     states = {n: m.training for n, m in peers.items()}
     for m in peers.values():
@@ -244,13 +247,7 @@ def score_peers(peers: dict, teacher, examples, pad_id, batch_size=8, max_batche
         labels = shift_labels(host["labels"]).to(device)
         valid = labels != -100
         n_bytes += count(labels) if count is not None else 0
-        if cached:
-            t = teacher.targets(batch, labels.shape[1], device)
-            stats = lambda s: cached_stats(s, t, labels, with_kl=teacher.temperature == 1.0)  # noqa: E731
-        else:
-            t = teacher(**model_inputs(on_device(host, teacher)), use_cache=False).logits.to(device)
-            t = t[..., :vocab] if vocab else t
-            stats = lambda s: token_stats(s, t, labels)  # noqa: E731
+        stats = _versus(teacher, batch, host, labels, device, vocab)
         log_probs, top = {}, {}
         for n in names:
             s = peers[n](**model_inputs(on_device(host, peers[n])), use_cache=False).logits.to(device)

@@ -50,10 +50,9 @@ class Session:
     # -------------------------------------------------------------------------------- setup
 
     def __enter__(self) -> "Session":
+        from stillroom.run.feedback import progress
         from stillroom.run.outputs import own_output
         from stillroom.run.tracking import make_accelerator
-
-        from stillroom.run.feedback import progress
 
         self._stack.enter_context(progress(self.progress))
         self._stack.enter_context(own_output(self.out, self.overwrite, self.resume, self.inputs, self.kind))

@@ -113,7 +113,6 @@ def student_precision(name: str, device) -> str:
 
 
 def make_accelerator(cfg, out: Path, threads: bool = True):
-
     from accelerate import Accelerator
 
     from stillroom.models.running import best_device

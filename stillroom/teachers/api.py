@@ -196,11 +196,10 @@ def build_from_logprobs(cfg, tok, model_config=None, overwrite=False, progress=T
     perplexity in the eval) are exact where the true token is listed, else the tail mass (an
     upper bound)."""
     from stillroom.teachers.cache import ShardWriter, positions, sample_id, start_import, write_json
-    from stillroom.teachers.packing import Layout
 
     out, k = Path(cfg.cache.path), cfg.cache.top_k
     index = start_import(cfg, tok, model_config, overwrite, f"logprobs in {cfg.data.path}", "float32")
-    writer, stats, done = ShardWriter(out, index, Layout.of(index), cfg.cache.shard_rows), {}, set()
+    writer, stats, done = ShardWriter(out, index, cfg.cache.shard_rows), {}, set()
     for e, targets, stats in tqdm(rows_from_logprobs(cfg.data.path, tok, cfg.data.seq_len, k),
                                   desc="logprobs -> cache", unit="row", disable=not progress):
         sid = sample_id(e)

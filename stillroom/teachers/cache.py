@@ -88,12 +88,13 @@ class ShardWriter:
     """Buffers samples' rows and writes them as shards of about `shard_rows` rows: each shard
     under a temporary name, renamed, and only then listed in the index (replaced atomically)."""
 
-    def __init__(self, out: Path, index: dict, layout: Layout, shard_rows: int, index_file: str = "index.json",
-                 prefix: str = "shard-"):
-        """layout: how rows are stored (packing.Layout.of the cache's index). index_file / prefix:
-        under several processes each lists its shards in its own index.pN.json (folded into
-        index.json at the end) and names them shard-pN-..."""
-        self.out, self.index, self.layout, self.shard_rows = out, index, layout, shard_rows
+    def __init__(self, out: Path, index: dict, shard_rows: int, index_file: str = "index.json",
+                 prefix: str = "shard-", layout: Layout | None = None):
+        """index_file / prefix: under several processes each lists its shards in its own
+        index.pN.json (folded into index.json at the end) and names them shard-pN-...; then
+        `layout` is the cache's (how rows are stored: by default packing.Layout.of(index))."""
+        self.out, self.index, self.shard_rows = out, index, shard_rows
+        self.layout = layout or Layout.of(index)
         self.index_file, self.prefix = index_file, prefix
         self._reset()
 
@@ -284,12 +285,12 @@ def build(cfg, examples, teacher, tok, overwrite=False, progress=True, state=Non
                  sum(sid not in done for b in todo for sid, _ in b))
     mine = todo[rank::world]
 
-    k, layout = ident["top_k"], Layout(c.dtype, vocab, ident["top_k"])
+    k = ident["top_k"]
     device = "cpu" if served else next(teacher.parameters()).device
     pad = tok.pad_token_id
-    writer = (ShardWriter(out, index, layout, c.shard_rows) if world == 1 else
-              ShardWriter(out, {"shards": []}, layout, c.shard_rows, f"index.p{rank}.json",
-                          f"shard-p{rank}-{len(index['shards']):05d}-"))
+    writer = (ShardWriter(out, index, c.shard_rows) if world == 1 else
+              ShardWriter(out, {"shards": []}, c.shard_rows, f"index.p{rank}.json",
+                          f"shard-p{rank}-{len(index['shards']):05d}-", Layout.of(index)))
     label = "cache" if world == 1 else f"cache (process 0 of {world})"
     bar = tqdm(total=sum(len(b) for b in mine), desc=label, unit="sample", disable=not (progress and rank == 0))
     from stillroom.data.examples import collate, model_inputs
@@ -489,8 +490,7 @@ class TeacherCache:
         """rows() of the sample with id `sid` (one the index lists)."""
         n, start, count, j = self.where[sid]
         f = self._shard(n)
-        t = {name: f.get_slice(name)[start:start + count] for name in self.layout.names
-             if name not in ("code", "code_bytes")}
+        t = {name: f.get_slice(name)[start:start + count] for name in self.layout.per_row}
         if self.layout.packed:
             with self._lock:
                 if n not in self._code_at:    # where each sample's ids begin in the shard's bit streams

@@ -129,12 +129,11 @@ def _fill(cfg, tok, rows, index, where, what: str, progress: bool) -> int:
     from stillroom.data.examples import Example, row_doc
     from stillroom.teachers import distillkit
     from stillroom.teachers.cache import ShardWriter, sample_id
-    from stillroom.teachers.packing import Layout
     from stillroom.teachers.served import prompt_logprobs_entries, target_rows
 
     out, k, fmt = Path(cfg.cache.path), cfg.cache.top_k, cfg.cache.source
     field = {"vllm": "prompt_logprobs", "axolotl": "logprobs", "distillkit": "top"}[fmt]
-    writer, done, used = ShardWriter(out, index, Layout.of(index), cfg.cache.shard_rows), set(), 0
+    writer, done, used = ShardWriter(out, index, cfg.cache.shard_rows), set(), 0
     data = open(out / "data.jsonl", "w") if fmt == "distillkit" else None
     try:
         for n, row in tqdm(rows, desc=f"{fmt} capture -> cache", unit="row", disable=not progress):

@@ -27,9 +27,9 @@ from stillroom.data.examples import model_inputs
 from stillroom.errors import UserError
 from stillroom.losses import Head
 from stillroom.models import core as models
-
-
 from stillroom.models import running
+
+
 @dataclass
 class LiveTeacher:
     """A frozen model. Its forward runs in inference mode under the run's autocast; `vocab`: the

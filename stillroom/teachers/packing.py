@@ -45,8 +45,9 @@ class Layout:
         self.dtype, self.vocab, self.k = dtype, vocab, k
         self.packed = dtype == "packed"
         self.order = order(vocab, k)
-        self.names = (("code", "code_bytes", "q", "range", "tail", "label_logp") if self.packed else
-                      ("ids", "logp", "tail", "label_logp"))
+        self.per_row = ("q", "range", "tail", "label_logp") if self.packed else ("ids", "logp", "tail", "label_logp")
+        self.names = ("code", "code_bytes", *self.per_row) if self.packed else self.per_row   # (a sample's ids
+        # bit streams, and their lengths: one entry a sample)
 
     @classmethod
     def of(cls, index: dict) -> "Layout":
