@@ -111,11 +111,11 @@ if torch.cuda.is_available():
 elif dev != "cpu":
     print("RESULT[env]: NO CUDA DEVICE VISIBLE to torch")
     sys.exit(1)
-from stillroom.models import core as models
+from stillroom.models import core as models, running
 from stillroom.run import tracking
 from stillroom.losses import auto_chunk_rows, fused
-picks = (f"teacher.dtype={models.teacher_dtype('auto', dev)}; mixed_precision={tracking.student_precision('auto', dev)};"
-         f" teacher.attention={models.teacher_attention('auto', dev, 256) or 'model default'};"
+picks = (f"teacher.dtype={running.teacher_dtype('auto', dev)}; mixed_precision={tracking.student_precision('auto', dev)};"
+         f" teacher.attention={running.teacher_attention('auto', dev, 256) or 'model default'};"
          f" loss.compile={fused.wanted('auto', 49152, dev)}; chunk rows at 49k={auto_chunk_rows(49152, dev)};"
          f" glibc malloc: {tracking.keep_cpu_memory()}")
 print("stillroom auto on", dev, ":", picks)
@@ -348,13 +348,13 @@ generate: same model, dtype, prompts, batch size, greedy, in one process, each t
 import json, sys, tempfile, time
 from pathlib import Path
 import torch
-from stillroom.models import core as models
+from stillroom.models import core as models, running
 from stillroom.config import GenerateConfig
 from stillroom.teachers.generate import LocalTeacher, generate_file, read_prompts
 dev, n, new, bs, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 prompts = read_prompts(None, n, dedup=False)   # the bundled instructions, as conversations
 teacher = sys.argv[6]
-loaded = models.load(teacher, dtype=models.teacher_dtype("auto", dev))
+loaded = models.load(teacher, dtype=running.teacher_dtype("auto", dev))
 model, tok = loaded.model.to(dev), loaded.tokenizer
 print(f"teacher {model.dtype} attention={model.config._attn_implementation} on {dev}; {len(prompts)} prompts,"
       f" batch {bs}, {new} new tokens, greedy")
@@ -396,7 +396,7 @@ s_t, s_ans = min((stillroom_run(i) for i in range(rounds)), key=lambda x: x[0])
 p_t, p_ans, made = min((plain_run() for _ in range(rounds)), key=lambda x: x[0])
 if dev.startswith("cuda"):   # the lean path's structural check, on the bf16 teacher as training runs it
     with torch.autocast("cuda", dtype=torch.bfloat16), torch.inference_mode():
-        head = models.output_head(model, base=True)
+        head = running.output_head(model, base=True)
     print(f"RESULT[generate]: lean head check on the {model.dtype} teacher: {'ok' if head is not None else 'FAILS: the teacher would silently take the plain path'}")
 same = sum(a == b for a, b in zip(s_ans, p_ans))
 print(f"stillroom generate_file: {s_t:.2f}s ({made / s_t:.0f} new tokens/s)")

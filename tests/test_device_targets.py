@@ -28,3 +28,45 @@ def test_a_cuda_target_is_honoured_or_skipped_never_run_on_the_cpu():
     assert {why for _, why in reasons} == {"STILLROOM_TEST_DEVICE=cuda on a machine without CUDA",
                                             "a CPU expectation: teacher.attention=auto picks eager attention on a CPU only"}
     assert sum(int(n) for n, _ in reasons) == int(re.search(r"(\d+) skipped", tail).group(1))
+
+
+def _device_scripts():
+    text = (HERE.parent / "bench" / "gpu_check.sh").read_text()
+    return re.findall(r"^cat >\"\$WORK/py/(\w+\.py)\" <<'EOF'\n(.*?)^EOF$", text, flags=re.M | re.S)
+
+
+def test_the_device_checks_scripts_name_only_what_stillroom_has():
+    """bench/gpu_check.sh writes its Python scripts from heredocs, so a name moved inside stillroom
+    breaks them only on the device (or in CI's dry run): every stillroom import and every attribute
+    read from an imported stillroom module must exist now."""
+    import ast
+    import importlib
+    scripts = _device_scripts()
+    assert len(scripts) >= 5, [name for name, _ in scripts]
+    missing = []
+    for name, src in scripts:
+        tree = ast.parse(src, filename=name)
+        modules = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stillroom"):
+                mod = importlib.import_module(node.module)
+                for a in node.names:
+                    if hasattr(mod, a.name):
+                        got = getattr(mod, a.name)
+                    else:
+                        try:
+                            got = importlib.import_module(f"{node.module}.{a.name}")
+                        except ImportError:
+                            missing.append(f"{name}: from {node.module} import {a.name}")
+                            continue
+                    if type(got).__name__ == "module":
+                        modules[a.asname or a.name] = got
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("stillroom") and a.asname:
+                        modules[a.asname] = importlib.import_module(a.name)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in modules and not hasattr(modules[node.value.id], node.attr)):
+                missing.append(f"{name}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not missing, missing
