@@ -106,4 +106,7 @@ def main():
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import results
-    results.main(main, "codistill", "Co-distillation against the fair control (bench/codistill.py)")
+    knobs = any(a == "--knobs" or a.startswith("--knobs=") for a in sys.argv)   # its own section: the plain one stays
+    results.main(main, "codistill-knobs" if knobs else "codistill",
+                 "Co-distillation from scratch with the codistill knobs, against the fair control (bench/codistill.py)"
+                 if knobs else "Co-distillation against the fair control (bench/codistill.py)")
