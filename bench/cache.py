@@ -30,7 +30,7 @@ import torch
 from stillroom.cli import _quiet_libraries
 from stillroom.config import StudentConfig, load_config
 from stillroom.data.store import load_data
-from stillroom.losses import distill_loss, shift_labels
+from stillroom.losses import distill_loss, hybrid, shift_labels
 from stillroom.models import core as models
 from stillroom.run.distill import distill
 from stillroom.teachers.cache import TeacherCache, build, summary
@@ -75,7 +75,7 @@ def part_step(cfg_base, teacher, examples, tmp: Path, rounds: int):
     def kd_step(targets):
         t = targets()
         s = student(input_ids=ids, use_cache=False).logits
-        (distill_loss(s, t, labels, alpha=1.0, temperature=1.0, inplace_grad=True) / n).backward()
+        (distill_loss(s, t, labels, hybrid(1.0), 1.0, inplace_grad=True) / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -132,7 +132,8 @@ reference, in fp32 and bf16, eager and compiled; host syncs per call; time and m
 import contextlib, inspect, statistics, sys, time, warnings
 import torch
 import torch.nn.functional as F
-from stillroom.losses import Head, fused, linear_mixed_loss, mixed_loss, topk_targets
+from stillroom.losses import Head, fused, topk_targets
+from stillroom.losses.kernel import linear_mixed_loss, mixed_loss
 
 dev = sys.argv[1]
 cuda = dev.startswith("cuda")

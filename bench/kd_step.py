@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from stillroom.config import StudentConfig
-from stillroom.losses import distill_loss, shift_labels
+from stillroom.losses import distill_loss, hybrid, shift_labels
 from stillroom.models import core as models
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_valid_head.txt"
@@ -64,8 +64,7 @@ def naive_kd(s_logits, t_logits, labels, alpha, T):
 
 def stillroom_kd(s_logits, t_logits, labels, alpha, T, chunk):
     # as in the training loop: the gradient is written into the logits' storage
-    return distill_loss(s_logits, t_logits, labels, alpha=alpha, temperature=T, kind="soft", chunk=chunk,
-                        inplace_grad=True)
+    return distill_loss(s_logits, t_logits, labels, hybrid(alpha, "soft"), T, chunk=chunk, inplace_grad=True)
 
 
 class LiveBytes(TorchDispatchMode):

@@ -74,7 +74,8 @@ import torch
 
 from stillroom.config import Config, StudentConfig
 from stillroom.data.store import load_data
-from stillroom.losses import Head, fused, linear_mixed_loss, mixed_loss
+from stillroom.losses import Head, fused
+from stillroom.losses.kernel import linear_mixed_loss, mixed_loss
 from stillroom.models import core as models
 from stillroom.models import running
 from stillroom.run.distill import accumulate

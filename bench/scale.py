@@ -509,7 +509,8 @@ def lean_bench():
     sys.path.insert(0, str(Path(__file__).parent))
     from kd_step import LiveBytes
 
-    from stillroom.losses import Head, linear_mixed_loss
+    from stillroom.losses import Head
+    from stillroom.losses.kernel import linear_mixed_loss
     from stillroom.losses.kernel import auto_chunk_rows
 
     H, mb = 576, 2 ** 20

@@ -11,7 +11,7 @@ from stillroom.config import load_config
 from stillroom.data.examples import micro_batch
 from stillroom.data.store import load_data
 from stillroom.errors import UserError
-from stillroom.losses import distill_loss, topk_targets
+from stillroom.losses import distill_loss, hybrid, topk_targets
 from stillroom.models import core as models
 from stillroom.run.distill import distill
 from stillroom.data.examples import to_batch
@@ -46,9 +46,9 @@ def test_cache_with_k_equal_vocab_gives_the_dense_loss(tmp_path, teacher_dir, ch
         dense = teacher.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
     s = torch.randn(dense.shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
     cached = cache.targets(b.examples, b.input_ids.shape[1], "cpu").top
-    a = distill_loss(s, cached, b.targets, alpha=0.7, temperature=2.0)
+    a = distill_loss(s, cached, b.targets, hybrid(0.7), 2.0)
     (ga,) = torch.autograd.grad(a, s)
-    d = distill_loss(s, dense, b.targets, alpha=0.7, temperature=2.0)
+    d = distill_loss(s, dense, b.targets, hybrid(0.7), 2.0)
     (gd,) = torch.autograd.grad(d, s)
     assert a.item() == pytest.approx(d.item(), rel=1e-5)
     torch.testing.assert_close(ga, gd, rtol=1e-4, atol=1e-6)

@@ -3,9 +3,9 @@ against autograd, chunked == whole, and the same through the lean path."""
 import pytest
 import torch
 
-from stillroom.losses import (IGNORE_INDEX, DIVERGENCES, Head, distill_loss, divergence, forward_kl, jsd,
-                              linear_distill_loss, mixed_loss, reverse_kl, skew_kl, skew_reverse_kl, topk_targets,
-                              total_variation)
+from stillroom.losses import (IGNORE_INDEX, DIVERGENCES, Head, distill_loss, divergence, forward_kl, hybrid, jsd,
+                              reverse_kl, skew_kl, skew_reverse_kl, topk_targets, total_variation)
+from stillroom.losses.kernel import mixed_loss
 
 # every test here builds its tensors on the device the suite targets (conftest: STILLROOM_TEST_DEVICE)
 pytestmark = pytest.mark.usefixtures("on_device")
@@ -104,9 +104,8 @@ def test_hybrid_with_a_divergence_lean_equals_plain_and_reference(name):
     labels[0, :2] = IGNORE_INDEX
     mask = labels != IGNORE_INDEX
     s, t = h @ w.T, ht @ wt.T
-    plain = distill_loss(s, t, labels, alpha=0.7, temperature=2.0, divergence=name, beta=0.4)
-    lean = linear_distill_loss(h, w, Head(ht, wt), labels, alpha=0.7, temperature=2.0, chunk=4,
-                               divergence=name, beta=0.4)
+    plain = distill_loss(s, t, labels, hybrid(0.7, "soft", name), 2.0, beta=0.4)
+    lean = distill_loss(Head(h, w), Head(ht, wt), labels, hybrid(0.7, "soft", name), 2.0, beta=0.4, chunk=4)
     want = 0.7 * ref(name, s, t, mask, 2.0, 0.4) + 0.3 * torch.nn.functional.cross_entropy(
         s[mask], labels[mask], reduction="sum")
     assert plain.item() == pytest.approx(want.item(), rel=1e-5)

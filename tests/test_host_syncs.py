@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from stillroom.losses import IGNORE_INDEX, Head, linear_mixed_loss, mixed_loss, topk_targets
+from stillroom.losses import IGNORE_INDEX, Head, topk_targets
+from stillroom.losses.kernel import linear_mixed_loss, mixed_loss
 
 aten = torch.ops.aten
 SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.equal, aten.is_nonzero, aten.masked_select}

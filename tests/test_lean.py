@@ -3,8 +3,8 @@ positions) equals the plain path on materialized logits: loss and every gradient
 import pytest
 import torch
 
-from stillroom.losses import (IGNORE_INDEX, Head, linear_distill_loss, linear_mixed_loss, mixed_loss,
-                              topk_targets)
+from stillroom.losses import IGNORE_INDEX, Head, distill_loss, hybrid, topk_targets
+from stillroom.losses.kernel import linear_mixed_loss, mixed_loss
 
 # every test here builds its tensors on the device the suite targets (conftest: STILLROOM_TEST_DEVICE)
 pytestmark = pytest.mark.usefixtures("on_device")
@@ -47,7 +47,7 @@ def test_lean_equals_plain(kind, T, alpha, bias, target, chunk):
     plain_t = {"head": t_logits, "logits": t_logits, "topk": topk_targets(t_logits, 6, T)}[target]
     lean_t = {"head": Head(ht, wt), "logits": t_logits, "topk": plain_t}[target]
     ref = mixed_loss(plain_logits(h, w, b), [(plain_t, alpha)], labels, 1 - alpha, T, kind)
-    got = linear_distill_loss(h, w, lean_t, labels, alpha, T, kind, chunk=chunk, bias=b)
+    got = distill_loss(Head(h, w, b), lean_t, labels, hybrid(alpha, kind), T, chunk=chunk)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # fp32 inside the losses
     for g_got, g_ref in zip(grads(got, h, w, b), grads(ref, h, w, b)):
         torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-6)
@@ -111,7 +111,7 @@ def test_lean_skips_unlabelled_positions():
     h, w, _, ht, wt, labels = setup(2)
     with torch.no_grad():
         h[labels == IGNORE_INDEX] = float("nan")   # never read
-    got = linear_distill_loss(h, w, Head(ht, wt), labels, 0.5, 1.0)
+    got = distill_loss(Head(h, w), Head(ht, wt), labels, hybrid(0.5), 1.0)
     assert torch.isfinite(got)
     (gh,) = grads(got, h)
     assert (gh[labels == IGNORE_INDEX] == 0).all() and (gh[labels != IGNORE_INDEX] != 0).any()
@@ -120,7 +120,7 @@ def test_lean_skips_unlabelled_positions():
 def test_lean_all_masked_is_zero_not_nan():
     h, w, _, ht, wt, labels = setup(3)
     labels[:] = IGNORE_INDEX
-    got = linear_distill_loss(h, w, Head(ht, wt), labels, 0.5, 1.0)
+    got = distill_loss(Head(h, w), Head(ht, wt), labels, hybrid(0.5), 1.0)
     assert got.item() == 0.0
     gh, gw = grads(got, h, w)
     assert (gh == 0).all() and (gw == 0).all()
@@ -129,7 +129,7 @@ def test_lean_all_masked_is_zero_not_nan():
 def test_lean_refuses_mismatched_vocab():
     h, w, _, ht, wt, labels = setup(4)
     with pytest.raises(ValueError, match="align vocabularies"):
-        linear_distill_loss(h, w, Head(ht, wt[:-1]), labels)
+        distill_loss(Head(h, w), Head(ht, wt[:-1]), labels, hybrid(0.5))
 
 
 def test_lean_tied_weight_through_a_model():
@@ -148,7 +148,7 @@ def test_lean_tied_weight_through_a_model():
     ref = mixed_loss(m(input_ids=ids).logits, [(t, 0.6)], labels, 0.4, 2.0)
     ref_g = torch.autograd.grad(ref, list(m.parameters()))
     hidden = m.model(input_ids=ids).last_hidden_state
-    got = linear_distill_loss(hidden, m.lm_head.weight, t, labels, 0.6, 2.0, chunk=5)
+    got = distill_loss(Head(hidden, m.lm_head.weight), t, labels, hybrid(0.6), 2.0, chunk=5)
     got_g = torch.autograd.grad(got, list(m.parameters()))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(got_g, ref_g):
@@ -163,15 +163,15 @@ def test_the_lean_head_runs_in_autocasts_dtype_whatever_the_shared_state_says(te
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    import stillroom.objectives.core as objectives
+    import stillroom.losses.front as front
     from ddp_grads import step_grads
 
     acc = Accelerator(cpu=True, mixed_precision="bf16")
     AcceleratorState._reset_state()
     Accelerator(cpu=True, mixed_precision="no")   # the other trainer
     assert acc.mixed_precision == "no"
-    seen, real = [], objectives.linear_mixed_loss
-    monkeypatch.setattr(objectives, "linear_mixed_loss", lambda *a, **k: (seen.append(k["dtype"]), real(*a, **k))[1])
+    seen, real = [], front.linear_mixed_loss
+    monkeypatch.setattr(front, "linear_mixed_loss", lambda *a, **k: (seen.append(k["dtype"]), real(*a, **k))[1])
     step_grads(str(teacher_dir), str(chat_file), 1, acc)
     assert seen and set(seen) == {torch.bfloat16}
 

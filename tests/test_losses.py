@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from stillroom.eval.evaluate import token_stats
-from stillroom.losses import (IGNORE_INDEX, cross_entropy, distill_loss, forward_kl, hard_label_ce, mixed_loss,
+from stillroom.losses import (IGNORE_INDEX, cross_entropy, distill_loss, forward_kl, hard_label_ce, hybrid,
                               shift_labels)
+from stillroom.losses.kernel import mixed_loss
 
 # every test here builds its tensors on the device the suite targets (conftest: STILLROOM_TEST_DEVICE)
 pytestmark = pytest.mark.usefixtures("on_device")
@@ -70,9 +71,9 @@ def test_chunked_equals_unchunked(chunk):
     labels = torch.randint(0, 17, (4, 6), generator=torch.Generator().manual_seed(8))
     labels[0, :3] = IGNORE_INDEX
     for kind in ("soft", "hard"):
-        whole = distill_loss(s, t, labels, alpha=0.7, temperature=2.0, kind=kind, chunk=10_000)
+        whole = distill_loss(s, t, labels, hybrid(0.7, kind), 2.0, chunk=10_000)
         (g_whole,) = torch.autograd.grad(whole, s)
-        part = distill_loss(s, t, labels, alpha=0.7, temperature=2.0, kind=kind, chunk=chunk)
+        part = distill_loss(s, t, labels, hybrid(0.7, kind), 2.0, chunk=chunk)
         (g_part,) = torch.autograd.grad(part, s)
         assert part.item() == pytest.approx(whole.item(), rel=1e-6)
         torch.testing.assert_close(g_part, g_whole, rtol=1e-6, atol=1e-7)
@@ -82,7 +83,7 @@ def test_all_masked_batch_is_zero_with_valid_gradient():
     s, t = logits(2, 3, 5, seed=9), logits(2, 3, 5, seed=10).detach()
     labels = torch.full((2, 3), IGNORE_INDEX)
     for kind in ("soft", "hard"):
-        loss = distill_loss(s, t, labels, alpha=0.5, temperature=2.0, kind=kind)
+        loss = distill_loss(s, t, labels, hybrid(0.5, kind), 2.0)
         (g,) = torch.autograd.grad(loss, s)
         assert loss.item() == 0.0
         assert torch.isfinite(g).all() and (g == 0).all()
@@ -132,7 +133,9 @@ def test_masked_teacher_tokens_follow_one_rule_on_every_path(T):
     """Issue 14, defect 7: -inf teacher logits renormalize the student on the teacher's support on
     every path: fast forward_kl, jsd(beta=0), the general path, the hybrid with CE (T = 1 fuses the
     CE gradient into the KD one), the lean path, and the evaluation's KL (was 4.285 vs 2.157)."""
-    from stillroom.losses import general_loss, jsd, linear_mixed_loss
+    from stillroom.losses import jsd
+    from stillroom.losses.general import general_loss
+    from stillroom.losses.kernel import linear_mixed_loss
     s, t, y = _masked_teacher()
     keep = y != IGNORE_INDEX
 
@@ -183,11 +186,11 @@ def test_hybrid_is_alpha_kd_plus_one_minus_alpha_ce():
     labels[1, 0] = IGNORE_INDEX
     mask = labels != IGNORE_INDEX
     for alpha in (0.0, 0.3, 1.0):
-        soft = distill_loss(s, t, labels, alpha=alpha, temperature=2.0, kind="soft")
+        soft = distill_loss(s, t, labels, hybrid(alpha, "soft"), 2.0)
         ref = alpha * ref_forward_kl(s, t, mask, 2.0) + (1 - alpha) * torch.nn.functional.cross_entropy(
             s[mask], labels[mask], reduction="sum")
         assert soft.item() == pytest.approx(ref.item(), rel=1e-5)
-        hard = distill_loss(s, t, labels, alpha=alpha, kind="hard")
+        hard = distill_loss(s, t, labels, hybrid(alpha, "hard"))
         ref_h = alpha * hard_label_ce(s, t, mask) + (1 - alpha) * cross_entropy(s, labels)
         assert hard.item() == pytest.approx(ref_h.item(), rel=1e-6)
 
@@ -199,7 +202,7 @@ def test_hybrid_gradient_matches_autograd_reference(T):
     labels[0, :2] = IGNORE_INDEX
     mask = labels != IGNORE_INDEX
     s2 = s.detach().clone().requires_grad_(True)
-    ours = distill_loss(s, t, labels, alpha=0.7, temperature=T)
+    ours = distill_loss(s, t, labels, hybrid(0.7), T)
     ref = 0.7 * ref_forward_kl(s2, t, mask, T) + 0.3 * torch.nn.functional.cross_entropy(
         s2[mask], labels[mask], reduction="sum")
     (g_ours,), (g_ref,) = torch.autograd.grad(ours, s), torch.autograd.grad(ref, s2)
@@ -234,7 +237,7 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="temperature"):
         forward_kl(s, t, temperature=0.0)
     with pytest.raises(ValueError, match="alpha"):
-        distill_loss(s, t, torch.zeros(1, 2, dtype=torch.long), alpha=1.5)
+        distill_loss(s, t, torch.zeros(1, 2, dtype=torch.long), hybrid(1.5))
     with pytest.raises(ValueError, match="differ"):
         forward_kl(s, logits(1, 2, 4).detach())
 
@@ -259,10 +262,10 @@ def test_inplace_gradient_matches_and_reuses_the_logits(kind):
     t = logits(3, 5, 11, seed=23).detach()
     labels = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(24))
     labels[2, 1:] = IGNORE_INDEX
-    ref = distill_loss(base * 1.0, t, labels, alpha=0.4, temperature=2.0, kind=kind)
+    ref = distill_loss(base * 1.0, t, labels, hybrid(0.4, kind), 2.0)
     (g_ref,) = torch.autograd.grad(ref * 3.0, base)
     x = base * 1.0  # the "logits" produced by a model: a non-leaf tensor
-    loss = distill_loss(x, t, labels, alpha=0.4, temperature=2.0, kind=kind, inplace_grad=True)
+    loss = distill_loss(x, t, labels, hybrid(0.4, kind), 2.0, inplace_grad=True)
     (g,) = torch.autograd.grad(loss * 3.0, base)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     torch.testing.assert_close(g, g_ref)

@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
-from stillroom.losses import (IGNORE_INDEX, DIVERGENCES, attention_loss, divergence, general_loss, hidden_loss, mixed_loss, mixture_logp, token_weights, topk_targets, uld_loss)
+from stillroom.losses import (IGNORE_INDEX, DIVERGENCES, attention_loss, divergence, hidden_loss, mixture_logp,
+                              token_weights, topk_targets, uld_loss)
+from stillroom.losses.general import general_loss
+from stillroom.losses.kernel import mixed_loss
 from stillroom.objectives.core import balance_scale
 
 # every test here builds its tensors on the device the suite targets (conftest: STILLROOM_TEST_DEVICE)

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from stillroom.losses import (IGNORE_INDEX, TopK, cross_entropy, forward_kl, hard_label_ce, mixed_loss,
-                              mutual_loss, topk_targets)
+from stillroom.losses import (IGNORE_INDEX, TopK, cross_entropy, forward_kl, hard_label_ce, mutual_loss,
+                              topk_targets)
+from stillroom.losses.kernel import mixed_loss
 
 from test_losses import logits, ref_forward_kl
 

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from stillroom.config import Config, load_config
 from stillroom.errors import UserError
-from stillroom.losses import (IGNORE_INDEX, Head, distill_loss, forward_kl, linear_distill_loss, mixed_loss,
-                              topk_targets)
+from stillroom.losses import IGNORE_INDEX, Head, distill_loss, forward_kl, hybrid, topk_targets
+from stillroom.losses.kernel import mixed_loss
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -48,7 +48,7 @@ def test_kd_is_finite_non_negative_and_zero_against_itself(p):
 def test_hybrid_is_finite_non_negative_with_a_finite_gradient(p):
     s, t, labels, T, alpha = p
     s = s.requires_grad_(True)
-    loss = distill_loss(s, t, labels, alpha=alpha, temperature=T)
+    loss = distill_loss(s, t, labels, hybrid(alpha), T)
     (g,) = torch.autograd.grad(loss, s)
     assert torch.isfinite(loss) and loss.item() >= -1e-3
     assert torch.isfinite(g).all()
@@ -64,8 +64,8 @@ def test_masked_positions_do_not_matter(p, seed):
     s2, t2 = s.clone(), t.clone()
     s2[masked] = torch.randn(int(masked.sum()), s.shape[-1], generator=g) * 50
     t2[masked] = torch.randn(int(masked.sum()), s.shape[-1], generator=g) * 50
-    a = distill_loss(s, t, labels, alpha=alpha, temperature=T)
-    b = distill_loss(s2, t2, labels, alpha=alpha, temperature=T)
+    a = distill_loss(s, t, labels, hybrid(alpha), T)
+    b = distill_loss(s2, t2, labels, hybrid(alpha), T)
     assert a.item() == pytest.approx(b.item(), rel=1e-5, abs=1e-5)
 
 
@@ -91,7 +91,7 @@ def test_lean_path_equals_plain_path(p, chunk):
     w = torch.randn(V, 5, generator=g).requires_grad_(True)
     ht, wt = torch.randn(B, S, 4, generator=g), torch.randn(V, 4, generator=g)
     ref = mixed_loss(h @ w.T, [(ht @ wt.T, alpha)], labels, 1 - alpha, T)
-    got = linear_distill_loss(h, w, Head(ht, wt), labels, alpha, T, chunk=chunk)
+    got = distill_loss(Head(h, w), Head(ht, wt), labels, hybrid(alpha), T, chunk=chunk)
     assert got.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-4)
     for a, b in zip(torch.autograd.grad(got, [h, w]), torch.autograd.grad(ref, [h, w])):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -22,6 +22,11 @@ the teacher masks are outside its distribution, and the student is compared with
 renormalized there; terms where the student gives -inf to a token the teacher likes are dropped
 rather than made infinite (as torchtune and TRL do).
 
+The front door is `distill_loss(student, targets, labels, terms, temperature)` (front.py): one
+loss spec, a dict of term weights (`hybrid(alpha)` writes the seed's), and the engine picked inside
+(the closed-form kernel, lean or plain, or the general chunked engine). The single losses by name
+(`forward_kl`, `jsd`, ...) are in named.py.
+
 One argument order for every public function: the student's side first (logits, or hidden states
 and head), then the targets (teacher logits, TopK, Head, or a weighted list of them), then labels
 or mask, then the weights (alpha, ce_weight), then temperature, then the divergence's own parameter
@@ -30,17 +35,17 @@ or mask, then the weights (alpha, ce_weight), then temperature, then the diverge
 from __future__ import annotations
 
 from stillroom.losses.core import (CHUNK_ELEMENTS, IGNORE_INDEX, Head, TopK, auto_chunk_rows, on_support, shift_labels,
-                   support_kl_rows, topk_targets)
+                                   support_kl_rows, topk_targets)
 from stillroom.losses.divergences import DIVERGENCES
-from stillroom.losses.general import (TEACHER_TERMS, TOKEN_WEIGHTS, attention_loss, general_loss, hidden_loss, mixture_logp,
-                      token_weights, uld_loss)
-from stillroom.losses.kernel import (cross_entropy, distill_loss, divergence, forward_kl, hard_label_ce, jsd, linear_distill_loss,
-                     linear_mixed_loss, mixed_loss, mutual_loss, reverse_kl, skew_kl, skew_reverse_kl,
-                     total_variation)
+from stillroom.losses.front import Mixture, distill_loss, hybrid, kernel_fits, mutual_loss
+from stillroom.losses.general import (TEACHER_TERMS, TOKEN_WEIGHTS, attention_loss, hidden_loss, mixture_logp,
+                                      token_weights, uld_loss)
+from stillroom.losses.named import (cross_entropy, divergence, forward_kl, hard_label_ce, jsd, reverse_kl, skew_kl,
+                                    skew_reverse_kl, total_variation)
 
 __all__ = ["IGNORE_INDEX", "CHUNK_ELEMENTS", "DIVERGENCES", "TEACHER_TERMS", "TOKEN_WEIGHTS", "TopK", "Head",
-           "auto_chunk_rows", "shift_labels", "topk_targets", "on_support", "support_kl_rows",
+           "Mixture", "auto_chunk_rows", "shift_labels", "topk_targets", "on_support", "support_kl_rows",
+           "distill_loss", "hybrid", "kernel_fits", "mutual_loss",
            "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "total_variation", "divergence",
-           "cross_entropy", "hard_label_ce", "mixed_loss", "distill_loss", "mutual_loss",
-           "linear_mixed_loss", "linear_distill_loss",
-           "general_loss", "token_weights", "mixture_logp", "hidden_loss", "attention_loss", "uld_loss"]
+           "cross_entropy", "hard_label_ce", "token_weights", "mixture_logp", "hidden_loss", "attention_loss",
+           "uld_loss"]

@@ -1,6 +1,7 @@
 """The fast path: CE, forward KL against dense or top-k targets, hard labels and the other
 divergences in one chunked autograd function whose gradient has a closed form (the lean variant
-makes the logits from hidden states inside it), and the public functions built on it."""
+makes the logits from hidden states inside it): `mixed_loss` and `linear_mixed_loss`, which the
+front door (`front.distill_loss`) and the single named losses (`named.py`) call."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -398,16 +399,6 @@ def linear_mixed_loss(hidden, weight, targets, labels, ce_weight=0.0, temperatur
                                     how, chunk, dtype, bool(compiled))
 
 
-def linear_distill_loss(hidden, weight, teacher, labels, alpha=0.5, temperature=1.0, kind="soft",
-                        chunk=None, bias=None, divergence="forward_kl", beta=0.5):
-    """`distill_loss` on the lean path (see `linear_mixed_loss`); teacher: logits, TopK or Head."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    targets = [(teacher, alpha)] if teacher is not None and alpha > 0 else []
-    return linear_mixed_loss(hidden, weight, targets, labels, 1.0 - alpha, temperature, kind, chunk, bias,
-                             divergence, beta)
-
-
 def _check(student_logits, teacher_logits=None, temperature=1.0):
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -432,86 +423,16 @@ def _detach(t):
     return t if isinstance(t, TopK) else t.detach()
 
 
-def forward_kl(student_logits, teacher_logits, mask=None, temperature=1.0, chunk=None):
-    """Sum over unmasked positions of T^2 * KL(softmax(teacher/T) || softmax(student/T)).
-
-    Hinton et al. 2015. "Forward" = the teacher's distribution is the reference (mode-covering).
-    `teacher_logits` may be a TopK (sparse target; see its tail rule).
-    """
-    _check(student_logits, teacher_logits, temperature)
-    keep = _mask_or_all(mask, student_logits)
-    return _ChunkedLoss.apply(student_logits, ((_detach(teacher_logits), 1.0),), None, keep,
-                              0.0, float(temperature), ("forward_kl", None), chunk, False)
-
-
-def divergence(name, student_logits, teacher_logits, mask=None, temperature=1.0, beta=0.5, chunk=None):
-    """Sum over unmasked positions of T^2 * D(softmax(teacher/T), softmax(student/T)) for any
-    divergence in DIVERGENCES (beta: JSD's beta or the skew's a). Chunked like every loss here."""
-    _check(student_logits, teacher_logits, temperature)
-    how = _how("soft", name, beta, [(teacher_logits, 1.0)])
-    keep = _mask_or_all(mask, student_logits)
-    return _ChunkedLoss.apply(student_logits, ((_detach(teacher_logits), 1.0),), None, keep,
-                              0.0, float(temperature), how, chunk, False)
-
-
-def reverse_kl(student_logits, teacher_logits, mask=None, temperature=1.0, chunk=None):
-    """T^2 KL(student_T || teacher_T), summed: mode-seeking (MiniLLM, Gu et al. 2024)."""
-    return divergence("reverse_kl", student_logits, teacher_logits, mask, temperature, chunk=chunk)
-
-
-def jsd(student_logits, teacher_logits, mask=None, temperature=1.0, beta=0.5, chunk=None):
-    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024), summed, times T^2.
-
-    Convention (TRL's; torchtune and distillm differ): with p the teacher, q the student and
-    m = beta p + (1 - beta) q, JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m) for 0 < beta < 1.
-    It vanishes at both ends, so the ends are defined by its normalized limits:
-    JSD(0) = KL(p || q) (forward, = lim JSD(beta) / beta) and JSD(1) = KL(q || p) (reverse).
-    """
-    return divergence("jsd", student_logits, teacher_logits, mask, temperature, beta, chunk)
-
-
-def skew_kl(student_logits, teacher_logits, mask=None, temperature=1.0, skew=0.1, chunk=None):
-    """Skew KL of DistiLLM (Ko et al. 2024): KL(p || skew p + (1 - skew) q), summed, times T^2.
-    skew 0 = forward KL; skew 1 = 0. Bounded where forward KL is not (q -> 0 under p)."""
-    return divergence("skew_kl", student_logits, teacher_logits, mask, temperature, skew, chunk)
-
-
-def skew_reverse_kl(student_logits, teacher_logits, mask=None, temperature=1.0, skew=0.1, chunk=None):
-    """Skew reverse KL of DistiLLM: KL(q || skew q + (1 - skew) p), summed, times T^2. skew 0 = reverse KL."""
-    return divergence("skew_rkl", student_logits, teacher_logits, mask, temperature, skew, chunk)
-
-
-def total_variation(student_logits, teacher_logits, mask=None, temperature=1.0, chunk=None):
-    """Total variation 1/2 sum_v |p - q| per position, summed (times T^2, as every KD term here)."""
-    return divergence("tv", student_logits, teacher_logits, mask, temperature, chunk=chunk)
-
-
-def cross_entropy(student_logits, labels, chunk=None):
-    """Sum over positions with labels != IGNORE_INDEX of -log softmax(student)[label]."""
-    keep = labels != IGNORE_INDEX
-    return _ChunkedLoss.apply(student_logits, (), labels, keep, 1.0, 1.0, ("forward_kl", None), chunk, False)
-
-
-def hard_label_ce(student_logits, teacher_logits, mask=None, chunk=None):
-    """Sum over unmasked positions of CE(student, argmax of the teacher's logits).
-
-    The token-level "hard label" variant of knowledge distillation; sequence-level hard labels
-    (Kim & Rush 2016) are plain `cross_entropy` on text the teacher generated (`stillroom generate`).
-    """
-    _check(student_logits, teacher_logits)
-    keep = _mask_or_all(mask, student_logits)
-    return _ChunkedLoss.apply(student_logits, ((_detach(teacher_logits), 1.0),), None, keep,
-                              0.0, 1.0, ("hard", None), chunk, False)
-
-
 def mixed_loss(student_logits, targets, labels, ce_weight=0.0, temperature=1.0, kind="soft",
                chunk=None, inplace_grad=False, divergence="forward_kl", beta=0.5, compiled=False):
     """sum_j w_j * KD(target_j, student) + ce_weight * CE(labels), summed over valid labels.
 
     targets: [(logits or TopK, w_j)], all detached (no gradient ever reaches a target).
     kind="soft": KD = T^2 KL(softmax(target/T) || softmax(student/T)); kind="hard": CE against each
-    target's argmax token. One chunked pass computes every term; see `distill_loss` for inplace_grad,
-    `linear_mixed_loss` for compiled.
+    target's argmax token. One chunked pass computes every term. inplace_grad=True writes the
+    gradient into `student_logits` during this call (saving one full-size buffer): only for a
+    training step that does not read the logits afterwards (autograd's version check refuses it if
+    another op saved them). compiled: see `linear_mixed_loss`. Reached through `front.distill_loss`.
     """
     how = _how(kind, divergence, beta, targets)
     for t, w in targets:
@@ -522,50 +443,3 @@ def mixed_loss(student_logits, targets, labels, ce_weight=0.0, temperature=1.0, 
     tt = tuple((_detach(t), float(w)) for t, w in targets if w > 0)
     return _ChunkedLoss.apply(student_logits, tt, labels, keep, float(ce_weight), float(temperature),
                               how, chunk, bool(inplace_grad), bool(compiled))
-
-
-def distill_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=1.0,
-                 kind="soft", chunk=None, inplace_grad=False, divergence="forward_kl", beta=0.5):
-    """The seed's hybrid: alpha * KD + (1 - alpha) * CE(true labels), summed over valid labels.
-
-    kind="soft": KD = forward_kl at `temperature`; kind="hard": KD = hard_label_ce.
-    The KD term uses the same positions as the labels (labels != IGNORE_INDEX). One chunked pass
-    computes both terms.
-
-    inplace_grad=True writes the gradient into `student_logits` during this call (saving one
-    full-size buffer): only for a training step that does not read the logits afterwards.
-    Autograd's version check refuses it if another op saved the logits for its own backward.
-    """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    targets = [(teacher_logits, alpha)] if teacher_logits is not None and alpha > 0 else []
-    return mixed_loss(student_logits, targets, labels, 1.0 - alpha, temperature, kind, chunk, inplace_grad,
-                      divergence, beta)
-
-
-def mutual_loss(student_logits, peer_logits, labels, alpha=0.5, temperature=1.0, kind="soft",
-                teacher_logits=None, teacher_weight=0.0, chunk=None, inplace_grad=False):
-    """Deep Mutual Learning (Zhang et al. 2018) for one peer A, summed over valid labels:
-
-        L_A = alpha * (1 - tw) * mean_B T^2 KL(P_B,T || P_A,T)
-            + alpha * tw       * T^2 KL(P_teacher,T || P_A,T)        (hybrid; tw = teacher_weight)
-            + (1 - alpha)      * CE(y, P_A)
-
-    peer_logits: the other peers' logits (or TopK); detached here, so a peer's own loss never
-    pushes its peers. kind="hard" replaces each KL by CE against that model's argmax tokens.
-    With no teacher (tw = 0) this is the paper's loss; the total over peers is sum_A L_A.
-    """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if not 0.0 <= teacher_weight <= 1.0:
-        raise ValueError(f"teacher_weight must be in [0, 1], got {teacher_weight}")
-    if teacher_weight > 0 and teacher_logits is None:
-        raise ValueError("teacher_weight > 0 needs teacher_logits")
-    peers = list(peer_logits)
-    if not peers and teacher_weight < 1:
-        raise ValueError("mutual_loss needs at least one peer (or teacher_weight=1)")
-    w_peer = alpha * (1 - teacher_weight) / max(len(peers), 1)
-    targets = [(p, w_peer) for p in peers]
-    if teacher_weight > 0:
-        targets.append((teacher_logits, alpha * teacher_weight))
-    return mixed_loss(student_logits, targets, labels, 1.0 - alpha, temperature, kind, chunk, inplace_grad)

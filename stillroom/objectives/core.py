@@ -35,7 +35,7 @@ import torch
 
 from stillroom.data.examples import model_inputs
 from stillroom.errors import UserError
-from stillroom.losses import IGNORE_INDEX, fused, general_loss, linear_mixed_loss, mixed_loss, uld_loss
+from stillroom.losses import IGNORE_INDEX, Head, Mixture, distill_loss, fused, kernel_fits, uld_loss
 from stillroom.models import core as models
 from stillroom.models import running
 from stillroom.objectives import methods
@@ -169,10 +169,8 @@ class Hybrid(Objective):
 
     def loss(self, student, b, plan, accelerator):
         lc, terms = self.lc, plan.terms
-        (name, w), = list(teacher_terms(terms).items()) or [("forward_kl", 0.0)]
-        kind, ce_w = ("hard" if name == "hard" else "soft"), terms.get("ce", 0.0)
-        how = dict(ce_weight=ce_w, temperature=plan.temperature, kind=kind, chunk=lc.chunk_rows,
-                   divergence=name if kind == "soft" else "forward_kl", beta=lc.beta)
+        w = sum(v for n, v in terms.items() if n != "ce")
+        how = dict(temperature=plan.temperature, beta=lc.beta, chunk=lc.chunk_rows)
         s_head = running.output_head(student, self.vocab) if self.lean else None
         if s_head is not None:
             t = self.teachers[0].targets(b, "head") if w > 0 else None
@@ -185,8 +183,8 @@ class Hybrid(Objective):
                 dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
             s_head = running.output_head(student, self.vocab)   # after the forward: a sharded model's head is whole then
             compiled = fused.wanted(lc.compile, s_head[0].shape[0], hidden.device)
-            return linear_mixed_loss(hidden, s_head[0], [(t, w)] if w else [], b.targets, bias=s_head[1],
-                                     dtype=dtype, compiled=compiled, **how), {}
+            return distill_loss(Head(hidden, *s_head), t, b.targets, terms, dtype=dtype, compiled=compiled,
+                                **how), {}
         t = self.teachers[0].targets(b, "logits") if w > 0 else None
         with accelerator.autocast():
             s_logits = student(**model_inputs(b), use_cache=False).logits
@@ -194,12 +192,12 @@ class Hybrid(Objective):
             s_logits = s_logits[..., :self.vocab]
         # inplace_grad: the logits' storage receives their gradient (they are not read again).
         compiled = fused.wanted(lc.compile, s_logits.shape[-1], s_logits.device)
-        return mixed_loss(s_logits, [(t, w)] if w else [], b.targets, inplace_grad=True, compiled=compiled, **how), {}
+        return distill_loss(s_logits, t, b.targets, terms, inplace_grad=True, compiled=compiled, **how), {}
 
 
 class Terms(Objective):
     """Any weighted list of CE, hard and divergence terms against the mixture of the teachers'
-    distributions (or per-example routing), with per-token weights: `losses.general_loss` on the
+    distributions (or per-example routing), with per-token weights: `losses.distill_loss` on the
     student's full logits, chunked; each term's raw sum is logged."""
 
     def student_out(self, student, b, accelerator, hidden=False, attention=False):
@@ -212,7 +210,7 @@ class Terms(Objective):
         return sorted(plan.terms)
 
     def terms_loss(self, s_logits, b, plan, device, parts, primary_ready=None):
-        """general_loss over the mixture; `primary_ready`: the primary teacher's logits when
+        """The loss over the mixture, with each term's raw sum; `primary_ready`: the primary teacher's logits when
         already computed (by the hidden-state forward), else its rows read ahead from a cache."""
         lc = self.lc
         targets = []
@@ -225,8 +223,9 @@ class Terms(Objective):
                     (r[..., :self.vocab] if self.vocab else r).clone()
                 targets.append((r, w))
         terms = {k: v for k, v in plan.terms.items() if k not in FEATURE_TERMS}
-        return general_loss(s_logits, targets, b.targets, terms, plan.temperature, lc.beta, lc.token_weight,
-                            plan.kd_scale, parts, lc.chunk_rows)
+        return distill_loss(s_logits, [(Mixture(targets), 1.0)] if targets else [], b.targets, terms,
+                            plan.temperature, beta=lc.beta, token_weight=lc.token_weight, kd_scale=plan.kd_scale,
+                            parts=parts, chunk=lc.chunk_rows)
 
     def loss(self, student, b, plan, accelerator):
         parts = {}
@@ -287,7 +286,7 @@ class CrossTokenizer(Terms):
     def loss(self, student, b, plan, accelerator):
         parts = {}
         _, s_logits = self.student_out(student, b, accelerator)
-        ce = general_loss(s_logits, [], b.targets, {"ce": plan.terms.get("ce", 0.0)}, parts=parts)
+        ce = distill_loss(s_logits, [], b.targets, {"ce": plan.terms.get("ce", 0.0)}, parts=parts)
         al = methods.align(b.examples, b.targets, self.s_tok, self.t_tok, b.input_ids.device)
         kd_w = sum(teacher_terms(plan.terms).values())
         total = 0.0
@@ -378,16 +377,6 @@ class Balanced(Wrapper):
         self.ema = state.get("balance", self.ema)
 
 
-def is_general(cfg) -> bool:
-    """Does a step need more than the fast kernel (several teacher terms, hidden states, per-token
-    weights, balancing, several teachers, another tokenizer)?"""
-    lc = cfg.loss
-    names = set(lc.terms or {})
-    return bool(len(teacher_terms(lc.terms or {})) > 1 or names & set(FEATURE_TERMS)
-                or lc.token_weight != "none" or lc.balance or cfg.teacher.mix or cfg.teacher.route_field
-                or lc.cross_tokenizer != "none")
-
-
 def across_tokenizers(cfg) -> bool:
     """Does the objective distill across tokenizers (loss.cross_tokenizer=uld)? Then the data is
     read with the student's tokenizer, logits share no width, and the evaluation measures each
@@ -426,8 +415,9 @@ def build_objective(cfg, teachers: list, vocab: int | None, *, student=None, tea
         obj = CrossTokenizer(cfg, teachers, s_tok, t_tok, device)
     elif set(loss_terms(lc, 0, cfg.train.max_steps)) & set(FEATURE_TERMS):
         obj = Features(cfg, teachers, vocab, student, teacher_model, kept_layers)
-    elif is_general(cfg):
-        obj = Terms(cfg, teachers, vocab)
+    elif not kernel_fits(lc.terms or {}, mixture=bool(cfg.teacher.mix or cfg.teacher.route_field),
+                         token_weight=lc.token_weight, balanced=lc.balance):
+        obj = Terms(cfg, teachers, vocab)   # the loss takes its general engine: each term's raw sum is logged
     else:
         obj = Hybrid(cfg, teachers, vocab)
     if lc.on_policy:
@@ -438,5 +428,5 @@ def build_objective(cfg, teachers: list, vocab: int | None, *, student=None, tea
 
 
 __all__ = ["Plan", "Objective", "Hybrid", "Terms", "Features", "CrossTokenizer", "OnPolicy", "Balanced",
-           "build_objective", "loss_terms", "loss_weights", "teacher_terms", "is_general", "scheduled",
+           "build_objective", "loss_terms", "loss_weights", "teacher_terms", "scheduled",
            "balance_scale"]

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from stillroom.data.examples import micro_batch, model_inputs, to_batch
-from stillroom.losses import IGNORE_INDEX, general_loss, mixed_loss, mutual_loss, topk_targets
+from stillroom.losses import IGNORE_INDEX, distill_loss, topk_targets
 
 
 def peer_share(step: int, cc) -> float:
@@ -53,20 +53,18 @@ def term_weights(cfg, share: float, n_peers: int):
 def peer_loss(s, others, labels, t_logits, cfg, share, inplace):
     """One peer's loss sum on one batch: mutual_loss's terms at `peer_share`'s share of the peer
     weight (only CE, + the teacher, during burn-in). With codistill.confidence each peer's term is
-    weighted per position by that peer's top-1 probability (general_loss's token weight)."""
+    weighted per position by that peer's top-1 probability (the losses' confidence token weight)."""
     lc, cc = cfg.loss, cfg.codistill
-    if share == 1.0 and not cc.confidence:
-        return mutual_loss(s, others, labels, lc.alpha, lc.temperature, lc.kind, t_logits, cc.teacher_weight,
-                           lc.chunk_rows, inplace)
     w_peer, w_t, w_ce = term_weights(cfg, share, len(others))
     peers = [(o, w_peer) for o in others] if w_peer > 0 else []
     teacher = [(t_logits, w_t)] if w_t > 0 else []
-    if not (cc.confidence and peers):
-        return mixed_loss(s, peers + teacher, labels, w_ce, lc.temperature, lc.kind, lc.chunk_rows, inplace)
-    loss = mixed_loss(s, teacher, labels, w_ce, lc.temperature, lc.kind, lc.chunk_rows)
     term = "hard" if lc.kind == "hard" else "forward_kl"
+    if not (cc.confidence and peers):
+        return distill_loss(s, peers + teacher, labels, {term: 1.0, "ce": w_ce}, lc.temperature, chunk=lc.chunk_rows,
+                            inplace_grad=inplace)
+    loss = distill_loss(s, teacher, labels, {term: 1.0, "ce": w_ce}, lc.temperature, chunk=lc.chunk_rows)
     for o, w in peers:
-        loss = loss + general_loss(s, [(o, 1.0)], labels, {term: w}, lc.temperature, token_weight="confidence",
+        loss = loss + distill_loss(s, [(o, 1.0)], labels, {term: w}, lc.temperature, token_weight="confidence",
                                    chunk=lc.chunk_rows)
     return loss
 
@@ -93,6 +91,11 @@ class Peers:
 
     def __init__(self, cfg, teacher, vocab, names: list[str]):
         self.cfg, self.teacher, self.vocab, self.names = cfg, teacher, vocab, names
+
+    @property
+    def term(self) -> str:
+        """The peer and teacher terms' name (loss.kind)."""
+        return "hard" if self.cfg.loss.kind == "hard" else "forward_kl"
 
     def plan(self, step: int) -> PeerPlan:
         return PeerPlan(step, peer_share(step, self.cfg.codistill) if self.cfg.loss.alpha > 0 else 0.0)
@@ -224,13 +227,14 @@ class Predictions(Peers):
         if b is self.shared:   # the peer (and teacher) terms, on the forward prepare kept
             if self.s is not None:
                 s, terms, self.s, self.terms = self.s, self.terms, None, []
-                yield name, mixed_loss(s, terms, b.targets, 0.0, lc.temperature, lc.kind, lc.chunk_rows,
-                                       inplace_grad=True), {}
+                yield name, distill_loss(s, terms, b.targets, {self.term: 1.0, "ce": 0.0}, lc.temperature,
+                                         chunk=lc.chunk_rows, inplace_grad=True), {}
             return
         w_ce = term_weights(self.cfg, plan.share, self.world - 1)[2]
         with accelerator.autocast():
             s = logits(model, b, self.vocab)
-        yield name, mixed_loss(s, [], b.targets, w_ce, lc.temperature, lc.kind, lc.chunk_rows, inplace_grad=True), {}
+        yield name, distill_loss(s, [], b.targets, {self.term: 1.0, "ce": w_ce}, lc.temperature, chunk=lc.chunk_rows,
+                                 inplace_grad=True), {}
 
     def scaled(self, loss_sum, b, counts, world):
         return loss_sum / (self.n_shared if b is self.shared else self.n_own)
