@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from stillroom.cli import _quiet_libraries
-from stillroom.config import StudentConfig, load_config
+from stillroom.config import StudentConfig
+from stillroom.recipes import load_config
 from stillroom.data.store import load_data
 from stillroom.losses import distill_loss, hybrid, shift_labels
 from stillroom.models import core as models

@@ -187,7 +187,7 @@ def train_part(args, sizes: dict):
     """The same student trained from each layout at equal steps: held-out perplexity."""
     import tempfile
 
-    from stillroom.config import load_config
+    from stillroom.recipes import load_config
     from stillroom.data.store import load_data
     from stillroom.models import core as models
     from stillroom.run.distill import distill

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from stillroom.config import load_config
+from stillroom.recipes import load_config
 from stillroom.data.store import load_data
 from stillroom.eval import evaluate
 from stillroom.models import core as models

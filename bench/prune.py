@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from stillroom.config import load_config
+from stillroom.recipes import load_config
 from stillroom.data.examples import collate
 from stillroom.data.store import load_data
 from stillroom.eval import evaluate

@@ -98,7 +98,8 @@ def result(metrics: dict, wall: float) -> dict:
 def prepare(args, work: Path, arms: list[str]):
     """The data split, the shared student init, and (once, for the arms that read them) the
     teacher's answers to the training prompts and the top-64 cache."""
-    from stillroom.config import Config, StudentConfig, load_config
+    from stillroom.config import Config, StudentConfig
+    from stillroom.recipes import load_config
     from stillroom.models import core as models
     from stillroom.run.distill import build_cache
     from stillroom.teachers.generate import LocalTeacher, generate_file, read_prompts
@@ -130,7 +131,8 @@ def prepare(args, work: Path, arms: list[str]):
 
 
 def run_arm(name: str, args, work: Path, seed: int, walls: dict) -> dict:
-    from stillroom.config import Config, load_config
+    from stillroom.config import Config
+    from stillroom.recipes import load_config
     from stillroom.run.distill import distill
 
     extra, steps = [], None
@@ -182,7 +184,8 @@ def run_dml_seed(args, work: Path, seed: int, cuts: dict, variants: dict, kd_sha
     """One seed of the DML comparison: both peers alone (CE, and KD at each teacher share a variant
     uses), then each variant co-distilled; rows appended to alone / dml under their keys. -> the
     teacher's numbers (from a run alone)."""
-    from stillroom.config import CodistillRunConfig, Config, load_config
+    from stillroom.config import CodistillRunConfig, Config
+    from stillroom.recipes import load_config
     from stillroom.run.codistill import codistill
     from stillroom.run.distill import distill
 
@@ -237,7 +240,8 @@ def run_peers(args, work: Path, walls: dict, ensemble: bool = True) -> dict:
     peers trained alone on the same loss minus the peer term (the teacher's term and CE in the
     co-distilled loss's ratio: loss.alpha = tw / (tw + 1) at alpha 0.5), so that the peers' own
     contribution is what is compared; then the ensemble control."""
-    from stillroom.config import Config, load_config
+    from stillroom.config import Config
+    from stillroom.recipes import load_config
     from stillroom.models import core as models
     from stillroom.run.distill import distill
 

@@ -116,7 +116,8 @@ SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 STARTUP = r"""
 import json, os, sys, time
 t0 = time.perf_counter()
-from stillroom.config import Config, load_config
+from stillroom.config import Config
+from stillroom.recipes import load_config
 from stillroom.data import store
 from stillroom.data import examples as data
 from stillroom.models import core as models
@@ -140,7 +141,8 @@ def _run(code: str, *args, env=None) -> dict:
 
 BUILD = r"""
 import json, os, sys, time
-from stillroom.config import Config, load_config
+from stillroom.config import Config
+from stillroom.recipes import load_config
 from stillroom.data import store
 from stillroom.models import core as models
 cfg = load_config(None, [f"data.path={sys.argv[1]}", "data.seq_len=2048", f"data.workers={sys.argv[3]}",
@@ -233,7 +235,7 @@ def data_bench(model: str, rows: int):
 FSDP_CHILD = r"""
 import json, os, statistics, sys, time, torch
 from torch.distributed.tensor import DTensor
-from stillroom.config import load_config
+from stillroom.recipes import load_config
 from stillroom.run import distill as train
 from stillroom.run import loop
 from stillroom.run.loop import clip

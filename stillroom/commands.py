@@ -16,7 +16,7 @@ log = logging.getLogger("stillroom")
 
 def _run_config(args, cls):
     """[CONFIG] [key=value ...] -> validated config, or None after --print-config."""
-    from stillroom.config import is_config_path, load_config, to_yaml
+    from stillroom.recipes import is_config_path, load_config, to_yaml
 
     config, overrides = None, list(args.args)
     if overrides and is_config_path(overrides[0]):
@@ -457,7 +457,7 @@ def flag_section(args, cls, section: str, **given):
     """The config section a verb's flags fill (config_flags), validated by the section itself; an
     error names the flag the user typed (`--top-k: ...`, where a validator says `<section>.top_k`).
     given: fields set otherwise (a flag of another name)."""
-    from stillroom.config import validate
+    from stillroom.recipes import validate
 
     raw = {**{k: getattr(args, k) for k in cls.model_fields if hasattr(args, k)}, **given}
     try:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from stillroom.config import Config, validate
+from stillroom.config import Config
+from stillroom.recipes import validate
 from stillroom.errors import UserError
 from stillroom.models import core as models
 

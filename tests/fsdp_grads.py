@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from stillroom.config import load_config
+from stillroom.recipes import load_config
 from stillroom.run import distill as train
 from stillroom.run import loop
 

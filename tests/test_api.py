@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from stillroom.config import load_config
+from stillroom.recipes import load_config
 from stillroom.data.examples import Example
 from stillroom.data.render import render_chat
 from stillroom.losses import topk_targets

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stillroom.config import load_config
+from stillroom.recipes import load_config
 from stillroom.data.examples import micro_batch
 from stillroom.data.store import load_data
 from stillroom.errors import UserError

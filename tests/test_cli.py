@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from stillroom.config import RECIPES, CodistillRunConfig, Config, load_config
+from stillroom.config import CodistillRunConfig, Config
+from stillroom.recipes import RECIPES, load_config
 
 from conftest import make_model, make_tokenizer, run_cli, save, tiny_overrides
 
@@ -176,7 +177,7 @@ def test_bad_config_values(override, pattern):
 
 
 def test_mixed_precision_no_is_not_read_as_false():
-    from stillroom.config import load_config
+    from stillroom.recipes import load_config
 
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"

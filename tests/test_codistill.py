@@ -9,7 +9,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from stillroom.config import CodistillRunConfig, load_config
+from stillroom.config import CodistillRunConfig
+from stillroom.recipes import load_config
 from stillroom.run.codistill import codistill
 
 from conftest import run_cli

@@ -53,7 +53,7 @@ def _misplaced(calls):
 
 @pytest.mark.parametrize("extra", [[], ["teacher.offload=true"]], ids=["placed", "offloaded teacher"])
 def test_every_forward_reads_its_inputs_on_its_own_device(tmp_path, teacher_dir, chat_file, meta_run, extra):
-    from stillroom.config import load_config
+    from stillroom.recipes import load_config
     from stillroom.run.distill import distill
 
     # student.init=config: a student cut from a meta teacher has no weights to copy

@@ -137,7 +137,7 @@ def test_a_run_with_another_divergence(tmp_path, teacher_dir, chat_file):
     assert s_lean["loss"] == pytest.approx(s_plain["loss"], rel=1e-5)
     for k in lean:
         torch.testing.assert_close(lean[k], plain[k], rtol=1e-4, atol=1e-6)
-    from stillroom.config import load_config
+    from stillroom.recipes import load_config
     with pytest.raises(UserError, match="supports forward_kl and hard only"):   # refused when the config is read
         distill(load_config(None, tiny_overrides(teacher_dir, chat_file, tmp_path / "c") +
                             ["loss.divergence=reverse_kl", "teacher.kind=cache", f"teacher.cache={tmp_path}"]),

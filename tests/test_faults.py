@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from stillroom import cli
-from stillroom.config import load_config
+from stillroom.recipes import load_config
 from stillroom.errors import UserError
 from stillroom.run import loop
 from stillroom.run import distill as train

@@ -44,7 +44,7 @@ def test_a_phase_says_what_it_does_only_once_it_is_slow(caplog):
 def test_a_library_run_with_progress_false_shows_no_bar(tmp_path, teacher_dir, chat_file, monkeypatch):
     """distill(progress=False) turns every bar off for the run (the held-out evaluation's too)
     and leaves the switch as it was."""
-    from stillroom.config import load_config
+    from stillroom.recipes import load_config
     from stillroom.eval import evaluate
     from stillroom.run import feedback
     from stillroom.run.distill import distill

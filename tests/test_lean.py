@@ -94,7 +94,7 @@ def test_the_lean_head_is_found_under_bf16_mixed_precision(tok, tmp_path):
     to the plain one without a word)."""
     from conftest import make_model
 
-    from stillroom.config import load_config
+    from stillroom.recipes import load_config
     from stillroom.models import running
     from stillroom.run.tracking import make_accelerator
     acc = make_accelerator(load_config(None, ["train.mixed_precision=bf16"]), tmp_path, threads=False)

@@ -68,7 +68,7 @@ def test_two_runs_in_one_process_with_different_precisions(tmp_path, teacher_dir
     run, then a bf16 one, both run (bench/precision.py does exactly this)."""
     from conftest import tiny_overrides
 
-    from stillroom.config import load_config
+    from stillroom.recipes import load_config
     from stillroom.run.distill import distill
     for mp in ("no", "bf16"):
         cfg = load_config(None, tiny_overrides(teacher_dir, chat_file, tmp_path / mp, **{

@@ -3,7 +3,7 @@ from its layers is still the exact fp32 copy, and a tokenizer-only need reads no
 import pytest
 import torch
 
-from stillroom.config import load_config
+from stillroom.recipes import load_config
 from stillroom.models import core as models
 
 from conftest import tiny_overrides
@@ -70,7 +70,7 @@ def test_a_tokenizer_alone_reads_no_weights(teacher_dir, monkeypatch):
 def test_the_shipped_files_are_where_the_code_looks():
     """The bundled prompts (the default data), the lm-eval task and the recipes ship inside the
     package: each path the code names exists (a module moved a folder down once lost two)."""
-    from stillroom.config import RECIPES
+    from stillroom.recipes import RECIPES
     from stillroom.eval.harness import ASSETS
     from stillroom.teachers.generate import BUNDLED_PROMPTS
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stillroom.config import load_config
+from stillroom.recipes import load_config
 from stillroom.data.examples import Example
 from stillroom.errors import UserError
 from stillroom.losses import IGNORE_INDEX

@@ -6,7 +6,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stillroom.config import Config, load_config
+from stillroom.config import Config
+from stillroom.recipes import load_config
 from stillroom.errors import UserError
 from stillroom.losses import IGNORE_INDEX, Head, distill_loss, forward_kl, hybrid, topk_targets
 from stillroom.losses.kernel import mixed_loss

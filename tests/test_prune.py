@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from stillroom.config import load_config
+from stillroom.recipes import load_config
 from stillroom.errors import UserError
 from stillroom.models.prune import importance, prune_width
 from stillroom.run.distill import distill

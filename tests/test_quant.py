@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from stillroom.config import load_config
+from stillroom.recipes import load_config
 from stillroom.deploy.export import check, write_gguf
 from stillroom.deploy.quant import FakeQuant, fake_quant
 from stillroom.models import core as models

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stillroom.config import load_config
+from stillroom.recipes import load_config
 from stillroom.run.distill import distill
 
 from conftest import run_cli, tiny_overrides

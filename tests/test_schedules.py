@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from stillroom.config import load_config
+from stillroom.recipes import load_config
 from stillroom.errors import UserError
 from stillroom.objectives.core import scheduled, loss_weights
 from stillroom.run.distill import distill

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stillroom.config import Config, load_config
+from stillroom.config import Config
+from stillroom.recipes import load_config
 from stillroom.data import store, store_build
 from stillroom.data import examples as data
 from stillroom.errors import UserError

@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from stillroom.config import load_config
+from stillroom.recipes import load_config
 from stillroom.run.distill import distill
 
 from conftest import tiny_overrides, on_cpu_only

@@ -25,7 +25,8 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from stillroom.config import CodistillRunConfig, to_yaml
+from stillroom.config import CodistillRunConfig
+from stillroom.recipes import to_yaml
 from stillroom.errors import UserError
 from stillroom.eval import evaluate, tasks
 from stillroom.models import core as models

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from stillroom.config import to_yaml
+from stillroom.recipes import to_yaml
 from stillroom.errors import UserError, write_failure
 from stillroom.run import faults, folders, shard
 

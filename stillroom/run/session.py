@@ -117,7 +117,7 @@ class Session:
         """Everything is validated: from here on the output folder is written. The resume check
         runs on every process (a refusal stops them all); the main process empties or marks the
         folder and writes config.yaml."""
-        from stillroom.config import to_yaml
+        from stillroom.recipes import to_yaml
         from stillroom.run import folders
         from stillroom.run.outputs import (check_same_data, data_fingerprints, record_resume, resume_changes,
                                            set_aside, start_output)
