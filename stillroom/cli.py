@@ -56,16 +56,16 @@ def _number(kind, low=None, high=None, above=None):
 POSITIVE = _number(int, low=1)
 
 
-def config_flags(group, section, defaults=None, skip=()):
+def config_flags(group, section, defaults=None, skip=(), only=None):
     """A flag per field of a config section (`--kebab-name`, dest the field's name): its type,
     choices and help come from the field (its docstring), so a flag-style verb and the config say
     the same in one place; values are validated by the section itself (flag_section, naming the
     flag in the message). A bool field that defaults to true is `--no-NAME`.
-    defaults: the verb's own defaults where they differ from the config's."""
+    defaults: the verb's own defaults where they differ from the config's; only: these fields alone."""
     import typing
 
     for name, f in section.model_fields.items():
-        if name in skip:
+        if name in skip or (only is not None and name not in only):
             continue
         args = [a for a in (f.annotation, *typing.get_args(f.annotation)) if a is not type(None)]
         literal = next((a for a in args if typing.get_origin(a) is typing.Literal), None)
@@ -154,6 +154,8 @@ def _config_verbs(sub):
 
 def _eval_verb(sub):
     """eval: a student against its teacher on held-out data."""
+    from stillroom.config import DataConfig, EvalConfig
+
     e = sub.add_parser("eval", help="compare a student with its teacher on held-out data")
     e.add_argument("--model", required=True, help="student: a run folder (its final/), a model folder, .gguf or hub id")
     e.add_argument("--teacher", help="teacher: smollm2-135m, folder, .gguf or hub id (default: the teacher the "
@@ -161,10 +163,8 @@ def _eval_verb(sub):
     e.add_argument("--data", required=True, help="held-out text or JSONL file")
     e.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     e.add_argument("--out", help="also write the JSON results to this file")
-    e.add_argument("--seq-len", type=_number(int, low=8), default=256, help="tokens per held-out example")
-    e.add_argument("--batch-size", type=POSITIVE, default=8, help="examples per forward pass")
-    e.add_argument("--max-batches", type=POSITIVE, default=None, help="evaluate at most this many batches")
-    e.add_argument("--skip-bad-rows", action="store_true", help="skip (and report) rows that cannot be read")
+    config_flags(e, DataConfig, only=("seq_len", "skip_bad_rows"))   # --seq-len, --skip-bad-rows: data.*'s own
+    config_flags(e, EvalConfig, only=("batch_size", "max_batches"))    # --batch-size, --max-batches: eval.*'s own
     e.add_argument("--prompt-field", help="the rows' prompt key, for rows in no known format (docs/data.md)")
     e.add_argument("--response-field", help="the rows' response key (with --prompt-field)")
     e.add_argument("--task", action="append", choices=["rouge", "exact_match"],
@@ -172,7 +172,7 @@ def _eval_verb(sub):
                         "answers, and the student's vs the teacher's) or exact_match (GSM8K '#### n' answers); "
                         "repeatable")
     e.add_argument("--task-rows", type=POSITIVE, default=None, help="answer at most this many rows per task")
-    e.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="answer length limit for --task")
+    config_flags(e, EvalConfig, only=("max_new_tokens",), defaults={"max_new_tokens": 128})
     e.add_argument("--lm-eval", metavar="TASKS",
                    help="also run EleutherAI's lm-evaluation-harness on both models: comma-separated task names "
                         "(stillroom_facts ships with stillroom and runs offline; the standard ones need network); "
@@ -182,8 +182,7 @@ def _eval_verb(sub):
                    help="also time the teacher's greedy decoding alone vs with the student as its draft model "
                         "(speculative decoding): acceptance, speed ratio, and that the output is unchanged")
     e.add_argument("--draft-tokens", type=POSITIVE, default=5, help="tokens the student drafts per step (--draft)")
-    e.add_argument("--gen-tokens", type=POSITIVE, default=32, help="new tokens per prompt when timing generation")
-    e.add_argument("--gen-prompts", type=POSITIVE, default=4, help="prompts to time generation on")
+    config_flags(e, EvalConfig, only=("gen_tokens", "gen_prompts"))
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=commands.cmd_eval)
 

@@ -201,12 +201,12 @@ def _eval_inputs(args):
     from stillroom.config import DataConfig, EvalConfig
     from stillroom.eval import harness, tasks
 
-    ecfg = EvalConfig(batch_size=args.batch_size, max_batches=args.max_batches, gen_tokens=args.gen_tokens,
-                      gen_prompts=args.gen_prompts)
+    # --task-rows means "at most" (None: every row), where eval.task_rows is a number: not the section's
+    ecfg = flag_section(args, EvalConfig, "eval", task_rows=args.task_rows or EvalConfig().task_rows)
     if args.response_field and not args.prompt_field:
         raise UserError("--response-field needs --prompt-field")
     fields = {"prompt": args.prompt_field, "response": args.response_field} if args.prompt_field else None
-    dcfg = DataConfig(path=args.data, seq_len=args.seq_len, skip_bad_rows=args.skip_bad_rows, fields=fields)
+    dcfg = flag_section(args, DataConfig, "data", path=args.data, fields=fields)
     if not Path(args.data).exists():
         raise UserError(f"data file not found: {args.data}")
     if args.out:

@@ -205,7 +205,7 @@ class DataConfig(Section):
     max_examples: Optional[int] = Field(None, ge=1)
     """Use at most this many examples (after the split: a quick run on a large file)."""
     skip_bad_rows: bool = False
-    """False: a bad row is an error. True: bad rows are skipped and reported (count, which)."""
+    """Skip bad rows and report them (how many, which) instead of stopping at the first one."""
     fields: Optional[dict[Literal["prompt", "response", "text", "messages"], str]] = None
     """Which keys of the rows hold the prompt and response (or the text, or the messages), for
     rows in none of the formats stillroom reads by itself (docs/data.md), e.g.
@@ -470,7 +470,7 @@ class EvalConfig(Section):
     task_rows: int = Field(32, ge=1)
     """Rows answered per task (greedy answers are slow on a CPU)."""
     max_new_tokens: int = Field(64, ge=1)
-    """Answer length limit for eval.tasks."""
+    """Answer length limit for the generation tasks (eval.tasks; `stillroom eval --task`)."""
 
 
 class PeerConfig(StudentConfig):

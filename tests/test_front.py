@@ -7,15 +7,13 @@ import torch
 import stillroom.losses.front as front
 from stillroom.losses import IGNORE_INDEX, DIVERGENCES, Head, Mixture, distill_loss, hybrid, kernel_fits, topk_targets
 from stillroom.losses.general import general_loss
+from test_methods_losses import _setup
 
 
-def _data(seed=0, B=2, S=6, V=13, H=5):
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(B, S, V, generator=g, dtype=torch.float64) * 2
-    t = torch.randn(B, S, V, generator=g, dtype=torch.float64) * 2
-    y = torch.randint(0, V, (B, S), generator=g)
-    y[0, :2] = IGNORE_INDEX
-    return s, t, y
+def _data(seed=0):
+    """(student logits, teacher logits, labels) in float64: test_methods_losses' tensors."""
+    s, t, y = _setup(seed, 2, 6, 13)
+    return s.double(), t.double(), y
 
 
 def _both(fn, s):
@@ -96,7 +94,8 @@ def test_a_weighted_list_of_targets_sums_each_targets_terms_and_counts_ce_once(m
     seen = _engines(monkeypatch)
     got = distill_loss(s, [(t, 0.3), (sparse, 0.2)], y, {"forward_kl": 1.0, "ce": 0.5}, 2.0)
     assert seen == ["mixed_loss"]
-    ref = (0.3 * distill_loss(s, t, y, {"forward_kl": 1.0}, 2.0) + 0.2 * distill_loss(s, sparse, y, {"forward_kl": 1.0}, 2.0)
+    kl = {"forward_kl": 1.0}
+    ref = (0.3 * distill_loss(s, t, y, kl, 2.0) + 0.2 * distill_loss(s, sparse, y, kl, 2.0)
            + distill_loss(s, [], y, {"ce": 0.5}))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     # the same list with per-token weights: the general engine, target by target, CE once

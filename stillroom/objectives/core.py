@@ -384,9 +384,20 @@ def across_tokenizers(cfg) -> bool:
     return cfg.loss.cross_tokenizer == "uld"
 
 
-def data_tokenizer(cfg, s_tok, t_tok):
-    """The tokenizer the run's data is read with: the teacher's, or the student's across tokenizers."""
-    return s_tok if across_tokenizers(cfg) else t_tok
+class Tokens:
+    """How a run reads its data and measures its models across the two tokenizers: the objective's
+    answer (a cross-tokenizer objective reads with the student's tokenizer and measures each model
+    in its own tokens), so the run code asks instead of branching."""
+
+    def __init__(self, cfg, s_tok, t_tok):
+        cross = across_tokenizers(cfg)
+        self.data = s_tok if cross else t_tok          # the tokenizer the run's data is read with
+        self.teacher_own = t_tok if cross else None    # the teacher's own tokens in the evaluation, or None
+        self.token_by_token = not cross                # can the student be compared with the teacher per token?
+
+    def reference(self, source):
+        """What the student is compared with token by token: the teacher's eval source, or None."""
+        return source if self.token_by_token else None
 
 
 def shared_width(cfg, teacher, t_tok, student, s_tok) -> int | None:
@@ -428,5 +439,5 @@ def build_objective(cfg, teachers: list, vocab: int | None, *, student=None, tea
 
 
 __all__ = ["Plan", "Objective", "Hybrid", "Terms", "Features", "CrossTokenizer", "OnPolicy", "Balanced",
-           "build_objective", "loss_terms", "loss_weights", "teacher_terms", "scheduled",
+           "build_objective", "Tokens", "loss_terms", "loss_weights", "teacher_terms", "scheduled",
            "balance_scale"]

@@ -12,7 +12,8 @@
 
 These are the pieces; the objectives (core.py) put them into a training step. The common
 losses (CE + one divergence or hard labels, one teacher) take the fast kernel (`objectives.Hybrid`);
-the rest go through `losses.general_loss` on the models' full logits (chunked, one chunk's memory).
+the rest take `losses.distill_loss`'s general engine on the models' full logits (chunked, one
+chunk's memory).
 """
 from __future__ import annotations
 

@@ -60,8 +60,8 @@ def peer_loss(s, others, labels, t_logits, cfg, share, inplace):
     teacher = [(t_logits, w_t)] if w_t > 0 else []
     term = "hard" if lc.kind == "hard" else "forward_kl"
     if not (cc.confidence and peers):
-        return distill_loss(s, peers + teacher, labels, {term: 1.0, "ce": w_ce}, lc.temperature, chunk=lc.chunk_rows,
-                            inplace_grad=inplace)
+        return distill_loss(s, peers + teacher, labels, {term: 1.0, "ce": w_ce}, lc.temperature,
+                            chunk=lc.chunk_rows, inplace_grad=inplace)
     loss = distill_loss(s, teacher, labels, {term: 1.0, "ce": w_ce}, lc.temperature, chunk=lc.chunk_rows)
     for o, w in peers:
         loss = loss + distill_loss(s, [(o, 1.0)], labels, {term: w}, lc.temperature, token_weight="confidence",

@@ -21,7 +21,7 @@ from stillroom.errors import UserError
 from stillroom.eval import evaluate, tasks
 from stillroom.models import core as models
 from stillroom.models import running
-from stillroom.objectives.core import across_tokenizers, build_objective, data_tokenizer, shared_width
+from stillroom.objectives.core import Tokens, build_objective, shared_width
 from stillroom.run import loop, shard
 from stillroom.run.feedback import progress_on
 from stillroom.data.examples import Batch
@@ -157,7 +157,8 @@ def run_distill(s: Session, cfg: Config, loaded: models.Loaded, teacher, student
     teacher.check(cfg, s_tok, vocab=vocab)   # before reading any data
     if cfg.loss.alpha == 0:
         log.info("loss.alpha=0: plain CE on the data (sequence-level KD when the data is teacher output)")
-    tok = data_tokenizer(cfg, s_tok, loaded.tokenizer)
+    tokens = Tokens(cfg, s_tok, loaded.tokenizer)
+    tok = tokens.data
     task_items = tasks.from_config(cfg)   # on every process, before the data: a refusal stops them all
     cfg, train, held = s.data(loaded, tok, rows, eval_rows)
     if cfg.student.prune_heads or cfg.student.prune_intermediate:
@@ -176,7 +177,7 @@ def run_distill(s: Session, cfg: Config, loaded: models.Loaded, teacher, student
     log.info("teacher %s%s: %s params; student (%s): %s params; %d train / %d held-out examples",
              loaded.source, teacher.describe(), f"{t_params:,}" if t_params else "?", how,
              f"{models.num_params(student):,}", len(train), len(held))
-    t_tok = loaded.tokenizer if across_tokenizers(cfg) else None   # the teacher measured in its own tokens
+    t_tok = tokens.teacher_own
     t_sharded = loaded.has_weights and shard.is_sharded(loaded.model)   # its forward: every process together
     if s.main:
         log.info("evaluating the teacher and the untrained student on %d held-out examples", len(held))
@@ -188,7 +189,7 @@ def run_distill(s: Session, cfg: Config, loaded: models.Loaded, teacher, student
     # (a sharded teacher answers no tasks: its generation would need every process)
     asked = {"teacher": (loaded.model, loaded.tokenizer)} if loaded.has_weights and not t_sharded else {}
     said = s.tasks_before(task_items, {**asked, "student before": (student, s_tok)})
-    student, cmp = train_student(s, cfg, student, teacher, objective, train, held, vocab, tok)
+    student, cmp = train_student(s, cfg, student, teacher, objective, train, held, vocab, tokens)
     if not s.main:
         return {}, student
     log.info("evaluating the trained student; then writing %s", s.out / "final")
@@ -205,12 +206,13 @@ def run_distill(s: Session, cfg: Config, loaded: models.Loaded, teacher, student
                     {"student after": (student, s_tok)}, write, note=teacher.note()), student
 
 
-def train_student(s: Session, cfg, student, teacher, objective, train, held, vocab, tok):
+def train_student(s: Session, cfg, student, teacher, objective, train, held, vocab, tokens: Tokens):
     """The student (and the objective's own modules) trained: sharded over the processes under
     train.shard=fsdp (the teacher too with teacher.shard), else prepared by Accelerate; the
     loop; then gathered whole on the main process. -> (the trained student, the final
     comparison when every process had to take it together, else None)."""
-    acc, pad_id = s.accelerator, tok.pad_token_id
+    acc, tok = s.accelerator, tokens.data
+    pad_id = tok.pad_token_id
     if cfg.train.qat != "none":
         from stillroom.deploy.quant import enable
         log.info("quantization-aware: %d linear weights trained through %s", enable(student, cfg.train.qat),
@@ -254,7 +256,7 @@ def train_student(s: Session, cfg, student, teacher, objective, train, held, voc
           windows(train, cfg, acc, pad_id), evaluate=mid_eval, desc="distill")
     cmp = None
     if t_sharded:   # the comparison with a sharded teacher is taken by every process together
-        cmp = evaluate.score(student, None if across_tokenizers(cfg) else source, held, pad_id, e.batch_size,
+        cmp = evaluate.score(student, tokens.reference(source), held, pad_id, e.batch_size,
                              e.max_batches, vocab, tokenizer=tok)
     whole = shard.full_state(student) if fsdp else None   # every process takes part; the main one gets it
     if not s.main:
