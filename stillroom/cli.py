@@ -201,6 +201,8 @@ def _export_verb(sub):
 
 def _compare_verb(sub):
     """compare: the teacher, students and their GGUF exports side by side."""
+    from stillroom.config import DataConfig
+
     c = sub.add_parser("compare", help="teacher vs students (and their GGUF exports): size, memory, speed, quality")
     c.add_argument("teacher", help="smollm2-135m, a folder, .gguf or hub id")
     c.add_argument("students", nargs="+", help="run folders (their final/) or model folders")
@@ -208,7 +210,7 @@ def _compare_verb(sub):
     c.add_argument("--formats", nargs="*", default=[], help="also export each student to these GGUF types "
                    "(f16 q8_0 q4_0) and measure the files in llama.cpp (needs llama-cpp-python)")
     c.add_argument("--gguf-dir", help="where the GGUF exports go (default: a temporary folder)")
-    c.add_argument("--seq-len", type=_number(int, low=8), default=256, help="tokens per held-out example")
+    config_flags(c, DataConfig, only=("seq_len",))
     c.add_argument("--max-examples", type=POSITIVE, default=16, help="held-out examples for the quality columns")
     c.add_argument("--prefill-tokens", type=POSITIVE, default=128, help="prompt tokens of the speed test")
     c.add_argument("--new-tokens", type=POSITIVE, default=32, help="tokens generated in the speed test")
@@ -234,14 +236,14 @@ def _report_verb(sub):
 def _served_check_verb(sub):
     """served-check: a served teacher against the same model loaded here."""
     v = sub.add_parser("served-check", help="a served teacher against the same model loaded here, on held-out rows")
-    from stillroom.config import ServedConfig
+    from stillroom.config import DataConfig, ServedConfig
     config_flags(v, ServedConfig, skip=("model",))   # --url, --api, --top-k, ...: teacher.served's own keys
     v.add_argument("--served-model", help="the model name the server serves (default: --teacher)")
     v.add_argument("--teacher", default="smollm2-135m", help="the same model, loaded here: folder, .gguf, hub id "
                                                              "or smollm2-135m")
     v.add_argument("--data", required=True, help="held-out text or JSONL file")
     v.add_argument("--rows", type=POSITIVE, default=16, help="rows to score")
-    v.add_argument("--seq-len", type=_number(int, low=8), default=256, help="tokens per row")
+    config_flags(v, DataConfig, only=("seq_len",))
     v.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
     v.set_defaults(func=commands.cmd_served_check)

@@ -342,11 +342,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from stillroom.config import DataConfig
     from stillroom.deploy.compare import compare, render
 
+    seq_len = flag_section(args, DataConfig, "data", path=args.data).seq_len   # --seq-len: data.seq_len's own
     if args.out:
         check_output_file(args.out, "--out", [("--data", args.data)], COMPARE_KEYS)
-    res = compare(args.teacher, args.students, args.data, args.formats, args.seq_len, args.max_examples,
+    res = compare(args.teacher, args.students, args.data, args.formats, seq_len, args.max_examples,
                   args.prefill_tokens, args.new_tokens, args.rounds, args.prompt or None, args.gguf_dir,
                   progress=not args.no_progress, draft_tokens=args.draft_tokens if args.draft else 0)
     if args.out:
@@ -363,13 +365,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_served_check(args) -> int:
-    from stillroom.config import ServedConfig
+    from stillroom.config import DataConfig, ServedConfig
     from stillroom.teachers.served import check_against_local, check_table
 
     if not args.url:
         raise UserError("served-check needs --url: the server's base URL, e.g. http://127.0.0.1:8000/v1")
     scfg = flag_section(args, ServedConfig, "served", model=args.served_model)   # its flags: config_flags
-    got = check_against_local(scfg, args.teacher, args.data, args.rows, args.seq_len, progress=not args.no_progress)
+    seq_len = flag_section(args, DataConfig, "data", path=args.data).seq_len
+    got = check_against_local(scfg, args.teacher, args.data, args.rows, seq_len, progress=not args.no_progress)
     print(json.dumps(got, indent=1) if args.json else check_table(got))
     return 0
 

@@ -318,3 +318,26 @@ def test_generated_conversations_train_as_sequence_level_kd(tmp_path, teacher_di
     r = run_cli("distill", "hard", *tiny_overrides(teacher_dir, data, tmp_path / "o"), "loss.alpha=0",
                 "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("verb, section, fields", [
+    ("eval", "DataConfig", ("seq_len", "skip_bad_rows")),
+    ("eval", "EvalConfig", ("batch_size", "max_batches", "max_new_tokens", "gen_tokens", "gen_prompts")),
+    ("compare", "DataConfig", ("seq_len",)),
+    ("served-check", "DataConfig", ("seq_len",)),
+    ("served-check", "ServedConfig", ("url", "api", "top_k", "concurrency")),
+    ("generate", "GenerateConfig", ("max_new_tokens", "batch_size")),
+])
+def test_a_flag_style_verbs_flags_say_what_the_config_says(verb, section, fields):
+    """A flag that sets a config key takes its help from that key's docstring (one text, in
+    config.py) and its limits from the section: the parser's help is the field's description."""
+    import stillroom.config as config
+    from stillroom.cli import parser
+
+    sub = next(a for a in parser()._actions if a.dest == "command").choices[verb]
+    by_dest = {a.dest: a for a in sub._actions}
+    cls = getattr(config, section)
+    for name in fields:
+        text = " ".join((cls.model_fields[name].description or "").split())
+        assert text and name in by_dest, (verb, name)
+        assert by_dest[name].help in (text, f"off: {text[0].lower() + text[1:]}"), (verb, name, by_dest[name].help)
