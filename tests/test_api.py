@@ -15,7 +15,7 @@ from stillroom.data.render import render_chat
 from stillroom.losses import topk_targets
 from stillroom.models import core as models
 from stillroom.teachers.api import _pieces, build_from_logprobs
-from stillroom.teachers.cache import TeacherCache, positions
+from stillroom.teachers.cache import TeacherCache, positions, summary
 
 from conftest import CORPUS, reply_chat_completion, run_cli, tiny_overrides
 
@@ -41,6 +41,34 @@ def endpoint_rows(teacher, tok, K=5):
     return rows
 
 
+@pytest.mark.parametrize("dtype", ["float16", "packed"])
+def test_a_logprobs_cache_is_stored_as_cache_dtype_says(tmp_path, teacher_dir, dtype):
+    """cache.dtype holds for a cache built from an API's logprobs too (it was always float32):
+    the same listed tokens, the top-1 exact, the tail to rounding, and fewer bytes than float32."""
+    t = models.load(str(teacher_dir))
+    data = tmp_path / "api.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in endpoint_rows(t.model, t.tokenizer)))
+    caches = {}
+    for d in ("float32", dtype):
+        cfg = load_config(None, [f"teacher.model={teacher_dir}", f"data.path={data}", "data.seq_len=256",
+                                 f"cache.path={tmp_path / d}", "cache.source=logprobs", "cache.top_k=8",
+                                 f"cache.dtype={d}"])
+        assert build_from_logprobs(cfg, t.tokenizer, progress=False)["dtype"] == d
+        caches[d] = TeacherCache(tmp_path / d)
+    a, b = caches["float32"], caches[dtype]
+    for sid in a.where:
+        ids, lp, tail, label = a.read(sid)
+        pids, plp, ptail, plabel = b.read(sid)
+        listed, plisted = torch.isfinite(lp), torch.isfinite(plp)
+        assert torch.equal(listed.sum(1), plisted.sum(1))
+        for r in range(len(ids)):
+            assert set(ids[r][listed[r]].tolist()) == set(pids[r][plisted[r]].tolist())
+        top = lp.argmax(1, keepdim=True)
+        assert torch.equal(ids.long().gather(1, top), pids.long().gather(1, plp.argmax(1, keepdim=True)))
+        torch.testing.assert_close(ptail.float(), tail.float(), rtol=1e-2, atol=1e-2)
+    assert summary(tmp_path / dtype)["bytes_per_token"] < summary(tmp_path / "float32")["bytes_per_token"]
+
+
 def test_logprobs_rows_become_a_cache_on_the_students_tokens(tmp_path, teacher_dir):
     t = models.load(str(teacher_dir))
     rows = endpoint_rows(t.model, t.tokenizer)
@@ -48,7 +76,8 @@ def test_logprobs_rows_become_a_cache_on_the_students_tokens(tmp_path, teacher_d
     data = tmp_path / "api.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(None, [f"teacher.model={teacher_dir}", f"data.path={data}", "data.seq_len=256",
-                             f"cache.path={tmp_path / 'c'}", "cache.source=logprobs", "cache.top_k=8"])
+                             f"cache.path={tmp_path / 'c'}", "cache.source=logprobs", "cache.top_k=8",
+                             "cache.dtype=float32"])   # exact values: the alignment is what this checks
     index = build_from_logprobs(cfg, t.tokenizer, progress=False)
     assert index["logprobs"]["rows"] == 6 and index["logprobs"]["aligned"] == 5
     cache = TeacherCache(tmp_path / "c")

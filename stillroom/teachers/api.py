@@ -198,7 +198,7 @@ def build_from_logprobs(cfg, tok, model_config=None, overwrite=False, progress=T
     from stillroom.teachers.cache import ShardWriter, positions, sample_id, start_import, write_json
 
     out, k = Path(cfg.cache.path), cfg.cache.top_k
-    index = start_import(cfg, tok, model_config, overwrite, f"logprobs in {cfg.data.path}", "float32")
+    index = start_import(cfg, tok, model_config, overwrite, f"logprobs in {cfg.data.path}", cfg.cache.dtype)
     writer, stats, done = ShardWriter(out, index, cfg.cache.shard_rows), {}, set()
     for e, targets, stats in tqdm(rows_from_logprobs(cfg.data.path, tok, cfg.data.seq_len, k),
                                   desc="logprobs -> cache", unit="row", disable=not progress):
