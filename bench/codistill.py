@@ -8,6 +8,11 @@ of their ensemble (mean of the two distributions), top-1 agreement between the p
 arm's wall time (ratio only: this machine is noisy).
 
     .venv/bin/python bench/codistill.py [--steps 300] [--seeds 3] [--knobs burn_in=150,confidence=true]
+                                        [--mode weights]
+
+--mode predictions|weights runs the co-distilled arm as Anil et al.'s online distillation: two
+processes (launched by Accelerate), one peer each on its own shard of the data, at the same steps,
+batch and tokens per peer as the independent arm.
 
 Per seed (3 by default: the peers' init and the data order), each peer co-distilled against the
 same peer trained alone on the same loss minus the peer term (here CE alone): the ratios, and in how
@@ -41,7 +46,7 @@ def run(arm: str, alpha: float, args, out: Path, seed: int = 0) -> dict:
         "teacher": {"model": "smollm2-135m"},
         "peers": [{"name": "a", "init": "config", "num_layers": 4, "hidden_size": 256, "num_heads": 4},
                   {"name": "b", "init": "config", "num_layers": 2, "hidden_size": 256, "num_heads": 4}],
-        "codistill": {"mode": "mutual", **(args.knobs if arm == "mutual" else {})},
+        "codistill": {"mode": args.mode if arm == "mutual" else "mutual", **(args.knobs if arm == "mutual" else {})},
         "data": {"path": str(args.data), "seq_len": args.seq_len, "eval_fraction": 0.05},
         "loss": {"kind": "soft", "alpha": alpha, "temperature": 1.0},
         "train": {"output_dir": str(out / f"{arm}-{seed}"), "max_steps": args.steps, "batch_size": args.batch_size,
@@ -49,10 +54,33 @@ def run(arm: str, alpha: float, args, out: Path, seed: int = 0) -> dict:
         "eval": {"batch_size": 8, "gen_prompts": 1, "gen_tokens": 8},
     })
     t0 = time.perf_counter()
-    result = codistill(cfg, overwrite=True, progress=False)
+    if arm == "mutual" and args.mode != "mutual":   # one peer per process: launched, as a user would
+        result = launched(cfg, out / f"{arm}-{seed}.yaml")
+    else:
+        result = codistill(cfg, overwrite=True, progress=False)
     result["wall_s"] = time.perf_counter() - t0
     print(f"{arm} seed {seed}: done", flush=True)
     return result
+
+
+def launched(cfg, path: Path) -> dict:
+    """`stillroom codistill` in two processes (codistill.mode predictions or weights: one peer
+    each, on its own shard of the data), launched by Accelerate on the CPU (gloo, one thread a
+    process) -> the run's metrics.json."""
+    import os
+    import subprocess
+
+    from stillroom.recipes import to_yaml
+
+    path.write_text(to_yaml(cfg))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--dynamo_backend", "no", "-m", "stillroom", "codistill", str(path),
+           "--overwrite", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1",
+                                                                     CUDA_VISIBLE_DEVICES=""))
+    if r.returncode != 0:
+        sys.exit(f"the launched run failed:\n{r.stderr[-3000:]}")
+    return json.loads((Path(cfg.train.output_dir) / "final" / "metrics.json").read_text())
 
 
 def main():
@@ -65,6 +93,9 @@ def main():
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seeds", type=int, default=3, help="seeds (each: both peers' init and the data order)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--mode", default="mutual", choices=["mutual", "predictions", "weights"],
+                   help="the co-distilled arm's codistill.mode: mutual in one process (DML), or Anil et al.'s "
+                        "online distillation in two processes, one peer each on its own data shard")
     p.add_argument("--knobs", default="", type=lambda x: {k: yaml.safe_load(v) for k, v in
                                                          (kv.split("=", 1) for kv in x.split(",") if kv)},
                    help="codistill settings of the mutual arm, e.g. burn_in=150,confidence=true")
@@ -82,8 +113,9 @@ def main():
             ("ensemble perplexity", "ensemble after")]
     held = runs[0]["mutual"]["held_out_tokens"]
     print(f"\ndata {args.data.name}; {args.steps} steps x {args.batch_size} x {args.seq_len} tokens; "
-          f"alpha {args.alpha}, T 1; held-out {held:,} tokens; peers from scratch, same init and batches per seed; "
-          f"mutual arm's codistill settings: {args.knobs or 'the defaults'}")
+          f"alpha {args.alpha}, T 1; held-out {held:,} tokens; peers from scratch, same init per seed, "
+          f"{'same batches' if args.mode == 'mutual' else 'the co-distilled peers each on its own shard'}; "
+          f"mutual arm: codistill.mode={args.mode}, settings {args.knobs or 'the defaults'}")
     print(f"{'':32}{'seed':>6}{'independent':>14}{'mutual':>14}{'mutual/indep':>14}")
     for label, key in rows:
         for seed, arms in enumerate(runs):
@@ -106,7 +138,9 @@ def main():
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import results
-    knobs = any(a == "--knobs" or a.startswith("--knobs=") for a in sys.argv)   # its own section: the plain one stays
-    results.main(main, "codistill-knobs" if knobs else "codistill",
-                 "Co-distillation from scratch with the codistill knobs, against the fair control (bench/codistill.py)"
-                 if knobs else "Co-distillation against the fair control (bench/codistill.py)")
+    # a run with --knobs or another --mode writes its own section: the plain DML one stays
+    knobs = any(a == "--knobs" or a.startswith("--knobs=") for a in sys.argv)
+    mode = next((m for m in ("predictions", "weights") if m in sys.argv or f"--mode={m}" in sys.argv), None)
+    name = "codistill" + (f"-{mode}" if mode else "") + ("-knobs" if knobs else "")
+    results.main(main, name, "Co-distillation against the fair control (bench/codistill.py"
+                 + (f", mode {mode}" if mode else "") + (", with knobs" if knobs else "") + ")")
