@@ -157,7 +157,7 @@ def test_a_killed_build_is_never_used(sources, tmp_path):
     code = ("import sys; sys.path.insert(0, %r)\n"
             "from conftest import make_tokenizer\n"
             "from stillroom.data import store\n"
-            "from stillroom.config import Config, load_config\n"
+            "from stillroom.config import Config\nfrom stillroom.recipes import load_config\n"
             "cfg = load_config(None, ['data.path=%s', 'data.seq_len=48'], Config)\n"
             "train, held = store.load_data(cfg, make_tokenizer())\n"
             "print(len(train), len(held))\n") % (str(HERE), path)
@@ -331,7 +331,7 @@ def test_a_killed_build_leaves_no_worker_holding_its_lock(tmp_path):
     code = ("import sys, time; sys.path.insert(0, %r)\n"
             "from conftest import make_tokenizer\n"
             "from stillroom.data import store, store_build\n"
-            "from stillroom.config import Config, load_config\n"
+            "from stillroom.config import Config\nfrom stillroom.recipes import load_config\n"
             "store_build.SHARD_BYTES = 2500\n"
             "real = store_build._tokenize_shard\n"
             "def slow(job):\n"
