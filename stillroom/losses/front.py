@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from stillroom.losses.core import Head, _linear
-from stillroom.losses.general import TEACHER_TERMS, general_loss
+from stillroom.losses.general import check_terms, general_loss
 from stillroom.losses.kernel import linear_mixed_loss, mixed_loss
 
 
@@ -67,14 +67,6 @@ def _as_targets(targets) -> list:
     return list(targets)
 
 
-def _check_terms(terms: dict):
-    for name, w in terms.items():
-        if name != "ce" and name not in TEACHER_TERMS:
-            raise ValueError(f"unknown loss term {name!r}: use ce, hard or one of {sorted(TEACHER_TERMS[:-1])}")
-        if w < 0:
-            raise ValueError(f"term weights must be >= 0, got {name}={w}")
-
-
 def distill_loss(student, targets, labels, terms: dict, temperature=1.0, *, beta=0.5, token_weight="none",
                  kd_scale=1.0, parts: dict | None = None, chunk=None, dtype=None, inplace_grad=False,
                  compiled=False):
@@ -89,7 +81,7 @@ def distill_loss(student, targets, labels, terms: dict, temperature=1.0, *, beta
     gradient into the student's logits (a training step that does not read them again). compiled:
     run the kernel's chunks through torch.compile where it covers them.
     """
-    _check_terms(terms)
+    check_terms(terms)
     targets = _as_targets(targets)
     mixture = any(isinstance(t, Mixture) for t, _ in targets)
     if kd_scale == 1.0 and parts is None and kernel_fits(terms, mixture, token_weight):

@@ -109,6 +109,15 @@ def mixture_logp(parts) -> torch.Tensor:
 TEACHER_TERMS = (*DIVERGENCES, "hard")
 
 
+def check_terms(terms: dict):
+    """A loss spec's names and weights: ce, hard or a divergence, each weight >= 0."""
+    for name, w in terms.items():
+        if name != "ce" and name not in TEACHER_TERMS:
+            raise ValueError(f"unknown loss term {name!r}: use ce, hard or one of {sorted(DIVERGENCES)}")
+        if w < 0:
+            raise ValueError(f"term weights must be >= 0, got {name}={w}")
+
+
 def general_loss(student_logits, teachers, labels, terms: dict, temperature=1.0, beta=0.5,
                  token_weight="none", kd_scale=1.0, parts: dict | None = None, chunk=None):
     """sum_term w_term * term, summed over positions with a label, where the terms are
@@ -124,11 +133,7 @@ def general_loss(student_logits, teachers, labels, terms: dict, temperature=1.0,
     term, detached: what automatic balancing reads."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    for name, w in terms.items():
-        if name != "ce" and name not in TEACHER_TERMS:
-            raise ValueError(f"unknown loss term {name!r}: use ce, hard or one of {sorted(DIVERGENCES)}")
-        if w < 0:
-            raise ValueError(f"term weights must be >= 0, got {name}={w}")
+    check_terms(terms)
     teacher_terms = {n: w for n, w in terms.items() if n != "ce" and w}
     if teacher_terms and not teachers:
         raise ValueError(f"terms {sorted(teacher_terms)} need a teacher")

@@ -393,11 +393,11 @@ class Tokens:
         cross = across_tokenizers(cfg)
         self.data = s_tok if cross else t_tok          # the tokenizer the run's data is read with
         self.teacher_own = t_tok if cross else None    # the teacher's own tokens in the evaluation, or None
-        self.token_by_token = not cross                # can the student be compared with the teacher per token?
 
     def reference(self, source):
-        """What the student is compared with token by token: the teacher's eval source, or None."""
-        return source if self.token_by_token else None
+        """What the student is compared with token by token: the teacher's eval source, or None
+        across tokenizers (no shared tokens to compare)."""
+        return source if self.teacher_own is None else None
 
 
 def shared_width(cfg, teacher, t_tok, student, s_tok) -> int | None:

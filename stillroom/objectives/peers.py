@@ -50,6 +50,11 @@ def term_weights(cfg, share: float, n_peers: int):
     return w_peers / max(n_peers, 1), alpha * tw, 1 - alpha * tw - w_peers
 
 
+def kd_term(cfg) -> str:
+    """The peer and teacher terms' name: CE against the argmax (loss.kind hard) or forward KL."""
+    return "hard" if cfg.loss.kind == "hard" else "forward_kl"
+
+
 def peer_loss(s, others, labels, t_logits, cfg, share, inplace):
     """One peer's loss sum on one batch: mutual_loss's terms at `peer_share`'s share of the peer
     weight (only CE, + the teacher, during burn-in). With codistill.confidence each peer's term is
@@ -58,7 +63,7 @@ def peer_loss(s, others, labels, t_logits, cfg, share, inplace):
     w_peer, w_t, w_ce = term_weights(cfg, share, len(others))
     peers = [(o, w_peer) for o in others] if w_peer > 0 else []
     teacher = [(t_logits, w_t)] if w_t > 0 else []
-    term = "hard" if lc.kind == "hard" else "forward_kl"
+    term = kd_term(cfg)
     if not (cc.confidence and peers):
         return distill_loss(s, peers + teacher, labels, {term: 1.0, "ce": w_ce}, lc.temperature,
                             chunk=lc.chunk_rows, inplace_grad=inplace)
@@ -94,8 +99,7 @@ class Peers:
 
     @property
     def term(self) -> str:
-        """The peer and teacher terms' name (loss.kind)."""
-        return "hard" if self.cfg.loss.kind == "hard" else "forward_kl"
+        return kd_term(self.cfg)
 
     def plan(self, step: int) -> PeerPlan:
         return PeerPlan(step, peer_share(step, self.cfg.codistill) if self.cfg.loss.alpha > 0 else 0.0)
