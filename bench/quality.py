@@ -101,7 +101,7 @@ def prepare(args, work: Path, arms: list[str]):
     from stillroom.config import Config, StudentConfig
     from stillroom.recipes import load_config
     from stillroom.models import core as models
-    from stillroom.run.distill import build_cache
+    from stillroom.run.cache import build_cache
     from stillroom.teachers.generate import LocalTeacher, generate_file, read_prompts
 
     rows = [json.loads(x) for x in ALPACA.read_text().splitlines() if x.strip()]

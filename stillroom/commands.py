@@ -157,7 +157,7 @@ def _export_capture(cfg, args) -> int:
 
 
 def _build_cache(cfg, args) -> int:
-    from stillroom.run.distill import build_cache
+    from stillroom.run.cache import build_cache
 
     s = build_cache(cfg, args.overwrite, not args.no_progress)
     if s is None:   # another process of a launch: the main one says what was built

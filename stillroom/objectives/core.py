@@ -399,6 +399,15 @@ class Tokens:
         across tokenizers (no shared tokens to compare)."""
         return source if self.teacher_own is None else None
 
+    @staticmethod
+    def stage_teacher(cfg, distilled):
+        """The teacher config of a later stage (the fine-tune after distillation), which compares the
+        student with it token by token: the run's teacher, or across tokenizers the distilled student
+        itself (the only reference that reads the student's tokens)."""
+        if across_tokenizers(cfg):
+            return type(cfg.teacher)(model=str(distilled))
+        return type(cfg.teacher)(model=cfg.teacher.model, dtype=cfg.teacher.dtype)
+
 
 def shared_width(cfg, teacher, t_tok, student, s_tok) -> int | None:
     """The logit width the student and the teacher (`teacher`: its width() answer) share, its

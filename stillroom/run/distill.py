@@ -4,13 +4,12 @@ and the devices) on the one loop (run/loop.py: one optimizer step, its normaliza
 distill loads the teacher (live or its cache: teachers/core.py, whose objects answer the run's
 questions about themselves) and builds the student; run_distill checks them against each other
 and the data, builds the objective (objectives/core.py), evaluates before, trains (train_student),
-evaluates after and publishes final/. The two-stage fine-tune and `stillroom cache` live here too.
+evaluates after and publishes final/. The two-stage fine-tune lives here too (`stillroom cache`: cache.py).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -272,17 +271,13 @@ def train_student(s: Session, cfg, student, teacher, objective, train, held, voc
 def finetune_stage(cfg, out: Path, distilled: Path, resume: bool, progress: bool) -> dict:
     """Multi-stage: the distilled student fine-tuned on labelled data with CE alone, into
     <out>/finetune (its own checkpoints, metrics and final/). The teacher stays the reference in
-    the table (a cross-tokenizer run compares with the distilled student instead)."""
+    the table (a cross-tokenizer run compares with the distilled student instead: Tokens.stage_teacher)."""
     from stillroom.config import LossConfig, StudentConfig
 
     ft = cfg.finetune
-    cross = cfg.loss.cross_tokenizer != "none"
     sub = cfg.model_copy(deep=True)
     sub.finetune = None
-    if cross:
-        sub.teacher = type(cfg.teacher)(model=str(distilled))
-    else:
-        sub.teacher = type(cfg.teacher)(model=cfg.teacher.model, dtype=cfg.teacher.dtype)
+    sub.teacher = Tokens.stage_teacher(cfg, distilled)
     sub.student = StudentConfig(init="pretrained", model=str(distilled))
     sub.data = cfg.data.model_copy(update={"path": ft.data, "eval_path": None})
     sub.loss = LossConfig(alpha=0.0, lean=cfg.loss.lean, chunk_rows=cfg.loss.chunk_rows)
@@ -292,57 +287,3 @@ def finetune_stage(cfg, out: Path, distilled: Path, resume: bool, progress: bool
     log.info("stage 2: fine-tuning %s on %s for %d steps", distilled, ft.data, ft.max_steps)
     again = resume and bool(checkpoints(out / "finetune"))
     return distill(sub, overwrite=not again, resume=again, progress=progress)
-
-
-def build_cache(cfg, overwrite: bool, progress: bool) -> dict | None:
-    """`stillroom cache`: the teacher's top-k over the config's data (cache.source=logprobs: from an
-    API's logprobs file, no teacher run) -> the cache's summary; None on a launch's other processes."""
-    from types import SimpleNamespace
-
-    from stillroom.run.tracking import launch_state
-    from stillroom.teachers.cache import build, existing, summary
-
-    if cfg.cache.source in ("logprobs", "vllm", "axolotl", "distillkit"):   # the teacher's tokenizer and config only
-        from transformers import AutoConfig
-
-        from stillroom.teachers.api import build_from_logprobs
-        from stillroom.teachers.captures import import_capture
-
-        if not cfg.data.path:
-            raise UserError(f"cache.source={cfg.cache.source} reads data.path: " + (
-                "the JSONL that `stillroom generate --api ... --top-logprobs K` wrote" if cfg.cache.source == "logprobs"
-                else "a vLLM capture (JSONL rows of prompt_token_ids and prompt_logprobs)" if cfg.cache.source == "vllm"
-                else "an axolotl KD dataset (JSONL rows of input_ids and logprobs)" if cfg.cache.source == "axolotl"
-                else "a DistillKit capture (a folder of data_*.parquet and compression_config.yaml)"))
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UserError(f"cache.source={cfg.cache.source} only reads a file (no teacher runs): run it as one "
-                            "process, without accelerate launch")
-        kind, where = models.resolve(cfg.teacher.model)
-        build = build_from_logprobs if cfg.cache.source == "logprobs" else import_capture
-        build(cfg, models.load_tokenizer(cfg.teacher.model), AutoConfig.from_pretrained(where), overwrite, progress)
-        return summary(cfg.cache.path)
-    state, device = launch_state()
-    if cfg.teacher.kind == "served":   # the server scores the text: only the tokenizer and config here
-        from stillroom.teachers.core import served_teacher
-
-        loaded, scorer = served_teacher(cfg.teacher)
-        check_context(cfg, loaded.config)
-        scorer.check(loaded.tokenizer, scorer.width)   # every process: each settles the shape it speaks
-        if state is None or state.is_main_process:
-            existing(cfg, scorer, loaded.tokenizer, overwrite, skip=("data",))
-        cfg, train, held = prepare_data(cfg, loaded, state or SimpleNamespace(is_main_process=True, num_processes=1))
-        try:
-            build(cfg, train + held, scorer, loaded.tokenizer, overwrite=overwrite, progress=progress, state=state,
-                  config=loaded.config)
-        finally:
-            scorer.close()
-        return summary(cfg.cache.path) if state is None or state.is_main_process else None
-    teacher = models.load(cfg.teacher.model, dtype=running.teacher_dtype(cfg.teacher.dtype, device))
-    check_context(cfg, teacher.model.config)
-    running.set_teacher_attention(teacher.model, cfg.teacher.attention, device, cfg.data.seq_len)
-    if state is None or state.is_main_process:   # before any data work
-        existing(cfg, teacher.model, teacher.tokenizer, overwrite, skip=("data",))
-    cfg, train, held = prepare_data(cfg, teacher, state or SimpleNamespace(is_main_process=True, num_processes=1))
-    teacher.model.to(device)
-    build(cfg, train + held, teacher.model, teacher.tokenizer, overwrite=overwrite, progress=progress, state=state)
-    return summary(cfg.cache.path) if state is None or state.is_main_process else None
