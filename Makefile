@@ -41,7 +41,7 @@ $(VENV)/.api-server: $(VENV)/.installed
 	touch $@
 
 test-api: $(VENV)/.api-server
-	$(PY) -m pytest -q tests/test_api.py tests/test_export.py tests/test_compare.py
+	$(PY) -m pytest -q tests/teachers/test_api.py tests/deploy/test_export.py tests/deploy/test_compare.py
 
 bench: setup
 	$(PIP) install -q -e '.[bench]'

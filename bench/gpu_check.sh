@@ -501,9 +501,9 @@ tests_part() {
   # in-process runs use it, CPU facts are skipped). Left out for time: the two-process tests (gloo on
   # the CPU whatever the target) and the step tests built on Accelerator(cpu=True) (CPU by design;
   # the loss part checks the same numerics on the GPU).
-  local sel=${GPU_CHECK_TESTS:-"tests/test_losses.py tests/test_lean.py tests/test_divergences.py tests/test_methods_losses.py tests/test_host_syncs.py tests/test_devices.py tests/test_cache.py tests/test_train.py tests/test_determinism.py tests/test_generate.py"}
+  local sel=${GPU_CHECK_TESTS:-"tests/losses/test_losses.py tests/losses/test_lean.py tests/losses/test_divergences.py tests/objectives/test_methods_losses.py tests/losses/test_host_syncs.py tests/run/test_devices.py tests/teachers/test_cache.py tests/run/test_train.py tests/run/test_determinism.py tests/teachers/test_generate.py"}
   local skip="not two_process and not two_processes and not four_micro and not lean_step_equals and not compiled_loss_step"
-  [[ $MODE == cpu ]] && sel=${GPU_CHECK_TESTS:-"tests/test_host_syncs.py tests/test_devices.py tests/test_cache.py::test_mismatched_cache_is_refused"}
+  [[ $MODE == cpu ]] && sel=${GPU_CHECK_TESTS:-"tests/losses/test_host_syncs.py tests/run/test_devices.py tests/teachers/test_cache.py::test_mismatched_cache_is_refused"}
   # shellcheck disable=SC2086
   STILLROOM_TEST_DEVICE=$DEV "$PY" -m pytest -p no:cacheprovider -v -rfE --durations=10 -k "$skip" $sel
   local rc=$?

@@ -1,4 +1,4 @@
-"""Worker for test_codistill.py: the cross-process pieces of co-distillation under `accelerate launch`.
+"""Worker for tests/run/test_codistill.py: the cross-process pieces of co-distillation under `accelerate launch`.
 
 Usage: accelerate launch --multi_gpu --num_processes 2 tests/codistill_worker.py TEACHER_DIR DATA OUT TOP_K
 Rank r writes OUT.r.pt with its peer's gradient after one predictions-mode step, and the copies of

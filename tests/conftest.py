@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+HERE = Path(__file__).resolve().parent   # tests/: the workers and the zygote live here
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -212,3 +215,129 @@ def reply_chat_completion(handler, content: str):
     handler.send_header("Content-Length", str(len(body)))
     handler.end_headers()
     handler.wfile.write(body)
+
+
+# ------------------------------------------------------------ helpers the test modules share
+
+
+# the lines of a slow phase (feedback.phase) that may precede a one-line error
+PHASE = re.compile(r"stillroom: .* \.\.\.$|stillroom: .*: done in [\d.]+ s$")
+
+
+def assert_user_error(r, pattern):
+    """Exit 2 and one error line, the last; before it, at most the lines of phases that ran long
+    enough to say what they were doing (feedback.phase: a slow machine may show them)."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [x for x in r.stderr.strip().splitlines() if not PHASE.match(x)]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("stillroom: error: "), lines
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def distill_tiny(teacher_dir, data, out, *extra, resume=False, overwrite=False):
+    """`distill` in this process on the tiny models (tiny_overrides), extra dotted overrides after them."""
+    from stillroom.recipes import load_config
+    from stillroom.run.distill import distill
+
+    cfg = load_config(None, tiny_overrides(teacher_dir, data, out) + list(extra))
+    return distill(cfg, overwrite=overwrite, resume=resume, progress=False)
+
+
+def failure(stderr):
+    """What a failed launch said: each process's own last lines first (the root cause is often on a
+    process whose traceback the launcher's closing report pushes out of a plain tail), then the tail."""
+    by_rank = {}
+    for ln in stderr.splitlines():
+        if ln.startswith("[rank") and "]:" in ln:
+            by_rank.setdefault(ln.split("]:")[0], []).append(ln)
+    return "\n".join(ln for lines in by_rank.values() for ln in lines[-15:]) + "\n...\n" + stderr[-3000:]
+
+
+def launch(n, *args, env=None, check=True, timeout=600):
+    """`accelerate launch` of n CPU processes (gloo) running ARGS (a script and its arguments);
+    tests/ is on their PYTHONPATH. check: the launch must succeed (its failure() in the message)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *map(str, args)]
+    # gloo on the CPU, whatever the suite targets: two processes on one GPU machine would ask for cuda:1
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               CUDA_VISIBLE_DEVICES="", **(env or {}))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if check:
+        assert r.returncode == 0, failure(r.stderr)
+    return r
+
+
+def peer_weights(out, name):
+    """A co-distillation run's final weights of one peer."""
+    from safetensors.torch import load_file
+
+    return load_file(Path(out) / "final" / name / "model.safetensors")
+
+
+def write_config(path, teacher_dir, data, out, **sections):
+    """A tiny two-peer config: peer a = 2 of the teacher's layers, peer b = a fresh 2-layer model."""
+    import yaml
+
+    cfg = {
+        "teacher": {"model": str(teacher_dir)},
+        "peers": [{"name": "a", "init": "from_teacher", "num_layers": 2},
+                  {"name": "b", "init": "config", "num_layers": 2, "hidden_size": 32, "num_heads": 4}],
+        "data": {"path": str(data), "seq_len": 64},
+        "loss": {"alpha": 0.5},
+        "train": {"output_dir": str(out), "max_steps": 3, "batch_size": 4, "log_every": 1, "lr": 3e-3,
+                  "warmup_steps": 1},
+        "eval": {"gen_tokens": 4, "gen_prompts": 1},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def make_cache(teacher_dir, data, cache_dir, *extra):
+    """A top-k cache of the tiny teacher over `data` (cfg_for's config) -> (cfg, teacher, train, held)."""
+    from stillroom.data.store import load_data
+    from stillroom.models import core as models
+    from stillroom.teachers.cache import build
+
+    cfg = cfg_for(teacher_dir, data, cache_dir, *extra)
+    teacher = models.load(str(teacher_dir))
+    train, held = load_data(cfg, teacher.tokenizer)
+    build(cfg, train + held, teacher.model, teacher.tokenizer, progress=False)
+    return cfg, teacher, train, held
+
+
+def cfg_for(teacher_dir, data, cache_dir, *extra):
+    """A config that caches the tiny teacher's top-k over `data` into cache_dir."""
+    from stillroom.recipes import load_config
+
+    over = [f"teacher.model={teacher_dir}", f"data.path={data}", "data.seq_len=64", f"cache.path={cache_dir}",
+            "cache.batch_size=3", "loss.temperature=2.0", *extra]
+    return load_config(None, over)
+
+
+def logits(*shape, seed=0, scale=3.0):
+    """Random logits of `shape` that require grad (scale: their spread)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).requires_grad_(True)
+
+
+def ref_forward_kl(s, t, mask, T):
+    """Plain autograd reference: sum over mask of T^2 * sum_v p (log p - log q)."""
+    log_q = torch.log_softmax(s.double() / T, -1)
+    log_p = torch.log_softmax(t.double() / T, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return (T * T * kl * mask).sum()
+
+
+def kd_inputs(seed=0, B=2, S=5, V=11):
+    """Student logits, teacher logits and labels (the first two of row 0 ignored) for loss tests."""
+    from stillroom.losses import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, S, V, generator=g) * 2
+    t = torch.randn(B, S, V, generator=g) * 2
+    y = torch.randint(0, V, (B, S), generator=g)
+    y[0, :2] = IGNORE_INDEX
+    return s, t, y

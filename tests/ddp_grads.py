@@ -1,4 +1,4 @@
-"""Worker for test_train.py: one optimizer step's gradient under `accelerate launch`.
+"""Worker for tests/run/test_train.py: one optimizer step's gradient under `accelerate launch`.
 
 Usage: accelerate launch --num_processes N tests/ddp_grads.py TEACHER_DIR DATA OUT.pt GRAD_ACCUM
 Rank 0 writes the student's gradients (after DDP's all-reduce) to OUT.pt.

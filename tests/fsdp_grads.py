@@ -1,4 +1,4 @@
-"""Worker for test_shard.py: the gradients of step 1 of real distill runs, one per objective.
+"""Worker for tests/run/test_shard.py: the gradients of step 1 of real distill runs, one per objective.
 
 Usage: [accelerate launch --num_processes 2] tests/fsdp_grads.py TEACHER_DIR DATA OUT_DIR SHARD GRAD_ACCUM
 Each objective's run goes through `stillroom.run.distill.distill` up to its first step (the loop,

@@ -1,4 +1,4 @@
-"""Worker for test_grads.py (2 gloo processes): run/grads.py's Reducer against average_grads.
+"""Worker for tests/run/test_grads.py (2 gloo processes): run/grads.py's Reducer against average_grads.
 
 Usage: torchrun --nproc_per_node 2 tests/grads_worker.py OUT
 A chain of linear layers (the first one's weight finishes last in the backward, like a decoder's

@@ -1,4 +1,4 @@
-"""Worker for test_shard.py: teacher.shard's loading (run/shard.py's load_teacher) under 2 gloo
+"""Worker for tests/run/test_shard.py: teacher.shard's loading (run/shard.py's load_teacher) under 2 gloo
 processes, with spies on every way weights are read.
 
 Usage: torchrun --nproc_per_node 2 tests/shard_load.py TEACHER_DIR OUT [BLOCK]

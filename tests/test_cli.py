@@ -8,21 +8,7 @@ import pytest
 from stillroom.config import CodistillRunConfig, Config
 from stillroom.recipes import RECIPES, load_config
 
-from conftest import make_model, make_tokenizer, run_cli, save, tiny_overrides
-
-
-PHASE = re.compile(r"stillroom: .* \.\.\.$|stillroom: .*: done in [\d.]+ s$")
-
-
-def assert_user_error(r, pattern):
-    """Exit 2 and one error line, the last; before it, at most the lines of phases that ran long
-    enough to say what they were doing (feedback.phase: a slow machine may show them)."""
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [x for x in r.stderr.strip().splitlines() if not PHASE.match(x)]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("stillroom: error: "), lines
-    assert re.search(pattern, lines[0]), lines[0]
+from conftest import assert_user_error, make_model, make_tokenizer, run_cli, save, tiny_overrides
 
 
 def test_version_and_print_config():
@@ -137,7 +123,7 @@ def check_golden(recipe: str, got: dict):
 @pytest.mark.parametrize("recipe", RECIPE_NAMES)
 def test_every_recipe_runs_a_few_steps(tmp_path, teacher_dir, chat_file, recipe):
     """Each recipe runs on the tiny models and ends with its golden weights, files and log keys."""
-    from test_train import launch
+    from conftest import launch
 
     out = tmp_path / recipe
     command, distributed = recipe_command(recipe)
@@ -214,7 +200,7 @@ def test_a_teacher_attention_this_install_cannot_run_is_one_line(tmp_path, teach
     cases = [("distill", *tiny, "teacher.attention=flash_attention_2"),
              ("distill", *tiny, "teacher.mix=[{name: two, model: " + str(teacher_dir) + ", attention: flash_attention_2}]"),
              ("cache", f"teacher.model={teacher_dir}", f"data.path={text_file}", "data.seq_len=64",
-              f"cache.path={out}", "teacher.attention=flash_attention_2")]   # codistill: test_codistill.py
+              f"cache.path={out}", "teacher.attention=flash_attention_2")]   # codistill: run/test_codistill.py
     for args in cases:
         assert_user_error(run_cli(*args), want)
         assert not out.exists(), args

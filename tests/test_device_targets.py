@@ -12,8 +12,9 @@ import pytest
 import torch
 
 HERE = Path(__file__).parent
-ON_DEVICE = ["test_losses.py", "test_lean.py", "test_divergences.py", "test_methods_losses.py", "test_host_syncs.py"]
-CPU_FACT = "test_train.py::test_a_run_gives_the_teacher_eager_attention_on_a_cpu_and_the_student_its_own"
+ON_DEVICE = ["losses/test_losses.py", "losses/test_lean.py", "losses/test_divergences.py",
+             "objectives/test_methods_losses.py", "losses/test_host_syncs.py"]
+CPU_FACT = "run/test_train.py::test_a_run_gives_the_teacher_eager_attention_on_a_cpu_and_the_student_its_own"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a dry run for a machine without CUDA")

@@ -10,7 +10,7 @@ what to minimize; this module picks the engine that computes it:
 - the general chunked engine (`general.py`) otherwise: a `Mixture` of teachers, several teacher
   terms, per-token weights, `kd_scale`, the raw sum of each term (`parts`).
 
-Both give the same values and gradients where both apply (tests/test_front.py pins it), so the
+Both give the same values and gradients where both apply (tests/losses/test_front.py pins it), so the
 choice is about speed and memory only. Objectives never name an engine.
 
 Each target j with weight w_j adds sum_term terms[term] * w_j * term(target_j); CE is counted once.

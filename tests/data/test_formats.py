@@ -10,8 +10,7 @@ from stillroom.data.examples import build_examples
 from stillroom.errors import UserError
 from stillroom.teachers.generate import generate_file, read_prompts
 
-from conftest import run_cli, tiny_overrides
-from test_cli import assert_user_error
+from conftest import assert_user_error, run_cli, tiny_overrides
 
 PROMPT, ANSWER = "Add two and three.", "Two and three make five."
 

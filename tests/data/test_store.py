@@ -17,7 +17,7 @@ from stillroom.errors import UserError
 
 from conftest import CORPUS, run_cli
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]   # tests/: the workers live there
 
 
 @pytest.fixture(autouse=True)
@@ -240,7 +240,7 @@ def test_a_dataset_folder_is_read_through_the_store(tmp_path, tok):
 
 
 def test_a_store_folder_that_cannot_be_written_is_one_line(tmp_path, teacher_dir, chat_file):
-    from test_cli import assert_user_error
+    from conftest import assert_user_error
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     from conftest import tiny_overrides

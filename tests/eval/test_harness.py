@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
-from test_cli import assert_user_error
+from conftest import assert_user_error, run_cli
 
 pytest.importorskip("lm_eval")
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}

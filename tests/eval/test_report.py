@@ -13,7 +13,7 @@ from stillroom.run.distill import distill
 
 from conftest import run_cli, tiny_overrides
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 
 
 @pytest.fixture(scope="module")

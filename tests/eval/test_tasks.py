@@ -7,8 +7,7 @@ import pytest
 from stillroom.errors import UserError
 from stillroom.eval import tasks
 
-from conftest import make_model, run_cli
-from test_cli import assert_user_error
+from conftest import assert_user_error, make_model, run_cli
 
 
 def test_rouge_l_by_hand():

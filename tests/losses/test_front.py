@@ -7,12 +7,13 @@ import torch
 import stillroom.losses.front as front
 from stillroom.losses import IGNORE_INDEX, DIVERGENCES, Head, Mixture, distill_loss, hybrid, kernel_fits, topk_targets
 from stillroom.losses.general import general_loss
-from test_methods_losses import _setup
+
+from conftest import kd_inputs
 
 
 def _data(seed=0):
     """(student logits, teacher logits, labels) in float64: test_methods_losses' tensors."""
-    s, t, y = _setup(seed, 2, 6, 13)
+    s, t, y = kd_inputs(seed, 2, 6, 13)
     return s.double(), t.double(), y
 
 

@@ -9,21 +9,10 @@ from stillroom.losses import (IGNORE_INDEX, cross_entropy, distill_loss, forward
                               shift_labels)
 from stillroom.losses.kernel import mixed_loss
 
+from conftest import logits, ref_forward_kl
+
 # every test here builds its tensors on the device the suite targets (conftest: STILLROOM_TEST_DEVICE)
 pytestmark = pytest.mark.usefixtures("on_device")
-
-
-def ref_forward_kl(s, t, mask, T):
-    """Plain autograd reference: sum over mask of T^2 * sum_v p (log p - log q)."""
-    log_q = torch.log_softmax(s.double() / T, -1)
-    log_p = torch.log_softmax(t.double() / T, -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return (T * T * kl * mask).sum()
-
-
-def logits(*shape, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).requires_grad_(True)
 
 
 def test_kl_of_identical_distributions_is_zero():

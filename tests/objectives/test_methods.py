@@ -75,7 +75,7 @@ def test_hidden_terms_under_two_processes_equal_one(tmp_path, teacher_dir, chat_
     """Issue 14, defect 2: hidden-state terms crashed under 2 processes (the projections wrapped in
     DDP, then read unwrapped). Now 2 gloo processes end with the student and the projections of
     one process taking the same global batch as 2 micro-batches (their gradients are synced)."""
-    from test_train import launch
+    from conftest import launch
     terms = "loss.terms={ce: 0.5, forward_kl: 0.3, hidden_mse: 0.2}"
     launch(2, "-m", "stillroom", "distill", *tiny_overrides(teacher_dir, chat_file, tmp_path / "two"), terms,
            "--no-progress")
@@ -209,7 +209,7 @@ def test_on_policy_rollouts_do_not_depend_on_the_split(tmp_path, teacher_dir, ch
     two processes sampled what one process with grad_accum 2 did not (and all ranks shared seeds).
     Seeded by the global micro-batch index, both splits roll out the same and end with the same
     student."""
-    from test_train import launch
+    from conftest import launch
     extra = ["loss.on_policy=1.0", "loss.on_policy_tokens=6", "loss.on_policy_temperature=1.0"]
     launch(2, "-m", "stillroom", "distill", *tiny_overrides(teacher_dir, chat_file, tmp_path / "two"), *extra,
            "--no-progress")
@@ -396,7 +396,7 @@ def test_two_stages_in_one_command(tmp_path, teacher_dir, chat_file, text_file):
 
 def test_a_cached_teacher_in_the_mix_equals_it_live(tmp_path, teacher_dir, chat_file, second_teacher):
     from stillroom.models import core as m
-    from test_cache import make_cache
+    from conftest import make_cache
     V = m.logits_width(m.load(str(second_teacher)).model)
     make_cache(second_teacher, chat_file, tmp_path / "c2", f"cache.top_k={V}", "cache.dtype=float32",
                "loss.temperature=1.0")

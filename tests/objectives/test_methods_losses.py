@@ -11,17 +11,10 @@ from stillroom.losses.general import general_loss
 from stillroom.losses.kernel import mixed_loss
 from stillroom.objectives.core import balance_scale
 
+from conftest import kd_inputs
+
 # every test here builds its tensors on the device the suite targets (conftest: STILLROOM_TEST_DEVICE)
 pytestmark = pytest.mark.usefixtures("on_device")
-
-
-def _setup(seed=0, B=2, S=5, V=11):
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(B, S, V, generator=g) * 2
-    t = torch.randn(B, S, V, generator=g) * 2
-    y = torch.randint(0, V, (B, S), generator=g)
-    y[0, :2] = IGNORE_INDEX
-    return s, t, y
 
 
 def _grad(fn, s):
@@ -33,7 +26,7 @@ def _grad(fn, s):
 
 @pytest.mark.parametrize("T", [1.0, 2.0])
 def test_ce_plus_kd_terms_equal_the_fast_kernel(T):
-    s, t, y = _setup()
+    s, t, y = kd_inputs()
     ref_v, ref_g = _grad(lambda x: mixed_loss(x, [(t, 0.5)], y, ce_weight=0.3, temperature=T), s)
     v, g = _grad(lambda x: general_loss(x, [(t, 1.0)], y, {"ce": 0.3, "forward_kl": 0.5}, temperature=T), s)
     assert torch.allclose(v, ref_v, atol=1e-5) and torch.allclose(g, ref_g, atol=1e-6)
@@ -41,7 +34,7 @@ def test_ce_plus_kd_terms_equal_the_fast_kernel(T):
 
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
 def test_every_divergence_term_equals_its_function(name):
-    s, t, y = _setup(1)
+    s, t, y = kd_inputs(1)
     keep = y != IGNORE_INDEX
     ref_v, ref_g = _grad(lambda x: divergence(name, x, t, keep, temperature=2.0, beta=0.3), s)
     v, g = _grad(lambda x: general_loss(x, [(t, 1.0)], y, {name: 1.0}, temperature=2.0, beta=0.3), s)
@@ -49,7 +42,7 @@ def test_every_divergence_term_equals_its_function(name):
 
 
 def test_weighted_list_is_the_weighted_sum_of_its_terms():
-    s, t, y = _setup(2)
+    s, t, y = kd_inputs(2)
     keep = y != IGNORE_INDEX
     ce = general_loss(s, [], y, {"ce": 1.0})
     fkl = divergence("forward_kl", s, t, keep)
@@ -62,7 +55,7 @@ def test_weighted_list_is_the_weighted_sum_of_its_terms():
 
 
 def test_hard_term_is_ce_against_the_teacher_argmax():
-    s, t, y = _setup(3)
+    s, t, y = kd_inputs(3)
     keep = y != IGNORE_INDEX
     top = torch.where(keep, t.argmax(-1), IGNORE_INDEX)
     ref = general_loss(s, [], top, {"ce": 1.0})
@@ -90,7 +83,7 @@ def test_mixture_is_a_valid_distribution_and_reduces_to_its_parts():
 
 def test_mixture_forward_kl_gradient_equals_weighted_targets():
     """d/ds KL(sum w_k p_k || q) = T (q - sum w_k p_k) = the fast kernel's multi-target gradient."""
-    s, t, y = _setup(5)
+    s, t, y = kd_inputs(5)
     t2 = torch.randn_like(t)
     _, ref = _grad(lambda x: mixed_loss(x, [(t, 0.25), (t2, 0.75)], y, temperature=2.0), s)
     v, g = _grad(lambda x: general_loss(x, [(t, 0.25), (t2, 0.75)], y, {"forward_kl": 1.0}, temperature=2.0), s)
@@ -102,7 +95,7 @@ def test_mixture_forward_kl_gradient_equals_weighted_targets():
 
 
 def test_routing_by_example_equals_each_example_with_its_own_teacher():
-    s, t, y = _setup(6)
+    s, t, y = kd_inputs(6)
     t2 = torch.randn_like(t)
     w1 = torch.tensor([1.0, 0.0])[:, None].expand(2, 5)
     v = general_loss(s, [(t, w1), (t2, 1 - w1)], y, {"forward_kl": 1.0})
@@ -112,7 +105,7 @@ def test_routing_by_example_equals_each_example_with_its_own_teacher():
 
 
 def test_topk_teacher_in_the_general_path_is_the_tail_bucket_kl():
-    s, t, y = _setup(7, V=20)
+    s, t, y = kd_inputs(7, V=20)
     keep = y != IGNORE_INDEX
     top = topk_targets(t, 5)
     ref_v, ref_g = _grad(lambda x: divergence("forward_kl", x, top, keep), s)
@@ -129,7 +122,7 @@ def test_token_weights():
         assert float(token_weights(onehot, kind)) == pytest.approx(1.0)
     assert float(token_weights(uniform, "entropy")) == pytest.approx(0.0, abs=1e-6)
     assert float(token_weights(uniform, "confidence")) == pytest.approx(1 / V)
-    s, t, y = _setup(8)
+    s, t, y = kd_inputs(8)
     keep = y != IGNORE_INDEX
     # weighted KD = sum_i w_i KL_i, with w_i the teacher's top-1 probability
     w = torch.softmax(t, -1).max(-1).values

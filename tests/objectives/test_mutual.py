@@ -9,7 +9,8 @@ from stillroom.losses import (IGNORE_INDEX, TopK, cross_entropy, forward_kl, har
                               topk_targets)
 from stillroom.losses.kernel import mixed_loss
 
-from test_losses import logits, ref_forward_kl
+from conftest import logits, ref_forward_kl
+
 
 
 def kl(p, q):

@@ -6,43 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 
 from stillroom.config import CodistillRunConfig
 from stillroom.recipes import load_config
 from stillroom.run.codistill import codistill
 
-from conftest import run_cli
-from test_train import launch
+from conftest import launch, peer_weights, run_cli, write_config
 
-HERE = Path(__file__).parent
-
-
-def write_config(path, teacher_dir, data, out, **sections):
-    """A tiny two-peer config: peer a = 2 of the teacher's layers, peer b = a fresh 2-layer model."""
-    cfg = {
-        "teacher": {"model": str(teacher_dir)},
-        "peers": [{"name": "a", "init": "from_teacher", "num_layers": 2},
-                  {"name": "b", "init": "config", "num_layers": 2, "hidden_size": 32, "num_heads": 4}],
-        "data": {"path": str(data), "seq_len": 64},
-        "loss": {"alpha": 0.5},
-        "train": {"output_dir": str(out), "max_steps": 3, "batch_size": 4, "log_every": 1, "lr": 3e-3,
-                  "warmup_steps": 1},
-        "eval": {"gen_tokens": 4, "gen_prompts": 1},
-    }
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+HERE = Path(__file__).resolve().parents[1]   # tests/: the workers live there
 
 
 def load(path, overrides=()):
     return load_config(str(path), list(overrides), CodistillRunConfig)
-
-
-def peer_weights(out, name):
-    return load_file(Path(out) / "final" / name / "model.safetensors")
 
 
 def assert_identical(a, b):
@@ -135,7 +110,7 @@ def test_predictions_mode_gradients_and_weight_exchange_across_two_processes(tmp
     process from the same batches with the other peer run locally; the weight exchange leaves
     every process holding every peer's current weights."""
     from codistill_worker import perturbed, setup, step0_batches
-    from test_losses import ref_forward_kl
+    from conftest import ref_forward_kl
 
     from stillroom.losses import forward_kl, topk_targets
 

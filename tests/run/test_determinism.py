@@ -1,6 +1,6 @@
 """Same seed, same config -> the same final weights, bit for bit: with one process, and with two
 (data-parallel, gloo). One process vs two is equal up to fp32 rounding only (the gradient sum runs
-in another order): tests/test_train.py::test_two_process_distill_equals_one_process pins that
+in another order): tests/run/test_train.py::test_two_process_distill_equals_one_process pins that
 within rtol 1e-4 / atol 1e-5 after 3 AdamW steps.
 
 The runs set train.deterministic: nothing changes on a CPU (bit-exact anyway); with the suite on a
@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
-from test_train import launch, run
+from conftest import distill_tiny, launch, tiny_overrides
 
 EXTRA = ["train.max_steps=4", "data.pack=true", "loss.temperature=2.0", "train.deterministic=true"]
 
@@ -29,8 +28,8 @@ def same(a, b):
 def test_one_process_is_deterministic(tmp_path, teacher_dir, chat_file, precision):
     extra = [*EXTRA, f"train.mixed_precision={precision}"]
     for name in ("a", "b"):
-        run(teacher_dir, chat_file, tmp_path / name, *extra)
-    run(teacher_dir, chat_file, tmp_path / "other_seed", *extra, "train.seed=1")
+        distill_tiny(teacher_dir, chat_file, tmp_path / name, *extra)
+    distill_tiny(teacher_dir, chat_file, tmp_path / "other_seed", *extra, "train.seed=1")
     assert same(weights(tmp_path / "a"), weights(tmp_path / "b"))
     assert not same(weights(tmp_path / "a"), weights(tmp_path / "other_seed"))   # the seed matters
 

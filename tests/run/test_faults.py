@@ -216,7 +216,7 @@ def test_a_failure_on_one_of_two_processes_saves_and_stops_both(tmp_path, teache
     ahead): process 0 is not left waiting in a collective. Both stop with the one line naming the
     failing process, the checkpoint of step 2 is written by both together, and --resume from it
     ends with the weights of a run that never failed."""
-    from test_train import launch
+    from conftest import launch
 
     over = lambda out: [*tiny_overrides(teacher_dir, chat_file, out), "train.max_steps=4", "--no-progress"]  # noqa: E731
     launch(2, "-m", "stillroom", "distill", *over(tmp_path / "clean"))
@@ -249,8 +249,8 @@ def test_a_codistill_failure_on_one_of_two_processes_saves_and_stops_both(mode, 
     a step (the shared batch's forward, its loss, the own batch's): before the gather (micro_batch:4,
     step 2's shared forward) and after it (micro_batch:6, step 2's own batch) -- stops both processes with the one line, the last completed step saved together, and
     --resume ends with the weights of a run that never failed."""
-    from test_codistill import peer_weights, write_config
-    from test_train import launch
+    from conftest import peer_weights, write_config
+    from conftest import launch
 
     def config(out):
         return write_config(tmp_path / f"{out.name}.yaml", teacher_dir, chat_file, out,

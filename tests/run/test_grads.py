@@ -4,9 +4,10 @@ test_faults.py: a failure on one process stops both with its line)."""
 import json
 from pathlib import Path
 
-from test_train import launch
+from conftest import launch
 
-HERE = Path(__file__).parent
+
+HERE = Path(__file__).resolve().parents[1]   # tests/: the workers live there
 
 
 def test_buckets_are_reduced_during_the_backward_and_equal_the_reduction_after_it(tmp_path):

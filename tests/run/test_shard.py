@@ -12,10 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, tiny_overrides
-from test_train import failure, launch
+from conftest import failure, launch, run_cli, tiny_overrides
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]   # tests/: the workers live there
 
 
 def test_sharded_gradients_equal_one_process(tmp_path, teacher_dir, chat_file):
@@ -135,7 +134,7 @@ def test_a_sharded_teacher_needs_its_data_given(tmp_path, teacher_dir, chat_file
     (["train.shard=fsdp", "teacher.shard=true", "loss.cross_tokenizer=uld"], "not built for loss.cross_tokenizer"),
 ])
 def test_what_sharding_does_not_run_yet_is_refused_in_one_line(tmp_path, teacher_dir, chat_file, extra, why):
-    from test_cli import assert_user_error
+    from conftest import assert_user_error
     r = run_cli("distill", *tiny_overrides(teacher_dir, chat_file, tmp_path / "o"), *extra)
     assert_user_error(r, why)
     r = run_cli("codistill", "codistill", f"teacher.model={teacher_dir}", "train.shard=fsdp", "codistill.mode=weights")
@@ -147,7 +146,7 @@ def test_sharded_mutual_codistill_resumes_exactly(tmp_path, teacher_dir, chat_fi
     fresh folder, ends with the uninterrupted run's peers; final/<peer> are plain model folders."""
     import shutil
 
-    from test_codistill import peer_weights, write_config
+    from conftest import peer_weights, write_config
 
     a, b = tmp_path / "a", tmp_path / "b"
     train = {"max_steps": 4, "save_every": 2, "log_every": 1, "lr": 3e-3, "warmup_steps": 1, "batch_size": 4,

@@ -2,8 +2,7 @@
 with the tracker's own reader."""
 import pytest
 
-from conftest import run_cli, tiny_overrides
-from test_cli import assert_user_error
+from conftest import assert_user_error, run_cli, tiny_overrides
 
 
 def test_tensorboard_gets_the_loss_terms_lr_speed_and_every_evaluation(tmp_path, teacher_dir, chat_file):

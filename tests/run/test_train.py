@@ -11,13 +11,11 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from stillroom.recipes import load_config
-from stillroom.run.distill import distill
 
-from conftest import tiny_overrides, on_cpu_only
+from conftest import distill_tiny, launch, on_cpu_only, tiny_overrides
 from ddp_grads import step_grads
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]   # tests/: the workers live there
 
 
 def assert_same_grads(a, b, atol=1e-6):
@@ -75,28 +73,6 @@ def test_compile_auto_is_on_for_a_real_vocabulary_on_a_cpu():
     assert wanted(True, 320, "cuda") and not wanted(False, 49152, "cpu") and VOCAB_MIN == 8192
 
 
-def launch(n, *args, env=None, check=True, timeout=600):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *map(str, args)]
-    # gloo on the CPU, whatever the suite targets: two processes on one GPU machine would ask for cuda:1
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               CUDA_VISIBLE_DEVICES="", **(env or {}))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    if check:
-        assert r.returncode == 0, failure(r.stderr)
-    return r
-
-
-def failure(stderr):
-    """What a failed launch said: each process's own last lines first (the root cause is often on a
-    process whose traceback the launcher's closing report pushes out of a plain tail), then the tail."""
-    by_rank = {}
-    for ln in stderr.splitlines():
-        if ln.startswith("[rank") and "]:" in ln:
-            by_rank.setdefault(ln.split("]:")[0], []).append(ln)
-    return "\n".join(ln for lines in by_rank.values() for ln in lines[-15:]) + "\n...\n" + stderr[-3000:]
-
-
 def test_two_processes_match_one(tmp_path, teacher_dir, chat_file):
     launch(2, HERE / "ddp_grads.py", teacher_dir, chat_file, tmp_path / "two.pt", 2)
     two = torch.load(tmp_path / "two.pt")
@@ -107,23 +83,18 @@ def test_two_processes_match_one(tmp_path, teacher_dir, chat_file):
     assert_same_grads(two["grads"], one)
 
 
-def run(teacher_dir, data, out, *extra, resume=False, overwrite=False):
-    cfg = load_config(None, tiny_overrides(teacher_dir, data, out) + list(extra))
-    return distill(cfg, overwrite=overwrite, resume=resume, progress=False)
-
-
 @pytest.mark.parametrize("precision, compiled", [("no", False), ("bf16", False), ("bf16", True)])
 def test_resume_continues_exactly(tmp_path, teacher_dir, chat_file, precision, compiled):
     """In fp32 and under bf16 autocast (train.mixed_precision=auto's choice on a device with native
     bf16), and with the compiled loss kernel (loss.compile=auto's choice on a CPU at a real vocabulary)."""
     a, b = tmp_path / "a", tmp_path / "b"
     mp = f"train.mixed_precision={precision} loss.compile={str(compiled).lower()}".split()
-    run(teacher_dir, chat_file, a, "train.max_steps=6", "train.save_every=3", "train.grad_accum=2", *mp)
+    distill_tiny(teacher_dir, chat_file, a, "train.max_steps=6", "train.save_every=3", "train.grad_accum=2", *mp)
     assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
     # b: a run "stopped" right after its step-3 checkpoint
     (b / "checkpoints").mkdir(parents=True)
     shutil.copytree(a / "checkpoints" / "step_0000003", b / "checkpoints" / "step_0000003")
-    run(teacher_dir, chat_file, b, "train.max_steps=6", "train.save_every=3", "train.grad_accum=2", *mp,
+    distill_tiny(teacher_dir, chat_file, b, "train.max_steps=6", "train.save_every=3", "train.grad_accum=2", *mp,
         resume=True)
     wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
     assert wa.keys() == wb.keys()
@@ -138,7 +109,7 @@ def test_full_run_writes_a_loadable_student(tmp_path, teacher_dir, chat_file):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
-    result = run(teacher_dir, chat_file, out, "train.max_steps=8", "train.lr=3e-3", "train.eval_every=4",
+    result = distill_tiny(teacher_dir, chat_file, out, "train.max_steps=8", "train.lr=3e-3", "train.eval_every=4",
                  "student.init=config", "student.hidden_size=32", "student.num_heads=4", "loss.alpha=1.0")
     final = out / "final"
     model = AutoModelForCausalLM.from_pretrained(final)
@@ -163,7 +134,7 @@ def test_two_process_distill_equals_one_process(tmp_path, teacher_dir, chat_file
     launch(2, "-m", "stillroom", "distill", *tiny_overrides(teacher_dir, chat_file, out), "--no-progress")
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     one = tmp_path / "one"
-    run(teacher_dir, chat_file, one, "train.grad_accum=2")
+    distill_tiny(teacher_dir, chat_file, one, "train.grad_accum=2")
     w2, w1 = load_file(out / "final" / "model.safetensors"), load_file(one / "final" / "model.safetensors")
     assert w2.keys() == w1.keys()
     for k in w1:  # fp32 sums in a different order: equal up to rounding, through 3 AdamW steps
@@ -173,8 +144,8 @@ def test_two_process_distill_equals_one_process(tmp_path, teacher_dir, chat_file
 def test_prefetch_thread_changes_nothing(tmp_path, teacher_dir, chat_file):
     """Batches built ahead on the data thread give bit-identical weights to building them inline."""
     on, off = tmp_path / "on", tmp_path / "off"
-    run(teacher_dir, chat_file, on, "train.max_steps=4", "train.prefetch=true", "data.pack=true")
-    run(teacher_dir, chat_file, off, "train.max_steps=4", "train.prefetch=false", "data.pack=true")
+    distill_tiny(teacher_dir, chat_file, on, "train.max_steps=4", "train.prefetch=true", "data.pack=true")
+    distill_tiny(teacher_dir, chat_file, off, "train.max_steps=4", "train.prefetch=false", "data.pack=true")
     wa, wb = load_file(on / "final" / "model.safetensors"), load_file(off / "final" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -250,7 +221,7 @@ def test_a_run_gives_the_teacher_eager_attention_on_a_cpu_and_the_student_its_ow
         return out
     monkeypatch.setattr(models, "load", spy_load)
     monkeypatch.setattr(models, "build_student", spy_build)
-    run(teacher_dir, text_file, tmp_path / "o", "train.max_steps=1")
+    distill_tiny(teacher_dir, text_file, tmp_path / "o", "train.max_steps=1")
     assert seen["teacher"].config._attn_implementation == "eager"
     assert seen["student"].config._attn_implementation == "sdpa"
 
@@ -267,11 +238,11 @@ def test_student_attention_is_the_students_own_setting(tmp_path, teacher_dir, te
         seen["student"] = out[0]
         return out
     monkeypatch.setattr(models, "build_student", spy_build)
-    run(teacher_dir, text_file, tmp_path / "o", "train.max_steps=1", "student.attention=eager")
+    distill_tiny(teacher_dir, text_file, tmp_path / "o", "train.max_steps=1", "student.attention=eager")
     assert seen["student"].config._attn_implementation == "eager"
     from stillroom.errors import UserError
     with pytest.raises(UserError, match=r"student.attention=flash_attention_2 cannot run here"):
-        run(teacher_dir, text_file, tmp_path / "flash", "train.max_steps=1", "student.attention=flash_attention_2")
+        distill_tiny(teacher_dir, text_file, tmp_path / "flash", "train.max_steps=1", "student.attention=flash_attention_2")
     assert not (tmp_path / "flash").exists()
 
 
@@ -289,7 +260,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, teacher_dir, c
             count["n"] += 1
             return x
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            run(teacher_dir, chat_file, tmp_path / name, "train.max_steps=2", *loss, *extra)
+            distill_tiny(teacher_dir, chat_file, tmp_path / name, "train.max_steps=2", *loss, *extra)
         saved[name] = count["n"]
     assert saved["checkpointed"] < saved["plain"], saved
     a = load_file(tmp_path / "plain" / "final" / "model.safetensors")

@@ -16,24 +16,9 @@ from stillroom.models import core as models
 from stillroom.run.distill import distill
 from stillroom.data.examples import to_batch
 from stillroom.teachers import cache as cache_mod
-from stillroom.teachers.cache import TeacherCache, build, positions
+from stillroom.teachers.cache import TeacherCache, positions
 
-from conftest import make_tokenizer, run_cli, tiny_overrides
-from test_cli import assert_user_error
-
-
-def cfg_for(teacher_dir, data, cache_dir, *extra):
-    over = [f"teacher.model={teacher_dir}", f"data.path={data}", "data.seq_len=64", f"cache.path={cache_dir}",
-            "cache.batch_size=3", "loss.temperature=2.0", *extra]
-    return load_config(None, over)
-
-
-def make_cache(teacher_dir, data, cache_dir, *extra):
-    cfg = cfg_for(teacher_dir, data, cache_dir, *extra)
-    teacher = models.load(str(teacher_dir))
-    train, held = load_data(cfg, teacher.tokenizer)
-    build(cfg, train + held, teacher.model, teacher.tokenizer, progress=False)
-    return cfg, teacher, train, held
+from conftest import assert_user_error, cfg_for, make_cache, make_tokenizer, run_cli, tiny_overrides
 
 
 def test_cache_with_k_equal_vocab_gives_the_dense_loss(tmp_path, teacher_dir, chat_file):
@@ -154,7 +139,7 @@ def test_two_processes_build_the_cache_of_one_and_a_killed_launch_continues(tmp_
     write their own shards; every sample's rows equal the one-process cache's bit for bit. A
     launch killed mid-build (process 1 after its second batch) keeps what was listed, and a rerun
     of the launch completes it, the same bit for bit."""
-    from test_train import launch
+    from conftest import launch
 
     over = lambda d: [f"teacher.model={teacher_dir}", f"data.path={chat_file}", "data.seq_len=64",  # noqa: E731
                       f"cache.path={d}", "cache.batch_size=3", "cache.top_k=8", "cache.shard_rows=40",

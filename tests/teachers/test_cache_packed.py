@@ -11,7 +11,8 @@ from stillroom.teachers import packing
 from stillroom.teachers.cache import TeacherCache, positions, summary
 from stillroom.teachers.packing import TOP, Layout
 
-from test_cache import make_cache
+from conftest import make_cache
+
 
 
 def test_exp_golomb_bits_match_the_format_written_by_hand():

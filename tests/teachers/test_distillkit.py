@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import run_cli
-from test_cli import assert_user_error
+from conftest import assert_user_error, run_cli
 
 from stillroom.teachers import distillkit
 

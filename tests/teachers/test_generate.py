@@ -8,8 +8,7 @@ from stillroom.errors import UserError
 from stillroom.models import core as models
 from stillroom.teachers.generate import LocalTeacher, _sha, generate_file, read_prompts
 
-from conftest import run_cli
-from test_cli import assert_user_error
+from conftest import assert_user_error, run_cli
 
 
 def rows(path):
@@ -173,7 +172,7 @@ def test_two_processes_write_the_file_of_one_and_a_killed_launch_continues(tmp_p
     """`accelerate launch --num_processes 2 -m stillroom generate`: batch j is answered by process
     j % 2 and the main process writes the rounds in order: greedy answers give the one-process
     file byte for byte. A launch killed after its second round continues on rerun to the same file."""
-    from test_train import launch
+    from conftest import launch
 
     p = tmp_path / "p.txt"
     p.write_text("".join(f"Tell me about the cat number {i}.\n" for i in range(11)))

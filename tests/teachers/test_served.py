@@ -188,7 +188,7 @@ def test_a_codistill_with_a_served_teacher_equals_one_from_its_cache(tmp_path, t
     """Co-distillation's teacher term from the server: the same peers, bit for bit, as from the
     cache `stillroom cache` stores from the same server; a served teacher without data.path, or at
     another temperature, is refused in one line."""
-    from test_codistill import peer_weights, write_config
+    from conftest import peer_weights, write_config
 
     base = tiny_overrides(teacher_dir, chat_file, tmp_path / "x") + ["loss.temperature=1.0", "cache.dtype=float32"]
     assert run_cli("cache", *base, *served(fresh), f"cache.path={tmp_path / 'c'}").returncode == 0
@@ -276,7 +276,7 @@ def test_a_cache_from_a_server_split_over_two_processes_equals_one_process(tmp_p
     """`accelerate launch ... stillroom cache` with a served teacher: each process sends its own
     batches' requests and writes its own shards; the folded cache holds every sample's rows as the
     one-process cache does, bit for bit, and each sample was asked for once."""
-    from test_train import launch
+    from conftest import launch
 
     def args(path):
         return ["cache", *tiny_overrides(teacher_dir, chat_file, tmp_path / "unused"), *served(fresh),
