@@ -7,6 +7,7 @@ student cut from its layers learns those answers with soft labels, in about 15 m
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -32,6 +33,19 @@ def _numeric(annotation) -> bool:
     import typing
     args = set(typing.get_args(annotation)) or {annotation}
     return bool(args & {int, float}) and bool not in args
+
+
+def scheduled(start: float, end: float | None, step: int, total: int, kind: str = "linear") -> float:
+    """A value moving from `start` (step 0) to `end` (step total - 1): constant (end None or
+    kind "constant"), linear, or cosine (half a cosine: slow at both ends)."""
+    if end is None or kind == "constant" or total <= 1:
+        return float(start)
+    x = min(max(step / (total - 1), 0.0), 1.0)
+    if kind == "cosine":
+        x = 0.5 * (1 - math.cos(math.pi * x))
+    elif kind != "linear":
+        raise ValueError(f"schedule must be constant, linear or cosine, got {kind!r}")
+    return float(start + (end - start) * x)
 
 
 # a live teacher's attention (transformers' attn_implementation): teacher.attention, teacher.mix[].attention
@@ -361,6 +375,21 @@ class LossConfig(Section):
     values within fp32 rounding, a few seconds of compiling at the first step (cached on disk after). auto: on a CPU at a vocabulary of 8192 or more; off on a
     GPU, where it is not measured yet. It needs a C++ compiler on a CPU: without one the eager
     kernel runs, with one warning."""
+
+    def spec(self, step: int = 0, total_steps: int = 1) -> dict[str, float]:
+        """The one loss spec the code past the config reads: {term: weight} at optimizer step `step`
+        of `total_steps`, terms of weight 0 left out. loss.terms as given; the seed's spelling read
+        as {ce: 1 - alpha, <divergence, or hard for kind=hard>: alpha}, alpha under the schedule."""
+        if self.terms:
+            return {k: float(v) for k, v in self.terms.items() if v}
+        alpha = scheduled(self.alpha, self.alpha_end, step, total_steps, self.schedule)
+        kd = "hard" if self.kind == "hard" else self.divergence
+        return {k: v for k, v in (("ce", 1.0 - alpha), (kd, alpha)) if v}
+
+    def weights(self, step: int, total_steps: int) -> tuple[float, float]:
+        """(alpha, temperature) at optimizer step `step` under the schedule (what the log reports)."""
+        return (scheduled(self.alpha, self.alpha_end, step, total_steps, self.schedule),
+                scheduled(self.temperature, self.temperature_end, step, total_steps, self.schedule))
 
     @model_validator(mode="after")
     def _terms(self):

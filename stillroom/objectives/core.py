@@ -20,8 +20,8 @@ The objectives: `Hybrid` (CE + one teacher term of one teacher: the fast closed-
 or plain chosen inside), `Terms` (any weighted list of terms over a mixture of teachers, per-token
 weights), `Features` (Terms plus hidden-state / attention terms through learned projections) and
 `CrossTokenizer` (ULD + exact-match KL on aligned positions); `OnPolicy` and `Balanced` wrap any of
-them. `build_objective` is the one place that reads the loss config; `loss_terms` turns it into
-the terms dict, the only loss spec inside.
+them. `build_objective` is the one place that picks an objective; every loss weight it and the
+objectives read comes from `LossConfig.spec` (config.py), the one loss spec inside.
 """
 from __future__ import annotations
 
@@ -45,19 +45,6 @@ from stillroom.teachers.core import route_weights
 log = logging.getLogger("stillroom")
 
 
-def scheduled(start: float, end: float | None, step: int, total: int, kind: str = "linear") -> float:
-    """A value moving from `start` (step 0) to `end` (step total - 1): constant (end None or
-    kind "constant"), linear, or cosine (half a cosine: slow at both ends)."""
-    if end is None or kind == "constant" or total <= 1:
-        return float(start)
-    x = min(max(step / (total - 1), 0.0), 1.0)
-    if kind == "cosine":
-        x = 0.5 * (1 - math.cos(math.pi * x))
-    elif kind != "linear":
-        raise ValueError(f"schedule must be constant, linear or cosine, got {kind!r}")
-    return float(start + (end - start) * x)
-
-
 def balance_scale(ema_ce: float | None, ema_kd: float | None, limit: float = 1e4) -> float:
     """The factor on the teacher terms that brings their raw per-token size to the CE term's, so the
     configured weights mean what they say (easydistill#34: a KD term 1000x smaller than CE made
@@ -65,23 +52,6 @@ def balance_scale(ema_ce: float | None, ema_kd: float | None, limit: float = 1e4
     if not ema_ce or not ema_kd or ema_kd <= 0 or ema_ce <= 0:
         return 1.0
     return float(min(max(ema_ce / ema_kd, 1.0 / limit), limit))
-
-
-def loss_terms(lc, step: int, total_steps: int) -> dict[str, float]:
-    """The loss terms and their weights at optimizer step `step`: loss.terms as given, or the seed's
-    hybrid {ce: 1 - alpha, <divergence or hard>: alpha} with alpha scheduled."""
-    if lc.terms:
-        return {k: float(v) for k, v in lc.terms.items() if v}
-    alpha = scheduled(lc.alpha, lc.alpha_end, step, total_steps, lc.schedule)
-    kd = "hard" if lc.kind == "hard" else lc.divergence
-    return {k: v for k, v in (("ce", 1.0 - alpha), (kd, alpha)) if v}
-
-
-def loss_weights(cfg, step: int) -> tuple[float, float]:
-    """(alpha, temperature) at optimizer step `step` under loss.schedule."""
-    lc, n = cfg.loss, cfg.train.max_steps
-    return (scheduled(lc.alpha, lc.alpha_end, step, n, lc.schedule),
-            scheduled(lc.temperature, lc.temperature_end, step, n, lc.schedule))
 
 
 @dataclass
@@ -104,7 +74,8 @@ class Objective:
         self.teachers, self.vocab = teachers, vocab
 
     def plan(self, step: int) -> Plan:
-        return Plan(step, loss_terms(self.lc, step, self.cfg.train.max_steps), *loss_weights(self.cfg, step))
+        n = self.cfg.train.max_steps
+        return Plan(step, self.lc.spec(step, n), *self.lc.weights(step, n))
 
     def prepare(self, batches, plan: Plan, step):
         """The step's batches before its losses (a loop.Failure where this process's data failed:
@@ -244,7 +215,7 @@ class Features(Terms):
         self.pairs = methods.layer_map(cfg, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers, kept_layers)
         self.proj = methods.Projections(self.pairs, s_cfg.hidden_size, t_cfg.hidden_size)
         self.trained = [self.proj]
-        if "attention" in loss_terms(cfg.loss, 0, cfg.train.max_steps):
+        if "attention" in cfg.loss.spec():
             methods.use_eager_attention(student)
             methods.use_eager_attention(teacher_model)
         log.info("intermediate layers (student, teacher): %s", self.pairs)
@@ -433,9 +404,10 @@ def build_objective(cfg, teachers: list, vocab: int | None, *, student=None, tea
     lc = cfg.loss
     if lc.cross_tokenizer == "uld":
         obj = CrossTokenizer(cfg, teachers, s_tok, t_tok, device)
-    elif set(loss_terms(lc, 0, cfg.train.max_steps)) & set(FEATURE_TERMS):
+    elif set(lc.spec()) & set(FEATURE_TERMS):
         obj = Features(cfg, teachers, vocab, student, teacher_model, kept_layers)
-    elif not kernel_fits(lc.terms or {}, mixture=bool(cfg.teacher.mix or cfg.teacher.route_field),
+    # loss.terms as written: a term it names at weight 0 still asks for the general engine
+    elif not kernel_fits(lc.terms or lc.spec(), mixture=bool(cfg.teacher.mix or cfg.teacher.route_field),
                          token_weight=lc.token_weight, balanced=lc.balance):
         obj = Terms(cfg, teachers, vocab)   # the loss takes its general engine: each term's raw sum is logged
     else:
@@ -448,5 +420,5 @@ def build_objective(cfg, teachers: list, vocab: int | None, *, student=None, tea
 
 
 __all__ = ["Plan", "Objective", "Hybrid", "Terms", "Features", "CrossTokenizer", "OnPolicy", "Balanced",
-           "build_objective", "Tokens", "loss_terms", "loss_weights", "teacher_terms", "scheduled",
+           "build_objective", "Tokens", "teacher_terms",
            "balance_scale"]

@@ -17,6 +17,13 @@ def teacher_terms(terms: dict) -> dict:
     return {k: v for k, v in terms.items() if k != "ce" and k not in FEATURE_TERMS}
 
 
+def weighed_terms(cfg) -> dict:
+    """Every term the loss weighs at some step ({term: its weight at the first or the last step}):
+    a scheduled alpha that starts at 0 still brings its teacher term."""
+    n = cfg.train.max_steps
+    return {**cfg.loss.spec(n - 1, n), **cfg.loss.spec(0, n)}
+
+
 def check_served(cfg):
     """A served teacher scores the run's own text at T = 1 (distill and codistill alike)."""
     lc = cfg.loss
@@ -35,17 +42,17 @@ def check_across(cfg):
     """Rules across sections: combinations of methods that cannot work, refused when the config is
     read (so `--print-config` refuses what `distill` would), before anything is loaded."""
     lc, tc = cfg.loss, cfg.teacher
-    terms = lc.terms or {("hard" if lc.kind == "hard" else lc.divergence): lc.alpha}
+    terms = weighed_terms(cfg)
     cached = tc.kind in ("cache", "served") or any(m.kind == "cache" for m in tc.mix)
     check_served(cfg)
     if cached and lc.temperature_end not in (None, lc.temperature):
         raise UserError("loss.temperature_end: a top-k cache holds the teacher at one temperature; "
                         "schedule the temperature with a live teacher (alpha may still be scheduled)")
     full = [k for k, v in teacher_terms(terms).items() if v and k not in ("forward_kl", "hard")]
-    if cached and full and (lc.terms or lc.kind == "soft"):
+    if cached and full:
         raise UserError(f"loss {full[0]} needs the teacher's full distribution; a top-k cache or a served "
                         "teacher supports forward_kl and hard only: use a live teacher")
-    feats = [k for k in terms if k in FEATURE_TERMS and terms[k]]
+    feats = [k for k in terms if k in FEATURE_TERMS]
     if feats and tc.kind in ("cache", "served"):
         raise UserError(f"loss.terms.{feats[0]} needs the teacher's hidden states: use a live teacher")
     if lc.on_policy and cached:

@@ -21,6 +21,7 @@ from stillroom.eval import evaluate, tasks
 from stillroom.models import core as models
 from stillroom.models import running
 from stillroom.objectives.core import Tokens, build_objective, shared_width
+from stillroom.objectives.rules import teacher_terms, weighed_terms
 from stillroom.run import loop, shard
 from stillroom.run.feedback import progress_on
 from stillroom.data.examples import Batch
@@ -154,8 +155,9 @@ def run_distill(s: Session, cfg: Config, loaded: models.Loaded, teacher, student
     for m in cfg.teacher.mix:   # loaded after the data; refused before it
         running.check_attention(m.attention, f"teacher.mix '{m.name}': attention")
     teacher.check(cfg, s_tok, vocab=vocab)   # before reading any data
-    if cfg.loss.alpha == 0:
-        log.info("loss.alpha=0: plain CE on the data (sequence-level KD when the data is teacher output)")
+    if not teacher_terms(weighed_terms(cfg)):
+        log.info("no teacher term in the loss: plain CE on the data (sequence-level KD when the data is "
+                 "teacher output)")
     tokens = Tokens(cfg, s_tok, loaded.tokenizer)
     tok = tokens.data
     task_items = tasks.from_config(cfg)   # on every process, before the data: a refusal stops them all

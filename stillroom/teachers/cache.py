@@ -450,7 +450,9 @@ class TeacherCache:
         if cfg.data.seq_len != ix["seq_len"]:
             raise UserError(f"the cache in {self.path} was built with data.seq_len={ix['seq_len']}, "
                             f"this run has {cfg.data.seq_len}: set data.seq_len={ix['seq_len']} or rebuild the cache")
-        if cfg.loss.kind == "soft" and abs(cfg.loss.temperature - ix["temperature"]) > 1e-9:
+        from stillroom.objectives.rules import teacher_terms, weighed_terms
+        soft = any(k != "hard" for k in teacher_terms(weighed_terms(cfg)))   # a term that reads it at loss.temperature
+        if soft and abs(cfg.loss.temperature - ix["temperature"]) > 1e-9:
             raise UserError(f"the cache in {self.path} holds the teacher at temperature {ix['temperature']}, "
                             f"this run has loss.temperature={cfg.loss.temperature}: set it to "
                             f"{ix['temperature']} or build a cache at this temperature")
