@@ -25,11 +25,16 @@ if os.environ.get("STILLROOM_TEST_DEVICE", "cpu") == "cpu":
 # Each run of the suite keeps its own stillroom cache (data stores, the teachers' generated answers):
 # a store an earlier run left would be reopened and say so in a line, so what a command prints would
 # depend on what ran before. Converted GGUF teachers (half a minute each) are shared with the user's.
-_USER_CACHE = Path(os.environ.get("STILLROOM_CACHE") or Path.home() / ".cache" / "stillroom").expanduser().absolute()
-SUITE_CACHE = Path(tempfile.mkdtemp(prefix="stillroom-suite-cache-"))
-(_USER_CACHE / "models").mkdir(parents=True, exist_ok=True)
-(SUITE_CACHE / "models").symlink_to(_USER_CACHE / "models", target_is_directory=True)
-os.environ["STILLROOM_CACHE"] = str(SUITE_CACHE)
+# Made once, by the suite's own process: a process it starts that imports conftest (a child script, a
+# nested pytest) inherits it, keeps the STILLROOM_CACHE a test gave it, and never removes the folder.
+_OWN_CACHE = "STILLROOM_SUITE_CACHE" not in os.environ
+if _OWN_CACHE:
+    _USER_CACHE = Path(os.environ.get("STILLROOM_CACHE") or Path.home() / ".cache" / "stillroom").expanduser().absolute()
+    os.environ["STILLROOM_SUITE_CACHE"] = tempfile.mkdtemp(prefix="stillroom-suite-cache-")
+    (_USER_CACHE / "models").mkdir(parents=True, exist_ok=True)
+    (Path(os.environ["STILLROOM_SUITE_CACHE"]) / "models").symlink_to(_USER_CACHE / "models", target_is_directory=True)
+    os.environ["STILLROOM_CACHE"] = os.environ["STILLROOM_SUITE_CACHE"]
+SUITE_CACHE = Path(os.environ["STILLROOM_SUITE_CACHE"])
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -209,8 +214,9 @@ def stillroom_process(args, env=None, timeout=600):
 def pytest_sessionfinish(session, exitstatus):
     if _zygote is not None:
         _zygote.close()
-    (SUITE_CACHE / "models").unlink(missing_ok=True)   # the link only: the user's converted teachers stay
-    shutil.rmtree(SUITE_CACHE, ignore_errors=True)
+    if _OWN_CACHE:
+        (SUITE_CACHE / "models").unlink(missing_ok=True)   # the link only: the user's converted teachers stay
+        shutil.rmtree(SUITE_CACHE, ignore_errors=True)
 
 
 def run_cli(*args, env=None, timeout=600):
