@@ -258,3 +258,24 @@ def test_every_test_file_named_by_path_exists():
     test_modules = sorted(p.relative_to(ROOT / "tests").parts[0] for p in (ROOT / "tests").rglob("test_*.py")
                           if p.parent != ROOT / "tests")
     assert set(test_modules) <= {p.name for p in (ROOT / "stillroom").iterdir() if p.is_dir()}, set(test_modules)
+
+
+def test_the_module_map_names_every_module():
+    """docs/design.md's module map names every module of stillroom/, each under its package's entry,
+    and no module that is gone (a new or moved module must be placed on the map)."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    tree = text[text.index("stillroom/\n"):text.index("\ntests/ ")]
+    # the map's top-level entries: "  name.py" or "  package/", each owning the lines up to the next one
+    parts = re.split(r"\n  (?=\S)", tree)
+    sections = {p.split()[0]: p for p in parts[1:]}
+    modules = sorted(p.relative_to(ROOT / "stillroom") for p in (ROOT / "stillroom").rglob("*.py")
+                     if p.name not in ("__init__.py", "__main__.py"))
+    assert len(modules) > 40
+    missing = [str(m) for m in modules
+               if not re.search(rf"\b{re.escape(m.name)}\b", sections.get(f"{m.parts[0]}/" if len(m.parts) > 1
+                                                                           else m.name, ""))]
+    assert not missing, f"modules not on docs/design.md's map: {missing}"
+    named = {(key, n) for key, body in sections.items() if key.endswith("/")
+             for n in re.findall(r"\b(\w+\.py)\b", body)}
+    gone = sorted(f"{key}{n}" for key, n in named if not (ROOT / "stillroom" / key / n).is_file())
+    assert not gone, f"docs/design.md names modules that are not there: {gone}"
