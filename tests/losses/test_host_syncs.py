@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from stillroom.losses import IGNORE_INDEX, Head, topk_targets
+from stillroom.losses import kernel
 from stillroom.losses.kernel import linear_mixed_loss, mixed_loss
 
 aten = torch.ops.aten
@@ -66,8 +67,15 @@ PATHS = ["lean, live teacher", "lean, cached teacher", "plain, live teacher", "p
          "plain, JSD, masking teacher"]
 
 
+@pytest.fixture
+def per_call(monkeypatch):
+    """The accelerator's path on whatever device the suite targets: on a CPU the kernels ask per
+    chunk which rows are dropped (kernel.ASK_PER_CHUNK: free there, cheaper than a masked pass)."""
+    monkeypatch.setattr(kernel, "ASK_PER_CHUNK", frozenset())
+
+
 @pytest.mark.parametrize("path", PATHS)
-def test_no_host_sync_inside_the_chunk_loop(path, device):
+def test_no_host_sync_inside_the_chunk_loop(path, device, per_call):
     counts = {}
     for chunk in (64, 4):   # one chunk, then 16 of them (54 labelled rows)
         with HostReads() as m:
@@ -78,9 +86,22 @@ def test_no_host_sync_inside_the_chunk_loop(path, device):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_the_chunk_count_does_not_change_the_numbers(path, device):
+def test_the_chunk_count_does_not_change_the_numbers(path, device, per_call):
     """(the decisions taken once per call give every chunk count the same loss and gradient)"""
     (l1, g1), (l2, g2) = _run(path, 64, device), _run(path, 4, device)
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_asking_per_chunk_gives_the_same_bits(path, device, monkeypatch):
+    """Dropped rows asked per chunk (a CPU's path) and decided per call (an accelerator's) give the
+    same loss and gradients, bit for bit, at one chunk and at many."""
+    for chunk in (64, 4):
+        monkeypatch.setattr(kernel, "ASK_PER_CHUNK", frozenset({device.type}))
+        l1, g1 = _run(path, chunk, device)
+        monkeypatch.setattr(kernel, "ASK_PER_CHUNK", frozenset())
+        l2, g2 = _run(path, chunk, device)
+        assert torch.equal(l1, l2), (chunk, l1, l2)
+        assert all(torch.equal(a, b) for a, b in zip(g1, g2)), chunk
