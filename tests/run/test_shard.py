@@ -121,8 +121,9 @@ def test_a_sharded_teacher_needs_its_data_given(tmp_path, teacher_dir, chat_file
                check=False)
     errors = [ln for ln in r.stderr.splitlines() if "stillroom: error:" in ln]
     assert r.returncode != 0 and "(exitcode: 2)" in r.stderr, r.stderr[-3000:]   # (the launcher's own is 1)
-    assert len(errors) == 2 and all("the sharded teacher does not generate the default data; set data.path" in e
-                                    for e in errors), errors
+    # each process says it, unless the launcher stopped one before it could (seen on a loaded machine)
+    assert len(errors) in (1, 2) and all("the sharded teacher does not generate the default data; set data.path"
+                                         in e for e in errors), errors
     assert "Traceback" not in r.stderr.split("(exitcode: 2)")[0]   # (the launcher's traceback of its own follows)
     assert not (tmp_path / "o").exists()
 
