@@ -56,8 +56,8 @@ class Known(NamedTuple):
 # Devices the host reads without waiting for queued work: there asking per chunk which rows are
 # dropped costs nothing and is cheaper than what replaces it on an accelerator (a masked fill of
 # every chunk's gradient when any row of the call is dropped: two full passes per chunk on the eager
-# path, its loss 0.08 s more in a 2.9 s bench/kd_step.py step on a CPU), so drop and ce_drop are
-# None there (asked per chunk). The other decisions are taken once per call everywhere.
+# path; measured in docs/results.md, "Issue 28's reshape"), so drop and ce_drop are None there
+# (asked per chunk). The other decisions are taken once per call everywhere.
 ASK_PER_CHUNK = frozenset({"cpu"})
 
 

@@ -3,7 +3,8 @@
 until the device has caught up, once per chunk if it sits in the loop. The kernels decide what
 they must read once per call (kernel.Known); these tests count the ops that would sync, with a
 dispatch mode on whatever device the suite targets, and pin that the count does not grow with
-the number of chunks."""
+the number of chunks. (On a CPU, where a read costs no wait, the kernels ask per chunk which rows
+are dropped, kernel.ASK_PER_CHUNK: the tests below run the accelerator's path there too.)"""
 from __future__ import annotations
 
 import pytest
